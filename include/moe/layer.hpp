@@ -51,6 +51,9 @@ struct RouteStep {
   std::vector<Real> noise_raw;     // (T, E) x W_noise (noisy_topk)
   std::vector<Real> noisy;         // (T, E) noisy logits H (noisy_topk)
   std::vector<Real> probs;         // (T, E) softmax or sigmoid scores
+  std::vector<int32_t> selected;   // (T, K) experts picked by top-k, before any policy skip
+  std::vector<int32_t> threshold_expert;  // (T, E) noisy_topk load loss: expert whose noisy
+                                          // logit is the threshold of (t, e); -1 when none
   Routing<Real> routing;
   DispatchPlan plan;
   // experts stage
