@@ -26,15 +26,20 @@ int fail(int code, const std::string& message) {
   return code;
 }
 
-#ifndef MOE_HAVE_CUDA
-// check and bench need the GPU stages; without them the subcommands still exist and say why.
-void add_unavailable_command(CLI::App& app, const std::string& name, const std::string& help) {
-  CLI::App* sub = app.add_subcommand(name, help + " (CUDA builds only)");
+#ifdef MOE_HAVE_CUDA
+constexpr const char* kUnavailable = "not part of this build";
+#else
+constexpr const char* kUnavailable = "built without CUDA";
+#endif
+
+// A subcommand this build cannot run still exists, accepts anything and says why (exit 2).
+[[maybe_unused]] void add_unavailable_command(CLI::App& app, const std::string& name,
+                                              const std::string& help, const std::string& why) {
+  CLI::App* sub = app.add_subcommand(name, help + " (" + why + ")");
   sub->allow_extras();
   sub->prefix_command();
-  sub->callback([] { throw moe::ConfigError("built without CUDA"); });
+  sub->callback([why] { throw moe::ConfigError(why); });
 }
-#endif
 
 }  // namespace
 
@@ -46,12 +51,16 @@ int main(int argc, char** argv) {
   moe_bench::add_compare_command(app);
   moe_bench::add_export_command(app);
   moe_bench::add_replay_command(app);
-#ifdef MOE_HAVE_CUDA
+#if defined(MOE_HAVE_CUDA) && defined(MOE_BENCH_HAS_CHECK)
   moe_bench::add_check_command(app);
+#else
+  add_unavailable_command(app, "check", "compare the GPU stages with the CPU reference",
+                          kUnavailable);
+#endif
+#if defined(MOE_HAVE_CUDA) && defined(MOE_BENCH_HAS_BENCH)
   moe_bench::add_bench_command(app);
 #else
-  add_unavailable_command(app, "check", "compare the GPU stages with the CPU reference");
-  add_unavailable_command(app, "bench", "benchmark the GPU stages");
+  add_unavailable_command(app, "bench", "benchmark the GPU stages", kUnavailable);
 #endif
 
   try {
