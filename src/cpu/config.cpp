@@ -95,6 +95,12 @@ void LayerConfig::validate() const {
   nonneg(importance_coef, "importance-coef");
   nonneg(load_coef, "load-coef");
   MOE_CHECK(std::isfinite(aux_coef), "aux-coef must be finite");
+  // A coefficient that nothing reads would be a silent no-op: refuse it.
+  MOE_CHECK(aux_coef < 0 || (router != Router::noisy_topk && router != Router::expert_choice &&
+                             router != Router::soft_moe),
+            "aux-coef does not apply to the ", name(router),
+            " router (noisy_topk: use --importance-coef and --load-coef; expert_choice and "
+            "soft_moe have no balance loss)");
   MOE_CHECK(std::isfinite(z_coef), "z-coef must be finite");
   MOE_CHECK(noise_epsilon > 0 && std::isfinite(noise_epsilon), "noise-epsilon must be > 0, got ",
             noise_epsilon);

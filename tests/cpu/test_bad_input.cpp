@@ -105,6 +105,12 @@ TEST(Config, ValidateRejectsEachBadFieldAndNamesIt) {
          c.slots_per_expert = 0;
        },
        "slots-per-expert"},
+      {"aux-coef for a router without a balance loss",
+       [](LayerConfig& c) {
+         c.router = Router::noisy_topk;
+         c.aux_coef = 0.1;
+       },
+       "aux-coef"},
       {"switch with k = 2",
        [](LayerConfig& c) {
          c.router = Router::switch_top1;

@@ -67,6 +67,11 @@ inline LayerConfig small_config(Router router, Layout layout, Activation activat
 }
 
 // Token-choice routers (the ones with k choices per token).
+// Routers with a load-balance loss that --aux-coef sets (the others refuse the option).
+inline bool takes_aux_coef(Router r) {
+  return r != Router::noisy_topk && r != Router::expert_choice && r != Router::soft_moe;
+}
+
 inline std::vector<Router> token_choice_routers() {
   std::vector<Router> out;
   for (Router r : kAllRouters)

@@ -37,7 +37,7 @@ std::vector<GradCase> gradient_cases() {
     cfg.experts = idx % 2 ? 5 : 4;
     cfg.hidden = 5 + idx % 4;
     cfg.inter = 4 + idx % 3;
-    cfg.aux_coef = 0.1;
+    cfg.aux_coef = takes_aux_coef(cfg.router) ? 0.1 : -1;
     cfg.z_coef = 0.01;
     cfg.seed = 1000 + idx;
     ++idx;

@@ -618,7 +618,7 @@ TEST(Layout, PaddedEqualsDroplessWhenNothingDrops) {
       drop.experts = 4;
       drop.shared_experts = 1;
       drop.capacity_factor = 4.0;  // C >= T for every router here: nothing can drop
-      drop.aux_coef = 0.1;
+      drop.aux_coef = takes_aux_coef(r) ? 0.1 : -1;
       drop.z_coef = 0.01;
       LayerConfig pad = drop;
       pad.layout = Layout::padded;
@@ -1045,7 +1045,7 @@ TEST(AuxLoss, EachRouterAddsItsPapersLossWithTheConfiguredCoefficients) {
       cfg.tokens = 12;
       cfg.experts = 5;
       cfg.capacity_factor = 0.5;  // drops and policy skips must not change the loss
-      cfg.aux_coef = 0.1;
+      cfg.aux_coef = takes_aux_coef(r) ? 0.1 : -1;
       cfg.z_coef = 0.01;
       cfg.sequence_length = seq;
       if (r == Router::softmax_topk) {
@@ -1197,7 +1197,7 @@ TEST(Layer, ZeroTokensWorkForEveryRouterAndLayout) {
       LayerConfig cfg = small_config(r, l, Activation::swiglu);
       cfg.tokens = 0;
       cfg.shared_experts = 1;
-      cfg.aux_coef = 0.1;
+      cfg.aux_coef = takes_aux_coef(r) ? 0.1 : -1;
       cfg.z_coef = 0.01;
       SCOPED_TRACE(case_name(cfg));
       ASSERT_NO_THROW(cfg.validate());
