@@ -43,6 +43,7 @@ expect unknown-layout 2 layer --layout nope
 expect unknown-activation 2 layer --activation relu
 expect unknown-backend 2 layer --backend tpu
 expect negative-tokens 2 layer --tokens -5
+expect too-large-for-memory 2 layer --tokens 100000000
 expect export-needs-out 2 export "${small[@]}"
 expect export-bad-dtype 2 export "${small[@]}" --dtype f16 --out "$work/x.safetensors"
 expect export-missing-dir 2 export "${small[@]}" --out "$work/no/such/dir/x.safetensors"

@@ -31,6 +31,7 @@ moe::LayerConfig config_for(moe::LayerConfig cfg, moe::Router router) {
 void run(const CompareOptions& o) {
   // The shared settings must be valid on their own (checked with the default router) ...
   o.cfg.validate();
+  check_case_fits_in_memory(o.cfg, sizeof(float));
   if (!o.jsonl.empty()) io::check_output_path(o.jsonl);
 
   fmt::print("compare: {}\n", o.cfg.summary());

@@ -38,6 +38,7 @@ void run_typed(const ExportOptions& o) {
   LayerCase<Real> c;
   c.cfg = o.cfg;
   c.cfg.validate();
+  check_case_fits_in_memory(c.cfg, sizeof(Real));
   io::check_output_path(o.out);  // fail before the work, not after it
   c.params = moe::random_params<Real>(c.cfg, c.cfg.seed);
   run_layer_case(c);

@@ -1,5 +1,7 @@
 // defines: add_layer_command — `moe-bench layer`: one forward and one backward of the MoE layer
 // on seeded random input, with per-stage times, load statistics and the auxiliary loss.
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <cmath>
 #include <fmt/format.h>
@@ -24,6 +26,7 @@ void run(const LayerOptions& o) {
   LayerCase<float> c;
   c.cfg = o.cfg;
   c.cfg.validate();
+  check_case_fits_in_memory(c.cfg, sizeof(float));
   c.params = moe::init_params<float>(c.cfg, c.cfg.seed);
   run_layer_case(c);
 
@@ -48,6 +51,10 @@ void run(const LayerOptions& o) {
     j["backward_ms"] = stage_times_json(c.backward_times, c.backward_ms);
     j["aux_loss"] = c.fwd.aux_loss;
     j["stats"] = io::stats_to_json(s);
+    rusage usage{};
+    ::getrusage(RUSAGE_SELF, &usage);  // ru_maxrss in KiB on Linux
+    j["memory_mib"] = {{"estimate", estimate_case_bytes(c.cfg, sizeof(float)) / (1024.0 * 1024.0)},
+                       {"max_rss", static_cast<double>(usage.ru_maxrss) / 1024.0}};
     if (has_bias) j["expert_bias"] = {{"min", bias_min}, {"max", bias_max}};
     fmt::print("{}\n", j.dump());
     return;

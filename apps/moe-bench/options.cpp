@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include "moe/check.hpp"
 #include "moe/rng.hpp"
@@ -188,10 +189,44 @@ nlohmann::ordered_json stage_times_json(const moe::StageTimes& times, double tot
   return j;
 }
 
+double estimate_case_bytes(const moe::LayerConfig& c, size_t real_size) {
+  const double T = static_cast<double>(c.tokens), H = static_cast<double>(c.hidden);
+  const double E = static_cast<double>(c.experts), I = static_cast<double>(c.inter);
+  const double A = static_cast<double>(c.up_width()), S = static_cast<double>(c.shared_experts);
+  const bool chain = c.router == moe::Router::chain_of_experts;
+  const double steps = chain ? static_cast<double>(c.iterations) : 1;
+  double rows;  // rows of xp per step (slots for soft MoE)
+  if (c.router == moe::Router::soft_moe) rows = E * static_cast<double>(c.slots_per_expert);
+  else if (c.router == moe::Router::expert_choice) rows = E * static_cast<double>(c.capacity());
+  else rows = T * static_cast<double>(c.choices_per_step());
+  if (c.layout == moe::Layout::padded && moe::is_sparse(c.router))
+    rows = std::max(rows, E * static_cast<double>(c.capacity()));
+  if (c.layout == moe::Layout::block) rows += E * static_cast<double>(c.block_size);
+  const double gate_cols = c.router == moe::Router::soft_moe ? E * static_cast<double>(c.slots_per_expert) : E;
+  const double per_step = rows * (2 * H + A + I) + T * (2 * H + 6 * gate_cols);
+  const double activations = steps * per_step + S * T * (A + I);
+  const double tokens = 6 * T * H;                         // x, dy, dx, y and the case's copies
+  const double weights = (E + S) * (H * A + I * H) + steps * H * gate_cols * 2;
+  // Backward holds gradients the size of the activations and of the weights.
+  return real_size * (tokens + 2 * activations + 2 * weights);
+}
+
+void check_case_fits_in_memory(const moe::LayerConfig& cfg, size_t real_size) {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return;  // unknown: let the allocator decide
+  const double physical = static_cast<double>(pages) * static_cast<double>(page);
+  const double need = estimate_case_bytes(cfg, real_size);
+  constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+  MOE_CHECK(need <= 0.8 * physical, "this layer needs about ", fmt::format("{:.1f}", need / kGiB),
+            " GiB, more than this machine's ", fmt::format("{:.1f}", physical / kGiB),
+            " GiB allow; use fewer --tokens, a smaller --hidden/--inter or fewer --experts");
+}
+
 template <class Real>
 void run_layer_case(LayerCase<Real>& c) {
   using Clock = std::chrono::steady_clock;
   c.cfg.validate();
+  check_case_fits_in_memory(c.cfg, sizeof(Real));
   const size_t n = static_cast<size_t>(c.cfg.tokens * c.cfg.hidden);
   if (c.x.empty()) c.x = seeded_normal<Real>(n, c.cfg.seed, kInputTag);
   if (c.dy.empty()) c.dy = seeded_normal<Real>(n, c.cfg.seed, kUpstreamTag);

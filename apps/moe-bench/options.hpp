@@ -1,5 +1,5 @@
 // defines: add_layer_options, add_backend_option, LayerCase, run_layer_case, seeded_normal,
-//          parameter_shape, ordered_stages, stage_times_json
+//          parameter_shape, ordered_stages, stage_times_json, check_case_fits_in_memory
 // What the subcommands share: the LayerConfig options, and one "case" (config, parameters,
 // seeded input and upstream gradient, forward, backward) run the same way everywhere.
 #pragma once
@@ -46,6 +46,13 @@ std::vector<std::pair<std::string, double>> ordered_stages(const moe::StageTimes
 // {"gate": ms, "route": ms, ..., "total": total} in pipeline order.
 nlohmann::ordered_json stage_times_json(const moe::StageTimes& times, double total);
 
+// Rough bytes one forward + backward of `cfg` holds (inputs, activations of every step, weights
+// and their gradients, backward temporaries), for a clear error before the allocator fails or
+// the machine starts swapping.
+double estimate_case_bytes(const moe::LayerConfig& cfg, size_t real_size);
+// ConfigError when the estimate exceeds 80% of this machine's physical memory.
+void check_case_fits_in_memory(const moe::LayerConfig& cfg, size_t real_size);
+
 template <class Real>
 struct LayerCase {
   moe::LayerConfig cfg;
@@ -59,7 +66,7 @@ struct LayerCase {
   double forward_ms = 0, backward_ms = 0;  // wall time of the whole call
 };
 
-// cfg.validate(), then x / dy from the seed when empty (params must be set), forward, backward.
+// cfg.validate(), the memory check, then x / dy from the seed when empty (params must be set), forward, backward.
 template <class Real>
 void run_layer_case(LayerCase<Real>& c);
 
