@@ -18,6 +18,12 @@
 #include "moe/cuda/routing.hpp"
 #include "moe/plan.hpp"
 
+#if defined(__CUDACC__)
+#define MOE_PLAN_HD __host__ __device__
+#else
+#define MOE_PLAN_HD
+#endif
+
 namespace moe::cuda {
 
 // Static description of a plan: enough to size every buffer and grid without looking at routing.
@@ -31,11 +37,22 @@ struct PlanShape {
 
   // Upper bound on M: dropless N, padded E*C, block N + E*(block_size-1) (each segment wastes
   // at most block_size-1 rows).
-  int64_t max_rows() const;
-  // Priority order is cut into chunks of chunk_size choices, one warp each; chunk_size grows with
-  // N so that the column scan over chunks stays short (at most kMaxChunks serial steps).
-  int64_t chunk_size() const;
-  int64_t chunks() const;
+  MOE_PLAN_HD int64_t max_rows() const {
+    if (layout == Layout::padded) return experts * capacity;
+    if (layout == Layout::block) return choices + experts * (block_size - 1);
+    return choices;
+  }
+  // Priority order is cut into chunks of chunk_size choices (a multiple of 32), one warp each;
+  // chunk_size grows with N so that the column scan over chunks stays short (at most kMaxChunks
+  // serial steps) while small N still gets several chunks in parallel.
+  MOE_PLAN_HD int64_t chunk_size() const {
+    const int64_t want = ((choices + kMaxChunks - 1) / kMaxChunks + 31) / 32 * 32;
+    return want > kMinChunk ? want : kMinChunk;
+  }
+  MOE_PLAN_HD int64_t chunks() const {
+    const int64_t g = (choices + chunk_size() - 1) / chunk_size();
+    return g > 1 ? g : 1;
+  }
   void validate() const;  // throws ConfigError naming the field
   static constexpr int64_t kMaxChunks = 128;
   static constexpr int64_t kMinChunk = 512;
@@ -71,6 +88,9 @@ class PlanBuffers {
   const PlanView& view() const { return view_; }
   const PlanShape& shape() const { return view_.shape; }
   size_t bytes() const { return arena_.bytes(); }
+  // Fill every byte of the arena with `byte` (tests: an entry the plan failed to write shows up;
+  // 0x7b makes int32 0x7b7b7b7b, which is no valid row, token or sentinel).
+  void poison(cudaStream_t stream, int byte = 0x7b) const;
 
  private:
   PlanView view_;

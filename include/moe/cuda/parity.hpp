@@ -1,0 +1,53 @@
+// defines: moe::cuda::ParityCase, ParityResult, parity_cases, parity_shape, parity_routing,
+//          check_data_path
+// The GPU-vs-CPU parity suite as library code, so the CUDA tests (tests/cuda) and
+// `moe-bench check` run the same comparisons: every GPU stage against the CPU reference stage
+// (src/cpu) on fresh seeded random inputs, outputs poisoned before the run.
+// Tolerances: exact for index outputs and copies; otherwise |gpu - ref| <= atol + rtol*|ref|
+// with rtol = one rounding of the storage type (2^-8 bf16, 2^-24 fp32, x1.01) plus fp32
+// accumulation error, and dot products bounded by 1e-6 * sum |terms|.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moe/config.hpp"
+#include "moe/cuda/plan.hpp"
+#include "moe/cuda/synthetic.hpp"
+#include "moe/plan.hpp"
+
+namespace moe::cuda {
+
+struct ParityCase {
+  std::string name;
+  int64_t tokens = 0, experts = 1, top_k = 1;  // top_k = 0: expert choice
+  Skew skew = Skew::uniform;
+  Layout layout = Layout::dropless;
+  double capacity_factor = 1.25;  // padded layout; expert choice: C = ceil(cf * T / E)
+  int64_t block_size = 4;
+  double no_expert = 0;           // fraction of choices k >= 1 set to kNoExpert
+  bool large = false;             // left out of the small suite (compute-sanitizer runs)
+};
+
+// T = 1, E not a power of two, K = E, Zipf, all tokens to one expert, binding capacity, skipped
+// choices, expert choice in every layout, E = 4096, and large shapes (large = true).
+std::vector<ParityCase> parity_cases();
+int64_t parity_capacity(const ParityCase& c);
+PlanShape parity_shape(const ParityCase& c);
+Routing<float> parity_routing(const ParityCase& c, uint64_t seed);
+
+struct ParityResult {
+  std::string stage;    // plan, permute, combine, combine_backward.dyp, ...
+  std::string dtype;    // fp32, bf16, int32
+  std::string detail;   // first mismatches, or empty
+  double max_error = 0; // largest |gpu - ref| / (atol + rtol |ref|); <= 1 passes
+  int64_t elements = 0, mismatches = 0;
+  bool pass() const { return mismatches == 0; }
+};
+
+// The plan (every field, exact) for `c`.
+std::vector<ParityResult> check_plan(const ParityCase& c, uint64_t seed);
+// permute, combine and both backwards at hidden size `hidden`, in fp32 and bf16.
+std::vector<ParityResult> check_rows(const ParityCase& c, int64_t hidden, uint64_t seed);
+
+}  // namespace moe::cuda

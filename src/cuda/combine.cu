@@ -1,0 +1,119 @@
+// defines: combine_forward, combine_backward
+// yp[M,H] --combine--> y[T,H]: per token, the weighted fp32 sum of its rows in choice order,
+// written once (rows.cuh gather_sum_kernel). The backward scatters w * dy[t] to the token's rows
+// (a weighted permute) and reduces <dy[t], yp[row]> for the router's weight gradient.
+#include <cuda_bf16.h>
+
+#include "moe/cuda/check.cuh"
+#include "moe/cuda/combine.hpp"
+#include "rows.cuh"
+
+namespace moe::cuda {
+
+using namespace rows;
+
+// ------------------------------------------------------------------------------------------------
+// CUDA kernels
+// ------------------------------------------------------------------------------------------------
+
+namespace {
+
+// Warp t: for each of the token's choices j (choice order), stream dy[t] and yp[row_j] in chunks,
+// write dyp[row_j] = w_j * dy[t] and keep a per-lane partial of the dot product; one butterfly
+// reduction per choice gives dweight (a fixed order, so the same bits every run). dy[t] is read
+// once per choice; after the first it comes from L1/L2, so DRAM sees it once.
+// Warps [T, T + pad_groups): zero the padding rows of dyp.
+template <class T, int kVec, int kUnroll>
+__global__ void __launch_bounds__(kThreads)
+    combine_backward_kernel(PlanView plan, const float* __restrict__ weight,
+                            const T* __restrict__ dy, const T* __restrict__ yp,
+                            T* __restrict__ dyp, float* __restrict__ dweight, int64_t hidden,
+                            RowGrid grid) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t w = blockIdx.x * int64_t{kWarpsPerBlock} + threadIdx.x / kWarp;
+  if (w >= grid.warps()) return;
+  if (w >= grid.token_warps) {
+    zero_padding_rows<T, kVec>(plan, w - grid.token_warps, dyp, hidden);
+    return;
+  }
+  const int64_t t = w;
+  const int32_t j0 = plan.token_offsets[t], j1 = plan.token_offsets[t + 1];
+  const T* g = dy + t * hidden;
+  constexpr int64_t kStep = int64_t{kWarp} * kVec * kUnroll;
+  for (int32_t j = j0; j < j1; ++j) {
+    const int32_t r = plan.token_rows[j], c = plan.token_choices[j];
+    if (r < 0) {  // no row: the weight did not reach y
+      if (lane == 0) dweight[c] = 0.f;
+      continue;
+    }
+    const float wj = weight[c];
+    const T* src = yp + int64_t{r} * hidden;
+    T* dst = dyp + int64_t{r} * hidden;
+    float dot = 0.f;
+    for (int64_t base = 0; base < hidden; base += kStep) {
+      Vec<T, kVec> gv[kUnroll], yv[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + (int64_t{u} * kWarp + lane) * kVec;
+        if (i < hidden) {
+          gv[u] = load_vec<T, kVec>(g + i);
+          yv[u] = load_vec<T, kVec>(src + i);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + (int64_t{u} * kWarp + lane) * kVec;
+        if (i >= hidden) continue;
+        Vec<T, kVec> o;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          const float gk = to_float(gv[u].v[k]);
+          dot = fmaf(gk, to_float(yv[u].v[k]), dot);
+          o.v[k] = from_float<T>(wj * gk);
+        }
+        store_vec<T, kVec>(dst + i, o);
+      }
+    }
+#pragma unroll
+    for (int d = kWarp / 2; d > 0; d /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, d);
+    if (lane == 0) dweight[c] = dot;
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// kernel launchers
+// ------------------------------------------------------------------------------------------------
+
+template <class T>
+void combine_forward(const PlanView& plan, const RoutingView& routing, const T* yp,
+                     int64_t hidden, T* y, cudaStream_t stream) {
+  launch_gather_sum<T, true>(plan, routing.choice_weight, yp, hidden, y, stream);
+}
+
+template <class T>
+void combine_backward(const PlanView& plan, const RoutingView& routing, const T* yp, const T* dy,
+                      int64_t hidden, T* dyp, float* dweight, cudaStream_t stream) {
+  const RowGrid grid = row_grid(plan.shape, true);
+  if (grid.warps() == 0) return;
+  constexpr int kWide = 16 / sizeof(T);
+  if (vector_width<T>(hidden, {dy, yp, dyp}) == kWide)
+    combine_backward_kernel<T, kWide, 4><<<grid.blocks(), kThreads, 0, stream>>>(
+        plan, routing.choice_weight, dy, yp, dyp, dweight, hidden, grid);
+  else
+    combine_backward_kernel<T, 1, 4><<<grid.blocks(), kThreads, 0, stream>>>(
+        plan, routing.choice_weight, dy, yp, dyp, dweight, hidden, grid);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+#define MOE_INSTANTIATE(T)                                                                      \
+  template void combine_forward<T>(const PlanView&, const RoutingView&, const T*, int64_t, T*, \
+                                   cudaStream_t);                                              \
+  template void combine_backward<T>(const PlanView&, const RoutingView&, const T*, const T*,   \
+                                    int64_t, T*, float*, cudaStream_t);
+MOE_INSTANTIATE(float)
+MOE_INSTANTIATE(__nv_bfloat16)
+#undef MOE_INSTANTIATE
+
+}  // namespace moe::cuda
