@@ -1,0 +1,465 @@
+// defines: add_bench_command — `moe-bench bench`: times the GPU data-path stages (plan, permute,
+// combine and their backwards; route when a router is named) on seeded random data, next to the
+// ceilings measured in the same run (a large device-to-device copy, a large cuBLAS bf16 GEMM).
+//
+// Method: CUDA events around each launch, warm-up first, median of --reps runs (>= 50), inputs
+// rotated over enough buffer sets that the sets together are several times the L2 cache, so a
+// memory-bound stage never re-reads data the previous run left in L2.
+// Byte accounting (elements of sizeof(dtype) bytes; M rows incl. padding, K' kept rows):
+//   permute            reads T*H, writes M*H          (dropless uniform: T*H + T*K*H)
+//   combine            reads K'*H, writes T*H         (dropless: T*K*H + T*H)
+//   permute+combine    the sum                        (dropless: 2*(1+K)*T*H, the brief's count)
+//   permute_backward   reads K'*H rows + T*H (dx, accumulated), writes T*H
+//   combine_backward   reads T*H (dy) + K'*H (yp), writes M*H (dyp); + 4*N bytes of dweight
+//   plan               int32 indices: reads 2*N, writes 3*N + 2*M + T + 1 (+ small per-expert)
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fmt/format.h>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "io/jsonl.hpp"
+#include "moe-bench/commands.hpp"
+#include "moe/check.hpp"
+#include "moe/cuda/arena.hpp"
+#include "moe/cuda/check.cuh"
+#include "moe/cuda/combine.hpp"
+#include "moe/cuda/fill.hpp"
+#include "moe/cuda/permute.hpp"
+#include "moe/cuda/plan.hpp"
+#include "moe/cuda/routing.hpp"
+#include "moe/cuda/synthetic.hpp"
+
+namespace moe_bench {
+
+namespace {
+
+using moe::Layout;
+using moe::cuda::Skew;
+using json = nlohmann::ordered_json;
+
+struct BenchOptions {
+  std::vector<std::string> grids{"headline"};
+  std::vector<std::string> dtypes{"bf16"};
+  std::vector<std::string> skews{"uniform", "zipf"};
+  int reps = 50;
+  int warmup = 5;
+  double l2_multiple = 4;  // rotation sets together >= this many L2 sizes
+  std::string out;         // JSONL file (appended); stdout when empty
+  bool no_backward = false;
+  std::string command;     // the command line, for the records
+};
+
+struct Shape {
+  std::string grid;
+  int64_t T = 0, H = 0, E = 0, K = 0;
+  Layout layout = Layout::dropless;
+  double cf = 1.0;
+  int64_t block = 128;
+  Skew skew = Skew::uniform;
+  std::string dtype = "bf16";
+
+  int64_t capacity() const {
+    if (layout != Layout::padded) return 0;
+    return static_cast<int64_t>(std::ceil(cf * T * K / E - 1e-9));
+  }
+  std::string label() const {
+    return fmt::format("T={} H={} E={} K={} {}{} {} {}", T, H, E, K, moe::name(layout),
+                       layout == Layout::padded ? fmt::format("(cf={})", cf) : "",
+                       moe::cuda::name(skew), dtype);
+  }
+};
+
+// The brief's grids (SEED.md section 4) and the headline shape of issue 3.
+std::vector<Shape> grid_shapes(const std::string& grid) {
+  std::vector<Shape> v;
+  if (grid == "headline") {
+    v.push_back({"headline", 16384, 4096, 128, 2, Layout::dropless});
+  } else if (grid == "brief1") {
+    // tokens B x T in {32x128, 64x256, 128x512}, E {4, 8, 16}, H {1024, 2048}, cf {1.0, 1.25};
+    // top-2 into capacity-padded expert batches (the layout the capacity factor belongs to).
+    for (int64_t T : {32 * 128, 64 * 256, 128 * 512})
+      for (int64_t E : {4, 8, 16})
+        for (int64_t H : {1024, 2048})
+          for (double cf : {1.0, 1.25}) v.push_back({"brief1", T, H, E, 2, Layout::padded, cf});
+  } else if (grid == "brief2") {
+    // tokens {8192, 16384, 32768}, H {2048, 4096}, E {32, 64, 128}, k {1, 2, 4}; dropless.
+    for (int64_t T : {8192, 16384, 32768})
+      for (int64_t H : {2048, 4096})
+        for (int64_t E : {32, 64, 128})
+          for (int64_t K : {1, 2, 4}) v.push_back({"brief2", T, H, E, K, Layout::dropless});
+  } else {
+    MOE_FAIL("grid: unknown value '", grid, "' (allowed: headline, brief1, brief2)");
+  }
+  return v;
+}
+
+// ------------------------------------------------------------------------------------------------
+// timing
+
+struct Timing {
+  double median = 0, p10 = 0, p90 = 0;
+  int reps = 0;
+};
+
+// Events around each launch of `run(rep)`; warm-up runs first; no host sync between runs.
+Timing time_launches(int warmup, int reps, cudaStream_t stream,
+                     const std::function<void(int)>& run) {
+  for (int i = 0; i < warmup; ++i) run(i);
+  std::vector<cudaEvent_t> ev(2 * reps);
+  for (auto& e : ev) MOE_CUDA_CHECK(cudaEventCreate(&e));
+  for (int i = 0; i < reps; ++i) {
+    MOE_CUDA_CHECK(cudaEventRecord(ev[2 * i], stream));
+    run(warmup + i);
+    MOE_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1], stream));
+  }
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<double> ms(reps);
+  for (int i = 0; i < reps; ++i) {
+    float m = 0;
+    MOE_CUDA_CHECK(cudaEventElapsedTime(&m, ev[2 * i], ev[2 * i + 1]));
+    ms[i] = m;
+  }
+  for (auto& e : ev) MOE_CUDA_CHECK(cudaEventDestroy(e));
+  std::sort(ms.begin(), ms.end());
+  auto at = [&](double q) { return ms[std::min<size_t>(ms.size() - 1, size_t(q * ms.size()))]; };
+  return {reps % 2 ? ms[reps / 2] : 0.5 * (ms[reps / 2 - 1] + ms[reps / 2]), at(0.1), at(0.9),
+          reps};
+}
+
+// ------------------------------------------------------------------------------------------------
+// ceilings
+
+struct Device {
+  std::string name;
+  int sm_count = 0;
+  int64_t l2_bytes = 0;
+  double mem_gib = 0;
+};
+
+Device device_info() {
+  int dev = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp p{};
+  MOE_CUDA_CHECK(cudaGetDeviceProperties(&p, dev));
+  return {p.name, p.multiProcessorCount, p.l2CacheSize, p.totalGlobalMem / double(1 << 30)};
+}
+
+struct Ceilings {
+  double copy_gbs = 0, copy_ms = 0;
+  int64_t copy_bytes = 0;  // bytes of one copy (read + written = 2x)
+  double gemm_tflops = 0, gemm_ms = 0;
+  int64_t gemm_n = 0;
+};
+
+Ceilings measure_ceilings(const BenchOptions& o, cudaStream_t stream) {
+  Ceilings c;
+  // Device-to-device copy of 1 GiB: far past any L2, counted as bytes read + bytes written.
+  c.copy_bytes = int64_t{1} << 30;
+  {
+    void *a = nullptr, *b = nullptr;
+    MOE_CUDA_CHECK(cudaMalloc(&a, c.copy_bytes));
+    MOE_CUDA_CHECK(cudaMalloc(&b, c.copy_bytes));
+    moe::cuda::fill_normal(static_cast<float*>(a), c.copy_bytes / 4, 1, 1.f, stream);
+    const Timing t = time_launches(o.warmup, std::max(o.reps, 20), stream, [&](int i) {
+      MOE_CUDA_CHECK(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, c.copy_bytes,
+                                     cudaMemcpyDeviceToDevice, stream));
+    });
+    c.copy_ms = t.median;
+    c.copy_gbs = 2.0 * c.copy_bytes / (t.median * 1e6);
+    MOE_CUDA_CHECK(cudaFree(a));
+    MOE_CUDA_CHECK(cudaFree(b));
+  }
+  // cuBLAS bf16 GEMM 8192^3, fp32 accumulation, random operands.
+  c.gemm_n = 8192;
+  {
+    const int64_t n = c.gemm_n;
+    __nv_bfloat16 *A = nullptr, *B = nullptr, *C = nullptr;
+    MOE_CUDA_CHECK(cudaMalloc(&A, n * n * 2));
+    MOE_CUDA_CHECK(cudaMalloc(&B, n * n * 2));
+    MOE_CUDA_CHECK(cudaMalloc(&C, n * n * 2));
+    moe::cuda::fill_normal(A, n * n, 2, 1.f, stream);
+    moe::cuda::fill_normal(B, n * n, 3, 1.f, stream);
+    cublasHandle_t h = nullptr;
+    MOE_CUBLAS_CHECK(cublasCreate(&h));
+    MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
+    const float one = 1.f, zero = 0.f;
+    const Timing t = time_launches(o.warmup, 20, stream, [&](int) {
+      MOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(n), int(n), &one, A,
+                                    CUDA_R_16BF, int(n), B, CUDA_R_16BF, int(n), &zero, C,
+                                    CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
+    });
+    c.gemm_ms = t.median;
+    c.gemm_tflops = 2.0 * n * n * n / (t.median * 1e9);
+    MOE_CUBLAS_CHECK(cublasDestroy(h));
+    MOE_CUDA_CHECK(cudaFree(A));
+    MOE_CUDA_CHECK(cudaFree(B));
+    MOE_CUDA_CHECK(cudaFree(C));
+  }
+  return c;
+}
+
+// ------------------------------------------------------------------------------------------------
+// one shape
+
+struct Row {  // one line of the closing table
+  std::string stage, shape;
+  double ms, gbs, fraction;
+};
+
+struct Context {
+  const BenchOptions& o;
+  const Device& dev;
+  const Ceilings& ceil;
+  cudaStream_t stream;
+  std::vector<Row>& table;
+};
+
+void emit(const Context& cx, const json& record) {
+  if (cx.o.out.empty())
+    fmt::print("{}\n", record.dump());
+  else
+    moe::io::append_jsonl(cx.o.out, record);
+}
+
+template <class Elem>
+void bench_shape(const Context& cx, const Shape& s) {
+  const BenchOptions& o = cx.o;
+  cudaStream_t stream = cx.stream;
+  const int64_t T = s.T, H = s.H, E = s.E, K = s.K, N = T * K;
+  const size_t es = sizeof(Elem);
+
+  moe::cuda::PlanShape ps;
+  ps.tokens = T;
+  ps.experts = E;
+  ps.top_k = K;
+  ps.choices = N;
+  ps.layout = s.layout;
+  ps.capacity = s.capacity();
+  ps.block_size = s.block;
+  const int64_t R = ps.max_rows();
+
+  // Rotation sets: each holds its own routing, plan and activations.
+  const int64_t set_bytes = es * H * (3 * T + 2 * R) + 32 * N;
+  const int sets = static_cast<int>(std::clamp<int64_t>(
+      static_cast<int64_t>(std::ceil(o.l2_multiple * cx.dev.l2_bytes / double(set_bytes))), 2,
+      64));
+  struct Set {
+    moe::cuda::RoutingBuffers routing;
+    moe::cuda::PlanBuffers plan;
+    Elem *x, *xp, *y, *yp, *dy, *dxp, *dx, *dyp;
+    float* dweight;
+    moe::cuda::DeviceArena arena;
+  };
+  std::vector<std::unique_ptr<Set>> set(sets);
+  for (int i = 0; i < sets; ++i) {
+    auto& st = set[i];
+    st = std::make_unique<Set>();
+    moe::cuda::SyntheticRouting spec;
+    spec.tokens = T;
+    spec.experts = E;
+    spec.top_k = K;
+    spec.skew = s.skew;
+    spec.seed = 1000 + i;
+    moe::cuda::upload_routing(moe::cuda::synthetic_token_choice(spec), st->routing, stream);
+    st->plan = moe::cuda::PlanBuffers(ps);
+    auto p = [](auto*& ptr) { return reinterpret_cast<void**>(&ptr); };
+    const size_t th = es * T * H, rh = es * R * H;
+    st->arena = moe::cuda::DeviceArena({{"x", th, p(st->x)},
+                                        {"xp", rh, p(st->xp)},
+                                        {"y", th, p(st->y)},
+                                        {"yp", rh, p(st->yp)},
+                                        {"dy", th, p(st->dy)},
+                                        {"dx", th, p(st->dx)},
+                                        {"dyp", rh, p(st->dyp)},
+                                        {"dweight", size_t(4 * N), p(st->dweight)}});
+    st->dxp = st->dyp;  // permute backward reads the rows combine backward wrote
+    moe::cuda::fill_normal(st->x, T * H, 10 * i + 1, 1.f, stream);
+    moe::cuda::fill_normal(st->yp, R * H, 10 * i + 2, 1.f, stream);
+    moe::cuda::fill_normal(st->dy, T * H, 10 * i + 3, 1.f, stream);
+    moe::cuda::fill_normal(st->dx, T * H, 10 * i + 4, 1.f, stream);
+    moe::cuda::plan_forward(st->routing.view(), st->plan.view(), stream);
+  }
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+
+  // What the plan decided (read after the fact, outside any timed region).
+  const moe::DispatchPlan host_plan = moe::cuda::download_plan(set[0]->plan.view(), stream);
+  int64_t kept = 0;
+  for (int64_t k : host_plan.kept) kept += k;
+  const int64_t M = host_plan.rows;
+  double max_load = 0;
+  for (int64_t c : host_plan.counts) max_load = std::max<double>(max_load, double(c));
+
+  json shape = {{"T", T}, {"H", H}, {"E", E}, {"K", K}, {"layout", moe::name(s.layout)},
+                {"capacity_factor", s.cf}, {"capacity", s.capacity()}, {"block_size", s.block}};
+  auto record = [&](const std::string& stage, const Timing& t, double bytes,
+                    const std::string& accounting) {
+    const double gbs = bytes / (t.median * 1e6);
+    json j = moe::io::result_record(o.command);
+    j["stage"] = stage;
+    j["grid"] = s.grid;
+    j["device"] = cx.dev.name;
+    j["sm_count"] = cx.dev.sm_count;
+    j["l2_bytes"] = cx.dev.l2_bytes;
+    j["dtype"] = s.dtype;
+    j["shape"] = shape;
+    j["routing"] = moe::cuda::name(s.skew);
+    j["rows"] = M;
+    j["kept_rows"] = kept;
+    j["max_expert_load"] = max_load / (double(N) / E);  // max load / mean load
+    j["ms"] = t.median;
+    j["ms_p10"] = t.p10;
+    j["ms_p90"] = t.p90;
+    j["reps"] = t.reps;
+    j["warmup"] = o.warmup;
+    j["rotation_sets"] = sets;
+    j["bytes"] = bytes;
+    j["bytes_accounting"] = accounting;
+    j["gbs"] = gbs;
+    j["copy_gbs"] = cx.ceil.copy_gbs;
+    j["fraction_of_copy"] = gbs / cx.ceil.copy_gbs;
+    j["gemm_tflops"] = cx.ceil.gemm_tflops;
+    emit(cx, j);
+    cx.table.push_back({stage, s.label(), t.median, gbs, gbs / cx.ceil.copy_gbs});
+  };
+  auto S = [&](int rep) -> Set& { return *set[rep % sets]; };
+  const double eH = double(es) * H;
+
+  Timing t;
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::plan_forward(S(r).routing.view(), S(r).plan.view(), stream);
+  });
+  record("plan", t, 4.0 * (2 * N + 3 * N + 2 * M + T + 1),
+         "int32: reads 2N (expert, token), writes 3N + 2M + T + 1");
+
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::permute_forward<Elem>(S(r).plan.view(), S(r).x, H, S(r).xp, stream);
+  });
+  record("permute", t, eH * (T + M), "reads T*H, writes M*H");
+
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::combine_forward<Elem>(S(r).plan.view(), S(r).routing.view(), S(r).yp, H, S(r).y,
+                                  stream);
+  });
+  record("combine", t, eH * (kept + T), "reads kept*H, writes T*H");
+
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::permute_forward<Elem>(S(r).plan.view(), S(r).x, H, S(r).xp, stream);
+    moe::cuda::combine_forward<Elem>(S(r).plan.view(), S(r).routing.view(), S(r).xp, H, S(r).y,
+                                  stream);
+  });
+  record("permute+combine", t, eH * (T + M + kept + T),
+         "permute reads T*H, writes M*H; combine reads kept*H, writes T*H");
+
+  if (!o.no_backward) {
+    t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+      moe::cuda::combine_backward<Elem>(S(r).plan.view(), S(r).routing.view(), S(r).yp, S(r).dy, H,
+                                     S(r).dyp, S(r).dweight, stream);
+    });
+    record("combine_backward", t, eH * (T + kept + M) + 4.0 * N,
+           "reads T*H (dy) + kept*H (yp), writes M*H (dyp) + 4N bytes (dweight)");
+    t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+      moe::cuda::permute_backward<Elem>(S(r).plan.view(), S(r).dxp, H, S(r).dx, stream);
+    });
+    record("permute_backward", t, eH * (kept + 2 * T), "reads kept*H + T*H (dx), writes T*H");
+  }
+}
+
+void run(BenchOptions o) {
+  MOE_CHECK(moe::cuda::has_device(), "bench: no CUDA device");
+  MOE_CHECK(o.reps >= 50, "reps must be >= 50, got ", o.reps);
+  MOE_CHECK(o.warmup >= 1, "warmup must be >= 1, got ", o.warmup);
+  cudaStream_t stream = nullptr;
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const Device dev = device_info();
+  fmt::print(stderr, "bench: {} ({} SMs, L2 {:.0f} MiB, {:.0f} GiB)\n", dev.name, dev.sm_count,
+             dev.l2_bytes / double(1 << 20), dev.mem_gib);
+  const Ceilings ceil = measure_ceilings(o, stream);
+  {
+    json j = moe::io::result_record(o.command);
+    j["stage"] = "ceiling";
+    j["device"] = dev.name;
+    j["sm_count"] = dev.sm_count;
+    j["l2_bytes"] = dev.l2_bytes;
+    j["copy_bytes"] = ceil.copy_bytes;
+    j["copy_ms"] = ceil.copy_ms;
+    j["copy_gbs"] = ceil.copy_gbs;
+    j["copy_accounting"] = "cudaMemcpyAsync device-to-device of copy_bytes; bytes read + written";
+    j["gemm_n"] = ceil.gemm_n;
+    j["gemm_ms"] = ceil.gemm_ms;
+    j["gemm_tflops"] = ceil.gemm_tflops;
+    j["gemm_accounting"] = "cublasGemmEx bf16 x bf16 -> bf16, fp32 compute, 2*n^3 FLOP";
+    if (o.out.empty()) fmt::print("{}\n", j.dump());
+    else moe::io::append_jsonl(o.out, j);
+  }
+  fmt::print(stderr, "bench: copy {:.0f} GB/s, bf16 GEMM {:.0f} TFLOP/s\n", ceil.copy_gbs,
+             ceil.gemm_tflops);
+
+  std::vector<Row> table;
+  const Context cx{o, dev, ceil, stream, table};
+  for (const std::string& g : o.grids)
+    for (Shape s : grid_shapes(g))
+      for (const std::string& skew : o.skews)
+        for (const std::string& dtype : o.dtypes) {
+          s.skew = moe::cuda::parse_skew(skew, "skew");
+          s.dtype = dtype;
+          fmt::print(stderr, "bench: {} {}\n", s.grid, s.label());
+          if (dtype == "bf16") bench_shape<__nv_bfloat16>(cx, s);
+          else if (dtype == "fp32") bench_shape<float>(cx, s);
+          else MOE_FAIL("dtype: unknown value '", dtype, "' (allowed: bf16, fp32)");
+        }
+  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+
+  fmt::print("\n{} | copy {:.0f} GB/s | bf16 GEMM {:.0f} TFLOP/s\n", dev.name, ceil.copy_gbs,
+             ceil.gemm_tflops);
+  fmt::print("{:<18} {:<52} {:>9} {:>8} {:>7}\n", "stage", "shape", "ms", "GB/s", "%copy");
+  for (const Row& r : table)
+    fmt::print("{:<18} {:<52} {:>9.4f} {:>8.0f} {:>6.1f}%\n", r.stage, r.shape, r.ms, r.gbs,
+               100 * r.fraction);
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app) {
+  auto o = std::make_shared<BenchOptions>();
+  CLI::App* sub = app.add_subcommand(
+      "bench", "benchmark the GPU data-path stages against the copy and GEMM ceilings");
+  sub->add_option("--grid", o->grids, "headline, brief1, brief2 (several allowed)")
+      ->capture_default_str();
+  sub->add_option("--dtype", o->dtypes, "bf16, fp32 (several allowed)")->capture_default_str();
+  sub->add_option("--routing", o->skews, "uniform, zipf, one_expert (several allowed)")
+      ->capture_default_str();
+  sub->add_option("--reps", o->reps, "timed runs per stage (median reported), >= 50")
+      ->capture_default_str();
+  sub->add_option("--warmup", o->warmup, "untimed runs first")->capture_default_str();
+  sub->add_option("--l2-multiple", o->l2_multiple,
+                  "rotate over input sets totalling at least this many L2 sizes")
+      ->capture_default_str();
+  sub->add_flag("--no-backward", o->no_backward, "skip the backward stages");
+  sub->add_option("--out", o->out, "append JSON lines here (default: stdout)");
+  sub->footer(
+      "Examples:\n"
+      "  moe-bench bench                                   # headline shape, bf16\n"
+      "  moe-bench bench --grid headline brief1 brief2 --out results.jsonl");
+  sub->callback([o, sub] {
+    std::string cmd = "moe-bench bench";
+    for (const std::string& g : o->grids) cmd += (&g == &o->grids[0] ? " --grid " : " ") + g;
+    for (const std::string& d : o->dtypes) cmd += (&d == &o->dtypes[0] ? " --dtype " : " ") + d;
+    for (const std::string& r : o->skews) cmd += (&r == &o->skews[0] ? " --routing " : " ") + r;
+    cmd += fmt::format(" --reps {} --warmup {}", o->reps, o->warmup);
+    if (o->no_backward) cmd += " --no-backward";
+    (void)sub;
+    o->command = cmd;
+    run(*o);
+  });
+}
+
+}  // namespace moe_bench

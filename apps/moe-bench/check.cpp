@@ -1,0 +1,88 @@
+// defines: add_check_command — `moe-bench check`: the GPU-vs-CPU parity suite on the GPU present
+// (the same comparisons as tests/cuda, from moe/cuda/parity.hpp), printed as a pass/fail table:
+// one line per stage and dtype over all cases, with the worst error in units of its tolerance.
+// Exits 1 when anything fails, after listing the failing cases.
+#include <cuda_runtime.h>
+
+#include <fmt/format.h>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moe-bench/commands.hpp"
+#include "moe/check.hpp"
+#include "moe/cuda/check.cuh"
+#include "moe/cuda/parity.hpp"
+
+namespace moe_bench {
+
+namespace {
+
+struct CheckOptions {
+  bool large = false;
+  std::vector<int64_t> hidden{7, 136, 1000};
+  uint64_t seed = 2026;
+};
+
+struct Summary {
+  int cases = 0, failed = 0;
+  int64_t elements = 0;
+  double worst = 0;
+};
+
+void run(const CheckOptions& o) {
+  MOE_CHECK(moe::cuda::has_device(), "check: no CUDA device");
+  cudaDeviceProp prop{};
+  MOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  fmt::print("check: {} (sm_{}{}), seed {}\n", prop.name, prop.major, prop.minor, o.seed);
+
+  std::map<std::string, Summary> table;  // "stage dtype" -> summary
+  std::vector<std::string> failures;
+  auto add = [&](const std::string& where, const std::vector<moe::cuda::ParityResult>& results) {
+    for (const auto& r : results) {
+      Summary& s = table[fmt::format("{:<28} {}", r.stage, r.dtype)];
+      ++s.cases;
+      s.elements += r.elements;
+      s.worst = std::max(s.worst, r.max_error);
+      if (!r.pass()) {
+        ++s.failed;
+        failures.push_back(fmt::format("{} {} {}: {} of {} differ:{}", where, r.stage, r.dtype,
+                                       r.mismatches, r.elements, r.detail));
+      }
+    }
+  };
+  for (const moe::cuda::ParityCase& c : moe::cuda::parity_cases()) {
+    if (c.large && !o.large) continue;
+    add(c.name, moe::cuda::check_plan(c, o.seed));
+    for (int64_t h : o.hidden) {
+      if (c.tokens * h > 20'000'000 || c.experts > 1000) continue;
+      add(fmt::format("{} H={}", c.name, h), moe::cuda::check_rows(c, h, o.seed + h));
+    }
+  }
+
+  fmt::print("\n{:<28} {:<5} {:>6} {:>12} {:>14}  {}\n", "stage", "dtype", "cases", "elements",
+             "worst err/tol", "result");
+  int failed = 0;
+  for (const auto& [key, s] : table) {
+    fmt::print("{:<34} {:>6} {:>12} {:>14.3g}  {}\n", key, s.cases, s.elements, s.worst,
+               s.failed ? fmt::format("FAIL ({})", s.failed) : "pass");
+    failed += s.failed;
+  }
+  for (const std::string& f : failures) fmt::print("FAIL {}\n", f);
+  fmt::print("\ncheck: {}\n", failed ? fmt::format("{} comparisons FAILED", failed) : "all passed");
+  if (failed) throw CommandExit{1};
+}
+
+}  // namespace
+
+void add_check_command(CLI::App& app) {
+  auto o = std::make_shared<CheckOptions>();
+  CLI::App* sub = app.add_subcommand("check", "compare the GPU stages with the CPU reference");
+  sub->add_flag("--large", o->large, "also run the large shapes (T up to 40000)");
+  sub->add_option("--hidden", o->hidden, "hidden sizes for permute/combine")->capture_default_str();
+  sub->add_option("--seed", o->seed, "seed of the random inputs")->capture_default_str();
+  sub->callback([o] { run(*o); });
+}
+
+}  // namespace moe_bench

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One GPU visit for the data path (issue 3), run from the repository root on the GPU machine with a
+# build made beforehand on a CPU machine:
+#   cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release && cmake --build build/gpu -j
+#   scripts/gpu/bundle_libs.sh build/gpu          # non-CUDA shared libraries next to the binaries
+# then on the GPU machine:
+#   OUT=/some/dir scripts/gpu/data_path.sh [build/gpu] [quick|full]
+# Steps: CUDA tests; compute-sanitizer memcheck + racecheck on the parity tests at small shapes;
+# `moe-bench check`; `moe-bench bench` (JSONL); the PyTorch peer (JSONL) in the same run; a short
+# table last. Files under $OUT: gpu.txt tests.log sanitizer.log check.log bench.jsonl peer.jsonl
+# summary.txt.
+set -uo pipefail
+BUILD=${1:-build/gpu}
+MODE=${2:-full}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$BUILD/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export PYTHONUNBUFFERED=1
+status=0
+step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+  --format=csv | tee "$OUT/gpu.txt"
+
+step "CUDA tests"
+"$BUILD/moe_cuda_tests" --gtest_brief=1 >"$OUT/tests.log" 2>&1 || status=1
+tail -n 4 "$OUT/tests.log"
+
+step "compute-sanitizer (small shapes)"
+filter='*PlanParity.Matches*:*RowsParity*_h7:*RowsParity*_h136:*RowsDeterminism*:*RowsProperty*'
+[[ -n "${MOE_SANITIZER_FILTER:-}" ]] && filter=$MOE_SANITIZER_FILTER
+: >"$OUT/sanitizer.log"
+for tool in memcheck racecheck; do
+  MOE_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
+    "$BUILD/moe_cuda_tests" --gtest_brief=1 --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
+  rc=$?
+  echo "compute-sanitizer $tool: exit $rc" | tee -a "$OUT/sanitizer.log"
+  ((rc == 0)) || status=1
+done
+
+step "moe-bench check"
+"$BUILD/moe-bench" check --large >"$OUT/check.log" 2>&1 || status=1
+tail -n 30 "$OUT/check.log"
+
+step "moe-bench bench"
+if [[ $MODE == quick ]]; then grids="headline"; else grids="headline brief1 brief2"; fi
+"$BUILD/moe-bench" bench --grid $grids --out "$OUT/bench.jsonl" >"$OUT/bench_table.txt" 2>&1 || status=1
+# headline again in fp32 (bf16 is the default everywhere)
+"$BUILD/moe-bench" bench --grid headline --dtype fp32 --out "$OUT/bench.jsonl" \
+  >>"$OUT/bench_table.txt" 2>&1 || status=1
+
+step "PyTorch peer"
+if [[ $MODE == quick ]]; then pgrids="headline"; else pgrids="headline brief2"; fi
+python3 bench/peers/torch_pack_combine.py --grid $pgrids --build "$BUILD" \
+  --out "$OUT/peer.jsonl" 2>"$OUT/peer.log" || status=1
+tail -n 3 "$OUT/peer.log"
+
+step "summary"
+python3 scripts/gpu/summarize.py "$OUT/bench.jsonl" "$OUT/peer.jsonl" | tee "$OUT/summary.txt"
+exit $status
