@@ -32,7 +32,7 @@ filter='*PlanParity.Matches*:*RowsParity*_h7:*RowsParity*_h136:*RowsDeterminism*
 [[ -n "${MOE_SANITIZER_FILTER:-}" ]] && filter=$MOE_SANITIZER_FILTER
 : >"$OUT/sanitizer.log"
 for tool in memcheck racecheck; do
-  MOE_TEST_SMALL=1 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
+  MOE_TEST_SMALL=1 timeout "${MOE_SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
     "$BUILD/moe_cuda_tests" --gtest_brief=1 --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
   rc=$?
   echo "compute-sanitizer $tool: exit $rc" | tee -a "$OUT/sanitizer.log"

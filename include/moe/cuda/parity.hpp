@@ -5,7 +5,7 @@
 // (src/cpu) on fresh seeded random inputs, outputs poisoned before the run.
 // Tolerances: exact for index outputs and copies; otherwise |gpu - ref| <= atol + rtol*|ref|
 // with rtol = one rounding of the storage type (2^-8 bf16, 2^-24 fp32, x1.01) plus fp32
-// accumulation error, and dot products bounded by 1e-6 * sum |terms|.
+// accumulation error, and dot products bounded by the worst case of their summation order.
 #pragma once
 #include <cstdint>
 #include <string>
