@@ -1,0 +1,176 @@
+// defines: TrainSetup::default_train_config, add_train_options, apply_router,
+//          load_training_corpus, ProgressDisplay, print_summary (see train_options.hpp)
+#include "moe-bench/train_options.hpp"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fmt/format.h>
+
+#include "moe-bench/options.hpp"
+#include "moe/check.hpp"
+
+namespace moe_bench {
+
+moe::model::TrainConfig TrainSetup::default_train_config() {
+  // The CPU default small configuration (about 20 s per model on 2 cores; see README).
+  moe::model::TrainConfig c;
+  c.model.layers = 2;
+  c.model.d_model = 64;
+  c.model.heads = 4;
+  c.model.seq = 64;
+  c.model.ffn.experts = 8;
+  c.model.ffn.top_k = 2;
+  c.model.ffn.inter = 128;
+  c.batch = 16;
+  c.steps = 200;
+  c.lr = 3e-3;
+  c.warmup = 20;
+  c.eval_every = 50;
+  c.val_windows = 16;
+  c.seed = 0;
+  return c;
+}
+
+void add_train_options(CLI::App& app, TrainSetup& s) {
+  moe::model::TrainConfig& c = s.cfg;
+  // The layer's options first, without those the model sets; "--seed" becomes the training seed.
+  add_layer_options(app, c.model.ffn, /*with_router=*/false);
+  for (const char* flag : {"--tokens", "--hidden", "--eval", "--sequence-length", "--seed"})
+    app.remove_option(app.get_option(flag));
+
+  const std::string model = "Model";
+  app.add_option("--layers", c.model.layers, "L, transformer blocks")->capture_default_str()->group(model);
+  app.add_option("--d-model", c.model.d_model, "D, model width")->capture_default_str()->group(model);
+  app.add_option("--heads", c.model.heads, "NH, attention heads (divides D)")
+      ->capture_default_str()
+      ->group(model);
+  app.add_option("--seq", c.model.seq, "S, context length in bytes")->capture_default_str()->group(model);
+
+  const std::string train = "Training";
+  app.add_option("--batch", c.batch, "B, sequences per step")->capture_default_str()->group(train);
+  app.add_option("--steps", c.steps, "optimiser steps")->capture_default_str()->group(train);
+  app.add_option("--lr", c.lr, "peak learning rate (AdamW)")->capture_default_str()->group(train);
+  app.add_option("--warmup", c.warmup, "linear warm-up steps, then cosine decay")
+      ->capture_default_str()
+      ->group(train);
+  app.add_option("--min-lr-fraction", c.min_lr_fraction, "the cosine ends at lr times this")
+      ->capture_default_str()
+      ->group(train);
+  app.add_option("--weight-decay", c.weight_decay, "AdamW decoupled weight decay (matrices)")
+      ->capture_default_str()
+      ->group(train);
+  app.add_option("--grad-clip", c.grad_clip, "global gradient-norm clip (<= 0: off)")
+      ->capture_default_str()
+      ->group(train);
+  app.add_option("--eval-every", c.eval_every, "evaluate every n steps (0: only at start and end)")
+      ->capture_default_str()
+      ->group(train);
+  app.add_option("--val-windows", c.val_windows, "validation windows of S bytes per domain")
+      ->capture_default_str()
+      ->group(train);
+  app.add_option("--seed", c.seed, "seed of parameters, data order and router noise")
+      ->capture_default_str()
+      ->group(train);
+  app.add_option("--corpus", s.corpus, "corpus folder (built by scripts/build_corpus.sh)")
+      ->capture_default_str()
+      ->group("Files");
+}
+
+void apply_router(moe::model::TrainConfig& cfg, const std::string& router) {
+  using moe::model::FfnKind;
+  if (router == "dense_active" || router == "dense_params") {
+    cfg.model.ffn_kind = router == "dense_active" ? FfnKind::dense_active : FfnKind::dense_params;
+    return;
+  }
+  cfg.model.ffn_kind = FfnKind::moe;
+  try {
+    cfg.model.ffn.router = moe::parse_router(router, "router");
+  } catch (const moe::ConfigError&) {
+    std::string allowed;
+    for (moe::Router r : moe::kAllRouters) allowed += std::string(moe::name(r)) + ", ";
+    MOE_FAIL("router: unknown value '", router, "' (allowed: ", allowed,
+             "dense_active, dense_params)");
+  }
+  if (cfg.model.ffn.router == moe::Router::switch_top1) cfg.model.ffn.top_k = 1;
+}
+
+moe::data::Corpus load_training_corpus(const std::string& dir) {
+  return moe::data::load_corpus(dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// progress
+
+ProgressDisplay::ProgressDisplay(std::string label, int64_t steps)
+    : label_(std::move(label)),
+      steps_(steps),
+      tty_(::isatty(STDERR_FILENO) == 1),
+      start_(std::chrono::steady_clock::now()) {}
+
+void ProgressDisplay::clear_bar() {
+  if (tty_ && bar_drawn_) {
+    fmt::print(stderr, "\r\033[K");
+    bar_drawn_ = false;
+  }
+}
+
+void ProgressDisplay::step(const moe::model::Trainer& t, const moe::model::StepRecord& s) {
+  tokens_per_s_ = tokens_per_s_ == 0 ? s.tokens_per_s : 0.9 * tokens_per_s_ + 0.1 * s.tokens_per_s;
+  const int64_t done = t.step();
+  const double bpb = s.loss / std::log(2.0);
+  if (tty_) {
+    constexpr int kWidth = 24;
+    const int filled = steps_ > 0 ? int(kWidth * done / steps_) : kWidth;
+    const double left_s = tokens_per_s_ > 0 ? double((steps_ - done) * t.config().batch *
+                                                     t.config().model.seq) / tokens_per_s_
+                                            : 0;
+    fmt::print(stderr, "\r\033[K{} [{}{}] {}/{} loss {:.3f} ({:.3f} bpb){} {:.1f}k tok/s ETA {:.0f}s",
+               label_, std::string(filled, '#'), std::string(kWidth - filled, '.'), done, steps_,
+               s.loss, bpb, last_val_ >= 0 ? fmt::format(" val {:.3f}", last_val_) : "",
+               tokens_per_s_ / 1000, left_s);
+    std::fflush(stderr);
+    bar_drawn_ = true;
+    return;
+  }
+  const int64_t every = std::max<int64_t>(1, steps_ / 10);
+  if (done % every == 0 || done == steps_)
+    fmt::print(stderr, "{} step {}/{} loss {:.3f} ({:.3f} bpb) {:.1f}k tok/s\n", label_, done,
+               steps_, s.loss, bpb, s.tokens_per_s / 1000);
+}
+
+void ProgressDisplay::eval(const moe::model::Trainer&, const moe::model::EvalRecord& e) {
+  clear_bar();
+  last_val_ = e.bpb;
+  std::string domains;
+  for (size_t d = 0; d < e.domains.size(); ++d)
+    domains += fmt::format(" {} {:.3f}", e.domains[d], e.domain_bpb[d]);
+  fmt::print(stderr, "{} eval step {}: val {:.3f} bits/byte |{}\n", label_, e.step, e.bpb, domains);
+  std::fflush(stderr);
+}
+
+void ProgressDisplay::finish() { clear_bar(); }
+
+void print_summary(const moe::model::ModelConfig& m, const moe::model::RunSummary& sum) {
+  const moe::model::EvalRecord& e = sum.final_eval;
+  fmt::print("{}: val {:.4f} bits/byte at step {}\n", m.description(), e.bpb, e.step);
+  for (size_t d = 0; d < e.domains.size(); ++d)
+    fmt::print("  {:<9} {:.4f} bits/byte\n", e.domains[d], e.domain_bpb[d]);
+  if (sum.steps > 0)
+    fmt::print("speed: {:.0f} tokens/s over {} steps ({:.1f} s); per step: attention {:.1f} ms, "
+               "moe {:.1f} ms, other {:.1f} ms\n",
+               sum.tokens_per_s, sum.steps, sum.train_seconds, sum.attention_ms, sum.moe_ms,
+               sum.other_ms);
+  std::string mi;
+  double mean = 0;
+  for (size_t l = 0; l < e.mi_normalized.size(); ++l) {
+    mi += fmt::format(" layer{} {:.3f}", l, e.mi_normalized[l]);
+    mean += e.mi_normalized[l] / double(e.mi_normalized.size());
+  }
+  if (e.experts > 1)
+    fmt::print("specialisation I(domain; expert)/H(expert) on validation:{} (mean {:.3f})\n", mi,
+               mean);
+}
+
+}  // namespace moe_bench
