@@ -51,27 +51,29 @@ __global__ void __launch_bounds__(kThreads)
     T* dst = dyp + int64_t{r} * hidden;
     float dot = 0.f;
     for (int64_t base = 0; base < hidden; base += kStep) {
-      Vec<T, kVec> gv[kUnroll], yv[kUnroll];
+      Pack<T, kVec> gv[kUnroll], yv[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = base + (int64_t{u} * kWarp + lane) * kVec;
         if (i < hidden) {
-          gv[u] = load_vec<T, kVec>(g + i);
-          yv[u] = load_vec<T, kVec>(src + i);
+          gv[u] = load_pack<Cache::kDefault, T, kVec>(g + i);
+          yv[u] = load_pack<Cache::kDefault, T, kVec>(src + i);
         }
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = base + (int64_t{u} * kWarp + lane) * kVec;
         if (i >= hidden) continue;
-        Vec<T, kVec> o;
+        float o[kVec];
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          const float gk = to_float(gv[u].v[k]);
-          dot = fmaf(gk, to_float(yv[u].v[k]), dot);
-          o.v[k] = from_float<T>(wj * gk);
+          const float gk = gv[u].get(k);
+          dot = fmaf(gk, yv[u].get(k), dot);
+          o[k] = wj * gk;
         }
-        store_vec<T, kVec>(dst + i, o);
+        Pack<T, kVec> op;
+        op.set_all(o);
+        store_pack<Cache::kDefault, T, kVec>(dst + i, op);
       }
     }
 #pragma unroll
