@@ -51,7 +51,7 @@ if [[ -e "$work/no" ]]; then bad export-missing-dir-no-file "something was creat
 expect export-to-directory 2 export "${small[@]}" --out "$work"
 expect replay-missing 2 replay "$work/missing.safetensors"
 expect replay-not-safetensors 2 replay /etc/passwd
-expect compare-jsonl-missing-dir 2 compare "${small[@]}" --jsonl "$work/no/such/r.jsonl"
+expect compare-jsonl-missing-dir 2 compare-layer "${small[@]}" --jsonl "$work/no/such/r.jsonl"
 # check / bench exist in every build; where they cannot run they say why in one line.
 "$bench" --help >"$work/help"
 if grep -qE '^  check .*\((built without CUDA|not part of this build)\)' "$work/help"; then
@@ -69,9 +69,9 @@ else
   bad layer-json "$(head -c 300 "$work/err")"
 fi
 
-# ---- compare --jsonl appends one line per router that ran
-expect compare-jsonl 0 compare "${small[@]}" --layout padded --capacity-factor 1.0 --jsonl "$work/r.jsonl"
-if python3 -c 'import json,sys; ls=[json.loads(l) for l in open(sys.argv[1])]; assert len(ls)==7 and all(l["command"]=="compare" and l["git"] and l["timestamp"] for l in ls)' "$work/r.jsonl"; then
+# ---- compare-layer --jsonl appends one line per router that ran
+expect compare-jsonl 0 compare-layer "${small[@]}" --layout padded --capacity-factor 1.0 --jsonl "$work/r.jsonl"
+if python3 -c 'import json,sys; ls=[json.loads(l) for l in open(sys.argv[1])]; assert len(ls)==7 and all(l["command"]=="compare-layer" and l["git"] and l["timestamp"] for l in ls)' "$work/r.jsonl"; then
   ok compare-jsonl-lines
 else
   bad compare-jsonl-lines "expected 7 JSON lines"

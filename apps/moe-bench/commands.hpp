@@ -18,6 +18,7 @@ void add_export_command(CLI::App& app);   // export.cpp: a case as .safetensors 
 void add_compare_command(CLI::App& app);  // compare.cpp: every router on one layer, one table
 void add_replay_command(CLI::App& app);   // replay.cpp: recompute an exported case and compare
 void add_train_command(CLI::App& app);    // train.cpp: train the small LM with one router (CPU)
+void add_compare_models_command(CLI::App& app);  // compare_models.cpp: the LM once per router
 void add_check_command(CLI::App& app);    // check.cpp (CUDA builds): GPU stages against the CPU
 void add_bench_command(CLI::App& app);    // bench.cpp (CUDA builds): stage micro-benchmarks
 

@@ -1,4 +1,4 @@
-// defines: add_compare_command — `moe-bench compare`: every router on one layer and the same
+// defines: add_compare_command — `moe-bench compare-layer`: every router on one layer and the same
 // input, one forward and one backward each, in one table: time, aux loss and load statistics.
 // --jsonl appends one result line per router.
 #include <fmt/format.h>
@@ -67,7 +67,7 @@ void run(const CompareOptions& o) {
     std::fflush(stdout);
 
     if (!o.jsonl.empty()) {
-      nlohmann::ordered_json j = io::result_record("compare");
+      nlohmann::ordered_json j = io::result_record("compare-layer");
       j["backend"] = o.backend;
       j["device"] = io::host_cpu();
       j["dtype"] = "f32";
@@ -90,7 +90,7 @@ void run(const CompareOptions& o) {
 void add_compare_command(CLI::App& app) {
   auto o = std::make_shared<CompareOptions>();
   CLI::App* sub = app.add_subcommand(
-      "compare", "every router on the same layer and input: times, aux loss, load statistics");
+      "compare-layer", "every router on the same layer and input: times, aux loss, load statistics");
   add_layer_options(*sub, o->cfg, /*with_router=*/false);
   add_backend_option(*sub, o->backend);
   sub->add_option("--jsonl", o->jsonl, "append one JSON line per router to this file")

@@ -50,6 +50,7 @@ int main(int argc, char** argv) {
   moe_bench::add_layer_command(app);
   moe_bench::add_compare_command(app);
   moe_bench::add_train_command(app);
+  moe_bench::add_compare_models_command(app);
   moe_bench::add_export_command(app);
   moe_bench::add_replay_command(app);
 #if defined(MOE_HAVE_CUDA) && defined(MOE_BENCH_HAS_CHECK)

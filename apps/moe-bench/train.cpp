@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <memory>
 
+#include "io/files.hpp"
 #include "moe-bench/commands.hpp"
 #include "moe-bench/options.hpp"
 #include "moe-bench/train_options.hpp"
@@ -29,6 +30,10 @@ struct TrainCommand {
 void run(TrainCommand& o) {
   apply_router(o.setup.cfg, o.router);
   o.setup.cfg.validate();
+  // Bad paths fail before the corpus is read.
+  if (!o.jsonl.empty()) moe::io::check_output_path(o.jsonl);
+  if (!o.checkpoint.empty()) moe::io::check_output_path(o.checkpoint);
+  if (!o.resume.empty()) moe::io::read_file(o.resume);
   const moe::data::Corpus corpus = load_training_corpus(o.setup.corpus);
   moe::model::Trainer trainer(o.setup.cfg, corpus);
   const moe::model::ModelConfig& m = o.setup.cfg.model;

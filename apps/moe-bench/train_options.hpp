@@ -31,10 +31,10 @@ void apply_router(moe::model::TrainConfig& cfg, const std::string& router);
 moe::data::Corpus load_training_corpus(const std::string& dir);
 
 // Progress on stderr: a redrawn bar with loss and tokens/s when stderr is a terminal, plain lines
-// every tenth of the run otherwise. Evaluations always get a line.
+// every tenth of the run otherwise (unless `step_lines` is false). Evaluations always get a line.
 class ProgressDisplay {
  public:
-  ProgressDisplay(std::string label, int64_t steps);
+  ProgressDisplay(std::string label, int64_t steps, bool step_lines = true);
   void step(const moe::model::Trainer& t, const moe::model::StepRecord& s);
   void eval(const moe::model::Trainer& t, const moe::model::EvalRecord& e);
   void finish();
@@ -43,6 +43,7 @@ class ProgressDisplay {
   std::string label_;
   int64_t steps_;
   bool tty_;
+  bool step_lines_;
   bool bar_drawn_ = false;
   double last_val_ = -1;
   double tokens_per_s_ = 0;  // smoothed
