@@ -9,6 +9,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -368,6 +370,58 @@ TEST(Checkpoint, CorruptTruncatedOrMismatchedFilesAreRefusedWithOneLine) {
   Trainer extended(longer, fixture_corpus());
   EXPECT_NO_THROW(extended.load_checkpoint(file.path.string()));
   EXPECT_EQ(extended.step(), 1);
+}
+
+TEST(Training, TheRunLoopWritesEveryRecordKindAndResumesFromItsCheckpoint) {
+  TrainConfig cfg = tiny_training(Router::soft_moe);
+  TempFile ckpt("loop"), jsonl("loop_jsonl");
+  {
+    Trainer t(cfg, fixture_corpus());
+    RunOptions o;
+    o.command = "test";
+    o.checkpoint = ckpt.path.string();
+    o.jsonl = jsonl.path.string();
+    int evals = 0;
+    o.on_eval = [&](const Trainer&, const EvalRecord&) { ++evals; };
+    const RunSummary sum = run_training(t, o);
+    EXPECT_EQ(sum.steps, 6);
+    EXPECT_EQ(evals, 3);  // start, step 3, step 6
+    EXPECT_EQ(sum.final_eval.step, 6);
+  }
+  std::map<std::string, int> kinds;
+  {
+    std::ifstream in(jsonl.path);
+    for (std::string line; std::getline(in, line);) {
+      const auto r = nlohmann::json::parse(line);
+      kinds[r.at("kind").get<std::string>()]++;
+      EXPECT_EQ(r.at("router"), "soft_moe (groups across the batch at each position)");
+      if (r.at("kind") == "summary") {
+        EXPECT_EQ(r.at("mi_domain_expert_normalized").size(), 2u);
+        EXPECT_EQ(r.at("val_bpb_domain").size(), 3u);
+        EXPECT_TRUE(r.contains("time_ms_per_step"));
+      }
+      if (r.at("kind") == "step") {
+        EXPECT_TRUE(r.at("time_ms").contains("moe"));
+        EXPECT_TRUE(r.at("load").contains("max_violation"));
+      }
+    }
+  }
+  EXPECT_EQ(kinds["config"], 1);
+  EXPECT_EQ(kinds["step"], 6);
+  EXPECT_EQ(kinds["eval"], 3);
+  EXPECT_EQ(kinds["summary"], 1);
+
+  TrainConfig longer = cfg;
+  longer.steps = 9;
+  Trainer t(longer, fixture_corpus());
+  RunOptions o;
+  o.resume = ckpt.path.string();
+  int evals = 0;
+  o.on_eval = [&](const Trainer&, const EvalRecord&) { ++evals; };
+  const RunSummary sum = run_training(t, o);
+  EXPECT_EQ(sum.steps, 3);  // 6 -> 9, no evaluation at the start of a resumed run
+  EXPECT_EQ(evals, 1);
+  EXPECT_EQ(t.step(), 9);
 }
 
 TEST(Checkpoint, IsWrittenAtomically) {
