@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plots of `moe-bench compare`: reads its JSON lines, writes PNGs next to them.
 
-usage: plot_compare.py RESULTS.jsonl [OUTDIR]
+usage: plot_compare.py RESULTS.jsonl[.gz] [OUTDIR]
 
   val_curves.png      validation bits per byte over training, one line per model
   load.png            load imbalance over training (CV and MaxVio of the tokens per expert,
@@ -10,6 +10,7 @@ usage: plot_compare.py RESULTS.jsonl [OUTDIR]
                       the Pareto front (nothing both faster and better) are joined
   specialisation.png  I(domain; expert) / H(expert) per layer from the validation routing
 """
+import gzip
 import json
 import os
 import sys
@@ -23,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def load(path):
     runs = defaultdict(lambda: {"steps": [], "evals": [], "summary": None, "config": None})
-    with open(path) as f:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
         for line in f:
             line = line.strip()
             if not line:
