@@ -139,7 +139,7 @@ def main(argv):
                 best = bpb
         ax.plot([p[0] for p in front], [p[1] for p in front], color="gray", lw=1, zorder=0,
                 label="Pareto front")
-        ax.set_xlabel("training tokens/s (CPU, forward + backward + AdamW)")
+        ax.set_xlabel("training tokens/s (median step: forward + backward + AdamW)")
         ax.set_ylabel("final validation bits per byte (lower is better)")
         ax.set_title("Quality vs speed\n" + sub, fontsize=9)
         ax.grid(alpha=0.3)

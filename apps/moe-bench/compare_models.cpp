@@ -154,7 +154,7 @@ void run(CompareModelsOptions& o) {
                e.experts > 1 ? fmt::format("{:.3f}", mi) : std::string("-"), r.sum.parameters);
   }
   fmt::print("\nval bpb: validation bits per byte after the last step (every domain weighs the "
-             "same); CV, MaxVio, drop: training load over the last tenth of the steps, mean over "
+             "same); tokens/s and ms: median training step (forward, backward, AdamW); CV, MaxVio, drop: training load over the last tenth of the steps, mean over "
              "layers; I(D;E)/H: how much the expert choice tells about the text's domain "
              "(validation routing, mean over layers).\n");
   for (const Row& r : rows) {

@@ -162,10 +162,10 @@ void print_summary(const moe::model::ModelConfig& m, const moe::model::RunSummar
   for (size_t d = 0; d < e.domains.size(); ++d)
     fmt::print("  {:<9} {:.4f} bits/byte\n", e.domains[d], e.domain_bpb[d]);
   if (sum.steps > 0)
-    fmt::print("speed: {:.0f} tokens/s over {} steps ({:.1f} s); per step: attention {:.1f} ms, "
-               "moe {:.1f} ms, other {:.1f} ms\n",
-               sum.tokens_per_s, sum.steps, sum.train_seconds, sum.attention_ms, sum.moe_ms,
-               sum.other_ms);
+    fmt::print("speed: {:.0f} tokens/s (median step {:.1f} ms: attention {:.1f}, moe {:.1f}, "
+               "other {:.1f}); {} steps in {:.1f} s\n",
+               sum.tokens_per_s, sum.step_ms, sum.attention_ms, sum.moe_ms, sum.other_ms,
+               sum.steps, sum.train_seconds);
   std::string mi;
   double mean = 0;
   for (size_t l = 0; l < e.mi_normalized.size(); ++l) {

@@ -2,6 +2,7 @@
 //          evaluate), config_json, run_training
 #include "moe/model/train.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <numbers>
@@ -289,6 +290,13 @@ nlohmann::ordered_json record(const Trainer& t, const RunOptions& o, const char*
   return r;
 }
 
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  const size_t mid = v.size() / 2;
+  std::nth_element(v.begin(), v.begin() + mid, v.end());
+  return v[mid];
+}
+
 nlohmann::ordered_json eval_json(const EvalRecord& ev) {
   nlohmann::ordered_json j;
   j["step"] = ev.step;
@@ -328,6 +336,7 @@ RunSummary run_training(Trainer& trainer, const RunOptions& o) {
     }
     sum.final_eval = ev;
   };
+  std::vector<double> step_ms, attention_ms, moe_ms, other_ms;
   bool have_eval = false;
   if (!resumed || trainer.done()) {
     emit_eval(trainer.evaluate());
@@ -337,9 +346,10 @@ RunSummary run_training(Trainer& trainer, const RunOptions& o) {
     const StepRecord s = trainer.train_step();
     ++sum.steps;
     sum.train_seconds += s.step_ms / 1000.0;
-    sum.attention_ms += s.attention_ms;
-    sum.moe_ms += s.moe_ms;
-    sum.other_ms += s.other_ms;
+    step_ms.push_back(s.step_ms);
+    attention_ms.push_back(s.attention_ms);
+    moe_ms.push_back(s.moe_ms);
+    other_ms.push_back(s.other_ms);
     sum.final_loss = s.loss;
     if (o.on_step) o.on_step(trainer, s);
     if (!o.jsonl.empty()) {
@@ -369,10 +379,13 @@ RunSummary run_training(Trainer& trainer, const RunOptions& o) {
   }
   if (!have_eval) emit_eval(trainer.evaluate());
   if (sum.steps > 0) {
-    sum.tokens_per_s = double(sum.steps * cfg.batch * cfg.model.seq) / sum.train_seconds;
-    sum.attention_ms /= double(sum.steps);
-    sum.moe_ms /= double(sum.steps);
-    sum.other_ms /= double(sum.steps);
+    const double tokens = double(cfg.batch * cfg.model.seq);
+    sum.mean_tokens_per_s = double(sum.steps) * tokens / sum.train_seconds;
+    sum.step_ms = median(step_ms);
+    sum.tokens_per_s = tokens / (sum.step_ms / 1000.0);
+    sum.attention_ms = median(attention_ms);
+    sum.moe_ms = median(moe_ms);
+    sum.other_ms = median(other_ms);
   }
   if (!o.jsonl.empty()) {
     const EvalRecord& ev = sum.final_eval;
@@ -383,9 +396,10 @@ RunSummary run_training(Trainer& trainer, const RunOptions& o) {
     r["steps_run"] = sum.steps;
     r["train_seconds"] = sum.train_seconds;
     r["tokens_per_s"] = sum.tokens_per_s;
+    r["mean_tokens_per_s"] = sum.mean_tokens_per_s;
     r["final_train_loss"] = sum.final_loss;
-    r["time_ms_per_step"] = {{"attention", sum.attention_ms}, {"moe", sum.moe_ms},
-                             {"other", sum.other_ms}};
+    r["time_ms_per_step"] = {{"median_step", sum.step_ms}, {"attention", sum.attention_ms},
+                             {"moe", sum.moe_ms}, {"other", sum.other_ms}};
     double mi_mean = 0;
     for (double v : ev.mi_normalized) mi_mean += v / double(ev.mi_normalized.size());
     r["experts"] = ev.experts;

@@ -129,8 +129,11 @@ struct RunSummary {
   EvalRecord final_eval;
   int64_t steps = 0;             // steps run in this invocation
   double train_seconds = 0;      // wall time of those steps
-  double tokens_per_s = 0;       // mean over those steps
-  double attention_ms = 0, moe_ms = 0, other_ms = 0;  // mean per step
+  // Speed from the median step (robust to a busy machine's stray slow steps): B*S / median step
+  // time, and the median of each part of the step.
+  double step_ms = 0, tokens_per_s = 0;
+  double attention_ms = 0, moe_ms = 0, other_ms = 0;
+  double mean_tokens_per_s = 0;  // steps * B * S / train_seconds
   double final_loss = 0;
   int64_t parameters = 0;
 };
