@@ -87,6 +87,8 @@ double mutual_information(const std::vector<double>& counts, int64_t domains, in
 
 class Trainer {
  public:
+  // Validates cfg, initialises the model from cfg.seed and cuts the validation batches. The corpus
+  // is referenced, not copied: it must outlive the trainer.
   Trainer(const TrainConfig& cfg, const data::Corpus& corpus);
 
   const TrainConfig& config() const { return cfg_; }
