@@ -6,8 +6,9 @@ usage: plot_compare.py RESULTS.jsonl[.gz] [OUTDIR]
   val_curves.png      validation bits per byte over training, one line per model
   load.png            load imbalance over training (CV and MaxVio of the tokens per expert,
                       mean over layers, smoothed over 25 steps), MoE models only
-  pareto.png          final validation bits per byte against training tokens/s; the models on
-                      the Pareto front (nothing both faster and better) are joined
+  pareto.png          final validation bits per byte against training tokens/s (median step of
+                      the interleaved timing rounds); the models on the Pareto front (nothing
+                      both faster and better) are joined
   specialisation.png  I(domain; expert) / H(expert) per layer from the validation routing
 """
 import gzip
@@ -23,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def load(path):
-    runs = defaultdict(lambda: {"steps": [], "evals": [], "summary": None, "config": None})
+    runs = defaultdict(lambda: {"steps": [], "evals": [], "summary": None, "config": None,
+                                "timing": None})
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         for line in f:
@@ -41,6 +43,8 @@ def load(path):
                 run["summary"] = r
             elif kind == "config":
                 run["config"] = r
+            elif kind == "timing":
+                run["timing"] = r
     return runs
 
 
@@ -125,7 +129,8 @@ def main(argv):
         plt.close(fig)
 
     # ---- quality vs speed
-    points = [(n, r["summary"]["tokens_per_s"], r["summary"]["val_bpb"])
+    # Speed from the interleaved timing rounds when present, else from training's median step.
+    points = [(n, (r["timing"] or r["summary"])["tokens_per_s"], r["summary"]["val_bpb"])
               for n, r in runs.items() if r["summary"] and r["summary"].get("tokens_per_s")]
     if points:
         fig, ax = plt.subplots(figsize=(7, 4.5))

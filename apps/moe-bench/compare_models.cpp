@@ -1,10 +1,11 @@
 // defines: add_compare_models_command — `moe-bench compare`: the main job. Trains the small LM once
 // per router plus the two dense baselines on the same corpus, configuration and seed, one after
-// the other (so every model's tokens/s is measured on an otherwise idle process), and writes all
-// their JSON lines to one file for scripts/plot_compare.py (validation curves, load over training,
-// quality vs speed). The layer-level comparison of the routers is `moe-bench compare-layer`.
+// the other, then times them in interleaved rounds (the speed column), and writes all their JSON
+// lines to one file for scripts/plot_compare.py (validation curves, load over training, quality
+// vs speed). The layer-level comparison of the routers is `moe-bench compare-layer`.
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -13,6 +14,7 @@
 #include <sstream>
 
 #include "io/files.hpp"
+#include "io/jsonl.hpp"
 #include "moe-bench/commands.hpp"
 #include "moe-bench/train_options.hpp"
 #include "moe/check.hpp"
@@ -64,7 +66,43 @@ struct Row {
   std::string name, description, note;
   moe::model::RunSummary sum;
   double cv = 0, max_violation = 0, drop_rate = 0;  // mean over the last tenth of the steps
+  // Interleaved timing (see time_interleaved): medians over all timed steps.
+  double step_ms = 0, attention_ms = 0, moe_ms = 0, other_ms = 0, tokens_per_s = 0;
 };
+
+double median(std::vector<double> v) {
+  const size_t mid = v.size() / 2;
+  std::nth_element(v.begin(), v.begin() + mid, v.end());
+  return v[mid];
+}
+
+// The speed column. Training the models one after the other takes minutes, and a machine shared
+// with other work slows some of them more than others. So after training, every trained model
+// runs `steps_per_round` more steps in each of `rounds` rounds, the models taking turns, and its
+// speed is the median of those steps: a slow spell then hits all models alike. (The extra steps
+// change the weights after the final evaluation only.)
+void time_interleaved(std::vector<std::unique_ptr<moe::model::Trainer>>& trainers,
+                      std::vector<Row>& rows, int rounds, int steps_per_round) {
+  std::vector<std::vector<double>> step(rows.size()), att(rows.size()), moe(rows.size()),
+      other(rows.size());
+  for (int r = 0; r < rounds; ++r)
+    for (size_t i = 0; i < trainers.size(); ++i)
+      for (int k = 0; k < steps_per_round; ++k) {
+        const moe::model::StepRecord s = trainers[i]->train_step();
+        step[i].push_back(s.step_ms);
+        att[i].push_back(s.attention_ms);
+        moe[i].push_back(s.moe_ms);
+        other[i].push_back(s.other_ms);
+      }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const moe::model::TrainConfig& c = trainers[i]->config();
+    rows[i].step_ms = median(step[i]);
+    rows[i].attention_ms = median(att[i]);
+    rows[i].moe_ms = median(moe[i]);
+    rows[i].other_ms = median(other[i]);
+    rows[i].tokens_per_s = double(c.batch * c.model.seq) / (rows[i].step_ms / 1000.0);
+  }
+}
 
 void run(CompareModelsOptions& o) {
   o.setup.cfg.validate();
@@ -99,8 +137,10 @@ void run(CompareModelsOptions& o) {
 
   const auto start = std::chrono::steady_clock::now();
   std::vector<Row> rows;
+  std::vector<std::unique_ptr<moe::model::Trainer>> trainers;
   for (size_t i = 0; i < configs.size(); ++i) {
-    moe::model::Trainer trainer(configs[i], corpus);
+    trainers.push_back(std::make_unique<moe::model::Trainer>(configs[i], corpus));
+    moe::model::Trainer& trainer = *trainers.back();
     Row row;
     row.name = configs[i].model.name();
     row.description = configs[i].model.description();
@@ -135,6 +175,26 @@ void run(CompareModelsOptions& o) {
     std::fflush(stdout);
     rows.push_back(std::move(row));
   }
+  constexpr int kRounds = 5, kStepsPerRound = 4;
+  fmt::print("timing: {} rounds of {} steps per model, models taking turns\n", kRounds,
+             kStepsPerRound);
+  std::fflush(stdout);
+  time_interleaved(trainers, rows, kRounds, kStepsPerRound);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const Row& r = rows[i];
+    nlohmann::ordered_json rec = moe::io::result_record("compare");
+    rec["kind"] = "timing";
+    rec["run"] = r.name;
+    rec["router"] = r.description;
+    rec["device"] = moe::io::host_cpu();
+    rec["dtype"] = "float32";
+    rec["rounds"] = kRounds;
+    rec["steps_per_round"] = kStepsPerRound;
+    rec["tokens_per_s"] = r.tokens_per_s;
+    rec["time_ms"] = {{"median_step", r.step_ms}, {"attention", r.attention_ms}, {"moe", r.moe_ms},
+                      {"other", r.other_ms}};
+    moe::io::append_jsonl(partial, rec);
+  }
   const double total_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::filesystem::rename(partial, jsonl, ec);
@@ -149,12 +209,12 @@ void run(CompareModelsOptions& o) {
     for (double v : e.mi_normalized) mi += v / double(e.mi_normalized.size());
     fmt::print("{:<17} {:>8.4f} {:>9.0f} {:>7.1f} {:>7.1f} {:>7.1f} {:>6.3f} {:>7.3f} {:>6.3f} {:>8} "
                "{:>7}\n",
-               r.name, e.bpb, r.sum.tokens_per_s, r.sum.attention_ms, r.sum.moe_ms,
-               r.sum.other_ms, r.cv, r.max_violation, r.drop_rate,
+               r.name, e.bpb, r.tokens_per_s, r.attention_ms, r.moe_ms, r.other_ms, r.cv,
+               r.max_violation, r.drop_rate,
                e.experts > 1 ? fmt::format("{:.3f}", mi) : std::string("-"), r.sum.parameters);
   }
   fmt::print("\nval bpb: validation bits per byte after the last step (every domain weighs the "
-             "same); tokens/s and ms: median training step (forward, backward, AdamW); CV, MaxVio, drop: training load over the last tenth of the steps, mean over "
+             "same); tokens/s and ms: median training step (forward, backward, AdamW) of the interleaved timing rounds; CV, MaxVio, drop: training load over the last tenth of the steps, mean over "
              "layers; I(D;E)/H: how much the expert choice tells about the text's domain "
              "(validation routing, mean over layers).\n");
   for (const Row& r : rows) {
