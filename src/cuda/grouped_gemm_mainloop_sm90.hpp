@@ -1,0 +1,58 @@
+// defines: moe::cuda::grouped_gemm::{Bf16, CooperativeConfig, LayoutB, Mainloop}
+// The mainloop of the expert grouped GEMM: CUTLASS's sm90 ptr-array collective (TMA loads of A and
+// B into a multi-stage smem ring, wgmma on two consumer warpgroups, one producer warp). A is
+// row-major (K-major); B is row-major (K, N) for the forward (N-major: wgmma transposes 16-bit
+// operands from smem for free) or (N, K) for the backward's W^T (K-major).
+//
+// The config is a small struct so that a second schedule (pingpong for small segments) differs in
+// a few lines; each config + layout pair is one CUTLASS instantiation (about a minute of nvcc).
+#pragma once
+// The collective builders pull in every architecture's collectives; a few sm100 ones capture
+// `this` implicitly in lambdas, which C++20 deprecates (nvcc warning 2908). Not our code, not our
+// architecture: keep the build log for warnings that are.
+#pragma nv_diag_suppress 2908
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/layout/matrix.h>
+#include <cutlass/numeric_types.h>
+
+#include "moe/cuda/grouped_gemm.hpp"
+
+namespace moe::cuda::grouped_gemm {
+
+using Bf16 = cutlass::bfloat16_t;
+using Accum = float;
+inline constexpr int kAlignment = 16 / sizeof(Bf16);  // elements per 16 bytes (TMA, vectors)
+
+// Cooperative: both consumer warpgroups share one 128x256 tile (64 rows each), the producer warp
+// streams 64-deep K slices. Cluster 2x1: the two CTAs of a cluster take neighbouring M tiles of one
+// expert and multicast the shared B (weight) tile, halving its L2 reads. Chosen for segments of
+// hundreds of rows and more (OLMoE at T=16384 averages 2048 rows per expert); small segments
+// (< 128 rows) waste most of a 128-row tile and want a pingpong 64-row config later.
+struct CooperativeConfig {
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;          // bM bN bK
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  static constexpr const char* kName = "sm90 ptr-array cooperative 128x256x64 cluster 2x1x1";
+};
+
+// B_e (K, N) row-major is CUTLASS's RowMajor B; (N, K) row-major (W^T) is its ColumnMajor B.
+template <WeightLayout L>
+using LayoutB = cute::conditional_t<L == WeightLayout::kn, cutlass::layout::RowMajor,
+                                    cutlass::layout::ColumnMajor>;
+
+// Stages fill the shared memory the epilogue leaves (StageCountAutoCarveout).
+template <class Config, WeightLayout L, int kEpilogueSmemBytes>
+using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+    Bf16, cutlass::layout::RowMajor*, kAlignment,                // A: rows of xp / act / dy
+    Bf16, LayoutB<L>*, kAlignment,                               // B: expert weights
+    Accum,
+    typename Config::TileShape, typename Config::ClusterShape,
+    cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmemBytes>,
+    typename Config::KernelSchedule>::CollectiveOp;
+
+}  // namespace moe::cuda::grouped_gemm

@@ -1,0 +1,78 @@
+// defines: moe::cuda::grouped_gemm::{PrepareParams, prepare_kernel, packed_stride}
+// Segments -> grouped-GEMM problems, on the device. The plan leaves offsets[E+1] in device memory;
+// this kernel writes, for every expert e, its problem {m_e, N, K}, the A/B/D pointers of its
+// segment and the strides CUTLASS's ptr-array collectives read. CUTLASS's grouped tile scheduler
+// then walks the problems on the device (experts with m_e = 0 get no tile), so the host never
+// learns a segment size.
+//
+// One block of min(E, 1024) threads, each thread one or more experts (E <= 4096 from the plan's
+// limits): the work is E tiny records, a single launch is cheapest.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+
+#include "moe/cuda/check.cuh"
+#include "moe/cuda/grouped_gemm.hpp"
+
+namespace moe::cuda::grouped_gemm {
+
+// A rank-3 CuTe stride (rows, cols, batch) of a packed 2-D matrix with leading dimension `ld`:
+// exactly one of modes 0/1 is dynamic (the other is _1, the contiguous one); a dynamic batch
+// stride is 0 (one matrix per expert).
+template <class Stride>
+__host__ __device__ Stride packed_stride(int64_t ld) {
+  Stride s{};
+  using M0 = cute::remove_cvref_t<decltype(cute::get<0>(s))>;
+  using M1 = cute::remove_cvref_t<decltype(cute::get<1>(s))>;
+  using M2 = cute::remove_cvref_t<decltype(cute::get<2>(s))>;
+  static_assert(cute::is_static<M0>::value != cute::is_static<M1>::value,
+                "a packed row- or column-major stride has one static unit mode");
+  if constexpr (!cute::is_static<M0>::value) cute::get<0>(s) = ld;
+  if constexpr (!cute::is_static<M1>::value) cute::get<1>(s) = ld;
+  if constexpr (!cute::is_static<M2>::value) cute::get<2>(s) = 0;
+  return s;
+}
+
+template <class Element, class Problem, class StrideA, class StrideB, class StrideD>
+struct PrepareParams {
+  const int32_t* offsets;      // (E+1) segment starts
+  int32_t groups, n, k;        // E, N, K
+  bool b_nk;                   // B_e stored (N, K) instead of (K, N)
+  const Element* a;            // (max_rows, K)
+  const Element* b;            // (E, K, N) or (E, N, K)
+  Element* d;                  // (max_rows, N)
+  Problem* problems;           // (E) {m_e, N, K}
+  const Element** ptr_a;       // (E)
+  const Element** ptr_b;       // (E)
+  Element** ptr_d;             // (E)
+  StrideA* stride_a;           // (E)
+  StrideB* stride_b;           // (E)
+  StrideD* stride_d;           // (E)
+};
+
+template <class Element, class Problem, class StrideA, class StrideB, class StrideD>
+__global__ void prepare_kernel(PrepareParams<Element, Problem, StrideA, StrideB, StrideD> p) {
+  for (int e = threadIdx.x; e < p.groups; e += blockDim.x) {
+    const int32_t r0 = p.offsets[e], r1 = p.offsets[e + 1];
+    MOE_DEVICE_ASSERT(r0 >= 0 && r1 >= r0);
+    const Element* a = p.a + int64_t{r0} * p.k;                 // segment e of A (m_e, K)
+    const Element* b = p.b + int64_t{e} * p.k * p.n;            // expert e's weight
+    Element* d = p.d + int64_t{r0} * p.n;                       // segment e of D (m_e, N)
+    // TMA needs 16-byte aligned global addresses (host checks N, K % 8; this catches bad bases).
+    MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(a) % 16 == 0);
+    MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(b) % 16 == 0);
+    MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(d) % 16 == 0);
+    p.problems[e] = Problem{r1 - r0, p.n, p.k};
+    p.ptr_a[e] = a;
+    p.ptr_b[e] = b;
+    p.ptr_d[e] = d;
+    p.stride_a[e] = packed_stride<StrideA>(p.k);                // A (m, K) row-major
+    p.stride_b[e] = packed_stride<StrideB>(p.b_nk ? p.k : p.n); // B seen as (N, K)
+    p.stride_d[e] = packed_stride<StrideD>(p.n);                // D (m, N) row-major
+  }
+}
+
+}  // namespace moe::cuda::grouped_gemm
