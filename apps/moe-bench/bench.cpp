@@ -1,5 +1,5 @@
-// defines: add_bench_command — `moe-bench bench`: times the GPU data-path stages (plan, permute,
-// combine and their backwards; route when a router is named) on seeded random data, next to the
+// defines: add_bench_command — `moe-bench bench`: times the GPU data-path stages (gate, route,
+// plan, permute, combine and their backwards) on seeded random data, next to the
 // ceilings measured in the same run (a large device-to-device copy, a large cuBLAS bf16 GEMM).
 //
 // Method: CUDA events around each launch, warm-up first, median of --reps runs (>= 50), inputs
@@ -12,6 +12,11 @@
 //   permute_backward   reads K'*H rows + T*H (dx, accumulated), writes T*H
 //   combine_backward   reads T*H (dy) + K'*H (yp), writes M*H (dyp); + 4*N bytes of dweight
 //   plan               int32 indices: reads 2*N, writes 3*N + 2*M + T + 1 (+ small per-expert)
+//   gate               reads T*H + H*E elements, writes T*E fp32 logits
+//   route              softmax_topk: reads T*E fp32 logits, writes T*E fp32 probs, 16 bytes per
+//                      choice (token, expert, weight, selected) and T*4 (lse); the aux-loss
+//                      partial sums read the probs once more (counted)
+//   route+plan         the route's routing into the plan, back to back
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -32,8 +37,10 @@
 #include "moe/cuda/check.cuh"
 #include "moe/cuda/combine.hpp"
 #include "moe/cuda/fill.hpp"
+#include "moe/cuda/gate.hpp"
 #include "moe/cuda/permute.hpp"
 #include "moe/cuda/plan.hpp"
+#include "moe/cuda/route.hpp"
 #include "moe/cuda/routing.hpp"
 #include "moe/cuda/synthetic.hpp"
 
@@ -220,6 +227,7 @@ struct Context {
   const Device& dev;
   const Ceilings& ceil;
   cudaStream_t stream;
+  cublasHandle_t cublas;
   std::vector<Row>& table;
 };
 
@@ -252,9 +260,26 @@ void bench_shape(const Context& cx, const Shape& s) {
   const int sets = static_cast<int>(std::clamp<int64_t>(
       static_cast<int64_t>(std::ceil(o.l2_multiple * cx.dev.l2_bytes / double(set_bytes))), 2,
       64));
+  // The router the route stages run: softmax top-k with GShard's balance loss and the z-loss
+  // (the default coefficients), training mode.
+  moe::LayerConfig cfg;
+  cfg.router = moe::Router::softmax_topk;
+  cfg.tokens = T;
+  cfg.hidden = H;
+  cfg.experts = E;
+  cfg.top_k = K;
+  cfg.layout = s.layout;
+  cfg.capacity_factor = s.cf;
+  cfg.block_size = s.block;
+  cfg.training = true;
+  cfg.validate();
   struct Set {
     moe::cuda::RoutingBuffers routing;
     moe::cuda::PlanBuffers plan;
+    moe::cuda::RouteBuffers route;
+    moe::cuda::PlanBuffers route_plan;
+    float* logits;
+    Elem* w;
     Elem *x, *xp, *y, *yp, *dy, *dxp, *dx, *dyp;
     float* dweight;
     moe::cuda::DeviceArena arena;
@@ -280,7 +305,13 @@ void bench_shape(const Context& cx, const Shape& s) {
                                         {"dy", th, p(st->dy)},
                                         {"dx", th, p(st->dx)},
                                         {"dyp", rh, p(st->dyp)},
-                                        {"dweight", size_t(4 * N), p(st->dweight)}});
+                                        {"dweight", size_t(4 * N), p(st->dweight)},
+                                        {"logits", size_t(4 * T * E), p(st->logits)},
+                                        {"w", es * H * E, p(st->w)}});
+    st->route = moe::cuda::RouteBuffers(cfg);
+    st->route_plan = moe::cuda::PlanBuffers(ps);
+    moe::cuda::fill_normal(st->logits, T * E, 10 * i + 5, 1.f, stream);
+    moe::cuda::fill_normal(st->w, H * E, 10 * i + 6, 0.02f, stream);
     st->dxp = st->dyp;  // permute backward reads the rows combine backward wrote
     moe::cuda::fill_normal(st->x, T * H, 10 * i + 1, 1.f, stream);
     moe::cuda::fill_normal(st->yp, R * H, 10 * i + 2, 1.f, stream);
@@ -305,6 +336,7 @@ void bench_shape(const Context& cx, const Shape& s) {
     const double gbs = bytes / (t.median * 1e6);
     json j = moe::io::result_record(o.command);
     j["stage"] = stage;
+    if (stage == "gate" || stage.rfind("route", 0) == 0) j["router"] = "softmax_topk";
     j["grid"] = s.grid;
     j["device"] = cx.dev.name;
     j["sm_count"] = cx.dev.sm_count;
@@ -335,10 +367,27 @@ void bench_shape(const Context& cx, const Shape& s) {
 
   Timing t;
   t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::gate_forward<Elem>(cx.cublas, S(r).x, S(r).w, T, H, E, S(r).logits, stream);
+  });
+  record("gate", t, eH * T + double(es) * H * E + 4.0 * T * E,
+         "reads T*H + H*E elements, writes T*E fp32");
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::route_forward(cfg, 0, S(r).logits, nullptr, nullptr, S(r).route, stream);
+  });
+  const double route_bytes = 4.0 * (3 * T * E + 4 * N + T);
+  record("route", t, route_bytes,
+         "softmax_topk: reads T*E fp32 logits, writes T*E probs + 16N + 4T; aux sums read T*E");
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
     moe::cuda::plan_forward(S(r).routing.view(), S(r).plan.view(), stream);
   });
   record("plan", t, 4.0 * (2 * N + 3 * N + 2 * M + T + 1),
          "int32: reads 2N (expert, token), writes 3N + 2M + T + 1");
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::route_forward(cfg, 0, S(r).logits, nullptr, nullptr, S(r).route, stream);
+    moe::cuda::plan_forward(S(r).route.routing.view(), S(r).route_plan.view(), stream);
+  });
+  record("route+plan", t, route_bytes + 4.0 * (2 * N + 3 * N + 2 * M + T + 1),
+         "route then plan, the sum of their accountings");
 
   t = time_launches(o.warmup, o.reps, stream, [&](int r) {
     moe::cuda::permute_forward<Elem>(S(r).plan.view(), S(r).x, H, S(r).xp, stream);
@@ -404,7 +453,9 @@ void run(BenchOptions o) {
              ceil.gemm_tflops);
 
   std::vector<Row> table;
-  const Context cx{o, dev, ceil, stream, table};
+  cublasHandle_t cublas = nullptr;
+  MOE_CUBLAS_CHECK(cublasCreate(&cublas));
+  const Context cx{o, dev, ceil, stream, cublas, table};
   for (const std::string& g : o.grids)
     for (Shape s : grid_shapes(g))
       for (const std::string& skew : o.skews)
@@ -416,6 +467,7 @@ void run(BenchOptions o) {
           else if (dtype == "fp32") bench_shape<float>(cx, s);
           else MOE_FAIL("dtype: unknown value '", dtype, "' (allowed: bf16, fp32)");
         }
+  MOE_CUBLAS_CHECK(cublasDestroy(cublas));
   MOE_CUDA_CHECK(cudaStreamDestroy(stream));
 
   fmt::print("\n{} | copy {:.0f} GB/s | bf16 GEMM {:.0f} TFLOP/s\n", dev.name, ceil.copy_gbs,

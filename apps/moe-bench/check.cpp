@@ -1,5 +1,6 @@
 // defines: add_check_command — `moe-bench check`: the GPU-vs-CPU parity suite on the GPU present
-// (the same comparisons as tests/cuda, from moe/cuda/parity.hpp), printed as a pass/fail table:
+// (the same comparisons as tests/cuda, from moe/cuda/parity.hpp: gate, route forward/backward,
+// plan, permute, combine and their backwards), printed as a pass/fail table:
 // one line per stage and dtype over all cases, with the worst error in units of its tolerance.
 // Exits 1 when anything fails, after listing the failing cases.
 #include <cuda_runtime.h>
@@ -39,6 +40,7 @@ void run(const CheckOptions& o) {
 
   std::map<std::string, Summary> table;  // "stage dtype" -> summary
   std::vector<std::string> failures;
+  int64_t ties = 0;  // router selections within rounding of a tie, not compared
   auto add = [&](const std::string& where, const std::vector<moe::cuda::ParityResult>& results) {
     for (const auto& r : results) {
       Summary& s = table[fmt::format("{:<28} {}", r.stage, r.dtype)];
@@ -52,6 +54,16 @@ void run(const CheckOptions& o) {
       }
     }
   };
+  for (const moe::cuda::RouteCase& c : moe::cuda::route_cases()) {
+    if (c.large && !o.large) continue;
+    for (const auto& r : moe::cuda::check_route(c, o.seed)) {
+      if (r.stage == "route.near_ties_skipped") {
+        ties += r.elements;
+        continue;
+      }
+      add(c.name, {r});
+    }
+  }
   for (const moe::cuda::ParityCase& c : moe::cuda::parity_cases()) {
     if (c.large && !o.large) continue;
     add(c.name, moe::cuda::check_plan(c, o.seed));
@@ -70,6 +82,7 @@ void run(const CheckOptions& o) {
     failed += s.failed;
   }
   for (const std::string& f : failures) fmt::print("FAIL {}\n", f);
+  if (ties) fmt::print("({} router selections within rounding of a tie were not compared)\n", ties);
   fmt::print("\ncheck: {}\n", failed ? fmt::format("{} comparisons FAILED", failed) : "all passed");
   if (failed) throw CommandExit{1};
 }

@@ -363,3 +363,328 @@ std::vector<ParityResult> check_rows(const ParityCase& c, int64_t hidden, uint64
 }
 
 }  // namespace moe::cuda
+
+// ------------------------------------------------------------------------------------------------
+// router
+// ------------------------------------------------------------------------------------------------
+
+#include "moe/cuda/gate.hpp"
+#include "moe/cuda/route.hpp"
+
+namespace moe::cuda {
+
+std::vector<RouteCase> route_cases() {
+  auto base = [](Router r, int64_t T, int64_t H, int64_t E, int64_t K) {
+    LayerConfig c;
+    c.router = r;
+    c.tokens = T;
+    c.hidden = H;
+    c.inter = 16;
+    c.experts = E;
+    c.top_k = K;
+    c.training = true;
+    c.seed = 77;
+    c.layout = Layout::dropless;
+    return c;
+  };
+  std::vector<RouteCase> v;
+  v.push_back({"softmax_topk_e16_k2", base(Router::softmax_topk, 512, 64, 16, 2)});
+  {
+    LayerConfig c = base(Router::softmax_topk, 512, 48, 7, 2);
+    c.renormalize = false;
+    c.sequence_length = 128;  // four balance groups
+    v.push_back({"softmax_topk_e7_no_renorm_groups", c});
+  }
+  {
+    LayerConfig c = base(Router::softmax_topk, 400, 32, 9, 2);
+    c.second_policy = SecondPolicy::random;
+    v.push_back({"softmax_topk_second_random", c});
+    c.second_policy = SecondPolicy::threshold;
+    v.push_back({"softmax_topk_second_threshold", c});
+  }
+  v.push_back({"softmax_topk_t1_k_eq_e", base(Router::softmax_topk, 1, 16, 5, 5)});
+  v.push_back({"softmax_topk_e4096_k8", base(Router::softmax_topk, 64, 32, 4096, 8)});
+  v.push_back({"switch_jitter_e8", base(Router::switch_top1, 300, 64, 8, 1)});
+  {
+    LayerConfig c = base(Router::switch_top1, 300, 64, 8, 1);
+    c.training = false;
+    v.push_back({"switch_eval_e8", c});
+  }
+  {
+    LayerConfig c = base(Router::chain_of_experts, 256, 32, 12, 4);
+    c.iterations = 2;
+    v.push_back({"chain_of_experts_step0", c});
+  }
+  {
+    LayerConfig c = base(Router::sigmoid_bias, 384, 64, 32, 4);
+    c.route_scale = 2.5;
+    c.aux_coef = 1e-3;
+    c.sequence_length = 96;
+    v.push_back({"sigmoid_bias_e32_k4_seqaux", c});
+    c.aux_coef = -1;  // default: none
+    c.sequence_length = 0;
+    v.push_back({"sigmoid_bias_e32_k4", c});
+  }
+  v.push_back({"noisy_topk_e10_k2", base(Router::noisy_topk, 400, 32, 10, 2)});
+  {
+    LayerConfig c = base(Router::noisy_topk, 400, 32, 10, 2);
+    c.training = false;
+    v.push_back({"noisy_topk_eval", c});
+    c = base(Router::noisy_topk, 100, 32, 4, 4);
+    v.push_back({"noisy_topk_k_eq_e", c});
+  }
+  {
+    LayerConfig c = base(Router::expert_choice, 512, 32, 8, 1);
+    c.capacity_factor = 1.25;
+    v.push_back({"expert_choice_e8", c});
+    c = base(Router::expert_choice, 97, 32, 13, 1);
+    c.capacity_factor = 2.0;
+    c.z_coef = 1e-3;
+    v.push_back({"expert_choice_e13_zloss", c});
+  }
+  v.push_back({"softmax_topk_t16384_e128_k2", base(Router::softmax_topk, 16384, 128, 128, 2), true});
+  for (auto& rc : v) rc.cfg.validate();
+  return v;
+}
+
+namespace {
+
+// Per token (per expert for expert choice): true when the selection boundary is within `eps`
+// (relative) of a tie, so rounding differences between CPU and GPU may pick differently.
+std::vector<char> near_ties(const LayerConfig& cfg, const RouteStep<float>& s,
+                            const Params<float>& p) {
+  const int64_t T = cfg.tokens, E = cfg.experts;
+  const double eps = 1e-5;
+  auto tie = [&](std::vector<float> v, int64_t k) {
+    if (k <= 0 || k >= static_cast<int64_t>(v.size())) return false;
+    std::sort(v.begin(), v.end(), std::greater<float>());
+    return std::abs(double(v[k - 1]) - v[k]) <= eps * (std::abs(double(v[k - 1])) + 1e-3);
+  };
+  if (cfg.router == Router::expert_choice) {
+    std::vector<char> out(E);
+    for (int64_t e = 0; e < E; ++e) {
+      std::vector<float> col(T);
+      for (int64_t t = 0; t < T; ++t) col[t] = s.probs[t * E + e];
+      out[e] = tie(col, cfg.capacity());
+    }
+    return out;
+  }
+  const int64_t K = cfg.choices_per_step();
+  std::vector<char> out(T);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<float> score(E);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t i = t * E + e;
+      if (cfg.router == Router::noisy_topk) score[e] = s.noisy[i];
+      else if (cfg.router == Router::sigmoid_bias)
+        score[e] = s.probs[i] + (p.expert_bias.empty() ? 0.f : p.expert_bias[e]);
+      else score[e] = s.logits[i];
+    }
+    out[t] = tie(score, K) || (cfg.router == Router::noisy_topk && tie(score, K + 1));
+    if (cfg.router == Router::softmax_topk && cfg.second_policy != SecondPolicy::all) {
+      const double g2 = s.routing.choice_weight[t * K + 1];
+      const double u = counter_uniform(cfg.seed, RngStream::second_choice, uint64_t(t));
+      const double thr = cfg.second_threshold;
+      out[t] = out[t] || std::abs(u - g2 / thr) < 1e-5 || std::abs(g2 - thr) < 1e-5;
+    }
+  }
+  return out;
+}
+
+template <class T>
+std::vector<float> gate_on_device(const std::vector<float>& x, const std::vector<float>& w,
+                                  int64_t Tn, int64_t H, int64_t E, cublasHandle_t h) {
+  Buffer<T> dx(Tn * H), dw(H * E);
+  Buffer<float> logits(Tn * E);
+  dx.upload(to_dev<T>(x));
+  dw.upload(to_dev<T>(w));
+  logits.poison();
+  gate_forward<T>(h, dx.get(), dw.get(), Tn, H, E, logits.get(), nullptr);
+  return logits.download(Tn * E);
+}
+
+// Reference GEMM in double with the per-element bound 1e-5 * sum |a b| + 1e-6.
+void gemm_ref(const std::vector<float>& a, const std::vector<float>& b, int64_t m, int64_t k,
+              int64_t n, std::vector<double>& out, std::vector<double>& bound) {
+  out.assign(m * n, 0.0);
+  bound.assign(m * n, 1e-6);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t l = 0; l < k; ++l) {
+      const double av = a[i * k + l];
+      for (int64_t j = 0; j < n; ++j) {
+        out[i * n + j] += av * b[l * n + j];
+        bound[i * n + j] += 1e-5 * std::abs(av * b[l * n + j]);
+      }
+    }
+}
+
+}  // namespace
+
+std::vector<ParityResult> check_route(const RouteCase& rc, uint64_t seed) {
+  const LayerConfig& cfg = rc.cfg;
+  const int64_t Tn = cfg.tokens, H = cfg.hidden, E = cfg.experts;
+  Params<float> p = random_params<float>(cfg, seed);
+  if (cfg.router == Router::sigmoid_bias) {
+    p.expert_bias = normal(E, seed + 5);
+    for (float& b : p.expert_bias) b *= 0.05f;
+  }
+  const std::vector<float> x = normal(Tn * H, seed + 1);
+  RouteStep<float> s;
+  cpu::route_forward(cfg, p, 0, x.data(), s, nullptr);
+  std::vector<ParityResult> out;
+  cublasHandle_t handle = nullptr;
+  MOE_CUBLAS_CHECK(cublasCreate(&handle));
+  const std::vector<float> w(p.w_gate.begin(), p.w_gate.begin() + H * E);
+
+  // ---- gate: jitter bit for bit, then the GEMM in fp32 and bf16
+  Buffer<float> dx_in(Tn * H), dxr(Tn * H);
+  dx_in.upload(x);
+  dxr.poison();
+  const bool jitter = cfg.router == Router::switch_top1 && cfg.training && cfg.jitter > 0;
+  if (jitter) {
+    jitter_input<float>(dx_in.get(), Tn * H, cfg.seed, cfg.jitter, dxr.get(), nullptr);
+    out.push_back(compare("gate.jitter", "fp32", dxr.download(Tn * H),
+                          std::vector<double>(s.router_input.begin(), s.router_input.end()), 0, 0));
+  }
+  {
+    std::vector<double> ref, bound;
+    gemm_ref(s.router_input, w, Tn, H, E, ref, bound);
+    out.push_back(compare("gate", "fp32",
+                          gate_on_device<float>(s.router_input, w, Tn, H, E, handle), ref, 0, 0,
+                          bound));
+    const std::vector<float> xb = rounded<__nv_bfloat16>(s.router_input),
+                             wb = rounded<__nv_bfloat16>(w);
+    gemm_ref(xb, wb, Tn, H, E, ref, bound);
+    out.push_back(compare("gate", "bf16", gate_on_device<__nv_bfloat16>(xb, wb, Tn, H, E, handle),
+                          ref, 0, 0, bound));
+  }
+
+  // ---- route forward on the CPU's logits
+  RouteBuffers buf(cfg);
+  Buffer<float> logits(Tn * E), noise_raw(Tn * E), bias(E);
+  logits.upload(s.logits);
+  const bool noisy = cfg.router == Router::noisy_topk;
+  if (noisy) noise_raw.upload(s.noise_raw);
+  if (!p.expert_bias.empty()) bias.upload(p.expert_bias);
+  MOE_CUDA_CHECK(cudaMemset(buf.arena.data(), 0xff, buf.arena.bytes()));
+  MOE_CUDA_CHECK(cudaMemset(buf.routing.arena.data(), 0x7b, buf.routing.arena.bytes()));
+  route_forward(cfg, 0, logits.get(), noisy ? noise_raw.get() : nullptr,
+                p.expert_bias.empty() ? nullptr : bias.get(), buf, nullptr);
+  MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  const Routing<float> got = download_routing(buf.routing.view(), nullptr);
+  const Routing<float>& want = s.routing;
+  const std::vector<char> tie = near_ties(cfg, s, p);
+  int64_t ties = 0;
+  {
+    // Selection and weights, item by item, leaving out near ties.
+    const bool ec = cfg.router == Router::expert_choice;
+    const int64_t N = want.size(), per = ec ? cfg.capacity() : cfg.choices_per_step();
+    std::vector<int32_t> ge, we, gt, wt;
+    std::vector<float> gw;
+    std::vector<double> ww;
+    for (int64_t unit = 0; unit < (ec ? E : Tn); ++unit) {
+      if (tie[unit]) {
+        ++ties;
+        continue;
+      }
+      for (int64_t j = unit * per; j < (unit + 1) * per && j < N; ++j) {
+        ge.push_back(got.choice_expert[j]);
+        we.push_back(want.choice_expert[j]);
+        gt.push_back(got.choice_token[j]);
+        wt.push_back(want.choice_token[j]);
+        gw.push_back(got.choice_weight[j]);
+        ww.push_back(want.choice_weight[j]);
+      }
+    }
+    out.push_back(compare_exact("route.choice_expert", ge, we));
+    out.push_back(compare_exact("route.choice_token", gt, wt));
+    out.push_back(compare("route.choice_weight", "fp32", gw, ww, 1e-6, 2e-5));
+    if (!ec) {
+      std::vector<int32_t> gs(Tn * cfg.choices_per_step());
+      if (!gs.empty())
+        MOE_CUDA_CHECK(cudaMemcpy(gs.data(), buf.selected, gs.size() * 4, cudaMemcpyDeviceToHost));
+      std::vector<int32_t> a, b;
+      const int64_t K = cfg.choices_per_step();
+      for (int64_t t = 0; t < Tn; ++t)
+        if (!tie[t])
+          for (int64_t k = 0; k < K; ++k) a.push_back(gs[t * K + k]), b.push_back(s.selected[t * K + k]);
+      out.push_back(compare_exact("route.selected", a, b));
+    }
+  }
+  {
+    std::vector<float> probs(Tn * E);
+    if (!probs.empty())
+      MOE_CUDA_CHECK(cudaMemcpy(probs.data(), buf.probs, probs.size() * 4, cudaMemcpyDeviceToHost));
+    out.push_back(compare("route.probs", "fp32", probs,
+                          std::vector<double>(s.probs.begin(), s.probs.end()), 1e-7, 2e-5));
+    double aux = 0;
+    MOE_CUDA_CHECK(cudaMemcpy(&aux, buf.aux_loss, 8, cudaMemcpyDeviceToHost));
+    out.push_back(compare("route.aux_loss", "fp64", {static_cast<float>(aux)}, {s.aux_loss},
+                          1e-7, 1e-4));
+  }
+
+  // ---- route backward through the gate, against cpu::route_backward
+  if (ties == 0) {
+    const int64_t N = want.size();
+    const std::vector<float> dweight = normal(N, seed + 9);
+    Params<float> g;
+    g.w_gate.assign(p.w_gate.size(), 0.f);
+    g.w_noise.assign(p.w_noise.size(), 0.f);
+    std::vector<float> dx_ref(Tn * H, 0.f);
+    cpu::route_backward(cfg, p, 0, s, dweight.data(), dx_ref.data(), g);
+
+    Buffer<float> ddw(N), dz(Tn * E), dr(Tn * E), dwg(H * E), dwn(H * E), ddx(Tn * H),
+        tmp(Tn * H), dwn_w(H * E), xr(Tn * H);
+    ddw.upload(dweight);
+    dz.poison();
+    dr.poison();
+    route_backward(cfg, 0, buf, logits.get(), noisy ? noise_raw.get() : nullptr, ddw.get(),
+                   dz.get(), noisy ? dr.get() : nullptr, nullptr);
+    MOE_CUDA_CHECK(cudaMemset(dwg.get(), 0, H * E * 4));
+    MOE_CUDA_CHECK(cudaMemset(ddx.get(), 0, Tn * H * 4));
+    Buffer<float> dw_gate(H * E);
+    dw_gate.upload(w);
+    xr.upload(s.router_input);
+    if (jitter) {  // dx += (dz W^T) * jitter
+      MOE_CUDA_CHECK(cudaMemset(tmp.get(), 0, Tn * H * 4));
+      gate_backward<float>(handle, xr.get(), dw_gate.get(), dz.get(), Tn, H, E, dwg.get(),
+                           tmp.get(), nullptr, nullptr);
+      jitter_backward<float>(tmp.get(), Tn * H, cfg.seed, cfg.jitter, ddx.get(), nullptr);
+    } else {
+      gate_backward<float>(handle, xr.get(), dw_gate.get(), dz.get(), Tn, H, E, dwg.get(),
+                           ddx.get(), nullptr, nullptr);
+    }
+    if (noisy) {
+      MOE_CUDA_CHECK(cudaMemset(dwn.get(), 0, H * E * 4));
+      dwn_w.upload(p.w_noise);
+      gate_backward<float>(handle, dx_in.get(), dwn_w.get(), dr.get(), Tn, H, E, dwn.get(),
+                           ddx.get(), nullptr, nullptr);
+    }
+    MOE_CUDA_CHECK(cudaDeviceSynchronize());
+    auto scaled = [](const std::vector<float>& ref) {  // tolerance from the tensor's scale
+      double m = 0;
+      for (float v : ref) m = std::max(m, double(std::abs(v)));
+      return 1e-4 * m + 1e-7;
+    };
+    const std::vector<float> gw_ref(g.w_gate.begin(), g.w_gate.begin() + H * E);
+    out.push_back(compare("route_backward.dw_gate", "fp32", dwg.download(H * E),
+                          std::vector<double>(gw_ref.begin(), gw_ref.end()), scaled(gw_ref), 1e-3));
+    out.push_back(compare("route_backward.dx", "fp32", ddx.download(Tn * H),
+                          std::vector<double>(dx_ref.begin(), dx_ref.end()), scaled(dx_ref), 1e-3));
+    if (noisy)
+      out.push_back(compare("route_backward.dw_noise", "fp32", dwn.download(H * E),
+                            std::vector<double>(g.w_noise.begin(), g.w_noise.end()),
+                            scaled(g.w_noise), 1e-3));
+  }
+  MOE_CUBLAS_CHECK(cublasDestroy(handle));
+  if (ties) {
+    ParityResult r;
+    r.stage = "route.near_ties_skipped";
+    r.dtype = "-";
+    r.elements = ties;
+    out.push_back(r);
+  }
+  return out;
+}
+
+}  // namespace moe::cuda

@@ -81,10 +81,12 @@ static_assert(kScanThreads * kScanItems >= 4096, "plan_scan must cover E <= 4096
 
 // Priority position i -> choice index. Token choice is visited k-major (all first choices in
 // token order, then all second choices, ...), which is what makes first choices win capacity.
+// 32-bit arithmetic: N < 2^31 (PlanShape::validate), and a 64-bit division costs ~10x more.
 __device__ __forceinline__ int32_t priority_choice(int64_t i, int64_t T, int64_t K) {
   if (K == 0) return static_cast<int32_t>(i);
-  const int64_t k = i / T, t = i - k * T;
-  return static_cast<int32_t>(t * K + k);
+  const uint32_t ui = static_cast<uint32_t>(i), uT = static_cast<uint32_t>(T);
+  const uint32_t k = ui / uT, t = ui - k * uT;
+  return static_cast<int32_t>(t * static_cast<uint32_t>(K) + k);
 }
 
 __global__ void plan_count_kernel(RoutingView routing, PlanView plan) {
@@ -146,31 +148,55 @@ __global__ void __launch_bounds__(kScanThreads) plan_scan_kernel(PlanView plan) 
 
   // Column scan over chunks: chunk_base[g][e] becomes the number of expert-e choices in chunks
   // before g (the first rank chunk g hands out). Column E (kNoExpert) only needs its total.
-  for (int e = threadIdx.x; e <= E; e += kScanThreads) {
-    int32_t run = 0;
-    int32_t* col = plan.chunk_base + e;
+  // tpe consecutive lanes share one column: each scans a contiguous run of chunks, then the runs
+  // are offset by a shuffle scan, so the serial part is G / tpe loads instead of G.
+  int tpe = 1;
+  while (tpe < kWarp && 2 * tpe * (E + 1) <= kScanThreads) tpe *= 2;
+  const int per_pass = kScanThreads / tpe;
+  const int sub = threadIdx.x % tpe;
+  const int run_len = (G + tpe - 1) / tpe;
+  const int g0 = min(G, sub * run_len), g1 = min(G, g0 + run_len);
+  for (int pass = 0; pass * per_pass <= E; ++pass) {
+    const int e = pass * per_pass + static_cast<int>(threadIdx.x) / tpe;
+    const bool live = e <= E;
+    int32_t* col = plan.chunk_base + (live ? e : 0);
+    int32_t mine = 0;
+    if (live) {
 #pragma unroll 8
-    for (int g = 0; g < G; ++g) {
+      for (int g = g0; g < g1; ++g) mine += col[g * (E + 1)];
+    }
+    // exclusive scan of `mine` over the tpe lanes of this column (width-tpe shuffles)
+    int32_t incl = mine;
+    for (int d = 1; d < tpe; d *= 2) {
+      const int32_t n = __shfl_up_sync(0xffffffffu, incl, d, tpe);
+      if (sub >= d) incl += n;
+    }
+    const int32_t run_total = __shfl_sync(0xffffffffu, incl, tpe - 1, tpe);
+    if (!live) continue;
+    int32_t run = incl - mine;
+#pragma unroll 8
+    for (int g = g0; g < g1; ++g) {
       const int32_t v = col[g * (E + 1)];
       col[g * (E + 1)] = run;
       run += v;
     }
+    if (sub != 0) continue;
     if (e == E) {
-      skipped_s = run;
+      skipped_s = run_total;
       continue;
     }
-    int32_t kept = run, len = run;
+    int32_t kept = run_total, len = run_total;
     if (s.layout == Layout::padded) {
-      kept = static_cast<int32_t>(min(static_cast<int64_t>(run), s.capacity));
+      kept = static_cast<int32_t>(min(static_cast<int64_t>(run_total), s.capacity));
       len = static_cast<int32_t>(s.capacity);
     } else if (s.layout == Layout::block) {
       const int32_t b = static_cast<int32_t>(s.block_size);
-      len = (run + b - 1) / b * b;
+      len = (run_total + b - 1) / b * b;
     }
-    plan.counts[e] = run;
+    plan.counts[e] = run_total;
     plan.kept[e] = kept;
     len_s[e] = len;
-    if (run > kept) atomicAdd(&dropped_s, run - kept);  // integer: order-free
+    if (run_total > kept) atomicAdd(&dropped_s, run_total - kept);  // integer: order-free
   }
   __syncthreads();
 
@@ -199,55 +225,72 @@ __global__ void __launch_bounds__(kScanThreads) plan_scan_kernel(PlanView plan) 
 }
 
 __global__ void plan_scatter_kernel(RoutingView routing, PlanView plan) {
-  extern __shared__ int32_t next_rank[];  // (E) next rank each expert hands out in this chunk
+  extern __shared__ int32_t tables[];  // (3, E): next rank in this chunk, kept, segment start
   const auto& s = plan.shape;
   const int E = static_cast<int>(s.experts);
   const int32_t T = static_cast<int32_t>(s.tokens);
   const int lane = threadIdx.x;
   const int g = blockIdx.x, G = gridDim.x;
-  for (int e = lane; e < E; e += kWarp) next_rank[e] = plan.chunk_base[g * (E + 1) + e];
+  int32_t* next_rank = tables;
+  int32_t* kept = tables + E;
+  int32_t* start = tables + 2 * E;
+  for (int e = lane; e < E; e += kWarp) {
+    next_rank[e] = plan.chunk_base[g * (E + 1) + e];
+    kept[e] = plan.kept[e];
+    start[e] = plan.offsets[e];
+  }
   __syncwarp();
 
   // Step 1: rows of this chunk's choices. Lanes with the same expert form a __match_any_sync
   // group; a lane's rank is the number of group members on lower lanes (= earlier in priority),
-  // and the group's lowest lane advances the expert's counter by the group size.
+  // and the group's lowest lane advances the expert's counter by the group size. The experts and
+  // tokens of kBatch steps are loaded before the first step, so the steps run back to back.
+  constexpr int kBatch = 8;
   const int64_t chunk = s.chunk_size();
   const int64_t begin = g * chunk, end = min(s.choices, begin + chunk);
   const unsigned lower = (1u << lane) - 1;
-  for (int64_t i0 = begin; i0 < end; i0 += kWarp) {
-    const int64_t i = i0 + lane;
-    const bool valid = i < end;
-    const int32_t c = valid ? priority_choice(i, s.tokens, s.top_k) : -1;
-    const int32_t e = valid ? routing.choice_expert[c] : -2;  // -2: a group of its own
-    const unsigned group = __match_any_sync(0xffffffffu, e);
-    const int leader = __ffs(group) - 1;
-    int32_t base = 0;
-    if (lane == leader && e >= 0) {
-      base = next_rank[e];
-      next_rank[e] = base + __popc(group);
+  for (int64_t i0 = begin; i0 < end; i0 += kWarp * kBatch) {
+    int32_t cs[kBatch], es[kBatch], ts[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int64_t i = i0 + b * kWarp + lane;
+      cs[b] = i < end ? priority_choice(i, s.tokens, s.top_k) : -1;
+      es[b] = i < end ? routing.choice_expert[cs[b]] : -2;  // -2: a group of its own
+      ts[b] = i < end ? routing.choice_token[cs[b]] : 0;
     }
-    base = __shfl_sync(0xffffffffu, base, leader);
-    __syncwarp();  // orders the leader's next_rank update before the next step's reads
-    if (!valid) continue;
-    int32_t row = kDropped;
-    if (e >= 0) {
-      const int32_t rank = base + __popc(group & lower);
-      if (rank < plan.kept[e]) {
-        row = plan.offsets[e] + rank;
-        plan.row_token[row] = routing.choice_token[c];
-        plan.row_choice[row] = c;
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int32_t c = cs[b], e = es[b];
+      const unsigned group = __match_any_sync(0xffffffffu, e);
+      const int leader = __ffs(group) - 1;
+      int32_t base = 0;
+      if (lane == leader && e >= 0) {
+        base = next_rank[e];
+        next_rank[e] = base + __popc(group);
       }
-    }
-    plan.choice_row[c] = row;
-    if (s.top_k > 0) {  // token choice: token-major order is choice order
-      plan.token_rows[c] = row;
-      plan.token_choices[c] = c;
+      base = __shfl_sync(0xffffffffu, base, leader);
+      __syncwarp();  // orders the leader's next_rank update before the next step's reads
+      if (c < 0) continue;
+      int32_t row = kDropped;
+      if (e >= 0) {
+        const int32_t rank = base + __popc(group & lower);
+        if (rank < kept[e]) {
+          row = start[e] + rank;
+          plan.row_token[row] = ts[b];
+          plan.row_choice[row] = c;
+        }
+      }
+      plan.choice_row[c] = row;
+      if (s.top_k > 0) {  // token choice: token-major order is choice order
+        plan.token_rows[c] = row;
+        plan.token_choices[c] = c;
+      }
     }
   }
 
   // Step 2: padding rows [offsets[e] + kept[e], offsets[e+1]) of experts g, g+G, ...
   for (int e = g; e < E; e += G) {
-    const int32_t from = plan.offsets[e] + plan.kept[e], to = plan.offsets[e + 1];
+    const int32_t from = start[e] + kept[e], to = plan.offsets[e + 1];
     for (int32_t r = from + lane; r < to; r += kWarp) {
       plan.row_token[r] = T;  // kPadToken
       plan.row_choice[r] = -1;
@@ -332,7 +375,7 @@ void plan_forward(const RoutingView& routing, const PlanView& plan, cudaStream_t
   MOE_CUDA_LAUNCH_CHECK();
   plan_scan_kernel<<<1, kScanThreads, 0, stream>>>(plan);
   MOE_CUDA_LAUNCH_CHECK();
-  plan_scatter_kernel<<<G, kWarp, E * sizeof(int32_t), stream>>>(routing, plan);
+  plan_scatter_kernel<<<G, kWarp, 3 * E * sizeof(int32_t), stream>>>(routing, plan);
   MOE_CUDA_LAUNCH_CHECK();
   if (s.top_k == 0) {
     const size_t words = (E + 31) / 32;

@@ -4,6 +4,8 @@
 // failing expression, so the CLI can print one line and exit non-zero. A launch is checked right
 // after it (cudaGetLastError catches bad configurations; faults inside kernels surface at the next
 // synchronising call, which is checked too).
+// The helpers live in moe::cuda::check_detail, not moe::cuda::detail: a nested `detail` would hide
+// moe::detail (concat) from code inside moe::cuda.
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -12,7 +14,7 @@
 
 #include "moe/check.hpp"
 
-namespace moe::cuda::detail {
+namespace moe::cuda::check_detail {
 [[noreturn]] inline void throw_cuda(cudaError_t err, const char* expr, const char* file, int line) {
   throw ::moe::Error(::moe::detail::concat(file, ":", line, ": ", expr, " failed: ",
                                            cudaGetErrorName(err), " (", cudaGetErrorString(err),
@@ -24,20 +26,20 @@ namespace moe::cuda::detail {
                                            cublasGetStatusName(st), " (",
                                            cublasGetStatusString(st), ")"));
 }
-}  // namespace moe::cuda::detail
+}  // namespace moe::cuda::check_detail
 
 #define MOE_CUDA_CHECK(expr)                                                        \
   do {                                                                              \
     const cudaError_t moe_err_ = (expr);                                            \
     if (moe_err_ != cudaSuccess)                                                    \
-      ::moe::cuda::detail::throw_cuda(moe_err_, #expr, __FILE__, __LINE__);         \
+      ::moe::cuda::check_detail::throw_cuda(moe_err_, #expr, __FILE__, __LINE__);         \
   } while (0)
 
 #define MOE_CUBLAS_CHECK(expr)                                                      \
   do {                                                                              \
     const cublasStatus_t moe_st_ = (expr);                                          \
     if (moe_st_ != CUBLAS_STATUS_SUCCESS)                                           \
-      ::moe::cuda::detail::throw_cublas(moe_st_, #expr, __FILE__, __LINE__);        \
+      ::moe::cuda::check_detail::throw_cublas(moe_st_, #expr, __FILE__, __LINE__);        \
   } while (0)
 
 // After every <<<...>>>: catches invalid launch configurations without synchronising.

@@ -45,6 +45,22 @@ struct ParityResult {
   bool pass() const { return mismatches == 0; }
 };
 
+// Router cases: every sparse router, training and eval, E not a power of two, K = E, T = 1,
+// E = 4096, balance groups, GShard's second-choice policies.
+struct RouteCase {
+  std::string name;
+  LayerConfig cfg;
+  bool large = false;
+};
+std::vector<RouteCase> route_cases();
+
+// gate (fp32 and bf16, with switch's jitter), route forward (on the CPU's logits: selection,
+// weights, probabilities, aux loss) and route backward through the gate (dW_gate, dW_noise, dx).
+// Tokens whose k-th and (k+1)-th scores are within rounding of each other (or experts, for
+// expert choice) may legitimately pick differently; they are counted, not failed, and the
+// backward comparison is skipped when any occurred.
+std::vector<ParityResult> check_route(const RouteCase& c, uint64_t seed);
+
 // The plan (every field, exact) for `c`.
 std::vector<ParityResult> check_plan(const ParityCase& c, uint64_t seed);
 // permute, combine and both backwards at hidden size `hidden`, in fp32 and bf16.

@@ -54,8 +54,8 @@ struct PlanShape {
     return g > 1 ? g : 1;
   }
   void validate() const;  // throws ConfigError naming the field
-  static constexpr int64_t kMaxChunks = 128;
-  static constexpr int64_t kMinChunk = 512;
+  static constexpr int64_t kMaxChunks = 256;
+  static constexpr int64_t kMinChunk = 256;
 };
 
 // Device pointers of one plan; passed to kernels by value. All indices are int32 (the config
