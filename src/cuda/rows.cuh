@@ -4,7 +4,7 @@
 // One warp owns one token: it reads the token's entries of the plan's inverse (token_offsets,
 // token_rows, token_choices) and moves whole rows with 16-byte vectors, lane l taking vectors
 // l, l+32, ... of the row so that each warp access is 512 contiguous bytes.
-// A second set of warps zero-fills the padding rows (row_token == kPadToken), 32 rows per warp.
+// A second set of warps zero-fills the padding rows (row_token == kPadToken), one row per warp.
 // The kernels carry their variants as template flags (cache policy, rows in flight, the bulk
 // copy engine); bench/lab/rows_lab.cu times them side by side and the launchers in permute.cu /
 // combine.cu use the winners.
@@ -125,7 +125,7 @@ inline int vector_width(int64_t hidden, std::initializer_list<const void*> ptrs)
 }
 
 // ------------------------------------------------------------------------------------------------
-// Grid: warps [0, T) take tokens, warps [T, T + pad_groups) zero-fill padding rows in groups of 32
+// Grid: warps [0, T) take tokens, warps [T, T + pad_groups) zero-fill padding rows, one row each
 // ------------------------------------------------------------------------------------------------
 
 struct RowGrid {
@@ -140,27 +140,23 @@ inline RowGrid row_grid(const PlanShape& s, bool fill_padding) {
   RowGrid g;
   g.token_warps = s.tokens;
   // Dropless has no padding rows below M (rows in [M, max_rows) are never read or written).
-  if (fill_padding && s.layout != Layout::dropless) g.pad_groups = (s.max_rows() + kWarp - 1) / kWarp;
+  if (fill_padding && s.layout != Layout::dropless) g.pad_groups = s.max_rows();
   return g;
 }
 
-// Zero the padding rows among rows [32*group, 32*group + 32) of out (rows < M only).
+// Zero padding row `r` of out if it is one (rows < M only). One warp per row: with Zipf routing
+// into a padded layout the padding gathers at the ends of the cold experts' segments, and a first
+// version that gave each warp 32 consecutive row indices left a few warps writing 32 rows each
+// (permute+combine up to 1.5x slower than uniform at T=4096, E=16, cf=1).
 template <class T, int kVec>
-__device__ __forceinline__ void zero_padding_rows(const PlanView& plan, int64_t group, T* out,
+__device__ __forceinline__ void zero_padding_rows(const PlanView& plan, int64_t r, T* out,
                                                   int64_t hidden) {
   const int lane = threadIdx.x % kWarp;
-  const int64_t r = group * kWarp + lane;
-  const int32_t M = *plan.num_rows;
-  const bool pad = r < M && plan.row_token[r] == static_cast<int32_t>(plan.shape.tokens);
-  unsigned mask = __ballot_sync(0xffffffffu, pad);
+  if (r >= *plan.num_rows || plan.row_token[r] != static_cast<int32_t>(plan.shape.tokens)) return;
   const Pack<T, kVec> z = Pack<T, kVec>::zero();
-  while (mask) {
-    const int src = __ffs(mask) - 1;
-    mask &= mask - 1;
-    T* row = out + (group * kWarp + src) * hidden;
-    for (int64_t i = lane * kVec; i < hidden; i += kWarp * kVec)
-      store_pack<Cache::kDefault, T, kVec>(row + i, z);
-  }
+  T* row = out + r * hidden;
+  for (int64_t i = lane * kVec; i < hidden; i += kWarp * kVec)
+    store_pack<Cache::kDefault, T, kVec>(row + i, z);
 }
 
 // ------------------------------------------------------------------------------------------------
