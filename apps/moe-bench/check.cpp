@@ -1,6 +1,6 @@
 // defines: add_check_command — `moe-bench check`: the GPU-vs-CPU parity suite on the GPU present
 // (the same comparisons as tests/cuda, from moe/cuda/parity.hpp: gate, route forward/backward,
-// plan, permute, combine and their backwards), printed as a pass/fail table:
+// soft MoE, plan, permute, combine and their backwards), printed as a pass/fail table:
 // one line per stage and dtype over all cases, with the worst error in units of its tolerance.
 // Exits 1 when anything fails, after listing the failing cases.
 #include <cuda_runtime.h>
@@ -64,6 +64,8 @@ void run(const CheckOptions& o) {
       add(c.name, {r});
     }
   }
+  for (const moe::cuda::RouteCase& c : moe::cuda::soft_moe_cases())
+    add(c.name, moe::cuda::check_soft_moe(c, o.seed));
   for (const moe::cuda::ParityCase& c : moe::cuda::parity_cases()) {
     if (c.large && !o.large) continue;
     add(c.name, moe::cuda::check_plan(c, o.seed));

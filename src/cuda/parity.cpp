@@ -688,3 +688,129 @@ std::vector<ParityResult> check_route(const RouteCase& rc, uint64_t seed) {
 }
 
 }  // namespace moe::cuda
+
+// ------------------------------------------------------------------------------------------------
+// soft MoE
+// ------------------------------------------------------------------------------------------------
+
+#include "moe/cuda/soft_moe.hpp"
+
+namespace moe::cuda {
+
+std::vector<RouteCase> soft_moe_cases() {
+  auto base = [](int64_t T, int64_t H, int64_t E, int64_t S) {
+    LayerConfig c;
+    c.router = Router::soft_moe;
+    c.tokens = T;
+    c.hidden = H;
+    c.inter = 8;
+    c.experts = E;
+    c.top_k = 1;
+    c.slots_per_expert = S;
+    c.seed = 5;
+    return c;
+  };
+  std::vector<RouteCase> v = {
+      {"soft_moe_t1", base(1, 16, 3, 1)},
+      {"soft_moe_e4_s2", base(300, 48, 4, 2)},
+      {"soft_moe_e7_s3", base(513, 40, 7, 3)},
+      {"soft_moe_e16_s1_wide", base(1024, 256, 16, 1)},
+  };
+  for (auto& rc : v) rc.cfg.validate();
+  return v;
+}
+
+std::vector<ParityResult> check_soft_moe(const RouteCase& rc, uint64_t seed) {
+  const LayerConfig& cfg = rc.cfg;
+  const int64_t Tn = cfg.tokens, H = cfg.hidden, E = cfg.experts, S = cfg.slots_per_expert;
+  const int64_t n = E * S;
+  Params<float> p = random_params<float>(cfg, seed);
+  const std::vector<float> x = normal(Tn * H, seed + 1), dy = normal(Tn * H, seed + 2);
+  SoftStep<float> s;
+  std::vector<float> y_ref(Tn * H);
+  cpu::soft_moe_forward(cfg, p, x.data(), s, y_ref.data(), nullptr);
+  std::vector<float> dx_ref(Tn * H, 0.f);
+  Params<float> g;
+  g.w_gate.assign(p.w_gate.size(), 0.f);
+  g.slot_scale.assign(1, 0.f);
+  g.w_up.assign(p.w_up.size(), 0.f);
+  g.w_down.assign(p.w_down.size(), 0.f);
+  cpu::soft_moe_backward(cfg, p, x.data(), s, dy.data(), dx_ref.data(), g);
+
+  std::vector<ParityResult> out;
+  cublasHandle_t handle = nullptr;
+  MOE_CUBLAS_CHECK(cublasCreate(&handle));
+  SoftMoeBuffers b(cfg);
+  MOE_CUDA_CHECK(cudaMemset(b.arena.data(), 0xff, b.arena.bytes()));  // poison ...
+  MOE_CUDA_CHECK(cudaMemset(b.zero, 0, sizeof(float)));                 // ... but the constant
+  Buffer<float> dx_in(Tn * H), phi(H * n), scale(1), slots_in(n * H), slots_out(n * H),
+      y(Tn * H), ddy(Tn * H), d_slots_out(n * H), d_slots_in(n * H), ddx(Tn * H), dphi(H * n),
+      dscale(1);
+  dx_in.upload(x);
+  phi.upload(p.w_gate);
+  scale.upload(p.slot_scale);
+  slots_out.upload(s.slots_out);
+  ddy.upload(dy);
+  slots_in.poison();
+  y.poison();
+  d_slots_out.poison();
+  soft_moe_route_forward(handle, dx_in.get(), phi.get(), scale.get(), b, nullptr);
+  soft_moe_dispatch_forward(handle, b, dx_in.get(), slots_in.get(), nullptr);
+  soft_moe_combine_forward(handle, b, slots_out.get(), y.get(), nullptr);
+  MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  auto get = [](const float* d, int64_t count) {
+    std::vector<float> h(count);
+    if (count) MOE_CUDA_CHECK(cudaMemcpy(h.data(), d, count * 4, cudaMemcpyDeviceToHost));
+    return h;
+  };
+  auto dbl = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  auto scaled = [](const std::vector<float>& ref) {
+    double m = 0;
+    for (float v : ref) m = std::max(m, double(std::abs(v)));
+    return 1e-5 * m + 1e-7;
+  };
+  out.push_back(compare("soft_moe.x_norm", "fp32", get(b.x_norm, Tn * H), dbl(s.x_norm), 1e-7, 1e-5));
+  out.push_back(compare("soft_moe.logits", "fp32", get(b.logits, Tn * n), dbl(s.logits),
+                        scaled(s.logits), 1e-4));
+  out.push_back(compare("soft_moe.dispatch", "fp32", get(b.dispatch, Tn * n), dbl(s.dispatch),
+                        1e-7, 1e-4));
+  out.push_back(compare("soft_moe.combine", "fp32", get(b.combine, Tn * n), dbl(s.combine),
+                        1e-7, 1e-4));
+  out.push_back(compare("soft_moe.slots_in", "fp32", slots_in.download(n * H), dbl(s.slots_in),
+                        scaled(s.slots_in), 1e-4));
+  out.push_back(compare("soft_moe.y", "fp32", y.download(Tn * H), dbl(y_ref), scaled(y_ref), 1e-4));
+
+  // backward: combine (GPU) -> experts (CPU) -> dispatch and route (GPU)
+  soft_moe_combine_backward(handle, b, slots_out.get(), ddy.get(), d_slots_out.get(), nullptr);
+  std::vector<float> dso = d_slots_out.download(n * H), dsi(n * H, 0.f),
+                     dwu(p.w_up.size(), 0.f), dwd(p.w_down.size(), 0.f);
+  std::vector<int64_t> offsets(E + 1);
+  for (int64_t e = 0; e <= E; ++e) offsets[e] = e * S;
+  cpu::experts_backward(cfg, offsets.data(), E, p.w_up.data(), p.w_down.data(),
+                        s.slots_in.data(), s.pre.data(), s.act.data(), dso.data(), dsi.data(),
+                        dwu.data(), dwd.data());
+  d_slots_in.upload(dsi);
+  MOE_CUDA_CHECK(cudaMemset(ddx.get(), 0, Tn * H * 4));
+  MOE_CUDA_CHECK(cudaMemset(dphi.get(), 0, H * n * 4));
+  MOE_CUDA_CHECK(cudaMemset(dscale.get(), 0, 4));
+  soft_moe_dispatch_backward(handle, b, dx_in.get(), d_slots_in.get(), ddx.get(), nullptr);
+  soft_moe_route_backward(handle, b, dx_in.get(), phi.get(), scale.get(), ddx.get(), dphi.get(),
+                          dscale.get(), nullptr);
+  MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  auto loose = [](const std::vector<float>& ref) {
+    double m = 0;
+    for (float v : ref) m = std::max(m, double(std::abs(v)));
+    return 1e-4 * m + 1e-7;
+  };
+  out.push_back(compare("soft_moe_backward.dw_up", "fp32", dwu, dbl(g.w_up), loose(g.w_up), 1e-3));
+  out.push_back(compare("soft_moe_backward.dx", "fp32", ddx.download(Tn * H), dbl(dx_ref),
+                        loose(dx_ref), 1e-3));
+  out.push_back(compare("soft_moe_backward.dw_gate", "fp32", dphi.download(H * n), dbl(g.w_gate),
+                        loose(g.w_gate), 1e-3));
+  out.push_back(compare("soft_moe_backward.dscale", "fp32", dscale.download(1),
+                        dbl(g.slot_scale), 1e-6, 1e-3));
+  MOE_CUBLAS_CHECK(cublasDestroy(handle));
+  return out;
+}
+
+}  // namespace moe::cuda

@@ -1,4 +1,5 @@
-// CUDA gate + route (forward and backward) vs the CPU reference router, every sparse router.
+// CUDA gate + route (forward and backward) vs the CPU reference router, every sparse router;
+// soft MoE's dense dispatch and combine.
 #include <gtest/gtest.h>
 
 #include "cuda_test_util.hpp"
@@ -32,6 +33,19 @@ TEST_P(RouteParity, MatchesTheCpuRouterForwardAndBackward) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Routers, RouteParity, ::testing::ValuesIn(cuda::route_cases()),
+                         [](const auto& info) { return info.param.name; });
+
+class SoftMoeParity : public ::testing::TestWithParam<cuda::RouteCase> {};
+
+TEST_P(SoftMoeParity, MatchesTheCpuSoftMoeForwardAndBackward) {
+  MOE_REQUIRE_GPU();
+  for (const cuda::ParityResult& r : cuda::check_soft_moe(GetParam(), 31))
+    EXPECT_TRUE(r.pass()) << r.stage << " " << r.dtype << ": " << r.mismatches << " of "
+                          << r.elements << " differ (max error " << r.max_error
+                          << " x tolerance):" << r.detail;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, SoftMoeParity, ::testing::ValuesIn(cuda::soft_moe_cases()),
                          [](const auto& info) { return info.param.name; });
 
 TEST(RouteDeterminism, RepeatedRunsAreBitwiseIdentical) {

@@ -61,6 +61,12 @@ std::vector<RouteCase> route_cases();
 // backward comparison is skipped when any occurred.
 std::vector<ParityResult> check_route(const RouteCase& c, uint64_t seed);
 
+// Soft MoE (fp32): norms, logits, both softmaxes, the dispatch and combine GEMMs, and the
+// backward of all of them (the experts' backward in between runs on the CPU) against
+// cpu::soft_moe_forward / soft_moe_backward.
+std::vector<RouteCase> soft_moe_cases();
+std::vector<ParityResult> check_soft_moe(const RouteCase& c, uint64_t seed);
+
 // The plan (every field, exact) for `c`.
 std::vector<ParityResult> check_plan(const ParityCase& c, uint64_t seed);
 // permute, combine and both backwards at hidden size `hidden`, in fp32 and bf16.
