@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "moe/check.hpp"
 #include "moe/cuda/check.cuh"
@@ -101,6 +102,11 @@ RouteBuffers::RouteBuffers(const LayerConfig& cfg) {
       {"seg", ec ? size_t(E + 1) * 4 : 0, p(seg)},
       {"sort_temp", sort_temp_bytes, &sort_temp},
   });
+  if (ec && T > 0) {  // segment offsets e * T are static: set them here, not in the step
+    std::vector<int32_t> offsets(E + 1);
+    for (int64_t e = 0; e <= E; ++e) offsets[e] = static_cast<int32_t>(e * T);
+    MOE_CUDA_CHECK(cudaMemcpy(seg, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -749,12 +755,7 @@ void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
   MOE_CUDA_LAUNCH_CHECK();
 
   if (cfg.router == Router::expert_choice) {
-    // seg[e] = e * T: one segment per expert column
-    std::vector<int32_t> seg(a.E + 1);
-    for (int64_t e = 0; e <= a.E; ++e) seg[e] = static_cast<int32_t>(e * a.T);
-    MOE_CUDA_CHECK(cudaMemcpyAsync(out.seg, seg.data(), seg.size() * 4, cudaMemcpyHostToDevice,
-                                   stream));
-    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));  // `seg` is a host temporary
+    // one segment per expert column (out.seg = e * T, written when the buffers were made)
     size_t bytes = out.sort_temp_bytes;
     MOE_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(
         out.sort_temp, bytes, out.probs_t, out.sorted_p, out.token_ids, out.sorted_t,
