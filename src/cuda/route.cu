@@ -102,11 +102,6 @@ RouteBuffers::RouteBuffers(const LayerConfig& cfg) {
       {"seg", ec ? size_t(E + 1) * 4 : 0, p(seg)},
       {"sort_temp", sort_temp_bytes, &sort_temp},
   });
-  if (ec && T > 0) {  // segment offsets e * T are static: set them here, not in the step
-    std::vector<int32_t> offsets(E + 1);
-    for (int64_t e = 0; e <= E; ++e) offsets[e] = static_cast<int32_t>(e * T);
-    MOE_CUDA_CHECK(cudaMemcpy(seg, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
-  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -345,6 +340,12 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(Route
     }
     (void)vK;
   }
+}
+
+// Expert choice: segment offsets of the sort, seg[e] = e * T for e in [0, E].
+__global__ void route_ec_segments_kernel(int64_t E, int64_t T, int32_t* seg) {
+  const int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (e <= E) seg[e] = static_cast<int32_t>(e * T);
 }
 
 // Expert choice: the first C entries of each expert's sorted column.
@@ -755,7 +756,10 @@ void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
   MOE_CUDA_LAUNCH_CHECK();
 
   if (cfg.router == Router::expert_choice) {
-    // one segment per expert column (out.seg = e * T, written when the buffers were made)
+    // one segment per expert column: seg[e] = e * T, written on the device (no host copy)
+    route_ec_segments_kernel<<<unsigned((a.E + 1 + 255) / 256), 256, 0, stream>>>(a.E, a.T,
+                                                                                  out.seg);
+    MOE_CUDA_LAUNCH_CHECK();
     size_t bytes = out.sort_temp_bytes;
     MOE_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(
         out.sort_temp, bytes, out.probs_t, out.sorted_p, out.token_ids, out.sorted_t,
