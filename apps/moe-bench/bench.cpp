@@ -17,6 +17,19 @@
 //                      choice (token, expert, weight, selected) and T*4 (lse); the aux-loss
 //                      partial sums read the probs once more (counted)
 //   route+plan         the route's routing into the plan, back to back
+// Soft MoE (--grid soft_moe; n = E*S slots; es = sizeof(dtype), fp32 logits and statistics):
+// each stage counts the fewest bytes it must move (inputs read once, outputs written once) and
+// the GEMM FLOPs 2*T*n*H per product; the floor is max(bytes / copy ceiling, FLOPs / GEMM
+// ceiling of the dtype), and each record states where the implementation moves more:
+//   soft_moe.gate              reads T*H + H*n elements, writes 2*T*n fp32 (x_hat.phi_hat and
+//                              the logits); 2*T*n*H FLOPs. The norm pass reads x a second time.
+//   soft_moe.dispatch_softmax  reads T*n fp32, writes T*n elements (the statistics pass reads the
+//                              logits a second time)
+//   soft_moe.combine_softmax   reads T*n fp32, writes T*n elements
+//   soft_moe.dispatch_gemm     slots_in = D^T x: reads T*n + T*H, writes n*H; 2*T*n*H FLOPs
+//   soft_moe.combine_gemm      y = C slots_out: reads T*n + n*H, writes T*H; 2*T*n*H FLOPs
+//   soft_moe.forward           the five above back to back (bytes and FLOPs summed)
+//   soft_moe.*_backward        combine: 2 GEMMs, dispatch: 2 GEMMs, route: 2 GEMMs + kernels
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -42,6 +55,7 @@
 #include "moe/cuda/plan.hpp"
 #include "moe/cuda/route.hpp"
 #include "moe/cuda/routing.hpp"
+#include "moe/cuda/soft_moe.hpp"
 #include "moe/cuda/synthetic.hpp"
 
 namespace moe_bench {
@@ -103,7 +117,7 @@ std::vector<Shape> grid_shapes(const std::string& grid) {
         for (int64_t E : {32, 64, 128})
           for (int64_t K : {1, 2, 4}) v.push_back({"brief2", T, H, E, K, Layout::dropless});
   } else {
-    MOE_FAIL("grid: unknown value '", grid, "' (allowed: headline, brief1, brief2)");
+    MOE_FAIL("grid: unknown value '", grid, "' (allowed: headline, brief1, brief2, soft_moe)");
   }
   return v;
 }
@@ -164,6 +178,11 @@ struct Ceilings {
   int64_t copy_bytes = 0;  // bytes of one copy (read + written = 2x)
   double gemm_tflops = 0, gemm_ms = 0;
   int64_t gemm_n = 0;
+  double gemm_fp32_tflops = 0, gemm_fp32_ms = 0;  // cuBLAS fp32 (no TF32), the fp32 GEMMs' ceiling
+  int64_t gemm_fp32_n = 0;
+  double gemm_rate(const std::string& dtype) const {  // FLOP/s
+    return 1e12 * (dtype == "fp32" ? gemm_fp32_tflops : gemm_tflops);
+  }
 };
 
 Ceilings measure_ceilings(const BenchOptions& o, cudaStream_t stream) {
@@ -211,6 +230,32 @@ Ceilings measure_ceilings(const BenchOptions& o, cudaStream_t stream) {
     MOE_CUDA_CHECK(cudaFree(B));
     MOE_CUDA_CHECK(cudaFree(C));
   }
+  // cuBLAS fp32 GEMM 4096^3 (CUBLAS_COMPUTE_32F, default math mode: no TF32), random operands.
+  c.gemm_fp32_n = 4096;
+  {
+    const int64_t n = c.gemm_fp32_n;
+    float *A = nullptr, *B = nullptr, *C = nullptr;
+    MOE_CUDA_CHECK(cudaMalloc(&A, n * n * 4));
+    MOE_CUDA_CHECK(cudaMalloc(&B, n * n * 4));
+    MOE_CUDA_CHECK(cudaMalloc(&C, n * n * 4));
+    moe::cuda::fill_normal(A, n * n, 4, 1.f, stream);
+    moe::cuda::fill_normal(B, n * n, 5, 1.f, stream);
+    cublasHandle_t h = nullptr;
+    MOE_CUBLAS_CHECK(cublasCreate(&h));
+    MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
+    const float one = 1.f, zero = 0.f;
+    const Timing t = time_launches(o.warmup, 20, stream, [&](int) {
+      MOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(n), int(n), &one, A,
+                                    CUDA_R_32F, int(n), B, CUDA_R_32F, int(n), &zero, C,
+                                    CUDA_R_32F, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    });
+    c.gemm_fp32_ms = t.median;
+    c.gemm_fp32_tflops = 2.0 * n * n * n / (t.median * 1e9);
+    MOE_CUBLAS_CHECK(cublasDestroy(h));
+    MOE_CUDA_CHECK(cudaFree(A));
+    MOE_CUDA_CHECK(cudaFree(B));
+    MOE_CUDA_CHECK(cudaFree(C));
+  }
   return c;
 }
 
@@ -220,6 +265,7 @@ Ceilings measure_ceilings(const BenchOptions& o, cudaStream_t stream) {
 struct Row {  // one line of the closing table
   std::string stage, shape;
   double ms, gbs, fraction;
+  double tflops = 0, gemm_fraction = 0, floor_fraction = 0;  // soft MoE rows
 };
 
 struct Context {
@@ -422,6 +468,219 @@ void bench_shape(const Context& cx, const Shape& s) {
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// soft MoE
+
+struct SoftShape {
+  int64_t T = 0, H = 0, E = 0, S = 1;
+  std::string dtype = "bf16";
+  int64_t slots() const { return E * S; }
+  std::string label() const { return fmt::format("T={} H={} E*S={}*{} {}", T, H, E, S, dtype); }
+};
+
+// T in {4096, 16384}, H in {2048, 4096}, E*S in {64, 128}. S = 1: the gate, the softmaxes and
+// the two GEMMs depend on n = E*S only (the experts stage is not timed here).
+std::vector<SoftShape> soft_moe_shapes() {
+  std::vector<SoftShape> v;
+  for (int64_t T : {4096, 16384})
+    for (int64_t H : {2048, 4096})
+      for (int64_t n : {64, 128}) v.push_back({T, H, n, 1});
+  return v;
+}
+
+template <class Elem>
+void bench_soft_moe(const Context& cx, const SoftShape& s) {
+  const BenchOptions& o = cx.o;
+  cudaStream_t stream = cx.stream;
+  const int64_t T = s.T, H = s.H, n = s.slots();
+  const double es = sizeof(Elem), f = sizeof(float);
+  moe::LayerConfig cfg;
+  cfg.router = moe::Router::soft_moe;
+  cfg.tokens = T;
+  cfg.hidden = H;
+  cfg.inter = 8;
+  cfg.experts = s.E;
+  cfg.top_k = 1;
+  cfg.slots_per_expert = s.S;
+  cfg.validate();
+
+  // Two tiers of rotation sets, each covering l2_multiple L2 sizes: the activations (T*H each)
+  // and the routing buffers, whose (T, n) logits and weights are all the softmaxes touch (a few
+  // MB here: two sets of them would sit in L2).
+  struct Acts {
+    Elem *x, *phi, *y, *dy, *dx, *slots_in, *slots_out, *d_slots_in, *d_slots_out;
+    float *scale, *dphi, *dscale;
+    moe::cuda::DeviceArena arena;
+  };
+  const double act_bytes = es * (4.0 * T * H + 5.0 * n * H);
+  const double route_bytes = T * n * (2 * f + 2 * es);  // unscaled, logits, dispatch, combine
+  auto sets_for = [&](double bytes) {
+    return static_cast<int>(std::clamp<int64_t>(
+        static_cast<int64_t>(std::ceil(o.l2_multiple * cx.dev.l2_bytes / bytes)), 2, 64));
+  };
+  const int na = sets_for(act_bytes), nr = sets_for(route_bytes);
+  std::vector<std::unique_ptr<Acts>> acts(na);
+  for (int i = 0; i < na; ++i) {
+    acts[i] = std::make_unique<Acts>();
+    Acts& a = *acts[i];
+    auto p = [](auto*& ptr) { return reinterpret_cast<void**>(&ptr); };
+    const size_t th = es * T * H, nh = es * n * H;
+    a.arena = moe::cuda::DeviceArena({{"x", th, p(a.x)},
+                                      {"phi", nh, p(a.phi)},
+                                      {"y", th, p(a.y)},
+                                      {"dy", th, p(a.dy)},
+                                      {"dx", th, p(a.dx)},
+                                      {"slots_in", nh, p(a.slots_in)},
+                                      {"slots_out", nh, p(a.slots_out)},
+                                      {"d_slots_in", nh, p(a.d_slots_in)},
+                                      {"d_slots_out", nh, p(a.d_slots_out)},
+                                      {"scale", sizeof(float), p(a.scale)},
+                                      {"dphi", size_t(f * H * n), p(a.dphi)},
+                                      {"dscale", sizeof(float), p(a.dscale)}});
+    moe::cuda::fill_normal(a.x, T * H, 20 * i + 1, 1.f, stream);
+    moe::cuda::fill_normal(a.phi, H * n, 20 * i + 2, 1.f / std::sqrt(float(H)), stream);
+    moe::cuda::fill_normal(a.dy, T * H, 20 * i + 3, 1.f, stream);
+    moe::cuda::fill_normal(a.dx, T * H, 20 * i + 4, 1.f, stream);
+    moe::cuda::fill_normal(a.slots_out, n * H, 20 * i + 5, 1.f, stream);
+    moe::cuda::fill_normal(a.d_slots_in, n * H, 20 * i + 6, 1.f, stream);
+    moe::cuda::fill_normal(a.dphi, H * n, 20 * i + 7, 1.f, stream);
+    const float scale = 1.f, zero = 0.f;  // the paper's initial scale
+    MOE_CUDA_CHECK(cudaMemcpyAsync(a.scale, &scale, 4, cudaMemcpyHostToDevice, stream));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(a.dscale, &zero, 4, cudaMemcpyHostToDevice, stream));
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));  // the host values above outlive no scope
+  }
+  std::vector<std::unique_ptr<moe::cuda::SoftMoeBuffers<Elem>>> route(nr);
+  cublasHandle_t h = cx.cublas;
+  for (int i = 0; i < nr; ++i) {  // one full step per set: every buffer holds real values
+    route[i] = std::make_unique<moe::cuda::SoftMoeBuffers<Elem>>(cfg);
+    Acts& a = *acts[i % na];
+    auto& b = *route[i];
+    moe::cuda::soft_moe_route_forward<Elem>(h, a.x, a.phi, a.scale, b, stream);
+    moe::cuda::soft_moe_dispatch_forward<Elem>(h, b, a.x, a.slots_in, stream);
+    moe::cuda::soft_moe_combine_forward<Elem>(h, b, a.slots_out, a.y, stream);
+    moe::cuda::soft_moe_combine_backward<Elem>(h, b, a.slots_out, a.dy, a.d_slots_out, stream);
+    moe::cuda::soft_moe_dispatch_backward<Elem>(h, b, a.x, a.d_slots_in, a.dx, stream);
+    moe::cuda::soft_moe_route_backward<Elem>(h, b, a.x, a.phi, a.scale, a.dx, a.dphi, a.dscale,
+                                             stream);
+  }
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+
+  const double rate = cx.ceil.gemm_rate(s.dtype);  // FLOP/s
+  auto record = [&](const std::string& stage, const Timing& t, double bytes, double flops,
+                    const std::string& bytes_accounting, const std::string& flops_accounting) {
+    const double gbs = bytes / (t.median * 1e6);
+    const double tflops = flops / (t.median * 1e9);
+    const double mem_ms = bytes / (cx.ceil.copy_gbs * 1e6), math_ms = 1e3 * flops / rate;
+    const double floor_ms = std::max(mem_ms, math_ms);
+    json j = moe::io::result_record(o.command);
+    j["stage"] = stage;
+    j["router"] = "soft_moe";
+    j["grid"] = "soft_moe";
+    j["device"] = cx.dev.name;
+    j["sm_count"] = cx.dev.sm_count;
+    j["l2_bytes"] = cx.dev.l2_bytes;
+    j["dtype"] = s.dtype;
+    j["shape"] = {{"T", T}, {"H", H}, {"E", s.E}, {"S", s.S}, {"slots", n}};
+    j["ms"] = t.median;
+    j["ms_p10"] = t.p10;
+    j["ms_p90"] = t.p90;
+    j["reps"] = t.reps;
+    j["warmup"] = o.warmup;
+    j["rotation_sets"] = {{"activations", na}, {"routing", nr}};
+    j["bytes"] = bytes;
+    j["bytes_accounting"] = bytes_accounting;
+    j["gbs"] = gbs;
+    j["copy_gbs"] = cx.ceil.copy_gbs;
+    j["fraction_of_copy"] = gbs / cx.ceil.copy_gbs;
+    j["flops"] = flops;
+    j["flops_accounting"] = flops_accounting;
+    j["tflops"] = tflops;
+    j["gemm_tflops"] = rate / 1e12;
+    j["gemm_ceiling"] = s.dtype == "fp32" ? "cuBLAS fp32 4096^3" : "cuBLAS bf16 8192^3";
+    if (flops > 0) j["fraction_of_gemm"] = tflops * 1e12 / rate;
+    j["floor_ms"] = floor_ms;
+    j["bound"] = math_ms > mem_ms ? "compute" : "memory";
+    j["fraction_of_floor"] = floor_ms / t.median;
+    emit(cx, j);
+    Row row{stage, s.label(), t.median, gbs, gbs / cx.ceil.copy_gbs};
+    row.tflops = tflops;
+    row.gemm_fraction = flops > 0 ? tflops * 1e12 / rate : 0;
+    row.floor_fraction = floor_ms / t.median;
+    cx.table.push_back(row);
+  };
+  auto A = [&](int r) -> Acts& { return *acts[r % na]; };
+  auto B = [&](int r) -> moe::cuda::SoftMoeBuffers<Elem>& { return *route[r % nr]; };
+  const double th = es * T * H, tn = T * n, nh = es * n * H, gemm = 2.0 * T * n * H;
+  const std::string one_gemm = "2*T*n*H";
+
+  Timing t;
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::soft_moe_logits_forward<Elem>(h, A(r).x, A(r).phi, A(r).scale, B(r), stream);
+  });
+  const double gate_bytes = th + nh + 2 * f * tn;
+  record("soft_moe.gate", t, gate_bytes, gemm,
+         "reads T*H + H*n elements, writes 2*T*n fp32 (x_hat.phi_hat, logits); the norm pass "
+         "reads x once more (not counted)",
+         one_gemm + " (the norms' 2*T*H + 2*H*n not counted)");
+  t = time_launches(o.warmup, o.reps, stream,
+                    [&](int r) { moe::cuda::soft_moe_dispatch_softmax_forward<Elem>(B(r), stream); });
+  const double softmax_bytes = f * tn + es * tn;
+  record("soft_moe.dispatch_softmax", t, softmax_bytes, 0,
+         "reads T*n fp32 logits, writes T*n elements; the statistics pass reads the logits once "
+         "more (not counted)",
+         "none counted (exp and sums: ~10 per element)");
+  t = time_launches(o.warmup, o.reps, stream,
+                    [&](int r) { moe::cuda::soft_moe_combine_softmax_forward<Elem>(B(r), stream); });
+  record("soft_moe.combine_softmax", t, softmax_bytes, 0,
+         "reads T*n fp32 logits, writes T*n elements", "none counted (exp and sums)");
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::soft_moe_dispatch_forward<Elem>(h, B(r), A(r).x, A(r).slots_in, stream);
+  });
+  const double gemm_bytes = es * tn + th + nh;
+  record("soft_moe.dispatch_gemm", t, gemm_bytes, gemm,
+         "slots_in = D^T x: reads T*n + T*H elements, writes n*H", one_gemm);
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::soft_moe_combine_forward<Elem>(h, B(r), A(r).slots_out, A(r).y, stream);
+  });
+  record("soft_moe.combine_gemm", t, gemm_bytes, gemm,
+         "y = C slots_out: reads T*n + n*H elements, writes T*H", one_gemm);
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::soft_moe_route_forward<Elem>(h, A(r).x, A(r).phi, A(r).scale, B(r), stream);
+    moe::cuda::soft_moe_dispatch_forward<Elem>(h, B(r), A(r).x, A(r).slots_in, stream);
+    moe::cuda::soft_moe_combine_forward<Elem>(h, B(r), A(r).slots_out, A(r).y, stream);
+  });
+  record("soft_moe.forward", t, gate_bytes + 2 * softmax_bytes + 2 * gemm_bytes, 3 * gemm,
+         "gate + both softmaxes + both GEMMs, the sum of their accountings", "3*2*T*n*H");
+  if (o.no_backward) return;
+
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::soft_moe_combine_backward<Elem>(h, B(r), A(r).slots_out, A(r).dy,
+                                               A(r).d_slots_out, stream);
+  });
+  record("soft_moe.combine_backward", t, th + nh + es * tn + f * tn + nh, 2 * gemm,
+         "reads dy T*H, slots_out n*H, C T*n elements; writes dC T*n fp32, d_slots_out n*H; the "
+         "second GEMM reads dy again (not counted)",
+         "2 x 2*T*n*H");
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::soft_moe_dispatch_backward<Elem>(h, B(r), A(r).x, A(r).d_slots_in, A(r).dx,
+                                                stream);
+  });
+  record("soft_moe.dispatch_backward", t, th + nh + es * tn + f * tn + 2 * th, 2 * gemm,
+         "reads x T*H, d_slots_in n*H, D T*n elements; writes dD T*n fp32; dx T*H read and "
+         "written (+=)",
+         "2 x 2*T*n*H");
+  t = time_launches(o.warmup, o.reps, stream, [&](int r) {
+    moe::cuda::soft_moe_route_backward<Elem>(h, B(r), A(r).x, A(r).phi, A(r).scale, A(r).dx,
+                                             A(r).dphi, A(r).dscale, stream);
+  });
+  record("soft_moe.route_backward", t,
+         2 * es * tn + 3 * f * tn + th + nh + 2 * th + 2 * f * H * n, 2 * gemm,
+         "reads D, C (T*n elements), dD, dC, x_hat.phi_hat (T*n fp32), x T*H, phi H*n; dx T*H "
+         "and dphi H*n fp32 read and written (+=); the (T, n) G, P = G phi^T (T*H) and "
+         "Q = x^T G (H*n) in between are not counted",
+         "2 x 2*T*n*H (P and Q)");
+}
+
 void run(BenchOptions o) {
   MOE_CHECK(moe::cuda::has_device(), "bench: no CUDA device");
   MOE_CHECK(o.reps >= 50, "reps must be >= 50, got ", o.reps);
@@ -446,17 +705,32 @@ void run(BenchOptions o) {
     j["gemm_ms"] = ceil.gemm_ms;
     j["gemm_tflops"] = ceil.gemm_tflops;
     j["gemm_accounting"] = "cublasGemmEx bf16 x bf16 -> bf16, fp32 compute, 2*n^3 FLOP";
+    j["gemm_fp32_n"] = ceil.gemm_fp32_n;
+    j["gemm_fp32_ms"] = ceil.gemm_fp32_ms;
+    j["gemm_fp32_tflops"] = ceil.gemm_fp32_tflops;
+    j["gemm_fp32_accounting"] = "cublasGemmEx fp32, CUBLAS_COMPUTE_32F (no TF32), 2*n^3 FLOP";
     if (o.out.empty()) fmt::print("{}\n", j.dump());
     else moe::io::append_jsonl(o.out, j);
   }
-  fmt::print(stderr, "bench: copy {:.0f} GB/s, bf16 GEMM {:.0f} TFLOP/s\n", ceil.copy_gbs,
-             ceil.gemm_tflops);
+  fmt::print(stderr, "bench: copy {:.0f} GB/s, bf16 GEMM {:.0f} TFLOP/s, fp32 GEMM {:.1f} TFLOP/s\n",
+             ceil.copy_gbs, ceil.gemm_tflops, ceil.gemm_fp32_tflops);
 
   std::vector<Row> table;
   cublasHandle_t cublas = nullptr;
   MOE_CUBLAS_CHECK(cublasCreate(&cublas));
   const Context cx{o, dev, ceil, stream, cublas, table};
-  for (const std::string& g : o.grids)
+  for (const std::string& g : o.grids) {
+    if (g == "soft_moe") {  // dense: no routing skew
+      for (SoftShape s : soft_moe_shapes())
+        for (const std::string& dtype : o.dtypes) {
+          s.dtype = dtype;
+          fmt::print(stderr, "bench: soft_moe {}\n", s.label());
+          if (dtype == "bf16") bench_soft_moe<__nv_bfloat16>(cx, s);
+          else if (dtype == "fp32") bench_soft_moe<float>(cx, s);
+          else MOE_FAIL("dtype: unknown value '", dtype, "' (allowed: bf16, fp32)");
+        }
+      continue;
+    }
     for (Shape s : grid_shapes(g))
       for (const std::string& skew : o.skews)
         for (const std::string& dtype : o.dtypes) {
@@ -467,15 +741,30 @@ void run(BenchOptions o) {
           else if (dtype == "fp32") bench_shape<float>(cx, s);
           else MOE_FAIL("dtype: unknown value '", dtype, "' (allowed: bf16, fp32)");
         }
+  }
   MOE_CUBLAS_CHECK(cublasDestroy(cublas));
   MOE_CUDA_CHECK(cudaStreamDestroy(stream));
 
-  fmt::print("\n{} | copy {:.0f} GB/s | bf16 GEMM {:.0f} TFLOP/s\n", dev.name, ceil.copy_gbs,
-             ceil.gemm_tflops);
-  fmt::print("{:<18} {:<52} {:>9} {:>8} {:>7}\n", "stage", "shape", "ms", "GB/s", "%copy");
-  for (const Row& r : table)
-    fmt::print("{:<18} {:<52} {:>9.4f} {:>8.0f} {:>6.1f}%\n", r.stage, r.shape, r.ms, r.gbs,
-               100 * r.fraction);
+  fmt::print("\n{} | copy {:.0f} GB/s | bf16 GEMM {:.0f} TFLOP/s | fp32 GEMM {:.1f} TFLOP/s\n",
+             dev.name, ceil.copy_gbs, ceil.gemm_tflops, ceil.gemm_fp32_tflops);
+  auto soft = [](const Row& r) { return r.stage.rfind("soft_moe", 0) == 0; };
+  if (std::any_of(table.begin(), table.end(), [&](const Row& r) { return !soft(r); })) {
+    fmt::print("{:<18} {:<52} {:>9} {:>8} {:>7}\n", "stage", "shape", "ms", "GB/s", "%copy");
+    for (const Row& r : table)
+      if (!soft(r))
+        fmt::print("{:<18} {:<52} {:>9.4f} {:>8.0f} {:>6.1f}%\n", r.stage, r.shape, r.ms, r.gbs,
+                   100 * r.fraction);
+  }
+  if (std::any_of(table.begin(), table.end(), soft)) {
+    // %gemm: of the dtype's GEMM ceiling (GEMM stages); %floor: max(bytes/copy, FLOPs/GEMM)/time
+    fmt::print("{:<27} {:<30} {:>8} {:>6} {:>6} {:>7} {:>6} {:>7}\n", "stage", "shape", "ms",
+               "GB/s", "%copy", "TFLOP/s", "%gemm", "%floor");
+    for (const Row& r : table)
+      if (soft(r))
+        fmt::print("{:<27} {:<30} {:>8.4f} {:>6.0f} {:>5.1f}% {:>7.1f} {:>5.1f}% {:>6.1f}%\n",
+                   r.stage, r.shape, r.ms, r.gbs, 100 * r.fraction, r.tflops,
+                   100 * r.gemm_fraction, 100 * r.floor_fraction);
+  }
 }
 
 }  // namespace
@@ -484,7 +773,7 @@ void add_bench_command(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
   CLI::App* sub = app.add_subcommand(
       "bench", "benchmark the GPU data-path stages against the copy and GEMM ceilings");
-  sub->add_option("--grid", o->grids, "headline, brief1, brief2 (several allowed)")
+  sub->add_option("--grid", o->grids, "headline, brief1, brief2, soft_moe (several allowed)")
       ->capture_default_str();
   sub->add_option("--dtype", o->dtypes, "bf16, fp32 (several allowed)")->capture_default_str();
   sub->add_option("--routing", o->skews, "uniform, zipf, one_expert (several allowed)")
@@ -500,7 +789,8 @@ void add_bench_command(CLI::App& app) {
   sub->footer(
       "Examples:\n"
       "  moe-bench bench                                   # headline shape, bf16\n"
-      "  moe-bench bench --grid headline brief1 brief2 --out results.jsonl");
+      "  moe-bench bench --grid headline brief1 brief2 --out results.jsonl\n"
+      "  moe-bench bench --grid soft_moe --dtype bf16 fp32    # soft MoE stages, 8 shapes");
   sub->callback([o, sub] {
     std::string cmd = "moe-bench bench";
     for (const std::string& g : o->grids) cmd += (&g == &o->grids[0] ? " --grid " : " ") + g;

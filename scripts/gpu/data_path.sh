@@ -12,6 +12,11 @@
 # Files under $OUT: gpu.txt tests.log sanitizer.log check.log bench.jsonl bench_table.txt
 # peer.jsonl peer.log summary.txt (at most 8 come back from a lent machine: correctness and
 # measure are sized to be separate calls).
+# PHASE=soft_moe (one call of its own): the soft MoE CUDA tests, `moe-bench check --only soft_moe
+# --large`, `moe-bench bench --grid soft_moe --dtype bf16 fp32`, then compute-sanitizer memcheck
+# and racecheck on the soft MoE parity tests at small shapes within what is left of
+# MOE_SOFT_BUDGET seconds (default 220). Files: gpu.txt soft_moe_tests.log soft_moe_check.log
+# soft_moe.jsonl soft_moe_table.txt soft_moe_sanitizer.log.
 set -uo pipefail
 BUILD=${1:-build/gpu}
 PHASE=${2:-all}
@@ -25,6 +30,41 @@ step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
   --format=csv | tee "$OUT/gpu.txt"
+
+if [[ $PHASE == soft_moe ]]; then
+deadline=$((SECONDS + ${MOE_SOFT_BUDGET:-220}))
+left() { echo $((deadline - SECONDS)); }
+step "soft MoE CUDA tests"
+"$BUILD/moe_cuda_tests" --gtest_brief=1 --gtest_filter='*SoftMoe*' >"$OUT/soft_moe_tests.log" 2>&1 || status=1
+tail -n 4 "$OUT/soft_moe_tests.log"
+
+step "moe-bench check --only soft_moe --large"
+"$BUILD/moe-bench" check --only soft_moe --large >"$OUT/soft_moe_check.log" 2>&1 || status=1
+grep -E '^soft_moe|^FAIL|^check:' "$OUT/soft_moe_check.log"
+
+step "moe-bench bench --grid soft_moe"
+"$BUILD/moe-bench" bench --grid soft_moe --dtype bf16 fp32 --out "$OUT/soft_moe.jsonl" \
+  >"$OUT/soft_moe_table.txt" 2>&1 || status=1
+
+step "compute-sanitizer (soft MoE, small shapes)"
+: >"$OUT/soft_moe_sanitizer.log"
+for tool in memcheck racecheck; do
+  budget=$(( $(left) - 5 ))
+  if ((budget < 20)); then
+    echo "compute-sanitizer $tool: not run ($budget s left)" | tee -a "$OUT/soft_moe_sanitizer.log"
+    continue
+  fi
+  MOE_TEST_SMALL=1 timeout "$budget" compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
+    "$BUILD/moe_cuda_tests" --gtest_brief=1 --gtest_filter='*SoftMoeParity*' >>"$OUT/soft_moe_sanitizer.log" 2>&1
+  rc=$?
+  echo "compute-sanitizer $tool: exit $rc" | tee -a "$OUT/soft_moe_sanitizer.log"
+  ((rc == 0)) || status=1
+done
+step "soft MoE bench (bf16 forward stages; every stage and fp32 in soft_moe_table.txt)"
+grep -E '\| copy|^stage' "$OUT/soft_moe_table.txt"
+grep -E '^soft_moe\.(gate|dispatch_softmax|combine_softmax|dispatch_gemm|combine_gemm|forward) .* bf16 ' \
+  "$OUT/soft_moe_table.txt"
+fi
 
 if [[ $PHASE == all || $PHASE == correctness || $PHASE == quick ]]; then
 step "CUDA tests"

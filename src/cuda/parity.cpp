@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <sstream>
 #include <type_traits>
 
@@ -179,6 +180,7 @@ ParityResult compare(std::string stage, std::string dtype, const std::vector<flo
     return r;
   }
   std::ostringstream os;
+  double err2 = 0, ref2 = 0;
   for (size_t i = 0; i < got.size(); ++i) {
     const double tol = bound.empty() ? atol + rtol * std::abs(want[i]) : bound[i];
     const double d = std::abs(double{got[i]} - want[i]);
@@ -188,6 +190,50 @@ ParityResult compare(std::string stage, std::string dtype, const std::vector<flo
       ++r.mismatches;
     }
     if (!(ratio <= r.max_error)) r.max_error = std::isnan(ratio) ? INFINITY : ratio;
+    err2 += d * d;
+    ref2 += want[i] * want[i];
+  }
+  r.rel_error = ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
+  if (std::isnan(r.rel_error)) r.rel_error = INFINITY;
+  r.detail = os.str();
+  return r;
+}
+
+// Relative Frobenius error ||got - want|| / ||want|| <= rtol (+ atol / ||want|| for tensors that
+// are zero in exact arithmetic). Every element must be finite (an unwritten, poisoned element is
+// NaN): the tolerance for bf16 operands, whose per-element error is one rounding (2^-9 relative)
+// of inputs that partly cancel, so that no per-element bound is both tight and safe.
+ParityResult compare_frobenius(std::string stage, std::string dtype, const std::vector<float>& got,
+                               const std::vector<double>& want, double rtol, double atol = 1e-30) {
+  ParityResult r;
+  r.stage = std::move(stage);
+  r.dtype = std::move(dtype);
+  r.elements = static_cast<int64_t>(want.size());
+  if (got.size() != want.size()) {
+    r.mismatches = 1;
+    r.detail = "size " + std::to_string(got.size()) + " != " + std::to_string(want.size());
+    return r;
+  }
+  std::ostringstream os;
+  double err2 = 0, ref2 = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) {
+      if (r.mismatches < 5) os << " [" << i << "] " << got[i] << " vs " << want[i] << ";";
+      ++r.mismatches;
+      continue;
+    }
+    const double d = double{got[i]} - want[i];
+    err2 += d * d;
+    ref2 += want[i] * want[i];
+  }
+  const double err = std::sqrt(err2), ref = std::sqrt(ref2), tol = rtol * ref + atol;
+  r.rel_error = r.mismatches ? INFINITY : (ref > 0 ? err / ref : err);
+  r.max_error = r.mismatches ? INFINITY : err / tol;
+  if (r.mismatches) {
+    os << " (" << r.mismatches << " not finite)";
+  } else if (!(err <= tol)) {
+    r.mismatches = 1;
+    os << " relative Frobenius error " << r.rel_error << " above " << rtol;
   }
   r.detail = os.str();
   return r;
@@ -689,10 +735,12 @@ std::vector<ParityResult> check_route(const RouteCase& rc, uint64_t seed) {
 
 }  // namespace moe::cuda
 
+
 // ------------------------------------------------------------------------------------------------
 // soft MoE
 // ------------------------------------------------------------------------------------------------
 
+#include "cpu/blas.hpp"
 #include "moe/cuda/soft_moe.hpp"
 
 namespace moe::cuda {
@@ -711,104 +759,271 @@ std::vector<RouteCase> soft_moe_cases() {
     return c;
   };
   std::vector<RouteCase> v = {
-      {"soft_moe_t1", base(1, 16, 3, 1)},
+      {"soft_moe_t1", base(1, 64, 5, 3)},  // n = 15: with 3 slots, bf16 dw_gate can pass 1e-2
       {"soft_moe_e4_s2", base(300, 48, 4, 2)},
-      {"soft_moe_e7_s3", base(513, 40, 7, 3)},
+      {"soft_moe_e7_s3", base(513, 40, 7, 3)},       // n = 21: a partial column tile
+      {"soft_moe_e5_s2_h37", base(200, 37, 5, 2)},   // rows not a multiple of 16 bytes
       {"soft_moe_e16_s1_wide", base(1024, 256, 16, 1)},
+      {"soft_moe_e12_s3_chunks", base(2100, 64, 12, 3)},  // 9 row chunks, the last partial
+      {"soft_moe_t8192_e64_s2", base(8192, 512, 64, 2), true},
   };
   for (auto& rc : v) rc.cfg.validate();
   return v;
 }
 
-std::vector<ParityResult> check_soft_moe(const RouteCase& rc, uint64_t seed) {
-  const LayerConfig& cfg = rc.cfg;
+namespace {
+
+template <class A>
+std::vector<double> to_f64(const std::vector<A>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+Params<double> to_f64(const Params<float>& p) {
+  Params<double> d;
+  d.w_gate = to_f64(p.w_gate);
+  d.w_noise = to_f64(p.w_noise);
+  d.slot_scale = to_f64(p.slot_scale);
+  d.w_up = to_f64(p.w_up);
+  d.w_down = to_f64(p.w_down);
+  d.shared_up = to_f64(p.shared_up);
+  d.shared_down = to_f64(p.shared_down);
+  d.expert_bias = to_f64(p.expert_bias);
+  return d;
+}
+
+// What one run of the device path leaves behind, as float (bf16 widens exactly).
+struct SoftDeviceRun {
+  std::vector<float> x_inv_norm, phi_inv_norm, logits, dispatch, combine, slots_in, y,
+      d_slots_out, dx, dphi, dscale;
+};
+
+// Forward (route, dispatch, combine) and backward (combine, then the experts' backward on the
+// CPU in double, then dispatch and route) on the device, every output poisoned first.
+template <class Elem>
+SoftDeviceRun run_soft_moe_device(cublasHandle_t handle, const LayerConfig& cfg,
+                                  const Params<double>& p, const SoftStep<double>& s,
+                                  const std::vector<float>& x, const std::vector<float>& phi,
+                                  float scale, const std::vector<float>& slots_out,
+                                  const std::vector<float>& dy) {
   const int64_t Tn = cfg.tokens, H = cfg.hidden, E = cfg.experts, S = cfg.slots_per_expert;
   const int64_t n = E * S;
-  Params<float> p = random_params<float>(cfg, seed);
-  const std::vector<float> x = normal(Tn * H, seed + 1), dy = normal(Tn * H, seed + 2);
-  SoftStep<float> s;
-  std::vector<float> y_ref(Tn * H);
-  cpu::soft_moe_forward(cfg, p, x.data(), s, y_ref.data(), nullptr);
-  std::vector<float> dx_ref(Tn * H, 0.f);
-  Params<float> g;
-  g.w_gate.assign(p.w_gate.size(), 0.f);
-  g.slot_scale.assign(1, 0.f);
-  g.w_up.assign(p.w_up.size(), 0.f);
-  g.w_down.assign(p.w_down.size(), 0.f);
-  cpu::soft_moe_backward(cfg, p, x.data(), s, dy.data(), dx_ref.data(), g);
-
-  std::vector<ParityResult> out;
-  cublasHandle_t handle = nullptr;
-  MOE_CUBLAS_CHECK(cublasCreate(&handle));
-  SoftMoeBuffers b(cfg);
-  MOE_CUDA_CHECK(cudaMemset(b.arena.data(), 0xff, b.arena.bytes()));  // poison ...
-  MOE_CUDA_CHECK(cudaMemset(b.zero, 0, sizeof(float)));                 // ... but the constant
-  Buffer<float> dx_in(Tn * H), phi(H * n), scale(1), slots_in(n * H), slots_out(n * H),
-      y(Tn * H), ddy(Tn * H), d_slots_out(n * H), d_slots_in(n * H), ddx(Tn * H), dphi(H * n),
-      dscale(1);
-  dx_in.upload(x);
-  phi.upload(p.w_gate);
-  scale.upload(p.slot_scale);
-  slots_out.upload(s.slots_out);
-  ddy.upload(dy);
+  SoftMoeBuffers<Elem> b(cfg);
+  MOE_CUDA_CHECK(cudaMemset(b.arena.data(), 0xff, b.arena.bytes()));  // NaN in fp32 and bf16
+  Buffer<Elem> dev_x(Tn * H), dev_phi(H * n), dev_slots_out(n * H), dev_dy(Tn * H), slots_in(n * H),
+      y(Tn * H), d_slots_out(n * H), d_slots_in(n * H), ddx(Tn * H);
+  Buffer<float> dev_scale(1), dphi(H * n), dscale(1);
+  dev_x.upload(to_dev<Elem>(x));
+  dev_phi.upload(to_dev<Elem>(phi));
+  dev_scale.upload({scale});
+  dev_slots_out.upload(to_dev<Elem>(slots_out));
+  dev_dy.upload(to_dev<Elem>(dy));
   slots_in.poison();
   y.poison();
   d_slots_out.poison();
-  soft_moe_route_forward(handle, dx_in.get(), phi.get(), scale.get(), b, nullptr);
-  soft_moe_dispatch_forward(handle, b, dx_in.get(), slots_in.get(), nullptr);
-  soft_moe_combine_forward(handle, b, slots_out.get(), y.get(), nullptr);
-  MOE_CUDA_CHECK(cudaDeviceSynchronize());
-  auto get = [](const float* d, int64_t count) {
-    std::vector<float> h(count);
-    if (count) MOE_CUDA_CHECK(cudaMemcpy(h.data(), d, count * 4, cudaMemcpyDeviceToHost));
-    return h;
-  };
-  auto dbl = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
-  auto scaled = [](const std::vector<float>& ref) {
-    double m = 0;
-    for (float v : ref) m = std::max(m, double(std::abs(v)));
-    return 1e-5 * m + 1e-7;
-  };
-  out.push_back(compare("soft_moe.x_norm", "fp32", get(b.x_norm, Tn * H), dbl(s.x_norm), 1e-7, 1e-5));
-  out.push_back(compare("soft_moe.logits", "fp32", get(b.logits, Tn * n), dbl(s.logits),
-                        scaled(s.logits), 1e-4));
-  out.push_back(compare("soft_moe.dispatch", "fp32", get(b.dispatch, Tn * n), dbl(s.dispatch),
-                        1e-7, 1e-4));
-  out.push_back(compare("soft_moe.combine", "fp32", get(b.combine, Tn * n), dbl(s.combine),
-                        1e-7, 1e-4));
-  out.push_back(compare("soft_moe.slots_in", "fp32", slots_in.download(n * H), dbl(s.slots_in),
-                        scaled(s.slots_in), 1e-4));
-  out.push_back(compare("soft_moe.y", "fp32", y.download(Tn * H), dbl(y_ref), scaled(y_ref), 1e-4));
+  soft_moe_route_forward<Elem>(handle, dev_x.get(), dev_phi.get(), dev_scale.get(), b, nullptr);
+  soft_moe_dispatch_forward<Elem>(handle, b, dev_x.get(), slots_in.get(), nullptr);
+  soft_moe_combine_forward<Elem>(handle, b, dev_slots_out.get(), y.get(), nullptr);
+  soft_moe_combine_backward<Elem>(handle, b, dev_slots_out.get(), dev_dy.get(), d_slots_out.get(),
+                                  nullptr);
+  SoftDeviceRun r;
+  r.d_slots_out = from_dev<Elem>(d_slots_out.download(n * H));
 
-  // backward: combine (GPU) -> experts (CPU) -> dispatch and route (GPU)
-  soft_moe_combine_backward(handle, b, slots_out.get(), ddy.get(), d_slots_out.get(), nullptr);
-  std::vector<float> dso = d_slots_out.download(n * H), dsi(n * H, 0.f),
-                     dwu(p.w_up.size(), 0.f), dwd(p.w_down.size(), 0.f);
+  // the experts' backward on the CPU, on the device's d_slots_out
   std::vector<int64_t> offsets(E + 1);
   for (int64_t e = 0; e <= E; ++e) offsets[e] = e * S;
-  cpu::experts_backward(cfg, offsets.data(), E, p.w_up.data(), p.w_down.data(),
-                        s.slots_in.data(), s.pre.data(), s.act.data(), dso.data(), dsi.data(),
-                        dwu.data(), dwd.data());
-  d_slots_in.upload(dsi);
-  MOE_CUDA_CHECK(cudaMemset(ddx.get(), 0, Tn * H * 4));
-  MOE_CUDA_CHECK(cudaMemset(dphi.get(), 0, H * n * 4));
-  MOE_CUDA_CHECK(cudaMemset(dscale.get(), 0, 4));
-  soft_moe_dispatch_backward(handle, b, dx_in.get(), d_slots_in.get(), ddx.get(), nullptr);
-  soft_moe_route_backward(handle, b, dx_in.get(), phi.get(), scale.get(), ddx.get(), dphi.get(),
-                          dscale.get(), nullptr);
+  std::vector<double> dso = to_f64(r.d_slots_out), dsi(n * H, 0.0), dwu(p.w_up.size(), 0.0),
+                      dwd(p.w_down.size(), 0.0);
+  cpu::experts_backward(cfg, offsets.data(), E, p.w_up.data(), p.w_down.data(), s.slots_in.data(),
+                        s.pre.data(), s.act.data(), dso.data(), dsi.data(), dwu.data(),
+                        dwd.data());
+  d_slots_in.upload(to_dev<Elem>(std::vector<float>(dsi.begin(), dsi.end())));
+  MOE_CUDA_CHECK(cudaMemset(ddx.get(), 0, Tn * H * sizeof(Elem)));  // accumulated (+=)
+  MOE_CUDA_CHECK(cudaMemset(dphi.get(), 0, H * n * sizeof(float)));
+  MOE_CUDA_CHECK(cudaMemset(dscale.get(), 0, sizeof(float)));
+  soft_moe_dispatch_backward<Elem>(handle, b, dev_x.get(), d_slots_in.get(), ddx.get(), nullptr);
+  soft_moe_route_backward<Elem>(handle, b, dev_x.get(), dev_phi.get(), dev_scale.get(), ddx.get(),
+                                dphi.get(), dscale.get(), nullptr);
   MOE_CUDA_CHECK(cudaDeviceSynchronize());
-  auto loose = [](const std::vector<float>& ref) {
-    double m = 0;
-    for (float v : ref) m = std::max(m, double(std::abs(v)));
-    return 1e-4 * m + 1e-7;
+
+  auto get = [](const auto* d, int64_t count) {
+    using V = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
+    std::vector<V> h(count);
+    if (count) MOE_CUDA_CHECK(cudaMemcpy(h.data(), d, count * sizeof(V), cudaMemcpyDeviceToHost));
+    return from_dev<V>(h);
   };
-  out.push_back(compare("soft_moe_backward.dw_up", "fp32", dwu, dbl(g.w_up), loose(g.w_up), 1e-3));
-  out.push_back(compare("soft_moe_backward.dx", "fp32", ddx.download(Tn * H), dbl(dx_ref),
-                        loose(dx_ref), 1e-3));
-  out.push_back(compare("soft_moe_backward.dw_gate", "fp32", dphi.download(H * n), dbl(g.w_gate),
-                        loose(g.w_gate), 1e-3));
-  out.push_back(compare("soft_moe_backward.dscale", "fp32", dscale.download(1),
-                        dbl(g.slot_scale), 1e-6, 1e-3));
+  r.x_inv_norm = get(b.x_inv_norm, Tn);
+  r.phi_inv_norm = get(b.phi_inv_norm, n);
+  r.logits = get(b.logits, Tn * n);
+  r.dispatch = get(b.dispatch, Tn * n);
+  r.combine = get(b.combine, Tn * n);
+  r.slots_in = from_dev<Elem>(slots_in.download(n * H));
+  r.y = from_dev<Elem>(y.download(Tn * H));
+  r.dx = from_dev<Elem>(ddx.download(Tn * H));
+  r.dphi = dphi.download(H * n);
+  r.dscale = dscale.download(1);
+  return r;
+}
+
+// Elements whose bits differ between two runs.
+ParityResult compare_bits(std::string stage, std::string dtype, const SoftDeviceRun& a,
+                          const SoftDeviceRun& b) {
+  ParityResult r;
+  r.stage = std::move(stage);
+  r.dtype = std::move(dtype);
+  std::ostringstream os;
+  auto one = [&](const char* name, const std::vector<float>& u, const std::vector<float>& v) {
+    r.elements += static_cast<int64_t>(u.size());
+    int64_t bad = u.size() == v.size() ? 0 : 1;
+    for (size_t i = 0; u.size() == v.size() && i < u.size(); ++i)
+      if (std::memcmp(&u[i], &v[i], sizeof(float)) != 0) ++bad;
+    if (bad) os << " " << name << ": " << bad << " differ;";
+    r.mismatches += bad;
+  };
+  one("logits", a.logits, b.logits);
+  one("dispatch", a.dispatch, b.dispatch);
+  one("combine", a.combine, b.combine);
+  one("slots_in", a.slots_in, b.slots_in);
+  one("y", a.y, b.y);
+  one("d_slots_out", a.d_slots_out, b.d_slots_out);
+  one("dx", a.dx, b.dx);
+  one("dw_gate", a.dphi, b.dphi);
+  one("dscale", a.dscale, b.dscale);
+  r.max_error = r.mismatches ? INFINITY : 0;
+  r.detail = os.str();
+  return r;
+}
+
+template <class Elem>
+void check_soft_moe_typed(const RouteCase& rc, uint64_t seed, cublasHandle_t handle,
+                          std::vector<ParityResult>& out) {
+  const LayerConfig& cfg = rc.cfg;
+  const int64_t Tn = cfg.tokens, H = cfg.hidden, E = cfg.experts, S = cfg.slots_per_expert;
+  const int64_t n = E * S;
+  const char* dt = dtype_name<Elem>();
+  constexpr bool kBf16 = !std::is_same_v<Elem, float>;
+
+  // Inputs rounded to Elem, so that the reference (double) sees what the device sees. The
+  // experts' weights stay as drawn: the experts run on the CPU in this check.
+  const Params<float> pf = random_params<float>(cfg, seed);
+  const std::vector<float> x = rounded<Elem>(normal(Tn * H, seed + 1)),
+                           dy = rounded<Elem>(normal(Tn * H, seed + 2)),
+                           phi = rounded<Elem>(pf.w_gate);
+  Params<double> p = to_f64(pf);
+  p.w_gate = to_f64(phi);
+  const std::vector<double> xd = to_f64(x), dyd = to_f64(dy);
+
+  // ---- reference in double: forward, backward, and the pieces the tolerances need
+  SoftStep<double> s;
+  std::vector<double> y_ref(Tn * H), dx_ref(Tn * H, 0.0);
+  cpu::soft_moe_forward(cfg, p, xd.data(), s, y_ref.data(), nullptr);
+  Params<double> g;
+  g.w_gate.assign(p.w_gate.size(), 0.0);
+  g.slot_scale.assign(1, 0.0);
+  g.w_up.assign(p.w_up.size(), 0.0);
+  g.w_down.assign(p.w_down.size(), 0.0);
+  cpu::soft_moe_backward(cfg, p, xd.data(), s, dyd.data(), dx_ref.data(), g);
+  // d_slots_out = C^T dy; dC = dy slots_out^T; dD = x d_slots_in^T
+  std::vector<double> dso_ref(n * H), dC(Tn * n), dD(Tn * n), dsi(n * H, 0.0),
+      dwu(p.w_up.size(), 0.0), dwd(p.w_down.size(), 0.0);
+  cpu::gemm(true, false, n, H, Tn, 1.0, s.combine.data(), n, dyd.data(), H, 0.0, dso_ref.data(), H);
+  cpu::gemm(false, true, Tn, n, H, 1.0, dyd.data(), H, s.slots_out.data(), H, 0.0, dC.data(), n);
+  std::vector<int64_t> offsets(E + 1);
+  for (int64_t e = 0; e <= E; ++e) offsets[e] = e * S;
+  cpu::experts_backward(cfg, offsets.data(), E, p.w_up.data(), p.w_down.data(), s.slots_in.data(),
+                        s.pre.data(), s.act.data(), dso_ref.data(), dsi.data(), dwu.data(),
+                        dwd.data());
+  cpu::gemm(false, true, Tn, n, H, 1.0, xd.data(), H, dsi.data(), H, 0.0, dD.data(), n);
+  // d scale = sum_i dL_i u_i (u = x_hat phi_hat), dL = D (dD - a_j) + C (dC - b_t) with the
+  // column dots a_j = <D[:, j], dD[:, j]> and row dots b_t = <C[t, :], dC[t, :]>. Both softmax
+  // backwards cancel, so the sum's error is bounded by the size of what goes into it, not by the
+  // sum: m_i = |u_i| (D_i (|dD_i| + |a_j| + sum_t |D dD|) + C_i (|dC_i| + |b_t| + sum_j |C dC|)),
+  // and the tolerance is a multiple of ||m||_2 (bf16: one rounding of D and C, 2^-9 relative,
+  // lands near 4e-3 ||m|| at worst in 60 seeds of a NumPy model of this path; 1e-2 is used).
+  const double scale = p.slot_scale[0];
+  std::vector<double> m(Tn * n, 0.0);
+  for (int64_t j = 0; j < n; ++j) {
+    double dot = 0, mag = 0;
+    for (int64_t t = 0; t < Tn; ++t) {
+      dot += s.dispatch[t * n + j] * dD[t * n + j];
+      mag += std::abs(s.dispatch[t * n + j] * dD[t * n + j]);
+    }
+    for (int64_t t = 0; t < Tn; ++t)
+      m[t * n + j] += s.dispatch[t * n + j] * (std::abs(dD[t * n + j]) + std::abs(dot) + mag);
+  }
+  for (int64_t t = 0; t < Tn; ++t) {
+    double dot = 0, mag = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      dot += s.combine[t * n + j] * dC[t * n + j];
+      mag += std::abs(s.combine[t * n + j] * dC[t * n + j]);
+    }
+    for (int64_t j = 0; j < n; ++j)
+      m[t * n + j] += s.combine[t * n + j] * (std::abs(dC[t * n + j]) + std::abs(dot) + mag);
+  }
+  double m2 = 0;
+  for (int64_t i = 0; i < Tn * n; ++i) m2 += std::pow(m[i] * s.logits[i] / scale, 2);
+
+  // ---- device, twice (fresh buffers each time: the second run checks determinism)
+  const std::vector<float> slots_out = rounded<Elem>(
+      std::vector<float>(s.slots_out.begin(), s.slots_out.end()));
+  const SoftDeviceRun r = run_soft_moe_device<Elem>(handle, cfg, p, s, x, phi, float(scale),
+                                                    slots_out, dy);
+  const SoftDeviceRun again = run_soft_moe_device<Elem>(handle, cfg, p, s, x, phi, float(scale),
+                                                        slots_out, dy);
+
+  auto scaled = [](const std::vector<double>& ref, double rel) {
+    double m = 0;
+    for (double v : ref) m = std::max(m, std::abs(v));
+    return rel * m + 1e-7;
+  };
+  // Rows carry the path's dtype (the storage of x, y and the weights); the norms, logits, dw_gate
+  // and dscale are fp32 tensors on both paths.
+  // fp32 router math on both paths: element-wise
+  out.push_back(compare("soft_moe.x_inv_norm", dt, r.x_inv_norm, s.x_inv_norm, 0, 1e-5));
+  out.push_back(compare("soft_moe.phi_inv_norm", dt, r.phi_inv_norm, s.phi_inv_norm, 0, 1e-5));
+  // |x_hat phi_hat| <= 1, so an fp32 dot product of H terms is off by a few 1e-6 of scale at most
+  // in practice (blocked sums); 2e-5 * |scale| leaves room and still catches any real error.
+  out.push_back(compare("soft_moe.logits", dt, r.logits, s.logits, 2e-5 * std::abs(scale), 1e-4));
+  // the weights: fp32 math, one rounding to Elem
+  const double w_rtol = kBf16 ? 1.01 * storage_eps<Elem>() + 1e-4 : 1e-4;
+  out.push_back(compare("soft_moe.dispatch", dt, r.dispatch, s.dispatch, 1e-7, w_rtol));
+  out.push_back(compare("soft_moe.combine", dt, r.combine, s.combine, 1e-7, w_rtol));
+  const double dscale_tol = (kBf16 ? 1e-2 : 1e-4) * std::sqrt(m2) + 1e-7;
+  if constexpr (kBf16) {
+    // GEMM outputs and gradients: relative Frobenius error <= 1e-2
+    constexpr double kTol = 1e-2;
+    out.push_back(compare_frobenius("soft_moe.slots_in", dt, r.slots_in, s.slots_in, kTol));
+    out.push_back(compare_frobenius("soft_moe.y", dt, r.y, y_ref, kTol));
+    out.push_back(compare_frobenius("soft_moe_backward.d_slots_out", dt, r.d_slots_out, dso_ref,
+                                    kTol));
+    out.push_back(compare_frobenius("soft_moe_backward.dx", dt, r.dx, dx_ref, kTol));
+    out.push_back(compare_frobenius("soft_moe_backward.dw_gate", dt, r.dphi, g.w_gate, kTol));
+  } else {
+    auto loose = [&](const std::vector<double>& ref) { return scaled(ref, 1e-4); };
+    out.push_back(compare("soft_moe.slots_in", dt, r.slots_in, s.slots_in, scaled(s.slots_in, 1e-5),
+                          1e-4));
+    out.push_back(compare("soft_moe.y", dt, r.y, y_ref, scaled(y_ref, 1e-5), 1e-4));
+    out.push_back(compare("soft_moe_backward.d_slots_out", dt, r.d_slots_out, dso_ref,
+                          loose(dso_ref), 1e-3));
+    out.push_back(compare("soft_moe_backward.dx", dt, r.dx, dx_ref, loose(dx_ref), 1e-3));
+    out.push_back(compare("soft_moe_backward.dw_gate", dt, r.dphi, g.w_gate, loose(g.w_gate), 1e-3));
+  }
+  out.push_back(compare("soft_moe_backward.dscale", dt, r.dscale, g.slot_scale, 0, 0, {dscale_tol}));
+  out.push_back(compare_bits("soft_moe.repeat_bitwise", dt, r, again));
+}
+
+}  // namespace
+
+std::vector<ParityResult> check_soft_moe(const RouteCase& rc, uint64_t seed) {
+  std::vector<ParityResult> out;
+  cublasHandle_t handle = nullptr;
+  MOE_CUBLAS_CHECK(cublasCreate(&handle));
+  try {
+    check_soft_moe_typed<float>(rc, seed, handle, out);
+    check_soft_moe_typed<__nv_bfloat16>(rc, seed, handle, out);
+  } catch (...) {
+    cublasDestroy(handle);
+    throw;
+  }
   MOE_CUBLAS_CHECK(cublasDestroy(handle));
   return out;
 }

@@ -1,5 +1,5 @@
 // CUDA gate + route (forward and backward) vs the CPU reference router, every sparse router;
-// soft MoE's dense dispatch and combine.
+// soft MoE's dense dispatch and combine in fp32 and bf16.
 #include <gtest/gtest.h>
 
 #include "cuda_test_util.hpp"
@@ -37,8 +37,10 @@ INSTANTIATE_TEST_SUITE_P(Routers, RouteParity, ::testing::ValuesIn(cuda::route_c
 
 class SoftMoeParity : public ::testing::TestWithParam<cuda::RouteCase> {};
 
+// fp32 and bf16, forward and backward, outputs poisoned, two runs bitwise identical.
 TEST_P(SoftMoeParity, MatchesTheCpuSoftMoeForwardAndBackward) {
   MOE_REQUIRE_GPU();
+  if (GetParam().large && small_only()) GTEST_SKIP() << "large case (MOE_TEST_SMALL)";
   for (const cuda::ParityResult& r : cuda::check_soft_moe(GetParam(), 31))
     EXPECT_TRUE(r.pass()) << r.stage << " " << r.dtype << ": " << r.mismatches << " of "
                           << r.elements << " differ (max error " << r.max_error

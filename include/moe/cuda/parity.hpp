@@ -41,6 +41,7 @@ struct ParityResult {
   std::string dtype;    // fp32, bf16, int32
   std::string detail;   // first mismatches, or empty
   double max_error = 0; // largest |gpu - ref| / (atol + rtol |ref|); <= 1 passes
+  double rel_error = 0; // ||gpu - ref||_2 / ||ref||_2 over the tensor (float comparisons)
   int64_t elements = 0, mismatches = 0;
   bool pass() const { return mismatches == 0; }
 };
@@ -61,9 +62,18 @@ std::vector<RouteCase> route_cases();
 // backward comparison is skipped when any occurred.
 std::vector<ParityResult> check_route(const RouteCase& c, uint64_t seed);
 
-// Soft MoE (fp32): norms, logits, both softmaxes, the dispatch and combine GEMMs, and the
-// backward of all of them (the experts' backward in between runs on the CPU) against
-// cpu::soft_moe_forward / soft_moe_backward.
+// Soft MoE in fp32 and in bf16: norms, logits, both softmaxes, the dispatch and combine GEMMs,
+// and the backward of all of them (the experts' backward in between runs on the CPU) against
+// cpu::soft_moe_forward / soft_moe_backward in double on the same (bf16-rounded) inputs.
+// Tolerances: the fp32 router math (inverse norms, logits) element-wise on both paths; the
+// dispatch and combine weights element-wise with one rounding of the storage type; on the fp32
+// path every other tensor element-wise (1e-4 of the tensor's largest value + 1e-4 relative
+// forward, 1e-3 backward); on the bf16 path the GEMM outputs and gradients (slots_in, y,
+// d_slots_out, dx, dw_gate) by relative Frobenius error <= 1e-2, every element finite; dscale
+// within 1e-4 (fp32) or 1e-2 (bf16) of the norm of the magnitudes that enter its sum (see
+// check_soft_moe_typed in parity.cpp).
+// Each path runs twice on fresh buffers: soft_moe.repeat_bitwise counts the bits that differ.
+// Cases: T = 1, E not a power of two, S > 1, H not a multiple of 8, several row chunks.
 std::vector<RouteCase> soft_moe_cases();
 std::vector<ParityResult> check_soft_moe(const RouteCase& c, uint64_t seed);
 
