@@ -1,6 +1,7 @@
-// defines: GroupedGemm (workspace + dispatch on the weight layout)
-// The CUTLASS kernels themselves are compiled in grouped_gemm_bf16_{kn,nk}.cu; this file only
-// sizes the workspace, checks the arguments and picks the instantiation.
+// defines: GroupedGemmBase, GroupedGemm, GroupedWgrad, GroupedGemmAct (workspaces, argument
+//          checks, dispatch)
+// The CUTLASS kernels themselves are compiled in grouped_gemm_bf16_{kn,nk,wgrad,act}.cu; this file
+// only sizes the workspaces, checks the arguments and picks the instantiation.
 #include "grouped_gemm_sm90.hpp"
 #include "moe/check.hpp"
 #include "moe/cuda/check.cuh"
@@ -10,17 +11,21 @@ namespace moe::cuda {
 
 namespace {
 using grouped_gemm::Bf16Sm90;
+using grouped_gemm::Bf16Sm90Act;
+using grouped_gemm::Bf16Sm90Wgrad;
 
-int current_sm_count() {
-  int device = 0, sms = 0;
-  MOE_CUDA_CHECK(cudaGetDevice(&device));
-  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
+// A width the TMA descriptors can take: a positive multiple of 8 bf16 (16-byte rows), < 2^30.
+void check_width(const char* what, const char* name, int64_t v) {
+  MOE_CHECK(v >= 8 && v % 8 == 0 && v < (int64_t{1} << 30), what, ": ", name,
+            " must be a positive multiple of 8 (16-byte TMA rows), got ", v);
 }
 }  // namespace
 
-GroupedGemm::GroupedGemm(int64_t experts, WeightLayout layout)
-    : experts_(experts), layout_(layout), sm_count_(current_sm_count()) {
+// ------------------------------------------------------------------------------------------------
+// shared workspace
+// ------------------------------------------------------------------------------------------------
+
+GroupedGemmBase::GroupedGemmBase(int64_t experts) : experts_(experts) {
   MOE_CHECK(experts >= 1 && experts <= 4096, "grouped GEMM: experts must be in [1, 4096], got ",
             experts);
   int device = 0, major = 0, minor = 0;
@@ -29,10 +34,26 @@ GroupedGemm::GroupedGemm(int64_t experts, WeightLayout layout)
   MOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   MOE_CHECK(major == 9 && minor == 0, "grouped GEMM: needs a Hopper GPU (sm_90), found sm_",
             major, minor);
-  workspace_bytes_ = layout == WeightLayout::kn
-                         ? Bf16Sm90<WeightLayout::kn>::workspace_bytes(experts, sm_count_)
-                         : Bf16Sm90<WeightLayout::nk>::workspace_bytes(experts, sm_count_);
-  arena_ = DeviceArena({{"grouped_gemm", workspace_bytes_, &workspace_}});
+  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device));
+}
+
+void GroupedGemmBase::allocate(size_t workspace_bytes) {
+  arena_ = DeviceArena({{"grouped_gemm", workspace_bytes, &workspace_}});
+}
+
+void GroupedGemmBase::check_ready() const {
+  MOE_CHECK(experts_ >= 1 && workspace_ != nullptr, "grouped GEMM: not constructed");
+}
+
+// ------------------------------------------------------------------------------------------------
+// D = A · B_e
+// ------------------------------------------------------------------------------------------------
+
+GroupedGemm::GroupedGemm(int64_t experts, WeightLayout layout)
+    : GroupedGemmBase(experts), layout_(layout) {
+  allocate(layout == WeightLayout::kn
+               ? Bf16Sm90<WeightLayout::kn>::workspace_bytes(experts, sm_count_)
+               : Bf16Sm90<WeightLayout::nk>::workspace_bytes(experts, sm_count_));
 }
 
 const char* GroupedGemm::name() const {
@@ -41,16 +62,53 @@ const char* GroupedGemm::name() const {
 }
 
 void GroupedGemm::run(const GroupedGemmArgs& args, cudaStream_t stream) const {
-  MOE_CHECK(experts_ >= 1 && workspace_ != nullptr, "grouped GEMM: not constructed");
-  MOE_CHECK(args.n >= 8 && args.n % 8 == 0 && args.n < (int64_t{1} << 30),
-            "grouped GEMM: N must be a positive multiple of 8 (16-byte TMA rows), got ", args.n);
-  MOE_CHECK(args.k >= 8 && args.k % 8 == 0 && args.k < (int64_t{1} << 30),
-            "grouped GEMM: K must be a positive multiple of 8 (16-byte TMA rows), got ", args.k);
+  check_ready();
+  check_width("grouped GEMM", "N", args.n);
+  check_width("grouped GEMM", "K", args.k);
   MOE_CHECK(args.offsets && args.a && args.b && args.d, "grouped GEMM: null pointer argument");
   if (layout_ == WeightLayout::kn)
     Bf16Sm90<WeightLayout::kn>::run(args, experts_, workspace_, sm_count_, stream);
   else
     Bf16Sm90<WeightLayout::nk>::run(args, experts_, workspace_, sm_count_, stream);
+}
+
+// ------------------------------------------------------------------------------------------------
+// dW_e += X_e^T · Y_e
+// ------------------------------------------------------------------------------------------------
+
+GroupedWgrad::GroupedWgrad(int64_t experts) : GroupedGemmBase(experts) {
+  allocate(Bf16Sm90Wgrad::workspace_bytes(experts, sm_count_));
+}
+
+const char* GroupedWgrad::name() const { return Bf16Sm90Wgrad::name(); }
+
+void GroupedWgrad::run(const GroupedWgradArgs& args, cudaStream_t stream) const {
+  check_ready();
+  check_width("grouped weight gradient", "P", args.p);
+  check_width("grouped weight gradient", "Q", args.q);
+  MOE_CHECK(args.offsets && args.x && args.y && args.dw,
+            "grouped weight gradient: null pointer argument");
+  Bf16Sm90Wgrad::run(args, experts_, workspace_, sm_count_, stream);
+}
+
+// ------------------------------------------------------------------------------------------------
+// pre = A · B_e, act = activation(pre)
+// ------------------------------------------------------------------------------------------------
+
+GroupedGemmAct::GroupedGemmAct(int64_t experts, Activation activation)
+    : GroupedGemmBase(experts), activation_(activation) {
+  allocate(Bf16Sm90Act::workspace_bytes(experts, sm_count_));
+}
+
+const char* GroupedGemmAct::name() const { return Bf16Sm90Act::name(); }
+
+void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) const {
+  check_ready();
+  check_width("grouped GEMM + activation", "N", args.n);
+  check_width("grouped GEMM + activation", "K", args.k);
+  MOE_CHECK(args.offsets && args.a && args.b && args.act,
+            "grouped GEMM + activation: null pointer argument (only pre may be null)");
+  Bf16Sm90Act::run(args, activation_, experts_, workspace_, sm_count_, stream);
 }
 
 }  // namespace moe::cuda

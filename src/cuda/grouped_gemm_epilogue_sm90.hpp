@@ -1,8 +1,10 @@
-// defines: moe::cuda::grouped_gemm::EpilogueStore
-// The epilogue of the expert grouped GEMM: D = alpha * acc (+ beta * C), fp32 -> bf16, stored row-
-// major through smem with TMA (the ptr-array collective swaps its TMA descriptor per expert).
-// This is the unfused store; a fused variant (SwiGLU / GELU on the up-projection, a row scatter on
-// the down-projection) replaces this piece only.
+// defines: moe::cuda::grouped_gemm::{EpilogueStore, EpilogueAccumulateF32}
+// The TMA epilogues of the expert grouped GEMMs (the ptr-array collective swaps its TMA descriptors
+// per expert), stored row-major through smem:
+//   EpilogueStore          D = acc, fp32 -> bf16: the unfused store of pre / yp / da / dxp
+//   EpilogueAccumulateF32  D = acc + C with C = D, fp32: the weight gradients, accumulated in place
+// The fused activation epilogue of the up-projection is grouped_gemm_epilogue_act_sm90.hpp; a
+// fused variant replaces this piece only.
 #pragma once
 #include <cutlass/epilogue/collective/collective_builder.hpp>
 #include <cutlass/epilogue/fusion/operations.hpp>
@@ -23,5 +25,21 @@ using EpilogueStore = typename cutlass::epilogue::collective::CollectiveBuilder<
     Bf16, cutlass::layout::RowMajor*, kAlignment,                // D: rows of pre / yp / dxp
     typename Config::EpilogueSchedule,
     cutlass::epilogue::fusion::LinearCombination<Bf16, Accum>>::CollectiveOp;
+
+// dW += acc in place: C and D are the same fp32 (E, P, Q) tensor, beta = 1. The collective loads
+// the C subtile through its own producer warp before the consumers overwrite the same subtile, and
+// no two CTAs share an output tile, so reading and writing one buffer is safe.
+inline constexpr int kAlignmentF32 = 16 / sizeof(float);
+
+template <class Config, class EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto>
+using EpilogueAccumulateF32 = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+    typename Config::TileShape, typename Config::ClusterShape,
+    EpilogueTile,
+    Accum, Accum,
+    float, cutlass::layout::RowMajor*, kAlignmentF32,           // C: dW_e before
+    float, cutlass::layout::RowMajor*, kAlignmentF32,           // D: dW_e after
+    typename Config::EpilogueSchedule,
+    cutlass::epilogue::fusion::LinearCombination<float, Accum, float, Accum>>::CollectiveOp;
 
 }  // namespace moe::cuda::grouped_gemm

@@ -1,8 +1,11 @@
-// defines: moe::cuda::grouped_gemm::{Bf16, CooperativeConfig, LayoutB, Mainloop}
-// The mainloop of the expert grouped GEMM: CUTLASS's sm90 ptr-array collective (TMA loads of A and
-// B into a multi-stage smem ring, wgmma on two consumer warpgroups, one producer warp). A is
-// row-major (K-major); B is row-major (K, N) for the forward (N-major: wgmma transposes 16-bit
-// operands from smem for free) or (N, K) for the backward's W^T (K-major).
+// defines: moe::cuda::grouped_gemm::{Bf16, CooperativeConfig, LayoutB, MainloopAB, Mainloop}
+// The mainloop of the expert grouped GEMMs: CUTLASS's sm90 ptr-array collective (TMA loads of A and
+// B into a multi-stage smem ring, wgmma on two consumer warpgroups, one producer warp). For the
+// activation GEMMs A is row-major (K-major); B is row-major (K, N) for the forward (N-major: wgmma
+// transposes 16-bit operands from smem for free) or (N, K) for the backward's W^T (K-major). For
+// the weight gradients both operands are rows of the segment read transposed: A = X^T is
+// column-major (M-major), B = Y is row-major (N-major), and K (the segment length) is the strided
+// dimension of both, so any K (not only multiples of 8) keeps TMA's 16-byte rules.
 //
 // The config is a small struct so that a second schedule (pingpong for small segments) differs in
 // a few lines; each config + layout pair is one CUTLASS instantiation (about a minute of nvcc).
@@ -39,20 +42,36 @@ struct CooperativeConfig {
   static constexpr const char* kName = "sm90 ptr-array cooperative 128x256x64 cluster 2x1x1";
 };
 
+// Pingpong: each consumer warpgroup owns a whole tile and the two alternate, so one's epilogue
+// runs under the other's mainloop. Not used by the library yet; the lab compares it (a store-heavy
+// epilogue -- the fused activation, the fp32 weight gradients -- is where it should pay).
+template <int kM, int kN>
+struct PingpongConfig {
+  using TileShape = cute::Shape<cute::Int<kM>, cute::Int<kN>, cute::_64>;     // bM bN bK
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+  static constexpr const char* kName = "sm90 ptr-array pingpong cluster 2x1x1";
+};
+
 // B_e (K, N) row-major is CUTLASS's RowMajor B; (N, K) row-major (W^T) is its ColumnMajor B.
 template <WeightLayout L>
 using LayoutB = cute::conditional_t<L == WeightLayout::kn, cutlass::layout::RowMajor,
                                     cutlass::layout::ColumnMajor>;
 
 // Stages fill the shared memory the epilogue leaves (StageCountAutoCarveout).
-template <class Config, WeightLayout L, int kEpilogueSmemBytes>
-using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+template <class Config, class LayoutA, class LayoutB_, int kEpilogueSmemBytes>
+using MainloopAB = typename cutlass::gemm::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-    Bf16, cutlass::layout::RowMajor*, kAlignment,                // A: rows of xp / act / dy
-    Bf16, LayoutB<L>*, kAlignment,                               // B: expert weights
+    Bf16, LayoutA*, kAlignment,                                  // A: rows of xp / act / dy, or X^T
+    Bf16, LayoutB_*, kAlignment,                                 // B: expert weights, or Y
     Accum,
     typename Config::TileShape, typename Config::ClusterShape,
     cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmemBytes>,
     typename Config::KernelSchedule>::CollectiveOp;
+
+// The activation GEMMs: A = rows (K-major), B = expert weights in layout L.
+template <class Config, WeightLayout L, int kEpilogueSmemBytes>
+using Mainloop = MainloopAB<Config, cutlass::layout::RowMajor, LayoutB<L>, kEpilogueSmemBytes>;
 
 }  // namespace moe::cuda::grouped_gemm

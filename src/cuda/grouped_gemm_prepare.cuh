@@ -1,4 +1,5 @@
-// defines: moe::cuda::grouped_gemm::{PrepareParams, prepare_kernel, packed_stride}
+// defines: moe::cuda::grouped_gemm::{PrepareParams, prepare_kernel, WgradPrepareParams,
+//          wgrad_prepare_kernel, packed_stride}
 // Segments -> grouped-GEMM problems, on the device. The plan leaves offsets[E+1] in device memory;
 // this kernel writes, for every expert e, its problem {m_e, N, K}, the A/B/D pointers of its
 // segment and the strides CUTLASS's ptr-array collectives read. CUTLASS's grouped tile scheduler
@@ -43,7 +44,7 @@ struct PrepareParams {
   bool b_nk;                   // B_e stored (N, K) instead of (K, N)
   const Element* a;            // (max_rows, K)
   const Element* b;            // (E, K, N) or (E, N, K)
-  Element* d;                  // (max_rows, N)
+  Element* d;                  // (max_rows, N), or nullptr (then ptr_d, stride_d are not written)
   Problem* problems;           // (E) {m_e, N, K}
   const Element** ptr_a;       // (E)
   const Element** ptr_b;       // (E)
@@ -60,18 +61,62 @@ __global__ void prepare_kernel(PrepareParams<Element, Problem, StrideA, StrideB,
     MOE_DEVICE_ASSERT(r0 >= 0 && r1 >= r0);
     const Element* a = p.a + int64_t{r0} * p.k;                 // segment e of A (m_e, K)
     const Element* b = p.b + int64_t{e} * p.k * p.n;            // expert e's weight
-    Element* d = p.d + int64_t{r0} * p.n;                       // segment e of D (m_e, N)
     // TMA needs 16-byte aligned global addresses (host checks N, K % 8; this catches bad bases).
     MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(a) % 16 == 0);
     MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(b) % 16 == 0);
-    MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(d) % 16 == 0);
     p.problems[e] = Problem{r1 - r0, p.n, p.k};
     p.ptr_a[e] = a;
     p.ptr_b[e] = b;
-    p.ptr_d[e] = d;
     p.stride_a[e] = packed_stride<StrideA>(p.k);                // A (m, K) row-major
     p.stride_b[e] = packed_stride<StrideB>(p.b_nk ? p.k : p.n); // B seen as (N, K)
-    p.stride_d[e] = packed_stride<StrideD>(p.n);                // D (m, N) row-major
+    if (p.d != nullptr) {  // null for the fused epilogue, which addresses its outputs itself
+      Element* d = p.d + int64_t{r0} * p.n;                     // segment e of D (m_e, N)
+      MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(d) % 16 == 0);
+      p.ptr_d[e] = d;
+      p.stride_d[e] = packed_stride<StrideD>(p.n);              // D (m, N) row-major
+    }
+  }
+}
+
+// The weight gradients: problem e is dW_e (P, Q) += X_e^T (P, m_e) · Y_e (m_e, Q), so M = P, N = Q
+// and K = m_e, the segment length. An empty segment becomes the problem {0, Q, 0}: no M tiles, so
+// CUTLASS's scheduler gives it no work and dW_e stays exactly as it was (a K = 0 problem with tiles
+// would instead run an epilogue on never-initialised accumulators).
+template <class Element, class Problem, class StrideA, class StrideB, class StrideD>
+struct WgradPrepareParams {
+  const int32_t* offsets;      // (E+1) segment starts
+  int32_t groups, p, q;        // E, P, Q
+  const Element* x;            // (max_rows, P): A_e = X_e^T, column-major (M-major), ld P
+  const Element* y;            // (max_rows, Q): B_e = Y_e (K, N) row-major (N-major), ld Q
+  float* dw;                   // (E, P, Q) row-major
+  Problem* problems;           // (E) {P, Q, m_e} or {0, Q, 0}
+  const Element** ptr_a;       // (E)
+  const Element** ptr_b;       // (E)
+  float** ptr_d;               // (E) also C (beta = 1, in place)
+  StrideA* stride_a;           // (E)
+  StrideB* stride_b;           // (E)
+  StrideD* stride_d;           // (E) also C's
+};
+
+template <class Element, class Problem, class StrideA, class StrideB, class StrideD>
+__global__ void wgrad_prepare_kernel(
+    WgradPrepareParams<Element, Problem, StrideA, StrideB, StrideD> p) {
+  for (int e = threadIdx.x; e < p.groups; e += blockDim.x) {
+    const int32_t r0 = p.offsets[e], r1 = p.offsets[e + 1];
+    MOE_DEVICE_ASSERT(r0 >= 0 && r1 >= r0);
+    const Element* x = p.x + int64_t{r0} * p.p;                 // segment e of X (m_e, P)
+    const Element* y = p.y + int64_t{r0} * p.q;                 // segment e of Y (m_e, Q)
+    float* dw = p.dw + int64_t{e} * p.p * p.q;                  // dW_e (P, Q)
+    MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(x) % 16 == 0);
+    MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(y) % 16 == 0);
+    MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(dw) % 16 == 0);
+    p.problems[e] = r1 > r0 ? Problem{p.p, p.q, r1 - r0} : Problem{0, p.q, 0};
+    p.ptr_a[e] = x;
+    p.ptr_b[e] = y;
+    p.ptr_d[e] = dw;
+    p.stride_a[e] = packed_stride<StrideA>(p.p);                // A (P, m) column-major
+    p.stride_b[e] = packed_stride<StrideB>(p.q);                // B (m, Q) row-major, seen (N, K)
+    p.stride_d[e] = packed_stride<StrideD>(p.q);                // D (P, Q) row-major
   }
 }
 

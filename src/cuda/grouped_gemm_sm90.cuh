@@ -1,4 +1,4 @@
-// defines: MOE_CUTLASS_CHECK, moe::cuda::grouped_gemm::{Kernel, Bf16Sm90<L> member definitions}
+// defines: moe::cuda::grouped_gemm::{Kernel, Bf16Sm90<L> member definitions}
 // Assembles the expert grouped GEMM from its pieces -- mainloop (grouped_gemm_mainloop_sm90.hpp),
 // epilogue (grouped_gemm_epilogue_sm90.hpp), problems prepared on the device
 // (grouped_gemm_prepare.cuh) and CUTLASS's persistent grouped tile scheduler -- and defines the
@@ -6,7 +6,6 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -14,29 +13,12 @@
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 #include <cutlass/gemm/group_array_problem_shape.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/kernel_hardware_info.h>
 
+#include "grouped_gemm_common_sm90.cuh"
 #include "grouped_gemm_epilogue_sm90.hpp"
 #include "grouped_gemm_mainloop_sm90.hpp"
 #include "grouped_gemm_prepare.cuh"
 #include "grouped_gemm_sm90.hpp"
-#include "moe/check.hpp"
-#include "moe/cuda/check.cuh"
-
-#ifndef MOE_CUTLASS_CHECK
-#define MOE_CUTLASS_CHECK(expr)                                                            \
-  do {                                                                                     \
-    const cutlass::Status moe_cutlass_st_ = (expr);                                        \
-    if (moe_cutlass_st_ != cutlass::Status::kSuccess)                                      \
-      throw ::moe::Error(::moe::detail::concat(__FILE__, ":", __LINE__, ": ", #expr,       \
-                                               " failed: ",                                \
-                                               cutlassGetStatusString(moe_cutlass_st_)));  \
-  } while (0)
-#endif
-
-#if !defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
-#error "the grouped GEMM needs CUDA 12.3+ (device-modifiable TMA descriptors)"
-#endif
 
 namespace moe::cuda::grouped_gemm {
 
@@ -62,8 +44,7 @@ struct Kernel {
   static_assert(sizeof(StrideA) == 8 && sizeof(StrideB) == 8 && sizeof(StrideD) == 8,
                 "one dynamic 64-bit stride per operand");
 
-  // One workspace, carved in this order; every array starts on a 256-byte boundary (TMA
-  // descriptors built from the pointer arrays want 16 bytes; 256 keeps them on their own lines).
+  // One workspace, carved in this order (WorkspaceCarver: 256-byte aligned pieces).
   struct Carve {
     Problem* problems;       // (E)
     const Bf16** ptr_a;      // (E)
@@ -75,48 +56,30 @@ struct Kernel {
     void* cutlass;           // Gemm::get_workspace_size
     size_t bytes;            // total
   };
-  static size_t up(size_t b) { return (b + 255) / 256 * 256; }
   static Carve carve(void* base, int64_t groups, size_t cutlass_bytes) {
-    char* p = static_cast<char*>(base);
-    size_t at = 0;
-    auto take = [&](size_t bytes) {
-      void* q = p ? p + at : nullptr;
-      at += up(bytes);
-      return q;
-    };
+    WorkspaceCarver w(base);
     const size_t g = static_cast<size_t>(groups);
     Carve c{};
-    c.problems = static_cast<Problem*>(take(g * sizeof(Problem)));
-    c.ptr_a = static_cast<const Bf16**>(take(g * sizeof(void*)));
-    c.ptr_b = static_cast<const Bf16**>(take(g * sizeof(void*)));
-    c.ptr_d = static_cast<Bf16**>(take(g * sizeof(void*)));
-    c.stride_a = static_cast<StrideA*>(take(g * sizeof(StrideA)));
-    c.stride_b = static_cast<StrideB*>(take(g * sizeof(StrideB)));
-    c.stride_d = static_cast<StrideD*>(take(g * sizeof(StrideD)));
-    c.cutlass = take(cutlass_bytes);
-    c.bytes = at;
+    c.problems = w.take<Problem>(g);
+    c.ptr_a = w.take<const Bf16*>(g);
+    c.ptr_b = w.take<const Bf16*>(g);
+    c.ptr_d = w.take<Bf16*>(g);
+    c.stride_a = w.take<StrideA>(g);
+    c.stride_b = w.take<StrideB>(g);
+    c.stride_d = w.take<StrideD>(g);
+    c.cutlass = w.take_bytes(cutlass_bytes);
+    c.bytes = w.bytes();
     return c;
   }
 
   static typename Gemm::Arguments arguments(const Carve& c, int64_t groups, int sm_count) {
-    cutlass::KernelHardwareInfo hw;
-    MOE_CUDA_CHECK(cudaGetDevice(&hw.device_id));
-    hw.sm_count = sm_count;
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
         {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
         {{}, const_cast<const Bf16**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d},
-        hw};
-    auto& f = args.epilogue.thread;
-    f.alpha = 1.f;
-    f.beta = 0.f;
-    f.alpha_ptr = nullptr;
-    f.beta_ptr = nullptr;
-    f.alpha_ptr_array = nullptr;
-    f.beta_ptr_array = nullptr;
-    f.dAlpha = {cute::_0{}, cute::_0{}, 0};  // one alpha, one beta for every expert
-    f.dBeta = {cute::_0{}, cute::_0{}, 0};
+        hardware_info(sm_count)};
+    set_uniform_alpha_beta(args.epilogue.thread, 1.f, 0.f);
     return args;
   }
 
@@ -165,8 +128,7 @@ void Bf16Sm90<L>::run(const GroupedGemmArgs& args, int64_t groups, void* workspa
         reinterpret_cast<const Bf16*>(args.b),
         reinterpret_cast<Bf16*>(args.d),
         c.problems, c.ptr_a, c.ptr_b, c.ptr_d, c.stride_a, c.stride_b, c.stride_d};
-  const int threads = static_cast<int>(std::min<int64_t>(1024, (groups + 31) / 32 * 32));
-  prepare_kernel<<<1, threads, 0, stream>>>(p);
+  prepare_kernel<<<1, prepare_threads(groups), 0, stream>>>(p);
   MOE_CUDA_LAUNCH_CHECK();
 
   // Step 2: the persistent grouped GEMM (grid = SMs; each CTA walks tiles over all experts).

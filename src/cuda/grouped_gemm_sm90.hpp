@@ -1,8 +1,15 @@
-// defines: moe::cuda::grouped_gemm::Bf16Sm90 (declaration; no CUTLASS in this header)
-// The entry points of the CUTLASS sm90 grouped GEMM, one specialisation per weight layout. Each is
-// defined by grouped_gemm_sm90.cuh and instantiated in its own .cu (grouped_gemm_bf16_kn.cu,
-// grouped_gemm_bf16_nk.cu) so that the two ~1-minute CUTLASS compiles run in parallel and files
-// that only call them (grouped_gemm.cu, experts.cu) stay quick to build.
+// defines: moe::cuda::grouped_gemm::{Bf16Sm90, Bf16Sm90Wgrad, Bf16Sm90Act} (declarations; no
+//          CUTLASS in this header)
+// The entry points of the CUTLASS sm90 grouped GEMMs. Each is defined by its .cuh and instantiated
+// in its own .cu, so that the ~1-minute CUTLASS compiles run in parallel and files that only call
+// them (grouped_gemm.cu, experts.cu) stay quick to build:
+//   Bf16Sm90<kn>   grouped_gemm_sm90.cuh       -> grouped_gemm_bf16_kn.cu
+//   Bf16Sm90<nk>   grouped_gemm_sm90.cuh       -> grouped_gemm_bf16_nk.cu
+//   Bf16Sm90Wgrad  grouped_gemm_wgrad_sm90.cuh -> grouped_gemm_bf16_wgrad.cu
+//   Bf16Sm90Act    grouped_gemm_act_sm90.cuh   -> grouped_gemm_bf16_act.cu
+// Each has workspace_bytes(groups, sm_count) (the per-expert arrays the prepare kernel writes, then
+// CUTLASS's own workspace), run(args, groups, workspace, sm_count, stream) (prepare kernel +
+// grouped GEMM on `stream`) and name().
 #pragma once
 #include <cuda_runtime.h>
 
@@ -15,12 +22,25 @@ namespace moe::cuda::grouped_gemm {
 
 template <WeightLayout L>
 struct Bf16Sm90 {
-  // Bytes of one workspace for `groups` experts on a device with `sm_count` SMs: the per-expert
-  // arrays the prepare kernel writes, then CUTLASS's own workspace.
   static size_t workspace_bytes(int64_t groups, int sm_count);
-  // prepare kernel + grouped GEMM on `stream`; `workspace` holds workspace_bytes(groups, sm_count).
   static void run(const GroupedGemmArgs& args, int64_t groups, void* workspace, int sm_count,
                   cudaStream_t stream);
+  static const char* name();
+};
+
+struct Bf16Sm90Wgrad {
+  static size_t workspace_bytes(int64_t groups, int sm_count);
+  static void run(const GroupedWgradArgs& args, int64_t groups, void* workspace, int sm_count,
+                  cudaStream_t stream);
+  static const char* name();
+};
+
+// One kernel for both activations: the choice is a uniform branch per tile in the epilogue, which
+// costs nothing measurable and saves a second ~1-minute instantiation in every build.
+struct Bf16Sm90Act {
+  static size_t workspace_bytes(int64_t groups, int sm_count);
+  static void run(const GroupedGemmActArgs& args, Activation activation, int64_t groups,
+                  void* workspace, int sm_count, cudaStream_t stream);
   static const char* name();
 };
 

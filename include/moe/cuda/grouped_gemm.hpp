@@ -1,28 +1,45 @@
-// defines: moe::cuda::WeightLayout, GroupedGemmArgs, GroupedGemm
-// One grouped GEMM over the plan's segments, sizes on the device: for each expert e with rows
-// [offsets[e], offsets[e+1]) (m_e of them, possibly 0),
+// defines: moe::cuda::WeightLayout, GroupedGemmArgs, GroupedGemm,
+//          GroupedWgradArgs, GroupedWgrad, GroupedGemmActArgs, GroupedGemmAct
+// Grouped GEMMs over the plan's segments, sizes on the device. Expert e owns the rows
+// [offsets[e], offsets[e+1]) (m_e of them, possibly 0) of every (max_rows, width) row-major buffer
+// in expert order (xp, pre, act, yp, dyp, ... of the experts stage). Three kinds:
 //
-//     D[rows of e] (m_e, N) = A[rows of e] (m_e, K) · B_e (K, N)        bf16 in, fp32 accumulate
-//
-// A and D are row-major (max_rows, K) / (max_rows, N) buffers in expert order (xp, pre, act, yp of
-// the experts stage); B_e is expert e's slice of a weight tensor (E, K, N) (WeightLayout::kn, the
-// forward: w_up (E,H,A), w_down (E,I,H)) or (E, N, K) (WeightLayout::nk, the backward's
-// dy · W^T). Rows [M, max_rows) of D are not written.
+//   GroupedGemm     D[rows of e] (m_e, N) = A[rows of e] (m_e, K) · B_e (K, N)
+//                   bf16 in and out, fp32 accumulate. B_e is expert e's slice of a weight tensor
+//                   (E, K, N) (WeightLayout::kn, the forward: w_up (E,H,A), w_down (E,I,H)) or
+//                   (E, N, K) (WeightLayout::nk, the backward's dy · W^T).
+//   GroupedWgrad    dW_e (P, Q) += X[rows of e]^T (P, m_e) · Y[rows of e] (m_e, Q)
+//                   the weight gradients: the reduction runs over the segment (K = m_e differs
+//                   per expert), bf16 in, fp32 accumulate and fp32 dW, read and written (beta = 1).
+//   GroupedGemmAct  the up-projection with the activation in its epilogue: GroupedGemm's
+//                   pre = xp · w_up[e], then act = silu(gate) * up (SwiGLU) or gelu(pre) (GELU)
+//                   from the bf16-rounded pre, written from the accumulators without `pre`
+//                   ever being read back. pre itself is written too unless its pointer is null.
 //
 // The one decision to know: nothing about the segments reaches the host. A prepare kernel
-// (<<<1, E>>>, grouped_gemm_prepare.cuh) turns the device offsets into per-expert {m, N, K},
-// pointers and strides in this object's workspace, and a persistent CUTLASS sm90 kernel
-// (TMA + wgmma, warp-specialised cooperative, grouped tile scheduler) walks them. Empty experts
-// get no tiles. So a call is asynchronous and CUDA-graph safe.
+// (<<<1, E>>>, grouped_gemm_prepare.cuh) turns the device offsets into per-expert problems,
+// pointers and strides in the object's workspace, and a persistent CUTLASS sm90 kernel (TMA +
+// wgmma, warp-specialised cooperative, grouped tile scheduler) walks them. Experts with m_e = 0
+// get no tiles: their D rows do not exist, and their dW_e slice is left exactly as it was (not
+// zeroed -- the accumulate semantics of the CPU reference's parameter gradients). So every call is
+// asynchronous, deterministic (each output element is reduced by one CTA in a fixed K order) and
+// CUDA-graph safe: a captured call replays with whatever offsets the device holds then.
 //
-// Constraints (checked): N and K multiples of 8 (TMA needs 16-byte aligned rows and segment
-// starts); 1 <= E <= 4096. Hopper (sm_90a) only.
+// Rows [M, max_rows) of D / pre / act are not written. Constraints (checked): every width (N, K,
+// P, Q) a multiple of 8 (TMA needs 16-byte aligned rows and segment starts); 1 <= E <= 4096;
+// Hopper (sm_90a) only.
+//
+// SwiGLU in GroupedGemmAct needs w_up with its gate and up columns interleaved in pairs,
+// column 2j = gate j and column 2j + 1 = up j (GateUpLayout::interleaved in experts.hpp): a thread
+// of the wgmma accumulator layout holds columns (2q, 2q+1) of a row, so each thread owns whole
+// (gate, up) pairs and the epilogue needs no data exchange. pre is then interleaved too.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "moe/config.hpp"
 #include "moe/cuda/arena.hpp"
 
 namespace moe::cuda {
@@ -38,29 +55,78 @@ struct GroupedGemmArgs {
   __nv_bfloat16* d = nullptr;        // (max_rows, N) rows < M written
 };
 
-// Owns the device workspace of one grouped GEMM (problem sizes, pointer and stride arrays,
-// CUTLASS's scheduler/TMA-descriptor workspace) for E experts and one weight layout; one object
-// per GEMM of the step (calls on one stream may also share one).
-class GroupedGemm {
+struct GroupedWgradArgs {
+  const int32_t* offsets = nullptr;  // (E+1) device segment starts
+  int64_t p = 0, q = 0;              // P, Q: dW_e is (P, Q)
+  const __nv_bfloat16* x = nullptr;  // (max_rows, P)   act for dw_down, xp for dw_up
+  const __nv_bfloat16* y = nullptr;  // (max_rows, Q)   dyp for dw_down, dpre for dw_up
+  float* dw = nullptr;               // (E, P, Q) fp32, accumulated
+};
+
+struct GroupedGemmActArgs {
+  const int32_t* offsets = nullptr;  // (E+1) device segment starts
+  int64_t n = 0, k = 0;              // N = A (2I for SwiGLU, I for GELU), K = H
+  const __nv_bfloat16* a = nullptr;  // (max_rows, K) xp
+  const __nv_bfloat16* b = nullptr;  // (E, K, N) w_up; SwiGLU: gate/up columns interleaved
+  __nv_bfloat16* pre = nullptr;      // (max_rows, N) or nullptr (nothing saved: inference)
+  __nv_bfloat16* act = nullptr;      // (max_rows, N/2) SwiGLU, (max_rows, N) GELU
+};
+
+// What the three kinds share: E, the SM count and one device workspace (problem sizes, pointer and
+// stride arrays, CUTLASS's scheduler/TMA-descriptor workspace). One object per GEMM of the step
+// (calls on one stream may also share one: each call's prepare kernel runs after the previous
+// GEMM on that stream has finished with the arrays).
+class GroupedGemmBase {
+ public:
+  int64_t experts() const { return experts_; }
+  size_t bytes() const { return arena_.bytes(); }
+
+ protected:
+  GroupedGemmBase() = default;
+  explicit GroupedGemmBase(int64_t experts);  // checks E and the device (Hopper)
+  void allocate(size_t workspace_bytes);
+  void check_ready() const;
+
+  int64_t experts_ = 0;
+  int sm_count_ = 0;
+  void* workspace_ = nullptr;
+  DeviceArena arena_;
+};
+
+class GroupedGemm : public GroupedGemmBase {
  public:
   GroupedGemm() = default;
   GroupedGemm(int64_t experts, WeightLayout layout);
   // D = A · B per segment, asynchronous on `stream`.
   void run(const GroupedGemmArgs& args, cudaStream_t stream) const;
-
-  int64_t experts() const { return experts_; }
   WeightLayout layout() const { return layout_; }
-  size_t bytes() const { return arena_.bytes(); }
-  // Which CUTLASS kernel runs ("sm90 cooperative 128x256x64 cluster 2x1x1, B kn").
+  // Which CUTLASS kernel runs ("bf16 B(K,N), sm90 ptr-array cooperative 128x256x64 ...").
   const char* name() const;
 
  private:
-  int64_t experts_ = 0;
   WeightLayout layout_ = WeightLayout::kn;
-  int sm_count_ = 0;
-  void* workspace_ = nullptr;
-  size_t workspace_bytes_ = 0;
-  DeviceArena arena_;
+};
+
+class GroupedWgrad : public GroupedGemmBase {
+ public:
+  GroupedWgrad() = default;
+  explicit GroupedWgrad(int64_t experts);
+  // dW_e += X_e^T · Y_e per segment, asynchronous on `stream`.
+  void run(const GroupedWgradArgs& args, cudaStream_t stream) const;
+  const char* name() const;
+};
+
+class GroupedGemmAct : public GroupedGemmBase {
+ public:
+  GroupedGemmAct() = default;
+  GroupedGemmAct(int64_t experts, Activation activation);
+  // pre (optional) and act per segment, asynchronous on `stream`.
+  void run(const GroupedGemmActArgs& args, cudaStream_t stream) const;
+  Activation activation() const { return activation_; }
+  const char* name() const;
+
+ private:
+  Activation activation_ = Activation::swiglu;
 };
 
 }  // namespace moe::cuda

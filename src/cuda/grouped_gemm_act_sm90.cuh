@@ -1,0 +1,135 @@
+// defines: moe::cuda::grouped_gemm::{ActKernel, ActLauncher}
+// The up-projection with the activation fused into its epilogue: the forward's pre = xp · w_up[e]
+// mainloop (grouped_gemm_mainloop_sm90.hpp, B (K, N) row-major), problems from prepare_kernel
+// (grouped_gemm_prepare.cuh), and the register-to-global epilogue EpilogueAct
+// (grouped_gemm_epilogue_act_sm90.hpp), which writes pre (optional) and act from the accumulators.
+// The epilogue uses no shared memory, so the mainloop gets all of it for stages.
+// Include it only from its one .cu (it costs about a minute of nvcc).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include <cutlass/cutlass.h>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/group_array_problem_shape.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+#include "grouped_gemm_common_sm90.cuh"
+#include "grouped_gemm_epilogue_act_sm90.hpp"
+#include "grouped_gemm_mainloop_sm90.hpp"
+#include "grouped_gemm_prepare.cuh"
+#include "grouped_gemm_sm90.hpp"
+
+namespace moe::cuda::grouped_gemm {
+
+// ------------------------------------------------------------------------------------------------
+// kernel type
+// ------------------------------------------------------------------------------------------------
+
+template <class Config>
+struct ActKernel {
+  using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
+  using Epilogue = EpilogueAct;
+  using Collective = Mainloop<Config, WeightLayout::kn, 0>;
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+
+  using Problem = typename ProblemShape::UnderlyingProblemShape;  // (m, N, K)
+  using StrideA = typename GemmKernel::InternalStrideA;
+  using StrideB = typename GemmKernel::InternalStrideB;
+  using StrideD = typename GemmKernel::InternalStrideD;
+
+  struct Carve {
+    Problem* problems;       // (E)
+    const Bf16** ptr_a;      // (E)
+    const Bf16** ptr_b;      // (E)
+    StrideA* stride_a;       // (E)
+    StrideB* stride_b;       // (E)
+    void* cutlass;           // Gemm::get_workspace_size
+    size_t bytes;            // total
+  };
+  static Carve carve(void* base, int64_t groups, size_t cutlass_bytes) {
+    WorkspaceCarver w(base);
+    const size_t g = static_cast<size_t>(groups);
+    Carve c{};
+    c.problems = w.take<Problem>(g);
+    c.ptr_a = w.take<const Bf16*>(g);
+    c.ptr_b = w.take<const Bf16*>(g);
+    c.stride_a = w.take<StrideA>(g);
+    c.stride_b = w.take<StrideB>(g);
+    c.cutlass = w.take_bytes(cutlass_bytes);
+    c.bytes = w.bytes();
+    return c;
+  }
+
+  static typename Gemm::Arguments arguments(const Carve& c, const GroupedGemmActArgs& a,
+                                            bool swiglu, int64_t groups, int sm_count) {
+    typename Epilogue::Arguments epilogue;
+    epilogue.offsets = a.offsets;
+    epilogue.pre = a.pre;
+    epilogue.act = a.act;
+    epilogue.ld_pre = a.n;
+    epilogue.ld_act = swiglu ? a.n / 2 : a.n;
+    epilogue.swiglu = swiglu ? 1 : 0;
+    return typename Gemm::Arguments{
+        cutlass::gemm::GemmUniversalMode::kGrouped,
+        {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
+        {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
+        epilogue,
+        hardware_info(sm_count)};
+  }
+
+  static size_t cutlass_bytes(int64_t groups, int sm_count) {
+    const Carve none = carve(nullptr, groups, 0);
+    GroupedGemmActArgs a;
+    a.n = 16;
+    return Gemm::get_workspace_size(arguments(none, a, true, groups, sm_count));
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// launcher
+// ------------------------------------------------------------------------------------------------
+
+// A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
+// instantiates one, ActKernel<CooperativeConfig>, in grouped_gemm_bf16_act.cu.
+template <class K>
+struct ActLauncher {
+  static size_t workspace_bytes(int64_t groups, int sm_count) {
+    return K::carve(nullptr, groups, K::cutlass_bytes(groups, sm_count)).bytes;
+  }
+
+  static void run(const GroupedGemmActArgs& args, Activation activation, int64_t groups,
+                  void* workspace, int sm_count, cudaStream_t stream) {
+    const typename K::Carve c = K::carve(workspace, groups, K::cutlass_bytes(groups, sm_count));
+
+    // Step 1: problems, A/B pointers and strides of every expert, from the device offsets (the
+    // epilogue finds its output rows from the offsets itself: no D arrays).
+    PrepareParams<Bf16, typename K::Problem, typename K::StrideA, typename K::StrideB,
+                  typename K::StrideD>
+        p{args.offsets,
+          static_cast<int32_t>(groups),
+          static_cast<int32_t>(args.n),
+          static_cast<int32_t>(args.k),
+          false,
+          reinterpret_cast<const Bf16*>(args.a),
+          reinterpret_cast<const Bf16*>(args.b),
+          nullptr,
+          c.problems, c.ptr_a, c.ptr_b, nullptr, c.stride_a, c.stride_b, nullptr};
+    prepare_kernel<<<1, prepare_threads(groups), 0, stream>>>(p);
+    MOE_CUDA_LAUNCH_CHECK();
+
+    // Step 2: the persistent grouped GEMM with the activation epilogue.
+    typename K::Gemm gemm;
+    const auto arguments =
+        K::arguments(c, args, activation == Activation::swiglu, groups, sm_count);
+    MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
+    MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
+    MOE_CUTLASS_CHECK(gemm.run(stream));
+    MOE_CUDA_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace moe::cuda::grouped_gemm

@@ -1,0 +1,141 @@
+// defines: moe::cuda::grouped_gemm::{WgradKernel, WgradLauncher}
+// The weight-gradient grouped GEMM: dW_e (P, Q) fp32 += X_e^T · Y_e over each expert's segment, the
+// reduction dimension K being the segment length m_e (different for every expert, known only on
+// the device). Pieces: the ptr-array mainloop with A = X^T column-major and B = Y row-major
+// (grouped_gemm_mainloop_sm90.hpp), the fp32 in-place accumulating TMA epilogue
+// (grouped_gemm_epilogue_sm90.hpp), problems {P, Q, m_e} from wgrad_prepare_kernel
+// (grouped_gemm_prepare.cuh). A partial last K tile is filled with zeros by TMA (out-of-bounds
+// rows of the segment read as 0), so m_e needs no rounding; an empty segment gets no tiles.
+// Each dW_e tile is reduced by one CTA over the whole segment in a fixed order (no split-K, no
+// atomics): the result is bitwise reproducible.
+// Include it only from its one .cu (it costs about a minute of nvcc).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include <cutlass/cutlass.h>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/group_array_problem_shape.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+#include "grouped_gemm_common_sm90.cuh"
+#include "grouped_gemm_epilogue_sm90.hpp"
+#include "grouped_gemm_mainloop_sm90.hpp"
+#include "grouped_gemm_prepare.cuh"
+#include "grouped_gemm_sm90.hpp"
+
+namespace moe::cuda::grouped_gemm {
+
+// ------------------------------------------------------------------------------------------------
+// kernel type
+// ------------------------------------------------------------------------------------------------
+
+// Same tile as the forward: dW tiles are (128 of P) x (256 of Q); at OLMoE's shape dW_down has
+// 8 x 8 and dW_up 16 x 8 tiles per expert, 4096 and 8192 in all, so the 132 SMs stay busy even
+// when one expert holds most of the rows (its tiles are long, not few).
+template <class Config, class EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto>
+struct WgradKernel {
+  using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
+  using Epilogue = EpilogueAccumulateF32<Config, EpilogueTile>;
+  using Collective = MainloopAB<Config, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
+                                static_cast<int>(sizeof(typename Epilogue::SharedStorage))>;
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+
+  using Problem = typename ProblemShape::UnderlyingProblemShape;  // (P, Q, m_e)
+  using StrideA = typename GemmKernel::InternalStrideA;
+  using StrideB = typename GemmKernel::InternalStrideB;
+  using StrideD = typename GemmKernel::InternalStrideD;
+  static_assert(cute::is_same_v<typename GemmKernel::InternalStrideC, StrideD>,
+                "C and D share one stride array (in place)");
+  static_assert(cute::is_same_v<typename GemmKernel::ElementC, float> &&
+                    cute::is_same_v<typename GemmKernel::ElementD, float>,
+                "fp32 weight gradients");
+
+  struct Carve {
+    Problem* problems;       // (E)
+    const Bf16** ptr_a;      // (E)
+    const Bf16** ptr_b;      // (E)
+    float** ptr_d;           // (E)
+    StrideA* stride_a;       // (E)
+    StrideB* stride_b;       // (E)
+    StrideD* stride_d;       // (E)
+    void* cutlass;           // Gemm::get_workspace_size
+    size_t bytes;            // total
+  };
+  static Carve carve(void* base, int64_t groups, size_t cutlass_bytes) {
+    WorkspaceCarver w(base);
+    const size_t g = static_cast<size_t>(groups);
+    Carve c{};
+    c.problems = w.take<Problem>(g);
+    c.ptr_a = w.take<const Bf16*>(g);
+    c.ptr_b = w.take<const Bf16*>(g);
+    c.ptr_d = w.take<float*>(g);
+    c.stride_a = w.take<StrideA>(g);
+    c.stride_b = w.take<StrideB>(g);
+    c.stride_d = w.take<StrideD>(g);
+    c.cutlass = w.take_bytes(cutlass_bytes);
+    c.bytes = w.bytes();
+    return c;
+  }
+
+  static typename Gemm::Arguments arguments(const Carve& c, int64_t groups, int sm_count) {
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGrouped,
+        {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
+        {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
+        {{}, const_cast<const float**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d},
+        hardware_info(sm_count)};
+    set_uniform_alpha_beta(args.epilogue.thread, 1.f, 1.f);  // dW = acc + dW
+    return args;
+  }
+
+  static size_t cutlass_bytes(int64_t groups, int sm_count) {
+    const Carve none = carve(nullptr, groups, 0);
+    return Gemm::get_workspace_size(arguments(none, groups, sm_count));
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// launcher
+// ------------------------------------------------------------------------------------------------
+
+// A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
+// instantiates one, WgradKernel<CooperativeConfig>, in grouped_gemm_bf16_wgrad.cu.
+template <class K>
+struct WgradLauncher {
+  static size_t workspace_bytes(int64_t groups, int sm_count) {
+    return K::carve(nullptr, groups, K::cutlass_bytes(groups, sm_count)).bytes;
+  }
+
+  static void run(const GroupedWgradArgs& args, int64_t groups, void* workspace, int sm_count,
+                  cudaStream_t stream) {
+    const typename K::Carve c = K::carve(workspace, groups, K::cutlass_bytes(groups, sm_count));
+
+    // Step 1: problems {P, Q, m_e}, pointers and strides of every expert, from the device offsets.
+    WgradPrepareParams<Bf16, typename K::Problem, typename K::StrideA, typename K::StrideB,
+                       typename K::StrideD>
+        p{args.offsets,
+          static_cast<int32_t>(groups),
+          static_cast<int32_t>(args.p),
+          static_cast<int32_t>(args.q),
+          reinterpret_cast<const Bf16*>(args.x),
+          reinterpret_cast<const Bf16*>(args.y),
+          args.dw,
+          c.problems, c.ptr_a, c.ptr_b, c.ptr_d, c.stride_a, c.stride_b, c.stride_d};
+    wgrad_prepare_kernel<<<1, prepare_threads(groups), 0, stream>>>(p);
+    MOE_CUDA_LAUNCH_CHECK();
+
+    // Step 2: the persistent grouped GEMM.
+    typename K::Gemm gemm;
+    const auto arguments = K::arguments(c, groups, sm_count);
+    MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
+    MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
+    MOE_CUTLASS_CHECK(gemm.run(stream));
+    MOE_CUDA_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace moe::cuda::grouped_gemm
