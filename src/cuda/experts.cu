@@ -1,23 +1,50 @@
-// defines: experts_forward, experts_backward, ExpertsWorkspace, ExpertsShape::validate
+// defines: experts_forward, experts_backward, ExpertsWorkspace, ExpertsShape::validate,
+//          interleave_gate_up, split_gate_up
 // xp[M,H] --experts--> yp[M,H]: up-projection, activation, down-projection per expert segment, and
-// the backward. The GEMMs are the CUTLASS grouped GEMM (grouped_gemm.hpp, sizes on the device) or,
-// as the baseline, one cublasGemmEx per expert over a host copy of the offsets. The activation and
-// its backward are elementwise kernels here, shared by both backends.
+// the backward. The GEMMs are the CUTLASS grouped GEMMs (grouped_gemm.hpp, sizes on the device)
+// or, as baselines, cuBLAS: one cublasGemmEx per expert or one cublasGemmGroupedBatchedEx per GEMM
+// over a host copy of the offsets, or cublasGemmStridedBatchedEx over the padded layout. The
+// activation and its backward are elementwise kernels here, shared by every backend except the
+// fused up-projection, which applies the same device functions (experts_activation.cuh) in its
+// epilogue.
 #include "moe/cuda/experts.hpp"
 
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <vector>
 
+#include "experts_activation.cuh"
 #include "moe/check.hpp"
 #include "moe/cuda/check.cuh"
 
 namespace moe::cuda {
 
-std::string_view name(ExpertsBackend b) {
-  return b == ExpertsBackend::grouped ? "grouped" : "cublas_loop_host_offsets";
+namespace {
+constexpr std::array<std::string_view, 5> kBackendNames = {
+    "grouped", "grouped_fused", "cublas_loop_host_offsets", "cublas_grouped_host_offsets",
+    "cublas_strided_padded"};
+}  // namespace
+
+std::string_view name(ExpertsBackend b) { return kBackendNames[static_cast<size_t>(b)]; }
+std::string_view name(GateUpLayout g) { return g == GateUpLayout::split ? "split" : "interleaved"; }
+
+ExpertsBackend parse_experts_backend(std::string_view text, std::string_view field) {
+  for (size_t i = 0; i < kBackendNames.size(); ++i)
+    if (text == kBackendNames[i]) return static_cast<ExpertsBackend>(i);
+  std::string all;
+  for (auto n : kBackendNames) all += (all.empty() ? "" : ", ") + std::string(n);
+  MOE_FAIL(field, " must be one of ", all, ", got '", text, "'");
+}
+
+bool is_host_sync_free(ExpertsBackend b) {
+  return b == ExpertsBackend::grouped || b == ExpertsBackend::grouped_fused ||
+         b == ExpertsBackend::cublas_strided_padded;
 }
 
 void ExpertsShape::validate() const {
@@ -30,7 +57,7 @@ void ExpertsShape::validate() const {
 }
 
 // ------------------------------------------------------------------------------------------------
-// CUDA kernels: the activation and its backward, elementwise over rows [0, M)
+// CUDA kernels: the activation and its backward, elementwise over rows [0, M); gate/up reordering
 // ------------------------------------------------------------------------------------------------
 
 namespace {
@@ -42,82 +69,127 @@ struct alignas(sizeof(bf16) * kVec) Pack {
   bf16 v[kVec];
 };
 
-__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
-// Exact (erf) GELU, as the CPU reference.
-__device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678f)); }
-__device__ __forceinline__ float gelu_grad(float v) {
-  return 0.5f * (1.f + erff(v * 0.70710678f)) + v * __expf(-0.5f * v * v) * 0.39894228f;
+// How pre's columns feed act column j.
+enum class ActKind { gelu, swiglu_split, swiglu_interleaved };
+
+// kVec consecutive (gate, up) values for act columns [j, j + kVec) of one pre row `h`.
+template <ActKind kKind, int kVec>
+__device__ __forceinline__ void load_gate_up(const bf16* h, int64_t j, int64_t inter,
+                                             float (&g)[kVec], float (&u)[kVec]) {
+  if constexpr (kKind == ActKind::swiglu_split) {
+    const Pack<kVec> pg = *reinterpret_cast<const Pack<kVec>*>(h + j);
+    const Pack<kVec> pu = *reinterpret_cast<const Pack<kVec>*>(h + inter + j);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) g[k] = __bfloat162float(pg.v[k]), u[k] = __bfloat162float(pu.v[k]);
+  } else {  // interleaved: gate j at 2j, up j at 2j + 1; two packs of kVec cover kVec pairs
+    const Pack<kVec> p0 = *reinterpret_cast<const Pack<kVec>*>(h + 2 * j);
+    const Pack<kVec> p1 = *reinterpret_cast<const Pack<kVec>*>(h + 2 * j + kVec);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const bf16 gk = 2 * k < kVec ? p0.v[2 * k] : p1.v[2 * k - kVec];
+      const bf16 uk = 2 * k < kVec ? p0.v[2 * k + 1] : p1.v[2 * k + 1 - kVec];
+      g[k] = __bfloat162float(gk), u[k] = __bfloat162float(uk);
+    }
+  }
 }
 
-// act[r, j] from pre[r, :]: SwiGLU silu(pre[r, j]) * pre[r, I + j], GELU gelu(pre[r, j]).
-// Thread per kVec columns, grid-stride over M * I / kVec; M = offsets[E] is read on the device.
-template <bool kSwiglu, int kVec>
+// act[r, j] from pre[r, :]. Thread per kVec act columns, grid-stride over M * I / kVec; M =
+// offsets[E] is read on the device.
+template <ActKind kKind, int kVec>
 __global__ void __launch_bounds__(kThreads)
     activation_forward_kernel(const int32_t* __restrict__ num_rows,
                               const bf16* __restrict__ pre,  // (M, A)
                               bf16* __restrict__ act,        // (M, I)
                               int64_t inter) {
-  const int64_t up_width = kSwiglu ? 2 * inter : inter;
+  constexpr bool kGelu = kKind == ActKind::gelu;
+  const int64_t up_width = kGelu ? inter : 2 * inter;
   const int64_t per_row = inter / kVec;
   const int64_t total = int64_t{*num_rows} * per_row;
   for (int64_t v = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; v < total;
        v += int64_t{gridDim.x} * blockDim.x) {
     const int64_t r = v / per_row, j = (v - r * per_row) * kVec;
-    const bf16* h = pre + r * up_width + j;
-    const Pack<kVec> g = *reinterpret_cast<const Pack<kVec>*>(h);
+    const bf16* h = pre + r * up_width;
     Pack<kVec> out;
-    if constexpr (kSwiglu) {
-      const Pack<kVec> u = *reinterpret_cast<const Pack<kVec>*>(h + inter);
+    if constexpr (kGelu) {
+      const Pack<kVec> g = *reinterpret_cast<const Pack<kVec>*>(h + j);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const float gk = __bfloat162float(g.v[k]);
-        out.v[k] = __float2bfloat16(gk * sigmoid(gk) * __bfloat162float(u.v[k]));
-      }
+      for (int k = 0; k < kVec; ++k) out.v[k] = __float2bfloat16(act::gelu(__bfloat162float(g.v[k])));
     } else {
+      float g[kVec], u[kVec];
+      load_gate_up<kKind, kVec>(h, j, inter, g, u);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) out.v[k] = __float2bfloat16(gelu(__bfloat162float(g.v[k])));
+      for (int k = 0; k < kVec; ++k) out.v[k] = __float2bfloat16(act::silu_mul(g[k], u[k]));
     }
     *reinterpret_cast<Pack<kVec>*>(act + r * inter + j) = out;
   }
 }
 
-// dpre[r, :] from da[r, j] and pre[r, :]: SwiGLU d gate = da * up * s * (1 + g (1 - s)),
-// d up = da * g * s (s = sigmoid(g)); GELU dpre = da * gelu'(pre).
-template <bool kSwiglu, int kVec>
+// dpre[r, :] from da[r, j] and pre[r, :].
+template <ActKind kKind, int kVec>
 __global__ void __launch_bounds__(kThreads)
     activation_backward_kernel(const int32_t* __restrict__ num_rows,
                                const bf16* __restrict__ da,   // (M, I)
                                const bf16* __restrict__ pre,  // (M, A)
                                bf16* __restrict__ dpre,       // (M, A)
                                int64_t inter) {
-  const int64_t up_width = kSwiglu ? 2 * inter : inter;
+  constexpr bool kGelu = kKind == ActKind::gelu;
+  const int64_t up_width = kGelu ? inter : 2 * inter;
   const int64_t per_row = inter / kVec;
   const int64_t total = int64_t{*num_rows} * per_row;
   for (int64_t v = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; v < total;
        v += int64_t{gridDim.x} * blockDim.x) {
     const int64_t r = v / per_row, j = (v - r * per_row) * kVec;
     const Pack<kVec> d = *reinterpret_cast<const Pack<kVec>*>(da + r * inter + j);
-    const bf16* h = pre + r * up_width + j;
-    bf16* dh = dpre + r * up_width + j;
-    const Pack<kVec> g = *reinterpret_cast<const Pack<kVec>*>(h);
-    Pack<kVec> dg;
-    if constexpr (kSwiglu) {
-      const Pack<kVec> u = *reinterpret_cast<const Pack<kVec>*>(h + inter);
-      Pack<kVec> du;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const float gk = __bfloat162float(g.v[k]), uk = __bfloat162float(u.v[k]);
-        const float dk = __bfloat162float(d.v[k]), s = sigmoid(gk);
-        dg.v[k] = __float2bfloat16(dk * uk * s * (1.f + gk * (1.f - s)));
-        du.v[k] = __float2bfloat16(dk * gk * s);
-      }
-      *reinterpret_cast<Pack<kVec>*>(dh + inter) = du;
-    } else {
+    const bf16* h = pre + r * up_width;
+    bf16* dh = dpre + r * up_width;
+    if constexpr (kGelu) {
+      const Pack<kVec> g = *reinterpret_cast<const Pack<kVec>*>(h + j);
+      Pack<kVec> dg;
 #pragma unroll
       for (int k = 0; k < kVec; ++k)
-        dg.v[k] = __float2bfloat16(__bfloat162float(d.v[k]) * gelu_grad(__bfloat162float(g.v[k])));
+        dg.v[k] = __float2bfloat16(__bfloat162float(d.v[k]) *
+                                   act::gelu_grad(__bfloat162float(g.v[k])));
+      *reinterpret_cast<Pack<kVec>*>(dh + j) = dg;
+    } else {
+      float g[kVec], u[kVec], dg[kVec], du[kVec];
+      load_gate_up<kKind, kVec>(h, j, inter, g, u);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) act::silu_mul_grad(__bfloat162float(d.v[k]), g[k], u[k], dg[k], du[k]);
+      if constexpr (kKind == ActKind::swiglu_split) {
+        Pack<kVec> pg, pu;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) pg.v[k] = __float2bfloat16(dg[k]), pu.v[k] = __float2bfloat16(du[k]);
+        *reinterpret_cast<Pack<kVec>*>(dh + j) = pg;
+        *reinterpret_cast<Pack<kVec>*>(dh + inter + j) = pu;
+      } else {
+        Pack<kVec> p0, p1;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          bf16& gk = 2 * k < kVec ? p0.v[2 * k] : p1.v[2 * k - kVec];
+          bf16& uk = 2 * k < kVec ? p0.v[2 * k + 1] : p1.v[2 * k + 1 - kVec];
+          gk = __float2bfloat16(dg[k]), uk = __float2bfloat16(du[k]);
+        }
+        *reinterpret_cast<Pack<kVec>*>(dh + 2 * j) = p0;
+        *reinterpret_cast<Pack<kVec>*>(dh + 2 * j + kVec) = p1;
+      }
     }
-    *reinterpret_cast<Pack<kVec>*>(dh) = dg;
+  }
+}
+
+// Column c of a (rows, 2I) row-major matrix between [gate | up] and interleaved pairs; thread per
+// destination element (a load-time conversion, not on the step path).
+template <class T, bool kToInterleaved>
+__global__ void __launch_bounds__(kThreads)
+    reorder_gate_up_kernel(const T* __restrict__ src, T* __restrict__ dst, int64_t rows,
+                           int64_t inter) {
+  const int64_t width = 2 * inter, total = rows * width;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / width, c = i - r * width;
+    // interleaved column c holds split column (c odd ? I : 0) + c / 2
+    const int64_t other = kToInterleaved ? (c & 1) * inter + c / 2
+                                         : (c < inter ? 2 * c : 2 * (c - inter) + 1);
+    dst[i] = src[r * width + other];
   }
 }
 
@@ -127,11 +199,34 @@ __global__ void __launch_bounds__(kThreads)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Grid for an elementwise pass over at most max_rows * I / vec items: enough blocks to fill the
-// GPU a few times over, grid-stride beyond (the real M is known only on the device).
+// Grid for an elementwise pass over at most `items` items: enough blocks to fill the GPU a few
+// times over, grid-stride beyond (the real M is known only on the device).
 int elementwise_blocks(int64_t items, int sm_count) {
   const int64_t want = (items + kThreads - 1) / kThreads;
   return static_cast<int>(std::clamp<int64_t>(want, 1, int64_t{sm_count} * 16));
+}
+
+ActKind act_kind(const ExpertsShape& s) {
+  if (s.activation == Activation::gelu) return ActKind::gelu;
+  return s.gate_up == GateUpLayout::split ? ActKind::swiglu_split : ActKind::swiglu_interleaved;
+}
+
+// The runtime (kind, vectorised) pair becomes template arguments here, in one place.
+template <class F>
+void dispatch_act(ActKind kind, bool vec, F&& f) {
+  auto with_vec = [&](auto kind_c) {
+    if (vec) f(kind_c, std::integral_constant<int, 8>{});
+    else f(kind_c, std::integral_constant<int, 1>{});
+  };
+  switch (kind) {
+    case ActKind::gelu: with_vec(std::integral_constant<ActKind, ActKind::gelu>{}); break;
+    case ActKind::swiglu_split:
+      with_vec(std::integral_constant<ActKind, ActKind::swiglu_split>{});
+      break;
+    case ActKind::swiglu_interleaved:
+      with_vec(std::integral_constant<ActKind, ActKind::swiglu_interleaved>{});
+      break;
+  }
 }
 
 void activation_forward(const ExpertsShape& s, int sm_count, const int32_t* offsets,
@@ -140,15 +235,10 @@ void activation_forward(const ExpertsShape& s, int sm_count, const int32_t* offs
   const int32_t* num_rows = offsets + s.experts;
   const bool vec = s.inter % 8 == 0 && aligned16(pre) && aligned16(act);
   const int blocks = elementwise_blocks(s.max_rows * s.inter / (vec ? 8 : 1), sm_count);
-  const bool swiglu = s.activation == Activation::swiglu;
-  if (swiglu && vec)
-    activation_forward_kernel<true, 8><<<blocks, kThreads, 0, stream>>>(num_rows, pre, act, s.inter);
-  else if (swiglu)
-    activation_forward_kernel<true, 1><<<blocks, kThreads, 0, stream>>>(num_rows, pre, act, s.inter);
-  else if (vec)
-    activation_forward_kernel<false, 8><<<blocks, kThreads, 0, stream>>>(num_rows, pre, act, s.inter);
-  else
-    activation_forward_kernel<false, 1><<<blocks, kThreads, 0, stream>>>(num_rows, pre, act, s.inter);
+  dispatch_act(act_kind(s), vec, [&](auto kind, auto v) {
+    activation_forward_kernel<decltype(kind)::value, decltype(v)::value>
+        <<<blocks, kThreads, 0, stream>>>(num_rows, pre, act, s.inter);
+  });
   MOE_CUDA_LAUNCH_CHECK();
 }
 
@@ -158,20 +248,29 @@ void activation_backward(const ExpertsShape& s, int sm_count, const int32_t* off
   const int32_t* num_rows = offsets + s.experts;
   const bool vec = s.inter % 8 == 0 && aligned16(da) && aligned16(pre) && aligned16(dpre);
   const int blocks = elementwise_blocks(s.max_rows * s.inter / (vec ? 8 : 1), sm_count);
-  const bool swiglu = s.activation == Activation::swiglu;
-  if (swiglu && vec)
-    activation_backward_kernel<true, 8><<<blocks, kThreads, 0, stream>>>(num_rows, da, pre, dpre, s.inter);
-  else if (swiglu)
-    activation_backward_kernel<true, 1><<<blocks, kThreads, 0, stream>>>(num_rows, da, pre, dpre, s.inter);
-  else if (vec)
-    activation_backward_kernel<false, 8><<<blocks, kThreads, 0, stream>>>(num_rows, da, pre, dpre, s.inter);
-  else
-    activation_backward_kernel<false, 1><<<blocks, kThreads, 0, stream>>>(num_rows, da, pre, dpre, s.inter);
+  dispatch_act(act_kind(s), vec, [&](auto kind, auto v) {
+    activation_backward_kernel<decltype(kind)::value, decltype(v)::value>
+        <<<blocks, kThreads, 0, stream>>>(num_rows, da, pre, dpre, s.inter);
+  });
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-// Row-major GEMMs through column-major cuBLAS (a row-major X is the column-major X^T), bf16
-// operands, fp32 compute. D (m, n) = A (m, k) · B with B stored (k, n) [b_nk false] or (n, k).
+template <class T, bool kToInterleaved>
+void reorder_gate_up(const T* src, T* dst, int64_t rows, int64_t inter, cudaStream_t stream) {
+  MOE_CHECK(src != dst, "gate/up reordering cannot run in place");
+  if (rows == 0 || inter == 0) return;
+  int device = 0, sms = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&device));
+  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  reorder_gate_up_kernel<T, kToInterleaved>
+      <<<elementwise_blocks(rows * 2 * inter, sms), kThreads, 0, stream>>>(src, dst, rows, inter);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+// ---- cuBLAS (baselines). Row-major GEMMs through column-major cuBLAS: a row-major X is the
+// column-major X^T. bf16 operands, fp32 compute.
+
+// D (m, n) = A (m, k) · B with B stored (k, n) [b_nk false] or (n, k).
 void gemm_rows(cublasHandle_t h, int64_t m, int64_t n, int64_t k, const bf16* a, const bf16* b,
                bool b_nk, bf16* d) {
   const float one = 1.f, zero = 0.f;
@@ -195,6 +294,28 @@ void gemm_rows_tn_accumulate(cublasHandle_t h, int64_t rows, int64_t p, int64_t 
                                 CUBLAS_GEMM_DEFAULT));
 }
 
+// The padded layout: E batches of C rows. D_e (C, n) = A_e (C, k) · op(B_e).
+void gemm_rows_strided(cublasHandle_t h, int64_t batches, int64_t c, int64_t n, int64_t k,
+                       const bf16* a, const bf16* b, bool b_nk, bf16* d) {
+  const float one = 1.f, zero = 0.f;
+  MOE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      h, b_nk ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(c),
+      static_cast<int>(k), &one, b, CUDA_R_16BF, static_cast<int>(b_nk ? k : n), n * k, a,
+      CUDA_R_16BF, static_cast<int>(k), c * k, &zero, d, CUDA_R_16BF, static_cast<int>(n), c * n,
+      static_cast<int>(batches), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// dW_e (p, q) fp32 += X_e (C, p)^T · Y_e (C, q) for E batches of C rows.
+void gemm_rows_tn_accumulate_strided(cublasHandle_t h, int64_t batches, int64_t c, int64_t p,
+                                     int64_t q, const bf16* x, const bf16* y, float* dw) {
+  const float one = 1.f;
+  MOE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      h, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(q), static_cast<int>(p), static_cast<int>(c),
+      &one, y, CUDA_R_16BF, static_cast<int>(q), c * q, x, CUDA_R_16BF, static_cast<int>(p),
+      c * p, &one, dw, CUDA_R_32F, static_cast<int>(q), p * q, static_cast<int>(batches),
+      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 int device_sm_count() {
   int device = 0, sms = 0;
   MOE_CUDA_CHECK(cudaGetDevice(&device));
@@ -204,33 +325,145 @@ int device_sm_count() {
 
 }  // namespace
 
+void interleave_gate_up(const bf16* split, bf16* interleaved, int64_t rows, int64_t inter,
+                        cudaStream_t stream) {
+  reorder_gate_up<bf16, true>(split, interleaved, rows, inter, stream);
+}
+void split_gate_up(const bf16* interleaved, bf16* split, int64_t rows, int64_t inter,
+                   cudaStream_t stream) {
+  reorder_gate_up<bf16, false>(interleaved, split, rows, inter, stream);
+}
+void split_gate_up(const float* interleaved, float* split, int64_t rows, int64_t inter,
+                   cudaStream_t stream) {
+  reorder_gate_up<float, false>(interleaved, split, rows, inter, stream);
+}
+
+// ------------------------------------------------------------------------------------------------
+// cuBLAS grouped-batched baseline: one cublasGemmGroupedBatchedEx per GEMM, one group per
+// non-empty expert. m/n/k/ld/alpha/beta are host arrays in that API (so the offsets must be on the
+// host); the A/B/C pointer arrays are device arrays, staged through pinned memory per slot.
+// ------------------------------------------------------------------------------------------------
+
+// Host-side arrays of cublasGemmGroupedBatchedEx, one set per slot, sized E once.
+struct ExpertsCublasArrays {
+  struct HostArrays {
+    std::vector<cublasOperation_t> ta, tb;
+    std::vector<int> m, n, k, lda, ldb, ldc, size;
+    std::vector<float> alpha, beta;
+  };
+  std::array<HostArrays, ExpertsWorkspace::kSlots> slot;
+  explicit ExpertsCublasArrays(size_t e) {
+    for (HostArrays& h : slot) {
+      for (auto* v : {&h.ta, &h.tb}) v->assign(e, CUBLAS_OP_N);
+      for (auto* v : {&h.m, &h.n, &h.k, &h.lda, &h.ldb, &h.ldc}) v->assign(e, 0);
+      h.size.assign(e, 1);
+      h.alpha.assign(e, 1.f);
+      h.beta.assign(e, 0.f);
+    }
+  }
+};
+
+struct ExpertsCublas {
+  using HostArrays = ExpertsCublasArrays::HostArrays;
+
+  // Fill slot `slot`'s pointer arrays and `h` for row-major D_e (m_e, n) = A_e (m_e, k) · op(B_e);
+  // returns the number of groups (non-empty experts).
+  static int fill(ExpertsWorkspace& ws, ExpertsWorkspace::Slot slot, const int32_t* off, int64_t n, int64_t k, const bf16* a, const bf16* b,
+                  bool b_nk, bf16* d) {
+    const int64_t E = ws.shape_.experts;
+    HostArrays& h = ws.cublas_arrays_->slot[slot];
+    void** p = ws.pinned_ptrs_ + slot * 3 * E;
+    int g = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = off[e], m = off[e + 1] - off[e];
+      if (m == 0) continue;
+      // column-major: D^T (n, m) = op(B)^T (n, k) · A^T (k, m)
+      h.ta[g] = b_nk ? CUBLAS_OP_T : CUBLAS_OP_N;
+      h.tb[g] = CUBLAS_OP_N;
+      h.m[g] = static_cast<int>(n);
+      h.n[g] = static_cast<int>(m);
+      h.k[g] = static_cast<int>(k);
+      h.lda[g] = static_cast<int>(b_nk ? k : n);
+      h.ldb[g] = static_cast<int>(k);
+      h.ldc[g] = static_cast<int>(n);
+      p[g] = const_cast<bf16*>(b + e * k * n);  // cuBLAS A: the weight
+      p[E + g] = const_cast<bf16*>(a + r0 * k);  // cuBLAS B: the segment's rows
+      p[2 * E + g] = d + r0 * n;
+      ++g;
+    }
+    return g;
+  }
+
+  static void run(ExpertsWorkspace& ws, ExpertsWorkspace::Slot slot, int groups) {
+    if (groups == 0) return;
+    const int64_t E = ws.shape_.experts;
+    const HostArrays& h = ws.cublas_arrays_->slot[slot];
+    void** p = ws.device_ptrs_ + slot * 3 * E;
+    MOE_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+        ws.cublas_, h.ta.data(), h.tb.data(), h.m.data(), h.n.data(), h.k.data(), h.alpha.data(),
+        const_cast<const void* const*>(p), CUDA_R_16BF, h.lda.data(),
+        const_cast<const void* const*>(p + E), CUDA_R_16BF, h.ldb.data(), h.beta.data(), p + 2 * E,
+        CUDA_R_16BF, h.ldc.data(), groups, h.size.data(), CUBLAS_COMPUTE_32F));
+  }
+
+  // Copy slots [first, last) of the pinned pointer arrays to the device, in stream order.
+  static void upload(ExpertsWorkspace& ws, int first, int last, cudaStream_t stream) {
+    const int64_t E = ws.shape_.experts;
+    MOE_CUDA_CHECK(cudaMemcpyAsync(ws.device_ptrs_ + first * 3 * E,
+                                   ws.pinned_ptrs_ + first * 3 * E,
+                                   sizeof(void*) * 3 * E * (last - first),
+                                   cudaMemcpyHostToDevice, stream));
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // workspace
 // ------------------------------------------------------------------------------------------------
 
 ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend backend,
                                    bool backward)
-    : shape_(shape), backend_(backend), backward_(backward) {
+    : shape_(shape), backend_(backend), backward_(backward), sm_count_(device_sm_count()) {
   shape.validate();
   const int64_t E = shape.experts, R = shape.max_rows, I = shape.inter, A = shape.up_width();
-  if (backend == ExpertsBackend::grouped) {
+  const bool grouped = backend == ExpertsBackend::grouped || backend == ExpertsBackend::grouped_fused;
+  if (grouped) {
     MOE_CHECK(shape.hidden % 8 == 0 && shape.inter % 8 == 0,
-              "the grouped experts backend needs hidden and inter multiples of 8 (16-byte TMA "
+              "the grouped experts backends need hidden and inter multiples of 8 (16-byte TMA "
               "rows), got hidden=", shape.hidden, " inter=", shape.inter);
-    up_ = GroupedGemm(E, WeightLayout::kn);
+    if (backend == ExpertsBackend::grouped_fused) {
+      MOE_CHECK(shape.activation != Activation::swiglu ||
+                    shape.gate_up == GateUpLayout::interleaved,
+                "the grouped_fused backend needs SwiGLU's w_up with gate/up columns interleaved "
+                "(gate_up = interleaved; see interleave_gate_up)");
+      up_act_ = GroupedGemmAct(E, shape.activation);
+    } else {
+      up_ = GroupedGemm(E, WeightLayout::kn);
+    }
     down_ = GroupedGemm(E, WeightLayout::kn);
     if (backward) {
       dact_ = GroupedGemm(E, WeightLayout::nk);
       dxp_ = GroupedGemm(E, WeightLayout::nk);
+      wgrad_down_ = GroupedWgrad(E);
+      wgrad_up_ = GroupedWgrad(E);
     }
   }
+  if (backend == ExpertsBackend::cublas_strided_padded)
+    MOE_CHECK(R % E == 0, "the cublas_strided_padded backend needs the padded layout: max_rows (",
+              R, ") a multiple of experts (", E, "), C = max_rows / E rows per expert");
   if (backward)
     arena_ = DeviceArena({{"experts.da", size_t(R * I) * sizeof(bf16), reinterpret_cast<void**>(&da_)},
                           {"experts.dpre", size_t(R * A) * sizeof(bf16),
                            reinterpret_cast<void**>(&dpre_)}});
   MOE_CUDA_CHECK(cudaMallocHost(&pinned_offsets_, sizeof(int32_t) * (E + 1)));
+  if (backend == ExpertsBackend::cublas_grouped_host_offsets) {
+    MOE_CUDA_CHECK(cudaMallocHost(&pinned_ptrs_, sizeof(void*) * kSlots * 3 * E));
+    MOE_CUDA_CHECK(cudaMalloc(&device_ptrs_, sizeof(void*) * kSlots * 3 * E));
+    cublas_arrays_ = std::make_unique<ExpertsCublasArrays>(static_cast<size_t>(E));
+  }
   if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) {
     cudaFreeHost(pinned_offsets_);
+    if (pinned_ptrs_) cudaFreeHost(pinned_ptrs_);
+    if (device_ptrs_) cudaFree(device_ptrs_);
     throw Error("cublasCreate failed");
   }
 }
@@ -238,6 +471,8 @@ ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend bac
 ExpertsWorkspace::~ExpertsWorkspace() {
   if (cublas_) cublasDestroy(cublas_);
   if (pinned_offsets_) cudaFreeHost(pinned_offsets_);
+  if (pinned_ptrs_) cudaFreeHost(pinned_ptrs_);
+  if (device_ptrs_) cudaFree(device_ptrs_);
 }
 
 const int32_t* ExpertsWorkspace::host_offsets(const int32_t* offsets, cudaStream_t stream) {
@@ -261,63 +496,116 @@ const int32_t* ExpertsWorkspace::host_offsets(const int32_t* offsets, cudaStream
 void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStream_t stream) {
   const ExpertsShape& s = ws.shape_;
   const int64_t E = s.experts, H = s.hidden, I = s.inter, A = s.up_width();
-  const int sms = device_sm_count();
+  const int sms = ws.sm_count_;
+  MOE_CHECK(a.offsets && a.w_up && a.w_down && a.xp && a.act && a.yp &&
+                (a.pre || ws.backend_ == ExpertsBackend::grouped_fused),
+            "experts_forward: null pointer argument (only grouped_fused may leave pre null)");
   if (s.max_rows == 0) return;
-  if (ws.backend_ == ExpertsBackend::grouped) {
-    ws.up_.run({a.offsets, A, H, a.xp, a.w_up, a.pre}, stream);           // pre = xp · w_up
-    activation_forward(s, sms, a.offsets, a.pre, a.act, stream);
-    ws.down_.run({a.offsets, H, I, a.act, a.w_down, a.yp}, stream);       // yp = act · w_down
-    return;
-  }
-  const int32_t* off = ws.host_offsets(a.offsets, stream);
-  MOE_CUBLAS_CHECK(cublasSetStream(ws.cublas_, stream));
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = off[e], m = off[e + 1] - off[e];
-    if (m > 0)
-      gemm_rows(ws.cublas_, m, A, H, a.xp + r0 * H, a.w_up + e * H * A, false, a.pre + r0 * A);
-  }
-  activation_forward(s, sms, a.offsets, a.pre, a.act, stream);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = off[e], m = off[e + 1] - off[e];
-    if (m > 0)
-      gemm_rows(ws.cublas_, m, H, I, a.act + r0 * I, a.w_down + e * I * H, false, a.yp + r0 * H);
+  switch (ws.backend_) {
+    case ExpertsBackend::grouped:
+      ws.up_.run({a.offsets, A, H, a.xp, a.w_up, a.pre}, stream);             // pre = xp · w_up
+      activation_forward(s, sms, a.offsets, a.pre, a.act, stream);
+      ws.down_.run({a.offsets, H, I, a.act, a.w_down, a.yp}, stream);         // yp = act · w_down
+      return;
+    case ExpertsBackend::grouped_fused:
+      ws.up_act_.run({a.offsets, A, H, a.xp, a.w_up, a.pre, a.act}, stream);  // pre, act
+      ws.down_.run({a.offsets, H, I, a.act, a.w_down, a.yp}, stream);
+      return;
+    case ExpertsBackend::cublas_strided_padded: {
+      const int64_t C = s.max_rows / E;
+      MOE_CUBLAS_CHECK(cublasSetStream(ws.cublas_, stream));
+      gemm_rows_strided(ws.cublas_, E, C, A, H, a.xp, a.w_up, false, a.pre);
+      activation_forward(s, sms, a.offsets, a.pre, a.act, stream);
+      gemm_rows_strided(ws.cublas_, E, C, H, I, a.act, a.w_down, false, a.yp);
+      return;
+    }
+    case ExpertsBackend::cublas_grouped_host_offsets: {
+      const int32_t* off = ws.host_offsets(a.offsets, stream);
+      MOE_CUBLAS_CHECK(cublasSetStream(ws.cublas_, stream));
+      const int g_up = ExpertsCublas::fill(ws, ExpertsWorkspace::kUp, off, A, H, a.xp, a.w_up,
+                                           false, a.pre);
+      const int g_down = ExpertsCublas::fill(ws, ExpertsWorkspace::kDown, off, H, I, a.act,
+                                             a.w_down, false, a.yp);
+      ExpertsCublas::upload(ws, ExpertsWorkspace::kUp, ExpertsWorkspace::kDown + 1, stream);
+      ExpertsCublas::run(ws, ExpertsWorkspace::kUp, g_up);
+      activation_forward(s, sms, a.offsets, a.pre, a.act, stream);
+      ExpertsCublas::run(ws, ExpertsWorkspace::kDown, g_down);
+      return;
+    }
+    case ExpertsBackend::cublas_loop_host_offsets: {
+      const int32_t* off = ws.host_offsets(a.offsets, stream);
+      MOE_CUBLAS_CHECK(cublasSetStream(ws.cublas_, stream));
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t r0 = off[e], m = off[e + 1] - off[e];
+        if (m > 0)
+          gemm_rows(ws.cublas_, m, A, H, a.xp + r0 * H, a.w_up + e * H * A, false, a.pre + r0 * A);
+      }
+      activation_forward(s, sms, a.offsets, a.pre, a.act, stream);
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t r0 = off[e], m = off[e + 1] - off[e];
+        if (m > 0)
+          gemm_rows(ws.cublas_, m, H, I, a.act + r0 * I, a.w_down + e * I * H, false, a.yp + r0 * H);
+      }
+      return;
+    }
   }
 }
 
 void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaStream_t stream) {
   const ExpertsShape& s = ws.shape_;
   MOE_CHECK(ws.backward_, "experts_backward: the workspace was made without backward buffers");
+  MOE_CHECK(a.offsets && a.w_up && a.w_down && a.xp && a.pre && a.act && a.dyp && a.dxp &&
+                a.dw_up && a.dw_down,
+            "experts_backward: null pointer argument");
   const int64_t E = s.experts, H = s.hidden, I = s.inter, A = s.up_width();
-  const int sms = device_sm_count();
+  const int sms = ws.sm_count_;
   if (s.max_rows == 0) return;
-  const bool grouped = ws.backend_ == ExpertsBackend::grouped;
-  const int32_t* off = grouped ? nullptr : ws.host_offsets(a.offsets, stream);
-  MOE_CUBLAS_CHECK(cublasSetStream(ws.cublas_, stream));
 
-  // da = dyp · w_down^T
-  if (grouped) {
-    ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, ws.da_}, stream);
+  if (ws.backend_ == ExpertsBackend::grouped || ws.backend_ == ExpertsBackend::grouped_fused) {
+    // Everything on the device: sizes from the offsets, no host round trip.
+    ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, ws.da_}, stream);           // da = dyp · w_down^T
+    activation_backward(s, sms, a.offsets, ws.da_, a.pre, ws.dpre_, stream);    // dpre
+    ws.dxp_.run({a.offsets, H, A, ws.dpre_, a.w_up, a.dxp}, stream);            // dxp = dpre · w_up^T
+    ws.wgrad_down_.run({a.offsets, I, H, a.act, a.dyp, a.dw_down}, stream);     // dw_down += act^T dyp
+    ws.wgrad_up_.run({a.offsets, H, A, a.xp, ws.dpre_, a.dw_up}, stream);       // dw_up += xp^T dpre
+    return;
+  }
+
+  MOE_CUBLAS_CHECK(cublasSetStream(ws.cublas_, stream));
+  if (ws.backend_ == ExpertsBackend::cublas_strided_padded) {
+    const int64_t C = s.max_rows / E;
+    gemm_rows_strided(ws.cublas_, E, C, I, H, a.dyp, a.w_down, true, ws.da_);
+    activation_backward(s, sms, a.offsets, ws.da_, a.pre, ws.dpre_, stream);
+    gemm_rows_strided(ws.cublas_, E, C, H, A, ws.dpre_, a.w_up, true, a.dxp);
+    gemm_rows_tn_accumulate_strided(ws.cublas_, E, C, I, H, a.act, a.dyp, a.dw_down);
+    gemm_rows_tn_accumulate_strided(ws.cublas_, E, C, H, A, a.xp, ws.dpre_, a.dw_up);
+    return;
+  }
+
+  const int32_t* off = ws.host_offsets(a.offsets, stream);
+  if (ws.backend_ == ExpertsBackend::cublas_grouped_host_offsets) {
+    const int g_dact = ExpertsCublas::fill(ws, ExpertsWorkspace::kDact, off, I, H, a.dyp,
+                                           a.w_down, true, ws.da_);
+    const int g_dxp = ExpertsCublas::fill(ws, ExpertsWorkspace::kDxp, off, H, A, ws.dpre_, a.w_up,
+                                          true, a.dxp);
+    ExpertsCublas::upload(ws, ExpertsWorkspace::kDact, ExpertsWorkspace::kDxp + 1, stream);
+    ExpertsCublas::run(ws, ExpertsWorkspace::kDact, g_dact);
+    activation_backward(s, sms, a.offsets, ws.da_, a.pre, ws.dpre_, stream);
+    ExpertsCublas::run(ws, ExpertsWorkspace::kDxp, g_dxp);
   } else {
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = off[e], m = off[e + 1] - off[e];
       if (m > 0)
         gemm_rows(ws.cublas_, m, I, H, a.dyp + r0 * H, a.w_down + e * I * H, true, ws.da_ + r0 * I);
     }
-  }
-  // dpre = da * act'(pre)
-  activation_backward(s, sms, a.offsets, ws.da_, a.pre, ws.dpre_, stream);
-  // dxp = dpre · w_up^T
-  if (grouped) {
-    ws.dxp_.run({a.offsets, H, A, ws.dpre_, a.w_up, a.dxp}, stream);
-  } else {
+    activation_backward(s, sms, a.offsets, ws.da_, a.pre, ws.dpre_, stream);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = off[e], m = off[e + 1] - off[e];
       if (m > 0)
         gemm_rows(ws.cublas_, m, H, A, ws.dpre_ + r0 * A, a.w_up + e * H * A, true, a.dxp + r0 * H);
     }
   }
-  // Weight gradients: per-expert cuBLAS over a host copy of the offsets (both backends for now).
-  if (grouped) off = ws.host_offsets(a.offsets, stream);
+  // Weight gradients of the host-offset baselines: one cuBLAS GEMM per non-empty expert.
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = off[e], m = off[e + 1] - off[e];
     if (m == 0) continue;

@@ -1,20 +1,26 @@
-// CUDA experts stage (forward and backward, both backends) vs cpu::experts_forward /
-// cpu::experts_backward in double on the same bf16-rounded inputs; the grouped GEMM alone vs a
-// double GEMM. Fresh seeded random inputs, outputs poisoned (NaN) before each run.
+// CUDA experts stage (forward and backward, every backend) vs cpu::experts_forward /
+// cpu::experts_backward in double on the same bf16-rounded inputs; the grouped GEMMs alone vs
+// double GEMMs; the fused up-projection vs the unfused pair; a CUDA graph of forward + backward
+// replayed with new offsets; bitwise reproducibility. Fresh seeded random inputs, outputs poisoned
+// (NaN) before each run.
 //
 // Tolerance: the relative Frobenius error ||gpu - ref|| / ||ref|| of every expert's segment (and
 // of every expert's weight-gradient slice) must be < 1e-2. The GPU stores pre, act, da, dpre in
 // bf16 (unit roundoff 2^-9 = 0.2 %) and accumulates in fp32; each stored intermediate adds about
 // 0.2-0.4 % to what follows, so the deepest output (dw_up, three roundings deep) lands near 0.5 %.
 // A wrong row, a wrong expert's weight or an unwritten element gives O(1) errors (or NaN).
-// Rows [M, max_rows) must stay poisoned: the stage never writes past M.
+// Rows [M, max_rows) must stay poisoned: the stage never writes past M. Weight gradients are
+// accumulated: an expert with no rows must leave its slices bit for bit unchanged.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <map>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/stages.hpp"
@@ -30,7 +36,9 @@ namespace moe::test {
 namespace {
 
 using cuda::bf16;
+using cuda::ExpertsBackend;
 using cuda::ExpertsShape;
+using cuda::GateUpLayout;
 
 constexpr double kTolerance = 1e-2;  // relative Frobenius error per segment / per expert slice
 
@@ -58,11 +66,13 @@ std::vector<ExpertsCase> experts_cases() {
       {"e3_large_segment", {4100, 3, 0}, 256, 136, S},                   // 33 M-tiles, K = 136
       {"e4_all_empty", {0, 0, 0, 0}, 64, 32, S},
       {"e2_no_spare_rows", {129, 255}, 64, 24, G, 0},
-      {"e3_widths_not_multiples_of_8", {5, 0, 9}, 100, 30, S},             // cuBLAS loop only
+      {"e3_widths_not_multiples_of_8", {5, 0, 9}, 100, 30, S},             // cuBLAS only
+      {"e4_padded_equal_segments", {96, 96, 96, 96}, 128, 64, S, 0},       // + strided batched
+      {"e3_padded_gelu", {40, 40, 40}, 64, 48, G, 0},                      // + strided batched
   };
 }
 
-// What the CPU reference and the GPU both see (bf16-representable values).
+// What the CPU reference and the GPU both see (bf16-representable values), in the split layout.
 struct Inputs {
   ExpertsShape shape;
   std::vector<int64_t> offsets;         // (E+1)
@@ -71,11 +81,16 @@ struct Inputs {
   std::vector<float> dw_up0, dw_down0;  // fp32 starting values of the accumulated gradients
 };
 
+std::vector<int64_t> offsets_of(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> o(sizes.size() + 1, 0);
+  for (size_t e = 0; e < sizes.size(); ++e) o[e + 1] = o[e] + sizes[e];
+  return o;
+}
+
 Inputs make_inputs(const ExpertsCase& c, uint64_t seed) {
   Inputs in;
   const int64_t E = static_cast<int64_t>(c.sizes.size());
-  in.offsets.assign(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) in.offsets[e + 1] = in.offsets[e] + c.sizes[e];
+  in.offsets = offsets_of(c.sizes);
   ExpertsShape& s = in.shape;
   s.experts = E;
   s.hidden = c.hidden;
@@ -97,7 +112,7 @@ struct Reference {
   std::vector<double> pre, act, yp, dxp, dw_up, dw_down;  // dw_*: the increments
 };
 
-Reference reference(const Inputs& in) {
+Reference reference(const Inputs& in, const std::vector<int64_t>& offsets) {
   const ExpertsShape& s = in.shape;
   const int64_t E = s.experts, H = s.hidden, I = s.inter, A = s.up_width(), R = s.max_rows;
   LayerConfig cfg;
@@ -111,15 +126,38 @@ Reference reference(const Inputs& in) {
   r.pre.assign(R * A, 0);
   r.act.assign(R * I, 0);
   r.yp.assign(R * H, 0);
-  cpu::experts_forward<double>(cfg, in.offsets.data(), E, wu.data(), wd.data(), x.data(),
+  cpu::experts_forward<double>(cfg, offsets.data(), E, wu.data(), wd.data(), x.data(),
                                r.pre.data(), r.act.data(), r.yp.data());
   r.dxp.assign(R * H, 0);
   r.dw_up.assign(E * H * A, 0);
   r.dw_down.assign(E * I * H, 0);
-  cpu::experts_backward<double>(cfg, in.offsets.data(), E, wu.data(), wd.data(), x.data(),
+  cpu::experts_backward<double>(cfg, offsets.data(), E, wu.data(), wd.data(), x.data(),
                                 r.pre.data(), r.act.data(), dy.data(), r.dxp.data(),
                                 r.dw_up.data(), r.dw_down.data());
   return r;
+}
+Reference reference(const Inputs& in) { return reference(in, in.offsets); }
+
+// The CPU reference of each case, computed once (several backends compare against it).
+const Reference& cached_reference(const ExpertsCase& c, const Inputs& in) {
+  static std::map<std::string, Reference> cache;
+  auto it = cache.find(c.name);
+  if (it == cache.end()) it = cache.emplace(c.name, reference(in)).first;
+  return it->second;
+}
+
+// Reorder the 2I columns of a (rows, 2I) row-major host matrix between the two layouts.
+std::vector<float> reorder(const std::vector<float>& v, int64_t inter, bool to_interleaved) {
+  const int64_t width = 2 * inter, rows = static_cast<int64_t>(v.size()) / width;
+  std::vector<float> out(v.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < inter; ++j) {
+      const int64_t split_g = r * width + j, split_u = split_g + inter;
+      const int64_t inter_g = r * width + 2 * j, inter_u = inter_g + 1;
+      if (to_interleaved) out[inter_g] = v[split_g], out[inter_u] = v[split_u];
+      else out[split_g] = v[inter_g], out[split_u] = v[inter_u];
+    }
+  return out;
 }
 
 // ||got - want|| / ||want|| over [begin, end); a zero reference needs an exact zero.
@@ -169,9 +207,8 @@ double relative_error(const std::vector<float>& got, const std::vector<double>& 
   for (size_t i = 0; i < got.size(); ++i) increment[i] = got[i] - start[i];
   for (int64_t e = 0; e < E; ++e) {
     if (offsets[e + 1] == offsets[e]) {
-      for (int64_t i = e * slice; i < (e + 1) * slice; ++i)
-        if (got[i] != start[i])
-          return ::testing::AssertionFailure() << name << ": empty expert " << e << " changed";
+      if (std::memcmp(got.data() + e * slice, start.data() + e * slice, slice * sizeof(float)))
+        return ::testing::AssertionFailure() << name << ": empty expert " << e << " changed";
       continue;
     }
     const double err = relative_error(increment, want_increment, e * slice, (e + 1) * slice);
@@ -182,9 +219,97 @@ double relative_error(const std::vector<float>& got, const std::vector<double>& 
   return ::testing::AssertionSuccess();
 }
 
+// ------------------------------------------------------------------------------------------------
+// one forward + backward of the stage on the device
+// ------------------------------------------------------------------------------------------------
+
+// Device copies of a case's inputs, in the layout a backend runs with, and its outputs.
+struct Device {
+  ExpertsShape shape;  // gate_up set
+  DeviceArray<int32_t> offsets;
+  DeviceArray<bf16> w_up, w_down, xp, dyp, pre, act, yp, dxp;
+  DeviceArray<float> dw_up, dw_down;
+  std::vector<float> dw_up0;  // start values in the run's layout
+
+  Device(const Inputs& in, GateUpLayout gate_up) : shape(in.shape) {
+    shape.gate_up = gate_up;
+    const bool il = gate_up == GateUpLayout::interleaved && shape.activation == Activation::swiglu;
+    const int64_t H = shape.hidden, I = shape.inter, A = shape.up_width(), R = shape.max_rows;
+    offsets = DeviceArray<int32_t>(std::vector<int32_t>(in.offsets.begin(), in.offsets.end()));
+    w_up = DeviceArray<bf16>(to_device_type<bf16>(il ? reorder(in.w_up, I, true) : in.w_up));
+    w_down = DeviceArray<bf16>(to_device_type<bf16>(in.w_down));
+    xp = DeviceArray<bf16>(to_device_type<bf16>(in.xp));
+    dyp = DeviceArray<bf16>(to_device_type<bf16>(in.dyp));
+    pre = DeviceArray<bf16>(R * A);
+    act = DeviceArray<bf16>(R * I);
+    yp = DeviceArray<bf16>(R * H);
+    dxp = DeviceArray<bf16>(R * H);
+    dw_up0 = il ? reorder(in.dw_up0, I, true) : in.dw_up0;
+    dw_up = DeviceArray<float>(dw_up0);
+    dw_down = DeviceArray<float>(in.dw_down0);
+  }
+  void poison() {
+    for (auto* a : {&pre, &act, &yp, &dxp}) a->poison();
+  }
+  cuda::ExpertsForwardArgs forward_args() const {
+    return {offsets.get(), w_up.get(), w_down.get(), xp.get(), pre.get(), act.get(), yp.get()};
+  }
+  cuda::ExpertsBackwardArgs backward_args() const {
+    return {offsets.get(), w_up.get(), w_down.get(), xp.get(), pre.get(),     act.get(),
+            dyp.get(),     dxp.get(),  dw_up.get(),  dw_down.get()};
+  }
+};
+
+// Everything a run produced, as floats in the split layout (what the CPU reference uses).
+struct Outputs {
+  std::vector<float> pre, act, yp, dxp, dw_up, dw_down;
+};
+
+Outputs download(const Device& d) {
+  const bool il = d.shape.gate_up == GateUpLayout::interleaved &&
+                  d.shape.activation == Activation::swiglu;
+  const int64_t I = d.shape.inter;
+  Outputs o;
+  o.pre = from_device_type(d.pre.download());
+  o.act = from_device_type(d.act.download());
+  o.yp = from_device_type(d.yp.download());
+  o.dxp = from_device_type(d.dxp.download());
+  o.dw_up = d.dw_up.download();
+  o.dw_down = d.dw_down.download();
+  if (il) o.pre = reorder(o.pre, I, false), o.dw_up = reorder(o.dw_up, I, false);
+  return o;
+}
+
+Outputs run_stage(const Inputs& in, ExpertsBackend backend, GateUpLayout gate_up) {
+  Device d(in, gate_up);
+  d.poison();
+  cuda::ExpertsWorkspace ws(d.shape, backend);
+  cuda::experts_forward(ws, d.forward_args(), nullptr);
+  cuda::experts_backward(ws, d.backward_args(), nullptr);
+  MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  return download(d);
+}
+
+void expect_matches_reference(const Outputs& got, const Inputs& in, const Reference& ref,
+                              const std::vector<int64_t>& o) {
+  const ExpertsShape& s = in.shape;
+  const int64_t H = s.hidden, I = s.inter, A = s.up_width(), R = s.max_rows;
+  EXPECT_TRUE(segments_close("pre", got.pre, ref.pre, o, A, R));
+  EXPECT_TRUE(segments_close("act", got.act, ref.act, o, I, R));
+  EXPECT_TRUE(segments_close("yp", got.yp, ref.yp, o, H, R));
+  EXPECT_TRUE(segments_close("dxp", got.dxp, ref.dxp, o, H, R));
+  EXPECT_TRUE(slices_close("dw_up", got.dw_up, in.dw_up0, ref.dw_up, o, H * A));
+  EXPECT_TRUE(slices_close("dw_down", got.dw_down, in.dw_down0, ref.dw_down, o, I * H));
+}
+
+// ------------------------------------------------------------------------------------------------
+// every backend vs the CPU reference
+// ------------------------------------------------------------------------------------------------
+
 struct Param {
   ExpertsCase c;
-  cuda::ExpertsBackend backend;
+  ExpertsBackend backend;
+  GateUpLayout gate_up;
 };
 
 class ExpertsParity : public ::testing::TestWithParam<Param> {};
@@ -193,64 +318,62 @@ TEST_P(ExpertsParity, ForwardAndBackwardMatchTheCpuReferenceInDouble) {
   MOE_REQUIRE_GPU();
   const Param& p = GetParam();
   const Inputs in = make_inputs(p.c, 91);
-  const Reference ref = reference(in);
-  const cuda::ExpertsShape& s = in.shape;
-  const int64_t E = s.experts, H = s.hidden, I = s.inter, A = s.up_width(), R = s.max_rows;
+  const Reference& ref = cached_reference(p.c, in);
+  expect_matches_reference(run_stage(in, p.backend, p.gate_up), in, ref, in.offsets);
+}
 
-  std::vector<int32_t> off32(in.offsets.begin(), in.offsets.end());
-  DeviceArray<int32_t> offsets(off32);
-  DeviceArray<bf16> w_up(to_device_type<bf16>(in.w_up)), w_down(to_device_type<bf16>(in.w_down)),
-      xp(to_device_type<bf16>(in.xp)), dyp(to_device_type<bf16>(in.dyp));
-  DeviceArray<bf16> pre(R * A), act(R * I), yp(R * H), dxp(R * H);
-  DeviceArray<float> dw_up(in.dw_up0), dw_down(in.dw_down0);
-  for (auto* a : {&pre, &act, &yp, &dxp}) a->poison();
-
-  cuda::ExpertsWorkspace ws(s, p.backend);
-  cuda::experts_forward(ws, {offsets.get(), w_up.get(), w_down.get(), xp.get(), pre.get(),
-                             act.get(), yp.get()},
-                        nullptr);
-  cuda::experts_backward(ws, {offsets.get(), w_up.get(), w_down.get(), xp.get(), pre.get(),
-                              act.get(), dyp.get(), dxp.get(), dw_up.get(), dw_down.get()},
-                         nullptr);
-  MOE_CUDA_CHECK(cudaDeviceSynchronize());
-
-  const auto& o = in.offsets;
-  EXPECT_TRUE(segments_close("pre", from_device_type(pre.download()), ref.pre, o, A, R));
-  EXPECT_TRUE(segments_close("act", from_device_type(act.download()), ref.act, o, I, R));
-  EXPECT_TRUE(segments_close("yp", from_device_type(yp.download()), ref.yp, o, H, R));
-  EXPECT_TRUE(segments_close("dxp", from_device_type(dxp.download()), ref.dxp, o, H, R));
-  EXPECT_TRUE(slices_close("dw_up", dw_up.download(), in.dw_up0, ref.dw_up, o, H * A));
-  EXPECT_TRUE(slices_close("dw_down", dw_down.download(), in.dw_down0, ref.dw_down, o, I * H));
-  (void)E;
+bool backend_takes(ExpertsBackend b, const ExpertsCase& c) {
+  const bool aligned = c.hidden % 8 == 0 && c.inter % 8 == 0;
+  const bool equal = std::adjacent_find(c.sizes.begin(), c.sizes.end(),
+                                        std::not_equal_to<>()) == c.sizes.end();
+  switch (b) {
+    case ExpertsBackend::grouped:
+    case ExpertsBackend::grouped_fused: return aligned;
+    case ExpertsBackend::cublas_strided_padded: return equal && c.extra_rows == 0;
+    default: return true;
+  }
 }
 
 std::vector<Param> params() {
   std::vector<Param> v;
   for (const ExpertsCase& c : experts_cases())
-    for (auto b : {cuda::ExpertsBackend::grouped, cuda::ExpertsBackend::cublas_loop_host_offsets})
-      if (b != cuda::ExpertsBackend::grouped || (c.hidden % 8 == 0 && c.inter % 8 == 0))
-        v.push_back({c, b});
+    for (ExpertsBackend b : cuda::kAllExpertsBackends) {
+      if (!backend_takes(b, c)) continue;
+      const bool swiglu = c.activation == Activation::swiglu;
+      if (b == ExpertsBackend::grouped_fused) {
+        v.push_back({c, b, GateUpLayout::interleaved});
+        continue;
+      }
+      v.push_back({c, b, GateUpLayout::split});
+      // The unfused grouped path in the fused path's layout too.
+      if (b == ExpertsBackend::grouped && swiglu) v.push_back({c, b, GateUpLayout::interleaved});
+    }
   return v;
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ExpertsParity, ::testing::ValuesIn(params()),
                          [](const auto& info) {
-                           return info.param.c.name + "_" +
-                                  std::string(cuda::name(info.param.backend));
+                           const Param& p = info.param;
+                           std::string n = p.c.name + "_" + std::string(cuda::name(p.backend));
+                           if (p.gate_up == GateUpLayout::interleaved &&
+                               p.backend != ExpertsBackend::grouped_fused)
+                             n += "_interleaved";
+                           return n;
                          });
 
-// The grouped GEMM alone, both weight layouts, against a double GEMM per segment.
+// ------------------------------------------------------------------------------------------------
+// the grouped GEMMs alone
+// ------------------------------------------------------------------------------------------------
+
 TEST(GroupedGemm, EachSegmentIsItsExpertsProductInBothWeightLayouts) {
   MOE_REQUIRE_GPU();
   const std::vector<int64_t> sizes = {3, 0, 257, 1, 0, 64, 130};
   const int64_t E = static_cast<int64_t>(sizes.size()), N = 136, K = 200;
-  std::vector<int64_t> o(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) o[e + 1] = o[e] + sizes[e];
+  const std::vector<int64_t> o = offsets_of(sizes);
   const int64_t M = o[E], R = M + 3;
   const std::vector<float> a = round_to<bf16>(random_vector<float>(R * K, 11));
   const std::vector<float> b = round_to<bf16>(random_vector<float>(E * K * N, 12));
-  std::vector<int32_t> o32(o.begin(), o.end());
-  DeviceArray<int32_t> offsets(o32);
+  DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end()));
   DeviceArray<bf16> da(to_device_type<bf16>(a)), db(to_device_type<bf16>(b)), dd(R * N);
   for (auto layout : {cuda::WeightLayout::kn, cuda::WeightLayout::nk}) {
     const bool nk = layout == cuda::WeightLayout::nk;
@@ -271,8 +394,194 @@ TEST(GroupedGemm, EachSegmentIsItsExpertsProductInBothWeightLayouts) {
   }
 }
 
+// dW_e += X_e^T Y_e with K = m_e: segments of 1, 3, 5 (< 8), 64, 130, 257 rows, two empty ones.
+TEST(GroupedWgrad, EachSliceGainsItsSegmentsProductAndEmptyExpertsKeepTheirBits) {
+  MOE_REQUIRE_GPU();
+  const std::vector<int64_t> sizes = {3, 0, 257, 1, 0, 64, 130, 5};
+  const int64_t E = static_cast<int64_t>(sizes.size()), P = 136, Q = 200;
+  const std::vector<int64_t> o = offsets_of(sizes);
+  const int64_t R = o[E] + 3;
+  const std::vector<float> x = round_to<bf16>(random_vector<float>(R * P, 21));
+  const std::vector<float> y = round_to<bf16>(random_vector<float>(R * Q, 22));
+  const std::vector<float> dw0 = random_vector<float>(E * P * Q, 23);
+  std::vector<double> want(E * P * Q, 0);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t i = 0; i < P; ++i)
+      for (int64_t j = 0; j < Q; ++j) {
+        double acc = 0;
+        for (int64_t r = o[e]; r < o[e + 1]; ++r) acc += double(x[r * P + i]) * y[r * Q + j];
+        want[(e * P + i) * Q + j] = acc;
+      }
+  DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end()));
+  DeviceArray<bf16> dx(to_device_type<bf16>(x)), dy(to_device_type<bf16>(y));
+  DeviceArray<float> dw(dw0);
+  cuda::GroupedWgrad wgrad(E);
+  wgrad.run({offsets.get(), P, Q, dx.get(), dy.get(), dw.get()}, nullptr);
+  EXPECT_TRUE(slices_close(std::string("dW ") + wgrad.name(), dw.download(), dw0, want, o, P * Q));
+}
+
+// ------------------------------------------------------------------------------------------------
+// the fused up-projection vs the unfused pair
+// ------------------------------------------------------------------------------------------------
+
+// Largest distance in bf16 units in the last place between two bf16 tensors (as floats).
+int64_t max_ulp(const std::vector<float>& a, const std::vector<float>& b, int64_t n,
+                int64_t* differing) {
+  auto key = [](float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const int32_t s = static_cast<int32_t>(u >> 16);  // bf16 bits
+    return s & 0x8000 ? 0x8000 - (s & 0x7fff) : s;      // monotone in the value
+  };
+  int64_t worst = 0;
+  *differing = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t d = std::abs(int64_t{key(a[i])} - key(b[i]));
+    *differing += d != 0;
+    worst = std::max(worst, d);
+  }
+  return worst;
+}
+
+class FusedUpProjection : public ::testing::TestWithParam<Activation> {};
+
+// Same mainloop and the same activation functions on the same bf16-rounded pre: pre is identical
+// bit for bit, act and yp should be too (at most one bf16 ulp is allowed for act, in case the two
+// kernels' compilations contract the fp32 arithmetic differently; the counts are printed).
+TEST_P(FusedUpProjection, EqualsTheUnfusedPairAndNeedsNoPre) {
+  MOE_REQUIRE_GPU();
+  std::vector<int64_t> sizes = {70, 0, 1, 300, 129, 5, 0, 256};
+  ExpertsCase c{"fused_" + std::string(name(GetParam())), sizes, 192, 136, GetParam(), 3};
+  const Inputs in = make_inputs(c, 33);
+  const int64_t I = in.shape.inter, A = in.shape.up_width(), M = in.offsets.back();
+  Device unfused(in, GateUpLayout::interleaved), fused(in, GateUpLayout::interleaved);
+  unfused.poison(), fused.poison();
+  cuda::ExpertsWorkspace ws_unfused(unfused.shape, ExpertsBackend::grouped, false);
+  cuda::ExpertsWorkspace ws_fused(fused.shape, ExpertsBackend::grouped_fused, false);
+  cuda::experts_forward(ws_unfused, unfused.forward_args(), nullptr);
+  cuda::experts_forward(ws_fused, fused.forward_args(), nullptr);
+  const Outputs u = download(unfused), f = download(fused);
+  EXPECT_TRUE(same_bytes(u.pre, f.pre)) << "pre differs between the fused and unfused paths";
+  int64_t differing = 0;
+  const int64_t ulp = max_ulp(u.act, f.act, M * I, &differing);
+  std::printf("[ fused    ] %s act: %ld of %ld values differ, max %ld bf16 ulp\n",
+              std::string(name(GetParam())).c_str(), (long)differing, (long)(M * I), (long)ulp);
+  EXPECT_LE(ulp, 1);
+  const Reference& ref = cached_reference(c, in);
+  const int64_t H = in.shape.hidden, R = in.shape.max_rows;
+  EXPECT_TRUE(segments_close("pre", f.pre, ref.pre, in.offsets, A, R));
+  EXPECT_TRUE(segments_close("act", f.act, ref.act, in.offsets, I, R));
+  EXPECT_TRUE(segments_close("yp", f.yp, ref.yp, in.offsets, H, R));
+
+  // Forward only: no pre at all, the same act and yp.
+  Device no_pre(in, GateUpLayout::interleaved);
+  no_pre.poison();
+  cuda::ExpertsForwardArgs args = no_pre.forward_args();
+  args.pre = nullptr;
+  cuda::experts_forward(ws_fused, args, nullptr);
+  const Outputs n = download(no_pre);
+  EXPECT_TRUE(same_bytes(n.act, f.act));
+  EXPECT_TRUE(same_bytes(n.yp, f.yp));
+  EXPECT_TRUE(std::all_of(n.pre.begin(), n.pre.end(), [](float v) { return std::isnan(v); }))
+      << "pre was written although its pointer was null";
+}
+
+INSTANTIATE_TEST_SUITE_P(Activations, FusedUpProjection,
+                         ::testing::Values(Activation::swiglu, Activation::gelu),
+                         [](const auto& info) { return std::string(name(info.param)); });
+
+// ------------------------------------------------------------------------------------------------
+// no host synchronisation: a CUDA graph of forward + backward, replayed with new offsets
+// ------------------------------------------------------------------------------------------------
+
+class ExpertsGraph : public ::testing::TestWithParam<ExpertsBackend> {};
+
+// Captured once (global capture mode: any synchronising call would fail the capture), replayed for
+// three routings of the same buffers -- offsets rewritten on the device between replays, outputs
+// poisoned and gradients reset -- and each replay must match the CPU reference of its routing.
+TEST_P(ExpertsGraph, ForwardAndBackwardReplayWithTheOffsetsOnTheDevice) {
+  MOE_REQUIRE_GPU();
+  const std::vector<std::vector<int64_t>> routings = {
+      {5, 0, 130, 64, 1, 33}, {0, 0, 300, 0, 0, 0}, {40, 41, 39, 1, 77, 2}};
+  int64_t rows = 0;
+  for (const auto& r : routings) rows = std::max(rows, std::accumulate(r.begin(), r.end(), int64_t{0}));
+  ExpertsCase c{"graph", routings[0], 128, 64, Activation::swiglu, 0};
+  c.extra_rows = rows + 4 - std::accumulate(routings[0].begin(), routings[0].end(), int64_t{0});
+  const Inputs in = make_inputs(c, 57);
+  const GateUpLayout gate_up = GetParam() == ExpertsBackend::grouped_fused
+                                   ? GateUpLayout::interleaved
+                                   : GateUpLayout::split;
+  Device d(in, gate_up);
+  cuda::ExpertsWorkspace ws(d.shape, GetParam());
+
+  cudaStream_t stream;
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  MOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  cuda::experts_forward(ws, d.forward_args(), stream);
+  cuda::experts_backward(ws, d.backward_args(), stream);
+  MOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  MOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+
+  for (const auto& sizes : routings) {
+    const std::vector<int64_t> o = offsets_of(sizes);
+    d.offsets.upload(std::vector<int32_t>(o.begin(), o.end()));
+    d.dw_up.upload(d.dw_up0);
+    d.dw_down.upload(in.dw_down0);
+    d.poison();
+    MOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    SCOPED_TRACE("routing with M = " + std::to_string(o.back()));
+    expect_matches_reference(download(d), in, reference(in, o), o);
+  }
+  MOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MOE_CUDA_CHECK(cudaGraphDestroy(graph));
+  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, ExpertsGraph,
+                         ::testing::Values(ExpertsBackend::grouped, ExpertsBackend::grouped_fused),
+                         [](const auto& info) { return std::string(cuda::name(info.param)); });
+
+// ------------------------------------------------------------------------------------------------
+// determinism
+// ------------------------------------------------------------------------------------------------
+
+class ExpertsDeterminism : public ::testing::TestWithParam<ExpertsBackend> {};
+
+// No atomics, no split-K, fixed reduction orders: the same inputs give the same bits, forward and
+// backward (weight gradients included), run after run.
+TEST_P(ExpertsDeterminism, TwoRunsAreBitwiseIdentical) {
+  MOE_REQUIRE_GPU();
+  for (const ExpertsCase& c : experts_cases()) {
+    if (c.name != "e64_small_segments" && c.name != "e11_zipf" && c.name != "e7_skewed_gelu")
+      continue;
+    const Inputs in = make_inputs(c, 77);
+    const GateUpLayout gate_up = GetParam() == ExpertsBackend::grouped_fused
+                                     ? GateUpLayout::interleaved
+                                     : GateUpLayout::split;
+    const Outputs a = run_stage(in, GetParam(), gate_up), b = run_stage(in, GetParam(), gate_up);
+    const std::vector<std::tuple<const char*, const std::vector<float>*,
+                                 const std::vector<float>*>>
+        pairs = {{"pre", &a.pre, &b.pre}, {"act", &a.act, &b.act}, {"yp", &a.yp, &b.yp},
+                 {"dxp", &a.dxp, &b.dxp}, {"dw_up", &a.dw_up, &b.dw_up},
+                 {"dw_down", &a.dw_down, &b.dw_down}};
+    for (const auto& [name, x, y] : pairs)
+      EXPECT_TRUE(same_bytes(*x, *y)) << c.name << ": " << name << " differs between two runs";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, ExpertsDeterminism,
+                         ::testing::Values(ExpertsBackend::grouped, ExpertsBackend::grouped_fused),
+                         [](const auto& info) { return std::string(cuda::name(info.param)); });
+
+// ------------------------------------------------------------------------------------------------
+// on the plan's own offsets; refusals
+// ------------------------------------------------------------------------------------------------
+
 // The experts stage on the offsets the GPU plan leaves on the device (padded layout: padding rows
-// inside segments, some experts over capacity).
+// inside segments, some experts over capacity), by every backend that needs no host round trip.
 TEST(ExpertsPlan, RunsOnThePlansDeviceOffsets) {
   MOE_REQUIRE_GPU();
   const cuda::ParityCase pc{"e13_zipf_padded", 3000, 13, 3, cuda::Skew::zipf, Layout::padded, 1.25};
@@ -289,27 +598,56 @@ TEST(ExpertsPlan, RunsOnThePlansDeviceOffsets) {
   c.extra_rows = shape.max_rows() - host_plan.offsets[pc.experts];
   const Inputs in = make_inputs(c, 17);
   const Reference ref = reference(in);
-  const int64_t H = c.hidden, I = c.inter, A = in.shape.up_width(), R = in.shape.max_rows;
+  const int64_t H = c.hidden, R = in.shape.max_rows;
   ASSERT_EQ(R, shape.max_rows());
-  DeviceArray<bf16> w_up(to_device_type<bf16>(in.w_up)), w_down(to_device_type<bf16>(in.w_down)),
-      xp(to_device_type<bf16>(in.xp));
-  DeviceArray<bf16> pre(R * A), act(R * I), yp(R * H);
-  for (auto* a : {&pre, &act, &yp}) a->poison();
-  cuda::ExpertsWorkspace ws(in.shape, cuda::ExpertsBackend::grouped, false);
-  cuda::experts_forward(ws, {plan.view().offsets, w_up.get(), w_down.get(), xp.get(), pre.get(),
-                             act.get(), yp.get()},
-                        nullptr);
-  EXPECT_TRUE(segments_close("yp", from_device_type(yp.download()), ref.yp, in.offsets, H, R));
+  for (ExpertsBackend b : {ExpertsBackend::grouped, ExpertsBackend::grouped_fused,
+                           ExpertsBackend::cublas_strided_padded}) {
+    SCOPED_TRACE(std::string(cuda::name(b)));
+    Device d(in, b == ExpertsBackend::grouped_fused ? GateUpLayout::interleaved
+                                                    : GateUpLayout::split);
+    d.poison();
+    cuda::ExpertsWorkspace ws(d.shape, b, false);
+    cuda::ExpertsForwardArgs args = d.forward_args();
+    args.offsets = plan.view().offsets;
+    cuda::experts_forward(ws, args, nullptr);
+    EXPECT_TRUE(segments_close("yp", from_device_type(d.yp.download()), ref.yp, in.offsets, H, R));
+  }
 }
 
-TEST(ExpertsWorkspace, RefusesShapesTheGroupedGemmCannotTake) {
+TEST(ExpertsWorkspace, RefusesShapesTheBackendsCannotTake) {
   MOE_REQUIRE_GPU();
   cuda::ExpertsShape s{4, 100, 64, Activation::swiglu, 10};  // H = 100: rows not 16-byte aligned
-  EXPECT_THROW(cuda::ExpertsWorkspace(s, cuda::ExpertsBackend::grouped), ConfigError);
-  EXPECT_NO_THROW(cuda::ExpertsWorkspace(s, cuda::ExpertsBackend::cublas_loop_host_offsets));
+  EXPECT_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::grouped), ConfigError);
+  EXPECT_NO_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::cublas_loop_host_offsets));
+  EXPECT_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::cublas_strided_padded), ConfigError);
+  s.hidden = 128;
+  EXPECT_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::grouped_fused), ConfigError)
+      << "SwiGLU fused needs the interleaved gate/up layout";
+  s.gate_up = GateUpLayout::interleaved;
+  EXPECT_NO_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::grouped_fused));
   s.experts = 0;
-  EXPECT_THROW(cuda::ExpertsWorkspace(s, cuda::ExpertsBackend::cublas_loop_host_offsets),
-               ConfigError);
+  EXPECT_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::cublas_loop_host_offsets), ConfigError);
+}
+
+TEST(ExpertsBackendNames, RoundTrip) {
+  for (ExpertsBackend b : cuda::kAllExpertsBackends)
+    EXPECT_EQ(cuda::parse_experts_backend(cuda::name(b)), b);
+  EXPECT_THROW(cuda::parse_experts_backend("cutlass"), ConfigError);
+}
+
+// The device reordering helpers agree with the host one and invert each other.
+TEST(GateUpLayout, InterleaveAndSplitAreInverse) {
+  MOE_REQUIRE_GPU();
+  const int64_t rows = 37, I = 24;
+  const std::vector<float> v = round_to<bf16>(random_vector<float>(rows * 2 * I, 3));
+  DeviceArray<bf16> split(to_device_type<bf16>(v)), inter(rows * 2 * I), back(rows * 2 * I);
+  cuda::interleave_gate_up(split.get(), inter.get(), rows, I, nullptr);
+  cuda::split_gate_up(inter.get(), back.get(), rows, I, nullptr);
+  EXPECT_TRUE(same_bytes(from_device_type(inter.download()), reorder(v, I, true)));
+  EXPECT_TRUE(same_bytes(from_device_type(back.download()), v));
+  DeviceArray<float> f(reorder(v, I, true)), fs(rows * 2 * I);
+  cuda::split_gate_up(f.get(), fs.get(), rows, I, nullptr);
+  EXPECT_TRUE(same_bytes(fs.download(), v));
 }
 
 }  // namespace

@@ -1,31 +1,53 @@
-// defines: moe::cuda::ExpertsShape, ExpertsBackend, ExpertsForwardArgs, ExpertsBackwardArgs,
-//          ExpertsWorkspace, experts_forward, experts_backward
+// defines: moe::cuda::GateUpLayout, ExpertsShape, ExpertsBackend, ExpertsForwardArgs,
+//          ExpertsBackwardArgs, ExpertsWorkspace, experts_forward, experts_backward,
+//          interleave_gate_up, split_gate_up
 // experts: xp[M,H] -> yp[M,H], each expert's FFN over its segment [offsets[e], offsets[e+1]) of
 // rows, as cpu::experts_forward / cpu::experts_backward (src/cpu/experts.cpp) with bf16 storage and
 // fp32 accumulation:
-//   pre = xp · w_up[e]        (m_e, A)   A = 2I for SwiGLU ([gate | up]), I for GELU
+//   pre = xp · w_up[e]        (m_e, A)   A = 2I for SwiGLU, I for GELU
 //   act = silu(gate) * up     (m_e, I)   or gelu(pre), exact erf form; fp32 math, bf16 stored
 //   yp  = act · w_down[e]     (m_e, H)
 // backward (dyp given): da = dyp · w_down[e]^T, dpre = da * act'(pre), dxp = dpre · w_up[e]^T
 // (written), dw_down[e] += act^T · dyp and dw_up[e] += xp^T · dpre (fp32, accumulated, like the
-// CPU's parameter gradients).
+// CPU's parameter gradients: an expert with no rows leaves its slices exactly unchanged).
 // Rows [M, max_rows) of every output are not written; padding rows inside segments (padded and
 // block layouts) are computed like any row, as on the CPU (their xp rows are 0).
 //
-// Backends:
-//   grouped                   CUTLASS sm90 grouped GEMMs (grouped_gemm.hpp) with problem sizes
-//                             built on the device: forward and dxp never synchronise the host.
-//   cublas_loop_host_offsets  baseline: copies offsets to the host (synchronises the stream), then
-//                             one cublasGemmEx (bf16, fp32 compute) per non-empty expert.
-// The activation is a separate elementwise kernel in both (the fused epilogue comes later).
-// The weight gradients are a per-expert cuBLAS loop over a host copy of offsets in both backends:
-// the one host round trip left in the grouped path (a ragged-K grouped GEMM replaces it next).
+// SwiGLU's 2I columns of w_up (and so of pre, dpre, dw_up) are ordered by GateUpLayout:
+//   split        [gate 0..I-1 | up 0..I-1], the CPU reference's layout
+//   interleaved  gate j at column 2j, up j at 2j + 1 -- what the fused epilogue needs (every thread
+//                of the GEMM holds whole pairs); the parameters are kept in this order (convert
+//                once at load time with interleave_gate_up, and the optimiser does not care).
+// Every backend takes either, except grouped_fused, which needs interleaved for SwiGLU.
+//
+// Backends (name(b) gives the string):
+//   grouped                      CUTLASS sm90 grouped GEMMs (grouped_gemm.hpp): up, activation as
+//                                an elementwise kernel, down; backward da, dxp and the weight
+//                                gradients (ragged-K grouped GEMM). Problem sizes are built on the
+//                                device: nothing synchronises the host, a CUDA graph of forward +
+//                                backward replays correctly for any offsets.
+//   grouped_fused                grouped, with the activation in the up-projection's epilogue
+//                                (GroupedGemmAct): pre is read back by nobody in the forward and
+//                                need not be written at all without a backward (args.pre null).
+//                                Bit-identical to grouped. Measured on an H100 it is not faster
+//                                yet (-5 % to +10 % of grouped's forward): the epilogue runs after
+//                                each tile's mainloop instead of under it (experts_lab.md).
+//   cublas_loop_host_offsets     baseline: copies offsets to the host (synchronises the stream),
+//                                then one cublasGemmEx (bf16, fp32 compute) per non-empty expert.
+//   cublas_grouped_host_offsets  baseline: the same host copy, then one cublasGemmGroupedBatchedEx
+//                                per GEMM (one group per non-empty expert; sizes are host arrays
+//                                in that API, hence the copy). Weight gradients: the cuBLAS loop.
+//   cublas_strided_padded        baseline for the padded layout only (offsets[e] = e*C,
+//                                max_rows = E*C, C = max_rows / E): every GEMM is one
+//                                cublasGemmStridedBatchedEx over E batches of C rows, padding
+//                                included. No host round trip; the offsets are not read except M.
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -35,18 +57,35 @@
 
 namespace moe::cuda {
 
+enum class GateUpLayout { split, interleaved };
+std::string_view name(GateUpLayout g);
+
 struct ExpertsShape {
   int64_t experts = 0;                         // E
   int64_t hidden = 0;                          // H
   int64_t inter = 0;                           // I
   Activation activation = Activation::swiglu;
   int64_t max_rows = 0;                        // rows of xp/pre/act/yp buffers (PlanShape::max_rows)
+  GateUpLayout gate_up = GateUpLayout::split;  // SwiGLU: column order of w_up / pre / dw_up
   int64_t up_width() const { return activation == Activation::swiglu ? 2 * inter : inter; }  // A
   void validate() const;  // throws ConfigError naming the field
 };
 
-enum class ExpertsBackend { grouped, cublas_loop_host_offsets };
+enum class ExpertsBackend {
+  grouped,
+  grouped_fused,
+  cublas_loop_host_offsets,
+  cublas_grouped_host_offsets,
+  cublas_strided_padded,
+};
+inline constexpr ExpertsBackend kAllExpertsBackends[] = {
+    ExpertsBackend::grouped, ExpertsBackend::grouped_fused,
+    ExpertsBackend::cublas_loop_host_offsets, ExpertsBackend::cublas_grouped_host_offsets,
+    ExpertsBackend::cublas_strided_padded};
 std::string_view name(ExpertsBackend b);
+ExpertsBackend parse_experts_backend(std::string_view text, std::string_view field = "backend");
+// True for the backends whose calls never wait for the device (CUDA-graph capturable).
+bool is_host_sync_free(ExpertsBackend b);
 
 using bf16 = __nv_bfloat16;
 
@@ -55,7 +94,8 @@ struct ExpertsForwardArgs {
   const bf16* w_up = nullptr;        // (E, H, A)
   const bf16* w_down = nullptr;      // (E, I, H)
   const bf16* xp = nullptr;          // (max_rows, H)
-  bf16* pre = nullptr;               // (max_rows, A) saved for the backward
+  bf16* pre = nullptr;               // (max_rows, A) saved for the backward (grouped_fused: may
+                                     //                be null, then nothing is saved)
   bf16* act = nullptr;               // (max_rows, I) saved for the backward
   bf16* yp = nullptr;                // (max_rows, H)
 };
@@ -73,10 +113,11 @@ struct ExpertsBackwardArgs {
   float* dw_down = nullptr;          // (E, I, H) accumulated
 };
 
+struct ExpertsCublasArrays;  // experts.cu: host-side argument arrays of the grouped-batched calls
+
 // Everything the stage needs besides its inputs and outputs, made once: the grouped GEMMs'
-// workspaces (up, down, and the backward's two W^T products), the backward's intermediates
-// da (max_rows, I) and dpre (max_rows, A) in one arena, a cuBLAS handle and a pinned copy of
-// offsets for the loops.
+// workspaces, the backward's intermediates da (max_rows, I) and dpre (max_rows, A) in one arena,
+// a cuBLAS handle, pinned host copies of offsets and of the grouped-batched pointer arrays.
 class ExpertsWorkspace {
  public:
   ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend backend, bool backward = true);
@@ -86,21 +127,33 @@ class ExpertsWorkspace {
 
   const ExpertsShape& shape() const { return shape_; }
   ExpertsBackend backend() const { return backend_; }
-  size_t bytes() const { return arena_.bytes() + up_.bytes() + down_.bytes() + dact_.bytes() +
-                                dxp_.bytes(); }
+  size_t bytes() const {
+    return arena_.bytes() + up_.bytes() + up_act_.bytes() + down_.bytes() + dact_.bytes() +
+           dxp_.bytes() + wgrad_down_.bytes() + wgrad_up_.bytes();
+  }
   std::string report() const { return arena_.report(); }
+
+  // Per-GEMM slots of the grouped-batched pointer arrays (cublas_grouped_host_offsets).
+  enum Slot { kUp, kDown, kDact, kDxp, kSlots };
 
  private:
   friend void experts_forward(ExpertsWorkspace&, const ExpertsForwardArgs&, cudaStream_t);
   friend void experts_backward(ExpertsWorkspace&, const ExpertsBackwardArgs&, cudaStream_t);
+  friend struct ExpertsCublas;
   const int32_t* host_offsets(const int32_t* offsets, cudaStream_t stream);  // synchronises
 
   ExpertsShape shape_;
   ExpertsBackend backend_;
   bool backward_;
+  int sm_count_ = 0;
   cublasHandle_t cublas_ = nullptr;
   int32_t* pinned_offsets_ = nullptr;  // (E+1) host, page-locked
+  void** pinned_ptrs_ = nullptr;       // (kSlots, 3, E) host, page-locked: A, B, C per group
+  void** device_ptrs_ = nullptr;       // (kSlots, 3, E) device copy
+  std::unique_ptr<ExpertsCublasArrays> cublas_arrays_;  // host m/n/k/ld arrays per slot
   GroupedGemm up_, down_, dact_, dxp_;
+  GroupedGemmAct up_act_;
+  GroupedWgrad wgrad_down_, wgrad_up_;
   bf16* da_ = nullptr;                 // (max_rows, I)
   bf16* dpre_ = nullptr;               // (max_rows, A)
   DeviceArena arena_;
@@ -108,5 +161,15 @@ class ExpertsWorkspace {
 
 void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& args, cudaStream_t stream);
 void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& args, cudaStream_t stream);
+
+// Reorder the 2I columns of a (rows, 2I) row-major matrix between the two GateUpLayouts: w_up seen
+// as (E*H, 2I) at load time, and back for checkpoints or comparisons (dw_up in fp32). In place is
+// not allowed (dst != src).
+void interleave_gate_up(const bf16* split, bf16* interleaved, int64_t rows, int64_t inter,
+                        cudaStream_t stream);
+void split_gate_up(const bf16* interleaved, bf16* split, int64_t rows, int64_t inter,
+                   cudaStream_t stream);
+void split_gate_up(const float* interleaved, float* split, int64_t rows, int64_t inter,
+                   cudaStream_t stream);
 
 }  // namespace moe::cuda
