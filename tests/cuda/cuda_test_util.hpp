@@ -15,6 +15,8 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+
+#include "moe/cuda/parity.hpp"
 #include <vector>
 
 #include "moe/cuda/check.cuh"
@@ -172,3 +174,9 @@ bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
 }
 
 }  // namespace moe::test
+
+namespace moe::cuda {
+// Test listings show the case name, not a byte dump of the struct (found by argument lookup).
+inline void PrintTo(const ParityCase& c, std::ostream* os) { *os << c.name; }
+inline void PrintTo(const RouteCase& c, std::ostream* os) { *os << c.name; }
+}  // namespace moe::cuda

@@ -17,6 +17,8 @@ struct RowCase {
   cuda::ParityCase plan;
   int64_t hidden;
 };
+// Test listings show the case name, not a byte dump of the struct.
+void PrintTo(const RowCase& c, std::ostream* os) { *os << c.plan.name << "_h" << c.hidden; }
 
 std::vector<RowCase> row_cases() {
   std::vector<RowCase> v;
