@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "io/jsonl.hpp"
+#include "moe-bench/bench_layer.hpp"
 #include "moe-bench/commands.hpp"
 #include "moe/check.hpp"
 #include "moe/cuda/arena.hpp"
@@ -76,6 +77,8 @@ struct BenchOptions {
   std::string out;         // JSONL file (appended); stdout when empty
   bool no_backward = false;
   std::string command;     // the command line, for the records
+  bool layer = false;      // --layer: the whole layer (bench_layer.cpp) instead of the stages
+  std::vector<std::string> layer_configs;  // --config with --layer
 };
 
 struct Shape {
@@ -786,11 +789,17 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   sub->add_flag("--no-backward", o->no_backward, "skip the backward stages");
   sub->add_option("--out", o->out, "append JSON lines here (default: stdout)");
+  sub->add_flag("--layer", o->layer,
+                "the whole layer forward and forward+backward at the model configurations "
+                "(reps >= 20) next to a dense-equivalent cuBLAS GEMM pair");
+  sub->add_option("--config", o->layer_configs,
+                  "with --layer: olmoe, qwen3, mixtral, brief_small (default: all)");
   sub->footer(
       "Examples:\n"
       "  moe-bench bench                                   # headline shape, bf16\n"
       "  moe-bench bench --grid headline brief1 brief2 --out results.jsonl\n"
-      "  moe-bench bench --grid soft_moe --dtype bf16 fp32    # soft MoE stages, 8 shapes");
+      "  moe-bench bench --grid soft_moe --dtype bf16 fp32    # soft MoE stages, 8 shapes\n"
+      "  moe-bench bench --layer --reps 20 --out layer.jsonl  # whole layer, 4 model configs");
   sub->callback([o, sub] {
     std::string cmd = "moe-bench bench";
     for (const std::string& g : o->grids) cmd += (&g == &o->grids[0] ? " --grid " : " ") + g;
@@ -799,6 +808,18 @@ void add_bench_command(CLI::App& app) {
     cmd += fmt::format(" --reps {} --warmup {}", o->reps, o->warmup);
     if (o->no_backward) cmd += " --no-backward";
     (void)sub;
+    if (o->layer) {  // a separate path: the stages' options do not apply
+      LayerBenchOptions lo;
+      lo.reps = o->reps;
+      lo.warmup = o->warmup;
+      lo.configs = o->layer_configs;
+      lo.out = o->out;
+      lo.command = fmt::format("moe-bench bench --layer --reps {} --warmup {}", o->reps, o->warmup);
+      for (const std::string& c : o->layer_configs)
+        lo.command += (&c == &o->layer_configs[0] ? " --config " : " ") + c;
+      run_layer_bench(lo);
+      return;
+    }
     o->command = cmd;
     run(*o);
   });

@@ -1,0 +1,275 @@
+// defines: run_layer_bench — `moe-bench bench --layer`: the whole MoE layer on the GPU
+// (cuda::Layer: gate, route, plan, permute, experts, combine, bf16, softmax_topk, dropless) at
+// the model configurations of issue 4, next to a dense-equivalent cuBLAS bf16 GEMM pair with the
+// same FLOPs, measured in the same run on the same card.
+//
+// Method: seeded random inputs and weights (N(0,1) x, weights N(0, 1/fan_in)), CUDA events,
+// warm-up first, median of --reps runs (>= 20). Per-stage forward times come from events recorded
+// between the stages of one forward (median per stage over the reps); the forward total and the
+// forward+backward total are timed separately, as whole launches. No input rotation: the layer's
+// working set (weights and activations) is many times the L2 cache.
+// FLOPs: forward 6*T*K*H*I (SwiGLU: the up projection 2*T*K*H*2I, the down projection
+// 2*T*K*I*H); backward twice that; the gate (2*T*H*E) is not counted.
+// Dense equivalent: cublasGemmEx (bf16 in and out, fp32 compute) (T*K, H) x (H, 2I) then
+// (T*K, I) x (I, H): exactly the forward's expert FLOPs as two dense GEMMs.
+// Memory: the layer's own device bytes (activation arena, route, plan and experts workspaces,
+// sized once) and the cudaMemGetInfo drop from before the layer is built to after one
+// forward+backward (adds cuBLAS workspaces and anything the stages allocate lazily). Inputs,
+// weights and gradients are not counted (the PyTorch peer reports its peak over the same
+// baseline: inputs and parameters allocated before).
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "io/jsonl.hpp"
+#include "moe-bench/bench_layer.hpp"
+#include "moe/check.hpp"
+#include "moe/cuda/check.cuh"
+#include "moe/cuda/fill.hpp"
+#include "moe/cuda/layer.hpp"
+
+namespace moe_bench {
+
+namespace {
+
+using json = nlohmann::ordered_json;
+using moe::cuda::bf16;
+
+struct LayerShape {
+  std::string name;
+  int64_t T, H, I, E, K;
+};
+
+std::vector<LayerShape> layer_shapes() {
+  return {{"olmoe", 16384, 2048, 1024, 64, 8},
+          {"qwen3", 16384, 2048, 768, 128, 8},
+          {"mixtral", 8192, 4096, 14336, 8, 2},
+          {"brief_small", 8192, 1024, 4096, 16, 2}};
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// Median ms of `run` over reps launches (events around each), after `warmup` launches.
+template <class F>
+double time_median(int warmup, int reps, cudaStream_t stream, F&& run) {
+  for (int i = 0; i < warmup; ++i) run();
+  std::vector<cudaEvent_t> ev(2 * reps);
+  for (auto& e : ev) MOE_CUDA_CHECK(cudaEventCreate(&e));
+  for (int i = 0; i < reps; ++i) {
+    MOE_CUDA_CHECK(cudaEventRecord(ev[2 * i], stream));
+    run();
+    MOE_CUDA_CHECK(cudaEventRecord(ev[2 * i + 1], stream));
+  }
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<double> ms(reps);
+  for (int i = 0; i < reps; ++i) {
+    float m = 0;
+    MOE_CUDA_CHECK(cudaEventElapsedTime(&m, ev[2 * i], ev[2 * i + 1]));
+    ms[i] = m;
+  }
+  for (auto& e : ev) MOE_CUDA_CHECK(cudaEventDestroy(e));
+  return median(ms);
+}
+
+// Row-major D (m, n) = A (m, k) B (k, n), bf16 in/out, fp32 compute.
+void gemm_rm(cublasHandle_t h, int64_t m, int64_t n, int64_t k, const bf16* a, const bf16* b,
+             bf16* d) {
+  const float one = 1.f, zero = 0.f;
+  MOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(m), int(k), &one, b,
+                                CUDA_R_16BF, int(n), a, CUDA_R_16BF, int(k), &zero, d, CUDA_R_16BF,
+                                int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+template <class T>
+T* dev_alloc(size_t n) {
+  T* p = nullptr;
+  MOE_CUDA_CHECK(cudaMalloc(&p, n * sizeof(T)));
+  return p;
+}
+
+void bench_one(const LayerBenchOptions& o, const std::string& device, const LayerShape& s,
+               cudaStream_t stream) {
+  const int64_t T = s.T, H = s.H, I = s.I, E = s.E, K = s.K, A = 2 * I;
+  moe::LayerConfig cfg;
+  cfg.tokens = T;
+  cfg.hidden = H;
+  cfg.inter = I;
+  cfg.experts = E;
+  cfg.top_k = K;
+  cfg.router = moe::Router::softmax_topk;
+  cfg.layout = moe::Layout::dropless;
+  cfg.activation = moe::Activation::swiglu;
+  cfg.validate();
+
+  bf16* x = dev_alloc<bf16>(T * H);
+  bf16* dy = dev_alloc<bf16>(T * H);
+  bf16* y = dev_alloc<bf16>(T * H);
+  bf16* dx = dev_alloc<bf16>(T * H);
+  bf16* wg = dev_alloc<bf16>(H * E);
+  bf16* wu = dev_alloc<bf16>(E * H * A);
+  bf16* wd = dev_alloc<bf16>(E * I * H);
+  float* gwg = dev_alloc<float>(H * E);
+  float* gwu = dev_alloc<float>(E * H * A);
+  float* gwd = dev_alloc<float>(E * I * H);
+  moe::cuda::fill_normal(x, T * H, 1, 1.f, stream);
+  moe::cuda::fill_normal(dy, T * H, 2, 1.f, stream);
+  moe::cuda::fill_normal(wg, H * E, 3, float(1 / std::sqrt(double(H))), stream);
+  moe::cuda::fill_normal(wu, E * H * A, 4, float(1 / std::sqrt(double(H))), stream);
+  moe::cuda::fill_normal(wd, E * I * H, 5, float(1 / std::sqrt(double(I))), stream);
+  MOE_CUDA_CHECK(cudaMemsetAsync(gwg, 0, H * E * sizeof(float), stream));
+  MOE_CUDA_CHECK(cudaMemsetAsync(gwu, 0, E * H * A * sizeof(float), stream));
+  MOE_CUDA_CHECK(cudaMemsetAsync(gwd, 0, E * I * H * sizeof(float), stream));
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+
+  size_t free0 = 0, free1 = 0, total = 0;
+  MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
+  double fwd_ms = 0, step_ms = 0;
+  std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
+  size_t layer_bytes = 0;
+  std::string layer_report;
+  {
+    moe::cuda::Layer layer(cfg);
+    layer_bytes = layer.bytes();
+    layer_report = layer.report();
+    const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
+    const moe::cuda::LayerGrads g{dx, gwg, gwu, gwd};
+    layer.forward(x, w, y, stream);
+    layer.backward(x, w, dy, g, stream);
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    MOE_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
+
+    // per-stage forward times: events between the stages of each forward
+    const int ns = int(moe::cuda::LayerStage::count);
+    std::vector<cudaEvent_t> ev(size_t(o.reps) * (ns + 1));
+    for (auto& e : ev) MOE_CUDA_CHECK(cudaEventCreate(&e));
+    for (int i = 0; i < o.warmup; ++i) layer.forward(x, w, y, stream);
+    for (int r = 0; r < o.reps; ++r) layer.forward(x, w, y, stream, &ev[size_t(r) * (ns + 1)]);
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (int st = 0; st < ns; ++st) {
+      std::vector<double> v(o.reps);
+      for (int r = 0; r < o.reps; ++r) {
+        float m = 0;
+        MOE_CUDA_CHECK(cudaEventElapsedTime(&m, ev[size_t(r) * (ns + 1) + st],
+                                            ev[size_t(r) * (ns + 1) + st + 1]));
+        v[r] = m;
+      }
+      stage_ms[st] = median(v);
+    }
+    for (auto& e : ev) MOE_CUDA_CHECK(cudaEventDestroy(e));
+
+    fwd_ms = time_median(o.warmup, o.reps, stream, [&] { layer.forward(x, w, y, stream); });
+    step_ms = time_median(o.warmup, o.reps, stream, [&] {
+      layer.forward(x, w, y, stream);
+      layer.backward(x, w, dy, g, stream);
+    });
+  }
+
+  // dense equivalent: (T*K, H) x (H, 2I), then (T*K, I) x (I, H)
+  double dense_ms = 0;
+  {
+    const int64_t M = T * K;
+    bf16* a = dev_alloc<bf16>(M * std::max(H, I));
+    bf16* pre = dev_alloc<bf16>(M * A);
+    bf16* out = dev_alloc<bf16>(M * H);
+    moe::cuda::fill_normal(a, M * std::max(H, I), 6, 1.f, stream);
+    cublasHandle_t h = nullptr;
+    MOE_CUBLAS_CHECK(cublasCreate(&h));
+    MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
+    dense_ms = time_median(o.warmup, o.reps, stream, [&] {
+      gemm_rm(h, M, A, H, a, wu, pre);   // expert 0's weights as the dense B
+      gemm_rm(h, M, H, I, a, wd, out);
+    });
+    MOE_CUBLAS_CHECK(cublasDestroy(h));
+    MOE_CUDA_CHECK(cudaFree(a));
+    MOE_CUDA_CHECK(cudaFree(pre));
+    MOE_CUDA_CHECK(cudaFree(out));
+  }
+  for (void* p : {(void*)x, (void*)dy, (void*)y, (void*)dx, (void*)wg, (void*)wu, (void*)wd,
+                  (void*)gwg, (void*)gwu, (void*)gwd})
+    MOE_CUDA_CHECK(cudaFree(p));
+
+  const double flops_fwd = 6.0 * T * K * H * I;
+  const double fwd_tf = flops_fwd / (fwd_ms * 1e9);
+  const double step_tf = 3 * flops_fwd / (step_ms * 1e9);
+  const double dense_tf = flops_fwd / (dense_ms * 1e9);
+  const double mem_delta = double(free0) - double(free1);
+
+  json j = moe::io::result_record(o.command);
+  j["stage"] = "layer";
+  j["config"] = s.name;
+  j["device"] = device;
+  j["T"] = T;
+  j["H"] = H;
+  j["I"] = I;
+  j["E"] = E;
+  j["K"] = K;
+  j["router"] = "softmax_topk";
+  j["layout"] = "dropless";
+  j["dtype"] = "bf16";
+  j["experts_backend"] = "grouped";
+  j["reps"] = o.reps;
+  j["warmup"] = o.warmup;
+  json st = json::object();
+  for (int i = 0; i < int(stage_ms.size()); ++i)
+    st[moe::cuda::name(moe::cuda::LayerStage(i))] = stage_ms[i];
+  j["forward_stage_ms"] = st;
+  j["forward_ms"] = fwd_ms;
+  j["forward_tflops"] = fwd_tf;
+  j["fwd_bwd_ms"] = step_ms;
+  j["fwd_bwd_tflops"] = step_tf;
+  j["dense_equiv_ms"] = dense_ms;
+  j["dense_equiv_tflops"] = dense_tf;
+  j["forward_fraction_of_dense"] = fwd_tf / dense_tf;
+  j["layer_bytes"] = layer_bytes;
+  j["mem_delta_bytes"] = mem_delta;
+  j["layer_buffers"] = layer_report;
+  j["flops_accounting"] =
+      "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
+      "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
+  if (o.out.empty()) fmt::print("{}\n", j.dump());
+  else moe::io::append_jsonl(o.out, j);
+
+  fmt::print(stderr,
+             "layer {:<12} T={} H={} I={} E={} K={}: fwd {:.3f} ms ({:.0f} TF/s, {:.0f}% of dense "
+             "{:.0f}) | fwd+bwd {:.3f} ms ({:.0f} TF/s) | layer {:.2f} GiB, memGetInfo delta "
+             "{:.2f} GiB\n  stages:",
+             s.name, T, H, I, E, K, fwd_ms, fwd_tf, 100 * fwd_tf / dense_tf, dense_tf, step_ms,
+             step_tf, layer_bytes / double(1 << 30), mem_delta / double(1 << 30));
+  for (int i = 0; i < int(stage_ms.size()); ++i)
+    fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);
+  fmt::print(stderr, "\n");
+}
+
+}  // namespace
+
+void run_layer_bench(const LayerBenchOptions& o) {
+  MOE_CHECK(moe::cuda::has_device(), "bench --layer: no CUDA device");
+  MOE_CHECK(o.reps >= 20, "reps must be >= 20 for --layer, got ", o.reps);
+  MOE_CHECK(o.warmup >= 1, "warmup must be >= 1, got ", o.warmup);
+  int dev = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp p{};
+  MOE_CUDA_CHECK(cudaGetDeviceProperties(&p, dev));
+  cudaStream_t stream = nullptr;
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  for (const LayerShape& s : layer_shapes()) {
+    if (!o.configs.empty() &&
+        std::find(o.configs.begin(), o.configs.end(), s.name) == o.configs.end())
+      continue;
+    bench_one(o, p.name, s, stream);
+  }
+  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+}  // namespace moe_bench

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""The PyTorch MoE-layer peer of `moe-bench bench --layer`, timed on the same card.
+
+Forward: gate x @ W_gate (bf16) -> fp32 softmax -> top-k (weights renormalised over the kept k)
+-> stable argsort of the chosen experts (permute: index_select of the tokens) -> torch._grouped_mm
+up-projection (E, 2I, H weights, passed transposed) -> SwiGLU silu(gate) * up -> torch._grouped_mm
+down-projection -> index_add combine of the weighted rows into y. bf16 storage, dropless.
+No auxiliary loss (ours adds the softmax_topk balance and z-loss terms; the peer does less work).
+
+fwd: the forward under torch.no_grad(). fwd_bwd: forward with autograd, then y.backward(dy) into
+x.grad and the three weights' .grad (allocated by a warm-up step before measuring).
+FLOPs: forward 6*T*K*H*I, fwd+bwd 3x that (the gate not counted), as ours.
+Peak memory: torch.cuda.max_memory_allocated() during one forward+backward minus
+torch.cuda.memory_allocated() before it (inputs, weights and their .grad buffers excluded).
+Method: CUDA events around each run, warm-up first, median of --reps runs. One JSON object per line.
+
+  python3 bench/peers/torch_moe_layer.py --build build/gg --out peer_layer.jsonl
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+CONFIGS = {
+    "olmoe": (16384, 2048, 1024, 64, 8),
+    "qwen3": (16384, 2048, 768, 128, 8),
+    "mixtral": (8192, 4096, 14336, 8, 2),
+    "brief_small": (8192, 1024, 4096, 16, 2),
+}
+
+
+def git_revision(build_dir):
+    try:
+        text = open(os.path.join(build_dir, "generated", "moe_build_info.hpp")).read()
+        return re.search(r'MOE_GIT_REVISION "([^"]*)"', text).group(1)
+    except (OSError, AttributeError):
+        return "unknown"
+
+
+def moe_layer(x, wg, wu, wd, K):
+    T, H = x.shape
+    E = wg.shape[1]
+    logits = (x @ wg).float()
+    probs = torch.softmax(logits, dim=-1)
+    topw, topi = probs.topk(K, dim=-1)
+    topw = topw / topw.sum(dim=-1, keepdim=True)
+    flat = topi.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tok = order // K
+    xp = x.index_select(0, tok)
+    offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+    pre = torch._grouped_mm(xp, wu.transpose(-2, -1), offs=offs)
+    g, u = pre.chunk(2, dim=-1)
+    act = F.silu(g) * u
+    yp = torch._grouped_mm(act, wd.transpose(-2, -1), offs=offs)
+    w = topw.reshape(-1).index_select(0, order).to(yp.dtype)
+    y = torch.zeros_like(x).index_add_(0, tok, yp * w[:, None])
+    return y
+
+
+def time_runs(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(reps)]
+    for a, b in ev:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--build", default="build/gg", help="build folder (for the git revision)")
+    ap.add_argument("--out", default="", help="append JSON lines here (default: stdout)")
+    args = ap.parse_args()
+    command = "python3 bench/peers/torch_moe_layer.py " + " ".join(sys.argv[1:])
+    out = open(args.out, "a") if args.out else sys.stdout
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for name in args.config:
+        T, H, I, E, K = CONFIGS[name]
+        bf = torch.bfloat16
+        x = torch.randn(T, H, device=dev, dtype=bf, generator=gen)
+        dy = torch.randn(T, H, device=dev, dtype=bf, generator=gen)
+        wg = (torch.randn(H, E, device=dev, generator=gen) / H ** 0.5).to(bf)
+        wu = (torch.randn(E, 2 * I, H, device=dev, generator=gen) / H ** 0.5).to(bf)
+        wd = (torch.randn(E, H, I, device=dev, generator=gen) / I ** 0.5).to(bf)
+        with torch.no_grad():
+            fwd_ms = time_runs(lambda: moe_layer(x, wg, wu, wd, K), args.warmup, args.reps)
+        xs, wgs, wus, wds = (t.detach().clone().requires_grad_() for t in (x, wg, wu, wd))
+
+        def step():
+            y = moe_layer(xs, wgs, wus, wds, K)
+            y.backward(dy)
+
+        step()  # allocates the .grad buffers
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak_extra = torch.cuda.max_memory_allocated() - base
+        step_ms = time_runs(step, args.warmup, args.reps)
+        flops = 6.0 * T * K * H * I
+        rec = {"command": command, "git": git_revision(args.build),
+               "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "stage": "torch_moe_layer", "config": name,
+               "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "T": T, "H": H, "I": I, "E": E, "K": K, "dtype": "bf16",
+               "reps": args.reps, "warmup": args.warmup,
+               "forward_ms": fwd_ms, "forward_tflops": flops / (fwd_ms * 1e9),
+               "fwd_bwd_ms": step_ms, "fwd_bwd_tflops": 3 * flops / (step_ms * 1e9),
+               "peak_extra_bytes": peak_extra}
+        print(json.dumps(rec), file=out, flush=True)
+        print(f"peer {name:<12} fwd {fwd_ms:.3f} ms ({rec['forward_tflops']:.0f} TF/s) | "
+              f"fwd+bwd {step_ms:.3f} ms ({rec['fwd_bwd_tflops']:.0f} TF/s) | "
+              f"peak extra {peak_extra / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+        del x, dy, wg, wu, wd, xs, wgs, wus, wds
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

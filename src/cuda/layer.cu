@@ -1,0 +1,161 @@
+// moe::cuda::Layer: the stages of include/moe/cuda/*.hpp chained on one stream (see layer.hpp).
+#include "moe/cuda/layer.hpp"
+
+#include <cstdio>
+
+#include "moe/check.hpp"
+#include "moe/cuda/check.cuh"
+#include "moe/cuda/combine.hpp"
+#include "moe/cuda/gate.hpp"
+#include "moe/cuda/permute.hpp"
+
+namespace moe::cuda {
+
+const char* name(LayerStage s) {
+  switch (s) {
+    case LayerStage::gate: return "gate";
+    case LayerStage::route: return "route";
+    case LayerStage::plan: return "plan";
+    case LayerStage::permute: return "permute";
+    case LayerStage::experts: return "experts";
+    case LayerStage::combine: return "combine";
+    default: return "?";
+  }
+}
+
+namespace {
+
+LayerConfig checked(const LayerConfig& cfg) {
+  cfg.validate();
+  MOE_CHECK(cfg.router == Router::softmax_topk || cfg.router == Router::sigmoid_bias ||
+                cfg.router == Router::switch_top1,
+            "cuda::Layer: router must be softmax_topk, sigmoid_bias or switch_top1");
+  MOE_CHECK(cfg.router != Router::switch_top1 || !cfg.training || cfg.jitter == 0,
+            "cuda::Layer: switch_top1 with jitter in training is not supported");
+  MOE_CHECK(cfg.shared_experts == 0, "cuda::Layer: shared_experts must be 0");
+  return cfg;
+}
+
+PlanShape plan_shape_of(const LayerConfig& cfg) {
+  PlanShape s;
+  s.tokens = cfg.tokens;
+  s.experts = cfg.experts;
+  s.top_k = cfg.top_k;
+  s.choices = cfg.tokens * cfg.top_k;
+  s.layout = cfg.layout;
+  s.capacity = cfg.layout == Layout::padded ? cfg.capacity() : 0;
+  s.block_size = cfg.layout == Layout::block ? cfg.block_size : 1;
+  s.validate();
+  return s;
+}
+
+}  // namespace
+
+Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_up, bool backward)
+    : cfg_(checked(cfg)), backward_(backward), route_(cfg_), plan_(plan_shape_of(cfg_)) {
+  const int64_t T = cfg_.tokens, H = cfg_.hidden, E = cfg_.experts, I = cfg_.inter;
+  const int64_t R = plan_.shape().max_rows(), N = plan_.shape().choices;
+  ExpertsShape es;
+  es.experts = E;
+  es.hidden = H;
+  es.inter = I;
+  es.activation = cfg_.activation;
+  es.max_rows = R;
+  es.gate_up = gate_up;
+  es.validate();
+  const int64_t A = es.up_width();
+  experts_ = std::make_unique<ExpertsWorkspace>(es, backend, backward);
+  MOE_CUBLAS_CHECK(cublasCreate(&cublas_));
+  const size_t b = sizeof(bf16), f = sizeof(float);
+  const size_t bw = backward ? 1 : 0;
+  arena_ = DeviceArena({
+      {"logits", size_t(T * E) * f, reinterpret_cast<void**>(&logits_)},
+      {"xp", size_t(R * H) * b, reinterpret_cast<void**>(&xp_)},
+      {"pre", size_t(R * A) * b, reinterpret_cast<void**>(&pre_)},
+      {"act", size_t(R * I) * b, reinterpret_cast<void**>(&act_)},
+      {"yp|dxp", size_t(R * H) * b, reinterpret_cast<void**>(&yp_)},
+      {"dyp", bw * size_t(R * H) * b, reinterpret_cast<void**>(&dyp_)},
+      {"dweight", bw * size_t(N) * f, reinterpret_cast<void**>(&dweight_)},
+      {"dz", bw * size_t(T * E) * f, reinterpret_cast<void**>(&dz_)},
+      {"dz_bf16", bw * size_t(T * E) * b, reinterpret_cast<void**>(&dz_bf16_)},
+  });
+}
+
+Layer::~Layer() {
+  if (cublas_) cublasDestroy(cublas_);
+}
+
+size_t Layer::bytes() const {
+  return arena_.bytes() + route_.arena.bytes() + route_.routing.arena.bytes() + plan_.bytes() +
+         experts_->bytes();
+}
+
+std::string Layer::report() const {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, " | route %.2f MiB | plan %.2f MiB | experts %.2f MiB",
+                (route_.arena.bytes() + route_.routing.arena.bytes()) / double(1 << 20),
+                plan_.bytes() / double(1 << 20), experts_->bytes() / double(1 << 20));
+  return "activations " + arena_.report() + buf;
+}
+
+void Layer::forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t stream,
+                    cudaEvent_t* events) {
+  const int64_t T = cfg_.tokens, H = cfg_.hidden, E = cfg_.experts;
+  auto mark = [&](LayerStage s) {
+    if (events) MOE_CUDA_CHECK(cudaEventRecord(events[int(s)], stream));
+  };
+  mark(LayerStage::gate);
+  gate_forward<bf16>(cublas_, x, w.w_gate, T, H, E, logits_, stream);
+  mark(LayerStage::route);
+  route_forward(cfg_, 0, logits_, nullptr, w.expert_bias, route_, stream);
+  mark(LayerStage::plan);
+  const RoutingView rv = route_.routing.view();
+  plan_forward(rv, plan_.view(), stream);
+  mark(LayerStage::permute);
+  permute_forward<bf16>(plan_.view(), x, H, xp_, stream);
+  mark(LayerStage::experts);
+  ExpertsForwardArgs ea;
+  ea.offsets = plan_.view().offsets;
+  ea.w_up = w.w_up;
+  ea.w_down = w.w_down;
+  ea.xp = xp_;
+  ea.pre = pre_;
+  ea.act = act_;
+  ea.yp = yp_;
+  experts_forward(*experts_, ea, stream);
+  mark(LayerStage::combine);
+  combine_forward<bf16>(plan_.view(), rv, yp_, H, y, stream);
+  mark(LayerStage::count);
+}
+
+void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const LayerGrads& g,
+                     cudaStream_t stream) {
+  MOE_CHECK(backward_, "cuda::Layer::backward: built with backward = false");
+  const int64_t T = cfg_.tokens, H = cfg_.hidden, E = cfg_.experts;
+  const RoutingView rv = route_.routing.view();
+  // combine: dyp = weight * dy, dweight = <dy, yp>
+  combine_backward<bf16>(plan_.view(), rv, yp_, dy, H, dyp_, dweight_, stream);
+  // experts: dxp (into yp's storage, dead now), dw_up, dw_down
+  bf16* dxp = yp_;
+  ExpertsBackwardArgs eb;
+  eb.offsets = plan_.view().offsets;
+  eb.w_up = w.w_up;
+  eb.w_down = w.w_down;
+  eb.xp = xp_;
+  eb.pre = pre_;
+  eb.act = act_;
+  eb.dyp = dyp_;
+  eb.dxp = dxp;
+  eb.dw_up = g.dw_up;
+  eb.dw_down = g.dw_down;
+  experts_backward(*experts_, eb, stream);
+  // permute: dx = sum of the token's dxp rows (dx starts at 0)
+  MOE_CUDA_CHECK(cudaMemsetAsync(g.dx, 0, size_t(T * H) * sizeof(bf16), stream));
+  permute_backward<bf16>(plan_.view(), dxp, H, g.dx, stream);
+  // route: dweight -> dz (aux-loss and z-loss gradients included)
+  route_backward(cfg_, 0, route_, logits_, nullptr, dweight_, dz_, nullptr, stream);
+  // gate: dW_gate += x^T dz, dx += dz W^T
+  gate_backward<bf16>(cublas_, x, w.w_gate, dz_, T, H, E, g.dw_gate, g.dx, dz_bf16_, stream);
+}
+
+}  // namespace moe::cuda
