@@ -18,17 +18,17 @@ step device
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
   --format=csv | tee "$OUT/gpu.txt"
 step "layer parity tests"
-timeout 90 "$BUILD/moe_cuda_tests" --gtest_filter='*LayerParity*' >"$OUT/test_layer.log" 2>&1
+timeout 60 "$BUILD/moe_cuda_tests" --gtest_filter='*LayerParity*' >"$OUT/test_layer.log" 2>&1
 echo "exit $?"; grep -E "rel\. Frobenius|PASSED|FAILED|OK \]" "$OUT/test_layer.log"
 step "moe-bench bench --layer"
 for c in olmoe qwen3 mixtral brief_small; do
-  timeout 50 "$BUILD/moe-bench" bench --layer --reps 20 --warmup 3 --config $c \
+  timeout 35 "$BUILD/moe-bench" bench --layer --reps 20 --warmup 3 --config $c \
     --out "$OUT/layer.jsonl" >>"$OUT/layer_bench.log" 2>&1
   echo "$c exit $?"
 done
 cat "$OUT/layer_bench.log"
 step "PyTorch peer"
-timeout 110 python3 bench/peers/torch_moe_layer.py --build "$BUILD" --reps 20 --warmup 3 \
+timeout 100 python3 bench/peers/torch_moe_layer.py --build "$BUILD" --reps 20 --warmup 3 \
   --out "$OUT/peer_layer.jsonl" >"$OUT/peer_layer.log" 2>&1
 echo "exit $?"; cat "$OUT/peer_layer.log"
 step done
