@@ -218,6 +218,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["layout"] = "dropless";
   j["dtype"] = "bf16";
   j["experts_backend"] = "grouped";
+  j["activation_arena_bytes"] = moe::cuda::Layer::arena_bytes(cfg);
   j["reps"] = o.reps;
   j["warmup"] = o.warmup;
   json st = json::object();

@@ -23,11 +23,13 @@ namespace {
 // reduction per choice gives dweight (a fixed order, so the same bits every run). dy[t] is read
 // once per choice; after the first it comes from L1/L2, so DRAM sees it once.
 // Warps [T, T + pad_groups): zero the padding rows of dyp.
+// dyp may be yp (in place): every element of yp[row_j] is read by the lane that then writes the
+// same element of dyp[row_j], each row belongs to one choice, and padding rows are never read.
 template <class T, int kVec, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
     combine_backward_kernel(PlanView plan, const float* __restrict__ weight,
-                            const T* __restrict__ dy, const T* __restrict__ yp,
-                            T* __restrict__ dyp, float* __restrict__ dweight, int64_t hidden,
+                            const T* __restrict__ dy, const T* yp, T* dyp,
+                            float* __restrict__ dweight, int64_t hidden,
                             RowGrid grid) {
   const int lane = threadIdx.x % kWarp;
   const int64_t w = blockIdx.x * int64_t{kWarpsPerBlock} + threadIdx.x / kWarp;

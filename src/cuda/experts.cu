@@ -129,8 +129,10 @@ template <ActKind kKind, int kVec>
 __global__ void __launch_bounds__(kThreads)
     activation_backward_kernel(const int32_t* __restrict__ num_rows,
                                const bf16* __restrict__ da,   // (M, I)
-                               const bf16* __restrict__ pre,  // (M, A)
-                               bf16* __restrict__ dpre,       // (M, A)
+                               const bf16* pre,               // (M, A)
+                               bf16* dpre,                    // (M, A), may be pre (in place:
+                                                              // each element read, then written,
+                                                              // by the same thread)
                                int64_t inter) {
   constexpr bool kGelu = kKind == ActKind::gelu;
   const int64_t up_width = kGelu ? inter : 2 * inter;
@@ -421,7 +423,7 @@ struct ExpertsCublas {
 // ------------------------------------------------------------------------------------------------
 
 ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend backend,
-                                   bool backward)
+                                   bool backward, bool own_scratch)
     : shape_(shape), backend_(backend), backward_(backward), sm_count_(device_sm_count()) {
   shape.validate();
   const int64_t E = shape.experts, R = shape.max_rows, I = shape.inter, A = shape.up_width();
@@ -450,7 +452,7 @@ ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend bac
   if (backend == ExpertsBackend::cublas_strided_padded)
     MOE_CHECK(R % E == 0, "the cublas_strided_padded backend needs the padded layout: max_rows (",
               R, ") a multiple of experts (", E, "), C = max_rows / E rows per expert");
-  if (backward)
+  if (backward && own_scratch)
     arena_ = DeviceArena({{"experts.da", size_t(R * I) * sizeof(bf16), reinterpret_cast<void**>(&da_)},
                           {"experts.dpre", size_t(R * A) * sizeof(bf16),
                            reinterpret_cast<void**>(&dpre_)}});
@@ -559,50 +561,55 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
             "experts_backward: null pointer argument");
   const int64_t E = s.experts, H = s.hidden, I = s.inter, A = s.up_width();
   const int sms = ws.sm_count_;
+  bf16* const da = a.da ? a.da : ws.da_;
+  bf16* const dpre = a.dpre ? a.dpre : ws.dpre_;
+  MOE_CHECK(da && dpre, "experts_backward: the workspace was made without scratch (own_scratch "
+                        "false) and the arguments give no da / dpre");
   if (s.max_rows == 0) return;
 
   if (ws.backend_ == ExpertsBackend::grouped || ws.backend_ == ExpertsBackend::grouped_fused) {
-    // Everything on the device: sizes from the offsets, no host round trip.
-    ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, ws.da_}, stream);           // da = dyp · w_down^T
-    activation_backward(s, sms, a.offsets, ws.da_, a.pre, ws.dpre_, stream);    // dpre
-    ws.dxp_.run({a.offsets, H, A, ws.dpre_, a.w_up, a.dxp}, stream);            // dxp = dpre · w_up^T
+    // Everything on the device: sizes from the offsets, no host round trip. This order lets da,
+    // dpre and dxp alias act, pre and dyp (ExpertsBackwardArgs).
     ws.wgrad_down_.run({a.offsets, I, H, a.act, a.dyp, a.dw_down}, stream);     // dw_down += act^T dyp
-    ws.wgrad_up_.run({a.offsets, H, A, a.xp, ws.dpre_, a.dw_up}, stream);       // dw_up += xp^T dpre
+    ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, da}, stream);               // da = dyp · w_down^T
+    activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);            // dpre
+    ws.dxp_.run({a.offsets, H, A, dpre, a.w_up, a.dxp}, stream);                // dxp = dpre · w_up^T
+    ws.wgrad_up_.run({a.offsets, H, A, a.xp, dpre, a.dw_up}, stream);           // dw_up += xp^T dpre
     return;
   }
 
   MOE_CUBLAS_CHECK(cublasSetStream(ws.cublas_, stream));
   if (ws.backend_ == ExpertsBackend::cublas_strided_padded) {
     const int64_t C = s.max_rows / E;
-    gemm_rows_strided(ws.cublas_, E, C, I, H, a.dyp, a.w_down, true, ws.da_);
-    activation_backward(s, sms, a.offsets, ws.da_, a.pre, ws.dpre_, stream);
-    gemm_rows_strided(ws.cublas_, E, C, H, A, ws.dpre_, a.w_up, true, a.dxp);
+    gemm_rows_strided(ws.cublas_, E, C, I, H, a.dyp, a.w_down, true, da);
+    activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);
+    gemm_rows_strided(ws.cublas_, E, C, H, A, dpre, a.w_up, true, a.dxp);
     gemm_rows_tn_accumulate_strided(ws.cublas_, E, C, I, H, a.act, a.dyp, a.dw_down);
-    gemm_rows_tn_accumulate_strided(ws.cublas_, E, C, H, A, a.xp, ws.dpre_, a.dw_up);
+    gemm_rows_tn_accumulate_strided(ws.cublas_, E, C, H, A, a.xp, dpre, a.dw_up);
     return;
   }
 
   const int32_t* off = ws.host_offsets(a.offsets, stream);
   if (ws.backend_ == ExpertsBackend::cublas_grouped_host_offsets) {
     const int g_dact = ExpertsCublas::fill(ws, ExpertsWorkspace::kDact, off, I, H, a.dyp,
-                                           a.w_down, true, ws.da_);
-    const int g_dxp = ExpertsCublas::fill(ws, ExpertsWorkspace::kDxp, off, H, A, ws.dpre_, a.w_up,
+                                           a.w_down, true, da);
+    const int g_dxp = ExpertsCublas::fill(ws, ExpertsWorkspace::kDxp, off, H, A, dpre, a.w_up,
                                           true, a.dxp);
     ExpertsCublas::upload(ws, ExpertsWorkspace::kDact, ExpertsWorkspace::kDxp + 1, stream);
     ExpertsCublas::run(ws, ExpertsWorkspace::kDact, g_dact);
-    activation_backward(s, sms, a.offsets, ws.da_, a.pre, ws.dpre_, stream);
+    activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);
     ExpertsCublas::run(ws, ExpertsWorkspace::kDxp, g_dxp);
   } else {
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = off[e], m = off[e + 1] - off[e];
       if (m > 0)
-        gemm_rows(ws.cublas_, m, I, H, a.dyp + r0 * H, a.w_down + e * I * H, true, ws.da_ + r0 * I);
+        gemm_rows(ws.cublas_, m, I, H, a.dyp + r0 * H, a.w_down + e * I * H, true, da + r0 * I);
     }
-    activation_backward(s, sms, a.offsets, ws.da_, a.pre, ws.dpre_, stream);
+    activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = off[e], m = off[e + 1] - off[e];
       if (m > 0)
-        gemm_rows(ws.cublas_, m, H, A, ws.dpre_ + r0 * A, a.w_up + e * H * A, true, a.dxp + r0 * H);
+        gemm_rows(ws.cublas_, m, H, A, dpre + r0 * A, a.w_up + e * H * A, true, a.dxp + r0 * H);
     }
   }
   // Weight gradients of the host-offset baselines: one cuBLAS GEMM per non-empty expert.
@@ -611,7 +618,7 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     if (m == 0) continue;
     gemm_rows_tn_accumulate(ws.cublas_, m, I, H, a.act + r0 * I, a.dyp + r0 * H,
                             a.dw_down + e * I * H);  // dw_down[e] += act^T · dyp
-    gemm_rows_tn_accumulate(ws.cublas_, m, H, A, a.xp + r0 * H, ws.dpre_ + r0 * A,
+    gemm_rows_tn_accumulate(ws.cublas_, m, H, A, a.xp + r0 * H, dpre + r0 * A,
                             a.dw_up + e * H * A);    // dw_up[e] += xp^T · dpre
   }
 }

@@ -49,7 +49,25 @@ PlanShape plan_shape_of(const LayerConfig& cfg) {
   return s;
 }
 
+bool aliases(ExpertsBackend backend, bool backward) {
+  return backward &&
+         (backend == ExpertsBackend::grouped || backend == ExpertsBackend::grouped_fused);
+}
+
 }  // namespace
+
+size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool backward) {
+  const LayerConfig cfg = checked(c);
+  const PlanShape ps = plan_shape_of(cfg);
+  const size_t T = cfg.tokens, H = cfg.hidden, E = cfg.experts, I = cfg.inter;
+  const size_t R = ps.max_rows(), N = ps.choices;
+  const size_t A = cfg.activation == Activation::swiglu ? 2 * I : I;
+  const size_t b = sizeof(bf16), f = sizeof(float), bw = backward ? 1 : 0;
+  size_t bytes = T * E * f + R * (H + A + I + H) * b;  // logits, xp, pre, act, yp
+  bytes += bw * (N * f + T * E * (f + b));             // dweight, dz, dz_bf16
+  if (backward && !aliases(backend, backward)) bytes += R * (H + I + A) * b;  // dyp, da, dpre
+  return bytes;
+}
 
 Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_up, bool backward)
     : cfg_(checked(cfg)), backward_(backward), route_(cfg_), plan_(plan_shape_of(cfg_)) {
@@ -64,7 +82,8 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   es.gate_up = gate_up;
   es.validate();
   const int64_t A = es.up_width();
-  experts_ = std::make_unique<ExpertsWorkspace>(es, backend, backward);
+  alias_ = aliases(backend, backward);
+  experts_ = std::make_unique<ExpertsWorkspace>(es, backend, backward, /*own_scratch=*/!alias_);
   MOE_CUBLAS_CHECK(cublasCreate(&cublas_));
   const size_t b = sizeof(bf16), f = sizeof(float);
   const size_t bw = backward ? 1 : 0;
@@ -73,12 +92,13 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
       {"xp", size_t(R * H) * b, reinterpret_cast<void**>(&xp_)},
       {"pre", size_t(R * A) * b, reinterpret_cast<void**>(&pre_)},
       {"act", size_t(R * I) * b, reinterpret_cast<void**>(&act_)},
-      {"yp|dxp", size_t(R * H) * b, reinterpret_cast<void**>(&yp_)},
-      {"dyp", bw * size_t(R * H) * b, reinterpret_cast<void**>(&dyp_)},
+      {alias_ ? "yp|dyp|dxp" : "yp|dxp", size_t(R * H) * b, reinterpret_cast<void**>(&yp_)},
+      {"dyp", (alias_ ? 0 : bw) * size_t(R * H) * b, reinterpret_cast<void**>(&dyp_)},
       {"dweight", bw * size_t(N) * f, reinterpret_cast<void**>(&dweight_)},
       {"dz", bw * size_t(T * E) * f, reinterpret_cast<void**>(&dz_)},
       {"dz_bf16", bw * size_t(T * E) * b, reinterpret_cast<void**>(&dz_bf16_)},
   });
+  if (alias_) dyp_ = yp_;
 }
 
 Layer::~Layer() {
@@ -133,9 +153,10 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   MOE_CHECK(backward_, "cuda::Layer::backward: built with backward = false");
   const int64_t T = cfg_.tokens, H = cfg_.hidden, E = cfg_.experts;
   const RoutingView rv = route_.routing.view();
-  // combine: dyp = weight * dy, dweight = <dy, yp>
+  // combine: dyp = weight * dy, dweight = <dy, yp> (grouped: in place over yp)
   combine_backward<bf16>(plan_.view(), rv, yp_, dy, H, dyp_, dweight_, stream);
-  // experts: dxp (into yp's storage, dead now), dw_up, dw_down
+  // experts: dw_down, dxp (into yp's storage: yp is dead; grouped: so is dyp once da is made),
+  // dw_up; grouped: da into act, dpre into pre (layer.hpp)
   bf16* dxp = yp_;
   ExpertsBackwardArgs eb;
   eb.offsets = plan_.view().offsets;
@@ -148,6 +169,10 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   eb.dxp = dxp;
   eb.dw_up = g.dw_up;
   eb.dw_down = g.dw_down;
+  if (alias_) {
+    eb.da = act_;
+    eb.dpre = pre_;
+  }
   experts_backward(*experts_, eb, stream);
   // permute: dx = sum of the token's dxp rows (dx starts at 0)
   MOE_CUDA_CHECK(cudaMemsetAsync(g.dx, 0, size_t(T * H) * sizeof(bf16), stream));

@@ -139,6 +139,35 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
   EXPECT_LT(e_wd, kTolerance) << "dW_down";
 }
 
+// The (max_rows, *) activation bytes from the shapes alone (no GPU): the grouped backend aliases
+// dyp, da, dpre and dxp onto yp, act and pre (layer.hpp); a host-offset baseline keeps dyp, da and
+// dpre apart, as every backend did before. Printed for the bench shapes (bench --layer).
+TEST(LayerMemory, ArenaBytesAtBenchShapes) {
+  struct Shape { const char* name; int64_t T, H, I, E, K; };
+  for (const Shape& s : {Shape{"olmoe", 16384, 2048, 1024, 64, 8},
+                         Shape{"qwen3", 16384, 2048, 768, 128, 8},
+                         Shape{"mixtral", 8192, 4096, 14336, 8, 2},
+                         Shape{"brief_small", 8192, 1024, 4096, 16, 2}}) {
+    LayerConfig cfg;
+    cfg.tokens = s.T;
+    cfg.hidden = s.H;
+    cfg.inter = s.I;
+    cfg.experts = s.E;
+    cfg.top_k = s.K;
+    cfg.router = Router::softmax_topk;
+    cfg.layout = Layout::dropless;
+    cfg.activation = Activation::swiglu;
+    cfg.validate();
+    const size_t separate = cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::cublas_loop_host_offsets);
+    const size_t aliased = cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped);
+    const size_t R = size_t(s.T * s.K);
+    EXPECT_EQ(separate - aliased, R * size_t(s.H + s.I + 2 * s.I) * sizeof(bf16)) << s.name;
+    std::printf("%s: activation arena + experts scratch %.3f GiB separate, %.3f GiB aliased "
+                "(%.1f %%)\n", s.name, separate / double(1 << 30), aliased / double(1 << 30),
+                100.0 * aliased / separate);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, LayerParity,
     ::testing::Values(LayerCase{"t256_e8_k2_uniform", 256, 64, 32, 8, 2},

@@ -26,7 +26,8 @@ template <class T>
 void combine_backward(const PlanView& plan, const RoutingView& routing,
                       const T* yp,              // yp (max_rows, H) forward expert outputs
                       const T* dy,              // dy (T, H)
-                      int64_t hidden, T* dyp,   // dyp (max_rows, H), rows < M written
+                      int64_t hidden, T* dyp,   // dyp (max_rows, H), rows < M written; may
+                                                //   be yp (in place)
                       float* dweight,           // dweight (N) fp32, every choice written
                       cudaStream_t stream);
 

@@ -111,16 +111,25 @@ struct ExpertsBackwardArgs {
   bf16* dxp = nullptr;               // (max_rows, H) written
   float* dw_up = nullptr;            // (E, H, A) accumulated
   float* dw_down = nullptr;          // (E, I, H) accumulated
+  // Scratch, null: the workspace's own (then it must have been made with own_scratch). The
+  // grouped backends run dw_down, da, dpre, dxp, dw_up in that order, so with them a caller may
+  // alias dead storage: da onto act (dw_down has read it), dpre onto pre (the activation backward
+  // reads each element of pre before writing the same element of dpre), dxp onto dyp (da was its
+  // last reader). The other backends take da / dpre too, without aliasing.
+  bf16* da = nullptr;                // (max_rows, I)
+  bf16* dpre = nullptr;              // (max_rows, A)
 };
 
 struct ExpertsCublasArrays;  // experts.cu: host-side argument arrays of the grouped-batched calls
 
 // Everything the stage needs besides its inputs and outputs, made once: the grouped GEMMs'
-// workspaces, the backward's intermediates da (max_rows, I) and dpre (max_rows, A) in one arena,
+// workspaces, the backward's intermediates da (max_rows, I) and dpre (max_rows, A) in one arena
+// (unless own_scratch is false: then every backward call passes them in ExpertsBackwardArgs),
 // a cuBLAS handle, pinned host copies of offsets and of the grouped-batched pointer arrays.
 class ExpertsWorkspace {
  public:
-  ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend backend, bool backward = true);
+  ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend backend, bool backward = true,
+                   bool own_scratch = true);
   ~ExpertsWorkspace();
   ExpertsWorkspace(const ExpertsWorkspace&) = delete;
   ExpertsWorkspace& operator=(const ExpertsWorkspace&) = delete;

@@ -15,9 +15,15 @@
 // second-choice policy), switch_top1 (jitter only when !training or jitter == 0), sigmoid_bias
 // (expert_bias optional, zeros when null). Layouts: dropless, block, padded.
 // The gradient is that of <dy, y> + aux_loss, as moe::layer_backward.
-// The one memory decision to know: dxp reuses yp's storage (yp is dead once combine backward has
-// produced dyp and dweight), so the backward adds dyp (max_rows, H) and the experts stage's da and
-// dpre to the forward's activations, not two more (max_rows, H) buffers.
+// Memory (grouped backends): the backward adds no (max_rows, *) buffer to the forward's xp, pre,
+// act and yp. Each backward intermediate goes into storage whose last reader has run:
+//   dyp  into yp   (combine backward, in place: yp's element is read before dyp's is written)
+//   da   into act  (the experts backward computes dw_down = act^T dyp first)
+//   dpre into pre  (activation backward, in place)
+//   dxp  into yp   (dyp's last reader, da = dyp w_down^T, has run)
+// so the experts stage is made without its own da / dpre. The host-offset and strided baselines
+// keep a separate dyp and the experts stage's own da and dpre (dxp still reuses yp).
+// arena_bytes() gives the device bytes before anything is allocated (deterministic in the shape).
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -65,7 +71,8 @@ class Layer {
   // at the stage boundaries (benchmarks).
   void forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t stream,
                cudaEvent_t* events = nullptr);
-  // After forward() with the same x and w; dy (T, H).
+  // After forward() with the same x and w; dy (T, H). Once per forward: with the grouped backends
+  // the backward overwrites the forward's pre, act and yp (see Memory above).
   void backward(const bf16* x, const LayerWeights& w, const bf16* dy, const LayerGrads& g,
                 cudaStream_t stream);
 
@@ -76,6 +83,10 @@ class Layer {
   const double* aux_loss() const { return route_.aux_loss; }  // device, after forward
   // Device bytes this layer holds: activation arena + route + plan + experts workspace.
   size_t bytes() const;
+  // The activation arena plus the experts stage's da / dpre scratch, computed from the shapes
+  // alone (no device needed): what the layer's (max_rows, *) activations cost.
+  static size_t arena_bytes(const LayerConfig& cfg, ExpertsBackend backend = ExpertsBackend::grouped,
+                            bool backward = true);
   std::string report() const;
 
  private:
@@ -90,11 +101,12 @@ class Layer {
   bf16* xp_ = nullptr;         // (R, H)
   bf16* pre_ = nullptr;        // (R, A)
   bf16* act_ = nullptr;        // (R, I)
-  bf16* yp_ = nullptr;         // (R, H); dxp in the backward
-  bf16* dyp_ = nullptr;        // (R, H)
+  bf16* yp_ = nullptr;         // (R, H); dyp, then dxp in the backward (grouped); dxp otherwise
+  bf16* dyp_ = nullptr;        // (R, H); == yp_ with the grouped backends
   float* dweight_ = nullptr;   // (N)
   float* dz_ = nullptr;        // (T, E)
   bf16* dz_bf16_ = nullptr;    // (T, E)
+  bool alias_ = false;         // grouped backend with backward: the aliasing above
   DeviceArena arena_;
 };
 
