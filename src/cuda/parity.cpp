@@ -1,6 +1,7 @@
 // defines: parity_cases, parity_shape, parity_routing, check_plan, check_rows
 // GPU stages vs the CPU reference stages (src/cpu), shared by tests/cuda and `moe-bench check`.
 #include "moe/cuda/parity.hpp"
+#include "moe/cuda/convert.hpp"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -128,28 +129,6 @@ class Buffer {  // device array with poison / upload / download
   size_t n_ = 0;
 };
 
-template <class T>
-std::vector<T> to_dev(const std::vector<float>& v) {
-  std::vector<T> o(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) o[i] = v[i];
-    else o[i] = __float2bfloat16(v[i]);
-  }
-  return o;
-}
-template <class T>
-std::vector<float> from_dev(const std::vector<T>& v) {
-  std::vector<float> o(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) o[i] = v[i];
-    else o[i] = __bfloat162float(v[i]);
-  }
-  return o;
-}
-template <class T>
-std::vector<float> rounded(std::vector<float> v) {
-  return from_dev<T>(to_dev<T>(v));
-}
 template <class T>
 constexpr const char* dtype_name() {
   return std::is_same_v<T, float> ? "fp32" : "bf16";
@@ -280,10 +259,10 @@ void check_rows_typed(const ParityCase& c, int64_t H, uint64_t seed,
   const Routing<float> routing = parity_routing(c, seed);
   const DispatchPlan plan = build_plan(routing, shape.layout, shape.capacity, shape.block_size);
   const int64_t M = plan.rows, N = routing.size();
-  const std::vector<float> x = rounded<T>(normal(Tn * H, seed + 1)),
-                           yp = rounded<T>(normal(R * H, seed + 2)),
-                           dy = rounded<T>(normal(Tn * H, seed + 3)),
-                           dx0 = rounded<T>(normal(Tn * H, seed + 4));
+  const std::vector<float> x = round_to<T>(normal(Tn * H, seed + 1)),
+                           yp = round_to<T>(normal(R * H, seed + 2)),
+                           dy = round_to<T>(normal(Tn * H, seed + 3)),
+                           dx0 = round_to<T>(normal(Tn * H, seed + 4));
 
   PlanBuffers dplan(shape);
   RoutingBuffers drouting;
@@ -291,10 +270,10 @@ void check_rows_typed(const ParityCase& c, int64_t H, uint64_t seed,
   Buffer<T> dx_in(Tn * H), dxp(R * H), dyp_in(R * H), ddy(Tn * H), dyp(R * H), ddx(Tn * H),
       dyv(Tn * H);
   Buffer<float> dweight(N);
-  dx_in.upload(to_dev<T>(x));
-  dyp_in.upload(to_dev<T>(yp));
-  ddy.upload(to_dev<T>(dy));
-  ddx.upload(to_dev<T>(dx0));  // permute backward accumulates
+  dx_in.upload(to_device_type<T>(x));
+  dyp_in.upload(to_device_type<T>(yp));
+  ddy.upload(to_device_type<T>(dy));
+  ddx.upload(to_device_type<T>(dx0));  // permute backward accumulates
   dplan.poison(nullptr);
   dxp.poison();
   dyv.poison();
@@ -313,7 +292,7 @@ void check_rows_typed(const ParityCase& c, int64_t H, uint64_t seed,
   // permute: a copy (padding rows zero), exact.
   std::vector<float> xp_ref(M * H);
   cpu::permute_forward(plan, x.data(), H, xp_ref.data());
-  out.push_back(compare("permute", dt, from_dev<T>(dxp.download(M * H)),
+  out.push_back(compare("permute", dt, from_device_type<T>(dxp.download(M * H)),
                         std::vector<double>(xp_ref.begin(), xp_ref.end()), 0, 0));
 
   // combine: fp32 sum in choice order, one rounding to T.
@@ -321,12 +300,12 @@ void check_rows_typed(const ParityCase& c, int64_t H, uint64_t seed,
   const std::vector<double> yp_d(yp.begin(), yp.end()), dy_d(dy.begin(), dy.end());
   std::vector<double> y_ref(Tn * H);
   cpu::combine_forward(plan, rd, yp_d.data(), H, y_ref.data());
-  out.push_back(compare("combine", dt, from_dev<T>(dyv.download(Tn * H)), y_ref, 1e-5, rtol));
+  out.push_back(compare("combine", dt, from_device_type<T>(dyv.download(Tn * H)), y_ref, 1e-5, rtol));
 
   // combine backward: dyp = w * dy (one rounding); dweight = <dy, yp> (fp32 dot).
   std::vector<double> dyp_ref(M * H), dw_ref(N);
   cpu::combine_backward(plan, rd, yp_d.data(), dy_d.data(), H, dyp_ref.data(), dw_ref.data());
-  const std::vector<float> dyp_gpu = from_dev<T>(dyp.download(M * H));
+  const std::vector<float> dyp_gpu = from_device_type<T>(dyp.download(M * H));
   out.push_back(compare("combine_backward.dyp", dt, dyp_gpu, dyp_ref, 1e-6, rtol));
   std::vector<double> bound(N);
   for (int64_t ch = 0; ch < N; ++ch) {
@@ -344,8 +323,8 @@ void check_rows_typed(const ParityCase& c, int64_t H, uint64_t seed,
   // permute backward: dx += the GPU's own dyp rows, the CPU's fp32 order, exact.
   std::vector<float> dx_ref = dx0;
   cpu::permute_backward(plan, dyp_gpu.data(), H, dx_ref.data());
-  dx_ref = rounded<T>(dx_ref);
-  out.push_back(compare("permute_backward", dt, from_dev<T>(ddx.download(Tn * H)),
+  dx_ref = round_to<T>(dx_ref);
+  out.push_back(compare("permute_backward", dt, from_device_type<T>(ddx.download(Tn * H)),
                         std::vector<double>(dx_ref.begin(), dx_ref.end()), 0, 0));
 }
 
@@ -542,8 +521,8 @@ std::vector<float> gate_on_device(const std::vector<float>& x, const std::vector
                                   int64_t Tn, int64_t H, int64_t E, cublasHandle_t h) {
   Buffer<T> dx(Tn * H), dw(H * E);
   Buffer<float> logits(Tn * E);
-  dx.upload(to_dev<T>(x));
-  dw.upload(to_dev<T>(w));
+  dx.upload(to_device_type<T>(x));
+  dw.upload(to_device_type<T>(w));
   logits.poison();
   gate_forward<T>(h, dx.get(), dw.get(), Tn, H, E, logits.get(), nullptr);
   return logits.download(Tn * E);
@@ -598,8 +577,8 @@ std::vector<ParityResult> check_route(const RouteCase& rc, uint64_t seed) {
     out.push_back(compare("gate", "fp32",
                           gate_on_device<float>(s.router_input, w, Tn, H, E, handle), ref, 0, 0,
                           bound));
-    const std::vector<float> xb = rounded<__nv_bfloat16>(s.router_input),
-                             wb = rounded<__nv_bfloat16>(w);
+    const std::vector<float> xb = round_to<__nv_bfloat16>(s.router_input),
+                             wb = round_to<__nv_bfloat16>(w);
     gemm_ref(xb, wb, Tn, H, E, ref, bound);
     out.push_back(compare("gate", "bf16", gate_on_device<__nv_bfloat16>(xb, wb, Tn, H, E, handle),
                           ref, 0, 0, bound));
@@ -812,11 +791,11 @@ SoftDeviceRun run_soft_moe_device(cublasHandle_t handle, const LayerConfig& cfg,
   Buffer<Elem> dev_x(Tn * H), dev_phi(H * n), dev_slots_out(n * H), dev_dy(Tn * H), slots_in(n * H),
       y(Tn * H), d_slots_out(n * H), d_slots_in(n * H), ddx(Tn * H);
   Buffer<float> dev_scale(1), dphi(H * n), dscale(1);
-  dev_x.upload(to_dev<Elem>(x));
-  dev_phi.upload(to_dev<Elem>(phi));
+  dev_x.upload(to_device_type<Elem>(x));
+  dev_phi.upload(to_device_type<Elem>(phi));
   dev_scale.upload({scale});
-  dev_slots_out.upload(to_dev<Elem>(slots_out));
-  dev_dy.upload(to_dev<Elem>(dy));
+  dev_slots_out.upload(to_device_type<Elem>(slots_out));
+  dev_dy.upload(to_device_type<Elem>(dy));
   slots_in.poison();
   y.poison();
   d_slots_out.poison();
@@ -826,7 +805,7 @@ SoftDeviceRun run_soft_moe_device(cublasHandle_t handle, const LayerConfig& cfg,
   soft_moe_combine_backward<Elem>(handle, b, dev_slots_out.get(), dev_dy.get(), d_slots_out.get(),
                                   nullptr);
   SoftDeviceRun r;
-  r.d_slots_out = from_dev<Elem>(d_slots_out.download(n * H));
+  r.d_slots_out = from_device_type<Elem>(d_slots_out.download(n * H));
 
   // the experts' backward on the CPU, on the device's d_slots_out
   std::vector<int64_t> offsets(E + 1);
@@ -836,7 +815,7 @@ SoftDeviceRun run_soft_moe_device(cublasHandle_t handle, const LayerConfig& cfg,
   cpu::experts_backward(cfg, offsets.data(), E, p.w_up.data(), p.w_down.data(), s.slots_in.data(),
                         s.pre.data(), s.act.data(), dso.data(), dsi.data(), dwu.data(),
                         dwd.data());
-  d_slots_in.upload(to_dev<Elem>(std::vector<float>(dsi.begin(), dsi.end())));
+  d_slots_in.upload(to_device_type<Elem>(std::vector<float>(dsi.begin(), dsi.end())));
   MOE_CUDA_CHECK(cudaMemset(ddx.get(), 0, Tn * H * sizeof(Elem)));  // accumulated (+=)
   MOE_CUDA_CHECK(cudaMemset(dphi.get(), 0, H * n * sizeof(float)));
   MOE_CUDA_CHECK(cudaMemset(dscale.get(), 0, sizeof(float)));
@@ -849,16 +828,16 @@ SoftDeviceRun run_soft_moe_device(cublasHandle_t handle, const LayerConfig& cfg,
     using V = std::remove_cv_t<std::remove_pointer_t<decltype(d)>>;
     std::vector<V> h(count);
     if (count) MOE_CUDA_CHECK(cudaMemcpy(h.data(), d, count * sizeof(V), cudaMemcpyDeviceToHost));
-    return from_dev<V>(h);
+    return from_device_type<V>(h);
   };
   r.x_inv_norm = get(b.x_inv_norm, Tn);
   r.phi_inv_norm = get(b.phi_inv_norm, n);
   r.logits = get(b.logits, Tn * n);
   r.dispatch = get(b.dispatch, Tn * n);
   r.combine = get(b.combine, Tn * n);
-  r.slots_in = from_dev<Elem>(slots_in.download(n * H));
-  r.y = from_dev<Elem>(y.download(Tn * H));
-  r.dx = from_dev<Elem>(ddx.download(Tn * H));
+  r.slots_in = from_device_type<Elem>(slots_in.download(n * H));
+  r.y = from_device_type<Elem>(y.download(Tn * H));
+  r.dx = from_device_type<Elem>(ddx.download(Tn * H));
   r.dphi = dphi.download(H * n);
   r.dscale = dscale.download(1);
   return r;
@@ -905,9 +884,9 @@ void check_soft_moe_typed(const RouteCase& rc, uint64_t seed, cublasHandle_t han
   // Inputs rounded to Elem, so that the reference (double) sees what the device sees. The
   // experts' weights stay as drawn: the experts run on the CPU in this check.
   const Params<float> pf = random_params<float>(cfg, seed);
-  const std::vector<float> x = rounded<Elem>(normal(Tn * H, seed + 1)),
-                           dy = rounded<Elem>(normal(Tn * H, seed + 2)),
-                           phi = rounded<Elem>(pf.w_gate);
+  const std::vector<float> x = round_to<Elem>(normal(Tn * H, seed + 1)),
+                           dy = round_to<Elem>(normal(Tn * H, seed + 2)),
+                           phi = round_to<Elem>(pf.w_gate);
   Params<double> p = to_f64(pf);
   p.w_gate = to_f64(phi);
   const std::vector<double> xd = to_f64(x), dyd = to_f64(dy);
@@ -963,7 +942,7 @@ void check_soft_moe_typed(const RouteCase& rc, uint64_t seed, cublasHandle_t han
   for (int64_t i = 0; i < Tn * n; ++i) m2 += std::pow(m[i] * s.logits[i] / scale, 2);
 
   // ---- device, twice (fresh buffers each time: the second run checks determinism)
-  const std::vector<float> slots_out = rounded<Elem>(
+  const std::vector<float> slots_out = round_to<Elem>(
       std::vector<float>(s.slots_out.begin(), s.slots_out.end()));
   const SoftDeviceRun r = run_soft_moe_device<Elem>(handle, cfg, p, s, x, phi, float(scale),
                                                     slots_out, dy);

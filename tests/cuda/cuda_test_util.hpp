@@ -16,6 +16,7 @@
 #include <string>
 #include <type_traits>
 
+#include "moe/cuda/convert.hpp"
 #include "moe/cuda/parity.hpp"
 #include <vector>
 
@@ -89,31 +90,9 @@ std::vector<Real> random_vector(size_t n, uint64_t seed, double scale = 1.0) {
   return v;
 }
 
-// float <-> the device element type (exact for float; round-to-nearest-even for bf16).
-template <class T>
-std::vector<T> to_device_type(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) out[i] = v[i];
-    else out[i] = __float2bfloat16(v[i]);
-  }
-  return out;
-}
-template <class T>
-std::vector<float> from_device_type(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (std::is_same_v<T, float>) out[i] = v[i];
-    else out[i] = __bfloat162float(v[i]);
-  }
-  return out;
-}
-// Round float values to what the device type can hold (the CPU reference then sees the same
-// inputs as the kernel).
-template <class T>
-std::vector<float> round_to(const std::vector<float>& v) {
-  return from_device_type<T>(to_device_type<T>(v));
-}
+using cuda::from_device_type;
+using cuda::round_to;
+using cuda::to_device_type;
 
 template <class T>
 constexpr const char* dtype_name() {
