@@ -188,6 +188,33 @@ struct Ceilings {
   }
 };
 
+// Median ms of an n x n x n cuBLAS GEMM in element type T (fp32 compute), 20 timed runs on
+// random operands drawn from `seed` and `seed + 1`.
+template <class T>
+double time_square_gemm(int64_t n, cudaDataType_t type, uint64_t seed, int warmup,
+                        cudaStream_t stream) {
+  T *A = nullptr, *B = nullptr, *C = nullptr;
+  MOE_CUDA_CHECK(cudaMalloc(&A, n * n * sizeof(T)));
+  MOE_CUDA_CHECK(cudaMalloc(&B, n * n * sizeof(T)));
+  MOE_CUDA_CHECK(cudaMalloc(&C, n * n * sizeof(T)));
+  moe::cuda::fill_normal(A, n * n, seed, 1.f, stream);
+  moe::cuda::fill_normal(B, n * n, seed + 1, 1.f, stream);
+  cublasHandle_t h = nullptr;
+  MOE_CUBLAS_CHECK(cublasCreate(&h));
+  MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
+  const float one = 1.f, zero = 0.f;
+  const Timing t = time_launches(warmup, 20, stream, [&](int) {
+    MOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(n), int(n), &one, A,
+                                  type, int(n), B, type, int(n), &zero, C, type, int(n),
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  });
+  MOE_CUBLAS_CHECK(cublasDestroy(h));
+  MOE_CUDA_CHECK(cudaFree(A));
+  MOE_CUDA_CHECK(cudaFree(B));
+  MOE_CUDA_CHECK(cudaFree(C));
+  return t.median;
+}
+
 Ceilings measure_ceilings(const BenchOptions& o, cudaStream_t stream) {
   Ceilings c;
   // Device-to-device copy of 1 GiB: far past any L2, counted as bytes read + bytes written.
@@ -206,59 +233,15 @@ Ceilings measure_ceilings(const BenchOptions& o, cudaStream_t stream) {
     MOE_CUDA_CHECK(cudaFree(a));
     MOE_CUDA_CHECK(cudaFree(b));
   }
-  // cuBLAS bf16 GEMM 8192^3, fp32 accumulation, random operands.
+  // cuBLAS bf16 GEMM 8192^3, fp32 accumulation; cuBLAS fp32 GEMM 4096^3 (CUBLAS_COMPUTE_32F,
+  // default math mode: no TF32). Random operands.
   c.gemm_n = 8192;
-  {
-    const int64_t n = c.gemm_n;
-    __nv_bfloat16 *A = nullptr, *B = nullptr, *C = nullptr;
-    MOE_CUDA_CHECK(cudaMalloc(&A, n * n * 2));
-    MOE_CUDA_CHECK(cudaMalloc(&B, n * n * 2));
-    MOE_CUDA_CHECK(cudaMalloc(&C, n * n * 2));
-    moe::cuda::fill_normal(A, n * n, 2, 1.f, stream);
-    moe::cuda::fill_normal(B, n * n, 3, 1.f, stream);
-    cublasHandle_t h = nullptr;
-    MOE_CUBLAS_CHECK(cublasCreate(&h));
-    MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
-    const float one = 1.f, zero = 0.f;
-    const Timing t = time_launches(o.warmup, 20, stream, [&](int) {
-      MOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(n), int(n), &one, A,
-                                    CUDA_R_16BF, int(n), B, CUDA_R_16BF, int(n), &zero, C,
-                                    CUDA_R_16BF, int(n), CUBLAS_COMPUTE_32F,
-                                    CUBLAS_GEMM_DEFAULT));
-    });
-    c.gemm_ms = t.median;
-    c.gemm_tflops = 2.0 * n * n * n / (t.median * 1e9);
-    MOE_CUBLAS_CHECK(cublasDestroy(h));
-    MOE_CUDA_CHECK(cudaFree(A));
-    MOE_CUDA_CHECK(cudaFree(B));
-    MOE_CUDA_CHECK(cudaFree(C));
-  }
-  // cuBLAS fp32 GEMM 4096^3 (CUBLAS_COMPUTE_32F, default math mode: no TF32), random operands.
+  c.gemm_ms = time_square_gemm<__nv_bfloat16>(c.gemm_n, CUDA_R_16BF, 2, o.warmup, stream);
+  c.gemm_tflops = 2.0 * c.gemm_n * c.gemm_n * c.gemm_n / (c.gemm_ms * 1e9);
   c.gemm_fp32_n = 4096;
-  {
-    const int64_t n = c.gemm_fp32_n;
-    float *A = nullptr, *B = nullptr, *C = nullptr;
-    MOE_CUDA_CHECK(cudaMalloc(&A, n * n * 4));
-    MOE_CUDA_CHECK(cudaMalloc(&B, n * n * 4));
-    MOE_CUDA_CHECK(cudaMalloc(&C, n * n * 4));
-    moe::cuda::fill_normal(A, n * n, 4, 1.f, stream);
-    moe::cuda::fill_normal(B, n * n, 5, 1.f, stream);
-    cublasHandle_t h = nullptr;
-    MOE_CUBLAS_CHECK(cublasCreate(&h));
-    MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
-    const float one = 1.f, zero = 0.f;
-    const Timing t = time_launches(o.warmup, 20, stream, [&](int) {
-      MOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(n), int(n), &one, A,
-                                    CUDA_R_32F, int(n), B, CUDA_R_32F, int(n), &zero, C,
-                                    CUDA_R_32F, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    });
-    c.gemm_fp32_ms = t.median;
-    c.gemm_fp32_tflops = 2.0 * n * n * n / (t.median * 1e9);
-    MOE_CUBLAS_CHECK(cublasDestroy(h));
-    MOE_CUDA_CHECK(cudaFree(A));
-    MOE_CUDA_CHECK(cudaFree(B));
-    MOE_CUDA_CHECK(cudaFree(C));
-  }
+  c.gemm_fp32_ms = time_square_gemm<float>(c.gemm_fp32_n, CUDA_R_32F, 4, o.warmup, stream);
+  c.gemm_fp32_tflops =
+      2.0 * c.gemm_fp32_n * c.gemm_fp32_n * c.gemm_fp32_n / (c.gemm_fp32_ms * 1e9);
   return c;
 }
 
