@@ -23,6 +23,7 @@
 #include "moe/cuda/route.hpp"
 #include "moe/plan.hpp"
 #include "moe/rng.hpp"
+#include "warp.cuh"  // defines: warp_sum, warp_max
 
 namespace moe::cuda {
 
@@ -132,16 +133,6 @@ struct RouteArgs {
   double *partial, *aux_loss;
 };
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int d = kWarp / 2; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int d = kWarp / 2; d > 0; d /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, d));
-  return v;
-}
 // (value desc, index asc): true when (v, i) comes before (w, j).
 __device__ __forceinline__ bool before(float v, int i, float w, int j) {
   return v > w || (v == w && i < j);

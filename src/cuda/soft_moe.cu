@@ -31,6 +31,7 @@
 #include "moe/cuda/check.cuh"
 #include "moe/cuda/soft_moe.hpp"
 #include "rows.cuh"  // defines: rows::Pack, load_pack, store_pack, vector_width
+#include "warp.cuh"  // defines: warp_sum, warp_max
 
 namespace moe::cuda {
 
@@ -83,16 +84,6 @@ void bind(cublasHandle_t h, cudaStream_t stream) {
   MOE_CUBLAS_CHECK(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST));
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int d = kWarp / 2; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int d = kWarp / 2; d > 0; d /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, d));
-  return v;
-}
 
 // (m, s) <- the softmax statistics of the union: max and sum of exp(v - max).
 __device__ __forceinline__ void merge_max_sum(float& m, float& s, float m2, float s2) {
