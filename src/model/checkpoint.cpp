@@ -49,13 +49,14 @@ void append_floats(std::string& out, const std::vector<float>& v) {
 }  // namespace
 
 void Trainer::save_checkpoint(const std::string& path) {
-  std::vector<TensorRef> tensors = tensor_list(model_.weights());
+  std::vector<TensorRef> tensors = tensor_list(model_->weights());
+  const AdamW& opt = model_->optimizer();
   nlohmann::ordered_json h;
   h["format"] = "moe-bench checkpoint";
   h["version"] = kVersion;
   h["config"] = config_json(cfg_);
   h["step"] = step_;
-  h["adam_t"] = opt_.t;
+  h["adam_t"] = opt.t;
   h["data"] = {{"seed", cfg_.seed}, {"next_step", step_}};  // batches are f(seed, step)
   nlohmann::ordered_json list = nlohmann::ordered_json::array();
   for (const TensorRef& t : tensors)
@@ -68,9 +69,9 @@ void Trainer::save_checkpoint(const std::string& path) {
   bytes.append(reinterpret_cast<const char*>(&header_len), sizeof header_len);
   bytes += header;
   for (const TensorRef& t : tensors) append_floats(bytes, *t.value);
-  for (size_t i = 0; i < opt_.m.size(); ++i) {
-    append_floats(bytes, opt_.m[i]);
-    append_floats(bytes, opt_.v[i]);
+  for (size_t i = 0; i < opt.m.size(); ++i) {
+    append_floats(bytes, opt.m[i]);
+    append_floats(bytes, opt.v[i]);
   }
   bytes += data::md5_hex(bytes.data(), bytes.size());
   io::write_file_atomically(path, bytes);
@@ -107,7 +108,7 @@ void Trainer::load_checkpoint(const std::string& path) {
   MOE_CHECK(field.empty(), what, " does not match this run: ", field, " is ", theirs,
             " in the checkpoint, ", ours, " here");
 
-  std::vector<TensorRef> tensors = tensor_list(model_.weights());
+  std::vector<TensorRef> tensors = tensor_list(model_->weights());
   const nlohmann::ordered_json& list = h["tensors"];
   MOE_CHECK(list.is_array() && list.size() == tensors.size(), what, ": holds ", list.size(),
             " tensors, this model has ", tensors.size());
@@ -129,16 +130,19 @@ void Trainer::load_checkpoint(const std::string& path) {
     std::memcpy(v.data(), cursor, v.size() * sizeof(float));
     cursor += v.size() * sizeof(float);
   };
+  const int64_t step = h.value("step", int64_t(0)), adam_t = h.value("adam_t", int64_t(0));
+  MOE_CHECK(step >= 0 && adam_t == step, what, ": corrupt (step ", step, ", optimiser step ",
+            adam_t, ")");
   for (TensorRef& t : tensors) read_into(*t.value);
-  opt_.init(tensors);
-  for (size_t i = 0; i < opt_.m.size(); ++i) {
-    read_into(opt_.m[i]);
-    read_into(opt_.v[i]);
+  AdamW& opt = model_->optimizer();
+  opt.init(tensors);
+  for (size_t i = 0; i < opt.m.size(); ++i) {
+    read_into(opt.m[i]);
+    read_into(opt.v[i]);
   }
-  step_ = h.value("step", int64_t(0));
-  opt_.t = h.value("adam_t", int64_t(0));
-  MOE_CHECK(step_ >= 0 && opt_.t == step_, what, ": corrupt (step ", step_, ", optimiser step ",
-            opt_.t, ")");
+  opt.t = adam_t;
+  step_ = step;
+  model_->state_written();
 }
 
 }  // namespace moe::model

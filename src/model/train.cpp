@@ -96,6 +96,63 @@ void AdamW::update(const std::vector<TensorRef>& params, const std::vector<Tenso
 }
 
 // ---------------------------------------------------------------------------------------------
+// the CPU model
+
+namespace {
+
+class CpuModel final : public LanguageModel {
+ public:
+  CpuModel(const ModelConfig& cfg, uint64_t seed) : model_(cfg, seed) {
+    opt_.init(tensor_list(model_.weights()));
+  }
+  const ModelConfig& config() const override { return model_.config(); }
+  std::string device() const override { return io::host_cpu(); }
+  std::string dtype() const override { return "float32"; }
+  double forward(const data::Batch& batch, bool training, uint64_t noise_seed) override {
+    return model_.forward(batch, training, noise_seed);
+  }
+  void backward() override { model_.backward(); }
+  double optimizer_step(double lr, const TrainConfig& cfg) override {
+    const std::vector<TensorRef> params = tensor_list(model_.weights());
+    const std::vector<TensorRef> grads = tensor_list(model_.grads());
+    double sq = 0;
+    for (const TensorRef& g : grads)
+      if (g.trainable)
+        for (float x : *g.value) sq += double(x) * double(x);
+    const double norm = std::sqrt(sq);
+    if (cfg.grad_clip > 0 && norm > cfg.grad_clip) {
+      const float scale = float(cfg.grad_clip / norm);
+      for (const TensorRef& g : grads)
+        for (float& x : *g.value) x *= scale;
+    }
+    opt_.update(params, grads, lr, cfg);
+    model_.update_router_buffers();
+    return norm;
+  }
+  double aux_loss() override { return model_.aux_loss(); }
+  const std::vector<float>& token_losses() override { return model_.token_losses(); }
+  std::vector<LoadStats> layer_stats() override { return model_.layer_stats(); }
+  void add_routing_counts(const std::vector<int32_t>& row_domain, int64_t num_domains,
+                          std::vector<std::vector<double>>& counts) override {
+    model_.add_routing_counts(row_domain, num_domains, counts);
+  }
+  StepTimes times() override { return model_.times(); }
+  int64_t parameter_count() override { return model_.parameter_count(); }
+  Weights& weights() override { return model_.weights(); }
+  AdamW& optimizer() override { return opt_; }
+
+ private:
+  Transformer model_;
+  AdamW opt_;
+};
+
+}  // namespace
+
+std::unique_ptr<LanguageModel> make_cpu_model(const ModelConfig& cfg, uint64_t seed) {
+  return std::make_unique<CpuModel>(cfg, seed);
+}
+
+// ---------------------------------------------------------------------------------------------
 // specialisation
 
 double mutual_information(const std::vector<double>& counts, int64_t domains, int64_t experts,
@@ -130,8 +187,13 @@ double mutual_information(const std::vector<double>& counts, int64_t domains, in
 // Trainer
 
 Trainer::Trainer(const TrainConfig& cfg, const data::Corpus& corpus)
-    : cfg_(cfg), corpus_(corpus), model_((cfg.validate(), cfg.model), cfg.seed) {
-  opt_.init(tensor_list(model_.weights()));
+    : Trainer(cfg, corpus, make_cpu_model((cfg.validate(), cfg.model), cfg.seed)) {}
+
+Trainer::Trainer(const TrainConfig& cfg, const data::Corpus& corpus,
+                 std::unique_ptr<LanguageModel> model)
+    : cfg_(cfg), corpus_(corpus), model_(std::move(model)) {
+  cfg_.validate();
+  MOE_CHECK(model_ != nullptr, "Trainer: no model");
   val_ = data::validation_batches(corpus_, cfg_.val_windows, cfg_.batch, cfg_.model.seq);
   // Fail now, not at the first step, when no domain holds one training window.
   data::train_batch(corpus_, cfg_.seed, 0, 1, cfg_.model.seq);
@@ -141,36 +203,24 @@ StepRecord Trainer::train_step() {
   const auto t0 = Clock::now();
   const data::Batch batch = data::train_batch(corpus_, cfg_.seed, step_, cfg_.batch, cfg_.model.seq);
   StepRecord rec;
-  rec.loss = model_.forward(batch, true, step_noise_seed(cfg_.seed, step_));
+  rec.loss = model_->forward(batch, true, step_noise_seed(cfg_.seed, step_));
   if (!std::isfinite(rec.loss))
     throw Error("training diverged at step " + std::to_string(step_) +
                 ": the loss is not finite (try a lower --lr)");
-  model_.backward();
-  const std::vector<TensorRef> params = tensor_list(model_.weights());
-  const std::vector<TensorRef> grads = tensor_list(model_.grads());
-  double sq = 0;
-  for (const TensorRef& g : grads)
-    if (g.trainable)
-      for (float x : *g.value) sq += double(x) * double(x);
-  rec.grad_norm = std::sqrt(sq);
-  if (cfg_.grad_clip > 0 && rec.grad_norm > cfg_.grad_clip) {
-    const float scale = float(cfg_.grad_clip / rec.grad_norm);
-    for (const TensorRef& g : grads)
-      for (float& x : *g.value) x *= scale;
-  }
+  model_->backward();
   rec.lr = learning_rate(cfg_, step_);
-  opt_.update(params, grads, rec.lr, cfg_);
-  model_.update_router_buffers();
+  rec.grad_norm = model_->optimizer_step(rec.lr, cfg_);
   ++step_;
 
   rec.step = step_;
-  rec.aux_loss = model_.aux_loss();
+  rec.aux_loss = model_->aux_loss();
   rec.step_ms = ms_since(t0);
   rec.tokens_per_s = double(cfg_.batch * cfg_.model.seq) / (rec.step_ms / 1000.0);
-  rec.attention_ms = model_.times().attention_ms;
-  rec.moe_ms = model_.times().moe_ms;
+  const StepTimes times = model_->times();
+  rec.attention_ms = times.attention_ms;
+  rec.moe_ms = times.moe_ms;
   rec.other_ms = rec.step_ms - rec.attention_ms - rec.moe_ms;
-  const std::vector<LoadStats> stats = model_.layer_stats();
+  const std::vector<LoadStats> stats = model_->layer_stats();
   for (const LoadStats& s : stats) {
     const double w = 1.0 / double(stats.size());
     rec.cv += w * s.cv;
@@ -189,14 +239,14 @@ EvalRecord Trainer::evaluate() {
   ev.step = step_;
   std::vector<double> loss_sum(D, 0.0), bytes(D, 0.0);
   for (const data::Batch& b : val_) {
-    model_.forward(b, false, 0);
-    const std::vector<float>& losses = model_.token_losses();
+    model_->forward(b, false, 0);
+    const std::vector<float>& losses = model_->token_losses();
     for (int64_t t = 0; t < b.batch * b.seq; ++t) {
       const int64_t d = b.domain[t / b.seq];
       loss_sum[d] += losses[t];
       bytes[d] += 1;
     }
-    model_.add_routing_counts(b.domain, D, ev.counts);
+    model_->add_routing_counts(b.domain, D, ev.counts);
   }
   const double ln2 = std::numbers::ln2;
   double all_loss = 0, all_bytes = 0;
@@ -285,8 +335,8 @@ nlohmann::ordered_json record(const Trainer& t, const RunOptions& o, const char*
   r["kind"] = kind;
   r["run"] = t.config().model.name();
   r["router"] = t.config().model.description();
-  r["device"] = io::host_cpu();
-  r["dtype"] = "float32";
+  r["device"] = t.model().device();
+  r["dtype"] = t.model().dtype();
   return r;
 }
 

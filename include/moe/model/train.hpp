@@ -15,6 +15,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,41 @@ struct AdamW {
               double lr, const TrainConfig& cfg);
 };
 
+// The model a Trainer drives: the CPU Transformer of transformer.hpp (make_cpu_model) or the GPU
+// one (moe::cuda::lm, CUDA builds). The Trainer owns the schedule, the data and the records; the
+// model owns its weights, gradients and AdamW state wherever they live.
+class LanguageModel {
+ public:
+  virtual ~LanguageModel() = default;
+  virtual const ModelConfig& config() const = 0;
+  virtual std::string device() const = 0;  // where it runs: the CPU's or the GPU's name
+  virtual std::string dtype() const = 0;   // "float32", or the GPU's mixed precision
+  // Mean cross-entropy of the batch in nats per byte (see Transformer::forward).
+  virtual double forward(const data::Batch& batch, bool training, uint64_t noise_seed) = 0;
+  virtual void backward() = 0;
+  // Global-norm clipping to cfg.grad_clip, one AdamW update at `lr` of every trainable tensor, then
+  // the router buffers' update (sigmoid_bias) from the last forward. Returns the gradient's L2 norm
+  // before clipping.
+  virtual double optimizer_step(double lr, const TrainConfig& cfg) = 0;
+  virtual double aux_loss() = 0;                       // sum over layers, last forward
+  virtual const std::vector<float>& token_losses() = 0;  // (B*S) nats, last forward
+  virtual std::vector<LoadStats> layer_stats() = 0;      // per layer, last forward
+  // See Transformer::add_routing_counts.
+  virtual void add_routing_counts(const std::vector<int32_t>& row_domain, int64_t num_domains,
+                                  std::vector<std::vector<double>>& counts) = 0;
+  virtual StepTimes times() = 0;  // of the last forward + backward
+  virtual int64_t parameter_count() = 0;
+  // The training state on the host, for checkpoints: weights and buffers (tensor_list order) and
+  // the AdamW moments. A GPU model copies its state down on each call; whoever writes into them
+  // calls state_written() afterwards (a GPU model copies them up).
+  virtual Weights& weights() = 0;
+  virtual AdamW& optimizer() = 0;
+  virtual void state_written() {}
+};
+
+// The CPU Transformer with the AdamW of this file, as a LanguageModel.
+std::unique_ptr<LanguageModel> make_cpu_model(const ModelConfig& cfg, uint64_t seed);
+
 // One training step's measurements (load statistics averaged over layers).
 struct StepRecord {
   int64_t step = 0;          // steps done after this one
@@ -88,12 +124,14 @@ double mutual_information(const std::vector<double>& counts, int64_t domains, in
 class Trainer {
  public:
   // Validates cfg, initialises the model from cfg.seed and cuts the validation batches. The corpus
-  // is referenced, not copied: it must outlive the trainer.
+  // is referenced, not copied: it must outlive the trainer. Without a model: the CPU Transformer.
   Trainer(const TrainConfig& cfg, const data::Corpus& corpus);
+  Trainer(const TrainConfig& cfg, const data::Corpus& corpus, std::unique_ptr<LanguageModel> model);
 
   const TrainConfig& config() const { return cfg_; }
-  Transformer& model() { return model_; }
-  const AdamW& optimizer() const { return opt_; }
+  LanguageModel& model() { return *model_; }
+  const LanguageModel& model() const { return *model_; }
+  AdamW& optimizer() { return model_->optimizer(); }
   int64_t step() const { return step_; }  // steps done
   bool done() const { return step_ >= cfg_.steps; }
 
@@ -106,8 +144,7 @@ class Trainer {
  private:
   TrainConfig cfg_;
   const data::Corpus& corpus_;
-  Transformer model_;
-  AdamW opt_;
+  std::unique_ptr<LanguageModel> model_;
   int64_t step_ = 0;
   std::vector<data::Batch> val_;
 };
