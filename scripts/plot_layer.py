@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Plots of the whole-layer benchmark (`moe-bench bench --layer`) beside its PyTorch peer
+(bench/peers/torch_moe_layer.py), both from the same run on the same card:
+
+  layer_stages.png   forward time per configuration, stacked by stage (gate, route, plan, permute,
+                     experts, combine), with the peer's forward time and the dense-equivalent
+                     GEMM pair's time marked beside each bar
+  layer_tflops.png   TFLOP/s per configuration: ours and the peer's forward and forward+backward,
+                     and the dense-equivalent cuBLAS GEMM pair with the same FLOPs
+
+  .venv/bin/python scripts/plot_layer.py LAYER.jsonl PEER.jsonl OUT_DIR
+(matplotlib comes with `bash scripts/setup.sh --plots`.)
+"""
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STAGES = ["gate", "route", "plan", "permute", "experts", "combine"]
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main():
+    if len(sys.argv) != 4:
+        sys.exit("usage: plot_layer.py LAYER.jsonl PEER.jsonl OUT_DIR")
+    ours = {r["config"]: r for r in read(sys.argv[1]) if r.get("stage") == "layer"}
+    peer = {r["config"]: r for r in read(sys.argv[2])}
+    out = sys.argv[3]
+    if not ours:
+        sys.exit(f"plot_layer: no layer records in {sys.argv[1]}")
+    if not os.path.isdir(out):
+        sys.exit(f"plot_layer: {out} is not a folder")
+    configs = list(ours)
+    device = next(iter(ours.values()))["device"]
+    git = next(iter(ours.values()))["git"]
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    x = range(len(configs))
+    bottom = [0.0] * len(configs)
+    for s in STAGES:
+        h = [ours[c]["forward_stage_ms"][s] for c in configs]
+        ax.bar(x, h, 0.5, bottom=bottom, label=s)
+        bottom = [b + v for b, v in zip(bottom, h)]
+    for i, c in enumerate(configs):
+        if c in peer:
+            ax.plot([i + 0.3], [peer[c]["forward_ms"]], "kv", label="PyTorch peer" if i == 0 else None)
+            ax.annotate(f'{peer[c]["forward_ms"] / ours[c]["forward_ms"]:.2f}x',
+                        (i + 0.3, peer[c]["forward_ms"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        ax.plot([i - 0.3], [ours[c]["dense_equiv_ms"]], "r_", markersize=14, mew=2,
+                label="dense-equivalent GEMMs" if i == 0 else None)
+    ax.set_xticks(list(x), configs)
+    ax.set_ylabel("forward ms (router to combine)")
+    ax.set_ylim(0, max(max(bottom), max(peer[c]["forward_ms"] for c in configs if c in peer)) * 1.3)
+    ax.set_title(f"MoE layer forward by stage, bf16 — {device}, {git}", fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "layer_stages.png"), dpi=120)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series = [
+        ("ours fwd", lambda c: ours[c]["forward_tflops"]),
+        ("peer fwd", lambda c: peer[c]["forward_tflops"] if c in peer else 0),
+        ("ours fwd+bwd", lambda c: ours[c]["fwd_bwd_tflops"]),
+        ("peer fwd+bwd", lambda c: peer[c]["fwd_bwd_tflops"] if c in peer else 0),
+        ("dense-equivalent", lambda c: ours[c]["dense_equiv_tflops"]),
+    ]
+    w = 0.16
+    top = 0
+    for k, (name, get) in enumerate(series):
+        h = [get(c) for c in configs]
+        top = max(top, max(h))
+        ax.bar([i + (k - 2) * w for i in x], h, w, label=name)
+    ax.set_ylim(0, top * 1.25)  # room for the legend above the bars
+    ax.set_xticks(list(x), configs)
+    ax.set_ylabel("TFLOP/s (6*T*K*H*I forward, 3x for fwd+bwd)")
+    ax.set_title(f"MoE layer throughput, bf16 — {device}, {git}", fontsize=10)
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "layer_tflops.png"), dpi=120)
+    print(f"wrote {out}/layer_stages.png, {out}/layer_tflops.png")
+
+
+if __name__ == "__main__":
+    main()
