@@ -12,6 +12,11 @@
 // 2*T*K*I*H); backward twice that; the gate (2*T*H*E) is not counted.
 // Dense equivalent: cublasGemmEx (bf16 in and out, fp32 compute) (T*K, H) x (H, 2I) then
 // (T*K, I) x (I, H): exactly the forward's expert FLOPs as two dense GEMMs.
+// Decode (T = 64 at the Qwen3 shape) is bound by reading weights, not by FLOPs: its floor is the
+// bytes of the expert weights the routing actually touches (experts with at least one row, each
+// H*2I + I*H bf16 values, counted from the plan of the timed input) plus x, y and the gate over
+// the measured device-to-device copy bandwidth (1 GiB copy, read + written bytes, same run).
+// Every configuration records that floor; only for decode is it the one that binds.
 // Memory: the layer's own device bytes (activation arena, route, plan and experts workspaces,
 // sized once) and the cudaMemGetInfo drop from before the layer is built to after one
 // forward+backward (adds cuBLAS workspaces and anything the stages allocate lazily). Inputs,
@@ -50,8 +55,10 @@ struct LayerShape {
 std::vector<LayerShape> layer_shapes() {
   return {{"olmoe", 16384, 2048, 1024, 64, 8},
           {"qwen3", 16384, 2048, 768, 128, 8},
+          {"qwen3_32k", 32768, 2048, 768, 128, 8},
           {"mixtral", 8192, 4096, 14336, 8, 2},
-          {"brief_small", 8192, 1024, 4096, 16, 2}};
+          {"brief_small", 8192, 1024, 4096, 16, 2},
+          {"decode", 64, 2048, 768, 128, 8}};
 }
 
 double median(std::vector<double> v) {
@@ -98,8 +105,26 @@ T* dev_alloc(size_t n) {
   return p;
 }
 
+// Median GB/s of a 1 GiB device-to-device copy, counting bytes read + bytes written.
+double copy_bandwidth(const LayerBenchOptions& o, cudaStream_t stream) {
+  const size_t bytes = size_t(1) << 30;
+  void *a = nullptr, *b = nullptr;
+  MOE_CUDA_CHECK(cudaMalloc(&a, bytes));
+  MOE_CUDA_CHECK(cudaMalloc(&b, bytes));
+  MOE_CUDA_CHECK(cudaMemsetAsync(a, 1, bytes, stream));
+  int i = 0;
+  const double ms = time_median(o.warmup, o.reps, stream, [&] {
+    MOE_CUDA_CHECK(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice,
+                                   stream));
+    ++i;
+  });
+  MOE_CUDA_CHECK(cudaFree(a));
+  MOE_CUDA_CHECK(cudaFree(b));
+  return 2.0 * double(bytes) / (ms * 1e6);
+}
+
 void bench_one(const LayerBenchOptions& o, const std::string& device, const LayerShape& s,
-               cudaStream_t stream) {
+               double copy_gbs, cudaStream_t stream) {
   const int64_t T = s.T, H = s.H, I = s.I, E = s.E, K = s.K, A = 2 * I;
   moe::LayerConfig cfg;
   cfg.tokens = T;
@@ -137,6 +162,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   double fwd_ms = 0, step_ms = 0;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
   size_t layer_bytes = 0;
+  int64_t touched = 0;  // experts with at least one routed row
   std::string layer_report;
   {
     moe::cuda::Layer layer(cfg);
@@ -145,9 +171,13 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
     const moe::cuda::LayerGrads g{dx, gwg, gwu, gwd};
     layer.forward(x, w, y, stream);
+    std::vector<int32_t> counts(E);
+    MOE_CUDA_CHECK(cudaMemcpyAsync(counts.data(), layer.plan().counts, E * sizeof(int32_t),
+                                   cudaMemcpyDeviceToHost, stream));
     layer.backward(x, w, dy, g, stream);
     MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
     MOE_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
+    touched = std::count_if(counts.begin(), counts.end(), [](int32_t c) { return c > 0; });
 
     // per-stage forward times: events between the stages of each forward
     const int ns = int(moe::cuda::LayerStage::count);
@@ -204,6 +234,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   const double step_tf = 3 * flops_fwd / (step_ms * 1e9);
   const double dense_tf = flops_fwd / (dense_ms * 1e9);
   const double mem_delta = double(free0) - double(free1);
+  // weight-read floor of the forward (see the file header)
+  const double floor_bytes = double(touched) * double(H * A + I * H) * sizeof(bf16) +
+                             double(2 * T * H + H * E) * sizeof(bf16);
+  const double floor_ms = floor_bytes / (copy_gbs * 1e6);
 
   json j = moe::io::result_record(o.command);
   j["stage"] = "layer";
@@ -232,6 +266,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["dense_equiv_ms"] = dense_ms;
   j["dense_equiv_tflops"] = dense_tf;
   j["forward_fraction_of_dense"] = fwd_tf / dense_tf;
+  j["experts_touched"] = touched;
+  j["weight_floor_bytes"] = floor_bytes;
+  j["copy_gbs"] = copy_gbs;
+  j["weight_floor_ms"] = floor_ms;
+  j["forward_over_weight_floor"] = fwd_ms / floor_ms;
   j["layer_bytes"] = layer_bytes;
   j["mem_delta_bytes"] = mem_delta;
   j["layer_buffers"] = layer_report;
@@ -244,9 +283,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   fmt::print(stderr,
              "layer {:<12} T={} H={} I={} E={} K={}: fwd {:.3f} ms ({:.0f} TF/s, {:.0f}% of dense "
              "{:.0f}) | fwd+bwd {:.3f} ms ({:.0f} TF/s) | layer {:.2f} GiB, memGetInfo delta "
-             "{:.2f} GiB\n  stages:",
+             "{:.2f} GiB\n  weight floor {:.3f} ms ({} experts touched, {:.0f} GB/s copy): fwd "
+             "{:.2f}x the floor\n  stages:",
              s.name, T, H, I, E, K, fwd_ms, fwd_tf, 100 * fwd_tf / dense_tf, dense_tf, step_ms,
-             step_tf, layer_bytes / double(1 << 30), mem_delta / double(1 << 30));
+             step_tf, layer_bytes / double(1 << 30), mem_delta / double(1 << 30), floor_ms,
+             touched, copy_gbs, fwd_ms / floor_ms);
   for (int i = 0; i < int(stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);
   fmt::print(stderr, "\n");
@@ -264,11 +305,12 @@ void run_layer_bench(const LayerBenchOptions& o) {
   MOE_CUDA_CHECK(cudaGetDeviceProperties(&p, dev));
   cudaStream_t stream = nullptr;
   MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const double copy_gbs = copy_bandwidth(o, stream);
   for (const LayerShape& s : layer_shapes()) {
     if (!o.configs.empty() &&
         std::find(o.configs.begin(), o.configs.end(), s.name) == o.configs.end())
       continue;
-    bench_one(o, p.name, s, stream);
+    bench_one(o, p.name, s, copy_gbs, stream);
   }
   MOE_CUDA_CHECK(cudaStreamDestroy(stream));
 }
