@@ -556,9 +556,23 @@ TEST_F(LmLayers, ClipScaleFollowsTheCpuTrainerRule) {
   }
 }
 
+// The CPU AdamW rounds every operation (x86-64 has no FMA without -march, and the build sets
+// none): bit for bit there. Where the host compiler may contract to FMA (aarch64), 1e-6 relative.
+::testing::AssertionResult same_as_cpu_update(const std::vector<float>& got,
+                                              const std::vector<float>& want) {
+#if defined(__x86_64__)
+  if (same_bytes(got, want)) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "not bit for bit: relative error " << rel_error(got, want);
+#else
+  const double err = rel_error(got, want);
+  if (err <= 1e-6) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "relative error " << err;
+#endif
+}
+
 // Two tensors (one with weight decay, one without), five steps of the CPU trainer's sequence —
 // global norm, clip when above grad_clip, AdamW::update — against sum_squares, clip_scale and
-// adamw_update on the device: parameters, moments and the bf16 copy bit for bit.
+// adamw_update on the device: parameters and moments bit for bit, the bf16 copy their rounding.
 TEST_F(LmLayers, AdamWMatchesTheCpuUpdateBitForBitWithClipping) {
   const int64_t n0 = 1000, n1 = 37;
   model::TrainConfig cfg;
@@ -615,14 +629,16 @@ TEST_F(LmLayers, AdamWMatchesTheCpuUpdateBitForBitWithClipping) {
     lm::adamw_update(d_p1.get(), d_pb1.get(), d_g1.get(), d_m1.get(), d_v1.get(), n1, float(lr),
                      float(cfg.beta1), float(cfg.beta2), float(cfg.eps), 0.f, c1, c2,
                      d_scale.get(), stream_);
-    EXPECT_TRUE(same_bytes(d_p0.download(), p0)) << "p (decay)";
-    EXPECT_TRUE(same_bytes(d_p1.download(), p1)) << "p (no decay)";
-    EXPECT_TRUE(same_bytes(d_m0.download(), opt.m[0]) && same_bytes(d_v0.download(), opt.v[0]))
-        << "moments (decay)";
-    EXPECT_TRUE(same_bytes(d_m1.download(), opt.m[1]) && same_bytes(d_v1.download(), opt.v[1]))
-        << "moments (no decay)";
-    EXPECT_TRUE(same_bytes(d_pb0.download(), to_device_type<bf16>(p0))) << "bf16 copy";
-    EXPECT_TRUE(same_bytes(d_pb1.download(), to_device_type<bf16>(p1))) << "bf16 copy";
+    const std::vector<float> gp0 = d_p0.download(), gp1 = d_p1.download();
+    EXPECT_TRUE(same_as_cpu_update(gp0, p0)) << "p (decay)";
+    EXPECT_TRUE(same_as_cpu_update(gp1, p1)) << "p (no decay)";
+    EXPECT_TRUE(same_as_cpu_update(d_m0.download(), opt.m[0])) << "m (decay)";
+    EXPECT_TRUE(same_as_cpu_update(d_v0.download(), opt.v[0])) << "v (decay)";
+    EXPECT_TRUE(same_as_cpu_update(d_m1.download(), opt.m[1])) << "m (no decay)";
+    EXPECT_TRUE(same_as_cpu_update(d_v1.download(), opt.v[1])) << "v (no decay)";
+    // The bf16 copy is the rounding of the device's own fp32 parameters.
+    EXPECT_TRUE(same_bytes(d_pb0.download(), to_device_type<bf16>(gp0))) << "bf16 copy";
+    EXPECT_TRUE(same_bytes(d_pb1.download(), to_device_type<bf16>(gp1))) << "bf16 copy";
   }
   EXPECT_TRUE(clipped_once && unclipped_once) << "the steps must exercise both clip branches";
 }
