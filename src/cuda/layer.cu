@@ -1,6 +1,7 @@
 // moe::cuda::Layer: the stages of include/moe/cuda/*.hpp chained on one stream (see layer.hpp).
 #include "moe/cuda/layer.hpp"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "moe/check.hpp"
@@ -8,6 +9,7 @@
 #include "moe/cuda/combine.hpp"
 #include "moe/cuda/gate.hpp"
 #include "moe/cuda/permute.hpp"
+#include "moe/cuda/stats.hpp"
 
 namespace moe::cuda {
 
@@ -28,10 +30,8 @@ namespace {
 LayerConfig checked(const LayerConfig& cfg) {
   cfg.validate();
   MOE_CHECK(cfg.router == Router::softmax_topk || cfg.router == Router::sigmoid_bias ||
-                cfg.router == Router::switch_top1,
-            "cuda::Layer: router must be softmax_topk, sigmoid_bias or switch_top1");
-  MOE_CHECK(cfg.router != Router::switch_top1 || !cfg.training || cfg.jitter == 0,
-            "cuda::Layer: switch_top1 with jitter in training is not supported");
+                cfg.router == Router::switch_top1 || cfg.router == Router::noisy_topk,
+            "cuda::Layer: router must be softmax_topk, noisy_topk, sigmoid_bias or switch_top1");
   MOE_CHECK(cfg.shared_experts == 0, "cuda::Layer: shared_experts must be 0");
   return cfg;
 }
@@ -54,6 +54,24 @@ bool aliases(ExpertsBackend backend, bool backward) {
          (backend == ExpertsBackend::grouped || backend == ExpertsBackend::grouped_fused);
 }
 
+bool has_jitter(const LayerConfig& cfg) {
+  return cfg.router == Router::switch_top1 && cfg.training && cfg.jitter > 0;
+}
+
+// w_gate in fp32 for the jittered gate GEMM (cuBLAS multiplies operands of one type).
+__global__ void widen_kernel(const bf16* in, int64_t n, float* out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = __bfloat162float(in[i]);
+}
+
+void widen(const bf16* in, int64_t n, float* out, cudaStream_t stream) {
+  if (n == 0) return;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 1024));
+  widen_kernel<<<blocks, 256, 0, stream>>>(in, n, out);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool backward) {
@@ -65,6 +83,8 @@ size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool bac
   const size_t b = sizeof(bf16), f = sizeof(float), bw = backward ? 1 : 0;
   size_t bytes = T * E * f + R * (H + A + I + H) * b;  // logits, xp, pre, act, yp
   bytes += bw * (N * f + T * E * (f + b));             // dweight, dz, dz_bf16
+  if (cfg.router == Router::noisy_topk) bytes += (1 + bw) * T * E * f;  // noise_raw, dr
+  if (has_jitter(cfg)) bytes += (T * H + H * E) * f;                    // x_router, w_gate_f32
   if (backward && !aliases(backend, backward)) bytes += R * (H + I + A) * b;  // dyp, da, dpre
   return bytes;
 }
@@ -83,6 +103,8 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   es.validate();
   const int64_t A = es.up_width();
   alias_ = aliases(backend, backward);
+  noisy_ = cfg_.router == Router::noisy_topk;
+  jitter_ = has_jitter(cfg_);
   experts_ = std::make_unique<ExpertsWorkspace>(es, backend, backward, /*own_scratch=*/!alias_);
   MOE_CUBLAS_CHECK(cublasCreate(&cublas_));
   const size_t b = sizeof(bf16), f = sizeof(float);
@@ -97,8 +119,14 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
       {"dweight", bw * size_t(N) * f, reinterpret_cast<void**>(&dweight_)},
       {"dz", bw * size_t(T * E) * f, reinterpret_cast<void**>(&dz_)},
       {"dz_bf16", bw * size_t(T * E) * b, reinterpret_cast<void**>(&dz_bf16_)},
+      {"noise_raw", (noisy_ ? 1 : 0) * size_t(T * E) * f, reinterpret_cast<void**>(&noise_raw_)},
+      {"dr", (noisy_ ? bw : 0) * size_t(T * E) * f, reinterpret_cast<void**>(&dr_)},
+      {"x_router", (jitter_ ? 1 : 0) * size_t(T * H) * f, reinterpret_cast<void**>(&x_router_)},
+      {"w_gate_f32", (jitter_ ? 1 : 0) * size_t(H * E) * f,
+       reinterpret_cast<void**>(&w_gate_f32_)},
   });
   if (alias_) dyp_ = yp_;
+  stats_ = StatsBuffers(T, E);
 }
 
 Layer::~Layer() {
@@ -107,7 +135,25 @@ Layer::~Layer() {
 
 size_t Layer::bytes() const {
   return arena_.bytes() + route_.arena.bytes() + route_.routing.arena.bytes() + plan_.bytes() +
-         experts_->bytes();
+         experts_->bytes() + stats_.arena.bytes();
+}
+
+LayerConfig Layer::forward_config() const {
+  LayerConfig c = cfg_;
+  c.seed = forward_seed_;
+  return c;
+}
+
+LoadStats Layer::stats() const {
+  MOE_CHECK(has_forward_, "cuda::Layer::stats: call forward first");
+  return load_stats(route_.probs, plan_.view(), stats_, stream_);
+}
+
+void Layer::update_expert_bias(float* expert_bias, cudaStream_t stream) const {
+  if (cfg_.router != Router::sigmoid_bias || !cfg_.training) return;
+  MOE_CHECK(has_forward_, "cuda::Layer::update_expert_bias: call forward first");
+  moe::cuda::update_expert_bias(plan_.view(), cfg_.top_k, cfg_.bias_update_rate, expert_bias,
+                                stream);
 }
 
 std::string Layer::report() const {
@@ -124,10 +170,21 @@ void Layer::forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t 
   auto mark = [&](LayerStage s) {
     if (events) MOE_CUDA_CHECK(cudaEventRecord(events[int(s)], stream));
   };
+  MOE_CHECK(!noisy_ || w.w_noise, "cuda::Layer::forward: noisy_topk needs w.w_noise (H, E)");
+  forward_seed_ = cfg_.seed;
+  stream_ = stream;
+  has_forward_ = true;
   mark(LayerStage::gate);
-  gate_forward<bf16>(cublas_, x, w.w_gate, T, H, E, logits_, stream);
+  if (jitter_) {  // logits = (x * jitter) w_gate in fp32 (layer.hpp)
+    jitter_input<bf16, float>(x, T * H, cfg_.seed, cfg_.jitter, x_router_, stream);
+    widen(w.w_gate, H * E, w_gate_f32_, stream);
+    gate_forward<float>(cublas_, x_router_, w_gate_f32_, T, H, E, logits_, stream);
+  } else {
+    gate_forward<bf16>(cublas_, x, w.w_gate, T, H, E, logits_, stream);
+  }
+  if (noisy_) gate_forward<bf16>(cublas_, x, w.w_noise, T, H, E, noise_raw_, stream);
   mark(LayerStage::route);
-  route_forward(cfg_, 0, logits_, nullptr, w.expert_bias, route_, stream);
+  route_forward(cfg_, 0, logits_, noise_raw_, w.expert_bias, route_, stream);
   mark(LayerStage::plan);
   const RoutingView rv = route_.routing.view();
   plan_forward(rv, plan_.view(), stream);
@@ -151,7 +208,10 @@ void Layer::forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t 
 void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const LayerGrads& g,
                      cudaStream_t stream) {
   MOE_CHECK(backward_, "cuda::Layer::backward: built with backward = false");
+  MOE_CHECK(!noisy_ || (w.w_noise && g.dw_noise),
+            "cuda::Layer::backward: noisy_topk needs w.w_noise and g.dw_noise (H, E)");
   const int64_t T = cfg_.tokens, H = cfg_.hidden, E = cfg_.experts;
+  const LayerConfig c = forward_config();
   const RoutingView rv = route_.routing.view();
   // combine: dyp = weight * dy, dweight = <dy, yp> (grouped: in place over yp)
   combine_backward<bf16>(plan_.view(), rv, yp_, dy, H, dyp_, dweight_, stream);
@@ -177,10 +237,26 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   // permute: dx = sum of the token's dxp rows (dx starts at 0)
   MOE_CUDA_CHECK(cudaMemsetAsync(g.dx, 0, size_t(T * H) * sizeof(bf16), stream));
   permute_backward<bf16>(plan_.view(), dxp, H, g.dx, stream);
-  // route: dweight -> dz (aux-loss and z-loss gradients included)
-  route_backward(cfg_, 0, route_, logits_, nullptr, dweight_, dz_, nullptr, stream);
-  // gate: dW_gate += x^T dz, dx += dz W^T
-  gate_backward<bf16>(cublas_, x, w.w_gate, dz_, T, H, E, g.dw_gate, g.dx, dz_bf16_, stream);
+  // route: dweight -> dz (aux-loss and z-loss gradients included); noisy_topk: dr, with the
+  // forward's noise
+  route_backward(c, 0, route_, logits_, noise_raw_, dweight_, dz_, dr_, stream);
+  if (jitter_) {
+    // dW_gate += x_router^T dz (fp32), then x_router is dead: it takes dz W^T (fp32), and
+    // dx += (dz W^T) * jitter
+    widen(w.w_gate, H * E, w_gate_f32_, stream);
+    gate_backward<float>(cublas_, x_router_, w_gate_f32_, dz_, T, H, E, g.dw_gate, nullptr,
+                         nullptr, stream);
+    MOE_CUDA_CHECK(cudaMemsetAsync(x_router_, 0, size_t(T * H) * sizeof(float), stream));
+    gate_backward<float>(cublas_, nullptr, w_gate_f32_, dz_, T, H, E, nullptr, x_router_,
+                         nullptr, stream);
+    jitter_backward<float, bf16>(x_router_, T * H, c.seed, c.jitter, g.dx, stream);
+  } else {
+    // gate: dW_gate += x^T dz, dx += dz W^T
+    gate_backward<bf16>(cublas_, x, w.w_gate, dz_, T, H, E, g.dw_gate, g.dx, dz_bf16_, stream);
+  }
+  // noisy_topk: dW_noise += x^T dr, dx += dr W_noise^T (dz_bf16 is free again: stream order)
+  if (noisy_)
+    gate_backward<bf16>(cublas_, x, w.w_noise, dr_, T, H, E, g.dw_noise, g.dx, dz_bf16_, stream);
 }
 
 }  // namespace moe::cuda

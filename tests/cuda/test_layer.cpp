@@ -1,7 +1,12 @@
 // cuda::Layer (the whole MoE layer in bf16: gate, route, plan, permute, experts, combine and the
 // backward of each) vs moe::layer_forward / moe::layer_backward in double on the same
-// bf16-rounded inputs (x, dy, w_gate, w_up, w_down). Small shapes, uniform and skewed routing
-// (a common direction in x that the gate weights of expert 0 align with), several layouts.
+// bf16-rounded inputs (x, dy, w_gate, w_noise, w_up, w_down). Small shapes, uniform and skewed
+// routing (a common direction in x that the gate weights of expert 0 align with), several layouts
+// and routers: noisy_topk and switch_top1 with jitter in training draw the CPU's counter-based
+// noise from the seed given by set_seed; E = 1, K = 1 is the trainer's dense baseline.
+// Besides y and the gradients: the aux loss (relative 1e-4: fp32 scores against double), the
+// load statistics (counts and drop rate exact, entropies relative 1e-5), the expert-bias update
+// (bit for bit against the CPU's float instantiation) and the seed's effect on the routing.
 //
 // Tolerance: relative Frobenius error ||gpu - ref|| / ||ref|| < 2e-2 for y, dx, dW_gate, dW_up,
 // dW_down. The GPU stores xp, pre, act, yp, dyp, da, dpre, dxp and dx in bf16 (unit roundoff
@@ -12,7 +17,9 @@
 // are poisoned first).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -33,7 +40,33 @@ struct LayerCase {
   bool skewed = false;
   Router router = Router::softmax_topk;
   Layout layout = Layout::dropless;
+  bool training = true;
+  uint64_t seed = 0;             // given to the Layer by set_seed, to the CPU by cfg.seed
+  double capacity_factor = 1.25;
+  SecondPolicy second_policy = SecondPolicy::all;
+  double aux_coef = -1, z_coef = -1;
 };
+
+LayerConfig config_of(const LayerCase& c) {
+  LayerConfig cfg;
+  cfg.tokens = c.T;
+  cfg.hidden = c.H;
+  cfg.inter = c.I;
+  cfg.experts = c.E;
+  cfg.top_k = c.K;
+  cfg.router = c.router;
+  cfg.layout = c.layout;
+  cfg.block_size = 16;
+  cfg.activation = Activation::swiglu;
+  cfg.training = c.training;
+  cfg.seed = c.seed;
+  cfg.capacity_factor = c.capacity_factor;
+  cfg.second_policy = c.second_policy;
+  cfg.aux_coef = c.aux_coef;
+  cfg.z_coef = c.z_coef;
+  cfg.validate();
+  return cfg;
+}
 
 std::vector<double> rounded(const std::vector<double>& v) {
   std::vector<double> out(v.size());
@@ -46,6 +79,29 @@ std::vector<bf16> to_bf16(const std::vector<double>& v) {
   for (size_t i = 0; i < v.size(); ++i) out[i] = __float2bfloat16(static_cast<float>(v[i]));
   return out;
 }
+// Smallest gap, over tokens, between the K-th and the (K+1)-th selection score of the CPU step
+// (logits, noisy logits, or sigmoid + bias): a GPU logit off by more than this may pick another
+// expert, and the comparison then fails for a reason other than a wrong kernel.
+double selection_margin(const LayerConfig& cfg, const RouteStep<double>& s,
+                        const std::vector<double>& bias) {
+  const int64_t T = cfg.tokens, E = cfg.experts, K = cfg.top_k;
+  if (K >= E) return INFINITY;
+  double margin = INFINITY;
+  std::vector<double> v(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t i = t * E + e;
+      if (cfg.router == Router::noisy_topk) v[e] = s.noisy[i];
+      else if (cfg.router == Router::sigmoid_bias)
+        v[e] = s.probs[i] + (bias.empty() ? 0 : bias[e]);
+      else v[e] = s.logits[i];
+    }
+    std::sort(v.begin(), v.end(), std::greater<double>());
+    margin = std::min(margin, v[size_t(K - 1)] - v[size_t(K)]);
+  }
+  return margin;
+}
+
 template <class T>
 double rel_frobenius(const std::vector<T>& got, const std::vector<double>& want) {
   double num = 0, den = 0;
@@ -61,82 +117,233 @@ double rel_frobenius(const std::vector<T>& got, const std::vector<double>& want)
 
 class LayerParity : public ::testing::TestWithParam<LayerCase> {};
 
-TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
-  MOE_REQUIRE_GPU();
-  const LayerCase& c = GetParam();
-  LayerConfig cfg;
-  cfg.tokens = c.T;
-  cfg.hidden = c.H;
-  cfg.inter = c.I;
-  cfg.experts = c.E;
-  cfg.top_k = c.K;
-  cfg.router = c.router;
-  cfg.layout = c.layout;
-  cfg.block_size = 16;
-  cfg.activation = Activation::swiglu;
-  cfg.validate();
+// Inputs of one case: parameters and x, dy rounded to bf16 (both sides compute on the same values).
+struct LayerInputs {
+  Params<double> p;
+  std::vector<double> x, dy;
+};
 
-  Params<double> p = random_params<double>(cfg, 11);
-  p.w_noise.clear();
+LayerInputs make_inputs(const LayerCase& c, const LayerConfig& cfg) {
+  LayerInputs in;
+  Params<double>& p = in.p;
+  p = random_params<double>(cfg, 11);
   for (double& v : p.expert_bias) v = 0;
-  std::vector<double> x = random_vector<double>(size_t(c.T * c.H), 21);
-  std::vector<double> dy = random_vector<double>(size_t(c.T * c.H), 31);
+  in.x = random_vector<double>(size_t(c.T * c.H), 21);
+  in.dy = random_vector<double>(size_t(c.T * c.H), 31);
   if (c.skewed) {  // a common direction u in x; expert 0's gate column aligned with it
     const std::vector<double> u = random_vector<double>(size_t(c.H), 41);
     for (int64_t t = 0; t < c.T; ++t)
-      for (int64_t h = 0; h < c.H; ++h) x[t * c.H + h] += 1.5 * u[h];
+      for (int64_t h = 0; h < c.H; ++h) in.x[t * c.H + h] += 1.5 * u[h];
     double norm = 0;
     for (double v : u) norm += v * v;
     for (int64_t h = 0; h < c.H; ++h) p.w_gate[h * c.E + 0] += 2.0 * u[h] / norm;
   }
-  x = rounded(x);
-  dy = rounded(dy);
+  in.x = rounded(in.x);
+  in.dy = rounded(in.dy);
   p.w_gate = rounded(p.w_gate);
+  p.w_noise = rounded(p.w_noise);
   p.w_up = rounded(p.w_up);
   p.w_down = rounded(p.w_down);
+  return in;
+}
+
+// The Layer's inputs and outputs on the device for one case.
+struct DeviceLayerData {
+  DeviceArray<bf16> x, dy, w_gate, w_noise, w_up, w_down, y, dx;
+  DeviceArray<float> bias, dw_gate, dw_noise, dw_up, dw_down;
+
+  DeviceLayerData(const LayerInputs& in, int64_t E)
+      : x(to_bf16(in.x)), dy(to_bf16(in.dy)), w_gate(to_bf16(in.p.w_gate)),
+        w_noise(to_bf16(in.p.w_noise)), w_up(to_bf16(in.p.w_up)), w_down(to_bf16(in.p.w_down)),
+        y(in.x.size()), dx(in.x.size()), bias(std::vector<float>(size_t(E), 0.f)),
+        dw_gate(in.p.w_gate.size()), dw_noise(in.p.w_noise.size()), dw_up(in.p.w_up.size()),
+        dw_down(in.p.w_down.size()) {
+    y.poison();
+    dx.poison();
+    for (DeviceArray<float>* g : {&dw_gate, &dw_noise, &dw_up, &dw_down}) g->poison(0);
+  }
+  cuda::LayerWeights weights(Router router) const {
+    cuda::LayerWeights w;
+    w.w_gate = w_gate.get();
+    w.w_up = w_up.get();
+    w.w_down = w_down.get();
+    w.expert_bias = router == Router::sigmoid_bias ? bias.get() : nullptr;
+    w.w_noise = w_noise.get();  // null unless noisy_topk
+    return w;
+  }
+  cuda::LayerGrads grads() const {
+    return {dx.get(), dw_gate.get(), dw_up.get(), dw_down.get(), dw_noise.get()};
+  }
+};
+
+TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
+  MOE_REQUIRE_GPU();
+  const LayerCase& c = GetParam();
+  const LayerConfig cfg = config_of(c);
+  const LayerInputs in = make_inputs(c, cfg);
+  const Params<double>& p = in.p;
 
   LayerForward<double> fwd;
-  layer_forward(cfg, p, x.data(), fwd);
-  std::vector<double> dx_ref(x.size());
+  layer_forward(cfg, p, in.x.data(), fwd);
+  std::vector<double> dx_ref(in.x.size());
   Params<double> g_ref;
-  layer_backward(cfg, p, x.data(), fwd, dy.data(), dx_ref.data(), g_ref);
+  layer_backward(cfg, p, in.x.data(), fwd, in.dy.data(), dx_ref.data(), g_ref);
+  const double margin = selection_margin(cfg, fwd.steps[0], p.expert_bias);
 
-  cuda::Layer layer(cfg);
-  DeviceArray<bf16> d_x(to_bf16(x)), d_dy(to_bf16(dy)), d_wg(to_bf16(p.w_gate)),
-      d_wu(to_bf16(p.w_up)), d_wd(to_bf16(p.w_down));
-  DeviceArray<float> d_bias(std::vector<float>(size_t(c.E), 0.f));
-  DeviceArray<bf16> d_y(x.size()), d_dx(x.size());
-  DeviceArray<float> d_gw(p.w_gate.size()), d_gu(p.w_up.size()), d_gd(p.w_down.size());
-  MOE_CUDA_CHECK(cudaMemset(d_y.get(), kPoisonFloat, x.size() * sizeof(bf16)));
-  MOE_CUDA_CHECK(cudaMemset(d_dx.get(), kPoisonFloat, x.size() * sizeof(bf16)));
-  MOE_CUDA_CHECK(cudaMemset(d_gw.get(), 0, p.w_gate.size() * sizeof(float)));
-  MOE_CUDA_CHECK(cudaMemset(d_gu.get(), 0, p.w_up.size() * sizeof(float)));
-  MOE_CUDA_CHECK(cudaMemset(d_gd.get(), 0, p.w_down.size() * sizeof(float)));
-
+  // built with another seed: set_seed must be what the forward uses
+  LayerConfig built = cfg;
+  built.seed = c.seed + 1000;
+  cuda::Layer layer(built);
+  layer.set_seed(c.seed);
+  DeviceLayerData d(in, c.E);
   cudaStream_t stream = nullptr;
   MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cuda::LayerWeights w{d_wg.get(), d_wu.get(), d_wd.get(),
-                       c.router == Router::sigmoid_bias ? d_bias.get() : nullptr};
-  layer.forward(d_x.get(), w, d_y.get(), stream);
-  layer.backward(d_x.get(), w, d_dy.get(), {d_dx.get(), d_gw.get(), d_gu.get(), d_gd.get()},
-                 stream);
+  const cuda::LayerWeights w = d.weights(c.router);
+  layer.forward(d.x.get(), w, d.y.get(), stream);
+  layer.backward(d.x.get(), w, d.dy.get(), d.grads(), stream);
+  const LoadStats st = layer.stats();
+  double aux = 0;
+  MOE_CUDA_CHECK(cudaMemcpyAsync(&aux, layer.aux_loss(), sizeof aux, cudaMemcpyDeviceToHost,
+                                 stream));
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
   MOE_CUDA_CHECK(cudaStreamDestroy(stream));
 
-  const double e_y = rel_frobenius(d_y.download(), fwd.y);
-  const double e_dx = rel_frobenius(d_dx.download(), dx_ref);
-  const double e_wg = rel_frobenius(d_gw.download(), g_ref.w_gate);
-  const double e_wu = rel_frobenius(d_gu.download(), g_ref.w_up);
-  const double e_wd = rel_frobenius(d_gd.download(), g_ref.w_down);
-  RecordProperty("errors", ::testing::PrintToString(std::vector<double>{e_y, e_dx, e_wg, e_wu,
-                                                                        e_wd}));
-  std::printf("%s: rel. Frobenius y %.2e dx %.2e dW_gate %.2e dW_up %.2e dW_down %.2e\n",
-              c.name.c_str(), e_y, e_dx, e_wg, e_wu, e_wd);
-  EXPECT_LT(e_y, kTolerance) << "y";
-  EXPECT_LT(e_dx, kTolerance) << "dx";
-  EXPECT_LT(e_wg, kTolerance) << "dW_gate";
-  EXPECT_LT(e_wu, kTolerance) << "dW_up";
-  EXPECT_LT(e_wd, kTolerance) << "dW_down";
+  const double e_y = rel_frobenius(d.y.download(), fwd.y);
+  const double e_dx = rel_frobenius(d.dx.download(), dx_ref);
+  const double e_wg = rel_frobenius(d.dw_gate.download(), g_ref.w_gate);
+  const double e_wn = rel_frobenius(d.dw_noise.download(), g_ref.w_noise);
+  const double e_wu = rel_frobenius(d.dw_up.download(), g_ref.w_up);
+  const double e_wd = rel_frobenius(d.dw_down.download(), g_ref.w_down);
+  RecordProperty("errors", ::testing::PrintToString(std::vector<double>{e_y, e_dx, e_wg, e_wn,
+                                                                        e_wu, e_wd}));
+  std::printf("%s: rel. Frobenius y %.2e dx %.2e dW_gate %.2e dW_noise %.2e dW_up %.2e "
+              "dW_down %.2e; aux %.6e (cpu %.6e); selection margin %.2e\n",
+              c.name.c_str(), e_y, e_dx, e_wg, e_wn, e_wu, e_wd, aux, fwd.aux_loss, margin);
+  const std::string why = "(smallest CPU selection margin " + std::to_string(margin) + ")";
+  EXPECT_LT(e_y, kTolerance) << "y " << why;
+  EXPECT_LT(e_dx, kTolerance) << "dx " << why;
+  EXPECT_LT(e_wg, kTolerance) << "dW_gate " << why;
+  EXPECT_LT(e_wn, kTolerance) << "dW_noise " << why;
+  EXPECT_LT(e_wu, kTolerance) << "dW_up " << why;
+  EXPECT_LT(e_wd, kTolerance) << "dW_down " << why;
+  EXPECT_NEAR(aux, fwd.aux_loss, 1e-6 + 1e-4 * std::abs(fwd.aux_loss)) << "aux loss " << why;
+
+  // load statistics: counts (hence cv, MaxVio) and rates from integers, exactly; entropies from
+  // fp32 scores against double ones
+  const LoadStats& ref = fwd.stats;
+  EXPECT_TRUE(equal("tokens_per_expert", st.tokens_per_expert, ref.tokens_per_expert)) << why;
+  EXPECT_DOUBLE_EQ(st.drop_rate, ref.drop_rate);
+  EXPECT_DOUBLE_EQ(st.tokens_without_expert, ref.tokens_without_expert);
+  EXPECT_DOUBLE_EQ(st.cv, ref.cv);
+  EXPECT_DOUBLE_EQ(st.max_violation, ref.max_violation);
+  EXPECT_NEAR(st.router_entropy, ref.router_entropy, 1e-7 + 1e-5 * std::abs(ref.router_entropy));
+  EXPECT_NEAR(st.mean_entropy, ref.mean_entropy, 1e-7 + 1e-5 * std::abs(ref.mean_entropy));
+  std::printf("%s: stats drop_rate %.4f without %.4f cv %.4f entropy %.6f (cpu %.6f) mean "
+              "entropy %.6f (cpu %.6f)\n", c.name.c_str(), st.drop_rate,
+              st.tokens_without_expert, st.cv, st.router_entropy, ref.router_entropy,
+              st.mean_entropy, ref.mean_entropy);
+}
+
+// noisy_topk in training: the seed set before forward decides the noise, so the same seed gives
+// the same bits (routing, y, and the backward, which redraws its forward's noise even when
+// set_seed was called in between) and another seed another routing.
+TEST(LayerParitySeed, NoisyTopkSameSeedSameBitsOtherSeedOtherRouting) {
+  MOE_REQUIRE_GPU();
+  const LayerCase c{.name = "seed", .T = 256, .H = 64, .I = 32, .E = 8, .K = 2,
+                    .router = Router::noisy_topk};
+  const LayerConfig cfg = config_of(c);
+  const LayerInputs in = make_inputs(c, cfg);
+  cuda::Layer layer(cfg);
+  DeviceLayerData d(in, c.E);
+  const cuda::LayerWeights w = d.weights(c.router);
+  const size_t N = size_t(c.T * c.K);
+  struct Run {
+    std::vector<int32_t> expert;
+    std::vector<float> weight;
+    std::vector<bf16> y, dx;
+    std::vector<float> dw_noise;
+  };
+  // forward with `seed`, then backward after set_seed(`later`)
+  auto run = [&](uint64_t seed, uint64_t later) {
+    Run r;
+    for (DeviceArray<float>* g : {&d.dw_gate, &d.dw_noise, &d.dw_up, &d.dw_down}) g->poison(0);
+    layer.set_seed(seed);
+    layer.forward(d.x.get(), w, d.y.get(), nullptr);
+    layer.set_seed(later);
+    layer.backward(d.x.get(), w, d.dy.get(), d.grads(), nullptr);
+    MOE_CUDA_CHECK(cudaDeviceSynchronize());
+    const cuda::RoutingView rv = layer.routing();
+    EXPECT_EQ(size_t(rv.choices), N);
+    r.expert.resize(N);
+    r.weight.resize(N);
+    MOE_CUDA_CHECK(cudaMemcpy(r.expert.data(), rv.choice_expert, N * 4, cudaMemcpyDeviceToHost));
+    MOE_CUDA_CHECK(cudaMemcpy(r.weight.data(), rv.choice_weight, N * 4, cudaMemcpyDeviceToHost));
+    r.y = d.y.download();
+    r.dx = d.dx.download();
+    r.dw_noise = d.dw_noise.download();
+    return r;
+  };
+  const Run a = run(3, 3), b = run(3, 99), other = run(4, 4);
+  EXPECT_TRUE(same_bytes(a.expert, b.expert)) << "choice_expert";
+  EXPECT_TRUE(same_bytes(a.weight, b.weight)) << "choice_weight";
+  EXPECT_TRUE(same_bytes(a.y, b.y)) << "y";
+  EXPECT_TRUE(same_bytes(a.dx, b.dx)) << "dx (the backward must use its forward's seed)";
+  EXPECT_TRUE(same_bytes(a.dw_noise, b.dw_noise)) << "dW_noise";
+  int64_t moved = 0;
+  for (size_t i = 0; i < N; ++i) moved += a.expert[i] != other.expert[i];
+  // noise of scale softplus(x W_noise) ~ 0.7 against logits of scale 1: many choices move
+  EXPECT_GT(moved, int64_t(N / 10)) << "seeds 3 and 4 route " << moved << " of " << N
+                                    << " choices differently";
+  std::printf("seed 3 vs 4: %lld of %zu choices on another expert\n", (long long)moved, N);
+}
+
+// sigmoid_bias: the device update equals moe::update_expert_bias (float) for the counts of the
+// same forward; in evaluation it does nothing, on both sides.
+TEST(LayerParityExpertBias, UpdateMatchesCpuAndIsANoOpInEvaluation) {
+  MOE_REQUIRE_GPU();
+  for (const bool training : {true, false}) {
+    const LayerCase c{.name = "bias", .T = 256, .H = 64, .I = 32, .E = 8, .K = 2, .skewed = true,
+                      .router = Router::sigmoid_bias, .training = training};
+    LayerConfig cfg = config_of(c);
+    cfg.bias_update_rate = 1e-3;
+    LayerInputs in = make_inputs(c, cfg);
+    const std::vector<double> b0 = random_vector<double>(size_t(c.E), 51, 0.05);
+    std::vector<float> bias_f(b0.begin(), b0.end());
+    // the CPU side in float, from the same (bf16-rounded) values
+    Params<float> pf;
+    pf.w_gate.assign(in.p.w_gate.begin(), in.p.w_gate.end());
+    pf.w_up.assign(in.p.w_up.begin(), in.p.w_up.end());
+    pf.w_down.assign(in.p.w_down.begin(), in.p.w_down.end());
+    pf.expert_bias = bias_f;
+    const std::vector<float> xf(in.x.begin(), in.x.end());
+    LayerForward<float> fwd;
+    layer_forward(cfg, pf, xf.data(), fwd);
+    update_expert_bias(cfg, fwd, pf);
+
+    cuda::Layer layer(cfg, cuda::ExpertsBackend::grouped, cuda::GateUpLayout::split,
+                      /*backward=*/false);
+    DeviceLayerData d(in, c.E);
+    d.bias.upload(bias_f);
+    cudaStream_t stream = nullptr;
+    MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    layer.forward(d.x.get(), d.weights(c.router), d.y.get(), stream);
+    layer.update_expert_bias(d.bias.get(), stream);
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const LoadStats st = layer.stats();
+    MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+    EXPECT_TRUE(equal("tokens_per_expert", st.tokens_per_expert, fwd.stats.tokens_per_expert))
+        << (training ? "training" : "evaluation");
+    const std::vector<float> got = d.bias.download();
+    EXPECT_TRUE(same_bytes(got, pf.expert_bias)) << (training ? "training" : "evaluation");
+    if (!training) {
+      EXPECT_TRUE(same_bytes(got, bias_f)) << "evaluation must leave the bias";
+    }
+    int64_t changed = 0;
+    for (int64_t e = 0; e < c.E; ++e) changed += got[e] != bias_f[e];
+    if (training) {
+      EXPECT_GT(changed, 0) << "skewed routing moves some expert's bias";
+    }
+  }
 }
 
 // The (max_rows, *) activation bytes from the shapes alone (no GPU): the grouped backend aliases
@@ -170,14 +377,36 @@ TEST(LayerMemory, ArenaBytesAtBenchShapes) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, LayerParity,
-    ::testing::Values(LayerCase{"t256_e8_k2_uniform", 256, 64, 32, 8, 2},
-                      LayerCase{"t200_e16_k4_skewed", 200, 128, 64, 16, 4, true},
-                      LayerCase{"t333_e5_k1_skewed", 333, 64, 48, 5, 1, true},
-                      LayerCase{"t128_e64_k8_uniform", 128, 64, 32, 64, 8},
-                      LayerCase{"t256_e8_k2_sigmoid_bias", 256, 64, 32, 8, 2, false,
-                                Router::sigmoid_bias},
-                      LayerCase{"t256_e8_k2_block16_skewed", 256, 64, 32, 8, 2, true,
-                                Router::softmax_topk, Layout::block}),
+    ::testing::Values(
+        LayerCase{"t256_e8_k2_uniform", 256, 64, 32, 8, 2},
+        LayerCase{"t200_e16_k4_skewed", 200, 128, 64, 16, 4, true},
+        LayerCase{"t333_e5_k1_skewed", 333, 64, 48, 5, 1, true},
+        LayerCase{"t128_e64_k8_uniform", 128, 64, 32, 64, 8},
+        LayerCase{"t256_e8_k2_sigmoid_bias", 256, 64, 32, 8, 2, false, Router::sigmoid_bias},
+        LayerCase{"t256_e8_k2_block16_skewed", 256, 64, 32, 8, 2, true, Router::softmax_topk,
+                  Layout::block},
+        // capacity drops (first choices of the skewed expert) and policy skips: the statistics
+        LayerCase{.name = "t256_e8_k2_padded_cf1_skewed", .T = 256, .H = 64, .I = 32, .E = 8,
+                  .K = 2, .skewed = true, .layout = Layout::padded, .capacity_factor = 1.0},
+        LayerCase{.name = "t256_e8_k2_random_second", .T = 256, .H = 64, .I = 32, .E = 8,
+                  .K = 2, .seed = 6, .second_policy = SecondPolicy::random},
+        // noisy_topk: training (noise of seed 5, smooth load loss) and evaluation (no noise)
+        LayerCase{.name = "t256_e8_k2_noisy", .T = 256, .H = 64, .I = 32, .E = 8, .K = 2,
+                  .router = Router::noisy_topk, .seed = 5},
+        LayerCase{.name = "t200_e16_k4_noisy_skewed", .T = 200, .H = 128, .I = 64, .E = 16,
+                  .K = 4, .skewed = true, .router = Router::noisy_topk, .seed = 8},
+        LayerCase{.name = "t256_e8_k2_noisy_eval", .T = 256, .H = 64, .I = 32, .E = 8, .K = 2,
+                  .router = Router::noisy_topk, .training = false},
+        // switch_top1 with jitter 1e-2 in training, dropless and padded with drops
+        LayerCase{.name = "t300_e8_k1_switch_jitter", .T = 300, .H = 64, .I = 48, .E = 8,
+                  .K = 1, .router = Router::switch_top1, .seed = 7},
+        LayerCase{.name = "t256_e8_k1_switch_jitter_padded_skewed", .T = 256, .H = 64, .I = 32,
+                  .E = 8, .K = 1, .skewed = true, .router = Router::switch_top1,
+                  .layout = Layout::padded, .seed = 9, .capacity_factor = 1.0},
+        // the dense baseline: one expert, with the default losses and with none
+        LayerCase{"t256_e1_k1_dense", 256, 64, 48, 1, 1},
+        LayerCase{.name = "t256_e1_k1_dense_no_aux", .T = 256, .H = 64, .I = 48, .E = 1,
+                  .K = 1, .aux_coef = 0, .z_coef = 0}),
     [](const auto& info) { return info.param.name; });
 
 }  // namespace

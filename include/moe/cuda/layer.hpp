@@ -7,13 +7,22 @@
 // device; buffers are sized by PlanShape::max_rows()). What backward needs from forward lives in
 // one activation arena allocated once by the constructor (logits, xp, pre, act, yp, and the
 // backward's dyp, dweight, dz), next to the route, plan and experts stages' own buffers. No
-// allocation happens in forward or backward, so a CUDA graph of either replays.
+// allocation happens in forward or backward, so a CUDA graph of either replays (with the seed it
+// was captured with: set_seed changes kernel arguments).
 //
 // Storage: x, y, dx, the weights and every activation are bf16; router math, routing weights and
 // the parameter gradients are fp32 (accumulated, like the CPU reference's: zero them first).
-// Routers: token choice without per-step randomness in the router input: softmax_topk (every
-// second-choice policy), switch_top1 (jitter only when !training or jitter == 0), sigmoid_bias
-// (expert_bias optional, zeros when null). Layouts: dropless, block, padded.
+// Routers (token choice): softmax_topk (every second-choice policy), noisy_topk (w_noise, the
+// noise from the counter RNG of the Layer's seed), switch_top1 (with jitter in training),
+// sigmoid_bias (expert_bias optional, zeros when null). Layouts: dropless, block, padded. E = 1
+// works (one segment; the dense baseline).
+// Switch's jitter in training: the router input x * jitter is kept in fp32 (T, H), with an fp32
+// copy of w_gate (H, E), so the logits see the CPU's jittered input to fp32 rounding (a bf16 copy
+// of x * U[0.99, 1.01] would move each element by up to half the jitter). The backward reuses that
+// buffer for dz W^T once dW_gate is made.
+// Randomness (noise, jitter, random second choice) is a pure function of (seed, element) with the
+// CPU's counter RNG, so the same seed gives the CPU's draws bit for bit. set_seed() before each
+// forward; backward recomputes the noise of its forward's seed.
 // The gradient is that of <dy, y> + aux_loss, as moe::layer_backward.
 // Memory (grouped backends): the backward adds no (max_rows, *) buffer to the forward's xp, pre,
 // act and yp. Each backward intermediate goes into storage whose last reader has run:
@@ -37,6 +46,8 @@
 #include "moe/cuda/experts.hpp"
 #include "moe/cuda/plan.hpp"
 #include "moe/cuda/route.hpp"
+#include "moe/cuda/stats.hpp"
+#include "moe/stats.hpp"
 
 namespace moe::cuda {
 
@@ -45,6 +56,7 @@ struct LayerWeights {
   const bf16* w_up = nullptr;         // (E, H, A) in the Layer's GateUpLayout
   const bf16* w_down = nullptr;       // (E, I, H)
   const float* expert_bias = nullptr; // (E) sigmoid_bias selection bias, may be null
+  const bf16* w_noise = nullptr;      // (H, E) noisy_topk noise projection (required there)
 };
 
 struct LayerGrads {
@@ -52,6 +64,7 @@ struct LayerGrads {
   float* dw_gate = nullptr;  // (H, E) accumulated
   float* dw_up = nullptr;    // (E, H, A) accumulated
   float* dw_down = nullptr;  // (E, I, H) accumulated
+  float* dw_noise = nullptr; // (H, E) accumulated; noisy_topk (required there)
 };
 
 // Forward stages, in order; forward() can record an event before each and after the last.
@@ -76,9 +89,27 @@ class Layer {
   void backward(const bf16* x, const LayerWeights& w, const bf16* dy, const LayerGrads& g,
                 cudaStream_t stream);
 
+  // The seed of the next forward's noise, jitter and random second choice (cfg.seed). The
+  // backward uses the seed its forward ran with, whatever was set since.
+  void set_seed(uint64_t seed) { cfg_.seed = seed; }
+
+  // Load statistics of the last forward, equal to the CPU's LayerForward::stats for the same
+  // inputs (fill_balance applied). Enqueues two small reductions on the last forward's stream,
+  // synchronises that stream and reads back E + 2 integers and 3 doubles. Valid until the next
+  // forward (backward leaves what it reads untouched).
+  LoadStats stats() const;
+  // sigmoid_bias in training: expert_bias[e] += bias_update_rate * sign(T*K/E - count_e), with the
+  // counts of the last forward, on the device (no host sync); like moe::update_expert_bias, a
+  // no-op for other routers and in evaluation. Order it after forward (same stream, or an event).
+  void update_expert_bias(float* expert_bias, cudaStream_t stream) const;
+
   const LayerConfig& config() const { return cfg_; }
   const PlanShape& plan_shape() const { return plan_.shape(); }
   const PlanView& plan() const { return plan_.view(); }
+  // The last forward's routing on the device, valid until the next forward: routing().choices
+  // (= N = T*K) choices, choice c = t*K + k; choice_token (N) int32, choice_expert (N) int32 (or
+  // kNoExpert = -1 for a second choice a policy skipped), choice_weight (N) fp32. Download with
+  // cudaMemcpy after the forward's stream has run (or download_routing in routing.hpp).
   RoutingView routing() const { return route_.routing.view(); }
   const double* aux_loss() const { return route_.aux_loss; }  // device, after forward
   // Device bytes this layer holds: activation arena + route + plan + experts workspace.
@@ -90,8 +121,15 @@ class Layer {
   std::string report() const;
 
  private:
+  LayerConfig forward_config() const;  // cfg_ with the last forward's seed
+
   LayerConfig cfg_;
   bool backward_;
+  bool noisy_ = false;         // noisy_topk: noise_raw and dr
+  bool jitter_ = false;        // switch_top1 in training with jitter > 0: x_router, w_gate_f32
+  bool has_forward_ = false;   // forward ran: stats() and update_expert_bias() have counts
+  uint64_t forward_seed_ = 0;  // cfg_.seed when forward last ran
+  cudaStream_t stream_ = nullptr;  // the last forward's stream (stats)
   cublasHandle_t cublas_ = nullptr;
   RouteBuffers route_;
   PlanBuffers plan_;
@@ -105,9 +143,14 @@ class Layer {
   bf16* dyp_ = nullptr;        // (R, H); == yp_ with the grouped backends
   float* dweight_ = nullptr;   // (N)
   float* dz_ = nullptr;        // (T, E)
-  bf16* dz_bf16_ = nullptr;    // (T, E)
+  bf16* dz_bf16_ = nullptr;    // (T, E); also dr's bf16 copy (noisy_topk)
+  float* noise_raw_ = nullptr; // (T, E) x W_noise (noisy_topk)
+  float* dr_ = nullptr;        // (T, E) d noise_raw (noisy_topk, backward)
+  float* x_router_ = nullptr;  // (T, H) x * jitter in fp32; dz W_gate^T in the backward (jitter)
+  float* w_gate_f32_ = nullptr;// (H, E) w_gate in fp32 (jitter)
   bool alias_ = false;         // grouped backend with backward: the aliasing above
   DeviceArena arena_;
+  mutable StatsBuffers stats_;  // stats() scratch (no host-visible state)
 };
 
 }  // namespace moe::cuda
