@@ -25,6 +25,7 @@
 
 #include "cuda_test_util.hpp"
 #include "moe/config.hpp"
+#include "moe/cuda/gate.hpp"
 #include "moe/cuda/layer.hpp"
 #include "moe/layer.hpp"
 
@@ -202,6 +203,7 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
   layer.forward(d.x.get(), w, d.y.get(), stream);
   layer.backward(d.x.get(), w, d.dy.get(), d.grads(), stream);
   const LoadStats st = layer.stats();
+  const Routing<float> routing = cuda::download_routing(layer.routing(), stream);
   double aux = 0;
   MOE_CUDA_CHECK(cudaMemcpyAsync(&aux, layer.aux_loss(), sizeof aux, cudaMemcpyDeviceToHost,
                                  stream));
@@ -227,6 +229,9 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
   EXPECT_LT(e_wu, kTolerance) << "dW_up " << why;
   EXPECT_LT(e_wd, kTolerance) << "dW_down " << why;
   EXPECT_NEAR(aux, fwd.aux_loss, 1e-6 + 1e-4 * std::abs(fwd.aux_loss)) << "aux loss " << why;
+  // the same experts as the CPU for the same seed (noise, jitter and policy draws included)
+  EXPECT_TRUE(equal("choice_expert", routing.choice_expert, fwd.steps[0].routing.choice_expert))
+      << why;
 
   // load statistics: counts (hence cv, MaxVio) and rates from integers, exactly; entropies from
   // fp32 scores against double ones
@@ -242,6 +247,42 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
               "entropy %.6f (cpu %.6f)\n", c.name.c_str(), st.drop_rate,
               st.tokens_without_expert, st.cv, st.router_entropy, ref.router_entropy,
               st.mean_entropy, ref.mean_entropy);
+}
+
+// The bf16 Layer's jitter: x (bf16) * jitter in fp32 equals the CPU's float product bit for bit
+// (and the double reference to fp32 rounding); dx (bf16) += g (fp32) * jitter to one bf16 rounding.
+TEST(LayerParityJitter, Bf16InputGivesTheCpuJitteredInputInFp32) {
+  MOE_REQUIRE_GPU();
+  const int64_t n = 5000;
+  const uint64_t seed = 17;
+  const double eps = 1e-2;
+  const std::vector<double> x = rounded(random_vector<double>(size_t(n), 61));
+  const std::vector<double> dx0 = rounded(random_vector<double>(size_t(n), 62));
+  const std::vector<float> g = [&] {
+    const std::vector<double> v = random_vector<double>(size_t(n), 63);
+    return std::vector<float>(v.begin(), v.end());
+  }();
+  DeviceArray<bf16> d_x(to_bf16(x)), d_dx(to_bf16(dx0));
+  DeviceArray<float> d_out(static_cast<size_t>(n)), d_g(g);
+  d_out.poison();
+  cuda::jitter_input<bf16, float>(d_x.get(), n, seed, eps, d_out.get(), nullptr);
+  cuda::jitter_backward<float, bf16>(d_g.get(), n, seed, eps, d_dx.get(), nullptr);
+  const std::vector<float> out = d_out.download();
+  const std::vector<bf16> dx = d_dx.download();
+  std::vector<float> want(static_cast<size_t>(n));
+  std::vector<double> want_double(static_cast<size_t>(n)), want_dx(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const double u = counter_uniform(seed, RngStream::jitter, uint64_t(i));
+    const float j = static_cast<float>(1 - eps + 2 * eps * u);
+    want[i] = static_cast<float>(x[i]) * j;
+    want_double[i] = x[i] * (1 - eps + 2 * eps * u);
+    want_dx[i] = dx0[i] + double(g[i]) * j;
+  }
+  EXPECT_TRUE(same_bytes(out, want)) << "x * jitter";
+  EXPECT_TRUE(close("x * jitter vs double", out, want_double, 0, 0x1p-22));  // two fp32 roundings
+  std::vector<float> dxf(dx.size());
+  for (size_t i = 0; i < dx.size(); ++i) dxf[i] = __bfloat162float(dx[i]);
+  EXPECT_TRUE(close("dx + g * jitter", dxf, want_dx, 1e-6, 0x1p-8));
 }
 
 // noisy_topk in training: the seed set before forward decides the noise, so the same seed gives
