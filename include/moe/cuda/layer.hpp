@@ -112,10 +112,12 @@ class Layer {
   // cudaMemcpy after the forward's stream has run (or download_routing in routing.hpp).
   RoutingView routing() const { return route_.routing.view(); }
   const double* aux_loss() const { return route_.aux_loss; }  // device, after forward
-  // Device bytes this layer holds: activation arena + route + plan + experts workspace.
+  // Device bytes this layer holds: activation arena + route + plan + experts workspace + the
+  // stats scratch.
   size_t bytes() const;
-  // The activation arena plus the experts stage's da / dpre scratch, computed from the shapes
-  // alone (no device needed): what the layer's (max_rows, *) activations cost.
+  // The activation arena (with noisy_topk's noise_raw and dr, and the jitter's fp32 router input,
+  // where the router has them) plus the experts stage's da / dpre scratch, computed from the
+  // shapes alone (no device needed): what the layer's (max_rows, *) activations cost.
   static size_t arena_bytes(const LayerConfig& cfg, ExpertsBackend backend = ExpertsBackend::grouped,
                             bool backward = true);
   std::string report() const;
