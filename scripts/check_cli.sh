@@ -51,6 +51,8 @@ if [[ -e "$work/no" ]]; then bad export-missing-dir-no-file "something was creat
 expect export-to-directory 2 export "${small[@]}" --out "$work"
 expect replay-missing 2 replay "$work/missing.safetensors"
 expect replay-not-safetensors 2 replay /etc/passwd
+expect train-unknown-device 2 train --device tpu
+expect compare-unknown-device 2 compare --device tpu
 expect compare-jsonl-missing-dir 2 compare-layer "${small[@]}" --jsonl "$work/no/such/r.jsonl"
 # check / bench exist in every build; where they cannot run they say why in one line.
 "$bench" --help >"$work/help"

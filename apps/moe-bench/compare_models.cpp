@@ -104,8 +104,12 @@ void time_interleaved(std::vector<std::unique_ptr<moe::model::Trainer>>& trainer
   }
 }
 
-void run(CompareModelsOptions& o) {
+void run(const CLI::App& app, CompareModelsOptions& o) {
+  apply_device_defaults(app, o.setup);
   o.setup.cfg.validate();
+  // The GPU model runs the token-choice routers (include/moe/cuda/lm/model.hpp).
+  if (o.setup.device == "gpu" && app.get_option("--routers")->count() == 0)
+    o.routers = "softmax_topk,noisy_topk,switch,sigmoid_bias,dense_active,dense_params";
   const std::vector<std::string> names = split_list(o.routers);
   std::vector<moe::model::TrainConfig> configs;
   std::vector<std::string> notes;
@@ -139,7 +143,7 @@ void run(CompareModelsOptions& o) {
   std::vector<Row> rows;
   std::vector<std::unique_ptr<moe::model::Trainer>> trainers;
   for (size_t i = 0; i < configs.size(); ++i) {
-    trainers.push_back(std::make_unique<moe::model::Trainer>(configs[i], corpus));
+    trainers.push_back(make_trainer(configs[i], corpus, o.setup.device));
     moe::model::Trainer& trainer = *trainers.back();
     Row row;
     row.name = configs[i].model.name();
@@ -186,8 +190,8 @@ void run(CompareModelsOptions& o) {
     rec["kind"] = "timing";
     rec["run"] = r.name;
     rec["router"] = r.description;
-    rec["device"] = moe::io::host_cpu();
-    rec["dtype"] = "float32";
+    rec["device"] = trainers[i]->model().device();
+    rec["dtype"] = trainers[i]->model().dtype();
     rec["rounds"] = kRounds;
     rec["steps_per_round"] = kStepsPerRound;
     rec["tokens_per_s"] = r.tokens_per_s;
@@ -213,7 +217,8 @@ void run(CompareModelsOptions& o) {
                r.max_violation, r.drop_rate,
                e.experts > 1 ? fmt::format("{:.3f}", mi) : std::string("-"), r.sum.parameters);
   }
-  fmt::print("\nval bpb: validation bits per byte after the last step (every domain weighs the "
+  fmt::print("\ndevice: {} ({})\n", trainers[0]->model().device(), trainers[0]->model().dtype());
+  fmt::print("val bpb: validation bits per byte after the last step (every domain weighs the "
              "same); tokens/s and ms: median training step (forward, backward, AdamW) of the interleaved timing rounds; CV, MaxVio, drop: training load over the last tenth of the steps, mean over "
              "layers; I(D;E)/H: how much the expert choice tells about the text's domain "
              "(validation routing, mean over layers).\n");
@@ -235,8 +240,8 @@ void add_compare_models_command(CLI::App& app) {
   auto o = std::make_shared<CompareModelsOptions>();
   CLI::App* sub = app.add_subcommand(
       "compare",
-      "train the small LM once per router and for two dense baselines on the CPU, one table "
-      "(the main job)");
+      "train the small LM once per router and for two dense baselines, on the CPU or the GPU, "
+      "one table (the main job)");
   sub->add_option("--routers", o->routers,
                   "comma-separated routers to train (dense_active and dense_params are the "
                   "dense baselines)")
@@ -250,7 +255,7 @@ void add_compare_models_command(CLI::App& app) {
       "Every model uses the same options; switch runs top-1, expert_choice gets capacity factor "
       "K and soft_moe K*B/E slots per expert, so each matches top-K's active compute.\n"
       "Plots: .venv/bin/python scripts/plot_compare.py out/compare/compare.jsonl out/compare");
-  sub->callback([o] { run(*o); });
+  sub->callback([o, sub] { run(*sub, *o); });
 }
 
 }  // namespace moe_bench

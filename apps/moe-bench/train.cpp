@@ -27,7 +27,8 @@ struct TrainCommand {
   std::string checkpoint, resume, jsonl;
 };
 
-void run(TrainCommand& o) {
+void run(const CLI::App& app, TrainCommand& o) {
+  apply_device_defaults(app, o.setup);
   apply_router(o.setup.cfg, o.router);
   o.setup.cfg.validate();
   // Bad paths fail before the corpus is read.
@@ -35,7 +36,8 @@ void run(TrainCommand& o) {
   if (!o.checkpoint.empty()) moe::io::check_output_path(o.checkpoint);
   if (!o.resume.empty()) moe::io::read_file(o.resume);
   const moe::data::Corpus corpus = load_training_corpus(o.setup.corpus);
-  moe::model::Trainer trainer(o.setup.cfg, corpus);
+  const std::unique_ptr<moe::model::Trainer> made = make_trainer(o.setup.cfg, corpus, o.setup.device);
+  moe::model::Trainer& trainer = *made;
   const moe::model::ModelConfig& m = o.setup.cfg.model;
   fmt::print("train: {} | L={} D={} heads={} S={} B={} E={} K={} I={} | {} parameters\n",
              m.description(), m.layers, m.d_model, m.heads, m.seq, o.setup.cfg.batch,
@@ -43,6 +45,7 @@ void run(TrainCommand& o) {
              trainer.model().parameter_count());
   fmt::print("corpus: {} ({} domains, {:.1f} MB train, {:.2f} MB validation)\n", corpus.origin,
              corpus.domains.size(), corpus.train_bytes() / 1e6, corpus.val_bytes() / 1e6);
+  fmt::print("device: {} ({})\n", trainer.model().device(), trainer.model().dtype());
   std::fflush(stdout);
 
   ProgressDisplay progress(m.name(), o.setup.cfg.steps);
@@ -67,7 +70,7 @@ void run(TrainCommand& o) {
 void add_train_command(CLI::App& app) {
   auto o = std::make_shared<TrainCommand>();
   CLI::App* sub = app.add_subcommand(
-      "train", "train the byte-level transformer LM with one router (or a dense baseline) on the CPU");
+      "train", "train the byte-level transformer LM with one router (or a dense baseline), on the CPU or the GPU");
   sub->add_option("--router", o->router,
                   "router of every FFN, or a dense baseline: dense_active (I = K*I, the MoE's "
                   "active FLOPs) or dense_params (I = E*I, its total parameters)")
@@ -86,7 +89,7 @@ void add_train_command(CLI::App& app) {
       "Soft MoE and expert choice route each position's B tokens (one per sequence) as a group, "
       "so no token sees its own future.\nExample: moe-bench train --router soft_moe --steps 200 "
       "--jsonl train.jsonl");
-  sub->callback([o] { run(*o); });
+  sub->callback([o, sub] { run(*sub, *o); });
 }
 
 }  // namespace moe_bench

@@ -10,6 +10,9 @@
 
 #include "moe-bench/options.hpp"
 #include "moe/check.hpp"
+#ifdef MOE_HAVE_CUDA
+#include "moe/cuda/lm/model.hpp"
+#endif
 
 namespace moe_bench {
 
@@ -34,6 +37,63 @@ moe::model::TrainConfig TrainSetup::default_train_config() {
   c.val_windows = 16;
   c.seed = 0;
   return c;
+}
+
+moe::model::TrainConfig TrainSetup::default_gpu_config() {
+  // The GPU scale: 6 blocks, d_model 512, 16 experts (top-2 of SwiGLU experts with
+  // I = 1024, so the active FFN is 2 x 1024 wide), 512-byte context, 16 sequences (8192 tokens)
+  // per step.
+  moe::model::TrainConfig c = default_train_config();
+  c.model.layers = 6;
+  c.model.d_model = 512;
+  c.model.heads = 8;
+  c.model.seq = 512;
+  c.model.ffn.experts = 16;
+  c.model.ffn.top_k = 2;
+  c.model.ffn.inter = 1024;
+  c.batch = 16;
+  c.steps = 1000;
+  c.lr = 1e-3;
+  c.warmup = 100;
+  c.eval_every = 100;
+  c.val_windows = 16;
+  return c;
+}
+
+void apply_device_defaults(const CLI::App& app, TrainSetup& s) {
+  if (s.device != "gpu") return;
+  const moe::model::TrainConfig g = TrainSetup::default_gpu_config();
+  moe::model::TrainConfig& c = s.cfg;
+  auto unset = [&app](const char* flag) {
+    const CLI::Option* o = app.get_option_no_throw(flag);
+    return o != nullptr && o->count() == 0;
+  };
+  if (unset("--layers")) c.model.layers = g.model.layers;
+  if (unset("--d-model")) c.model.d_model = g.model.d_model;
+  if (unset("--heads")) c.model.heads = g.model.heads;
+  if (unset("--seq")) c.model.seq = g.model.seq;
+  if (unset("--experts")) c.model.ffn.experts = g.model.ffn.experts;
+  if (unset("--top-k")) c.model.ffn.top_k = g.model.ffn.top_k;
+  if (unset("--inter")) c.model.ffn.inter = g.model.ffn.inter;
+  if (unset("--batch")) c.batch = g.batch;
+  if (unset("--steps")) c.steps = g.steps;
+  if (unset("--lr")) c.lr = g.lr;
+  if (unset("--warmup")) c.warmup = g.warmup;
+  if (unset("--eval-every")) c.eval_every = g.eval_every;
+  if (unset("--val-windows")) c.val_windows = g.val_windows;
+}
+
+std::unique_ptr<moe::model::Trainer> make_trainer(const moe::model::TrainConfig& cfg,
+                                                  const moe::data::Corpus& corpus,
+                                                  const std::string& device) {
+  if (device == "cpu") return std::make_unique<moe::model::Trainer>(cfg, corpus);
+#ifdef MOE_HAVE_CUDA
+  cfg.validate();
+  return std::make_unique<moe::model::Trainer>(
+      cfg, corpus, moe::cuda::lm::make_gpu_model(cfg.model, cfg.seed, cfg.batch));
+#else
+  MOE_FAIL("--device gpu: this build has no CUDA (configure with nvcc on the PATH)");
+#endif
 }
 
 void add_train_options(CLI::App& app, TrainSetup& s) {
@@ -75,6 +135,13 @@ void add_train_options(CLI::App& app, TrainSetup& s) {
       ->group(train);
   app.add_option("--seed", c.seed, "seed of parameters, data order and router noise")
       ->capture_default_str()
+      ->group(train);
+  app.add_option("--device", s.device,
+                 "cpu: the float32 reference; gpu: bf16 with this project's CUDA kernels (its "
+                 "own defaults for every model and training option not given: 6 blocks, "
+                 "d-model 512, 16 experts, seq 512, batch 16, 1000 steps, lr 1e-3)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "gpu"}))
       ->group(train);
   app.add_option("--corpus", s.corpus, "corpus folder (built by scripts/build_corpus.sh)")
       ->capture_default_str()

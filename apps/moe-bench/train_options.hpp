@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "moe/data.hpp"
@@ -15,8 +16,21 @@ namespace moe_bench {
 struct TrainSetup {
   moe::model::TrainConfig cfg = default_train_config();
   std::string corpus = "data/corpus";
+  std::string device = "cpu";  // "cpu" (the reference) or "gpu" (moe::cuda::lm, CUDA builds)
   static moe::model::TrainConfig default_train_config();
+  // The GPU default: 6 blocks of width 512, 16 experts, 512-byte context (see the .cpp).
+  static moe::model::TrainConfig default_gpu_config();
 };
+
+// --device gpu: every model and training option left unset on the command line takes the GPU
+// default's value. Call at the start of the command's callback.
+void apply_device_defaults(const CLI::App& app, TrainSetup& setup);
+
+// A trainer on setup.device; ConfigError when the device cannot run the configuration (or this
+// build has no CUDA).
+std::unique_ptr<moe::model::Trainer> make_trainer(const moe::model::TrainConfig& cfg,
+                                                  const moe::data::Corpus& corpus,
+                                                  const std::string& device);
 
 // Model, schedule and corpus options, plus the MoE layer options that make sense inside a model
 // (everything of add_layer_options except --tokens, --hidden, --eval and --sequence-length, which

@@ -1,0 +1,38 @@
+// defines: moe::cuda::lm::check_gpu_model, make_gpu_model
+// The small LM of include/moe/model/transformer.hpp on the GPU, as a moe::model::LanguageModel the
+// CPU's Trainer drives (schedule, data, evaluation, checkpoints and records are shared).
+//
+// Same model, same initial weights (drawn by the CPU Transformer's constructor and copied up), same
+// objective (mean cross-entropy + every layer's auxiliary loss), same AdamW, clipping and
+// sigmoid_bias update; only the arithmetic differs:
+//   * master weights, gradients and AdamW moments fp32; every matrix also kept as a bf16 copy that
+//     the GEMMs read (refreshed by the AdamW kernel);
+//   * residual stream fp32; LayerNorm outputs, qkv, attention and the FFN's activations bf16;
+//     cuBLAS GEMMs accumulate in fp32; softmax, LayerNorm and the loss computed in fp32;
+//   * the FFN is moe::cuda::Layer (gate -> route -> plan -> permute -> grouped experts -> combine
+//     and its backward), one per block, called on all B*S tokens of the batch.
+// The dense layer kinds are include/moe/cuda/lm/layers.hpp. Everything runs on one stream; a step
+// reads back only the per-token losses, the auxiliary losses and the gradient norm.
+//
+// Routers: the token-choice routers of moe::cuda::Layer — softmax_topk, noisy_topk, switch_top1,
+// sigmoid_bias — and the dense baselines. expert_choice and soft_moe (which the CPU model runs once
+// per position across the batch), chain_of_experts and shared experts are refused with a
+// ConfigError naming them.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "moe/model/train.hpp"
+
+namespace moe::cuda::lm {
+
+// Throws ConfigError when the GPU model cannot run `cfg` (router, shared experts) or no GPU is
+// present.
+void check_gpu_model(const model::ModelConfig& cfg);
+
+// The model with the CPU Transformer's initial weights for `seed`, its buffers sized for batches
+// of at most `max_batch` rows.
+std::unique_ptr<model::LanguageModel> make_gpu_model(const model::ModelConfig& cfg, uint64_t seed,
+                                                     int64_t max_batch);
+
+}  // namespace moe::cuda::lm

@@ -1,0 +1,195 @@
+// The GPU language model (include/moe/cuda/lm/model.hpp) against the CPU Transformer it mirrors:
+// the same initial weights and batches must give the same loss, auxiliary loss, gradient norm and
+// training trajectory up to bf16 arithmetic, for every router the GPU model runs; and the GPU
+// model must be bitwise reproducible, including across a save/restore of its state (checkpoints).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "cuda_test_util.hpp"
+#include "moe/check.hpp"
+#include "moe/cuda/lm/model.hpp"
+#include "moe/model/train.hpp"
+#include "moe/rng.hpp"
+
+namespace moe::test {
+namespace {
+
+using model::FfnKind;
+using model::ModelConfig;
+using model::TrainConfig;
+
+enum class Kind { softmax_topk, noisy_topk, switch_top1, sigmoid_bias, dense_active };
+
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::softmax_topk: return "softmax_topk";
+    case Kind::noisy_topk: return "noisy_topk";
+    case Kind::switch_top1: return "switch_top1";
+    case Kind::sigmoid_bias: return "sigmoid_bias";
+    case Kind::dense_active: return "dense_active";
+  }
+  return "?";
+}
+
+TrainConfig tiny_config(Kind kind) {
+  TrainConfig c;
+  c.model.layers = 2;
+  c.model.d_model = 64;
+  c.model.heads = 4;
+  c.model.seq = 48;
+  c.model.ffn.experts = 8;
+  c.model.ffn.top_k = 2;
+  c.model.ffn.inter = 96;
+  switch (kind) {
+    case Kind::softmax_topk: c.model.ffn.router = Router::softmax_topk; break;
+    case Kind::noisy_topk: c.model.ffn.router = Router::noisy_topk; break;
+    case Kind::switch_top1:
+      c.model.ffn.router = Router::switch_top1;
+      c.model.ffn.top_k = 1;
+      break;
+    case Kind::sigmoid_bias:
+      c.model.ffn.router = Router::sigmoid_bias;
+      c.model.ffn.bias_update_rate = 1e-2;  // large enough that the buffer visibly moves
+      break;
+    case Kind::dense_active: c.model.ffn_kind = FfnKind::dense_active; break;
+  }
+  c.batch = 6;
+  c.steps = 12;
+  c.lr = 3e-3;
+  c.warmup = 2;
+  return c;
+}
+
+// Random byte batches (not the corpus: the test needs no files); row b of step s.
+data::Batch random_batch(int64_t B, int64_t S, uint64_t step) {
+  data::Batch b;
+  b.batch = B;
+  b.seq = S;
+  b.inputs.resize(B * S);
+  b.targets.resize(B * S);
+  b.domain.assign(B, 0);
+  // Bytes from a skewed distribution (the low 64 values four times as likely) so that the
+  // model has something to learn within a few steps.
+  for (int64_t i = 0; i < B * S; ++i) {
+    const uint64_t r = splitmix64(splitmix64(step * 1000003 + 17) ^ uint64_t(i));
+    b.inputs[i] = int32_t(r % 4 == 0 ? (r >> 8) % 256 : (r >> 8) % 64);
+  }
+  for (int64_t i = 0; i < B * S; ++i)
+    b.targets[i] = (i + 1) % S == 0 ? b.inputs[i] : b.inputs[i + 1];
+  return b;
+}
+
+struct Trajectory {
+  std::vector<double> loss, aux, grad_norm;
+};
+
+Trajectory train(model::LanguageModel& m, const TrainConfig& cfg, int64_t steps,
+                 int64_t first_step = 0) {
+  Trajectory t;
+  for (int64_t s = first_step; s < first_step + steps; ++s) {
+    t.loss.push_back(m.forward(random_batch(cfg.batch, cfg.model.seq, s), true, 1000 + s));
+    m.backward();
+    t.grad_norm.push_back(m.optimizer_step(model::learning_rate(cfg, s), cfg));
+    t.aux.push_back(m.aux_loss());
+  }
+  return t;
+}
+
+class LmModelParity : public ::testing::TestWithParam<Kind> {};
+
+// Loss, auxiliary loss and gradient norm of the first step (same weights, same batch) agree to
+// bf16 accuracy; over 12 AdamW steps the two trajectories stay together (a wrong gradient
+// anywhere makes the GPU's loss fall slower or diverge, which these bounds catch) and both learn.
+TEST_P(LmModelParity, TrainsLikeTheCpuModel) {
+  MOE_REQUIRE_GPU();
+  const TrainConfig cfg = tiny_config(GetParam());
+  std::unique_ptr<model::LanguageModel> cpu = model::make_cpu_model(cfg.model, 3);
+  std::unique_ptr<model::LanguageModel> gpu = cuda::lm::make_gpu_model(cfg.model, 3, cfg.batch);
+  ASSERT_EQ(gpu->parameter_count(), cpu->parameter_count());
+  const Trajectory a = train(*cpu, cfg, cfg.steps), b = train(*gpu, cfg, cfg.steps);
+  // First step: identical weights; differences are bf16 rounding of activations and weights.
+  EXPECT_NEAR(b.loss[0], a.loss[0], 2e-3 * a.loss[0]) << "first-step loss";
+  EXPECT_NEAR(b.aux[0], a.aux[0], 2e-2 * std::abs(a.aux[0]) + 1e-5) << "first-step aux loss";
+  EXPECT_NEAR(b.grad_norm[0], a.grad_norm[0], 3e-2 * a.grad_norm[0]) << "first-step gradient norm";
+  for (size_t s = 0; s < a.loss.size(); ++s) {
+    EXPECT_TRUE(std::isfinite(b.loss[s]));
+    EXPECT_NEAR(b.loss[s], a.loss[s], 1.5e-2 * a.loss[s]) << "loss at step " << s;
+  }
+  EXPECT_LT(a.loss.back(), a.loss.front() - 0.3) << "the CPU model should learn";
+  EXPECT_LT(b.loss.back(), b.loss.front() - 0.3) << "the GPU model should learn";
+  // Evaluation forwards (another batch size: the evaluation layers) agree too.
+  const data::Batch eval = random_batch(2, cfg.model.seq, 999);
+  const double ea = cpu->forward(eval, false, 0), eb = gpu->forward(eval, false, 0);
+  EXPECT_NEAR(eb, ea, 1.5e-2 * ea) << "evaluation loss";
+  ASSERT_EQ(gpu->token_losses().size(), size_t(2 * cfg.model.seq));
+  std::vector<std::vector<double>> ca, cb;
+  std::vector<int32_t> domains = {0, 1};
+  cpu->add_routing_counts(domains, 2, ca);
+  gpu->add_routing_counts(domains, 2, cb);
+  ASSERT_EQ(ca.size(), cb.size());
+  for (size_t l = 0; l < ca.size(); ++l) {
+    ASSERT_EQ(ca[l].size(), cb[l].size());
+    double ta = 0, tb = 0;
+    for (size_t i = 0; i < ca[l].size(); ++i) ta += ca[l][i], tb += cb[l][i];
+    EXPECT_EQ(ta, tb) << "routed choices in layer " << l;
+  }
+  const std::vector<LoadStats> sa = cpu->layer_stats(), sb = gpu->layer_stats();
+  ASSERT_EQ(sa.size(), sb.size());
+  if (GetParam() == Kind::sigmoid_bias) {
+    const auto& ba = cpu->weights().blocks[0].ffn.expert_bias;
+    const auto& bb = gpu->weights().blocks[0].ffn.expert_bias;
+    double moved = 0;
+    for (float x : bb) moved += std::abs(x);
+    EXPECT_GT(moved, 0.0) << "the GPU's selection bias never moved";
+    ASSERT_EQ(ba.size(), bb.size());
+  }
+}
+
+// Two GPU runs give the same bits; saving the state after k steps into a fresh model and
+// continuing gives the same bits as the uninterrupted run (what a checkpoint resume relies on).
+TEST_P(LmModelParity, GpuRunsAreBitwiseReproducibleAcrossARestore) {
+  MOE_REQUIRE_GPU();
+  const TrainConfig cfg = tiny_config(GetParam());
+  auto a = cuda::lm::make_gpu_model(cfg.model, 5, cfg.batch);
+  auto b = cuda::lm::make_gpu_model(cfg.model, 5, cfg.batch);
+  const Trajectory ta = train(*a, cfg, 6);
+  const Trajectory tb1 = train(*b, cfg, 3);
+  // Copy b's state into a fresh model c (weights, buffers, AdamW moments), continue there.
+  auto c = cuda::lm::make_gpu_model(cfg.model, 77, cfg.batch);  // other initial weights
+  {
+    const model::Weights w = b->weights();
+    const model::AdamW o = b->optimizer();
+    c->weights() = w;
+    c->optimizer() = o;
+    c->state_written();
+  }
+  const Trajectory tc = train(*c, cfg, 3, 3);
+  for (int s = 0; s < 3; ++s) EXPECT_EQ(ta.loss[s], tb1.loss[s]) << "step " << s;
+  for (int s = 0; s < 3; ++s) {
+    EXPECT_EQ(ta.loss[3 + s], tc.loss[s]) << "step " << 3 + s << " after the restore";
+    EXPECT_EQ(ta.grad_norm[3 + s], tc.grad_norm[s]) << "step " << 3 + s << " after the restore";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Routers, LmModelParity,
+                         ::testing::Values(Kind::softmax_topk, Kind::noisy_topk, Kind::switch_top1,
+                                           Kind::sigmoid_bias, Kind::dense_active),
+                         [](const auto& info) { return std::string(kind_name(info.param)); });
+
+TEST(LmModelConfig, RefusesWhatTheGpuModelDoesNotRun) {
+  MOE_REQUIRE_GPU();
+  for (Router r : {Router::expert_choice, Router::soft_moe, Router::chain_of_experts}) {
+    TrainConfig c = tiny_config(Kind::softmax_topk);
+    c.model.ffn.router = r;
+    EXPECT_THROW(cuda::lm::make_gpu_model(c.model, 0, c.batch), ConfigError) << name(r);
+  }
+  TrainConfig c = tiny_config(Kind::softmax_topk);
+  c.model.ffn.shared_experts = 1;
+  EXPECT_THROW(cuda::lm::make_gpu_model(c.model, 0, c.batch), ConfigError);
+}
+
+}  // namespace
+}  // namespace moe::test
