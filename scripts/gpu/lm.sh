@@ -7,13 +7,13 @@
 # compare: `moe-bench compare --device gpu` for each seed of SEEDS (default 0 1 2), then the
 #          PyTorch twin (eager and compiled) on the configuration of our run, for each router of
 #          TWIN_ROUTERS (default softmax_topk) over TWIN_STEPS steps (default: the same steps).
-# Everything goes to $OUT/work; $OUT gets summary.txt and lm.tgz (the folder packed: at most 8
-# files come back from a visit).
+# Everything goes to WORK (default /tmp/lm_work); $OUT gets summary.txt and lm.tgz (the folder
+# packed: at most 8 files come back from a visit).
 set -uo pipefail
 RUN=${1:-build/lmrun}
 OUT=${OUT:-out}
 PHASE=${PHASE:-check}
-W="$OUT/work"
+W="${WORK:-/tmp/lm_work}"
 mkdir -p "$W"
 source scripts/gpu/unpack_run.sh "$RUN"
 export PYTHONUNBUFFERED=1
@@ -26,25 +26,25 @@ python3 -c 'import torch; print("torch", torch.__version__)' 2>&1 | tee -a "$OUT
 
 twin() {  # twin MODE ROUTER CONFIG_JSONL STEPS OUTFILE
   timeout "${TWIN_TIMEOUT:-300}" python3 bench/peers/torch_lm.py --mode "$1" --router "$2" \
-    --config-from "$3" --steps "$4" --corpus data/corpus --build "$RUN" --out "$5" \
+    --config-from "$3" --steps "$4" --corpus data/corpus --out "$5" \
     >>"$W/twin.log" 2>&1
   echo "twin $1 $2 exit $?" | tee -a "$OUT/summary.txt"
 }
 
 if [[ $PHASE == check ]]; then
   step "parity tests"
-  timeout 600 "$RUN/moe_cuda_tests" --gtest_filter='*LmLayers*:*LayerParity*:*LmModel*' \
+  timeout 150 "$RUN/moe_cuda_tests" --gtest_filter='*LmLayers*:*LayerParity*:*LmModel*' \
     >"$W/tests.log" 2>&1
   echo "tests exit $?" | tee -a "$OUT/summary.txt"
   grep -E "^\[  (PASSED|FAILED) |FAILED  \]|tests ran" "$W/tests.log" | tail -30 | tee -a "$OUT/summary.txt"
   step "compute-sanitizer memcheck (small model and layer kinds)"
-  MOE_TEST_SMALL=1 timeout 400 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  MOE_TEST_SMALL=1 timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$RUN/moe_cuda_tests" --gtest_filter='*LmLayers*:LmModelParity/*TrainsLike*softmax*' \
     >"$W/sanitizer.log" 2>&1
   echo "memcheck exit $?" | tee -a "$OUT/summary.txt"
   tail -3 "$W/sanitizer.log" | tee -a "$OUT/summary.txt"
   step "ours: short GPU run"
-  timeout 200 "$BIN" train --device gpu --router softmax_topk --steps "${STEPS:-100}" \
+  timeout 90 "$BIN" train --device gpu --router softmax_topk --steps "${STEPS:-100}" \
     --eval-every 0 --jsonl "$W/ours_short.jsonl" >"$W/ours_short.log" 2>&1
   echo "ours exit $?" | tee -a "$OUT/summary.txt"
   tail -12 "$W/ours_short.log" | tee -a "$OUT/summary.txt"
