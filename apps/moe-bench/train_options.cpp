@@ -11,6 +11,7 @@
 #include "moe-bench/options.hpp"
 #include "moe/check.hpp"
 #ifdef MOE_HAVE_CUDA
+#include "moe/cuda/check.cuh"
 #include "moe/cuda/lm/model.hpp"
 #endif
 
@@ -61,6 +62,13 @@ moe::model::TrainConfig TrainSetup::default_gpu_config() {
 }
 
 void apply_device_defaults(const CLI::App& app, TrainSetup& s) {
+  if (s.device == "auto") {
+#ifdef MOE_HAVE_CUDA
+    s.device = moe::cuda::has_device() ? "gpu" : "cpu";
+#else
+    s.device = "cpu";
+#endif
+  }
   if (s.device != "gpu") return;
   const moe::model::TrainConfig g = TrainSetup::default_gpu_config();
   moe::model::TrainConfig& c = s.cfg;
@@ -139,9 +147,10 @@ void add_train_options(CLI::App& app, TrainSetup& s) {
   app.add_option("--device", s.device,
                  "cpu: the float32 reference; gpu: bf16 with this project's CUDA kernels (its "
                  "own defaults for every model and training option not given: 6 blocks, "
-                 "d-model 512, 16 experts, seq 512, batch 16, 1000 steps, lr 1e-3)")
+                 "d-model 512, 16 experts, seq 512, batch 16, 1000 steps, lr 1e-3); auto: gpu "
+                 "when this build has CUDA and a GPU is visible, else cpu")
       ->capture_default_str()
-      ->check(CLI::IsMember({"cpu", "gpu"}))
+      ->check(CLI::IsMember({"auto", "cpu", "gpu"}))
       ->group(train);
   app.add_option("--corpus", s.corpus, "corpus folder (built by scripts/build_corpus.sh)")
       ->capture_default_str()

@@ -16,14 +16,15 @@ namespace moe_bench {
 struct TrainSetup {
   moe::model::TrainConfig cfg = default_train_config();
   std::string corpus = "data/corpus";
-  std::string device = "cpu";  // "cpu" (the reference) or "gpu" (moe::cuda::lm, CUDA builds)
+  // "cpu" (the reference), "gpu" (moe::cuda::lm, CUDA builds), or "auto" (gpu when there is one)
+  std::string device = "auto";
   static moe::model::TrainConfig default_train_config();
   // The GPU default: 6 blocks of width 512, 16 experts, 512-byte context (see the .cpp).
   static moe::model::TrainConfig default_gpu_config();
 };
 
-// --device gpu: every model and training option left unset on the command line takes the GPU
-// default's value. Call at the start of the command's callback.
+// Resolves --device auto; then, on the GPU, every model and training option left unset on the
+// command line takes the GPU default's value. Call at the start of the command's callback.
 void apply_device_defaults(const CLI::App& app, TrainSetup& setup);
 
 // A trainer on setup.device; ConfigError when the device cannot run the configuration (or this
