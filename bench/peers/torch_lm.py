@@ -47,10 +47,12 @@ What is the same as our trainer
 What differs
 - Random numbers: initial weights, router noise and jitter come from torch's generator (seeded by
   --seed), not our counter RNG, so runs agree in distribution, not bit for bit: compare curves
-  within seed-to-seed noise, over several seeds. (Eager and compiled runs of one seed also part
-  ways after a few hundred steps: bf16 rounding differs between their kernels. At the default
-  configuration one such pair ended 0.5 bits/byte apart at step 600, while other seeds of the twin
-  and of ours all ended within 3.34-3.45.)
+  within seed-to-seed noise, over several seeds. Eager and compiled runs of one seed also part
+  ways after a hundred steps or so, as bf16 rounding differs between their kernels. At the default
+  configuration on an H100 (torch 2.11), val bits/byte at step 600: ours (CPU) seeds 0-3 3.434,
+  3.337, 3.368, 3.454; the twin eager, seeds 1-4, 3.353, 3.377, 3.386, 3.446; compiled, seeds
+  1, 3, 4, 3.387, 3.392, 3.398; seed 0 compiled 3.433, but eager 3.928 and compiled with
+  reduce-overhead 3.941 (longer on the early loss plateau).
 - The router runs in fp32 (gate GEMM and all routing math; Switch's "selective precision"); ours
   multiplies bf16 operands with fp32 accumulation into fp32 logits.
 - Ties in top-k are broken by torch.topk, ours by the lower expert index (measure zero in training).
@@ -66,15 +68,19 @@ segment ends, int32) -> silu(gate) * up -> torch._grouped_mm down-projection -> 
 weighted rows into an fp32 y. Weights are stored like nn.Linear, (E, 2I, H) and (E, H, I), and
 passed transposed (as bench/peers/torch_moe_layer.py). torch._grouped_mm needs a recent PyTorch
 (2.8 or later; Hopper kernels). Without it on CUDA the run stops with a one-line error; on
---device cpu, where torch._grouped_mm may not run, a per-expert loop of F.linear replaces it
-(--experts-impl says which is used; the record names it).
+--device cpu, where older versions have no CPU kernel for it, a per-expert loop of F.linear
+replaces it (only there; --experts-impl auto probes forward and backward once, and the config
+record names the path used).
 
 --mode eager runs the model as written. --mode compile wraps the training forward+loss (and,
-separately, the evaluation forward) in torch.compile with the default mode: the mode most users
-run, with bounded compile time; max-autotune spends minutes benchmarking kernels, and
-reduce-overhead's CUDA graphs would also have to capture the data-dependent routing. Backward is
-compiled by AOTAutograd with the forward; the optimiser step is the fused AdamW kernel on CUDA.
---compile-mode picks another mode for experiments.
+separately, the evaluation forward) in torch.compile with the default mode: what a plain
+torch.compile(fn) gets and what most users run, with compile time in seconds. max-autotune spends
+minutes benchmarking kernel choices and reduce-overhead adds CUDA-graph capture; both are tuning
+steps beyond "run it with torch.compile", available through --compile-mode. At the default
+(tiny, launch-bound) configuration reduce-overhead ran 2.8 ms per step against 6-7.5 ms for the
+default mode on an H100, so quote it beside the default when the question is PyTorch's best.
+Backward is compiled by AOTAutograd with the forward; the optimiser step is the fused AdamW
+kernel on CUDA.
 
 Timing: each step is timed with a synchronised wall clock (torch.cuda.synchronize before and after)
 around the whole step: batch construction and upload, forward, backward, clipping, AdamW, router
@@ -94,7 +100,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
