@@ -2,6 +2,8 @@
 # One GPU visit for the language model (issue 5), from the repository root on the GPU machine,
 # with binaries built on a CPU machine and staged by scripts/gpu/stage_run.sh:
 #   OUT=/some/dir PHASE=check|compare bash scripts/gpu/lm.sh [RUN=build/lmrun]
+# speed:   ours and the twin for STEPS steps per router of ROUTERS (REDUCE_OVERHEAD=1 adds the
+#          twin compiled with mode reduce-overhead).
 # check:   the GPU layer-kind, layer and model parity tests, compute-sanitizer on the small model
 #          tests, then a short run of ours and of the PyTorch twin (eager and compiled) for speed.
 # compare: `moe-bench compare --device gpu` for each seed of SEEDS (default 0 1 2), then the
@@ -24,11 +26,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
   --format=csv | tee "$W/gpu.txt" | tee -a "$OUT/summary.txt"
 python3 -c 'import torch; print("torch", torch.__version__)' 2>&1 | tee -a "$OUT/summary.txt"
 
-twin() {  # twin MODE ROUTER CONFIG_JSONL STEPS OUTFILE
-  timeout "${TWIN_TIMEOUT:-300}" python3 bench/peers/torch_lm.py --mode "$1" --router "$2" \
-    --config-from "$3" --steps "$4" --corpus data/corpus --out "$5" \
+twin() {  # twin MODE ROUTER CONFIG_JSONL STEPS OUTFILE [more flags]
+  local mode=$1 router=$2 cfg=$3 steps=$4 out=$5
+  shift 5
+  timeout "${TWIN_TIMEOUT:-300}" python3 bench/peers/torch_lm.py --mode "$mode" --router "$router" \
+    --config-from "$cfg" --steps "$steps" --corpus data/corpus --out "$out" "$@" \
     >>"$W/twin.log" 2>&1
-  echo "twin $1 $2 exit $?" | tee -a "$OUT/summary.txt"
+  echo "twin $mode $router $* exit $?" | tee -a "$OUT/summary.txt"
 }
 
 if [[ $PHASE == check ]]; then
@@ -52,6 +56,29 @@ if [[ $PHASE == check ]]; then
   twin eager softmax_topk "$W/ours_short.jsonl" "${STEPS:-100}" "$W/twin_short.jsonl"
   twin compile softmax_topk "$W/ours_short.jsonl" "${STEPS:-100}" "$W/twin_short.jsonl"
   tail -20 "$W/twin.log" | tee -a "$OUT/summary.txt"
+fi
+
+if [[ $PHASE == speed ]]; then
+  # ours and the twin (eager, compiled, compiled with CUDA graphs) for STEPS steps per router
+  for r in ${ROUTERS:-softmax_topk}; do
+    step "speed: $r"
+    timeout 120 "$BIN" train --device gpu --router "$r" --steps "${STEPS:-100}" --eval-every 0 \
+      --jsonl "$W/ours_$r.jsonl" >"$W/ours_$r.log" 2>&1
+    echo "ours $r exit $?" | tee -a "$OUT/summary.txt"
+    grep "^speed" "$W/ours_$r.log" | tee -a "$OUT/summary.txt"
+    twin eager "$r" "$W/ours_$r.jsonl" "${STEPS:-100}" "$W/twin_$r.jsonl" --eval-every 0
+    twin compile "$r" "$W/ours_$r.jsonl" "${STEPS:-100}" "$W/twin_$r.jsonl" --eval-every 0
+    if [[ -n ${REDUCE_OVERHEAD:-} ]]; then
+      twin compile "$r" "$W/ours_$r.jsonl" "${STEPS:-100}" "$W/twin_ro_$r.jsonl" --eval-every 0 \
+        --compile-mode reduce-overhead
+    fi
+    grep '"kind": "summary"' "$W"/twin_*"$r".jsonl | python3 -c '
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line.split(":", 1)[1])
+    print(r["peer"], r.get("compile_mode", ""), "%.0f tokens/s" % r["tokens_per_s"])' \
+      | tee -a "$OUT/summary.txt"
+  done
 fi
 
 if [[ $PHASE == compare ]]; then
