@@ -776,15 +776,16 @@ void add_bench_command(CLI::App& app) {
                 "the whole layer forward and forward+backward at the model configurations "
                 "(reps >= 20) next to a dense-equivalent cuBLAS GEMM pair");
   sub->add_option("--config", o->layer_configs,
-                  "with --layer: olmoe, qwen3, qwen3_32k, mixtral, brief_small, decode (default: "
-                  "all)")
-      ->check(CLI::IsMember({"olmoe", "qwen3", "qwen3_32k", "mixtral", "brief_small", "decode"}));
+                  "with --layer: olmoe, qwen3, qwen3_32k, mixtral, brief_small, decode, lm_gpu (one "
+                  "FFN of the GPU language model) (default: all)")
+      ->check(CLI::IsMember(
+          {"olmoe", "qwen3", "qwen3_32k", "mixtral", "brief_small", "decode", "lm_gpu"}));
   sub->footer(
       "Examples:\n"
       "  moe-bench bench                                   # headline shape, bf16\n"
       "  moe-bench bench --grid headline brief1 brief2 --out results.jsonl\n"
       "  moe-bench bench --grid soft_moe --dtype bf16 fp32    # soft MoE stages, 8 shapes\n"
-      "  moe-bench bench --layer --reps 20 --out layer.jsonl  # whole layer, 6 model configs");
+      "  moe-bench bench --layer --reps 20 --out layer.jsonl  # whole layer, 7 model configs");
   sub->callback([o, sub] {
     std::string cmd = "moe-bench bench";
     for (const std::string& g : o->grids) cmd += (&g == &o->grids[0] ? " --grid " : " ") + g;

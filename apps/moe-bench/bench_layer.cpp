@@ -58,7 +58,8 @@ std::vector<LayerShape> layer_shapes() {
           {"qwen3_32k", 32768, 2048, 768, 128, 8},
           {"mixtral", 8192, 4096, 14336, 8, 2},
           {"brief_small", 8192, 1024, 4096, 16, 2},
-          {"decode", 64, 2048, 768, 128, 8}};
+          {"decode", 64, 2048, 768, 128, 8},
+          {"lm_gpu", 8192, 512, 1024, 16, 2}};  // one FFN of `moe-bench train --device gpu`
 }
 
 double median(std::vector<double> v) {

@@ -699,7 +699,18 @@ def parameter_groups(model):
 # ---------------------------------------------------------------------------------------------
 # training
 
-def git_revision():
+def git_revision(build_dir=""):
+    """The revision our binaries were built from (BUILD/generated/moe_build_info.hpp) when a build
+    folder is given: on a GPU machine the working tree's git metadata may be older than the code
+    that travelled with it. Else `git rev-parse` of this checkout."""
+    if build_dir:
+        try:
+            with open(os.path.join(build_dir, "generated", "moe_build_info.hpp")) as f:
+                for line in f:
+                    if "MOE_GIT_REVISION" in line and '"' in line:
+                        return line.split('"')[1]
+        except OSError:
+            pass
     try:
         out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10)
@@ -880,7 +891,7 @@ def run(args):
     twin = Twin(cfg, args, device)
     command = "python3 bench/peers/torch_lm.py " + " ".join(sys.argv[1:])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    base = {"command": command, "git": git_revision(), "peer": twin.peer, "torch": torch.__version__,
+    base = {"command": command, "git": git_revision(args.build), "peer": twin.peer, "torch": torch.__version__,
             "run": cfg.name, "router": cfg.description(), "device": device_name,
             "dtype": "bf16 autocast, fp32 master weights"}
 
@@ -975,6 +986,8 @@ def main():
     ap.add_argument("--exclude-steps", type=int, default=5,
                     help="first steps left out of the median speed (compilation, warm-up)")
     ap.add_argument("--corpus", default=os.path.join(REPO, "data", "corpus"))
+    ap.add_argument("--build", default="",
+                    help="our build folder: its revision is recorded (default: git rev-parse)")
     ap.add_argument("--out", default="", help="append JSON lines here (default: stdout)")
     args = ap.parse_args()
     try:

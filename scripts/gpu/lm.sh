@@ -30,7 +30,7 @@ twin() {  # twin MODE ROUTER CONFIG_JSONL STEPS OUTFILE [more flags]
   local mode=$1 router=$2 cfg=$3 steps=$4 out=$5
   shift 5
   timeout "${TWIN_TIMEOUT:-300}" python3 bench/peers/torch_lm.py --mode "$mode" --router "$router" \
-    --config-from "$cfg" --steps "$steps" --corpus data/corpus --out "$out" "$@" \
+    --config-from "$cfg" --steps "$steps" --corpus data/corpus --build "$RUN" --out "$out" "$@" \
     >>"$W/twin.log" 2>&1
   echo "twin $mode $router $* exit $?" | tee -a "$OUT/summary.txt"
 }
