@@ -1,5 +1,6 @@
 // defines: moe::cuda::lm — encoder_forward/backward, layernorm_forward/backward,
 //          matmul_forward/backward, AttentionState, attention_forward/backward,
+//          flash_attention_forward/backward/supported/scratch_bytes,
 //          output_forward/backward, crossentropy_forward, sum_squares, clip_scale, adamw_update,
 //          residual_add, to_bf16, copy_fp32 (and the *_bytes helpers of their scratch)
 // The transformer's own layer kinds on the GPU, for the bf16 trainer of the small byte-level LM.
@@ -108,6 +109,27 @@ void attention_backward(cublasHandle_t handle, bf16* dqkv, const bf16* dout,
                         const AttentionState& st, int64_t B, int64_t S, int64_t D, int64_t NH,
                         void* scratch, cudaStream_t stream);
 size_t attention_scratch_bytes(int64_t B, int64_t S, int64_t D, int64_t NH);
+
+// ---------------------------------------------------------------------------------------------
+// causal multi-head attention, fused (src/cuda/lm/flash_attention.cu)
+// The same math as attention_forward/backward without the (B,NH,S,S) buffers: tiles of queries x
+// keys on the chip, an online softmax in fp32, the probabilities recomputed in backward from q, k
+// and lse. hs = D/NH in {32, 64, 128}; qkv, out, dout, dqkv 16-byte aligned (moe::ConfigError
+// otherwise). Deterministic: no atomics, every gradient summed in a fixed order.
+
+// true when the fused kernels handle this head size (hs = D/NH in {32, 64, 128})
+bool flash_attention_supported(int64_t D, int64_t NH);
+// out (N,D) bf16 from qkv (N,3D) bf16 (the same layout and math as attention_forward: causal,
+// scale 1/sqrt(hs), head h = columns h*hs.. of the q|k|v blocks); lse (B,NH,S) fp32 = log-sum-exp
+// of each query row's scaled scores, kept for backward.
+void flash_attention_forward(bf16* out, float* lse, const bf16* qkv, int64_t B, int64_t S,
+                             int64_t D, int64_t NH, cudaStream_t stream);
+// dqkv (N,3D) bf16 OVERWRITTEN from dout (N,D) bf16, using out, lse and qkv of the forward;
+// scratch: flash_attention_scratch_bytes.
+void flash_attention_backward(bf16* dqkv, const bf16* dout, const bf16* out, const float* lse,
+                              const bf16* qkv, int64_t B, int64_t S, int64_t D, int64_t NH,
+                              void* scratch, cudaStream_t stream);
+size_t flash_attention_scratch_bytes(int64_t B, int64_t S, int64_t D, int64_t NH);
 
 // ---------------------------------------------------------------------------------------------
 // tied output head and softmax cross-entropy
