@@ -8,7 +8,8 @@
 //
 // Layout: one block of 4 warps owns 64 rows (queries in forward and dq, keys in dk/dv); each warp
 // owns 16 of them, the M of an mma.sync m16n8k16 (bf16 in, fp32 accumulate). The other side
-// of the product streams through shared memory in tiles. Tiles wholly above the diagonal are
+// of the product streams through shared memory in tiles, double-buffered with cp.async so that
+// the next tile's loads overlap this tile's math. Tiles wholly above the diagonal are
 // never visited; the tiles crossing it (and the tail past S) are masked element by element.
 //
 // Backward is deterministic (no atomics): delta = rowsum(dO * O) first, then one kernel per key
@@ -53,15 +54,21 @@ struct FlashConfig {
   static constexpr size_t tile_bytes(int rows) {
     return static_cast<size_t>(rows) * kStride * sizeof(bf16);
   }
-  static constexpr size_t forward_smem() { return tile_bytes(kBlock) + 2 * tile_bytes(kFwdKeys); }
-  static constexpr size_t dkdv_smem() {
-    return 2 * tile_bytes(kBlock) + 2 * tile_bytes(kBwdTile) + 2 * kBwdTile * sizeof(float);
+  // The streamed tiles are double-buffered (kStages): tile j+1 is in flight while j is used.
+  static constexpr int kStages = 2;
+  static constexpr size_t forward_stage() { return 2 * tile_bytes(kFwdKeys); }  // k | v
+  static constexpr size_t dkdv_stage() {  // q | dO | lse | delta
+    return 2 * tile_bytes(kBwdTile) + 2 * kBwdTile * sizeof(float);
   }
-  static constexpr size_t dq_smem() { return 2 * tile_bytes(kBlock) + 2 * tile_bytes(kBwdTile); }
+  static constexpr size_t dq_stage() { return 2 * tile_bytes(kBwdTile); }  // k | v
+  static constexpr size_t forward_smem() { return tile_bytes(kBlock) + kStages * forward_stage(); }
+  static constexpr size_t dkdv_smem() { return 2 * tile_bytes(kBlock) + kStages * dkdv_stage(); }
+  static constexpr size_t dq_smem() { return 2 * tile_bytes(kBlock) + kStages * dq_stage(); }
 
   static_assert(HS % 16 == 0, "the head size is the K of m16n8k16 steps (and the N of n16 pairs)");
   static_assert(kFwdKeys % 16 == 0 && kBwdTile % 16 == 0, "tiles are whole k16 steps");
   static_assert((kStride * sizeof(bf16)) % 16 == 0, "rows of the smem tiles stay 16-byte aligned");
+  static_assert(dkdv_stage() % 16 == 0, "stages start 16-byte aligned");
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -90,6 +97,29 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr)
                : "memory");
+}
+
+// Asynchronous global -> smem copies (sm_80+): with valid false nothing is read and the
+// destination is zero-filled (src must still be a mapped address).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool valid) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(addr), "l"(src),
+               "r"(valid ? 4 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Waits until at most kPending of this thread's newest groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 __device__ __forceinline__ uint32_t ld_shared_u32(const bf16* p) {
@@ -159,16 +189,26 @@ __device__ __forceinline__ void accum_to_a(uint32_t (&a)[4], const float (&c)[kT
 // ---------------------------------------------------------------------------------------------
 // global <-> smem tiles
 
-// Rows [0, kRows) of a tile from src (row stride ld elements); rows >= valid are zero, so a
-// masked probability (0) never meets a NaN of memory past the end.
+// Issues the copies of rows [0, kRows) of a tile from src (row stride ld elements; valid >= 1);
+// rows >= valid are zero-filled, so a masked probability (0) never meets a NaN of memory past
+// the end. The caller commits and waits.
 template <class Cfg, int kRows>
-__device__ __forceinline__ void load_tile(bf16* s, const bf16* src, int64_t ld, int valid,
-                                          int tid) {
+__device__ __forceinline__ void load_tile_async(bf16* s, const bf16* src, int64_t ld, int valid,
+                                                int tid) {
   for (int i = tid; i < kRows * Cfg::kVecs; i += Cfg::kThreads) {
     const int r = i / Cfg::kVecs, c = (i % Cfg::kVecs) * 8;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (r < valid) v = *reinterpret_cast<const uint4*>(src + r * ld + c);
-    *reinterpret_cast<uint4*>(s + r * Cfg::kStride + c) = v;
+    const bool in = r < valid;
+    cp_async_16(s + r * Cfg::kStride + c, src + (in ? r : 0) * ld + c, in);
+  }
+}
+
+// kRows floats src[0, valid) -> s, zero past valid (valid >= 1).
+template <class Cfg, int kRows>
+__device__ __forceinline__ void load_row_values_async(float* s, const float* src, int valid,
+                                                      int tid) {
+  for (int i = tid; i < kRows; i += Cfg::kThreads) {
+    const bool in = i < valid;
+    cp_async_4(s + i, src + (in ? i : 0), in);
   }
 }
 
@@ -208,8 +248,7 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
   constexpr int kStride = Cfg::kStride, kKeys = Cfg::kFwdKeys, kNT = kKeys / 8;
   extern __shared__ uint4 smem[];
   bf16* sQ = reinterpret_cast<bf16*>(smem);  // (kBlock, kStride)
-  bf16* sK = sQ + Cfg::kBlock * kStride;     // (kKeys, kStride)
-  bf16* sV = sK + kKeys * kStride;           // (kKeys, kStride)
+  bf16* sKV = sQ + Cfg::kBlock * kStride;    // kStages x (k (kKeys, kStride) | v (kKeys, kStride))
 
   const int bh = blockIdx.x, b = bh / NH, h = bh % NH;
   const int m0 = (gridDim.y - 1 - blockIdx.y) * Cfg::kBlock;
@@ -220,17 +259,29 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
   const bf16* v_rows = q_rows + 2 * D;
   const int row0 = m0 + 16 * warp + lane / 4;  // this lane's query rows: row0, row0 + 8
 
-  load_tile<Cfg, Cfg::kBlock>(sQ, q_rows + m0 * ld, ld, S - m0, tid);
+  const int n_end = min(S, m0 + Cfg::kBlock);  // keys past the block's last query are masked
+  const int n_tiles = (n_end + kKeys - 1) / kKeys;
+  auto load_kv = [&](int j) {
+    bf16* sK = sKV + (j % Cfg::kStages) * 2 * kKeys * kStride;
+    load_tile_async<Cfg, kKeys>(sK, k_rows + j * kKeys * ld, ld, S - j * kKeys, tid);
+    load_tile_async<Cfg, kKeys>(sK + kKeys * kStride, v_rows + j * kKeys * ld, ld,
+                                S - j * kKeys, tid);
+  };
+  load_tile_async<Cfg, Cfg::kBlock>(sQ, q_rows + m0 * ld, ld, S - m0, tid);
+  load_kv(0);
+  cp_async_commit();
 
-  float o[HS / 8][4] = {};                      // (16, HS) per warp
-  float m_run[2] = {-INFINITY, -INFINITY};      // running max of the log2-scaled scores
-  float l_run[2] = {0.f, 0.f};                  // this lane's part of the running sum
-  const int n_end = min(S, m0 + Cfg::kBlock);   // keys past the block's last query are masked
-  for (int n0 = 0; n0 < n_end; n0 += kKeys) {
-    __syncthreads();  // every warp is done with the previous K, V tile
-    load_tile<Cfg, kKeys>(sK, k_rows + n0 * ld, ld, S - n0, tid);
-    load_tile<Cfg, kKeys>(sV, v_rows + n0 * ld, ld, S - n0, tid);
-    __syncthreads();
+  float o[HS / 8][4] = {};                  // (16, HS) per warp
+  float m_run[2] = {-INFINITY, -INFINITY};  // running max of the log2-scaled scores
+  float l_run[2] = {0.f, 0.f};              // this lane's part of the running sum
+  for (int j = 0; j < n_tiles; ++j) {
+    if (j + 1 < n_tiles) load_kv(j + 1);  // into the stage that tile j-1 left
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of tile j (and q) have landed ...
+    __syncthreads();     // ... and every thread's
+    const int n0 = j * kKeys;
+    const bf16* sK = sKV + (j % Cfg::kStages) * 2 * kKeys * kStride;  // (kKeys, kStride)
+    const bf16* sV = sK + kKeys * kStride;                              // (kKeys, kStride)
 
     // Step 1: s (16, kKeys) = q k^T, in log2 units
     float s[kNT][4] = {};
@@ -282,13 +333,14 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
       uint32_t a[4];
       accum_to_a(a, s, kk);
 #pragma unroll
-      for (int j = 0; j < HS / 16; ++j) {
+      for (int c = 0; c < HS / 16; ++c) {
         uint32_t b0[2], b1[2];
-        load_b_trans<kStride>(b0, b1, sV, 16 * kk, 16 * j, lane);
-        mma_bf16(o[2 * j], a, b0);
-        mma_bf16(o[2 * j + 1], a, b1);
+        load_b_trans<kStride>(b0, b1, sV, 16 * kk, 16 * c, lane);
+        mma_bf16(o[2 * c], a, b0);
+        mma_bf16(o[2 * c + 1], a, b1);
       }
     }
+    __syncthreads();  // every warp is done with this stage before tile j+2 is loaded into it
   }
 
   // Epilogue: o / l into the warp's own rows of sQ (no other warp reads them), then out; lse.
@@ -348,10 +400,11 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
   extern __shared__ uint4 smem[];
   bf16* sK = reinterpret_cast<bf16*>(smem);  // (kBlock, kStride)
   bf16* sV = sK + Cfg::kBlock * kStride;     // (kBlock, kStride)
-  bf16* sQ = sV + Cfg::kBlock * kStride;     // (kT, kStride)
-  bf16* sdO = sQ + kT * kStride;             // (kT, kStride)
-  float* sLse = reinterpret_cast<float*>(sdO + kT * kStride);  // (kT) lse * log2(e)
-  float* sDelta = sLse + kT;                                   // (kT)
+  char* stages = reinterpret_cast<char*>(sV + Cfg::kBlock * kStride);
+  // stage j % kStages: q (kT, kStride) | dO (kT, kStride) | lse (kT) | delta (kT)
+  auto stage_q = [&](int j) {
+    return reinterpret_cast<bf16*>(stages + (j % Cfg::kStages) * Cfg::dkdv_stage());
+  };
 
   const int bh = blockIdx.x, b = bh / NH, h = bh % NH;
   const int n0 = blockIdx.y * Cfg::kBlock;
@@ -363,20 +416,34 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
   const float* delta_h = delta + int64_t{bh} * S;
   const int key0 = n0 + 16 * warp + lane / 4;  // this lane's key rows: key0, key0 + 8
 
-  load_tile<Cfg, Cfg::kBlock>(sK, q_rows + D + n0 * ld, ld, S - n0, tid);
-  load_tile<Cfg, Cfg::kBlock>(sV, q_rows + 2 * D + n0 * ld, ld, S - n0, tid);
+  const int m_first = n0 / kT * kT;  // the first query tile reaching the block's first key
+  const int m_tiles = (S - m_first + kT - 1) / kT;
+  auto load_q = [&](int j) {
+    const int m0 = m_first + j * kT;
+    bf16* sQ = stage_q(j);
+    bf16* sdO = sQ + kT * kStride;
+    float* sLse = reinterpret_cast<float*>(sdO + kT * kStride);
+    load_tile_async<Cfg, kT>(sQ, q_rows + m0 * ld, ld, S - m0, tid);
+    load_tile_async<Cfg, kT>(sdO, do_rows + m0 * D, D, S - m0, tid);
+    load_row_values_async<Cfg, kT>(sLse, lse_h + m0, S - m0, tid);
+    load_row_values_async<Cfg, kT>(sLse + kT, delta_h + m0, S - m0, tid);
+  };
+  load_tile_async<Cfg, Cfg::kBlock>(sK, q_rows + D + n0 * ld, ld, S - n0, tid);
+  load_tile_async<Cfg, Cfg::kBlock>(sV, q_rows + 2 * D + n0 * ld, ld, S - n0, tid);
+  load_q(0);
+  cp_async_commit();
 
   float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};  // (16, HS) per warp each
-  for (int m0 = n0 / kT * kT; m0 < S; m0 += kT) {
-    __syncthreads();  // every warp is done with the previous q, dO tile
-    load_tile<Cfg, kT>(sQ, q_rows + m0 * ld, ld, S - m0, tid);
-    load_tile<Cfg, kT>(sdO, do_rows + m0 * D, D, S - m0, tid);
-    for (int i = tid; i < kT; i += Cfg::kThreads) {
-      const bool in = m0 + i < S;
-      sLse[i] = in ? lse_h[m0 + i] * kLog2e : 0.f;
-      sDelta[i] = in ? delta_h[m0 + i] : 0.f;
-    }
-    __syncthreads();
+  for (int j = 0; j < m_tiles; ++j) {
+    if (j + 1 < m_tiles) load_q(j + 1);  // into the stage that tile j-1 left
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of tile j (and k, v) have landed ...
+    __syncthreads();     // ... and every thread's
+    const int m0 = m_first + j * kT;
+    const bf16* sQ = stage_q(j);                                          // (kT, kStride)
+    const bf16* sdO = sQ + kT * kStride;                                  // (kT, kStride)
+    const float* sLse = reinterpret_cast<const float*>(sdO + kT * kStride);  // (kT)
+    const float* sDelta = sLse + kT;                                      // (kT)
 
     // Step 1: st = k q^T, dpt = v dO^T (16 keys x kT queries per warp)
     float st[kNT][4] = {}, dpt[kNT][4] = {};
@@ -403,7 +470,7 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int c = 8 * nt + 2 * t + i % 2, q = m0 + c;
-        float p = exp2f(st[nt][i] * scale_log2 - sLse[c]);
+        float p = exp2f(st[nt][i] * scale_log2 - sLse[c] * kLog2e);
         if (masked && (q < key0 + 8 * (i / 2) || q >= S)) p = 0.f;
         st[nt][i] = p;
         dpt[nt][i] = p * (dpt[nt][i] - sDelta[c]);
@@ -416,16 +483,17 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
       accum_to_a(ap, st, kk);
       accum_to_a(ads, dpt, kk);
 #pragma unroll
-      for (int j = 0; j < HS / 16; ++j) {
+      for (int c = 0; c < HS / 16; ++c) {
         uint32_t b0[2], b1[2];
-        load_b_trans<kStride>(b0, b1, sdO, 16 * kk, 16 * j, lane);
-        mma_bf16(dv[2 * j], ap, b0);
-        mma_bf16(dv[2 * j + 1], ap, b1);
-        load_b_trans<kStride>(b0, b1, sQ, 16 * kk, 16 * j, lane);
-        mma_bf16(dk[2 * j], ads, b0);
-        mma_bf16(dk[2 * j + 1], ads, b1);
+        load_b_trans<kStride>(b0, b1, sdO, 16 * kk, 16 * c, lane);
+        mma_bf16(dv[2 * c], ap, b0);
+        mma_bf16(dv[2 * c + 1], ap, b1);
+        load_b_trans<kStride>(b0, b1, sQ, 16 * kk, 16 * c, lane);
+        mma_bf16(dk[2 * c], ads, b0);
+        mma_bf16(dk[2 * c + 1], ads, b1);
       }
     }
+    __syncthreads();  // every warp is done with this stage before tile j+2 is loaded into it
   }
 
   // Epilogue: through the warp's own rows of sK and sV (only this warp reads them) into dqkv.
@@ -447,8 +515,7 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
   extern __shared__ uint4 smem[];
   bf16* sQ = reinterpret_cast<bf16*>(smem);  // (kBlock, kStride)
   bf16* sdO = sQ + Cfg::kBlock * kStride;    // (kBlock, kStride)
-  bf16* sK = sdO + Cfg::kBlock * kStride;    // (kT, kStride)
-  bf16* sV = sK + kT * kStride;              // (kT, kStride)
+  bf16* sKV = sdO + Cfg::kBlock * kStride;   // kStages x (k (kT, kStride) | v (kT, kStride))
 
   const int bh = blockIdx.x, b = bh / NH, h = bh % NH;
   const int m0 = (gridDim.y - 1 - blockIdx.y) * Cfg::kBlock;
@@ -458,8 +525,18 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
   const bf16* do_rows = dout + int64_t{b} * S * D + h * HS;  // row s: do_rows + s*D
   const int row0 = m0 + 16 * warp + lane / 4;                // this lane's rows: row0, row0 + 8
 
-  load_tile<Cfg, Cfg::kBlock>(sQ, q_rows + m0 * ld, ld, S - m0, tid);
-  load_tile<Cfg, Cfg::kBlock>(sdO, do_rows + m0 * D, D, S - m0, tid);
+  const int n_end = min(S, m0 + Cfg::kBlock);
+  const int n_tiles = (n_end + kT - 1) / kT;
+  auto load_kv = [&](int j) {
+    bf16* sK = sKV + (j % Cfg::kStages) * 2 * kT * kStride;
+    load_tile_async<Cfg, kT>(sK, q_rows + D + j * kT * ld, ld, S - j * kT, tid);
+    load_tile_async<Cfg, kT>(sK + kT * kStride, q_rows + 2 * D + j * kT * ld, ld, S - j * kT,
+                             tid);
+  };
+  load_tile_async<Cfg, Cfg::kBlock>(sQ, q_rows + m0 * ld, ld, S - m0, tid);
+  load_tile_async<Cfg, Cfg::kBlock>(sdO, do_rows + m0 * D, D, S - m0, tid);
+  load_kv(0);
+  cp_async_commit();
   float lse2[2], dlt[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -469,12 +546,14 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
   }
 
   float dq[HS / 8][4] = {};  // (16, HS) per warp
-  const int n_end = min(S, m0 + Cfg::kBlock);
-  for (int n0 = 0; n0 < n_end; n0 += kT) {
-    __syncthreads();  // every warp is done with the previous K, V tile
-    load_tile<Cfg, kT>(sK, q_rows + D + n0 * ld, ld, S - n0, tid);
-    load_tile<Cfg, kT>(sV, q_rows + 2 * D + n0 * ld, ld, S - n0, tid);
-    __syncthreads();
+  for (int j = 0; j < n_tiles; ++j) {
+    if (j + 1 < n_tiles) load_kv(j + 1);  // into the stage that tile j-1 left
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of tile j (and q, dO) have landed ...
+    __syncthreads();     // ... and every thread's
+    const int n0 = j * kT;
+    const bf16* sK = sKV + (j % Cfg::kStages) * 2 * kT * kStride;  // (kT, kStride)
+    const bf16* sV = sK + kT * kStride;                           // (kT, kStride)
 
     // Step 1: s = q k^T, dp = dO v^T (16 queries x kT keys per warp)
     float s[kNT][4] = {}, dp[kNT][4] = {};
@@ -512,13 +591,14 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
       uint32_t a[4];
       accum_to_a(a, dp, kk);
 #pragma unroll
-      for (int j = 0; j < HS / 16; ++j) {
+      for (int c = 0; c < HS / 16; ++c) {
         uint32_t b0[2], b1[2];
-        load_b_trans<kStride>(b0, b1, sK, 16 * kk, 16 * j, lane);
-        mma_bf16(dq[2 * j], a, b0);
-        mma_bf16(dq[2 * j + 1], a, b1);
+        load_b_trans<kStride>(b0, b1, sK, 16 * kk, 16 * c, lane);
+        mma_bf16(dq[2 * c], a, b0);
+        mma_bf16(dq[2 * c + 1], a, b1);
       }
     }
+    __syncthreads();  // every warp is done with this stage before tile j+2 is loaded into it
   }
 
   // Epilogue: through the warp's own rows of sQ (only this warp reads them) into dqkv.
