@@ -389,7 +389,7 @@ __global__ void __launch_bounds__(256)
 
 // grid (B*NH, ceil(S/64)): key block n0 = 64 * blockIdx.y (the first ones, most query tiles,
 // first). dk, dv (64 keys, HS) accumulate over the query tiles m0 >= the block's diagonal:
-//   st = k q^T, p^T = 2^(st*scale_log2 - lse2), dpt = v dO^T, ds^T = p^T (dpt - delta),
+//   st = k q^T, p^T = 2^(st*scale_log2 - lse*log2(e)), dpt = v dO^T, ds^T = p^T (dpt - delta),
 //   dv += p^T dO, dk += ds^T q; dk *= scale at the end.
 template <int HS>
 __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
@@ -504,7 +504,7 @@ __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
 }
 
 // grid (B*NH, ceil(S/64)), the last query blocks first. dq (64 queries, HS) accumulates over the
-// key tiles up to the block's last query: s = q k^T, p = 2^(s*scale_log2 - lse2),
+// key tiles up to the block's last query: s = q k^T, p = 2^(s*scale_log2 - lse*log2(e)),
 // dp = dO v^T, ds = p (dp - delta), dq += ds k; dq *= scale at the end.
 template <int HS>
 __global__ void __launch_bounds__(FlashConfig<HS>::kThreads)
