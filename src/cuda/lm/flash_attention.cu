@@ -165,7 +165,8 @@ __device__ __forceinline__ void load_b(uint32_t (&b)[2], const bf16* s, int n0, 
 }
 
 // Two B fragments (n0..n0+7 and n0+8..n0+15) with B[k][n] = tile[k0 + k][n0 + n] (the tile's rows
-// are the k index: v of p v). Matrix i = lane / 8 covers rows k0 + 8 (i % 2), columns n0 + 8 (i / 2).
+// are the k index: v of p v). Matrix i = lane / 8 covers rows k0 + 8 (i % 2) and columns
+// n0 + 8 (i / 2).
 template <int kStride>
 __device__ __forceinline__ void load_b_trans(uint32_t (&b0)[2], uint32_t (&b1)[2], const bf16* s,
                                              int k0, int n0, int lane) {
