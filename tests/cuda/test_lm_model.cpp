@@ -34,11 +34,12 @@ const char* kind_name(Kind k) {
   return "?";
 }
 
-TrainConfig tiny_config(Kind kind) {
+// heads = 2: head size 32, the fused attention kernels; heads = 4 (head size 16): the cuBLAS path.
+TrainConfig tiny_config(Kind kind, int64_t heads = 2) {
   TrainConfig c;
   c.model.layers = 2;
   c.model.d_model = 64;
-  c.model.heads = 4;
+  c.model.heads = heads;
   c.model.seq = 48;
   c.model.ffn.experts = 8;
   c.model.ffn.top_k = 2;
@@ -98,14 +99,10 @@ Trajectory train(model::LanguageModel& m, const TrainConfig& cfg, int64_t steps,
   return t;
 }
 
-class LmModelParity : public ::testing::TestWithParam<Kind> {};
-
 // Loss, auxiliary loss and gradient norm of the first step (same weights, same batch) agree to
 // bf16 accuracy; over 12 AdamW steps the two trajectories stay together (a wrong gradient
 // anywhere makes the GPU's loss fall slower or diverge, which these bounds catch) and both learn.
-TEST_P(LmModelParity, TrainsLikeTheCpuModel) {
-  MOE_REQUIRE_GPU();
-  const TrainConfig cfg = tiny_config(GetParam());
+void expect_trains_like_the_cpu_model(Kind kind, const TrainConfig& cfg) {
   std::unique_ptr<model::LanguageModel> cpu = model::make_cpu_model(cfg.model, 3);
   std::unique_ptr<model::LanguageModel> gpu = cuda::lm::make_gpu_model(cfg.model, 3, cfg.batch);
   ASSERT_EQ(gpu->parameter_count(), cpu->parameter_count());
@@ -138,7 +135,7 @@ TEST_P(LmModelParity, TrainsLikeTheCpuModel) {
   }
   const std::vector<LoadStats> sa = cpu->layer_stats(), sb = gpu->layer_stats();
   ASSERT_EQ(sa.size(), sb.size());
-  if (GetParam() == Kind::sigmoid_bias) {
+  if (kind == Kind::sigmoid_bias) {
     const auto& ba = cpu->weights().blocks[0].ffn.expert_bias;
     const auto& bb = gpu->weights().blocks[0].ffn.expert_bias;
     double moved = 0;
@@ -146,6 +143,19 @@ TEST_P(LmModelParity, TrainsLikeTheCpuModel) {
     EXPECT_GT(moved, 0.0) << "the GPU's selection bias never moved";
     ASSERT_EQ(ba.size(), bb.size());
   }
+}
+
+class LmModelParity : public ::testing::TestWithParam<Kind> {};
+
+TEST_P(LmModelParity, TrainsLikeTheCpuModel) {
+  MOE_REQUIRE_GPU();
+  expect_trains_like_the_cpu_model(GetParam(), tiny_config(GetParam()));
+}
+
+// The attention fallback for head sizes the fused kernels do not take.
+TEST(LmModelParityCublasAttention, TrainsLikeTheCpuModel) {
+  MOE_REQUIRE_GPU();
+  expect_trains_like_the_cpu_model(Kind::softmax_topk, tiny_config(Kind::softmax_topk, 4));
 }
 
 // Two GPU runs give the same bits; saving the state after k steps into a fresh model and

@@ -100,7 +100,9 @@ class GpuModel final : public model::LanguageModel {
   float *ln1_stats_ = nullptr, *ln2_stats_ = nullptr;  // (L, 2, N) mean, rstd
   bf16* qkv_ = nullptr;            // (L, N, 3D)
   bf16* atty_ = nullptr;           // (L, N, D)
-  char* attention_ = nullptr;      // (L, AttentionState::bytes)
+  bool flash_ = false;             // fused attention (flash_attention_*) for this head size
+  float* lse_ = nullptr;           // (L, B, NH, S) flash: log-sum-exp of each query row
+  char* attention_ = nullptr;      // (L, AttentionState::bytes) the cuBLAS path's saved state
   size_t attention_bytes_ = 0;
   bf16* ffn_out_ = nullptr;        // (L, N, D)
   bf16* lnf_ = nullptr;            // (N, D)
@@ -183,12 +185,17 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
   const int64_t L = cfg_.layers, D = cfg_.d_model, V = cfg_.vocab, S = cfg_.seq;
   const int64_t NH = cfg_.heads, Nm = max_batch_ * S;
   const size_t n = size_t(Nm), nd = size_t(Nm * D);
-  attention_bytes_ = AttentionState::bytes(max_batch_, S, D, NH);
+  // The fused kernels keep only the log-sum-exp per query row (the output and qkv are kept
+  // anyway); the cuBLAS path keeps head-major q, k, v and the (S, S) probabilities per layer.
+  flash_ = flash_attention_supported(D, NH);
+  attention_bytes_ = flash_ ? 0 : AttentionState::bytes(max_batch_, S, D, NH);
   attention_bytes_ = (attention_bytes_ + DeviceArena::kAlign - 1) / DeviceArena::kAlign *
                      DeviceArena::kAlign;
+  const size_t attention_scratch = flash_
+                                       ? flash_attention_scratch_bytes(max_batch_, S, D, NH)
+                                       : attention_scratch_bytes(max_batch_, S, D, NH);
   const size_t scratch = std::max({layernorm_scratch_bytes(Nm, D),
-                                   matmul_scratch_bytes(Nm, 3 * D),
-                                   attention_scratch_bytes(max_batch_, S, D, NH),
+                                   matmul_scratch_bytes(Nm, 3 * D), attention_scratch,
                                    sumsq_scratch_bytes(total_)});
   act_arena_ = DeviceArena({
       {"tokens", n * 4, reinterpret_cast<void**>(&tokens_)},
@@ -202,6 +209,7 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
       {"qkv", L * 3 * nd * b, reinterpret_cast<void**>(&qkv_)},
       {"atty", L * nd * b, reinterpret_cast<void**>(&atty_)},
       {"attention", L * attention_bytes_, reinterpret_cast<void**>(&attention_)},
+      {"lse", flash_ ? L * size_t(max_batch_ * NH * S) * f : 0, reinterpret_cast<void**>(&lse_)},
       {"ffn_out", L * nd * b, reinterpret_cast<void**>(&ffn_out_)},
       {"lnf", nd * b, reinterpret_cast<void**>(&lnf_)},
       {"lnf_stats", 2 * n * f, reinterpret_cast<void**>(&lnf_stats_)},
@@ -375,14 +383,17 @@ double GpuModel::forward(const data::Batch& batch, bool training, uint64_t noise
     bf16* qkv = qkv_ + l * 3 * nd;
     bf16* atty = atty_ + l * nd;
     bf16* ffn_out = ffn_out_ + l * nd;
-    AttentionState st;
-    st.bind(attention_ + l * attention_bytes_, B, S, D, NH);
-
     layernorm_forward(ln1, s1, s1 + N, r, param(p + "ln1_w"), param(p + "ln1_b"), N, D, stream_);
     record(attention_events_[l].begin);
     matmul_forward<bf16>(cublas_, qkv, ln1, param_bf16(p + "qkv_w"), param(p + "qkv_b"), N, D,
                          3 * D, false, stream_);
-    attention_forward(cublas_, atty, st, qkv, B, S, D, NH, scratch_, stream_);
+    if (flash_) {
+      flash_attention_forward(atty, lse_ + l * B * NH * S, qkv, B, S, D, NH, stream_);
+    } else {
+      AttentionState st;
+      st.bind(attention_ + l * attention_bytes_, B, S, D, NH);
+      attention_forward(cublas_, atty, st, qkv, B, S, D, NH, scratch_, stream_);
+    }
     // mid = r + atty proj_w + proj_b
     MOE_CUDA_CHECK(cudaMemcpyAsync(mid, r, nd * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
     matmul_forward<float>(cublas_, mid, atty, param_bf16(p + "proj_w"), param(p + "proj_b"), N, D,
@@ -432,8 +443,6 @@ void GpuModel::backward() {
     const float* mid = residual_mid_ + l * nd;
     const float* s1 = ln1_stats_ + l * 2 * N;
     const float* s2 = ln2_stats_ + l * 2 * N;
-    AttentionState st;
-    st.bind(attention_ + l * attention_bytes_, B, S, D, NH);
     // r_out = mid + FFN(LN2(mid))
     record(ffn_events_[L + l].begin);
     to_bf16(dy_, dres_, int64_t(nd), stream_);
@@ -454,7 +463,14 @@ void GpuModel::backward() {
     to_bf16(dy_, dmid_, int64_t(nd), stream_);
     matmul_backward<bf16>(cublas_, datty_, grad(p + "proj_w"), grad(p + "proj_b"), dy_,
                           atty_ + l * nd, param_bf16(p + "proj_w"), N, D, D, scratch_, stream_);
-    attention_backward(cublas_, dqkv_, datty_, st, B, S, D, NH, scratch_, stream_);
+    if (flash_) {
+      flash_attention_backward(dqkv_, datty_, atty_ + l * nd, lse_ + l * B * NH * S,
+                               qkv_ + l * 3 * nd, B, S, D, NH, scratch_, stream_);
+    } else {
+      AttentionState st;
+      st.bind(attention_ + l * attention_bytes_, B, S, D, NH);
+      attention_backward(cublas_, dqkv_, datty_, st, B, S, D, NH, scratch_, stream_);
+    }
     matmul_backward<float>(cublas_, dln1_, grad(p + "qkv_w"), grad(p + "qkv_b"), dqkv_,
                            ln1_ + l * nd, param_bf16(p + "qkv_w"), N, D, 3 * D, scratch_, stream_);
     record(attention_events_[L + l].end);
