@@ -59,23 +59,30 @@ def load_ours(d):
 
 
 def load_twin(d):
-    """{(router, mode): [{"evals": [...], "tps": float, "final": float, "seed": int}]}"""
+    """{(router, mode): [{"evals": [...], "tps": float, "final": float, "seed": int}]}, mode one
+    of eager, compile, compile-reduce-overhead. A file's records run one after the other, each
+    run opened by its config record."""
     twins = defaultdict(list)
     for path in sorted(glob.glob(os.path.join(d, "twin_*.jsonl"))):
-        cur = {}
+        cur = None
         for r in lines(path):
             kind = r.get("kind")
-            key = (r.get("run", r.get("router")), r.get("peer", "?").replace("pytorch-", ""))
             if kind == "config":
-                cur[key] = {"evals": [], "tps": None, "final": None,
-                            "seed": r.get("config", {}).get("train", {}).get("seed"),
-                            "steps": r.get("config", {}).get("train", {}).get("steps")}
-            elif kind == "eval" and key in cur:
-                cur[key]["evals"].append((r["step"], r["val_bpb"]))
-            elif kind == "summary" and key in cur:
-                cur[key]["final"] = r["val_bpb"]
-                cur[key]["tps"] = r["tokens_per_s"]
-                twins[key].append(cur.pop(key))
+                mode = r.get("peer", "?").replace("pytorch-", "")
+                if mode == "compile" and r.get("compile_mode") not in (None, "default"):
+                    mode += "-" + r["compile_mode"]
+                train = r.get("config", {}).get("train", {})
+                cur = {"key": (r["run"], mode), "evals": [], "tps": None, "final": None,
+                       "seed": train.get("seed"), "steps": train.get("steps")}
+            elif cur is None:
+                continue
+            elif kind == "eval":
+                cur["evals"].append((r["step"], r["val_bpb"]))
+            elif kind == "summary":
+                cur["final"] = r["val_bpb"]
+                cur["tps"] = r["tokens_per_s"]
+                twins[cur["key"]].append(cur)
+                cur = None
     return twins
 
 
@@ -103,8 +110,9 @@ def main():
     out = [f"# GPU language-model runs ({device})", "",
            "| model | seeds | val bpb mean | min..max | tokens/s (mean over seeds) | "
            "twin eager bpb | twin eager tokens/s | ours / eager | twin compiled bpb | "
-           "twin compiled tokens/s | ours / compiled |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "twin compiled tokens/s | ours / compiled | twin compiled+CUDA graphs bpb | "
+           "tokens/s | ours / that |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         seeds = ours[m]
         finals = [r["final"] for r in seeds.values() if r["final"] is not None]
@@ -112,7 +120,7 @@ def main():
         row = [m, str(len(finals)), f"{statistics.mean(finals):.4f}" if finals else "-",
                f"{min(finals):.4f}..{max(finals):.4f}" if finals else "-",
                f"{statistics.mean(tps):,.0f}" if tps else "-"]
-        for mode in ("eager", "compile"):
+        for mode in ("eager", "compile", "compile-reduce-overhead"):
             t = twins.get((m, mode), [])
             if t:
                 tb = [x["final"] for x in t if x["final"] is not None]
@@ -142,7 +150,7 @@ def main():
     fig.tight_layout()
     fig.savefig(os.path.join(d, "val_curves_gpu.png"), dpi=120)
 
-    routers = sorted({r for (r, _) in twins})
+    routers = sorted({r for (r, _), runs in twins.items() if any(len(t["evals"]) > 1 for t in runs)})
     if routers:
         fig, axes = plt.subplots(1, len(routers), figsize=(5 * len(routers), 4.5), squeeze=False)
         for ax, r in zip(axes[0], routers):
@@ -150,12 +158,12 @@ def main():
                 steps, mean, lo, hi = band(ours[r])
                 ax.plot(steps, mean, "k-", label=f"ours ({len(ours[r])} seeds)")
                 ax.fill_between(steps, lo, hi, color="k", alpha=0.15)
-            for mode in ("eager", "compile"):
-                for i, t in enumerate(twins.get((r, mode), [])):
+            for mode, style in (("eager", "--"), ("compile", ":"), ("compile-reduce-overhead", "-.")):
+                for t in twins.get((r, mode), []):
                     s = [p[0] for p in t["evals"]]
                     v = [p[1] for p in t["evals"]]
-                    ax.plot(s, v, "--" if mode == "eager" else ":",
-                            label=f"twin {mode} seed {t['seed']}")
+                    if len(s) > 1:
+                        ax.plot(s, v, style, label=f"twin {mode} seed {t['seed']}")
             ax.set_title(r, fontsize=10)
             ax.set_xlabel("step")
             ax.set_ylabel("validation bits per byte")
@@ -165,12 +173,17 @@ def main():
         fig.savefig(os.path.join(d, "twin_curves.png"), dpi=120)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    w = 0.27
-    for k, (label, get) in enumerate([
-            ("ours", lambda m: statistics.mean([r["tps"] for r in ours[m].values() if r["tps"]] or [0])),
-            ("twin eager", lambda m: statistics.mean([t["tps"] for t in twins.get((m, "eager"), [])] or [0])),
-            ("twin compiled", lambda m: statistics.mean([t["tps"] for t in twins.get((m, "compile"), [])] or [0]))]):
-        ax.bar([i + (k - 1) * w for i in range(len(models))], [get(m) for m in models], w, label=label)
+    w = 0.2
+
+    def twin_tps(m, mode):
+        return statistics.mean([t["tps"] for t in twins.get((m, mode), [])] or [0])
+
+    bars = [("ours", lambda m: statistics.mean([r["tps"] for r in ours[m].values() if r["tps"]] or [0])),
+            ("twin eager", lambda m: twin_tps(m, "eager")),
+            ("twin compiled", lambda m: twin_tps(m, "compile")),
+            ("twin compiled + CUDA graphs", lambda m: twin_tps(m, "compile-reduce-overhead"))]
+    for k, (label, get) in enumerate(bars):
+        ax.bar([i + (k - 1.5) * w for i in range(len(models))], [get(m) for m in models], w, label=label)
     ax.set_xticks(range(len(models)), models, fontsize=8)
     ax.set_ylabel("training tokens/s (median step)")
     ax.set_title(f"training speed on {device}", fontsize=10)

@@ -6,9 +6,10 @@
 #          twin compiled with mode reduce-overhead).
 # check:   the GPU layer-kind, layer and model parity tests, compute-sanitizer on the small model
 #          tests, then a short run of ours and of the PyTorch twin (eager and compiled) for speed.
-# compare: `moe-bench compare --device gpu` for each seed of SEEDS (default 0 1 2), then the
-#          PyTorch twin (eager and compiled) on the configuration of our run, for each router of
-#          TWIN_ROUTERS (default softmax_topk) over TWIN_STEPS steps (default: the same steps).
+# compare: `moe-bench compare --device gpu` for each seed of SEEDS (default 0 1 2).
+# twin:    the PyTorch twin (eager, compiled, compiled with CUDA graphs) on our GPU default
+#          configuration: TWIN_FULL routers (default softmax_topk) over STEPS (default 2000) with
+#          evaluations, TWIN_SPEED routers over SPEED_STEPS (default 150) for speed only.
 # Everything goes to WORK (default /tmp/lm_work); $OUT gets summary.txt and lm.tgz (the folder
 # packed: at most 8 files come back from a visit).
 set -uo pipefail
@@ -87,18 +88,38 @@ if [[ $PHASE == compare ]]; then
     timeout "${COMPARE_TIMEOUT:-600}" "$BIN" compare --device gpu --seed "$seed" \
       ${STEPS:+--steps $STEPS} --out "$W/compare_seed$seed" >"$W/compare_seed$seed.log" 2>&1
     echo "compare seed $seed exit $?" | tee -a "$OUT/summary.txt"
-    sed -n '/^model /,$p' "$W/compare_seed$seed.log" | head -12 | tee -a "$OUT/summary.txt"
+    sed -n '/^model /,$p' "$W/compare_seed$seed.log" | head -9 | tee -a "$OUT/summary.txt"
   done
-  first=$(ls "$W"/compare_seed*/compare.jsonl 2>/dev/null | head -1)
-  for r in ${TWIN_ROUTERS:-softmax_topk}; do
-    step "twin: $r"
+fi
+
+if [[ $PHASE == twin ]]; then
+  # The twin on our GPU default configuration (the config record of a 0-step run of ours):
+  # TWIN_FULL routers over the full STEPS with evaluations (curves), TWIN_SPEED routers over
+  # SPEED_STEPS without (tokens/s); each eager, compiled, and compiled with CUDA graphs.
+  for r in ${TWIN_FULL:-softmax_topk} ${TWIN_SPEED:-}; do
     cfg="$W/config_$r.jsonl"
-    grep "\"kind\":\"config\"" "$first" | grep "\"run\":\"$r\"" | head -1 >"$cfg"
-    for mode in eager compile; do
-      twin "$mode" "$r" "$cfg" "${TWIN_STEPS:-${STEPS:-1000}}" "$W/twin_$r.jsonl"
-    done
+    "$BIN" train --device gpu --router "$r" --steps 0 --jsonl "$cfg" >/dev/null 2>&1
+    if [[ " ${TWIN_FULL:-softmax_topk} " == *" $r "* ]]; then
+      n=${STEPS:-2000}; extra=()
+    else
+      n=${SPEED_STEPS:-150}; extra=(--eval-every 0)
+    fi
+    step "twin: $r, $n steps"
+    twin eager "$r" "$cfg" "$n" "$W/twin_$r.jsonl" "${extra[@]}"
+    twin compile "$r" "$cfg" "$n" "$W/twin_$r.jsonl" "${extra[@]}"
+    twin compile "$r" "$cfg" "$n" "$W/twin_ro_$r.jsonl" --compile-mode reduce-overhead "${extra[@]}"
+    python3 - "$W/twin_$r.jsonl" "$W/twin_ro_$r.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
+import json, os, sys
+for path in sys.argv[1:]:
+    if not os.path.exists(path):
+        continue
+    for line in open(path):
+        r = json.loads(line)
+        if r.get("kind") == "summary":
+            print(os.path.basename(path), r["run"], r["peer"], "%.0f tokens/s" % r["tokens_per_s"],
+                  "val %.4f" % r["val_bpb"])
+PY
   done
-  tail -30 "$W/twin.log" | tee -a "$OUT/summary.txt"
 fi
 step done
 tar -C "$W" -czf "$OUT/lm.tgz" .
