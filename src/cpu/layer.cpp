@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "moe/check.hpp"
+#include "moe/init.hpp"
 #include "moe/layer.hpp"
 #include "moe/rng.hpp"
 #include "stages.hpp"
@@ -17,13 +18,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-template <class Real>
-void fill_normal(std::vector<Real>& v, size_t n, double stddev, uint64_t seed, uint64_t tensor) {
-  v.resize(n);
-  for (size_t i = 0; i < n; ++i)
-    v[i] = Real(stddev * counter_normal(seed, RngStream::init, (tensor << 40) + i));
 }
 
 template <class Real>

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "moe/check.hpp"
+#include "moe/init.hpp"
 #include "moe/model/layers.hpp"
 #include "moe/rng.hpp"
 
@@ -17,12 +18,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-void fill_normal(std::vector<float>& v, int64_t n, double stddev, uint64_t seed, uint64_t tensor) {
-  v.resize(n);
-  for (int64_t i = 0; i < n; ++i)
-    v[i] = float(stddev * counter_normal(seed, RngStream::init, (tensor << 40) + uint64_t(i)));
 }
 
 // Seed of one FFN call: noise, jitter and random second choices differ between steps, layers and

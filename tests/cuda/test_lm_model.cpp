@@ -158,6 +158,15 @@ TEST(LmModelParityCublasAttention, TrainsLikeTheCpuModel) {
   expect_trains_like_the_cpu_model(Kind::softmax_topk, tiny_config(Kind::softmax_topk, 4));
 }
 
+// The dense baselines run as cuBLAS GEMMs around the activation: GELU and the dense_params size.
+TEST(LmModelParityDense, GeluDenseParamsTrainsLikeTheCpuModel) {
+  MOE_REQUIRE_GPU();
+  TrainConfig cfg = tiny_config(Kind::dense_active);
+  cfg.model.ffn_kind = FfnKind::dense_params;
+  cfg.model.ffn.activation = Activation::gelu;
+  expect_trains_like_the_cpu_model(Kind::dense_active, cfg);
+}
+
 // Two GPU runs give the same bits; saving the state after k steps into a fresh model and
 // continuing gives the same bits as the uninterrupted run (what a checkpoint resume relies on).
 TEST_P(LmModelParity, GpuRunsAreBitwiseReproducibleAcrossARestore) {

@@ -105,6 +105,14 @@ class GpuModel final : public model::LanguageModel {
   char* attention_ = nullptr;      // (L, AttentionState::bytes) the cuBLAS path's saved state
   size_t attention_bytes_ = 0;
   bf16* ffn_out_ = nullptr;        // (L, N, D)
+  // dense baselines: the FFN as two cuBLAS GEMMs around the activation (no routing)
+  bool dense_ = false;
+  int64_t inter_ = 0, up_width_ = 0;  // I, and A = 2I (SwiGLU) or I
+  bool swiglu_ = true;
+  bf16* dense_pre_ = nullptr;      // (L, N, A)
+  bf16* dense_act_ = nullptr;      // (L, N, I)
+  bf16* dense_dact_ = nullptr;     // (N, I) backward
+  bf16* dense_dpre_ = nullptr;     // (N, A) backward
   bf16* lnf_ = nullptr;            // (N, D)
   float* lnf_stats_ = nullptr;     // (2, N)
   float* logits_ = nullptr;        // (N, V)
@@ -184,6 +192,17 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
 
   const int64_t L = cfg_.layers, D = cfg_.d_model, V = cfg_.vocab, S = cfg_.seq;
   const int64_t NH = cfg_.heads, Nm = max_batch_ * S;
+  // A dense FFN is one expert that every token takes with weight 1 (softmax of a single logit):
+  // run it as plain GEMMs. Its router weights exist (the CPU model's E = 1 layer) but get no
+  // gradient, as on the CPU.
+  dense_ = cfg_.ffn_kind != model::FfnKind::moe;
+  {
+    const LayerConfig lc = cfg_.layer_config(S);
+    inter_ = lc.inter;
+    up_width_ = lc.up_width();
+    swiglu_ = lc.activation == Activation::swiglu;
+  }
+  const size_t dense_rows = dense_ ? size_t(Nm) : 0;
   const size_t n = size_t(Nm), nd = size_t(Nm * D);
   // The fused kernels keep only the log-sum-exp per query row (the output and qkv are kept
   // anyway); the cuBLAS path keeps head-major q, k, v and the (S, S) probabilities per layer.
@@ -211,6 +230,10 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
       {"attention", L * attention_bytes_, reinterpret_cast<void**>(&attention_)},
       {"lse", flash_ ? L * size_t(max_batch_ * NH * S) * f : 0, reinterpret_cast<void**>(&lse_)},
       {"ffn_out", L * nd * b, reinterpret_cast<void**>(&ffn_out_)},
+      {"dense_pre", L * dense_rows * up_width_ * b, reinterpret_cast<void**>(&dense_pre_)},
+      {"dense_act", L * dense_rows * inter_ * b, reinterpret_cast<void**>(&dense_act_)},
+      {"dense_dact", dense_rows * inter_ * b, reinterpret_cast<void**>(&dense_dact_)},
+      {"dense_dpre", dense_rows * up_width_ * b, reinterpret_cast<void**>(&dense_dpre_)},
       {"lnf", nd * b, reinterpret_cast<void**>(&lnf_)},
       {"lnf_stats", 2 * n * f, reinterpret_cast<void**>(&lnf_stats_)},
       {"logits", n * V * f, reinterpret_cast<void**>(&logits_)},
@@ -367,8 +390,8 @@ double GpuModel::forward(const data::Batch& batch, bool training, uint64_t noise
                                  cudaMemcpyHostToDevice, stream_));
   MOE_CUDA_CHECK(cudaMemcpyAsync(targets_, batch.targets.data(), N * sizeof(int32_t),
                                  cudaMemcpyHostToDevice, stream_));
-  std::vector<std::unique_ptr<Layer>>& ffn = ffn_layers(N, training);
-  last_ffn_ = &ffn;
+  std::vector<std::unique_ptr<Layer>>* ffn = dense_ ? nullptr : &ffn_layers(N, training);
+  last_ffn_ = ffn;
 
   encoder_forward(residual_, tokens_, param("wte"), param("wpe"), B, S, D, stream_);
   for (int64_t l = 0; l < L; ++l) {
@@ -401,8 +424,18 @@ double GpuModel::forward(const data::Batch& batch, bool training, uint64_t noise
     record(attention_events_[l].end);
     layernorm_forward(ln2, s2, s2 + N, mid, param(p + "ln2_w"), param(p + "ln2_b"), N, D, stream_);
     record(ffn_events_[l].begin);
-    ffn[l]->set_seed(call_seed(noise_seed, l));
-    ffn[l]->forward(ln2, ffn_weights(l), ffn_out, stream_);
+    if (dense_) {
+      bf16* pre = dense_pre_ + size_t(l) * N * up_width_;
+      bf16* act = dense_act_ + size_t(l) * N * inter_;
+      matmul_forward<bf16>(cublas_, pre, ln2, param_bf16(p + "ffn.experts.w_up"), nullptr, N, D,
+                           up_width_, false, stream_);
+      ffn_activation_forward(act, pre, N, inter_, swiglu_, stream_);
+      matmul_forward<bf16>(cublas_, ffn_out, act, param_bf16(p + "ffn.experts.w_down"), nullptr, N,
+                           inter_, D, false, stream_);
+    } else {
+      (*ffn)[l]->set_seed(call_seed(noise_seed, l));
+      (*ffn)[l]->forward(ln2, ffn_weights(l), ffn_out, stream_);
+    }
     record(ffn_events_[l].end);
     residual_add(r_out, mid, ffn_out, int64_t(nd), stream_);
   }
@@ -429,7 +462,6 @@ void GpuModel::backward() {
   const int64_t B = B_, S = cfg_.seq, D = cfg_.d_model, V = cfg_.vocab, L = cfg_.layers;
   const int64_t NH = cfg_.heads, N = B * S;
   const size_t nd = size_t(N * D);
-  std::vector<std::unique_ptr<Layer>>& ffn = *last_ffn_;
   MOE_CUDA_CHECK(cudaMemsetAsync(grads_, 0, size_t(total_) * sizeof(float), stream_));
 
   // loss -> logits (dlogits made by the forward's cross-entropy) -> final LayerNorm
@@ -446,13 +478,25 @@ void GpuModel::backward() {
     // r_out = mid + FFN(LN2(mid))
     record(ffn_events_[L + l].begin);
     to_bf16(dy_, dres_, int64_t(nd), stream_);
-    LayerGrads g;
-    g.dx = dln2_;
-    g.dw_gate = grad(p + "ffn.router.w_gate");
-    g.dw_up = grad(p + "ffn.experts.w_up");
-    g.dw_down = grad(p + "ffn.experts.w_down");
-    if (has(p + "ffn.router.w_noise")) g.dw_noise = grad(p + "ffn.router.w_noise");
-    ffn[l]->backward(ln2_ + l * nd, ffn_weights(l), dy_, g, stream_);
+    if (dense_) {
+      const bf16* pre = dense_pre_ + size_t(l) * N * up_width_;
+      const bf16* act = dense_act_ + size_t(l) * N * inter_;
+      matmul_backward<bf16>(cublas_, dense_dact_, grad(p + "ffn.experts.w_down"), nullptr, dy_,
+                            act, param_bf16(p + "ffn.experts.w_down"), N, inter_, D, scratch_,
+                            stream_);
+      ffn_activation_backward(dense_dpre_, dense_dact_, pre, N, inter_, swiglu_, stream_);
+      matmul_backward<bf16>(cublas_, dln2_, grad(p + "ffn.experts.w_up"), nullptr, dense_dpre_,
+                            ln2_ + l * nd, param_bf16(p + "ffn.experts.w_up"), N, D, up_width_,
+                            scratch_, stream_);
+    } else {
+      LayerGrads g;
+      g.dx = dln2_;
+      g.dw_gate = grad(p + "ffn.router.w_gate");
+      g.dw_up = grad(p + "ffn.experts.w_up");
+      g.dw_down = grad(p + "ffn.experts.w_down");
+      if (has(p + "ffn.router.w_noise")) g.dw_noise = grad(p + "ffn.router.w_noise");
+      (*last_ffn_)[l]->backward(ln2_ + l * nd, ffn_weights(l), dy_, g, stream_);
+    }
     record(ffn_events_[L + l].end);
     MOE_CUDA_CHECK(
         cudaMemcpyAsync(dmid_, dres_, nd * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
@@ -522,6 +566,14 @@ double GpuModel::aux_loss() {
 
 std::vector<LoadStats> GpuModel::layer_stats() {
   std::vector<LoadStats> out;
+  if (dense_ && B_ > 0) {
+    // One expert takes every token: the CPU's E = 1 layer reports exactly this.
+    LoadStats s;
+    s.tokens_per_expert = {double(N())};
+    fill_balance(s);
+    out.assign(cfg_.layers, s);
+    return out;
+  }
   if (!last_ffn_) return out;
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   for (const std::unique_ptr<Layer>& layer : *last_ffn_) out.push_back(layer->stats());
@@ -530,9 +582,16 @@ std::vector<LoadStats> GpuModel::layer_stats() {
 
 void GpuModel::add_routing_counts(const std::vector<int32_t>& row_domain, int64_t num_domains,
                                   std::vector<std::vector<double>>& counts) {
-  if (!last_ffn_) return;
   const int64_t S = cfg_.seq;
   counts.resize(cfg_.layers);
+  if (dense_ && B_ > 0) {  // every token's one choice goes to expert 0
+    for (int64_t l = 0; l < cfg_.layers; ++l) {
+      counts[l].resize(num_domains, 0.0);
+      for (int64_t t = 0; t < N(); ++t) counts[l][row_domain[t / S]] += 1.0;
+    }
+    return;
+  }
+  if (!last_ffn_) return;
   std::vector<int32_t> token, expert;
   for (int64_t l = 0; l < cfg_.layers; ++l) {
     const Layer& layer = *(*last_ffn_)[l];

@@ -169,6 +169,17 @@ void adamw_update(float* p, bf16* p_bf16, const float* g, float* m, float* v, in
                   const float* scale, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
+// dense FFN activation (the dense baselines: two cuBLAS GEMMs around it), the CPU experts' math
+
+// swiglu: pre (N, 2I) = [gate | up] -> act (N, I) = silu(gate) * up;  else GELU (erf):
+// pre (N, I) -> act (N, I).
+void ffn_activation_forward(bf16* act, const bf16* pre, int64_t N, int64_t I, bool swiglu,
+                            cudaStream_t stream);
+// dpre (pre's shape) OVERWRITTEN from dact (N, I) and the forward's pre.
+void ffn_activation_backward(bf16* dpre, const bf16* dact, const bf16* pre, int64_t N, int64_t I,
+                             bool swiglu, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
 // elementwise
 
 // out (n) fp32 = a (fp32) + b (bf16): residual + FFN output. out may alias a.
