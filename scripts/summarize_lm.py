@@ -3,11 +3,11 @@
 the PyTorch twin (bench/peers/torch_lm.py, eager and torch.compile) run on the same card.
 
 usage: summarize_lm.py DIR
-  DIR holds compare_seed*/compare.jsonl (ours, one folder per seed) and twin_*.jsonl (the twin's
+  DIR holds compare_seed*/compare.jsonl[.gz] (ours, one folder per seed) and twin_*.jsonl[.gz] (the twin's
   lines, any number of routers, modes and seeds). Writes into DIR:
   summary.md          per model: final validation bits per byte, mean and spread over our seeds;
-                      tokens/s (median step of compare's interleaved timing rounds, mean over
-                      seeds); the twin's final bits per byte and tokens/s per mode, and our
+                      tokens/s (median step of compare's interleaved timing rounds, or of the
+                      training steps when a run has no timing record; mean over seeds); the twin's final bits per byte and tokens/s per mode, and our
                       speed-up over each
   val_curves_gpu.png  validation bits per byte over training: our seeds' mean (band: min..max)
                       per model
@@ -15,6 +15,7 @@ usage: summarize_lm.py DIR
   speed_gpu.png       tokens/s per model: ours, twin eager, twin compiled
 """
 import glob
+import gzip
 import json
 import os
 import statistics
@@ -28,7 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def lines(path):
-    with open(path) as f:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
         for line in f:
             line = line.strip()
             if line:
@@ -38,7 +40,7 @@ def lines(path):
 def load_ours(d):
     """{model: {seed: {"evals": [(step, bpb)], "tps": float, "final": float, "device": str}}}"""
     runs = defaultdict(dict)
-    for path in sorted(glob.glob(os.path.join(d, "compare_seed*", "compare.jsonl"))):
+    for path in sorted(glob.glob(os.path.join(d, "compare_seed*", "compare.jsonl*"))):
         seed = None
         per = defaultdict(lambda: {"evals": [], "tps": None, "final": None, "device": None})
         for r in lines(path):
@@ -51,7 +53,8 @@ def load_ours(d):
                 run["evals"].append((r["step"], r["val_bpb"]))
             elif kind == "summary":
                 run["final"] = r["val_bpb"]
-            elif kind == "timing":
+                run["tps"] = run["tps"] or r["tokens_per_s"]
+            elif kind == "timing":  # compare's interleaved rounds, when the run got that far
                 run["tps"] = r["tokens_per_s"]
         for name, run in per.items():
             runs[name][seed] = run
@@ -63,7 +66,7 @@ def load_twin(d):
     of eager, compile, compile-reduce-overhead. A file's records run one after the other, each
     run opened by its config record."""
     twins = defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(d, "twin_*.jsonl"))):
+    for path in sorted(glob.glob(os.path.join(d, "twin_*.jsonl*"))):
         cur = None
         for r in lines(path):
             kind = r.get("kind")
@@ -150,25 +153,37 @@ def main():
     fig.tight_layout()
     fig.savefig(os.path.join(d, "val_curves_gpu.png"), dpi=120)
 
-    routers = sorted({r for (r, _), runs in twins.items() if any(len(t["evals"]) > 1 for t in runs)})
+    # Curves at equal steps: the twin's runs with evaluations along the way (speed-only runs
+    # evaluate at the start and the end only). Left: the whole run; right: its second half.
+    routers = sorted({r for (r, _), runs in twins.items() if any(len(t["evals"]) > 2 for t in runs)})
     if routers:
-        fig, axes = plt.subplots(1, len(routers), figsize=(5 * len(routers), 4.5), squeeze=False)
-        for ax, r in zip(axes[0], routers):
-            if r in ours:
-                steps, mean, lo, hi = band(ours[r])
-                ax.plot(steps, mean, "k-", label=f"ours ({len(ours[r])} seeds)")
-                ax.fill_between(steps, lo, hi, color="k", alpha=0.15)
-            for mode, style in (("eager", "--"), ("compile", ":"), ("compile-reduce-overhead", "-.")):
-                for t in twins.get((r, mode), []):
-                    s = [p[0] for p in t["evals"]]
-                    v = [p[1] for p in t["evals"]]
-                    if len(s) > 1:
-                        ax.plot(s, v, style, label=f"twin {mode} seed {t['seed']}")
-            ax.set_title(r, fontsize=10)
-            ax.set_xlabel("step")
-            ax.set_ylabel("validation bits per byte")
-            ax.set_ylim(top=min(8.5, ax.get_ylim()[1]))
-            ax.legend(fontsize=7)
+        fig, axes = plt.subplots(len(routers), 2, figsize=(11, 4.2 * len(routers)), squeeze=False)
+        for row, r in zip(axes, routers):
+            for ax, zoom in zip(row, (False, True)):
+                last = 0
+                if r in ours:
+                    steps, mean, lo, hi = band(ours[r])
+                    last = steps[-1]
+                    ax.plot(steps, mean, "k-", label=f"ours, mean of {len(ours[r])} seeds")
+                    ax.fill_between(steps, lo, hi, color="k", alpha=0.15, label="ours, min..max")
+                for mode, style in (("eager", "--"), ("compile", ":"),
+                                    ("compile-reduce-overhead", "-.")):
+                    for t in twins.get((r, mode), []):
+                        if len(t["evals"]) > 2:
+                            ax.plot([p[0] for p in t["evals"]], [p[1] for p in t["evals"]], style,
+                                    label=f"twin {mode}, seed {t['seed']}")
+                if zoom and last:
+                    ax.set_xlim(last / 2, last * 1.01)
+                    tail = [v for run in ours[r].values() for s, v in run["evals"] if s >= last / 2]
+                    tail += [p[1] for (rr, _), runs in twins.items() if rr == r for t in runs
+                             for p in t["evals"] if p[0] >= last / 2 and len(t["evals"]) > 2]
+                    ax.set_ylim(min(tail) - 0.02, max(tail) + 0.02)
+                else:
+                    ax.set_ylim(top=min(8.5, ax.get_ylim()[1]))
+                ax.set_title(f"{r}{' (second half)' if zoom else ''}", fontsize=10)
+                ax.set_xlabel("step")
+                ax.set_ylabel("validation bits per byte")
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(d, "twin_curves.png"), dpi=120)
 
