@@ -53,6 +53,9 @@ expect replay-missing 2 replay "$work/missing.safetensors"
 expect replay-not-safetensors 2 replay /etc/passwd
 expect train-unknown-device 2 train --device tpu
 expect compare-unknown-device 2 compare --device tpu
+expect compare-bad-seed 2 compare --seeds 0,x
+expect compare-repeated-seed 2 compare --seeds 1,1
+expect compare-seeds-and-seed 2 compare --seeds 0,1 --seed 2
 expect compare-jsonl-missing-dir 2 compare-layer "${small[@]}" --jsonl "$work/no/such/r.jsonl"
 # check / bench exist in every build; where they cannot run they say why in one line.
 "$bench" --help >"$work/help"

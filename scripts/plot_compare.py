@@ -3,6 +3,9 @@
 
 usage: plot_compare.py RESULTS.jsonl[.gz] [OUTDIR]
 
+  With several seeds in the file (compare --seeds) every plot shows means over the seeds, and the
+  validation curves a band from the lowest to the highest seed.
+
   val_curves.png      validation bits per byte over training, one line per model
   load.png            load imbalance over training (CV and MaxVio of the tokens per expert,
                       mean over layers, smoothed over 25 steps), MoE models only
@@ -24,8 +27,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def load(path):
-    runs = defaultdict(lambda: {"steps": [], "evals": [], "summary": None, "config": None,
-                                "timing": None})
+    """{run name: {seed: {"steps", "evals", "summary", "config", "timing"}}}. A record's seed is
+    its "seed" field, or (files written before records carried one) the seed of the last config
+    record of that run."""
+    runs = defaultdict(dict)
+    last_seed = {}
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         for line in f:
@@ -33,8 +39,12 @@ def load(path):
             if not line:
                 continue
             r = json.loads(line)
-            run = runs[r["run"]]
-            kind = r.get("kind")
+            name, kind = r["run"], r.get("kind")
+            if kind == "config":
+                last_seed[name] = r.get("seed", r["config"]["train"]["seed"])
+            seed = r.get("seed", last_seed.get(name, 0))
+            run = runs[name].setdefault(seed, {"steps": [], "evals": [], "summary": None,
+                                               "config": None, "timing": None})
             if kind == "step":
                 run["steps"].append(r)
             elif kind == "eval":
@@ -46,6 +56,19 @@ def load(path):
             elif kind == "timing":
                 run["timing"] = r
     return runs
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def over_seeds(seeds, series):
+    """series(run) -> [(x, y)]; returns xs and the mean, min and max of y over the seeds at each x
+    that every seed reached."""
+    per = [dict(series(run)) for run in seeds.values()]
+    xs = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    ys = [[p[x] for p in per] for x in xs]
+    return xs, [mean(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
 
 
 def smooth(values, window=25):
@@ -63,14 +86,17 @@ def style(name):
 
 
 def subtitle(runs):
-    for run in runs.values():
+    seeds = sorted({sd for by_seed in runs.values() for sd in by_seed})
+    for run in (run for by_seed in runs.values() for run in by_seed.values()):
         s = run["summary"] or run["config"]
         if s and "config" in s:
             c = s["config"]
             m, f, t = c["model"], c["ffn"], c["train"]
+            seed_text = (f"seeds {','.join(map(str, seeds))} (mean, band min..max)"
+                         if len(seeds) > 1 else f"seed {seeds[0]}")
             return (f"L={m['layers']} D={m['d_model']} S={m['seq']} B={t['batch']} "
                     f"E={f['experts']} K={f['top_k']} I={f['inter']} | {t['steps']} steps | "
-                    f"{s.get('device', '?')} | git {s.get('git', '?')}")
+                    f"{seed_text}\n{s.get('device', '?')} | git {s.get('git', '?')}")
     return ""
 
 
@@ -90,11 +116,15 @@ def main(argv):
 
     # ---- validation curves
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, run in runs.items():
-        ev = sorted(run["evals"], key=lambda r: r["step"])
-        ev = [r for r in ev if r["step"] > 0] or ev  # step 0 (8 bits) flattens the plot
-        ax.plot([r["step"] for r in ev], [r["val_bpb"] for r in ev], marker="o", ms=3,
-                label=name, **style(name))
+    for name, seeds in runs.items():
+        # step 0 (8 bits) flattens the plot
+        xs, mid, lo, hi = over_seeds(seeds, lambda run: [(r["step"], r["val_bpb"])
+                                                         for r in run["evals"] if r["step"] > 0])
+        if not xs:
+            continue
+        line, = ax.plot(xs, mid, marker="o", ms=3, label=name, **style(name))
+        if len(seeds) > 1:
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("step")
     ax.set_ylabel("validation bits per byte")
     ax.set_title("Validation loss\n" + sub, fontsize=9)
@@ -106,14 +136,15 @@ def main(argv):
     plt.close(fig)
 
     # ---- load over training
-    moe_runs = {n: r for n, r in runs.items() if not n.startswith("dense") and r["steps"]}
+    moe_runs = {n: sd for n, sd in runs.items()
+                if not n.startswith("dense") and all(r["steps"] for r in sd.values())}
     if moe_runs:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for name, run in moe_runs.items():
-            steps = [r["step"] for r in run["steps"]]
-            axes[0].plot(steps, smooth([r["load"]["cv"] for r in run["steps"]]), label=name)
-            axes[1].plot(steps, smooth([r["load"]["max_violation"] for r in run["steps"]]),
-                         label=name)
+        for name, seeds in moe_runs.items():
+            for ax, key in zip(axes, ("cv", "max_violation")):
+                xs, mid, _, _ = over_seeds(seeds, lambda run: [(r["step"], r["load"][key])
+                                                               for r in run["steps"]])
+                ax.plot(xs, smooth(mid), label=name)
         axes[0].set_ylabel("CV of tokens per expert")
         axes[1].set_ylabel("MaxVio = max load / mean load - 1")
         for a in axes:
@@ -130,8 +161,12 @@ def main(argv):
 
     # ---- quality vs speed
     # Speed from the interleaved timing rounds when present, else from training's median step.
-    points = [(n, (r["timing"] or r["summary"])["tokens_per_s"], r["summary"]["val_bpb"])
-              for n, r in runs.items() if r["summary"] and r["summary"].get("tokens_per_s")]
+    points = []
+    for n, seeds in runs.items():
+        done = [r for r in seeds.values() if r["summary"] and r["summary"].get("tokens_per_s")]
+        if done:
+            points.append((n, mean([(r["timing"] or r["summary"])["tokens_per_s"] for r in done]),
+                           mean([r["summary"]["val_bpb"] for r in done])))
     if points:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, speed, bpb in points:
@@ -155,8 +190,12 @@ def main(argv):
         plt.close(fig)
 
     # ---- specialisation
-    spec = [(n, r["summary"]["mi_domain_expert_normalized"]) for n, r in runs.items()
-            if r["summary"] and r["summary"].get("experts", 1) > 1]
+    spec = []
+    for n, seeds in runs.items():
+        done = [r["summary"]["mi_domain_expert_normalized"] for r in seeds.values()
+                if r["summary"] and r["summary"].get("experts", 1) > 1]
+        if done:
+            spec.append((n, [mean(v) for v in zip(*done)]))
     if spec:
         fig, ax = plt.subplots(figsize=(7, 4))
         layers = max(len(v) for _, v in spec)

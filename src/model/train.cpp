@@ -334,6 +334,7 @@ nlohmann::ordered_json record(const Trainer& t, const RunOptions& o, const char*
   nlohmann::ordered_json r = io::result_record(o.command);
   r["kind"] = kind;
   r["run"] = t.config().model.name();
+  r["seed"] = t.config().seed;
   r["router"] = t.config().model.description();
   r["device"] = t.model().device();
   r["dtype"] = t.model().dtype();
