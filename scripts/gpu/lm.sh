@@ -38,7 +38,7 @@ twin() {  # twin MODE ROUTER CONFIG_JSONL STEPS OUTFILE [more flags]
 
 if [[ $PHASE == check ]]; then
   step "parity tests"
-  timeout 150 "$RUN/moe_cuda_tests" --gtest_filter='*LmLayers*:*LayerParity*:*LmModel*' \
+  timeout 150 "$RUN/moe_cuda_tests" --gtest_filter='*LmLayers*:*LayerParity*:*LayerGraph*:*LmModel*' \
     >"$W/tests.log" 2>&1
   echo "tests exit $?" | tee -a "$OUT/summary.txt"
   grep -E "^\[  (PASSED|FAILED) |FAILED  \]|tests ran" "$W/tests.log" | tail -30 | tee -a "$OUT/summary.txt"

@@ -338,6 +338,97 @@ TEST(LayerParitySeed, NoisyTopkSameSeedSameBitsOtherSeedOtherRouting) {
   std::printf("seed 3 vs 4: %lld of %zu choices on another expert\n", (long long)moved, N);
 }
 
+// The whole layer has no host synchronisation, so forward + backward can be captured in a CUDA
+// graph once and replayed: each replay must give the eager run's bits, also after x changes (the
+// routing, plan and segment sizes are recomputed on the device at every replay).
+class LayerGraph : public ::testing::TestWithParam<LayerCase> {};
+
+TEST_P(LayerGraph, ReplayOfForwardAndBackwardGivesTheEagerBits) {
+  MOE_REQUIRE_GPU();
+  const LayerCase& c = GetParam();
+  const LayerConfig cfg = config_of(c);
+  const LayerInputs in = make_inputs(c, cfg);
+  cuda::Layer layer(cfg);
+  layer.set_seed(c.seed);
+  DeviceLayerData d(in, c.E);
+  const cuda::LayerWeights w = d.weights(c.router);
+  cudaStream_t stream = nullptr;
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  struct Out {
+    std::vector<bf16> y, dx;
+    std::vector<float> dw_gate, dw_up, dw_down;
+  };
+  auto zero_grads = [&] {
+    for (DeviceArray<float>* g : {&d.dw_gate, &d.dw_noise, &d.dw_up, &d.dw_down})
+      MOE_CUDA_CHECK(cudaMemsetAsync(g->get(), 0, g->size() * sizeof(float), stream));
+    MOE_CUDA_CHECK(cudaMemsetAsync(d.y.get(), 0xff, d.y.size() * sizeof(bf16), stream));
+    MOE_CUDA_CHECK(cudaMemsetAsync(d.dx.get(), 0xff, d.dx.size() * sizeof(bf16), stream));
+  };
+  auto step = [&] {
+    layer.forward(d.x.get(), w, d.y.get(), stream);
+    layer.backward(d.x.get(), w, d.dy.get(), d.grads(), stream);
+  };
+  auto collect = [&] {
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return Out{d.y.download(), d.dx.download(), d.dw_gate.download(), d.dw_up.download(),
+               d.dw_down.download()};
+  };
+  auto expect_same = [](const Out& a, const Out& b, const char* what) {
+    EXPECT_TRUE(same_bytes(a.y, b.y)) << what << ": y";
+    EXPECT_TRUE(same_bytes(a.dx, b.dx)) << what << ": dx";
+    EXPECT_TRUE(same_bytes(a.dw_gate, b.dw_gate)) << what << ": dW_gate";
+    EXPECT_TRUE(same_bytes(a.dw_up, b.dw_up)) << what << ": dW_up";
+    EXPECT_TRUE(same_bytes(a.dw_down, b.dw_down)) << what << ": dW_down";
+  };
+
+  // eager on x, then on a second input x2 (reversed token order: other routing, same values)
+  zero_grads();
+  step();
+  const Out eager = collect();
+  std::vector<double> x2(in.x.size());
+  for (int64_t t = 0; t < c.T; ++t)
+    for (int64_t h = 0; h < c.H; ++h) x2[t * c.H + h] = in.x[(c.T - 1 - t) * c.H + h];
+  const std::vector<bf16> x1_bf16 = d.x.download(), x2_bf16 = to_bf16(x2);
+  d.x.upload(x2_bf16);
+  zero_grads();
+  step();
+  const Out eager2 = collect();
+
+  // capture once; the graph reads whatever x holds when it is replayed
+  d.x.upload(x1_bf16);
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  MOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  step();
+  MOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  MOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int replay = 0; replay < 2; ++replay) {
+    zero_grads();
+    MOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    expect_same(collect(), eager, "replay on x");
+  }
+  d.x.upload(x2_bf16);
+  zero_grads();
+  MOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  expect_same(collect(), eager2, "replay on the second input");
+  MOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MOE_CUDA_CHECK(cudaGraphDestroy(graph));
+  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, LayerGraph,
+    ::testing::Values(
+        LayerCase{.name = "softmax_dropless", .T = 384, .H = 64, .I = 48, .E = 8, .K = 2,
+                  .skewed = true},
+        LayerCase{.name = "softmax_padded_drops", .T = 384, .H = 64, .I = 48, .E = 8, .K = 2,
+                  .skewed = true, .layout = Layout::padded, .capacity_factor = 1.0},
+        LayerCase{.name = "noisy_topk", .T = 256, .H = 64, .I = 32, .E = 8, .K = 2,
+                  .router = Router::noisy_topk, .seed = 7},
+        LayerCase{.name = "sigmoid_bias_block", .T = 300, .H = 64, .I = 32, .E = 6, .K = 2,
+                  .router = Router::sigmoid_bias, .layout = Layout::block}),
+    [](const auto& info) { return info.param.name; });
+
 // sigmoid_bias: the device update equals moe::update_expert_bias (float) for the counts of the
 // same forward; in evaluation it does nothing, on both sides.
 TEST(LayerParityExpertBias, UpdateMatchesCpuAndIsANoOpInEvaluation) {
