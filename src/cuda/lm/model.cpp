@@ -553,14 +553,13 @@ double GpuModel::optimizer_step(double lr, const model::TrainConfig& cfg) {
 
 double GpuModel::aux_loss() {
   if (!last_ffn_) return 0;
+  std::vector<double> per_layer(last_ffn_->size(), 0.0);
+  for (size_t l = 0; l < per_layer.size(); ++l)
+    MOE_CUDA_CHECK(cudaMemcpyAsync(&per_layer[l], (*last_ffn_)[l]->aux_loss(), sizeof(double),
+                                   cudaMemcpyDeviceToHost, stream_));
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   double sum = 0;
-  for (const std::unique_ptr<Layer>& layer : *last_ffn_) {
-    double a = 0;
-    MOE_CUDA_CHECK(
-        cudaMemcpyAsync(&a, layer->aux_loss(), sizeof a, cudaMemcpyDeviceToHost, stream_));
-    MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    sum += a;
-  }
+  for (double a : per_layer) sum += a;
   return sum;
 }
 
