@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cuda_test_util.hpp"
+#include "lm_test_util.hpp"
 #include "moe/check.hpp"
 #include "moe/cuda/lm/layers.hpp"
 #include "moe/model/layers.hpp"
@@ -64,23 +65,6 @@ std::vector<FlashShape> flash_shapes() {
   return v;
 }
 
-// ||got - want|| / ||want||; infinite when got holds a NaN or an infinity (an unwritten element).
-double rel_error(const std::vector<float>& got, const std::vector<float>& want) {
-  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
-  double diff = 0, ref = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
-    const double d = double(got[i]) - double(want[i]);
-    diff += d * d;
-    ref += double(want[i]) * double(want[i]);
-  }
-  return std::sqrt(diff) / std::max(std::sqrt(ref), 1e-30);
-}
-
-std::vector<float> download_float(const DeviceArray<bf16>& a) {
-  return from_device_type<bf16>(a.download());
-}
-
 // lse (B,NH,S) of the scaled causal scores, in double.
 std::vector<double> cpu_lse(const std::vector<float>& qkv, const FlashShape& sh) {
   const int64_t B = sh.B, S = sh.S, NH = sh.NH, hs = sh.hs, D = sh.D(), C3 = 3 * D;
@@ -105,18 +89,7 @@ std::vector<double> cpu_lse(const std::vector<float>& qkv, const FlashShape& sh)
   return lse;
 }
 
-class LmLayersFlash : public ::testing::Test {
- protected:
-  void SetUp() override {
-    MOE_REQUIRE_GPU();
-    MOE_CUBLAS_CHECK(cublasCreate(&handle_));
-  }
-  void TearDown() override {
-    if (handle_) cublasDestroy(handle_);
-  }
-  cublasHandle_t handle_ = nullptr;
-  cudaStream_t stream_ = nullptr;
-};
+class LmLayersFlash : public CublasTest {};
 
 // ---------------------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cuda_test_util.hpp"
+#include "lm_test_util.hpp"
 #include "moe/cuda/lm/layers.hpp"
 #include "moe/model/layers.hpp"
 #include "moe/model/train.hpp"
@@ -58,11 +59,6 @@ const std::vector<Shape>& shapes() {
 
 std::vector<float> rounded(const std::vector<float>& v) { return round_to<bf16>(v); }
 
-template <class T>
-std::vector<float> download_float(const DeviceArray<T>& a) {
-  return from_device_type<T>(a.download());
-}
-
 std::vector<int32_t> random_tokens(int64_t n, int64_t V, uint64_t seed) {
   std::vector<int32_t> t(n);
   for (int64_t i = 0; i < n; ++i)
@@ -70,34 +66,7 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t V, uint64_t seed) {
   return t;
 }
 
-// ||got - want|| / ||want - start|| (start: the += starting values, or none); infinite when got
-// holds a NaN or an infinity (an unwritten poisoned element).
-double rel_error(const std::vector<float>& got, const std::vector<float>& want,
-                 const std::vector<float>* start = nullptr) {
-  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
-  double diff = 0, ref = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
-    const double w = want[i] - (start ? double((*start)[i]) : 0.0);
-    const double d = double(got[i]) - double(want[i]);
-    diff += d * d;
-    ref += w * w;
-  }
-  return std::sqrt(diff) / std::max(std::sqrt(ref), 1e-30);
-}
-
-class LmLayers : public ::testing::Test {
- protected:
-  void SetUp() override {
-    MOE_REQUIRE_GPU();
-    MOE_CUBLAS_CHECK(cublasCreate(&handle_));
-  }
-  void TearDown() override {
-    if (handle_) cublasDestroy(handle_);
-  }
-  cublasHandle_t handle_ = nullptr;
-  cudaStream_t stream_ = nullptr;
-};
+class LmLayers : public CublasTest {};
 
 // ---------------------------------------------------------------------------------------------
 // encoder
