@@ -10,7 +10,8 @@
 //              column from one block is strided by n; instead each block reduces a chunk of 256
 //              rows for 32 adjacent columns (coalesced: a warp reads 32 consecutive floats of a
 //              row) into a per-chunk (max, sum) with the online rescaling, a second kernel merges
-//              the chunks of each column in chunk order, a third writes the weights
+//              the chunks of each column in chunk order, a third writes the weights. With groups
+//              (SoftMoeBuffers(cfg, G)) the chunks are per group (grid z) and so are the statistics
 //   combine:   softmax over the slots of a token: a warp per row
 //   GEMMs:     cuBLAS, row-major operands, fp32 accumulation (CUBLAS_COMPUTE_32F)
 // Backward: the dispatch softmax's column dots take the same chunked path (as do phi's column
@@ -78,6 +79,23 @@ void gemm_rm(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_t k
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// The per-group products: batch g of row-major C_g(m,n) = alpha op(A_g) op(B_g) + beta C_g, the
+// operands sA, sB, sC elements apart. One group is cublasGemmEx, as before groups existed.
+template <class In, class Out>
+void gemm_rm_groups(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+                    float alpha, const In* A, int64_t lda, int64_t sA, const In* B, int64_t ldb,
+                    int64_t sB, float beta, Out* C, int64_t ldc, int64_t sC, int64_t groups) {
+  if (groups == 1) {
+    gemm_rm<In, Out>(h, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  if (m == 0 || n == 0 || groups == 0) return;
+  MOE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m), int(k),
+      &alpha, B, data_type<In>(), int(ldb), sB, A, data_type<In>(), int(lda), sA, &beta, C,
+      data_type<Out>(), int(ldc), sC, int(groups), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 // The launchers pass alpha and beta from the host.
 void bind(cublasHandle_t h, cudaStream_t stream) {
   MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
@@ -136,14 +154,19 @@ __global__ void logits_kernel(const float* __restrict__ inv_x, const float* __re
   }
 }
 
-// Dispatch, step 1: per chunk of kSoftMoeRowChunk rows and column j, (max, sum exp(L - max)).
-// blockIdx.x: 32 columns, blockIdx.y: the chunk; warp w takes rows w, w + 8, ... of the chunk.
+// Dispatch, step 1: per group, chunk of kSoftMoeRowChunk rows and column j,
+// (max, sum exp(L - max)) over the group's B rows. blockIdx.x: 32 columns, blockIdx.y: the chunk,
+// blockIdx.z: the group; warp w takes rows w, w + 8, ... of the chunk.
+// partial: (G, chunks, n, 2), chunks = gridDim.y.
 __global__ void __launch_bounds__(kBlock)
-    column_max_sum_partial_kernel(const float* __restrict__ L, int64_t T, int64_t n,
+    column_max_sum_partial_kernel(const float* __restrict__ L, int64_t B, int64_t n,
                                   float* __restrict__ partial) {
   const int lane = threadIdx.x % kWarp, w = threadIdx.x / kWarp;
-  const int64_t j = blockIdx.x * int64_t{kWarp} + lane, chunk = blockIdx.y;
-  const int64_t r0 = chunk * kSoftMoeRowChunk, r1 = std::min(T, r0 + kSoftMoeRowChunk);
+  const int64_t j = blockIdx.x * int64_t{kWarp} + lane;
+  const int64_t chunk = int64_t{blockIdx.z} * gridDim.y + blockIdx.y;  // (group, chunk)
+  L += int64_t{blockIdx.z} * B * n;
+  const int64_t r0 = int64_t{blockIdx.y} * kSoftMoeRowChunk,
+                r1 = std::min(B, r0 + kSoftMoeRowChunk);
   float m = -INFINITY, s = 0.f;
   if (j < n) {
 #pragma unroll 8
@@ -169,29 +192,33 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// Dispatch, step 2: merge the chunks of column j in chunk order; a thread per column.
+// Dispatch, step 2: merge the chunks of column j of group g in chunk order; a thread per
+// (g, j) of the (G, n) statistics.
 __global__ void column_max_sum_finalize_kernel(const float* __restrict__ partial, int64_t chunks,
-                                               int64_t n, float* __restrict__ col_max,
+                                               int64_t groups, int64_t n,
+                                               float* __restrict__ col_max,
                                                float* __restrict__ col_sum) {
-  const int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (j >= n) return;
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i >= groups * n) return;
+  const int64_t g = i / n, j = i - g * n;
+  partial += 2 * g * chunks * n;
   float m = -INFINITY, s = 0.f;
   for (int64_t c = 0; c < chunks; ++c)
     merge_max_sum(m, s, partial[2 * (c * n + j)], partial[2 * (c * n + j) + 1]);
-  col_max[j] = m;
-  col_sum[j] = s;
+  col_max[i] = m;
+  col_sum[i] = s;
 }
 
-// Dispatch, step 3: D[t, j] = exp(L[t, j] - max_j) / sum_j, rounded to Elem.
+// Dispatch, step 3: D[t, j] = exp(L[t, j] - max_gj) / sum_gj with g = t / B, rounded to Elem.
 template <class Elem>
 __global__ void dispatch_weights_kernel(const float* __restrict__ L,
                                         const float* __restrict__ col_max,
-                                        const float* __restrict__ col_sum, int64_t T, int64_t n,
-                                        Elem* __restrict__ D) {
+                                        const float* __restrict__ col_sum, int64_t T, int64_t B,
+                                        int64_t n, Elem* __restrict__ D) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < T * n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t j = i % n;
-    D[i] = from_f<Elem>(expf(L[i] - col_max[j]) / col_sum[j]);
+    const int64_t t = i / n, j = i - t * n, c = (t / B) * n + j;
+    D[i] = from_f<Elem>(expf(L[i] - col_max[c]) / col_sum[c]);
   }
 }
 
@@ -217,18 +244,23 @@ __global__ void __launch_bounds__(kBlock)
 // backward kernels
 // ------------------------------------------------------------------------------------------------
 
-// Per chunk of kSoftMoeRowChunk rows and column j of two row-major (rows, n) matrices:
-// partial[chunk * n + j] = <a[chunk rows, j], b[chunk rows, j]>. The layout of
-// column_max_sum_partial_kernel (32 columns per block, 8 warps over the chunk's rows). Used for the
-// dispatch softmax's backward (D, dD: rows = T) and for phi's columns (phi, phi and phi, Q:
-// rows = H; one thread per column of a (4096, 128) phi was 4096 dependent loads on 4 blocks).
+// Per group (blockIdx.z), chunk of kSoftMoeRowChunk rows (blockIdx.y) and column j of two
+// row-major (G, rows, n) matrices: partial[(g, chunk), j] = <a[g, chunk rows, j], b[g, chunk rows,
+// j]>. The layout of column_max_sum_partial_kernel (32 columns per block, 8 warps over the chunk's
+// rows). Used for the dispatch softmax's backward (D, dD: rows = B per group) and for phi's
+// columns (phi, phi and phi, Q: rows = H, one group; one thread per column of a (4096, 128) phi
+// was 4096 dependent loads on 4 blocks).
 template <class A, class B>
 __global__ void __launch_bounds__(kBlock)
     column_dot_partial_kernel(const A* __restrict__ a, const B* __restrict__ b, int64_t rows,
                               int64_t n, float* __restrict__ partial) {
   const int lane = threadIdx.x % kWarp, w = threadIdx.x / kWarp;
-  const int64_t j = blockIdx.x * int64_t{kWarp} + lane, chunk = blockIdx.y;
-  const int64_t r0 = chunk * kSoftMoeRowChunk, r1 = std::min(rows, r0 + kSoftMoeRowChunk);
+  const int64_t j = blockIdx.x * int64_t{kWarp} + lane;
+  const int64_t chunk = int64_t{blockIdx.z} * gridDim.y + blockIdx.y;  // (group, chunk)
+  a += int64_t{blockIdx.z} * rows * n;
+  b += int64_t{blockIdx.z} * rows * n;
+  const int64_t r0 = int64_t{blockIdx.y} * kSoftMoeRowChunk,
+                r1 = std::min(rows, r0 + kSoftMoeRowChunk);
   float dot = 0.f;
   if (j < n) {
 #pragma unroll 8
@@ -245,19 +277,22 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// out[j] = the chunks' partials of column j added in chunk order; kInvNorm: 1 / sqrt(sum + eps).
+// out[g, j] = the chunks' partials of column j of group g added in chunk order; a thread per
+// (g, j). kInvNorm: 1 / sqrt(sum + eps).
 template <bool kInvNorm>
 __global__ void column_sum_finalize_kernel(const float* __restrict__ partial, int64_t chunks,
-                                           int64_t n, float* __restrict__ out) {
-  const int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (j >= n) return;
+                                           int64_t groups, int64_t n, float* __restrict__ out) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i >= groups * n) return;
+  const int64_t g = i / n, j = i - g * n;
+  partial += g * chunks * n;
   float s = 0.f;
   for (int64_t c = 0; c < chunks; ++c) s += partial[c * n + j];
-  out[j] = kInvNorm ? 1.f / sqrtf(s + kNormEps) : s;
+  out[i] = kInvNorm ? 1.f / sqrtf(s + kNormEps) : s;
 }
 
-// A warp per token t:
-//   dL[t, j]  = D (dD - <D[:, j], dD[:, j]>) + C (dC - <C[t, :], dC[t, :]>)   (both softmaxes)
+// A warp per token t (of group g = t / B):
+//   dL[t, j]  = D (dD - <D[g, :, j], dD[g, :, j]>) + C (dC - <C[t, :], dC[t, :]>)  (both softmaxes)
 //   G[t, j]   = scale * inv_x[t] * inv_phi[j] * dL[t, j]                      (rounded to Elem)
 //   scale_partial[t] = sum_j dL[t, j] * unscaled[t, j]                        (d scale, per token)
 template <class Elem>
@@ -266,12 +301,13 @@ __global__ void __launch_bounds__(kBlock)
                            const Elem* __restrict__ C, const float* __restrict__ dC,
                            const float* __restrict__ unscaled, const float* __restrict__ col_dot,
                            const float* __restrict__ inv_x, const float* __restrict__ inv_phi,
-                           const float* __restrict__ scale, int64_t T, int64_t n,
+                           const float* __restrict__ scale, int64_t T, int64_t B, int64_t n,
                            Elem* __restrict__ G, float* __restrict__ scale_partial) {
   const int lane = threadIdx.x % kWarp;
   const int64_t t = blockIdx.x * int64_t{kBlock / kWarp} + threadIdx.x / kWarp;
   if (t >= T) return;
   const int64_t base = t * n;
+  col_dot += (t / B) * n;
   float row_dot = 0.f;
   for (int64_t j = lane; j < n; j += kWarp)
     row_dot = fmaf(to_f(C[base + j]), dC[base + j], row_dot);
@@ -360,21 +396,26 @@ __global__ void phi_norm_backward_kernel(const Elem* __restrict__ phi, const flo
 // ------------------------------------------------------------------------------------------------
 
 template <class Elem>
-SoftMoeBuffers<Elem>::SoftMoeBuffers(const LayerConfig& cfg) {
+SoftMoeBuffers<Elem>::SoftMoeBuffers(const LayerConfig& cfg, int64_t num_groups) {
   MOE_CHECK(cfg.router == Router::soft_moe, "SoftMoeBuffers: router is ", name(cfg.router));
-  tokens = cfg.tokens;
+  MOE_CHECK(num_groups >= 1 && num_groups <= kMaxGridY, "SoftMoeBuffers: groups must be in [1, ",
+            kMaxGridY, "] (a grid dimension), got ", num_groups);
+  groups = num_groups;
+  group_tokens = cfg.tokens;
+  tokens = groups * group_tokens;
   hidden = cfg.hidden;
   slots = cfg.experts * cfg.slots_per_expert;
-  row_chunks = std::max<int64_t>(1, (tokens + kSoftMoeRowChunk - 1) / kSoftMoeRowChunk);
+  row_chunks = std::max<int64_t>(1, (group_tokens + kSoftMoeRowChunk - 1) / kSoftMoeRowChunk);
   hidden_chunks = std::max<int64_t>(1, (hidden + kSoftMoeRowChunk - 1) / kSoftMoeRowChunk);
-  MOE_CHECK(row_chunks <= kMaxGridY, "SoftMoeBuffers: tokens ", tokens, " above ",
+  MOE_CHECK(row_chunks <= kMaxGridY, "SoftMoeBuffers: tokens ", group_tokens, " above ",
             kMaxGridY * kSoftMoeRowChunk, " (row chunks are a grid dimension)");
   MOE_CHECK(hidden_chunks <= kMaxGridY, "SoftMoeBuffers: hidden ", hidden, " above ",
             kMaxGridY * kSoftMoeRowChunk, " (row chunks of phi are a grid dimension)");
-  MOE_CHECK(
-      tokens < (int64_t{1} << 31) && hidden < (int64_t{1} << 31) && slots < (int64_t{1} << 31),
-      "SoftMoeBuffers: tokens, hidden and slots must each be below 2^31 (cuBLAS int sizes)");
-  const size_t T = tokens, H = hidden, n = slots, es = sizeof(Elem), f = sizeof(float);
+  MOE_CHECK(tokens < (int64_t{1} << 31) && slots < (int64_t{1} << 31) &&
+                groups * hidden < (int64_t{1} << 31),
+            "SoftMoeBuffers: groups * tokens, slots and groups * hidden must each be below 2^31 "
+            "(cuBLAS int sizes and leading dimensions)");
+  const size_t T = tokens, H = hidden, n = slots, G = groups, es = sizeof(Elem), f = sizeof(float);
   auto p = [](auto*& ptr) { return reinterpret_cast<void**>(&ptr); };
   arena = DeviceArena({{"x_inv_norm", T * f, p(x_inv_norm)},
                        {"phi_inv_norm", n * f, p(phi_inv_norm)},
@@ -382,14 +423,14 @@ SoftMoeBuffers<Elem>::SoftMoeBuffers(const LayerConfig& cfg) {
                        {"phi_dot", n * f, p(phi_dot)},
                        {"unscaled", T * n * f, p(unscaled)},
                        {"logits", T * n * f, p(logits)},
-                       {"col_partial", size_t(row_chunks) * n * 2 * f, p(col_partial)},
-                       {"col_max", n * f, p(col_max)},
-                       {"col_sum", n * f, p(col_sum)},
+                       {"col_partial", G * size_t(row_chunks) * n * 2 * f, p(col_partial)},
+                       {"col_max", G * n * f, p(col_max)},
+                       {"col_sum", G * n * f, p(col_sum)},
                        {"dispatch", T * n * es, p(dispatch)},
                        {"combine", T * n * es, p(combine)},
                        {"d_combine", T * n * f, p(d_combine)},
                        {"d_dispatch", T * n * f, p(d_dispatch)},
-                       {"col_dot", n * f, p(col_dot)},
+                       {"col_dot", G * n * f, p(col_dot)},
                        {"scale_partial", T * f, p(scale_partial)},
                        {"g", T * n * es, p(g)},
                        {"dx_raw", T * H * es, p(dx_raw)},
@@ -418,7 +459,7 @@ void soft_moe_logits_forward(cublasHandle_t h, const Elem* x, const Elem* phi, c
       <<<phi_grid, kBlock, 0, stream>>>(phi, phi, H, n, b.phi_partial);
   MOE_CUDA_LAUNCH_CHECK();
   column_sum_finalize_kernel<true><<<blocks_for(n, kBlock), kBlock, 0, stream>>>(
-      b.phi_partial, b.hidden_chunks, n, b.phi_inv_norm);
+      b.phi_partial, b.hidden_chunks, 1, n, b.phi_inv_norm);
   MOE_CUDA_LAUNCH_CHECK();
   gemm_rm<Elem, float>(h, false, false, T, n, H, 1.f, x, H, phi, n, 0.f, b.unscaled, n);
   logits_kernel<<<blocks_for(T * n, kBlock), kBlock, 0, stream>>>(
@@ -428,16 +469,17 @@ void soft_moe_logits_forward(cublasHandle_t h, const Elem* x, const Elem* phi, c
 
 template <class Elem>
 void soft_moe_dispatch_softmax_forward(SoftMoeBuffers<Elem>& b, cudaStream_t stream) {
-  const int64_t T = b.tokens, n = b.slots;
+  const int64_t T = b.tokens, B = b.group_tokens, G = b.groups, n = b.slots;
   if (T == 0) return;
-  const dim3 grid(blocks_for(n, kWarp), static_cast<unsigned>(b.row_chunks));
-  column_max_sum_partial_kernel<<<grid, kBlock, 0, stream>>>(b.logits, T, n, b.col_partial);
+  const dim3 grid(blocks_for(n, kWarp), static_cast<unsigned>(b.row_chunks),
+                  static_cast<unsigned>(G));
+  column_max_sum_partial_kernel<<<grid, kBlock, 0, stream>>>(b.logits, B, n, b.col_partial);
   MOE_CUDA_LAUNCH_CHECK();
-  column_max_sum_finalize_kernel<<<blocks_for(n, kBlock), kBlock, 0, stream>>>(
-      b.col_partial, b.row_chunks, n, b.col_max, b.col_sum);
+  column_max_sum_finalize_kernel<<<blocks_for(G * n, kBlock), kBlock, 0, stream>>>(
+      b.col_partial, b.row_chunks, G, n, b.col_max, b.col_sum);
   MOE_CUDA_LAUNCH_CHECK();
   dispatch_weights_kernel<Elem><<<blocks_for(T * n, kBlock), kBlock, 0, stream>>>(
-      b.logits, b.col_max, b.col_sum, T, n, b.dispatch);
+      b.logits, b.col_max, b.col_sum, T, B, n, b.dispatch);
   MOE_CUDA_LAUNCH_CHECK();
 }
 
@@ -461,22 +503,26 @@ void soft_moe_route_forward(cublasHandle_t h, const Elem* x, const Elem* phi, co
 template <class Elem>
 void soft_moe_dispatch_forward(cublasHandle_t h, const SoftMoeBuffers<Elem>& b, const Elem* x,
                                Elem* slots_in, cudaStream_t stream) {
+  const int64_t B = b.group_tokens, G = b.groups, H = b.hidden, n = b.slots;
   if (b.tokens == 0) {
-    MOE_CUDA_CHECK(cudaMemsetAsync(slots_in, 0, b.slots * b.hidden * sizeof(Elem), stream));
+    MOE_CUDA_CHECK(cudaMemsetAsync(slots_in, 0, n * G * H * sizeof(Elem), stream));
     return;
   }
   bind(h, stream);
-  gemm_rm<Elem, Elem>(h, true, false, b.slots, b.hidden, b.tokens, 1.f, b.dispatch, b.slots, x,
-                      b.hidden, 0.f, slots_in, b.hidden);
+  // group g: slots_in[:, g, :] (n, H; rows G * H apart) = D[g]^T (n, B) x[g] (B, H)
+  gemm_rm_groups<Elem, Elem>(h, true, false, n, H, B, 1.f, b.dispatch, n, B * n, x, H, B * H, 0.f,
+                             slots_in, G * H, H, G);
 }
 
 template <class Elem>
 void soft_moe_combine_forward(cublasHandle_t h, const SoftMoeBuffers<Elem>& b,
                               const Elem* slots_out, Elem* y, cudaStream_t stream) {
+  const int64_t B = b.group_tokens, G = b.groups, H = b.hidden, n = b.slots;
   if (b.tokens == 0) return;
   bind(h, stream);
-  gemm_rm<Elem, Elem>(h, false, false, b.tokens, b.hidden, b.slots, 1.f, b.combine, b.slots,
-                      slots_out, b.hidden, 0.f, y, b.hidden);
+  // group g: y[g] (B, H) = C[g] (B, n) slots_out[:, g, :] (n, H; rows G * H apart)
+  gemm_rm_groups<Elem, Elem>(h, false, false, B, H, n, 1.f, b.combine, n, B * n, slots_out, G * H,
+                             H, 0.f, y, H, B * H, G);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -486,45 +532,52 @@ void soft_moe_combine_forward(cublasHandle_t h, const SoftMoeBuffers<Elem>& b,
 template <class Elem>
 void soft_moe_combine_backward(cublasHandle_t h, SoftMoeBuffers<Elem>& b, const Elem* slots_out,
                                const Elem* dy, Elem* d_slots_out, cudaStream_t stream) {
-  const int64_t T = b.tokens, H = b.hidden, n = b.slots;
+  const int64_t T = b.tokens, B = b.group_tokens, G = b.groups, H = b.hidden, n = b.slots;
   if (T == 0) {
-    MOE_CUDA_CHECK(cudaMemsetAsync(d_slots_out, 0, n * H * sizeof(Elem), stream));
+    MOE_CUDA_CHECK(cudaMemsetAsync(d_slots_out, 0, n * G * H * sizeof(Elem), stream));
     return;
   }
   bind(h, stream);
-  gemm_rm<Elem, float>(h, false, true, T, n, H, 1.f, dy, H, slots_out, H, 0.f, b.d_combine, n);
-  gemm_rm<Elem, Elem>(h, true, false, n, H, T, 1.f, b.combine, n, dy, H, 0.f, d_slots_out, H);
+  // dC[g] (B, n) = dy[g] slots_out[:, g, :]^T;  d_slots_out[:, g, :] (n, H) = C[g]^T dy[g]
+  gemm_rm_groups<Elem, float>(h, false, true, B, n, H, 1.f, dy, H, B * H, slots_out, G * H, H, 0.f,
+                              b.d_combine, n, B * n, G);
+  gemm_rm_groups<Elem, Elem>(h, true, false, n, H, B, 1.f, b.combine, n, B * n, dy, H, B * H, 0.f,
+                             d_slots_out, G * H, H, G);
 }
 
 template <class Elem>
 void soft_moe_dispatch_backward(cublasHandle_t h, SoftMoeBuffers<Elem>& b, const Elem* x,
                                 const Elem* d_slots_in, Elem* dx, cudaStream_t stream) {
-  const int64_t T = b.tokens, H = b.hidden, n = b.slots;
+  const int64_t T = b.tokens, B = b.group_tokens, G = b.groups, H = b.hidden, n = b.slots;
   if (T == 0) return;
   bind(h, stream);
-  gemm_rm<Elem, float>(h, false, true, T, n, H, 1.f, x, H, d_slots_in, H, 0.f, b.d_dispatch, n);
-  gemm_rm<Elem, Elem>(h, false, false, T, H, n, 1.f, b.dispatch, n, d_slots_in, H, 1.f, dx, H);
+  // dD[g] (B, n) = x[g] d_slots_in[:, g, :]^T;  dx[g] (B, H) += D[g] d_slots_in[:, g, :]
+  gemm_rm_groups<Elem, float>(h, false, true, B, n, H, 1.f, x, H, B * H, d_slots_in, G * H, H, 0.f,
+                              b.d_dispatch, n, B * n, G);
+  gemm_rm_groups<Elem, Elem>(h, false, false, B, H, n, 1.f, b.dispatch, n, B * n, d_slots_in, G * H,
+                             H, 1.f, dx, H, B * H, G);
 }
 
 template <class Elem>
 void soft_moe_route_backward(cublasHandle_t h, SoftMoeBuffers<Elem>& b, const Elem* x,
                              const Elem* phi, const float* scale, Elem* dx, float* dphi,
                              float* dscale, cudaStream_t stream) {
-  const int64_t T = b.tokens, H = b.hidden, n = b.slots;
+  const int64_t T = b.tokens, B = b.group_tokens, G = b.groups, H = b.hidden, n = b.slots;
   if (T == 0) return;
   bind(h, stream);
-  // the dispatch softmax's column dots <D[:, j], dD[:, j]>, in row chunks
-  const dim3 grid(blocks_for(n, kWarp), static_cast<unsigned>(b.row_chunks));
+  // the dispatch softmax's column dots <D[g, :, j], dD[g, :, j]> per group, in row chunks
+  const dim3 grid(blocks_for(n, kWarp), static_cast<unsigned>(b.row_chunks),
+                  static_cast<unsigned>(G));
   column_dot_partial_kernel<Elem, float>
-      <<<grid, kBlock, 0, stream>>>(b.dispatch, b.d_dispatch, T, n, b.col_partial);
+      <<<grid, kBlock, 0, stream>>>(b.dispatch, b.d_dispatch, B, n, b.col_partial);
   MOE_CUDA_LAUNCH_CHECK();
-  column_sum_finalize_kernel<false>
-      <<<blocks_for(n, kBlock), kBlock, 0, stream>>>(b.col_partial, b.row_chunks, n, b.col_dot);
+  column_sum_finalize_kernel<false><<<blocks_for(G * n, kBlock), kBlock, 0, stream>>>(
+      b.col_partial, b.row_chunks, G, n, b.col_dot);
   MOE_CUDA_LAUNCH_CHECK();
   // dL of both softmaxes (they share the logits) -> G and the per-token d scale
   logits_backward_kernel<Elem><<<blocks_for(T, kBlock / kWarp), kBlock, 0, stream>>>(
       b.dispatch, b.d_dispatch, b.combine, b.d_combine, b.unscaled, b.col_dot, b.x_inv_norm,
-      b.phi_inv_norm, scale, T, n, b.g, b.scale_partial);
+      b.phi_inv_norm, scale, T, B, n, b.g, b.scale_partial);
   MOE_CUDA_LAUNCH_CHECK();
   scale_grad_finalize_kernel<<<1, kBlock, 0, stream>>>(b.scale_partial, T, dscale);
   MOE_CUDA_LAUNCH_CHECK();
@@ -543,8 +596,8 @@ void soft_moe_route_backward(cublasHandle_t h, SoftMoeBuffers<Elem>& b, const El
   column_dot_partial_kernel<Elem, float>
       <<<phi_grid, kBlock, 0, stream>>>(phi, b.dphi_raw, H, n, b.phi_partial);
   MOE_CUDA_LAUNCH_CHECK();
-  column_sum_finalize_kernel<false>
-      <<<blocks_for(n, kBlock), kBlock, 0, stream>>>(b.phi_partial, b.hidden_chunks, n, b.phi_dot);
+  column_sum_finalize_kernel<false><<<blocks_for(n, kBlock), kBlock, 0, stream>>>(
+      b.phi_partial, b.hidden_chunks, 1, n, b.phi_dot);
   MOE_CUDA_LAUNCH_CHECK();
   phi_norm_backward_kernel<Elem><<<blocks_for(H * n, kBlock), kBlock, 0, stream>>>(
       phi, b.dphi_raw, b.phi_inv_norm, b.phi_dot, H, n, dphi);

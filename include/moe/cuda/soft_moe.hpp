@@ -27,6 +27,21 @@
 // The backward folds the norms the same way (G = scale inv_x inv_phi dL, then dx from G phi^T and
 // dphi from x^T G), see soft_moe.cu.
 // `scale` is a device pointer (the learnable softmax scale): no host round trip anywhere.
+//
+// Groups: SoftMoeBuffers(cfg, G) runs G independent Soft MoE layers of B = cfg.tokens tokens each
+// in one set of launches (the language model's groups across the batch, one per position). Only
+// the dispatch softmax (over a group's tokens) and the products with D and C see the groups;
+// the norms, logits, combine softmax and both norm GEMMs of the backward run over all T = G * B
+// tokens at once (phi is shared). Layouts:
+//   x, y, dx                       (G, B, H)   group-major rows, group g = rows [g B, (g+1) B)
+//   logits, dispatch, combine      (G, B, n)
+//   slots_in, slots_out and grads  (n, G, H)   row j * G + g: slot j of group g. Expert e owns
+//                                              slots [e S, (e+1) S), so its rows from all groups
+//                                              are the contiguous [e S G, (e+1) S G): the experts
+//                                              stage runs E uniform segments of S * G rows.
+// The per-group products are cuBLAS strided-batched GEMMs (a slot matrix of group g starts at
+// row g and has leading dimension G * H). With G = 1 every layout is the single group's and the
+// GEMMs are the plain cublasGemmEx calls.
 // Backward: combine -> (dC, d slots_out); dispatch -> (dD, dx += D d_slots_in); route -> dL from
 // both softmaxes -> d scale (+=), dx (+=), d phi (+=).
 #pragma once
@@ -47,24 +62,26 @@ inline constexpr int64_t kSoftMoeRowChunk = 256;
 
 template <class Elem>
 struct SoftMoeBuffers {
-  int64_t tokens = 0, hidden = 0, slots = 0;  // T, H, n = E * S
-  int64_t row_chunks = 0;     // ceil(T / kSoftMoeRowChunk)
+  int64_t tokens = 0, hidden = 0, slots = 0;  // T = G * B, H, n = E * S
+  int64_t groups = 1;         // G
+  int64_t group_tokens = 0;   // B = cfg.tokens
+  int64_t row_chunks = 0;     // ceil(B / kSoftMoeRowChunk), per group
   int64_t hidden_chunks = 0;  // ceil(H / kSoftMoeRowChunk)
   float* x_inv_norm = nullptr;     // (T)
   float* phi_inv_norm = nullptr;   // (n)
   float* phi_partial = nullptr;    // (hidden_chunks, n) per chunk: sum phi^2, or <phi, Q>
   float* unscaled = nullptr;       // (T, n) x_hat phi_hat (d scale = sum dL * unscaled)
   float* logits = nullptr;         // (T, n) scale * unscaled
-  float* col_partial = nullptr;    // (row_chunks, n, 2) per chunk: (max, sum exp); backward:
-                                   // (row_chunks, n) <D, dD>
-  float* col_max = nullptr;        // (n) dispatch softmax: max over tokens
-  float* col_sum = nullptr;        // (n) dispatch softmax: sum of exp(L - max)
+  float* col_partial = nullptr;    // (G, row_chunks, n, 2) per chunk: (max, sum exp); backward:
+                                   // (G, row_chunks, n) <D, dD>
+  float* col_max = nullptr;        // (G, n) dispatch softmax: max over the group's tokens
+  float* col_sum = nullptr;        // (G, n) dispatch softmax: sum of exp(L - max)
   Elem* dispatch = nullptr;        // (T, n)
   Elem* combine = nullptr;         // (T, n)
   // backward
   float* d_combine = nullptr;      // (T, n) dC
   float* d_dispatch = nullptr;     // (T, n) dD
-  float* col_dot = nullptr;        // (n) <D[:, j], dD[:, j]>
+  float* col_dot = nullptr;        // (G, n) <D[g, :, j], dD[g, :, j]>
   float* scale_partial = nullptr;  // (T) sum_j dL[t, j] * unscaled[t, j]
   Elem* g = nullptr;               // (T, n) scale * inv_x[t] * inv_phi[j] * dL[t, j]
   Elem* dx_raw = nullptr;          // (T, H) G phi^T = inv_x * dx_hat
@@ -73,7 +90,8 @@ struct SoftMoeBuffers {
   DeviceArena arena;
 
   SoftMoeBuffers() = default;
-  explicit SoftMoeBuffers(const LayerConfig& cfg);
+  // cfg.tokens = B tokens per group; groups in [1, 65535].
+  explicit SoftMoeBuffers(const LayerConfig& cfg, int64_t groups = 1);
 };
 
 // ---- forward
@@ -92,23 +110,24 @@ void soft_moe_combine_softmax_forward(SoftMoeBuffers<Elem>& b, cudaStream_t stre
 template <class Elem>
 void soft_moe_route_forward(cublasHandle_t handle, const Elem* x, const Elem* phi,
                             const float* scale, SoftMoeBuffers<Elem>& b, cudaStream_t stream);
-// slots_in (n, H) = D^T x, overwritten.
+// slots_in (n, G, H) = D[g]^T x[g] per group, overwritten.
 template <class Elem>
 void soft_moe_dispatch_forward(cublasHandle_t handle, const SoftMoeBuffers<Elem>& b, const Elem* x,
                                Elem* slots_in, cudaStream_t stream);
-// y (T, H) = C slots_out, overwritten.
+// y (G, B, H) = C[g] slots_out[:, g, :] per group, overwritten.
 template <class Elem>
 void soft_moe_combine_forward(cublasHandle_t handle, const SoftMoeBuffers<Elem>& b,
                               const Elem* slots_out, Elem* y, cudaStream_t stream);
 
 // ---- backward
 
-// dC = dy slots_out^T (into b.d_combine, fp32); d_slots_out (n, H) = C^T dy, overwritten.
+// dC = dy slots_out^T (into b.d_combine, fp32); d_slots_out (n, G, H) = C^T dy, overwritten
+// (per group).
 template <class Elem>
 void soft_moe_combine_backward(cublasHandle_t handle, SoftMoeBuffers<Elem>& b,
                                const Elem* slots_out, const Elem* dy, Elem* d_slots_out,
                                cudaStream_t stream);
-// dD = x d_slots_in^T (into b.d_dispatch, fp32); dx (T, H) += D d_slots_in.
+// dD = x d_slots_in^T (into b.d_dispatch, fp32); dx (G, B, H) += D d_slots_in (per group).
 template <class Elem>
 void soft_moe_dispatch_backward(cublasHandle_t handle, SoftMoeBuffers<Elem>& b, const Elem* x,
                                 const Elem* d_slots_in, Elem* dx, cudaStream_t stream);
