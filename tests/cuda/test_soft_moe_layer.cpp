@@ -10,12 +10,15 @@
 // dW_down (test_layer.cpp's bound for the whole layer in bf16): the GPU rounds D, C, slots_in,
 // pre, act, slots_out, y, d_slots_out, da, dpre, d_slots_in and dx to bf16 (unit roundoff 2^-9)
 // and accumulates in fp32; dx takes two bf16 roundings (D d_slots_in, then the norm's backward
-// added). A wrong group, slot row or stride gives O(1) errors, an unwritten element NaN (outputs
-// are poisoned first; the accumulated gradients start from random values, not zeros).
+// added). A host model of these roundings (every bf16 and fp32 store of the layer, on these cases
+// and seeds 11..13) lands at 3e-3 .. 6e-3 for every tensor. A wrong group, slot row or stride
+// gives O(1) errors, an unwritten element NaN (outputs are poisoned first; the accumulated
+// gradients start from random values, not zeros).
 // d scale is a sum over G*B*n terms whose softmax backwards cancel: its error is bounded by the
 // size of what goes into it, ||m||_2 with m_i = |u_i| (D_i (|dD_i| + |a_j| + sum_t |D dD|) +
 // C_i (|dC_i| + |b_t| + sum_j |C dC|)) (the bound of parity.cpp's soft_moe check, summed over
-// the groups); here dD and dC carry the bf16 experts' error too, so the bound is 5e-2 ||m||_2.
+// the groups). Here dD and dC carry the bf16 experts' error too; the host model lands at 3e-3
+// ||m||_2 at most, the bound is 2e-2 ||m||_2.
 // Statistics come from the fp32 logits on the GPU: relative 1e-4.
 #include <gtest/gtest.h>
 
@@ -40,7 +43,7 @@ using cuda::bf16;
 using cuda::ExpertsBackend;
 using cuda::GateUpLayout;
 constexpr double kTolerance = 2e-2;
-constexpr double kScaleTolerance = 5e-2;  // of ||m||_2, see above
+constexpr double kScaleTolerance = 2e-2;  // of ||m||_2, see above
 constexpr double kStatsTolerance = 1e-4;
 
 struct SoftCase {
