@@ -1,4 +1,5 @@
-// defines: SoftMoeLayer (constructor, forward, backward, stats, expert_mass)
+// defines: SoftMoeLayer (constructor, forward, backward, stats, expert_mass),
+//          transpose_row_blocks
 // Soft MoE over G groups on the device: the route, dispatch, combine stages of soft_moe.cu with a
 // group dimension around the experts stage of experts.cu; include/moe/cuda/soft_moe_layer.hpp has
 // the contract, src/cpu/soft_moe.cpp (one group) and src/model/transformer.cpp (the groups) the
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "moe/check.hpp"
@@ -122,7 +124,41 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// out row q P + p = in row p Q + q; a warp per output row, 16-byte packs where H and the
+// pointers allow (kVec = 8), else one element per lane.
+template <int kVec>
+__global__ void __launch_bounds__(kBlock)
+    transpose_row_blocks_kernel(const bf16* __restrict__ in, bf16* __restrict__ out, int64_t P,
+                                int64_t Q, int64_t H) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t r = blockIdx.x * int64_t{kBlock / kWarp} + threadIdx.x / kWarp;
+  if (r >= P * Q) return;
+  const int64_t q = r / P, p = r - q * P;
+  const bf16* src = in + (p * Q + q) * H;
+  bf16* dst = out + r * H;
+  if constexpr (kVec == 8) {
+    for (int64_t h = int64_t{lane} * kVec; h < H; h += kWarp * kVec)
+      *reinterpret_cast<uint4*>(dst + h) = __ldg(reinterpret_cast<const uint4*>(src + h));
+  } else {
+    for (int64_t h = lane; h < H; h += kWarp) dst[h] = src[h];
+  }
+}
+
 }  // namespace
+
+void transpose_row_blocks(const bf16* in, bf16* out, int64_t P, int64_t Q, int64_t H,
+                          cudaStream_t stream) {
+  MOE_CHECK(in != out, "transpose_row_blocks cannot run in place");
+  if (P * Q == 0 || H == 0) return;
+  const unsigned blocks = blocks_for(P * Q, kBlock / kWarp);
+  const bool packs = H % 8 == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  if (packs)
+    transpose_row_blocks_kernel<8><<<blocks, kBlock, 0, stream>>>(in, out, P, Q, H);
+  else
+    transpose_row_blocks_kernel<1><<<blocks, kBlock, 0, stream>>>(in, out, P, Q, H);
+  MOE_CUDA_LAUNCH_CHECK();
+}
 
 // ------------------------------------------------------------------------------------------------
 // construction

@@ -344,6 +344,28 @@ INSTANTIATE_TEST_SUITE_P(
                  .gate_up = GateUpLayout::interleaved}),
     [](const auto& info) { return info.param.name; });
 
+// The language model's (B, S, H) rows to the layer's (S, B, H) groups and back, exactly.
+TEST(SoftMoeLayer, TransposeRowBlocksSwapsBatchAndPositionOrders) {
+  MOE_REQUIRE_GPU();
+  struct Shape { int64_t P, Q, H; };
+  for (const Shape sh : {Shape{3, 5, 40}, Shape{4, 7, 13}, Shape{1, 6, 8}, Shape{5, 1, 16}}) {
+    const int64_t P = sh.P, Q = sh.Q, H = sh.H;
+    const std::vector<float> host = round_to<bf16>(random_vector<float>(P * Q * H, 21 + H));
+    DeviceArray<bf16> in(to_device_type<bf16>(host)), out(P * Q * H), back(P * Q * H);
+    out.poison();
+    back.poison();
+    cuda::transpose_row_blocks(in.get(), out.get(), P, Q, H, nullptr);
+    cuda::transpose_row_blocks(out.get(), back.get(), Q, P, H, nullptr);
+    const std::vector<float> got = download_float(out), again = download_float(back);
+    std::vector<float> want(P * Q * H);
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t q = 0; q < Q; ++q)
+        std::copy_n(host.data() + (p * Q + q) * H, H, want.data() + (q * P + p) * H);
+    EXPECT_TRUE(same_bytes(got, want)) << "P=" << P << " Q=" << Q << " H=" << H;
+    EXPECT_TRUE(same_bytes(again, host)) << "P=" << P << " Q=" << Q << " H=" << H;
+  }
+}
+
 // Refused at construction, before anything touches the device (runs without a GPU).
 TEST(SoftMoeLayer, RefusesOtherRoutersEmptyGroupsAndHostSyncingBackends) {
   LayerConfig cfg = config_of(SoftCase{"refused", 2, 4, 32, 16, 2, 1});

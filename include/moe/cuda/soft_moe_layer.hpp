@@ -1,4 +1,4 @@
-// defines: moe::cuda::SoftMoeWeights, SoftMoeGrads, SoftMoeLayer
+// defines: moe::cuda::SoftMoeWeights, SoftMoeGrads, SoftMoeLayer, transpose_row_blocks
 // Soft MoE over G groups of B tokens on the GPU in bf16: what the CPU language model runs as S
 // calls of moe::layer_forward / layer_backward with tokens = B (the B batch rows at one position,
 // src/model/transformer.cpp, "groups across the batch"), here in one set of launches per stage:
@@ -33,7 +33,9 @@
 //   dphi    (H, n)   fp32 +=           dscale (1) fp32 +=
 //   dw_up   (E, H, A) fp32 +=  (same GateUpLayout as w_up)   dw_down (E, I, H) fp32 +=
 // x, y and dy are (G*B, H) bf16, group-major: rows [g B, (g+1) B) are group g. The language
-// model's (batch, position) rows (b S + s) become group s, row b: row s B + b.
+// model's (batch, position) rows (b S + s) become group s, row b: row s B + b
+// (transpose_row_blocks below does both directions: x and dy with (P, Q) = (B, S), y and dx with
+// (P, Q) = (S, B)).
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -137,5 +139,11 @@ class SoftMoeLayer {
   double* stats_out_ = nullptr;  // (E + 2) tokens per expert, router entropy, mean entropy
   DeviceArena arena_;
 };
+
+// out (Q, P, H) = in (P, Q, H) with the (P, Q) row blocks swapped: out row q P + p = in row
+// p Q + q. For the language model: its (B, S, H) rows to the layer's (S, B, H) groups with
+// (P, Q) = (B, S), and the layer's y / dx back with (P, Q) = (S, B). in != out.
+void transpose_row_blocks(const bf16* in, bf16* out, int64_t P, int64_t Q, int64_t H,
+                          cudaStream_t stream);
 
 }  // namespace moe::cuda
