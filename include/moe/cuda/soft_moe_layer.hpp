@@ -10,8 +10,8 @@
 //             (the experts stage of experts.hpp: E uniform segments)
 //   combine   y[g] = C[g] slots_out[:, g, :]            (G, B, H)   cuBLAS strided-batched
 // and the backward of each (combine, experts, dispatch, route), all on one stream, with no host
-// synchronisation and no allocation after the constructor (CUDA-graph capturable with the
-// default experts backend). Router math is fp32 (norms, logits, softmax statistics, dC, dD, dL,
+// synchronisation and no allocation after the constructor (the experts backends it accepts
+// never wait for the host either). Router math is fp32 (norms, logits, softmax statistics, dC, dD, dL,
 // d phi, d scale); storage is bf16 (x, y, dx, the weights, D, C, slots and the experts'
 // activations); every GEMM accumulates in fp32.
 //
