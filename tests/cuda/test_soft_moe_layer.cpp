@@ -19,7 +19,8 @@
 // C_i (|dC_i| + |b_t| + sum_j |C dC|)) (the bound of parity.cpp's soft_moe check, summed over
 // the groups). Here dD and dC carry the bf16 experts' error too; the host model lands at 3e-3
 // ||m||_2 at most, the bound is 2e-2 ||m||_2.
-// Statistics come from the fp32 logits on the GPU: relative 1e-4.
+// Statistics come from the fp32 logits on the GPU: relative 1e-4. A CUDA graph of forward +
+// backward replays to the eager bits; transpose_row_blocks moves the LM's rows exactly.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -342,6 +343,96 @@ INSTANTIATE_TEST_SUITE_P(
         SoftCase{.name = "lm_g64_b16_e16_s1_grouped_fused_interleaved", .G = 64, .B = 16,
                  .H = 64, .I = 32, .E = 16, .S = 1, .backend = ExpertsBackend::grouped_fused,
                  .gate_up = GateUpLayout::interleaved}),
+    [](const auto& info) { return info.param.name; });
+
+// A CUDA graph of forward + backward replays to the eager bits, also on another input: every
+// size stays on the device and nothing is allocated or synchronised inside the calls.
+class SoftMoeLayerGraph : public ::testing::TestWithParam<SoftCase> {};
+
+TEST_P(SoftMoeLayerGraph, ReplayOfForwardAndBackwardGivesTheEagerBits) {
+  MOE_REQUIRE_GPU();
+  const SoftCase& c = GetParam();
+  const LayerConfig cfg = config_of(c);
+  const Inputs in = make_inputs(c, cfg);
+  const int64_t T = c.G * c.B, H = c.H;
+  cuda::SoftMoeLayer layer(cfg, c.G, c.backend, c.gate_up);
+  const std::vector<bf16> x1 = to_device_type<bf16>(in.x);
+  std::vector<float> x2f(in.x.size());  // reversed rows: other groups, other routing
+  for (int64_t t = 0; t < T; ++t)
+    std::copy_n(in.x.data() + (T - 1 - t) * H, H, x2f.data() + t * H);
+  const std::vector<bf16> x2 = to_device_type<bf16>(x2f);
+  DeviceArray<bf16> x(x1), dy(to_device_type<bf16>(in.dy)),
+      phi(to_device_type<bf16>(to_f32(in.p.w_gate))), wu(to_device_type<bf16>(to_f32(in.p.w_up))),
+      wd(to_device_type<bf16>(to_f32(in.p.w_down))), y(T * H), dx(T * H);
+  DeviceArray<float> scale(std::vector<float>{float(in.p.slot_scale[0])}),
+      dphi(in.p.w_gate.size()), dscale(1), dwu(in.p.w_up.size()), dwd(in.p.w_down.size());
+  cuda::SoftMoeWeights w{phi.get(), scale.get(), wu.get(), wd.get()};
+  cuda::SoftMoeGrads g{dx.get(), dphi.get(), dscale.get(), dwu.get(), dwd.get()};
+  cudaStream_t stream = nullptr;
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  struct Out {
+    std::vector<bf16> y, dx;
+    std::vector<float> dphi, dscale, dw_up, dw_down;
+  };
+  auto reset = [&] {
+    for (DeviceArray<float>* a : {&dphi, &dscale, &dwu, &dwd})
+      MOE_CUDA_CHECK(cudaMemsetAsync(a->get(), 0, a->size() * sizeof(float), stream));
+    MOE_CUDA_CHECK(cudaMemsetAsync(y.get(), kPoisonFloat, y.size() * sizeof(bf16), stream));
+    MOE_CUDA_CHECK(cudaMemsetAsync(dx.get(), kPoisonFloat, dx.size() * sizeof(bf16), stream));
+  };
+  auto step = [&] {
+    layer.forward(x.get(), w, y.get(), stream);
+    layer.backward(x.get(), w, dy.get(), g, stream);
+  };
+  auto collect = [&] {
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return Out{y.download(), dx.download(), dphi.download(), dscale.download(), dwu.download(),
+               dwd.download()};
+  };
+  auto expect_same = [&](const Out& a, const Out& b, const char* what) {
+    EXPECT_TRUE(same_bytes(a.y, b.y)) << c.name << " " << what << ": y";
+    EXPECT_TRUE(same_bytes(a.dx, b.dx)) << c.name << " " << what << ": dx";
+    EXPECT_TRUE(same_bytes(a.dphi, b.dphi)) << c.name << " " << what << ": dphi";
+    EXPECT_TRUE(same_bytes(a.dscale, b.dscale)) << c.name << " " << what << ": dscale";
+    EXPECT_TRUE(same_bytes(a.dw_up, b.dw_up)) << c.name << " " << what << ": dw_up";
+    EXPECT_TRUE(same_bytes(a.dw_down, b.dw_down)) << c.name << " " << what << ": dw_down";
+  };
+
+  reset();
+  step();
+  const Out eager = collect();
+  x.upload(x2);
+  reset();
+  step();
+  const Out eager2 = collect();
+  EXPECT_FALSE(same_bytes(eager.y, eager2.y)) << "the second input must give another output";
+
+  x.upload(x1);
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  MOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  step();
+  MOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  MOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int replay = 0; replay < 2; ++replay) {
+    reset();
+    MOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    expect_same(collect(), eager, "replay on x");
+  }
+  x.upload(x2);
+  reset();
+  MOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  expect_same(collect(), eager2, "replay on the second input");
+  MOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MOE_CUDA_CHECK(cudaGraphDestroy(graph));
+  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Backends, SoftMoeLayerGraph,
+    ::testing::Values(SoftCase{"lm_g64_b16_e16_s1", 64, 16, 64, 32, 16, 1},
+                      SoftCase{.name = "lm_g64_b16_e16_s1_grouped", .G = 64, .B = 16, .H = 64,
+                               .I = 32, .E = 16, .S = 1, .backend = ExpertsBackend::grouped}),
     [](const auto& info) { return info.param.name; });
 
 // The language model's (B, S, H) rows to the layer's (S, B, H) groups and back, exactly.
