@@ -55,6 +55,8 @@ struct SoftCase {
   GateUpLayout gate_up = GateUpLayout::split;
   uint64_t seed = 11;
 };
+// Test listings show the case name, not a byte dump of the struct.
+void PrintTo(const SoftCase& c, std::ostream* os) { *os << c.name; }
 
 LayerConfig config_of(const SoftCase& c) {
   LayerConfig cfg;
