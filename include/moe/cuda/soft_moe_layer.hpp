@@ -1,7 +1,8 @@
 // defines: moe::cuda::SoftMoeWeights, SoftMoeGrads, SoftMoeLayer, transpose_row_blocks
-// Soft MoE over G groups of B tokens on the GPU in bf16: what the CPU language model runs as S
-// calls of moe::layer_forward / layer_backward with tokens = B (the B batch rows at one position,
-// src/model/transformer.cpp, "groups across the batch"), here in one set of launches per stage:
+// Soft MoE over G groups of B tokens on the GPU in bf16: what the CPU language model runs as one
+// call of moe::layer_forward / layer_backward per position, tokens = B (the B batch rows at that
+// position, src/model/transformer.cpp, "groups across the batch"; G = the sequence length), here
+// in one set of launches per stage (S below is slots per expert, not the sequence length):
 //   route     norms, logits L = scale x_hat phi_hat (G*B, n), dispatch D = softmax of L over the
 //             B tokens of a group (per slot), combine C = softmax over the n = E*S slots (per
 //             token)                                        (soft_moe.hpp, SoftMoeBuffers(cfg, G))
@@ -11,14 +12,14 @@
 //   combine   y[g] = C[g] slots_out[:, g, :]            (G, B, H)   cuBLAS strided-batched
 // and the backward of each (combine, experts, dispatch, route), all on one stream, with no host
 // synchronisation and no allocation after the constructor (the experts backends it accepts
-// never wait for the host either). Router math is fp32 (norms, logits, softmax statistics, dC, dD, dL,
-// d phi, d scale); storage is bf16 (x, y, dx, the weights, D, C, slots and the experts'
+// never wait for the host either). Router math is fp32 (norms, logits, softmax statistics, dC,
+// dD, dL, d phi, d scale); storage is bf16 (x, y, dx, the weights, D, C, slots and the experts'
 // activations); every GEMM accumulates in fp32.
 //
 // The gradient is that of <dy, y> summed over the groups, which is what Transformer::ffn_backward
-// forms: soft MoE has no auxiliary loss, so the 1/S scaling it applies to layers with one (and
-// the S*dy it hands them) is not applied (for soft_moe it multiplies and divides by the same S:
-// the identity up to float rounding).
+// forms: soft MoE has no auxiliary loss, so the 1/G scaling it applies to layers with one (and
+// the G*dy it hands them) is not applied (were it on, for soft_moe it would multiply and divide
+// by the same G: the identity up to float rounding).
 //
 // Weights, as the CPU's Params<float> of a soft_moe layer (moe/layer.hpp) on the device:
 //   phi     router.w_gate     (H, n)     bf16   column j = e*S + s is slot s of expert e
@@ -33,9 +34,9 @@
 //   dphi    (H, n)   fp32 +=           dscale (1) fp32 +=
 //   dw_up   (E, H, A) fp32 +=  (same GateUpLayout as w_up)   dw_down (E, I, H) fp32 +=
 // x, y and dy are (G*B, H) bf16, group-major: rows [g B, (g+1) B) are group g. The language
-// model's (batch, position) rows (b S + s) become group s, row b: row s B + b
-// (transpose_row_blocks below does both directions: x and dy with (P, Q) = (B, S), y and dx with
-// (P, Q) = (S, B)).
+// model's (batch, position) rows (b G + s) become group s, row b: row s B + b
+// (transpose_row_blocks below does both directions: x and dy with (P, Q) = (B, G), y and dx with
+// (P, Q) = (G, B)).
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -141,8 +142,9 @@ class SoftMoeLayer {
 };
 
 // out (Q, P, H) = in (P, Q, H) with the (P, Q) row blocks swapped: out row q P + p = in row
-// p Q + q. For the language model: its (B, S, H) rows to the layer's (S, B, H) groups with
-// (P, Q) = (B, S), and the layer's y / dx back with (P, Q) = (S, B). in != out.
+// p Q + q. For the language model (batch B, sequence length G): its (B, G, H) rows to the
+// layer's (G, B, H) groups with (P, Q) = (B, G), and the layer's y / dx back with (P, Q) = (G, B).
+// in != out.
 void transpose_row_blocks(const bf16* in, bf16* out, int64_t P, int64_t Q, int64_t H,
                           cudaStream_t stream);
 
