@@ -5,7 +5,9 @@
 //   G1 / G2  grouped up / down: CUTLASS sm90 grouped GEMM, sizes on the device (library)
 //   G3       grouped up with SwiGLU/GELU in the epilogue, writing pre and act (grouped_fused)
 //   G3n      the same without pre (forward only: nothing saved)
-//   W1 / W2  grouped weight gradients dw_down += act^T dyp / dw_up += xp^T dpre (K = segment)
+//   W1 / W2  grouped weight gradients dw_down += act^T dyp / dw_up += xp^T dpre (K = segment);
+//            W1o / W2o the same overwriting dW (beta = 0: dW written, never read)
+//   P2       the up and down GEMMs back to back (F1 - P2: the activation pass in place)
 //   L1..L4   per-expert cublasGemmEx loop: up, down, dw_down, dw_up (offsets on the host, untimed)
 //   C1 / C2  cublasGemmGroupedBatchedEx up / down (host sizes and device pointers built untimed)
 //   D1..D4   dense-equivalent: one cuBLAS GEMM with the same M, N, K totals (the ceiling)
@@ -15,7 +17,8 @@
 //            X3/X4 wgrad pingpong 128x128, X5 fused up-projection pingpong 64x256
 //   F*       experts_forward per backend (the activation included; host-offset backends include
 //            their offsets copy and stream synchronisation)
-//   B*       experts_backward per backend (grouped: no host round trip at all now)
+//   B*       experts_backward per backend (grouped: no host round trip at all now); B1o with the
+//            weight gradients overwritten instead of accumulated
 //
 // FLOPs: up 2*M*H*A, down 2*M*I*H (A = 2I for SwiGLU), forward 6*M*H*I for SwiGLU, backward twice
 // the forward (dx: same as forward, weight gradients: same again); M = rows computed (T*K when
@@ -424,7 +427,18 @@ int run(const Options& o) {
     row("W2 grouped dw_up += xp^T dpre (K = segment)", median_ms(o.reps, s, [&] {
           g_wgrad.run({offsets, H, A, xp, pre, dw_up}, s);  // pre stands in for dpre
         }), f_up);
+    row("W1o grouped dw_down = act^T dyp (overwrite)", median_ms(o.reps, s, [&] {
+          g_wgrad.run({offsets, I, H, act, dyp, dw_down, false}, s);
+        }), f_down);
+    row("W2o grouped dw_up = xp^T dpre (overwrite)", median_ms(o.reps, s, [&] {
+          g_wgrad.run({offsets, H, A, xp, pre, dw_up, false}, s);
+        }), f_up);
   }
+  // The forward's two GEMMs back to back: F1 - P2 is what the activation pass costs in place.
+  row("P2 up + down (no activation)", median_ms(o.reps, s, [&] {
+        g_up.run({offsets, A, H, xp, w_up, pre}, s);
+        g_down.run({offsets, H, I, act, w_down, yp}, s);
+      }), f_fwd);
   {
     // Lab-only configs: verified against the library kernel on the same inputs, timed if equal.
     const int sms = prop.multiProcessorCount;
@@ -555,6 +569,10 @@ int run(const Options& o) {
   if (o.backward) {
     row("B1 experts_backward grouped (no host sync)",
         median_ms(o.reps, s, [&] { experts_backward(grouped, ba, s); }), 2 * f_fwd);
+    ExpertsBackwardArgs ba_overwrite = ba;
+    ba_overwrite.accumulate = false;
+    row("B1o experts_backward grouped, weight gradients overwritten",
+        median_ms(o.reps, s, [&] { experts_backward(grouped, ba_overwrite, s); }), 2 * f_fwd);
     row("B2 experts_backward cublas_loop_host_offsets",
         median_ms(o.reps, s, [&] { experts_backward(loop, bb, s); }), 2 * f_fwd);
     if (cgrouped_ok)

@@ -286,12 +286,12 @@ void gemm_rows(cublasHandle_t h, int64_t m, int64_t n, int64_t k, const bf16* a,
 
 // C (p, q) fp32 += X (rows, p)^T · Y (rows, q): a weight gradient over one segment.
 void gemm_rows_tn_accumulate(cublasHandle_t h, int64_t rows, int64_t p, int64_t q, const bf16* x,
-                             const bf16* y, float* c) {
-  const float one = 1.f;
-  // column-major: C^T (q, p) += Y^T (q, rows) · X (rows, p)
+                             const bf16* y, float* c, bool accumulate) {
+  const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+  // column-major: C^T (q, p) (+)= Y^T (q, rows) · X (rows, p)
   MOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(q),
                                 static_cast<int>(p), static_cast<int>(rows), &one, y, CUDA_R_16BF,
-                                static_cast<int>(q), x, CUDA_R_16BF, static_cast<int>(p), &one, c,
+                                static_cast<int>(q), x, CUDA_R_16BF, static_cast<int>(p), &beta, c,
                                 CUDA_R_32F, static_cast<int>(q), CUBLAS_COMPUTE_32F,
                                 CUBLAS_GEMM_DEFAULT));
 }
@@ -307,14 +307,15 @@ void gemm_rows_strided(cublasHandle_t h, int64_t batches, int64_t c, int64_t n, 
       static_cast<int>(batches), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// dW_e (p, q) fp32 += X_e (C, p)^T · Y_e (C, q) for E batches of C rows.
+// dW_e (p, q) fp32 (+)= X_e (C, p)^T · Y_e (C, q) for E batches of C rows.
 void gemm_rows_tn_accumulate_strided(cublasHandle_t h, int64_t batches, int64_t c, int64_t p,
-                                     int64_t q, const bf16* x, const bf16* y, float* dw) {
-  const float one = 1.f;
+                                     int64_t q, const bf16* x, const bf16* y, float* dw,
+                                     bool accumulate) {
+  const float one = 1.f, beta = accumulate ? 1.f : 0.f;
   MOE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       h, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(q), static_cast<int>(p), static_cast<int>(c),
       &one, y, CUDA_R_16BF, static_cast<int>(q), c * q, x, CUDA_R_16BF, static_cast<int>(p),
-      c * p, &one, dw, CUDA_R_32F, static_cast<int>(q), p * q, static_cast<int>(batches),
+      c * p, &beta, dw, CUDA_R_32F, static_cast<int>(q), p * q, static_cast<int>(batches),
       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
@@ -570,11 +571,13 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
   if (ws.backend_ == ExpertsBackend::grouped || ws.backend_ == ExpertsBackend::grouped_fused) {
     // Everything on the device: sizes from the offsets, no host round trip. This order lets da,
     // dpre and dxp alias act, pre and dyp (ExpertsBackwardArgs).
-    ws.wgrad_down_.run({a.offsets, I, H, a.act, a.dyp, a.dw_down}, stream);     // dw_down += act^T dyp
+    ws.wgrad_down_.run({a.offsets, I, H, a.act, a.dyp, a.dw_down, a.accumulate},
+                       stream);                                                 // dw_down (+)= act^T dyp
     ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, da}, stream);               // da = dyp · w_down^T
     activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);            // dpre
     ws.dxp_.run({a.offsets, H, A, dpre, a.w_up, a.dxp}, stream);                // dxp = dpre · w_up^T
-    ws.wgrad_up_.run({a.offsets, H, A, a.xp, dpre, a.dw_up}, stream);           // dw_up += xp^T dpre
+    ws.wgrad_up_.run({a.offsets, H, A, a.xp, dpre, a.dw_up, a.accumulate},
+                     stream);                                                   // dw_up (+)= xp^T dpre
     return;
   }
 
@@ -584,8 +587,8 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     gemm_rows_strided(ws.cublas_, E, C, I, H, a.dyp, a.w_down, true, da);
     activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);
     gemm_rows_strided(ws.cublas_, E, C, H, A, dpre, a.w_up, true, a.dxp);
-    gemm_rows_tn_accumulate_strided(ws.cublas_, E, C, I, H, a.act, a.dyp, a.dw_down);
-    gemm_rows_tn_accumulate_strided(ws.cublas_, E, C, H, A, a.xp, dpre, a.dw_up);
+    gemm_rows_tn_accumulate_strided(ws.cublas_, E, C, I, H, a.act, a.dyp, a.dw_down, a.accumulate);
+    gemm_rows_tn_accumulate_strided(ws.cublas_, E, C, H, A, a.xp, dpre, a.dw_up, a.accumulate);
     return;
   }
 
@@ -612,14 +615,21 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
         gemm_rows(ws.cublas_, m, H, A, dpre + r0 * A, a.w_up + e * H * A, true, a.dxp + r0 * H);
     }
   }
-  // Weight gradients of the host-offset baselines: one cuBLAS GEMM per non-empty expert.
+  // Weight gradients of the host-offset baselines: one cuBLAS GEMM per non-empty expert; an
+  // empty expert's gradient is zeroed when overwriting.
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = off[e], m = off[e + 1] - off[e];
-    if (m == 0) continue;
+    if (m == 0) {
+      if (!a.accumulate) {
+        MOE_CUDA_CHECK(cudaMemsetAsync(a.dw_down + e * I * H, 0, I * H * sizeof(float), stream));
+        MOE_CUDA_CHECK(cudaMemsetAsync(a.dw_up + e * H * A, 0, H * A * sizeof(float), stream));
+      }
+      continue;
+    }
     gemm_rows_tn_accumulate(ws.cublas_, m, I, H, a.act + r0 * I, a.dyp + r0 * H,
-                            a.dw_down + e * I * H);  // dw_down[e] += act^T · dyp
+                            a.dw_down + e * I * H, a.accumulate);  // dw_down[e] (+)= act^T · dyp
     gemm_rows_tn_accumulate(ws.cublas_, m, H, A, a.xp + r0 * H, dpre + r0 * A,
-                            a.dw_up + e * H * A);    // dw_up[e] += xp^T · dpre
+                            a.dw_up + e * H * A, a.accumulate);    // dw_up[e] (+)= xp^T · dpre
   }
 }
 

@@ -11,6 +11,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include <cstdint>
 
 #include <cute/tensor.hpp>
@@ -117,6 +119,33 @@ __global__ void wgrad_prepare_kernel(
     p.stride_a[e] = packed_stride<StrideA>(p.p);                // A (P, m) column-major
     p.stride_b[e] = packed_stride<StrideB>(p.q);                // B (m, Q) row-major, seen (N, K)
     p.stride_d[e] = packed_stride<StrideD>(p.q);                // D (P, Q) row-major
+  }
+}
+
+// Overwriting weight gradients (beta = 0): experts with an empty segment get no tiles from the
+// grouped GEMM, so their dW_e is set to zero here. Grid (blocks per expert, E); the blocks of a
+// non-empty expert return at once, so the kernel costs a few microseconds unless experts are empty.
+inline constexpr int kZeroThreads = 256;
+
+inline int64_t zero_blocks_per_group(int64_t elems) {
+  const int64_t vec = (elems + 3) / 4;
+  return std::max<int64_t>(1, std::min<int64_t>(64, (vec + kZeroThreads - 1) / kZeroThreads));
+}
+
+template <class T>
+__global__ void __launch_bounds__(kZeroThreads)
+    zero_empty_groups_kernel(const int32_t* offsets, T* dw, int64_t elems) {
+  const int e = blockIdx.y;
+  if (offsets[e + 1] != offsets[e]) return;
+  static_assert(sizeof(T) == 4, "fp32 gradients: 4 per 16-byte store");
+  T* d = dw + int64_t{e} * elems;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  const int64_t first = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (elems % 4 == 0) {  // then every dW_e starts 16-byte aligned
+    for (int64_t i = first; i < elems / 4; i += stride)
+      reinterpret_cast<uint4*>(d)[i] = make_uint4(0u, 0u, 0u, 0u);
+  } else {
+    for (int64_t i = first; i < elems; i += stride) d[i] = T(0);
   }
 }
 

@@ -5,7 +5,8 @@
 // (grouped_gemm_mainloop_sm90.hpp), the fp32 in-place accumulating TMA epilogue
 // (grouped_gemm_epilogue_sm90.hpp), problems {P, Q, m_e} from wgrad_prepare_kernel
 // (grouped_gemm_prepare.cuh). A partial last K tile is filled with zeros by TMA (out-of-bounds
-// rows of the segment read as 0), so m_e needs no rounding; an empty segment gets no tiles.
+// rows of the segment read as 0), so m_e needs no rounding; an empty segment gets no tiles (with
+// accumulate = false its dW_e is zeroed by a separate small kernel).
 // Each dW_e tile is reduced by one CTA over the whole segment in a fixed order (no split-K, no
 // atomics): the result is bitwise reproducible.
 // Include it only from its one .cu (it costs about a minute of nvcc).
@@ -81,14 +82,17 @@ struct WgradKernel {
     return c;
   }
 
-  static typename Gemm::Arguments arguments(const Carve& c, int64_t groups, int sm_count) {
+  static typename Gemm::Arguments arguments(const Carve& c, int64_t groups, int sm_count,
+                                            bool accumulate = true) {
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
         {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
         {{}, const_cast<const float**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d},
         hardware_info(sm_count)};
-    set_uniform_alpha_beta(args.epilogue.thread, 1.f, 1.f);  // dW = acc + dW
+    // dW = acc + dW, or dW = acc: with beta = 0 the collective never loads C, so dW is only
+    // written (stale or poisoned values in it cannot leak into the result).
+    set_uniform_alpha_beta(args.epilogue.thread, 1.f, accumulate ? 1.f : 0.f);
     return args;
   }
 
@@ -128,9 +132,18 @@ struct WgradLauncher {
     wgrad_prepare_kernel<<<1, prepare_threads(groups), 0, stream>>>(p);
     MOE_CUDA_LAUNCH_CHECK();
 
-    // Step 2: the persistent grouped GEMM.
+    // Step 2 (overwrite only): an empty expert gets no tiles, so its dW_e is zeroed here.
+    if (!args.accumulate) {
+      const dim3 grid(static_cast<unsigned>(zero_blocks_per_group(args.p * args.q)),
+                      static_cast<unsigned>(groups));
+      zero_empty_groups_kernel<<<grid, kZeroThreads, 0, stream>>>(args.offsets, args.dw,
+                                                                   args.p * args.q);
+      MOE_CUDA_LAUNCH_CHECK();
+    }
+
+    // Step 3: the persistent grouped GEMM.
     typename K::Gemm gemm;
-    const auto arguments = K::arguments(c, groups, sm_count);
+    const auto arguments = K::arguments(c, groups, sm_count, args.accumulate);
     MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
     MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
     MOE_CUTLASS_CHECK(gemm.run(stream));

@@ -280,12 +280,17 @@ Outputs download(const Device& d) {
   return o;
 }
 
-Outputs run_stage(const Inputs& in, ExpertsBackend backend, GateUpLayout gate_up) {
+// accumulate false: the weight gradients start as NaN (poisoned) and must be overwritten.
+Outputs run_stage(const Inputs& in, ExpertsBackend backend, GateUpLayout gate_up,
+                  bool accumulate = true) {
   Device d(in, gate_up);
   d.poison();
+  if (!accumulate) d.dw_up.poison(), d.dw_down.poison();
   cuda::ExpertsWorkspace ws(d.shape, backend);
   cuda::experts_forward(ws, d.forward_args(), nullptr);
-  cuda::experts_backward(ws, d.backward_args(), nullptr);
+  cuda::ExpertsBackwardArgs b = d.backward_args();
+  b.accumulate = accumulate;
+  cuda::experts_backward(ws, b, nullptr);
   MOE_CUDA_CHECK(cudaDeviceSynchronize());
   return download(d);
 }
@@ -320,6 +325,21 @@ TEST_P(ExpertsParity, ForwardAndBackwardMatchTheCpuReferenceInDouble) {
   const Inputs in = make_inputs(p.c, 91);
   const Reference& ref = cached_reference(p.c, in);
   expect_matches_reference(run_stage(in, p.backend, p.gate_up), in, ref, in.offsets);
+}
+
+// The weight gradients written instead of added to (ExpertsBackwardArgs::accumulate false):
+// started from NaN, every expert's slice must be its fresh gradient and an empty expert's zero.
+TEST_P(ExpertsParity, OverwrittenWeightGradientsAreTheFreshGradient) {
+  MOE_REQUIRE_GPU();
+  const Param& p = GetParam();
+  const Inputs in = make_inputs(p.c, 91);
+  const Reference& ref = cached_reference(p.c, in);
+  const Outputs got = run_stage(in, p.backend, p.gate_up, /*accumulate=*/false);
+  const ExpertsShape& s = in.shape;
+  const int64_t H = s.hidden, I = s.inter, A = s.up_width();
+  const std::vector<float> zero_up(got.dw_up.size(), 0.f), zero_down(got.dw_down.size(), 0.f);
+  EXPECT_TRUE(slices_close("dw_up", got.dw_up, zero_up, ref.dw_up, in.offsets, H * A));
+  EXPECT_TRUE(slices_close("dw_down", got.dw_down, zero_down, ref.dw_down, in.offsets, I * H));
 }
 
 bool backend_takes(ExpertsBackend b, const ExpertsCase& c) {
@@ -418,6 +438,12 @@ TEST(GroupedWgrad, EachSliceGainsItsSegmentsProductAndEmptyExpertsKeepTheirBits)
   cuda::GroupedWgrad wgrad(E);
   wgrad.run({offsets.get(), P, Q, dx.get(), dy.get(), dw.get()}, nullptr);
   EXPECT_TRUE(slices_close(std::string("dW ") + wgrad.name(), dw.download(), dw0, want, o, P * Q));
+
+  // Overwriting (beta = 0): from NaN, each slice is its product alone and empty experts are 0.
+  dw.poison();
+  wgrad.run({offsets.get(), P, Q, dx.get(), dy.get(), dw.get(), /*accumulate=*/false}, nullptr);
+  const std::vector<float> zeros(E * P * Q, 0.f);
+  EXPECT_TRUE(slices_close("dW overwritten", dw.download(), zeros, want, o, P * Q));
 }
 
 // ------------------------------------------------------------------------------------------------

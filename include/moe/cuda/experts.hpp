@@ -109,8 +109,8 @@ struct ExpertsBackwardArgs {
   const bf16* act = nullptr;         // (max_rows, I) from the forward
   const bf16* dyp = nullptr;         // (max_rows, H)
   bf16* dxp = nullptr;               // (max_rows, H) written
-  float* dw_up = nullptr;            // (E, H, A) accumulated
-  float* dw_down = nullptr;          // (E, I, H) accumulated
+  float* dw_up = nullptr;            // (E, H, A) accumulated, or overwritten (accumulate false)
+  float* dw_down = nullptr;          // (E, I, H) likewise
   // Scratch, null: the workspace's own (then it must have been made with own_scratch). The
   // grouped backends run dw_down, da, dpre, dxp, dw_up in that order, so with them a caller may
   // alias dead storage: da onto act (dw_down has read it), dpre onto pre (the activation backward
@@ -118,6 +118,9 @@ struct ExpertsBackwardArgs {
   // last reader). The other backends take da / dpre too, without aliasing.
   bf16* da = nullptr;                // (max_rows, I)
   bf16* dpre = nullptr;              // (max_rows, A)
+  // false: the weight gradients are written, not added to (beta = 0: dW is never read, and an
+  // empty expert's dW is zeroed), for a caller that would otherwise zero them first.
+  bool accumulate = true;
 };
 
 struct ExpertsCublasArrays;  // experts.cu: host-side argument arrays of the grouped-batched calls

@@ -60,7 +60,11 @@ struct GroupedWgradArgs {
   int64_t p = 0, q = 0;              // P, Q: dW_e is (P, Q)
   const __nv_bfloat16* x = nullptr;  // (max_rows, P)   act for dw_down, xp for dw_up
   const __nv_bfloat16* y = nullptr;  // (max_rows, Q)   dyp for dw_down, dpre for dw_up
-  float* dw = nullptr;               // (E, P, Q) fp32, accumulated
+  float* dw = nullptr;               // (E, P, Q) fp32
+  // true: dW_e += X_e^T Y_e (beta = 1, dW read and written). false: dW_e = X_e^T Y_e (beta = 0:
+  // dW is only written, half the traffic, and an empty expert's dW_e is set to zero), for the
+  // usual case of one contribution per step into gradients that would otherwise be zeroed first.
+  bool accumulate = true;
 };
 
 struct GroupedGemmActArgs {
