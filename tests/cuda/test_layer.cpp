@@ -25,6 +25,7 @@
 
 #include "cuda_test_util.hpp"
 #include "moe/config.hpp"
+#include "moe/cuda/chain.hpp"
 #include "moe/cuda/gate.hpp"
 #include "moe/cuda/layer.hpp"
 #include "moe/layer.hpp"
@@ -46,6 +47,8 @@ struct LayerCase {
   double capacity_factor = 1.25;
   SecondPolicy second_policy = SecondPolicy::all;
   double aux_coef = -1, z_coef = -1;
+  int64_t iterations = 2;       // chain_of_experts
+  int64_t sequence_length = 0;  // balance groups (chain_of_experts, sigmoid_bias)
 };
 
 LayerConfig config_of(const LayerCase& c) {
@@ -65,6 +68,8 @@ LayerConfig config_of(const LayerCase& c) {
   cfg.second_policy = c.second_policy;
   cfg.aux_coef = c.aux_coef;
   cfg.z_coef = c.z_coef;
+  cfg.iterations = c.iterations;
+  cfg.sequence_length = c.sequence_length;
   cfg.validate();
   return cfg;
 }
@@ -540,6 +545,256 @@ INSTANTIATE_TEST_SUITE_P(
         LayerCase{.name = "t256_e1_k1_dense_no_aux", .T = 256, .H = 64, .I = 48, .E = 1,
                   .K = 1, .aux_coef = 0, .z_coef = 0}),
     [](const auto& info) { return info.param.name; });
+
+// ---- chain_of_experts: C token-choice Layer calls (cuda::ChainLayer) against the CPU layer's
+// recurrence u_{c+1} = u_c + MoE_c(u_c), y = sum_c MoE_c(u_c), in double on the same bf16 inputs.
+// The tolerance is the single layer's: each iteration's input is u_c rounded to bf16, and the
+// backward's upstream dy + dL/du_{c+1} is rounded to bf16 once per iteration.
+class ChainLayerParity : public ::testing::TestWithParam<LayerCase> {};
+
+TEST_P(ChainLayerParity, ForwardAndBackwardMatchCpu) {
+  MOE_REQUIRE_GPU();
+  const LayerCase& c = GetParam();
+  const LayerConfig cfg = config_of(c);
+  ASSERT_EQ(cfg.router, Router::chain_of_experts);
+  const LayerInputs in = make_inputs(c, cfg);
+  const Params<double>& p = in.p;
+  ASSERT_EQ(p.w_gate.size(), size_t(c.iterations * c.H * c.E));
+
+  LayerForward<double> fwd;
+  layer_forward(cfg, p, in.x.data(), fwd);
+  std::vector<double> dx_ref(in.x.size());
+  Params<double> g_ref;
+  layer_backward(cfg, p, in.x.data(), fwd, in.dy.data(), dx_ref.data(), g_ref);
+  ASSERT_EQ(fwd.steps.size(), size_t(c.iterations));
+  const LayerConfig step_cfg = cuda::chain_step_config(cfg);
+  double margin = INFINITY;
+  for (const RouteStep<double>& s : fwd.steps)
+    margin = std::min(margin, selection_margin(step_cfg, s, p.expert_bias));
+
+  cuda::ChainLayer layer(cfg);
+  ASSERT_EQ(layer.iterations(), c.iterations);
+  layer.set_seed(c.seed);
+  DeviceLayerData d(in, c.E);
+  cudaStream_t stream = nullptr;
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const cuda::LayerWeights w = d.weights(c.router);
+  layer.forward(d.x.get(), w, d.y.get(), stream);
+  layer.backward(d.x.get(), w, d.dy.get(), d.grads(), stream);
+  const LoadStats st = layer.stats();
+  std::vector<Routing<float>> routings;
+  for (int64_t s = 0; s < layer.iterations(); ++s)
+    routings.push_back(cuda::download_routing(layer.step(s).routing(), stream));
+  double aux = 0;
+  MOE_CUDA_CHECK(cudaMemcpyAsync(&aux, layer.aux_loss(), sizeof aux, cudaMemcpyDeviceToHost,
+                                 stream));
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+
+  const double e_y = rel_frobenius(d.y.download(), fwd.y);
+  const double e_dx = rel_frobenius(d.dx.download(), dx_ref);
+  const double e_wg = rel_frobenius(d.dw_gate.download(), g_ref.w_gate);
+  const double e_wu = rel_frobenius(d.dw_up.download(), g_ref.w_up);
+  const double e_wd = rel_frobenius(d.dw_down.download(), g_ref.w_down);
+  std::printf("%s: rel. Frobenius y %.2e dx %.2e dW_gate %.2e dW_up %.2e dW_down %.2e; aux %.6e "
+              "(cpu %.6e); selection margin %.2e\n",
+              c.name.c_str(), e_y, e_dx, e_wg, e_wu, e_wd, aux, fwd.aux_loss, margin);
+  const std::string why = "(smallest CPU selection margin " + std::to_string(margin) + ")";
+  EXPECT_LT(e_y, kTolerance) << "y " << why;
+  EXPECT_LT(e_dx, kTolerance) << "dx " << why;
+  EXPECT_LT(e_wg, kTolerance) << "dW_gate (every iteration's slice) " << why;
+  EXPECT_LT(e_wu, kTolerance) << "dW_up (summed over iterations) " << why;
+  EXPECT_LT(e_wd, kTolerance) << "dW_down (summed over iterations) " << why;
+  EXPECT_NEAR(aux, fwd.aux_loss, 1e-6 + 1e-4 * std::abs(fwd.aux_loss)) << "aux loss " << why;
+  for (int64_t s = 0; s < c.iterations; ++s) {
+    EXPECT_EQ(routings[s].top_k, step_cfg.top_k);
+    EXPECT_TRUE(equal("choice_expert", routings[s].choice_expert,
+                      fwd.steps[s].routing.choice_expert))
+        << "iteration " << s << " " << why;
+  }
+
+  const LoadStats& ref = fwd.stats;
+  EXPECT_TRUE(equal("tokens_per_expert", st.tokens_per_expert, ref.tokens_per_expert)) << why;
+  EXPECT_DOUBLE_EQ(st.drop_rate, ref.drop_rate);
+  EXPECT_DOUBLE_EQ(st.tokens_without_expert, ref.tokens_without_expert);
+  EXPECT_DOUBLE_EQ(st.cv, ref.cv);
+  EXPECT_DOUBLE_EQ(st.max_violation, ref.max_violation);
+  EXPECT_NEAR(st.router_entropy, ref.router_entropy, 1e-7 + 1e-5 * std::abs(ref.router_entropy));
+  EXPECT_NEAR(st.mean_entropy, ref.mean_entropy, 1e-7 + 1e-5 * std::abs(ref.mean_entropy));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, ChainLayerParity,
+    ::testing::Values(
+        LayerCase{.name = "chain_t256_e8_k2_c2", .T = 256, .H = 64, .I = 32, .E = 8, .K = 2,
+                  .router = Router::chain_of_experts},
+        LayerCase{.name = "chain_t200_e16_k6_c3_skewed", .T = 200, .H = 128, .I = 64, .E = 16,
+                  .K = 6, .skewed = true, .router = Router::chain_of_experts, .iterations = 3},
+        LayerCase{.name = "chain_t256_e8_k2_c1", .T = 256, .H = 64, .I = 32, .E = 8, .K = 2,
+                  .router = Router::chain_of_experts, .iterations = 1},
+        // capacity drops in every iteration, counted over all of them
+        LayerCase{.name = "chain_t256_e8_k4_c2_padded_cf1_skewed", .T = 256, .H = 64, .I = 32,
+                  .E = 8, .K = 4, .skewed = true, .router = Router::chain_of_experts,
+                  .layout = Layout::padded, .capacity_factor = 1.0},
+        // sequence-wise balance loss (the LM's groups of seq tokens), block layout, z-loss on
+        LayerCase{.name = "chain_t192_e6_k4_c2_seq48_block", .T = 192, .H = 64, .I = 48, .E = 6,
+                  .K = 4, .router = Router::chain_of_experts, .layout = Layout::block,
+                  .z_coef = 1e-3, .sequence_length = 48}),
+    [](const auto& info) { return info.param.name; });
+
+// The chain has no host synchronisation either: forward + backward captured once replay to the
+// eager bits.
+TEST(ChainLayerGraph, ReplayOfForwardAndBackwardGivesTheEagerBits) {
+  MOE_REQUIRE_GPU();
+  const LayerCase c{.name = "chain_graph", .T = 256, .H = 64, .I = 32, .E = 8, .K = 4,
+                    .skewed = true, .router = Router::chain_of_experts};
+  const LayerConfig cfg = config_of(c);
+  const LayerInputs in = make_inputs(c, cfg);
+  cuda::ChainLayer layer(cfg);
+  DeviceLayerData d(in, c.E);
+  const cuda::LayerWeights w = d.weights(c.router);
+  cudaStream_t stream = nullptr;
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  auto run = [&] {
+    for (DeviceArray<float>* g : {&d.dw_gate, &d.dw_up, &d.dw_down})
+      MOE_CUDA_CHECK(cudaMemsetAsync(g->get(), 0, g->size() * sizeof(float), stream));
+    MOE_CUDA_CHECK(cudaMemsetAsync(d.y.get(), 0xff, d.y.size() * sizeof(bf16), stream));
+    MOE_CUDA_CHECK(cudaMemsetAsync(d.dx.get(), 0xff, d.dx.size() * sizeof(bf16), stream));
+  };
+  auto step = [&] {
+    layer.forward(d.x.get(), w, d.y.get(), stream);
+    layer.backward(d.x.get(), w, d.dy.get(), d.grads(), stream);
+  };
+  run();
+  step();
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const std::vector<bf16> y = d.y.download(), dx = d.dx.download();
+  const std::vector<float> wg = d.dw_gate.download(), wu = d.dw_up.download();
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  MOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  step();
+  MOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  MOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  run();
+  MOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  EXPECT_TRUE(same_bytes(d.y.download(), y)) << "y";
+  EXPECT_TRUE(same_bytes(d.dx.download(), dx)) << "dx";
+  EXPECT_TRUE(same_bytes(d.dw_gate.download(), wg)) << "dW_gate";
+  EXPECT_TRUE(same_bytes(d.dw_up.download(), wu)) << "dW_up";
+  MOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MOE_CUDA_CHECK(cudaGraphDestroy(graph));
+  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// The per-iteration configuration is the CPU's routing of a chain step (no GPU needed).
+TEST(ChainStepConfig, IsUnrenormalisedSoftmaxTopkWithTheChainsCoefficients) {
+  LayerConfig cfg;
+  cfg.tokens = 96;
+  cfg.experts = 8;
+  cfg.top_k = 6;
+  cfg.iterations = 3;
+  cfg.router = Router::chain_of_experts;
+  cfg.layout = Layout::padded;
+  cfg.capacity_factor = 1.5;
+  cfg.sequence_length = 48;
+  const LayerConfig s = cuda::chain_step_config(cfg);
+  EXPECT_EQ(s.router, Router::softmax_topk);
+  EXPECT_EQ(s.top_k, 2);
+  EXPECT_FALSE(s.renormalize);
+  EXPECT_EQ(s.second_policy, SecondPolicy::all);
+  EXPECT_EQ(s.resolved_aux_coef(), cfg.resolved_aux_coef());  // 1e-3, not softmax_topk's 1e-2
+  EXPECT_EQ(s.resolved_z_coef(), 0.0);                         // none, not softmax_topk's 1e-3
+  EXPECT_EQ(s.capacity(), cfg.capacity());                     // from K / iterations
+  EXPECT_EQ(s.sequence_length, 48);
+  cfg.router = Router::softmax_topk;
+  EXPECT_THROW(cuda::chain_step_config(cfg), ConfigError);
+}
+
+// The decomposition ChainLayer runs, executed with the CPU layer (no GPU needed): per iteration a
+// layer of chain_step_config on its w_gate slice, u_{c+1} = u_c + y_c, y = sum_c y_c; backward in
+// reverse with the upstream dy + dL/du_{c+1}, dx = dL/du_0; dw_gate per slice, dw_up and dw_down
+// summed; aux losses summed; chain_stats of the iterations' statistics. It must reproduce the CPU
+// chain_of_experts layer to double rounding (the same operations in another grouping).
+TEST(ChainStepConfig, CpuLayersOfTheStepConfigReproduceTheCpuChain) {
+  for (const LayerCase& c :
+       {LayerCase{.name = "c3_padded_cf1_skewed", .T = 96, .H = 32, .I = 16, .E = 8, .K = 6,
+                  .skewed = true, .router = Router::chain_of_experts,
+                  .layout = Layout::padded, .capacity_factor = 1.0, .iterations = 3},
+        LayerCase{.name = "c2_seq48_zloss_block", .T = 192, .H = 32, .I = 24, .E = 6, .K = 4,
+                  .router = Router::chain_of_experts, .layout = Layout::block, .z_coef = 1e-3,
+                  .sequence_length = 48}}) {
+    SCOPED_TRACE(c.name);
+    const LayerConfig cfg = config_of(c);
+    const LayerInputs in = make_inputs(c, cfg);
+    const Params<double>& p = in.p;
+    const int64_t n = c.T * c.H, HE = c.H * c.E, C = c.iterations;
+    LayerForward<double> ref;
+    layer_forward(cfg, p, in.x.data(), ref);
+    std::vector<double> dx_ref(static_cast<size_t>(n));
+    Params<double> g_ref;
+    layer_backward(cfg, p, in.x.data(), ref, in.dy.data(), dx_ref.data(), g_ref);
+
+    const LayerConfig step = cuda::chain_step_config(cfg);
+    std::vector<Params<double>> ps(static_cast<size_t>(C), p);
+    std::vector<std::vector<double>> inputs(static_cast<size_t>(C));
+    std::vector<LayerForward<double>> f(static_cast<size_t>(C));
+    std::vector<double> u = in.x, y(static_cast<size_t>(n), 0.0);
+    double aux = 0;
+    std::vector<LoadStats> stats;
+    std::vector<int64_t> choices;
+    for (int64_t k = 0; k < C; ++k) {
+      ps[k].w_gate.assign(p.w_gate.begin() + k * HE, p.w_gate.begin() + (k + 1) * HE);
+      inputs[k] = u;
+      layer_forward(step, ps[k], inputs[k].data(), f[k]);
+      for (int64_t i = 0; i < n; ++i) y[i] += f[k].y[i], u[i] += f[k].y[i];
+      aux += f[k].aux_loss;
+      stats.push_back(f[k].stats);
+      choices.push_back(f[k].steps[0].plan.choices);
+      EXPECT_EQ(f[k].steps[0].routing.choice_expert, ref.steps[k].routing.choice_expert)
+          << "iteration " << k;
+    }
+    const size_t nn = static_cast<size_t>(n);
+    std::vector<double> a(nn, 0.0), upstream(nn), d_in(nn);
+    Params<double> g;
+    g.w_gate.assign(p.w_gate.size(), 0.0);
+    g.w_up.assign(p.w_up.size(), 0.0);
+    g.w_down.assign(p.w_down.size(), 0.0);
+    for (int64_t k = C - 1; k >= 0; --k) {
+      for (int64_t i = 0; i < n; ++i) upstream[i] = in.dy[i] + a[i];
+      Params<double> gk;
+      layer_backward(step, ps[k], inputs[k].data(), f[k], upstream.data(), d_in.data(), gk);
+      for (int64_t i = 0; i < n; ++i) a[i] += d_in[i];
+      std::copy(gk.w_gate.begin(), gk.w_gate.end(), g.w_gate.begin() + k * HE);
+      for (size_t i = 0; i < g.w_up.size(); ++i) g.w_up[i] += gk.w_up[i];
+      for (size_t i = 0; i < g.w_down.size(); ++i) g.w_down[i] += gk.w_down[i];
+    }
+    auto near = [](const std::vector<double>& got, const std::vector<double>& want) {
+      std::vector<float> gf(got.begin(), got.end());
+      double scale = 0;
+      for (double v : want) scale = std::max(scale, std::abs(v));
+      return close("", gf, want, 1e-6 * scale, 1e-6);  // float copies of double values
+    };
+    EXPECT_TRUE(near(y, ref.y)) << "y";
+    EXPECT_TRUE(near(a, dx_ref)) << "dx";
+    EXPECT_TRUE(near(g.w_gate, g_ref.w_gate)) << "dW_gate";
+    EXPECT_TRUE(near(g.w_up, g_ref.w_up)) << "dW_up";
+    EXPECT_TRUE(near(g.w_down, g_ref.w_down)) << "dW_down";
+    EXPECT_NEAR(aux, ref.aux_loss, 1e-12 * std::abs(ref.aux_loss) + 1e-15) << "aux loss";
+    EXPECT_GT(ref.aux_loss, 0.0);
+    const LoadStats st = cuda::chain_stats(stats, choices);
+    EXPECT_EQ(st.tokens_per_expert, ref.stats.tokens_per_expert);
+    EXPECT_DOUBLE_EQ(st.drop_rate, ref.stats.drop_rate);
+    EXPECT_DOUBLE_EQ(st.router_entropy, ref.stats.router_entropy);
+    EXPECT_DOUBLE_EQ(st.mean_entropy, ref.stats.mean_entropy);
+    EXPECT_DOUBLE_EQ(st.tokens_without_expert, ref.stats.tokens_without_expert);
+    EXPECT_DOUBLE_EQ(st.cv, ref.stats.cv);
+    if (c.layout == Layout::padded) {
+      EXPECT_GT(st.drop_rate, 0.0) << "the case should drop";
+    }
+  }
+}
 
 }  // namespace
 }  // namespace moe::test

@@ -15,7 +15,8 @@
 // Routers (token choice): softmax_topk (every second-choice policy), noisy_topk (w_noise, the
 // noise from the counter RNG of the Layer's seed), switch_top1 (with jitter in training),
 // sigmoid_bias (expert_bias optional, zeros when null). Layouts: dropless, block, padded. E = 1
-// works (one segment; the dense baseline).
+// works (one segment; the dense baseline). chain_of_experts is cuda::ChainLayer (chain.hpp), one
+// Layer per iteration.
 // Switch's jitter in training: the router input x * jitter is kept in fp32 (T, H), with an fp32
 // copy of w_gate (H, E), so the logits see the CPU's jittered input to fp32 rounding (a bf16 copy
 // of x * U[0.99, 1.01] would move each element by up to half the jitter). The backward reuses that
@@ -65,6 +66,10 @@ struct LayerGrads {
   float* dw_up = nullptr;    // (E, H, A) accumulated
   float* dw_down = nullptr;  // (E, I, H) accumulated
   float* dw_noise = nullptr; // (H, E) accumulated; noisy_topk (required there)
+  // false: dw_up and dw_down are written instead of added to (beta = 0: never read, an empty
+  // expert's slice zeroed), for a step whose only contribution this is; the router gradients
+  // above are small and always accumulated.
+  bool accumulate_experts = true;
 };
 
 // Forward stages, in order; forward() can record an event before each and after the last.

@@ -15,6 +15,7 @@
 
 #include "moe/check.hpp"
 #include "moe/cuda/arena.hpp"
+#include "moe/cuda/chain.hpp"
 #include "moe/cuda/check.cuh"
 #include "moe/cuda/layer.hpp"
 #include "moe/cuda/lm/layers.hpp"
@@ -41,6 +42,37 @@ struct TensorSlot {
   std::string name;
   int64_t offset = 0, size = 0;
   bool decay = false, trainable = false;
+};
+
+// The MoE FFN of one block: a Layer (token choice), or a ChainLayer (chain_of_experts: one
+// token-choice Layer per iteration).
+struct BlockFfn {
+  std::unique_ptr<Layer> layer;
+  std::unique_ptr<ChainLayer> chain;
+
+  int64_t tokens() const { return chain ? chain->config().tokens : layer->config().tokens; }
+  void set_seed(uint64_t seed) {
+    if (chain) chain->set_seed(seed);
+    else layer->set_seed(seed);
+  }
+  void forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t stream) {
+    if (chain) chain->forward(x, w, y, stream);
+    else layer->forward(x, w, y, stream);
+  }
+  void backward(const bf16* x, const LayerWeights& w, const bf16* dy, const LayerGrads& g,
+                cudaStream_t stream) {
+    if (chain) chain->backward(x, w, dy, g, stream);
+    else layer->backward(x, w, dy, g, stream);
+  }
+  const double* aux_loss() const { return chain ? chain->aux_loss() : layer->aux_loss(); }
+  LoadStats stats() const { return chain ? chain->stats() : layer->stats(); }
+  // The Layers whose routings the CPU counts (every chain iteration's).
+  std::vector<const Layer*> routed() const {
+    std::vector<const Layer*> out;
+    if (!chain) return {layer.get()};
+    for (int64_t c = 0; c < chain->iterations(); ++c) out.push_back(&chain->step(c));
+    return out;
+  }
 };
 
 // Device events around the parts of a step that StepTimes reports.
@@ -129,9 +161,9 @@ class GpuModel final : public model::LanguageModel {
   std::vector<float> losses_host_;
 
   // the FFN: one Layer per block for training (with backward) and per evaluation batch size
-  std::vector<std::unique_ptr<Layer>> train_ffn_;
-  std::map<int64_t, std::vector<std::unique_ptr<Layer>>> eval_ffn_;
-  std::vector<std::unique_ptr<Layer>>* last_ffn_ = nullptr;
+  std::vector<BlockFfn> train_ffn_;
+  std::map<int64_t, std::vector<BlockFfn>> eval_ffn_;
+  std::vector<BlockFfn>* last_ffn_ = nullptr;
 
   // timing: attention and FFN of every block, forward and backward, and the whole step
   std::vector<PartEvents> attention_events_, ffn_events_;  // (2L) forward then backward
@@ -144,7 +176,7 @@ class GpuModel final : public model::LanguageModel {
   bf16* param_bf16(const std::string& name) { return params_bf16_ + slot(name).offset; }
   float* grad(const std::string& name) { return grads_ + slot(name).offset; }
   bool has(const std::string& name) const { return slot_of_.count(name) != 0; }
-  std::vector<std::unique_ptr<Layer>>& ffn_layers(int64_t tokens, bool training);
+  std::vector<BlockFfn>& ffn_layers(int64_t tokens, bool training);
   LayerWeights ffn_weights(int64_t l);
   void upload_state();
   void record(cudaEvent_t e) { MOE_CUDA_CHECK(cudaEventRecord(e, stream_)); }
@@ -339,18 +371,26 @@ int64_t GpuModel::parameter_count() {
   return n;
 }
 
-std::vector<std::unique_ptr<Layer>>& GpuModel::ffn_layers(int64_t tokens, bool training) {
-  std::vector<std::unique_ptr<Layer>>& layers = training ? train_ffn_ : eval_ffn_[tokens];
+std::vector<BlockFfn>& GpuModel::ffn_layers(int64_t tokens, bool training) {
+  std::vector<BlockFfn>& layers = training ? train_ffn_ : eval_ffn_[tokens];
   if (training && !layers.empty()) {
-    MOE_CHECK(layers[0]->config().tokens == tokens, "GPU model: training batches must all have ",
-              layers[0]->config().tokens / cfg_.seq, " rows");
+    MOE_CHECK(layers[0].tokens() == tokens, "GPU model: training batches must all have ",
+              layers[0].tokens() / cfg_.seq, " rows");
   }
   if (layers.empty()) {
     LayerConfig c = cfg_.layer_config(tokens);
     c.training = training;
-    for (int64_t l = 0; l < cfg_.layers; ++l)
-      layers.push_back(std::make_unique<Layer>(c, ExpertsBackend::grouped, GateUpLayout::split,
-                                               /*backward=*/training));
+    const bool chain = c.router == Router::chain_of_experts;
+    for (int64_t l = 0; l < cfg_.layers; ++l) {
+      BlockFfn f;
+      if (chain)
+        f.chain = std::make_unique<ChainLayer>(c, ExpertsBackend::grouped, GateUpLayout::split,
+                                               /*backward=*/training);
+      else
+        f.layer = std::make_unique<Layer>(c, ExpertsBackend::grouped, GateUpLayout::split,
+                                          /*backward=*/training);
+      layers.push_back(std::move(f));
+    }
   }
   return layers;
 }
@@ -390,7 +430,7 @@ double GpuModel::forward(const data::Batch& batch, bool training, uint64_t noise
                                  cudaMemcpyHostToDevice, stream_));
   MOE_CUDA_CHECK(cudaMemcpyAsync(targets_, batch.targets.data(), N * sizeof(int32_t),
                                  cudaMemcpyHostToDevice, stream_));
-  std::vector<std::unique_ptr<Layer>>* ffn = dense_ ? nullptr : &ffn_layers(N, training);
+  std::vector<BlockFfn>* ffn = dense_ ? nullptr : &ffn_layers(N, training);
   last_ffn_ = ffn;
 
   encoder_forward(residual_, tokens_, param("wte"), param("wpe"), B, S, D, stream_);
@@ -433,8 +473,8 @@ double GpuModel::forward(const data::Batch& batch, bool training, uint64_t noise
       matmul_forward<bf16>(cublas_, ffn_out, act, param_bf16(p + "ffn.experts.w_down"), nullptr, N,
                            inter_, D, false, stream_);
     } else {
-      (*ffn)[l]->set_seed(call_seed(noise_seed, l));
-      (*ffn)[l]->forward(ln2, ffn_weights(l), ffn_out, stream_);
+      (*ffn)[l].set_seed(call_seed(noise_seed, l));
+      (*ffn)[l].forward(ln2, ffn_weights(l), ffn_out, stream_);
     }
     record(ffn_events_[l].end);
     residual_add(r_out, mid, ffn_out, int64_t(nd), stream_);
@@ -495,7 +535,7 @@ void GpuModel::backward() {
       g.dw_up = grad(p + "ffn.experts.w_up");
       g.dw_down = grad(p + "ffn.experts.w_down");
       if (has(p + "ffn.router.w_noise")) g.dw_noise = grad(p + "ffn.router.w_noise");
-      (*last_ffn_)[l]->backward(ln2_ + l * nd, ffn_weights(l), dy_, g, stream_);
+      (*last_ffn_)[l].backward(ln2_ + l * nd, ffn_weights(l), dy_, g, stream_);
     }
     record(ffn_events_[L + l].end);
     MOE_CUDA_CHECK(
@@ -544,7 +584,7 @@ double GpuModel::optimizer_step(double lr, const model::TrainConfig& cfg) {
   }
   if (cfg_.ffn_kind == model::FfnKind::moe && cfg_.ffn.router == Router::sigmoid_bias)
     for (int64_t l = 0; l < cfg_.layers; ++l)
-      train_ffn_[l]->update_expert_bias(param(block(l) + "ffn.router.expert_bias"), stream_);
+      train_ffn_[l].layer->update_expert_bias(param(block(l) + "ffn.router.expert_bias"), stream_);
   double sq = 0;
   MOE_CUDA_CHECK(cudaMemcpyAsync(&sq, sumsq_, sizeof sq, cudaMemcpyDeviceToHost, stream_));
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -555,7 +595,7 @@ double GpuModel::aux_loss() {
   if (!last_ffn_) return 0;
   std::vector<double> per_layer(last_ffn_->size(), 0.0);
   for (size_t l = 0; l < per_layer.size(); ++l)
-    MOE_CUDA_CHECK(cudaMemcpyAsync(&per_layer[l], (*last_ffn_)[l]->aux_loss(), sizeof(double),
+    MOE_CUDA_CHECK(cudaMemcpyAsync(&per_layer[l], (*last_ffn_)[l].aux_loss(), sizeof(double),
                                    cudaMemcpyDeviceToHost, stream_));
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   double sum = 0;
@@ -575,7 +615,7 @@ std::vector<LoadStats> GpuModel::layer_stats() {
   }
   if (!last_ffn_) return out;
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  for (const std::unique_ptr<Layer>& layer : *last_ffn_) out.push_back(layer->stats());
+  for (const BlockFfn& f : *last_ffn_) out.push_back(f.stats());
   return out;
 }
 
@@ -593,20 +633,21 @@ void GpuModel::add_routing_counts(const std::vector<int32_t>& row_domain, int64_
   if (!last_ffn_) return;
   std::vector<int32_t> token, expert;
   for (int64_t l = 0; l < cfg_.layers; ++l) {
-    const Layer& layer = *(*last_ffn_)[l];
-    const RoutingView r = layer.routing();
-    const int64_t E = r.experts;
-    counts[l].resize(num_domains * E, 0.0);
-    token.resize(r.choices);
-    expert.resize(r.choices);
-    MOE_CUDA_CHECK(cudaMemcpyAsync(token.data(), r.choice_token, r.choices * sizeof(int32_t),
-                                   cudaMemcpyDeviceToHost, stream_));
-    MOE_CUDA_CHECK(cudaMemcpyAsync(expert.data(), r.choice_expert, r.choices * sizeof(int32_t),
-                                   cudaMemcpyDeviceToHost, stream_));
-    MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    for (int64_t i = 0; i < r.choices; ++i) {
-      if (expert[i] == kNoExpert) continue;
-      counts[l][row_domain[token[i] / S] * E + expert[i]] += 1.0;
+    for (const Layer* layer : (*last_ffn_)[l].routed()) {
+      const RoutingView r = layer->routing();
+      const int64_t E = r.experts;
+      counts[l].resize(num_domains * E, 0.0);
+      token.resize(r.choices);
+      expert.resize(r.choices);
+      MOE_CUDA_CHECK(cudaMemcpyAsync(token.data(), r.choice_token, r.choices * sizeof(int32_t),
+                                     cudaMemcpyDeviceToHost, stream_));
+      MOE_CUDA_CHECK(cudaMemcpyAsync(expert.data(), r.choice_expert, r.choices * sizeof(int32_t),
+                                     cudaMemcpyDeviceToHost, stream_));
+      MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      for (int64_t i = 0; i < r.choices; ++i) {
+        if (expert[i] == kNoExpert) continue;
+        counts[l][row_domain[token[i] / S] * E + expert[i]] += 1.0;
+      }
     }
   }
 }
@@ -637,10 +678,10 @@ void check_gpu_model(const ModelConfig& cfg) {
   if (cfg.ffn_kind == model::FfnKind::moe) {
     const Router r = cfg.ffn.router;
     MOE_CHECK(r == Router::softmax_topk || r == Router::noisy_topk || r == Router::switch_top1 ||
-                  r == Router::sigmoid_bias,
+                  r == Router::sigmoid_bias || r == Router::chain_of_experts,
               "--device gpu: router ", name(r),
-              " is not available on the GPU model (softmax_topk, noisy_topk, switch, sigmoid_bias "
-              "and the dense baselines are); train it with --device cpu");
+              " is not available on the GPU model (softmax_topk, noisy_topk, switch, sigmoid_bias, "
+              "chain_of_experts and the dense baselines are); train it with --device cpu");
     MOE_CHECK(cfg.ffn.shared_experts == 0,
               "--device gpu: shared experts are not available on the GPU model");
   }
