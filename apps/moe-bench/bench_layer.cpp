@@ -6,7 +6,9 @@
 // Method: seeded random inputs and weights (N(0,1) x, weights N(0, 1/fan_in)), CUDA events,
 // warm-up first, median of --reps runs (>= 20). Per-stage forward times come from events recorded
 // between the stages of one forward (median per stage over the reps); the forward total and the
-// forward+backward total are timed separately, as whole launches. No input rotation: the layer's
+// forward+backward total are timed separately, as whole launches; forward+backward twice, with the
+// expert weight gradients accumulated (fwd_bwd_ms) and written fresh (fwd_bwd_fresh_ms, what a
+// training step with zeroed gradients needs). No input rotation: the layer's
 // working set (weights and activations) is many times the L2 cache.
 // FLOPs: forward 6*T*K*H*I (SwiGLU: the up projection 2*T*K*H*2I, the down projection
 // 2*T*K*I*H); backward twice that; the gate (2*T*H*E) is not counted.
@@ -160,7 +162,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
   size_t free0 = 0, free1 = 0, total = 0;
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
-  double fwd_ms = 0, step_ms = 0;
+  double fwd_ms = 0, step_ms = 0, fresh_ms = 0;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
   size_t layer_bytes = 0;
   int64_t touched = 0;  // experts with at least one routed row
@@ -203,6 +205,13 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     step_ms = time_median(o.warmup, o.reps, stream, [&] {
       layer.forward(x, w, y, stream);
       layer.backward(x, w, dy, g, stream);
+    });
+    // A training step's usual case: the expert weight gradients written fresh, not added to.
+    moe::cuda::LayerGrads fresh = g;
+    fresh.accumulate_experts = false;
+    fresh_ms = time_median(o.warmup, o.reps, stream, [&] {
+      layer.forward(x, w, y, stream);
+      layer.backward(x, w, dy, fresh, stream);
     });
   }
 
@@ -264,6 +273,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["forward_tflops"] = fwd_tf;
   j["fwd_bwd_ms"] = step_ms;
   j["fwd_bwd_tflops"] = step_tf;
+  j["fwd_bwd_fresh_ms"] = fresh_ms;
+  j["fwd_bwd_fresh_tflops"] = 3 * flops_fwd / (fresh_ms * 1e9);
   j["dense_equiv_ms"] = dense_ms;
   j["dense_equiv_tflops"] = dense_tf;
   j["forward_fraction_of_dense"] = fwd_tf / dense_tf;
@@ -283,11 +294,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
   fmt::print(stderr,
              "layer {:<12} T={} H={} I={} E={} K={}: fwd {:.3f} ms ({:.0f} TF/s, {:.0f}% of dense "
-             "{:.0f}) | fwd+bwd {:.3f} ms ({:.0f} TF/s) | layer {:.2f} GiB, memGetInfo delta "
+             "{:.0f}) | fwd+bwd {:.3f} ms ({:.0f} TF/s), fresh dW {:.3f} ms | layer {:.2f} GiB, memGetInfo delta "
              "{:.2f} GiB\n  weight floor {:.3f} ms ({} experts touched, {:.0f} GB/s copy): fwd "
              "{:.2f}x the floor\n  stages:",
              s.name, T, H, I, E, K, fwd_ms, fwd_tf, 100 * fwd_tf / dense_tf, dense_tf, step_ms,
-             step_tf, layer_bytes / double(1 << 30), mem_delta / double(1 << 30), floor_ms,
+             step_tf, fresh_ms, layer_bytes / double(1 << 30), mem_delta / double(1 << 30), floor_ms,
              touched, copy_gbs, fwd_ms / floor_ms);
   for (int i = 0; i < int(stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);

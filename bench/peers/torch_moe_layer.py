@@ -8,7 +8,9 @@ down-projection -> index_add combine of the weighted rows into y. bf16 storage, 
 No auxiliary loss (ours adds the softmax_topk balance and z-loss terms; the peer does less work).
 
 fwd: the forward under torch.no_grad(). fwd_bwd: forward with autograd, then y.backward(dy) into
-x.grad and the three weights' .grad (allocated by a warm-up step before measuring).
+x.grad and the three weights' .grad (allocated by a warm-up step before measuring), so autograd
+adds into them; fwd_bwd_fresh: the same with every .grad set to None first (zero_grad's default),
+so backward writes fresh gradients, as ours with the expert weight gradients overwritten.
 FLOPs: forward 6*T*K*H*I, fwd+bwd 3x that (the gate not counted), as ours.
 Peak memory: torch.cuda.max_memory_allocated() during one forward+backward minus
 torch.cuda.memory_allocated() before it (inputs, weights and their .grad buffers excluded).
@@ -126,6 +128,15 @@ def run_config(name, args, command, out, dev, gen):
         torch.cuda.synchronize()
         peak_extra = torch.cuda.max_memory_allocated() - base
         step_ms = time_runs(step, args.warmup, args.reps)
+
+        def fresh_step():
+            # zero_grad(set_to_none=True), PyTorch's default: backward writes new gradients
+            # instead of adding into the existing ones
+            for t in (xs, wgs, wus, wds):
+                t.grad = None
+            step()
+
+        fresh_ms = time_runs(fresh_step, args.warmup, args.reps)
         flops = 6.0 * T * K * H * I
         rec = {"command": command, "git": git_revision(args.build),
                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -135,10 +146,13 @@ def run_config(name, args, command, out, dev, gen):
                "reps": args.reps, "warmup": args.warmup,
                "forward_ms": fwd_ms, "forward_tflops": flops / (fwd_ms * 1e9),
                "fwd_bwd_ms": step_ms, "fwd_bwd_tflops": 3 * flops / (step_ms * 1e9),
+               "fwd_bwd_fresh_ms": fresh_ms,
+               "fwd_bwd_fresh_tflops": 3 * flops / (fresh_ms * 1e9),
                "peak_extra_bytes": peak_extra}
         print(json.dumps(rec), file=out, flush=True)
         print(f"peer {name:<12} fwd {fwd_ms:.3f} ms ({rec['forward_tflops']:.0f} TF/s) | "
-              f"fwd+bwd {step_ms:.3f} ms ({rec['fwd_bwd_tflops']:.0f} TF/s) | "
+              f"fwd+bwd {step_ms:.3f} ms ({rec['fwd_bwd_tflops']:.0f} TF/s), "
+              f"fresh grads {fresh_ms:.3f} ms | "
               f"peak extra {peak_extra / 2**30:.2f} GiB", file=sys.stderr, flush=True)
 
 

@@ -229,6 +229,7 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   eb.dxp = dxp;
   eb.dw_up = g.dw_up;
   eb.dw_down = g.dw_down;
+  eb.accumulate = g.accumulate_experts;
   if (alias_) {
     eb.da = act_;
     eb.dpre = pre_;
