@@ -21,8 +21,9 @@
 // Every configuration records that floor; only for decode is it the one that binds.
 // Memory: the layer's own device bytes (activation arena, route, plan and experts workspaces,
 // sized once) and the cudaMemGetInfo drop from before the layer is built to after one
-// forward+backward (adds cuBLAS workspaces and anything the stages allocate lazily). Inputs,
-// weights and gradients are not counted (the PyTorch peer reports its peak over the same
+// forward+backward (adds cuBLAS workspaces and anything the stages allocate lazily), measured
+// after a throwaway layer has paid the process's one-time costs (its drop is recorded as well).
+// Inputs, weights and gradients are not counted (the PyTorch peer reports its peak over the same
 // baseline: inputs and parameters allocated before).
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -160,7 +161,23 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   MOE_CUDA_CHECK(cudaMemsetAsync(gwd, 0, E * I * H * sizeof(float), stream));
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
 
+  // The first layer of a process also pays one-time costs (kernel modules loaded at their first
+  // launch, cuBLAS's first use): a throwaway layer runs one forward + backward first, so the
+  // delta below is the layer's own, as the peer's baseline comes after its warm-up step. Its
+  // delta is recorded too (mem_delta_first_bytes).
   size_t free0 = 0, free1 = 0, total = 0;
+  double first_delta = 0;
+  {
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
+    moe::cuda::Layer warm(cfg);
+    const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
+    warm.forward(x, w, y, stream);
+    warm.backward(x, w, dy, moe::cuda::LayerGrads{dx, gwg, gwu, gwd}, stream);
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    MOE_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
+    first_delta = double(free0) - double(free1);
+  }
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   double fwd_ms = 0, step_ms = 0, fresh_ms = 0;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
@@ -285,6 +302,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["forward_over_weight_floor"] = fwd_ms / floor_ms;
   j["layer_bytes"] = layer_bytes;
   j["mem_delta_bytes"] = mem_delta;
+  j["mem_delta_first_bytes"] = first_delta;
   j["layer_buffers"] = layer_report;
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "

@@ -28,7 +28,7 @@ for c in olmoe qwen3 mixtral brief_small; do
 done
 cat "$OUT/layer_bench.log"
 step "PyTorch peer"
-timeout 100 python3 bench/peers/torch_moe_layer.py --build "$BUILD" --reps 20 --warmup 3 \
+timeout 150 python3 bench/peers/torch_moe_layer.py --build "$BUILD" --reps 20 --warmup 3 \
   --out "$OUT/peer_layer.jsonl" >"$OUT/peer_layer.log" 2>&1
 echo "exit $?"; cat "$OUT/peer_layer.log"
 step done

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One GPU visit for the fresh (overwritten) expert weight gradients and the new GPU layers
+# (issues 4 and 5), from the repository root on the GPU machine with binaries staged by
+# scripts/gpu/stage_run.sh (plus experts_lab, built with the nvcc line at the top of
+# bench/lab/experts_lab.cu, copied into the run folder):
+#   OUT=/some/dir scripts/gpu/experts_backward.sh RUN
+# Steps, each with its own time limit:
+#   1. device; GPU tests: experts and grouped GEMMs (overwritten gradients from NaN), the layer,
+#      chain-of-experts and soft-MoE layers, their CUDA graphs, and the LM against the CPU model
+#      (tests.log)
+#   2. experts_lab at OLMoE and Qwen3 with the backward (lab_olmoe.txt, lab_qwen3.txt)
+#   3. scripts/gpu/layer.sh: moe-bench bench --layer and the PyTorch peer (layer/)
+# Prints a short table last.
+set -uo pipefail
+RUN=${1:?usage: experts_backward.sh RUN}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$RUN/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+status=0
+step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/tests.log"
+grep -o '"[0-9a-f]\{7,\}[^"]*"' "$RUN/generated/moe_build_info.hpp" | head -n 1 | sed 's/^/build /' | tee -a "$OUT/tests.log"
+
+step "GPU tests"
+timeout 240 "$RUN/moe_cuda_tests" --gtest_brief=1 \
+  --gtest_filter='*Experts*:*Grouped*:*FusedUpProjection*:*LayerParity*:*LayerGraph*:*ChainLayer*:*SoftMoe*:*LmModel*:*LmLayers*' \
+  >>"$OUT/tests.log" 2>&1 || status=1
+grep -E "^\[  (FAILED|PASSED) |tests ran" "$OUT/tests.log" | tail -n 20
+grep -B3 -A10 "Failure" "$OUT/tests.log" | head -n 80
+
+for shape in "olmoe:" "qwen3:--inter 768 --experts 128"; do
+  name=${shape%%:*}
+  step "experts_lab $name"
+  # shellcheck disable=SC2086
+  timeout 60 "$RUN/experts_lab" ${shape#*:} >"$OUT/lab_$name.txt" 2>&1 || status=1
+  grep -E "^(G1|G2|W1|W2|W1o|W2o|P2|F1|B1|B1o|D1|D2|D3|D4) " "$OUT/lab_$name.txt"
+done
+
+step "layer benchmark and peer"
+OUT="$OUT/layer" bash scripts/gpu/layer.sh "$RUN" >"$OUT/layer_visit.log" 2>&1 || status=1
+grep -E "^layer |^peer " "$OUT/layer/layer_bench.log" "$OUT/layer/peer_layer.log" | cut -c1-220
+
+step "summary"
+grep -E "^\[  (FAILED|PASSED) " "$OUT/tests.log"
+for f in "$OUT"/lab_*.txt; do echo "$(basename "$f"): $(grep -E '^(W1 |W1o|W2 |W2o|B1 |B1o)' "$f" | awk '{printf "%s %s  ", $1, $(NF-1)}')"; done
+exit $status
