@@ -15,6 +15,7 @@
 #include <cublas_v2.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -655,6 +656,64 @@ TEST_F(LmLayers, ElementwiseKernelsAreExactOnAlignedAndUnalignedViews) {
     for (int64_t i = 0; i <= n; ++i) want[i] = a[i] + bsrc[i];
     EXPECT_TRUE(same_bytes(d_r.download(), want)) << "residual_add in place";
   }
+}
+
+// The dense FFN's activation (SwiGLU on [gate | up] rows, or GELU) against the CPU experts' math
+// in double, forward and backward, on the 16-byte row path (8 | I, aligned) and the element path
+// (I = 20, or a view one element off alignment); the two paths compute the same expressions.
+TEST_F(LmLayers, DenseActivationMatchesTheCpuOnTheRowAndElementPaths) {
+  const int64_t N = 37;
+  for (bool swiglu : {true, false})
+    for (int64_t I : {24, 20, 2056}) {  // 2056: more 8-column groups than threads in a row
+      SCOPED_TRACE(std::string(swiglu ? "swiglu" : "gelu") + " I " + std::to_string(I));
+      const int64_t A = swiglu ? 2 * I : I;
+      const std::vector<float> pre = rounded(random_vector<float>(N * A, 141, 2.0));
+      const std::vector<float> dact = rounded(random_vector<float>(N * I, 142));
+      std::vector<double> want_act(N * I), want_dpre(N * A);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t j = 0; j < I; ++j) {
+          const double v = pre[n * A + j], d = dact[n * I + j];
+          const double erf_term = 0.5 * (1 + std::erf(v / std::sqrt(2.0)));
+          if (swiglu) {
+            const double u = pre[n * A + I + j], sg = 1 / (1 + std::exp(-v));
+            want_act[n * I + j] = v * sg * u;
+            want_dpre[n * A + j] = d * u * sg * (1 + v * (1 - sg));
+            want_dpre[n * A + I + j] = d * v * sg;
+          } else {
+            want_act[n * I + j] = v * erf_term;
+            const double density = std::exp(-0.5 * v * v) / std::sqrt(2 * 3.14159265358979323846);
+            want_dpre[n * A + j] = d * (erf_term + v * density);
+          }
+        }
+      const std::vector<float> wa(want_act.begin(), want_act.end());
+      const std::vector<float> wd(want_dpre.begin(), want_dpre.end());
+      // off = 1: the same values one element into the buffers (2-byte aligned views: the element
+      // path); off = 0: aligned (the row path when 8 | I).
+      std::vector<std::vector<float>> acts, dpres;
+      for (int64_t off : {0, 1}) {
+        auto shifted = [off](const std::vector<float>& v) {
+          std::vector<float> out(v.size() + 1, 0.5f);
+          std::copy(v.begin(), v.end(), out.begin() + off);
+          return out;
+        };
+        DeviceArray<bf16> d_pre(to_device_type<bf16>(shifted(pre)));
+        DeviceArray<bf16> d_dact(to_device_type<bf16>(shifted(dact)));
+        DeviceArray<bf16> d_act(N * I + 1), d_dpre(N * A + 1);
+        d_act.poison();
+        d_dpre.poison();
+        lm::ffn_activation_forward(d_act.get() + off, d_pre.get() + off, N, I, swiglu, stream_);
+        lm::ffn_activation_backward(d_dpre.get() + off, d_dact.get() + off, d_pre.get() + off, N,
+                                    I, swiglu, stream_);
+        const std::vector<float> act = download_float(d_act), dpre = download_float(d_dpre);
+        acts.emplace_back(act.begin() + off, act.begin() + off + N * I);
+        dpres.emplace_back(dpre.begin() + off, dpre.begin() + off + N * A);
+        EXPECT_LT(rel_error(acts.back(), wa), kBf16Tol) << "act off " << off;
+        EXPECT_LT(rel_error(dpres.back(), wd), kBf16Tol) << "dpre off " << off;
+      }
+      // The same expressions on both paths: equal up to a rare last-place difference, if any.
+      EXPECT_LT(rel_error(acts[0], acts[1]), 1e-3) << "row path vs element path, act";
+      EXPECT_LT(rel_error(dpres[0], dpres[1]), 1e-3) << "row path vs element path, dpre";
+    }
 }
 
 }  // namespace
