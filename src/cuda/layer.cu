@@ -27,23 +27,33 @@ const char* name(LayerStage s) {
 
 namespace {
 
-LayerConfig checked(const LayerConfig& cfg) {
+LayerConfig checked(const LayerConfig& cfg, int64_t groups) {
   cfg.validate();
   MOE_CHECK(cfg.router == Router::softmax_topk || cfg.router == Router::sigmoid_bias ||
-                cfg.router == Router::switch_top1 || cfg.router == Router::noisy_topk,
-            "cuda::Layer: router must be softmax_topk, noisy_topk, sigmoid_bias or switch_top1");
+                cfg.router == Router::switch_top1 || cfg.router == Router::noisy_topk ||
+                cfg.router == Router::expert_choice,
+            "cuda::Layer: router must be softmax_topk, noisy_topk, sigmoid_bias, switch_top1 or "
+            "expert_choice (chain_of_experts: cuda::ChainLayer)");
   MOE_CHECK(cfg.shared_experts == 0, "cuda::Layer: shared_experts must be 0");
+  MOE_CHECK(groups == 1 || cfg.router == Router::expert_choice,
+            "cuda::Layer: groups must be 1 for ", name(cfg.router), ", got ", groups);
+  MOE_CHECK(groups >= 1 && cfg.tokens % groups == 0, "cuda::Layer: groups (", groups,
+            ") must be >= 1 and divide tokens (", cfg.tokens, ")");
   return cfg;
 }
 
-PlanShape plan_shape_of(const LayerConfig& cfg) {
+// Expert choice: N = E*G*C choices (C per group); every expert takes exactly G*C of them, which is
+// also the padded layout's capacity (nothing is dropped, as in each of the CPU's group calls).
+PlanShape plan_shape_of(const LayerConfig& cfg, int64_t groups) {
+  const bool ec = cfg.router == Router::expert_choice;
+  const int64_t per_expert = ec ? groups * ec_group_capacity(cfg, groups) : 0;
   PlanShape s;
   s.tokens = cfg.tokens;
   s.experts = cfg.experts;
-  s.top_k = cfg.top_k;
-  s.choices = cfg.tokens * cfg.top_k;
+  s.top_k = ec ? 0 : cfg.choices_per_step();
+  s.choices = ec ? cfg.experts * per_expert : cfg.tokens * s.top_k;
   s.layout = cfg.layout;
-  s.capacity = cfg.layout == Layout::padded ? cfg.capacity() : 0;
+  s.capacity = cfg.layout == Layout::padded ? (ec ? per_expert : cfg.capacity()) : 0;
   s.block_size = cfg.layout == Layout::block ? cfg.block_size : 1;
   s.validate();
   return s;
@@ -74,9 +84,10 @@ void widen(const bf16* in, int64_t n, float* out, cudaStream_t stream) {
 
 }  // namespace
 
-size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool backward) {
-  const LayerConfig cfg = checked(c);
-  const PlanShape ps = plan_shape_of(cfg);
+size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool backward,
+                          int64_t groups) {
+  const LayerConfig cfg = checked(c, groups);
+  const PlanShape ps = plan_shape_of(cfg, groups);
   const size_t T = cfg.tokens, H = cfg.hidden, E = cfg.experts, I = cfg.inter;
   const size_t R = ps.max_rows(), N = ps.choices;
   const size_t A = cfg.activation == Activation::swiglu ? 2 * I : I;
@@ -89,8 +100,13 @@ size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool bac
   return bytes;
 }
 
-Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_up, bool backward)
-    : cfg_(checked(cfg)), backward_(backward), route_(cfg_), plan_(plan_shape_of(cfg_)) {
+Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_up, bool backward,
+             int64_t groups)
+    : cfg_(checked(cfg, groups)),
+      backward_(backward),
+      groups_(groups),
+      route_(cfg_, groups),
+      plan_(plan_shape_of(cfg_, groups)) {
   const int64_t T = cfg_.tokens, H = cfg_.hidden, E = cfg_.experts, I = cfg_.inter;
   const int64_t R = plan_.shape().max_rows(), N = plan_.shape().choices;
   ExpertsShape es;
@@ -126,7 +142,7 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
        reinterpret_cast<void**>(&w_gate_f32_)},
   });
   if (alias_) dyp_ = yp_;
-  stats_ = StatsBuffers(T, E);
+  stats_ = StatsBuffers(T, E, groups_);
 }
 
 Layer::~Layer() {

@@ -7,9 +7,9 @@
 //                               importance, sum of lse^2 -- in double, each sum in token order
 //   route_finalize_kernel       one block: chunks -> groups -> the aux loss (double), the per-group
 //                               counts and the per-expert loss gradients backward needs
-//   expert choice: route_topk_kernel<kSoftmax> with K = 0 writes the expert-major probabilities,
-//                  cub::DeviceSegmentedSort (stable, descending) sorts each expert's column,
-//                  route_ec_pick_kernel takes the first C
+//   expert choice: route_topk_kernel<kSoftmax> with K = 0 writes the probabilities by (expert,
+//                  group), cub::DeviceSegmentedSort (stable, descending) sorts each of the E*G
+//                  segments, route_ec_pick_kernel takes the first C of each
 //   route_backward_kernel<Family>  a warp per token: d_weight -> dz (and dr), loss gradients added
 // Determinism: every sum has a fixed order; the only atomics add integers.
 #include <cub/device/device_segmented_sort.cuh>
@@ -61,9 +61,19 @@ int64_t chunk_of(int64_t L) {
 // RouteBuffers
 // ------------------------------------------------------------------------------------------------
 
-RouteBuffers::RouteBuffers(const LayerConfig& cfg) {
+int64_t ec_group_capacity(const LayerConfig& cfg, int64_t groups) {
+  MOE_CHECK(groups >= 1 && cfg.tokens % groups == 0, "expert choice: groups (", groups,
+            ") must be >= 1 and divide tokens (", cfg.tokens, ")");
+  LayerConfig g = cfg;
+  g.tokens = cfg.tokens / groups;
+  return g.capacity();
+}
+
+RouteBuffers::RouteBuffers(const LayerConfig& cfg, int64_t position_groups) {
   const bool ec = cfg.router == Router::expert_choice;
   MOE_CHECK(is_sparse(cfg.router), "route: ", name(cfg.router), " has no sparse routing");
+  MOE_CHECK(position_groups == 1 || ec, "route: groups (", position_groups,
+            ") are for expert_choice only, not ", name(cfg.router));
   tokens = cfg.tokens;
   experts = cfg.experts;
   top_k = ec ? 0 : cfg.choices_per_step();
@@ -72,7 +82,10 @@ RouteBuffers::RouteBuffers(const LayerConfig& cfg) {
   chunk = T > 0 ? chunk_of(L) : 1;
   chunks = T > 0 ? T / chunk : 0;
   groups = T > 0 ? T / L : 0;
-  const int64_t N = ec ? E * cfg.capacity() : T * K;
+  ec_groups = ec ? position_groups : 1;
+  ec_capacity = ec ? ec_group_capacity(cfg, position_groups) : 0;
+  const int64_t G = ec_groups, C = ec_capacity;
+  const int64_t N = ec ? E * G * C : T * K;
   routing = RoutingBuffers(T, E, K, N);
   const Family f = family_of(cfg.router);
   const size_t te = static_cast<size_t>(T * E);
@@ -81,8 +94,8 @@ RouteBuffers::RouteBuffers(const LayerConfig& cfg) {
     MOE_CHECK(E * T < (int64_t{1} << 31), "expert choice: experts*tokens must be < 2^31");
     MOE_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(
         nullptr, sort_temp_bytes, static_cast<const float*>(nullptr), static_cast<float*>(nullptr),
-        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), int(E * T), int(E),
-        static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(nullptr)));
+        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), int(E * T),
+        int(E * G), static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(nullptr)));
   }
   arena = DeviceArena({
       {"probs", te * 4, p(probs)},
@@ -100,7 +113,7 @@ RouteBuffers::RouteBuffers(const LayerConfig& cfg) {
       {"sorted_p", ec ? te * 4 : 0, p(sorted_p)},
       {"token_ids", ec ? te * 4 : 0, p(token_ids)},
       {"sorted_t", ec ? te * 4 : 0, p(sorted_t)},
-      {"seg", ec ? size_t(E + 1) * 4 : 0, p(seg)},
+      {"seg", ec ? size_t(E * G + 1) * 4 : 0, p(seg)},
       {"sort_temp", sort_temp_bytes, &sort_temp},
   });
 }
@@ -112,7 +125,8 @@ RouteBuffers::RouteBuffers(const LayerConfig& cfg) {
 namespace {
 
 struct RouteArgs {
-  int64_t T, E, K, C;          // C: expert choice capacity
+  int64_t T, E, K, C;          // C: expert choice capacity per group
+  int64_t G;                   // expert choice groups: token t = b*G + g ranks within group g
   int64_t L, groups, chunk;    // balance groups of L tokens; partial-sum chunks
   const float* logits;         // (T, E)
   const float* noise_raw;      // (T, E) noisy_topk
@@ -191,9 +205,10 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(Route
     for (int e = lane; e < E; e += kWarp) {
       const float p = prob(e);
       probs[e] = p;
-      if (K == 0) {  // expert choice: expert-major copy and the sort's values
-        a.probs_t[int64_t{e} * a.T + t] = p;
-        a.token_ids[int64_t{e} * a.T + t] = static_cast<int32_t>(t);
+      if (K == 0) {  // expert choice: the (e, g) segment's entry and the sort's values
+        const int64_t i = EcGroups{a.T, a.G, a.C}.sort_index(t, e);
+        a.probs_t[i] = p;
+        a.token_ids[i] = static_cast<int32_t>(t);
       }
     }
     if (K == 0) return;
@@ -333,20 +348,22 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(Route
   }
 }
 
-// Expert choice: segment offsets of the sort, seg[e] = e * T for e in [0, E].
-__global__ void route_ec_segments_kernel(int64_t E, int64_t T, int32_t* seg) {
-  const int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (e <= E) seg[e] = static_cast<int32_t>(e * T);
+// Expert choice: segment offsets of the sort, seg[i] = i * B for i in [0, E*G] (B = T / G).
+__global__ void route_ec_segments_kernel(int64_t segments, int64_t B, int32_t* seg) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i <= segments) seg[i] = static_cast<int32_t>(i * B);
 }
 
-// Expert choice: the first C entries of each expert's sorted column.
+// Expert choice: the first C entries of each (expert, group) segment; choice i = (e*G + g)*C + j
+// comes from segment e*G + g (EcGroups).
 __global__ void route_ec_pick_kernel(RouteArgs a, const float* sorted_p, const int32_t* sorted_t) {
   const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (i >= a.E * a.C) return;
-  const int64_t e = i / a.C, j = i - e * a.C;
-  a.choice_token[i] = sorted_t[e * a.T + j];
-  a.choice_expert[i] = static_cast<int32_t>(e);
-  a.choice_weight[i] = sorted_p[e * a.T + j];
+  if (i >= a.E * a.G * a.C) return;
+  const EcGroups eg{a.T, a.G, a.C};
+  const int64_t src = eg.pick_source(i);
+  a.choice_token[i] = sorted_t[src];
+  a.choice_expert[i] = static_cast<int32_t>(eg.pick_expert(i));
+  a.choice_weight[i] = sorted_p[src];
 }
 
 // ---- auxiliary losses
@@ -665,10 +682,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_backward_kernel(B
 }
 
 // Expert choice backward, step 1: dp[t][e] = d_weight of the choice (t, e) (each pair at most
-// once: an expert picks distinct tokens), written into dz, which was zeroed.
+// once: an expert picks distinct tokens of a group, and the groups hold distinct tokens), written
+// into dz, which was zeroed.
 __global__ void route_ec_scatter_kernel(RouteArgs a, const float* d_weight, float* dz) {
   const int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (c >= a.E * a.C) return;
+  if (c >= a.E * a.G * a.C) return;
   dz[int64_t{a.choice_token[c]} * a.E + a.choice_expert[c]] = d_weight[c];
 }
 
@@ -678,7 +696,8 @@ RouteArgs make_args(const LayerConfig& cfg, int64_t step, const float* logits,
   a.T = b.tokens;
   a.E = b.experts;
   a.K = b.top_k;
-  a.C = cfg.router == Router::expert_choice ? cfg.capacity() : 0;
+  a.C = b.ec_capacity;
+  a.G = b.ec_groups;
   a.L = b.tokens > 0 ? group_length(cfg) : 1;
   a.groups = b.groups;
   a.chunk = b.chunk;
@@ -747,17 +766,18 @@ void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
   MOE_CUDA_LAUNCH_CHECK();
 
   if (cfg.router == Router::expert_choice) {
-    // one segment per expert column: seg[e] = e * T, written on the device (no host copy)
-    route_ec_segments_kernel<<<unsigned((a.E + 1 + 255) / 256), 256, 0, stream>>>(a.E, a.T,
-                                                                                  out.seg);
+    // one segment per (expert, group): seg[i] = i * B, written on the device (no host copy)
+    const int64_t segments = a.E * a.G, N = segments * a.C;
+    route_ec_segments_kernel<<<unsigned((segments + 1 + 255) / 256), 256, 0, stream>>>(
+        segments, a.T / a.G, out.seg);
     MOE_CUDA_LAUNCH_CHECK();
     size_t bytes = out.sort_temp_bytes;
     MOE_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairsDescending(
         out.sort_temp, bytes, out.probs_t, out.sorted_p, out.token_ids, out.sorted_t,
-        int(a.E * a.T), int(a.E), out.seg, out.seg + 1, stream));
-    if (a.E * a.C > 0) {
-      route_ec_pick_kernel<<<unsigned((a.E * a.C + 255) / 256), 256, 0, stream>>>(
-          a, out.sorted_p, out.sorted_t);
+        int(a.E * a.T), int(segments), out.seg, out.seg + 1, stream));
+    if (N > 0) {
+      route_ec_pick_kernel<<<unsigned((N + 255) / 256), 256, 0, stream>>>(a, out.sorted_p,
+                                                                          out.sorted_t);
       MOE_CUDA_LAUNCH_CHECK();
     }
   }
@@ -789,9 +809,9 @@ void route_backward(const LayerConfig& cfg, int64_t step, const RouteBuffers& fw
   if (a.T == 0) return;
   if (cfg.router == Router::expert_choice) {
     MOE_CUDA_CHECK(cudaMemsetAsync(dz, 0, a.T * a.E * sizeof(float), stream));
-    if (a.E * a.C > 0) {
-      route_ec_scatter_kernel<<<unsigned((a.E * a.C + 255) / 256), 256, 0, stream>>>(a, d_weight,
-                                                                                    dz);
+    const int64_t N = a.E * a.G * a.C;
+    if (N > 0) {
+      route_ec_scatter_kernel<<<unsigned((N + 255) / 256), 256, 0, stream>>>(a, d_weight, dz);
       MOE_CUDA_LAUNCH_CHECK();
     }
   }

@@ -4,6 +4,8 @@
 //
 //   stats_partial_kernel    a block per chunk of kChunk tokens: a warp per token (row sum, entropy,
 //                           kept row), then a thread per expert (column sum of q over the chunk)
+//   stats_group_kernel      G > 1 groups: a block per group, a thread per expert (the group's
+//                           mean q in token order), then the entropy of that mean
 //   stats_finalize_kernel   one block: the chunk rows in chunk order -> the three scalars
 //   expert_bias_kernel      a thread per expert: the sign rule
 // Determinism: every sum has a fixed order (per-lane runs, xor butterflies, serial token and chunk
@@ -28,11 +30,16 @@ static_assert(kChunk <= 1024, "a chunk's per-token values live in shared memory"
 
 }  // namespace
 
-StatsBuffers::StatsBuffers(int64_t t, int64_t e) : tokens(t), experts(e) {
+StatsBuffers::StatsBuffers(int64_t t, int64_t e, int64_t g) : tokens(t), experts(e), groups(g) {
+  MOE_CHECK(groups >= 1 && tokens % groups == 0, "stats: groups (", groups,
+            ") must be >= 1 and divide tokens (", tokens, ")");
   chunks = (tokens + kChunk - 1) / kChunk;
+  const size_t grouped = groups > 1 ? 1 : 0;
   auto p = [](auto*& ptr) { return reinterpret_cast<void**>(&ptr); };
   arena = DeviceArena({{"stats_partial", size_t(chunks * (experts + 2)) * sizeof(double),
                         p(partial)},
+                       {"stats_row_sum", grouped * size_t(tokens) * sizeof(double), p(row_sum)},
+                       {"stats_group_h", grouped * size_t(groups) * sizeof(double), p(group_h)},
                        {"stats_result", 3 * sizeof(double), p(result)}});
 }
 
@@ -48,8 +55,10 @@ __device__ __forceinline__ double warp_sum_d(double v) {
   return v;
 }
 
+// row_sum_out: null, or (T) each token's row sum (grouped mean entropy).
 __global__ void __launch_bounds__(kThreads) stats_partial_kernel(const float* probs,
-                                                                 PlanView plan, double* partial) {
+                                                                 PlanView plan, double* partial,
+                                                                 double* row_sum_out) {
   __shared__ double row_sum[kChunk], row_h[kChunk];
   __shared__ int row_none[kChunk];
   const int64_t T = plan.shape.tokens, E = plan.shape.experts;
@@ -77,6 +86,7 @@ __global__ void __launch_bounds__(kThreads) stats_partial_kernel(const float* pr
       row_sum[i] = s;
       row_h[i] = h;
       row_none[i] = !kept;
+      if (row_sum_out) row_sum_out[t] = s;
     }
   }
   __syncthreads();
@@ -96,13 +106,43 @@ __global__ void __launch_bounds__(kThreads) stats_partial_kernel(const float* pr
   }
 }
 
+// Block g: the entropy of group g's mean q over its B = T / G tokens t = b*G + g, b ascending
+// (the order of the CPU's call of that group); a thread per expert, then a fixed tree.
+__global__ void __launch_bounds__(kThreads) stats_group_kernel(const float* probs,
+                                                               const double* row_sum, int64_t T,
+                                                               int64_t E, int64_t G,
+                                                               double* group_h) {
+  __shared__ double buf[kThreads];
+  const int64_t g = blockIdx.x, B = T / G;
+  double hm = 0;
+  for (int64_t e = threadIdx.x; e < E; e += kThreads) {
+    double m = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t t = b * G + g;
+      m += probs[t * E + e] / row_sum[t];
+    }
+    const double q = m / double(B);
+    if (q > 0) hm -= q * log(q);
+  }
+  buf[threadIdx.x] = hm;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s /= 2) {
+    if (static_cast<int>(threadIdx.x) < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) group_h[g] = buf[0];
+}
+
+// group_h: null (one group: the mean entropy from the chunk rows), or (G) the groups' entropies,
+// averaged in group order.
 __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(const double* partial,
                                                                   int64_t chunks, int64_t T,
-                                                                  int64_t E, double* result) {
+                                                                  int64_t E, const double* group_h,
+                                                                  int64_t G, double* result) {
   __shared__ double buf[kThreads];
   // entropy of the mean distribution: a thread per expert sums its column over chunks in order
   double hm = 0;
-  for (int64_t e = threadIdx.x; e < E; e += kThreads) {
+  for (int64_t e = threadIdx.x; e < E && !group_h; e += kThreads) {
     double m = 0;
     for (int64_t c = 0; c < chunks; ++c) m += partial[c * (E + 2) + e];
     const double q = m / double(T);
@@ -120,8 +160,14 @@ __global__ void __launch_bounds__(kThreads) stats_finalize_kernel(const double* 
       h += partial[c * (E + 2) + E];
       none += partial[c * (E + 2) + E + 1];
     }
+    double mean_h = buf[0];
+    if (group_h) {
+      mean_h = 0;
+      for (int64_t g = 0; g < G; ++g) mean_h += group_h[g];
+      mean_h /= double(G);
+    }
     result[0] = h / double(T);
-    result[1] = buf[0];
+    result[1] = mean_h;
     result[2] = none / double(T);
   }
 }
@@ -146,12 +192,20 @@ LoadStats load_stats(const float* probs, const PlanView& plan, StatsBuffers& buf
   const int64_t T = plan.shape.tokens, E = plan.shape.experts, N = plan.shape.choices;
   MOE_CHECK(buf.tokens == T && buf.experts == E, "load_stats: buffers were sized for T=",
             buf.tokens, " E=", buf.experts, ", the plan has T=", T, " E=", E);
-  MOE_CHECK(plan.shape.top_k > 0, "load_stats: token-choice plans only");
+  const bool grouped = buf.groups > 1;
   double scalars[3] = {0, 0, 0};
   if (T > 0) {
-    stats_partial_kernel<<<unsigned(buf.chunks), kThreads, 0, stream>>>(probs, plan, buf.partial);
+    stats_partial_kernel<<<unsigned(buf.chunks), kThreads, 0, stream>>>(
+        probs, plan, buf.partial, grouped ? buf.row_sum : nullptr);
     MOE_CUDA_LAUNCH_CHECK();
-    stats_finalize_kernel<<<1, kThreads, 0, stream>>>(buf.partial, buf.chunks, T, E, buf.result);
+    if (grouped) {
+      stats_group_kernel<<<unsigned(buf.groups), kThreads, 0, stream>>>(
+          probs, buf.row_sum, T, E, buf.groups, buf.group_h);
+      MOE_CUDA_LAUNCH_CHECK();
+    }
+    stats_finalize_kernel<<<1, kThreads, 0, stream>>>(buf.partial, buf.chunks, T, E,
+                                                      grouped ? buf.group_h : nullptr, buf.groups,
+                                                      buf.result);
     MOE_CUDA_LAUNCH_CHECK();
     MOE_CUDA_CHECK(cudaMemcpyAsync(scalars, buf.result, sizeof scalars, cudaMemcpyDeviceToHost,
                                    stream));

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/stages.hpp"
 #include "cuda_test_util.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/chain.hpp"
@@ -49,6 +50,7 @@ struct LayerCase {
   double aux_coef = -1, z_coef = -1;
   int64_t iterations = 2;       // chain_of_experts
   int64_t sequence_length = 0;  // balance groups (chain_of_experts, sigmoid_bias)
+  int64_t groups = 1;           // expert choice's position groups (token t in group t % groups)
 };
 
 LayerConfig config_of(const LayerCase& c) {
@@ -353,7 +355,7 @@ TEST_P(LayerGraph, ReplayOfForwardAndBackwardGivesTheEagerBits) {
   const LayerCase& c = GetParam();
   const LayerConfig cfg = config_of(c);
   const LayerInputs in = make_inputs(c, cfg);
-  cuda::Layer layer(cfg);
+  cuda::Layer layer(cfg, cuda::ExpertsBackend::grouped, cuda::GateUpLayout::split, true, c.groups);
   layer.set_seed(c.seed);
   DeviceLayerData d(in, c.E);
   const cuda::LayerWeights w = d.weights(c.router);
@@ -431,7 +433,10 @@ INSTANTIATE_TEST_SUITE_P(
         LayerCase{.name = "noisy_topk", .T = 256, .H = 64, .I = 32, .E = 8, .K = 2,
                   .router = Router::noisy_topk, .seed = 7},
         LayerCase{.name = "sigmoid_bias_block", .T = 300, .H = 64, .I = 32, .E = 6, .K = 2,
-                  .router = Router::sigmoid_bias, .layout = Layout::block}),
+                  .router = Router::sigmoid_bias, .layout = Layout::block},
+        // expert choice in 24 position groups of 16 tokens (the reversed input regroups them)
+        LayerCase{.name = "expert_choice_groups", .T = 384, .H = 64, .I = 32, .E = 8, .K = 1,
+                  .router = Router::expert_choice, .groups = 24}),
     [](const auto& info) { return info.param.name; });
 
 // sigmoid_bias: the device update equals moe::update_expert_bias (float) for the counts of the
@@ -793,6 +798,241 @@ TEST(ChainStepConfig, CpuLayersOfTheStepConfigReproduceTheCpuChain) {
     if (c.layout == Layout::padded) {
       EXPECT_GT(st.drop_rate, 0.0) << "the case should drop";
     }
+  }
+}
+
+// ---- expert choice in G position groups (layer.hpp): one Layer call against G CPU layer calls of
+// B = T/G tokens each (token t = b*G + g), the way the CPU LM runs expert choice: y and dx
+// scattered back to the tokens, parameter gradients summed over the calls, the z-loss averaged over
+// them, the statistics combined as moe::model::Transformer::layer_stats does. G = 1 is plain expert
+// choice over all T tokens.
+class ExpertChoiceGroupsParity : public ::testing::TestWithParam<LayerCase> {};
+
+TEST_P(ExpertChoiceGroupsParity, ForwardAndBackwardMatchTheCpuGroupCalls) {
+  MOE_REQUIRE_GPU();
+  const LayerCase& c = GetParam();
+  const LayerConfig cfg = config_of(c);
+  ASSERT_EQ(cfg.router, Router::expert_choice);
+  const int64_t G = c.groups, T = c.T, B = T / G, H = c.H, E = c.E;
+  ASSERT_EQ(B * G, T);
+  const LayerInputs in = make_inputs(c, cfg);
+  const Params<double>& p = in.p;
+  LayerConfig group_cfg = cfg;
+  group_cfg.tokens = B;
+  const int64_t C = group_cfg.capacity();
+
+  // CPU: call g sees tokens b*G + g, b ascending
+  std::vector<double> y_ref(static_cast<size_t>(T * H)), dx_ref(static_cast<size_t>(T * H));
+  Params<double> g_ref;
+  g_ref.w_gate.assign(p.w_gate.size(), 0.0);
+  g_ref.w_up.assign(p.w_up.size(), 0.0);
+  g_ref.w_down.assign(p.w_down.size(), 0.0);
+  double aux_ref = 0, boundary = INFINITY, order = INFINITY;
+  LoadStats st_ref;
+  st_ref.tokens_per_expert.assign(static_cast<size_t>(E), 0.0);
+  std::vector<Routing<double>> routings;
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<double> xg(static_cast<size_t>(B * H)), dyg(xg.size()), dxg(xg.size());
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy_n(&in.x[(b * G + g) * H], H, &xg[b * H]);
+      std::copy_n(&in.dy[(b * G + g) * H], H, &dyg[b * H]);
+    }
+    LayerForward<double> f;
+    layer_forward(group_cfg, p, xg.data(), f);
+    Params<double> gg;
+    layer_backward(group_cfg, p, xg.data(), f, dyg.data(), dxg.data(), gg);
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy_n(&f.y[b * H], H, &y_ref[(b * G + g) * H]);
+      std::copy_n(&dxg[b * H], H, &dx_ref[(b * G + g) * H]);
+    }
+    for (size_t i = 0; i < gg.w_gate.size(); ++i) g_ref.w_gate[i] += gg.w_gate[i];
+    for (size_t i = 0; i < gg.w_up.size(); ++i) g_ref.w_up[i] += gg.w_up[i];
+    for (size_t i = 0; i < gg.w_down.size(); ++i) g_ref.w_down[i] += gg.w_down[i];
+    aux_ref += f.aux_loss / double(G);
+    for (int64_t e = 0; e < E; ++e) st_ref.tokens_per_expert[e] += f.stats.tokens_per_expert[e];
+    st_ref.drop_rate += f.stats.drop_rate / double(G);
+    st_ref.router_entropy += f.stats.router_entropy / double(G);
+    st_ref.mean_entropy += f.stats.mean_entropy / double(G);
+    st_ref.tokens_without_expert += f.stats.tokens_without_expert / double(G);
+    // gaps of each expert's column: at the capacity boundary (which tokens) and inside the top C
+    // (their order, the rows' order)
+    const std::vector<double>& pr = f.steps[0].probs;
+    for (int64_t e = 0; e < E; ++e) {
+      std::vector<double> col(static_cast<size_t>(B));
+      for (int64_t b = 0; b < B; ++b) col[b] = pr[b * E + e];
+      std::sort(col.begin(), col.end(), std::greater<double>());
+      if (C < B) boundary = std::min(boundary, col[C - 1] - col[C]);
+      for (int64_t j = 0; j + 1 < C; ++j) order = std::min(order, col[j] - col[j + 1]);
+    }
+    routings.push_back(f.steps[0].routing);
+  }
+  fill_balance(st_ref);
+
+  cuda::Layer layer(cfg, cuda::ExpertsBackend::grouped, cuda::GateUpLayout::split, true, G);
+  ASSERT_EQ(layer.groups(), G);
+  DeviceLayerData d(in, E);
+  cudaStream_t stream = nullptr;
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const cuda::LayerWeights w = d.weights(c.router);
+  layer.forward(d.x.get(), w, d.y.get(), stream);
+  layer.backward(d.x.get(), w, d.dy.get(), d.grads(), stream);
+  const LoadStats st = layer.stats();
+  const Routing<float> r = cuda::download_routing(layer.routing(), stream);
+  double aux = 0;
+  MOE_CUDA_CHECK(cudaMemcpyAsync(&aux, layer.aux_loss(), sizeof aux, cudaMemcpyDeviceToHost,
+                                 stream));
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+
+  const double e_y = rel_frobenius(d.y.download(), y_ref);
+  const double e_dx = rel_frobenius(d.dx.download(), dx_ref);
+  const double e_wg = rel_frobenius(d.dw_gate.download(), g_ref.w_gate);
+  const double e_wu = rel_frobenius(d.dw_up.download(), g_ref.w_up);
+  const double e_wd = rel_frobenius(d.dw_down.download(), g_ref.w_down);
+  std::printf("%s: G=%lld B=%lld C=%lld rel. Frobenius y %.2e dx %.2e dW_gate %.2e dW_up %.2e "
+              "dW_down %.2e; aux %.6e (cpu %.6e); margins: capacity boundary %.2e, order %.2e\n",
+              c.name.c_str(), (long long)G, (long long)B, (long long)C, e_y, e_dx, e_wg, e_wu, e_wd,
+              aux, aux_ref, boundary, order);
+  const std::string why = "(smallest CPU capacity-boundary gap " + std::to_string(boundary) + ")";
+  EXPECT_LT(e_y, kTolerance) << "y " << why;
+  EXPECT_LT(e_dx, kTolerance) << "dx " << why;
+  EXPECT_LT(e_wg, kTolerance) << "dW_gate " << why;
+  EXPECT_LT(e_wu, kTolerance) << "dW_up " << why;
+  EXPECT_LT(e_wd, kTolerance) << "dW_down " << why;
+  EXPECT_NEAR(aux, aux_ref, 1e-9 + 1e-4 * std::abs(aux_ref)) << "aux loss (z-loss only)";
+
+  // choice (e*G + g)*C + j is the CPU call g's choice e*C + j, its token b being b*G + g
+  ASSERT_EQ(r.top_k, 0);
+  ASSERT_EQ(r.size(), E * G * C);
+  if (order > 1e-5 && boundary > 1e-5) {
+    std::vector<int64_t> token, want_token;
+    std::vector<int32_t> expert, want_expert;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < C; ++j) {
+          token.push_back(r.choice_token[(e * G + g) * C + j]);
+          want_token.push_back(int64_t(routings[g].choice_token[e * C + j]) * G + g);
+          expert.push_back(r.choice_expert[(e * G + g) * C + j]);
+          want_expert.push_back(routings[g].choice_expert[e * C + j]);
+        }
+    EXPECT_TRUE(equal("choice_token", token, want_token));
+    EXPECT_TRUE(equal("choice_expert", expert, want_expert));
+  } else {
+    std::printf("%s: choice order not compared (a rounding-level gap)\n", c.name.c_str());
+  }
+
+  EXPECT_TRUE(equal("tokens_per_expert", st.tokens_per_expert, st_ref.tokens_per_expert));
+  for (double v : st.tokens_per_expert) EXPECT_EQ(v, double(G * C)) << "every expert full";
+  EXPECT_EQ(st.drop_rate, 0.0);
+  EXPECT_EQ(st_ref.drop_rate, 0.0);
+  EXPECT_NEAR(st.tokens_without_expert, st_ref.tokens_without_expert, 1e-12) << why;
+  EXPECT_DOUBLE_EQ(st.cv, st_ref.cv);
+  EXPECT_NEAR(st.router_entropy, st_ref.router_entropy,
+              1e-7 + 1e-5 * std::abs(st_ref.router_entropy));
+  EXPECT_NEAR(st.mean_entropy, st_ref.mean_entropy, 1e-7 + 1e-5 * std::abs(st_ref.mean_entropy))
+      << "the mean entropy of each group's mean, averaged over groups";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, ExpertChoiceGroupsParity,
+    ::testing::Values(
+        LayerCase{.name = "ec_b16_g24_e8", .T = 384, .H = 64, .I = 32, .E = 8, .K = 1,
+                  .router = Router::expert_choice, .groups = 24},
+        // the LM test's shape: 6 rows, C = ceil(2 * 6 / 8) = 2
+        LayerCase{.name = "ec_b6_g48_e8_cf2", .T = 288, .H = 64, .I = 96, .E = 8, .K = 1,
+                  .router = Router::expert_choice, .capacity_factor = 2.0, .groups = 48},
+        // one token per group: every expert takes it
+        LayerCase{.name = "ec_b1_g64_e6", .T = 64, .H = 64, .I = 32, .E = 6, .K = 1,
+                  .router = Router::expert_choice, .groups = 64},
+        // one group: plain expert choice over all tokens
+        LayerCase{.name = "ec_one_group_t256_e8", .T = 256, .H = 64, .I = 32, .E = 8, .K = 1,
+                  .router = Router::expert_choice, .groups = 1},
+        // E not a power of two, the padded layout (capacity G*C per expert, nothing dropped)
+        LayerCase{.name = "ec_b12_g20_e13_padded_cf2", .T = 240, .H = 64, .I = 32, .E = 13,
+                  .K = 1, .router = Router::expert_choice, .layout = Layout::padded,
+                  .capacity_factor = 2.0, .groups = 20},
+        // block layout, skewed scores, the z-loss (its mean over T = the mean over the calls)
+        LayerCase{.name = "ec_b16_g16_e8_block16_skewed_zloss", .T = 256, .H = 128, .I = 64,
+                  .E = 8, .K = 1, .skewed = true, .router = Router::expert_choice,
+                  .layout = Layout::block, .z_coef = 1e-3, .groups = 16}),
+    [](const auto& info) { return info.param.name; });
+
+TEST(ExpertChoiceGroupsConfig, GroupsMustDivideTokensAndAreForExpertChoiceOnly) {
+  MOE_REQUIRE_GPU();  // the constructor allocates
+  LayerCase c{.name = "bad", .T = 96, .H = 64, .I = 32, .E = 8, .K = 2};
+  auto make = [&](int64_t groups) {
+    cuda::Layer layer(config_of(c), cuda::ExpertsBackend::grouped, cuda::GateUpLayout::split,
+                      true, groups);
+  };
+  EXPECT_THROW(make(4), ConfigError);  // softmax_topk takes no groups
+  c.router = Router::expert_choice;
+  EXPECT_THROW(make(7), ConfigError);  // 7 does not divide 96
+  EXPECT_THROW(make(0), ConfigError);
+  EXPECT_NO_THROW(make(12));
+}
+
+// What the grouped Layer relies on, checked with the CPU stages (no GPU needed): the G groups'
+// expert-choice routings as one Routing (choice (e*G + g)*C + j = group g's choice e*C + j, token
+// b -> b*G + g) give one plan whose segment e holds every group's picks of expert e, group by
+// group, each in its call's order, nothing dropped; permute -> experts -> combine over that plan
+// gives the group calls' outputs (each token's rows combined in expert order, as in its call).
+TEST(ExpertChoiceGroupsPipeline, OnePlanOverAllGroupsGivesTheOutputsOfTheGroupCalls) {
+  for (const Layout layout : {Layout::dropless, Layout::padded, Layout::block}) {
+    SCOPED_TRACE(std::string(name(layout)));
+    const LayerCase c{.name = "pipeline", .T = 96, .H = 16, .I = 8, .E = 5, .K = 1,
+                      .router = Router::expert_choice, .layout = layout, .capacity_factor = 1.5,
+                      .groups = 12};
+    const LayerConfig cfg = config_of(c);
+    const LayerInputs in = make_inputs(c, cfg);
+    const int64_t G = c.groups, T = c.T, B = T / G, H = c.H, E = c.E;
+    LayerConfig group_cfg = cfg;
+    group_cfg.tokens = B;
+    const int64_t C = group_cfg.capacity();
+    ASSERT_EQ(C, 3);  // ceil(1.5 * 8 / 5)
+    std::vector<double> y_ref(static_cast<size_t>(T * H));
+    Routing<double> all;
+    all.tokens = T;
+    all.experts = E;
+    all.top_k = 0;
+    const size_t N = static_cast<size_t>(E * G * C);
+    all.choice_token.assign(N, -1);
+    all.choice_expert.assign(N, -1);
+    all.choice_weight.assign(N, 0.0);
+    for (int64_t g = 0; g < G; ++g) {
+      std::vector<double> xg(static_cast<size_t>(B * H));
+      for (int64_t b = 0; b < B; ++b) std::copy_n(&in.x[(b * G + g) * H], H, &xg[b * H]);
+      LayerForward<double> f;
+      layer_forward(group_cfg, in.p, xg.data(), f);
+      for (int64_t b = 0; b < B; ++b) std::copy_n(&f.y[b * H], H, &y_ref[(b * G + g) * H]);
+      const Routing<double>& r = f.steps[0].routing;
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t j = 0; j < C; ++j) {
+          const int64_t i = (e * G + g) * C + j;
+          all.choice_token[i] = r.choice_token[e * C + j] * int32_t(G) + int32_t(g);
+          all.choice_expert[i] = r.choice_expert[e * C + j];
+          all.choice_weight[i] = r.choice_weight[e * C + j];
+        }
+    }
+    const DispatchPlan plan = build_plan(all, layout, G * C, cfg.block_size);
+    EXPECT_EQ(plan.dropped_by_capacity + plan.skipped_by_policy, 0);
+    for (int64_t e = 0; e < E; ++e) {
+      EXPECT_EQ(plan.counts[e], G * C);
+      for (int64_t q = 0; q < G * C; ++q)
+        EXPECT_EQ(plan.row_choice[plan.offsets[e] + q], e * G * C + q) << "expert " << e;
+    }
+    const int64_t M = plan.rows, A = cfg.up_width();
+    std::vector<double> xp(static_cast<size_t>(M * H)), pre(static_cast<size_t>(M * A));
+    std::vector<double> act(static_cast<size_t>(M * c.I)), yp(static_cast<size_t>(M * H));
+    std::vector<double> y(static_cast<size_t>(T * H));
+    cpu::permute_forward(plan, in.x.data(), H, xp.data());
+    cpu::experts_forward(cfg, plan.offsets.data(), E, in.p.w_up.data(), in.p.w_down.data(),
+                         xp.data(), pre.data(), act.data(), yp.data());
+    cpu::combine_forward(plan, all, yp.data(), H, y.data());
+    double scale = 0;
+    for (double v : y_ref) scale = std::max(scale, std::abs(v));
+    EXPECT_GT(scale, 0.0);
+    const std::vector<float> yf(y.begin(), y.end());
+    EXPECT_TRUE(close("y", yf, y_ref, 1e-6 * scale, 1e-6));
   }
 }
 

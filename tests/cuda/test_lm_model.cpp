@@ -27,6 +27,7 @@ enum class Kind {
   switch_top1,
   sigmoid_bias,
   chain_of_experts,
+  expert_choice,
   dense_active
 };
 
@@ -37,6 +38,7 @@ const char* kind_name(Kind k) {
     case Kind::switch_top1: return "switch_top1";
     case Kind::sigmoid_bias: return "sigmoid_bias";
     case Kind::chain_of_experts: return "chain_of_experts";
+    case Kind::expert_choice: return "expert_choice";
     case Kind::dense_active: return "dense_active";
   }
   return "?";
@@ -67,6 +69,10 @@ TrainConfig tiny_config(Kind kind, int64_t heads = 2) {
       c.model.ffn.router = Router::chain_of_experts;
       c.model.ffn.top_k = 4;
       c.model.ffn.iterations = 2;
+      break;
+    case Kind::expert_choice:  // per position over the 6 rows: C = ceil(2 * 6 / 8) = 2
+      c.model.ffn.router = Router::expert_choice;
+      c.model.ffn.capacity_factor = 2.0;
       break;
     case Kind::dense_active: c.model.ffn_kind = FfnKind::dense_active; break;
   }
@@ -146,10 +152,9 @@ void expect_trains_like_the_cpu_model(Kind kind, const TrainConfig& cfg) {
     for (size_t i = 0; i < ca[l].size(); ++i) ta += ca[l][i], tb += cb[l][i];
     EXPECT_EQ(ta, tb) << "routed choices in layer " << l;
   }
-  // Statistics of the evaluation forward: the same number of routed choices per layer; the
-  // entropies of weights 12 steps apart in bf16 stay within a few per cent (a statistic over the
-  // wrong token groups, such as the mean entropy over all tokens instead of per position group,
-  // is far off).
+  // Statistics of the evaluation forward: the same number of routed choices per layer; entropies
+  // and the share of tokens without an expert close (the weights went 12 steps apart in bf16).
+  // The layer tests check each statistic against the CPU on equal weights.
   const std::vector<LoadStats> sa = cpu->layer_stats(), sb = gpu->layer_stats();
   ASSERT_EQ(sa.size(), sb.size());
   for (size_t l = 0; l < sa.size(); ++l) {
@@ -225,15 +230,15 @@ TEST_P(LmModelParity, GpuRunsAreBitwiseReproducibleAcrossARestore) {
 INSTANTIATE_TEST_SUITE_P(Routers, LmModelParity,
                          ::testing::Values(Kind::softmax_topk, Kind::noisy_topk, Kind::switch_top1,
                                            Kind::sigmoid_bias, Kind::chain_of_experts,
-                                           Kind::dense_active),
+                                           Kind::expert_choice, Kind::dense_active),
                          [](const auto& info) { return std::string(kind_name(info.param)); });
 
 TEST(LmModelConfig, RefusesWhatTheGpuModelDoesNotRun) {
   MOE_REQUIRE_GPU();
-  for (Router r : {Router::expert_choice, Router::soft_moe}) {
+  {
     TrainConfig c = tiny_config(Kind::softmax_topk);
-    c.model.ffn.router = r;
-    EXPECT_THROW(cuda::lm::make_gpu_model(c.model, 0, c.batch), ConfigError) << name(r);
+    c.model.ffn.router = Router::soft_moe;
+    EXPECT_THROW(cuda::lm::make_gpu_model(c.model, 0, c.batch), ConfigError);
   }
   TrainConfig c = tiny_config(Kind::softmax_topk);
   c.model.ffn.shared_experts = 1;

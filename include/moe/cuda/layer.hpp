@@ -17,6 +17,13 @@
 // sigmoid_bias (expert_bias optional, zeros when null). Layouts: dropless, block, padded. E = 1
 // works (one segment; the dense baseline). chain_of_experts is cuda::ChainLayer (chain.hpp), one
 // Layer per iteration.
+// Expert choice, in `groups` position groups (route.hpp): token t = b*G + g ranks only among the
+// B = T/G tokens of its group, with capacity C per group, as G CPU layer calls of B tokens each
+// (the LM's groups across the batch at each position, T = B*S tokens in (b, s) order, G = S) -- in
+// one call: one sort over E*G segments, then one plan, one grouped GEMM and one combine, each
+// expert's segment holding the picks of every group. No auxiliary loss but the z-loss when
+// z_coef > 0 (its mean over all T tokens is the mean of the groups' losses). groups = 1 is plain
+// expert choice over all T tokens.
 // Switch's jitter in training: the router input x * jitter is kept in fp32 (T, H), with an fp32
 // copy of w_gate (H, E), so the logits see the CPU's jittered input to fp32 rounding (a bf16 copy
 // of x * U[0.99, 1.01] would move each element by up to half the jitter). The backward reuses that
@@ -78,9 +85,11 @@ const char* name(LayerStage s);
 
 class Layer {
  public:
-  // cfg validated here (throws ConfigError naming what is not supported).
+  // cfg validated here (throws ConfigError naming what is not supported). groups: expert choice's
+  // position groups (above); 1 for every other router.
   explicit Layer(const LayerConfig& cfg, ExpertsBackend backend = ExpertsBackend::grouped,
-                 GateUpLayout gate_up = GateUpLayout::split, bool backward = true);
+                 GateUpLayout gate_up = GateUpLayout::split, bool backward = true,
+                 int64_t groups = 1);
   ~Layer();
   Layer(const Layer&) = delete;
   Layer& operator=(const Layer&) = delete;
@@ -109,12 +118,14 @@ class Layer {
   void update_expert_bias(float* expert_bias, cudaStream_t stream) const;
 
   const LayerConfig& config() const { return cfg_; }
+  int64_t groups() const { return groups_; }
   const PlanShape& plan_shape() const { return plan_.shape(); }
   const PlanView& plan() const { return plan_.view(); }
   // The last forward's routing on the device, valid until the next forward: routing().choices
   // (= N = T*K) choices, choice c = t*K + k; choice_token (N) int32, choice_expert (N) int32 (or
-  // kNoExpert = -1 for a second choice a policy skipped), choice_weight (N) fp32. Download with
-  // cudaMemcpy after the forward's stream has run (or download_routing in routing.hpp).
+  // kNoExpert = -1 for a second choice a policy skipped), choice_weight (N) fp32. Expert choice:
+  // N = E*G*C, choice c = (e*G + g)*C + j, the j-th best token of group g for expert e. Download
+  // with cudaMemcpy after the forward's stream has run (or download_routing in routing.hpp).
   RoutingView routing() const { return route_.routing.view(); }
   const double* aux_loss() const { return route_.aux_loss; }  // device, after forward
   // Device bytes this layer holds: activation arena + route + plan + experts workspace + the
@@ -124,7 +135,7 @@ class Layer {
   // where the router has them) plus the experts stage's da / dpre scratch, computed from the
   // shapes alone (no device needed): what the layer's (max_rows, *) activations cost.
   static size_t arena_bytes(const LayerConfig& cfg, ExpertsBackend backend = ExpertsBackend::grouped,
-                            bool backward = true);
+                            bool backward = true, int64_t groups = 1);
   std::string report() const;
 
  private:
@@ -132,6 +143,7 @@ class Layer {
 
   LayerConfig cfg_;
   bool backward_;
+  int64_t groups_ = 1;         // expert choice's position groups
   bool noisy_ = false;         // noisy_topk: noise_raw and dr
   bool jitter_ = false;        // switch_top1 in training with jitter > 0: x_router, w_gate_f32
   bool has_forward_ = false;   // forward ran: stats() and update_expert_bias() have counts

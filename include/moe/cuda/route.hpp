@@ -10,6 +10,14 @@
 // auxiliary losses as deterministic reductions (per-chunk partial sums over tokens, then one block
 // that adds the chunks in a fixed order, in double). Expert choice: the softmax kernel, then a
 // stable segmented sort of each expert's column (CUB), then the first C of each segment.
+//
+// Expert choice in G groups (the LM's groups across the batch at each position): T = B*G tokens,
+// token t = b*G + g in group g, and each group ranks only its own B tokens, as G separate calls of
+// B tokens would (cpu::route_forward per group, tokens in b order). Capacity C per group is the
+// config's for B tokens (ec_group_capacity). The sort runs over E*G segments of B tokens, segment
+// (e, g) = expert e's column over group g, and choice c = (e*G + g)*C + j is the j-th best token of
+// group g for expert e, by (prob desc, token asc): expert-major, so that the plan makes one segment
+// per expert holding every group's picks, group by group, each group's in the CPU call's order.
 // The aux loss stays on the device (aux_loss, a double); nothing is read back.
 // Backward: d_weight (N) -> dz (T,E) (and dr (T,E), the gradient of x W_noise, for noisy_topk),
 // with the aux-loss and z-loss gradients added; the gate stage turns dz into dx and dW.
@@ -22,7 +30,32 @@
 #include "moe/cuda/arena.hpp"
 #include "moe/cuda/routing.hpp"
 
+#if defined(__CUDACC__)
+#define MOE_ROUTE_HD __host__ __device__
+#else
+#define MOE_ROUTE_HD
+#endif
+
 namespace moe::cuda {
+
+// Expert choice in G groups of B = T/G tokens: the index arithmetic of the grouped sort, shared by
+// the kernels and the host emulation in the tests.
+struct EcGroups {
+  int64_t T = 0, G = 1, C = 0;  // tokens, groups, capacity per group
+  MOE_ROUTE_HD int64_t group_tokens() const { return T / G; }
+  // Where token t's probability for expert e sits in the sort's input: segment e*G + g (g = t % G),
+  // entry b = t / G, so that a segment lists its group's tokens in token order (the stable sort
+  // then breaks ties toward the lower token, the CPU's rule).
+  MOE_ROUTE_HD int64_t sort_index(int64_t t, int64_t e) const {
+    return (e * G + t % G) * group_tokens() + t / G;
+  }
+  // Choice i = (e*G + g)*C + j takes entry j of sorted segment e*G + g.
+  MOE_ROUTE_HD int64_t pick_source(int64_t i) const {
+    const int64_t segment = i / C, j = i - segment * C;
+    return segment * group_tokens() + j;
+  }
+  MOE_ROUTE_HD int64_t pick_expert(int64_t i) const { return i / C / G; }
+};
 
 // Everything route forward writes and route backward reads, for one LayerConfig, in one arena.
 struct RouteBuffers {
@@ -42,18 +75,25 @@ struct RouteBuffers {
   double* aux_loss = nullptr;  // (1) this step's auxiliary loss (z-loss + balance or Shazeer's)
   double* expert_sums = nullptr;  // (2, E) noisy_topk: importance and load per expert
   // expert choice
-  float* probs_t = nullptr;    // (E, T) probabilities, expert-major (sort keys)
-  float* sorted_p = nullptr;   // (E, T)
-  int32_t* token_ids = nullptr;// (E, T) 0..T-1 per expert (sort values)
-  int32_t* sorted_t = nullptr; // (E, T)
-  int32_t* seg = nullptr;      // (E + 1) segment offsets e * T
+  int64_t ec_groups = 1;       // G: token t ranks within group t % G
+  int64_t ec_capacity = 0;     // C per group (ec_group_capacity); N = E*G*C
+  float* probs_t = nullptr;    // (E, G, B) probabilities, expert-major then group (sort keys)
+  float* sorted_p = nullptr;   // (E, G, B)
+  int32_t* token_ids = nullptr;// (E, G, B) the token t = b*G + g of each entry (sort values)
+  int32_t* sorted_t = nullptr; // (E, G, B)
+  int32_t* seg = nullptr;      // (E*G + 1) segment offsets i * B
   void* sort_temp = nullptr;
   size_t sort_temp_bytes = 0;
   DeviceArena arena;
 
   RouteBuffers() = default;
-  explicit RouteBuffers(const LayerConfig& cfg);  // cfg validated by the caller
+  // cfg validated by the caller; position_groups (G) > 1 only for expert_choice, dividing
+  // cfg.tokens.
+  explicit RouteBuffers(const LayerConfig& cfg, int64_t position_groups = 1);
 };
+
+// Expert choice: the capacity of one group of cfg.tokens / groups tokens, min(B, ceil(cf*B/E)).
+int64_t ec_group_capacity(const LayerConfig& cfg, int64_t groups);
 
 // logits (T, E) fp32; noise_raw (T, E) = x W_noise for noisy_topk (else null); expert_bias (E)
 // for sigmoid_bias (null = zeros). `step` is the chain_of_experts iteration (noise seed + step).

@@ -29,7 +29,8 @@ using model::ModelConfig;
 using model::TensorRef;
 
 // The CPU model's seed of one FFN call (src/model/transformer.cpp): token-choice routers make one
-// call per layer, group 0.
+// call per layer, group 0. Expert choice's per-position calls draw nothing random, so its one
+// grouped call needs no seed per group.
 uint64_t call_seed(uint64_t noise_seed, int64_t layer) {
   return splitmix64(noise_seed ^ splitmix64(uint64_t(layer) << 32 ^ uint64_t(0)));
 }
@@ -381,6 +382,9 @@ std::vector<BlockFfn>& GpuModel::ffn_layers(int64_t tokens, bool training) {
     LayerConfig c = cfg_.layer_config(tokens);
     c.training = training;
     const bool chain = c.router == Router::chain_of_experts;
+    // Expert choice ranks the B tokens at each position (the CPU model's S calls of B tokens):
+    // one call over the N = B*S tokens in (b, s) order with S position groups.
+    const int64_t groups = cfg_.groups_across_batch() ? cfg_.seq : 1;
     for (int64_t l = 0; l < cfg_.layers; ++l) {
       BlockFfn f;
       if (chain)
@@ -388,7 +392,7 @@ std::vector<BlockFfn>& GpuModel::ffn_layers(int64_t tokens, bool training) {
                                                /*backward=*/training);
       else
         f.layer = std::make_unique<Layer>(c, ExpertsBackend::grouped, GateUpLayout::split,
-                                          /*backward=*/training);
+                                          /*backward=*/training, groups);
       layers.push_back(std::move(f));
     }
   }
@@ -678,10 +682,12 @@ void check_gpu_model(const ModelConfig& cfg) {
   if (cfg.ffn_kind == model::FfnKind::moe) {
     const Router r = cfg.ffn.router;
     MOE_CHECK(r == Router::softmax_topk || r == Router::noisy_topk || r == Router::switch_top1 ||
-                  r == Router::sigmoid_bias || r == Router::chain_of_experts,
+                  r == Router::sigmoid_bias || r == Router::chain_of_experts ||
+                  r == Router::expert_choice,
               "--device gpu: router ", name(r),
               " is not available on the GPU model (softmax_topk, noisy_topk, switch, sigmoid_bias, "
-              "chain_of_experts and the dense baselines are); train it with --device cpu");
+              "chain_of_experts, expert_choice and the dense baselines are); train it with "
+              "--device cpu");
     MOE_CHECK(cfg.ffn.shared_experts == 0,
               "--device gpu: shared experts are not available on the GPU model");
   }

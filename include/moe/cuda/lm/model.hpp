@@ -11,16 +11,17 @@
 //     cuBLAS GEMMs accumulate in fp32; softmax, LayerNorm and the loss computed in fp32;
 //   * the FFN is moe::cuda::Layer (gate -> route -> plan -> permute -> grouped experts -> combine
 //     and its backward), one per block, called on all B*S tokens of the batch; chain_of_experts is
-//     moe::cuda::ChainLayer (include/moe/cuda/chain.hpp), one Layer per iteration.
+//     moe::cuda::ChainLayer (include/moe/cuda/chain.hpp), one Layer per iteration; expert choice
+//     is one Layer call with S position groups (token (b, s) ranks among the B tokens at position
+//     s: the CPU model's S calls of B tokens, in one sort, one plan and one grouped GEMM).
 // The dense layer kinds are include/moe/cuda/lm/layers.hpp; attention runs in the fused kernels
 // (flash_attention_*, head sizes 32, 64, 128: only the output and a log-sum-exp per query row are
 // kept for backward), else in the cuBLAS path that keeps the (S, S) probabilities. Everything runs on one stream; a step
 // reads back only the per-token losses, the auxiliary losses and the gradient norm.
 //
 // Routers: the token-choice routers of moe::cuda::Layer — softmax_topk, noisy_topk, switch_top1,
-// sigmoid_bias —, chain_of_experts and the dense baselines. expert_choice and soft_moe (which the
-// CPU model runs once per position across the batch) and shared experts are refused with a
-// ConfigError naming them.
+// sigmoid_bias —, chain_of_experts, expert_choice and the dense baselines. soft_moe and shared
+// experts are refused with a ConfigError naming them.
 #pragma once
 #include <cstdint>
 #include <memory>
