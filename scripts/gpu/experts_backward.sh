@@ -10,6 +10,7 @@
 #      (tests.log)
 #   2. experts_lab at OLMoE and Qwen3 with the backward (lab_olmoe.txt, lab_qwen3.txt)
 #   3. scripts/gpu/layer.sh: moe-bench bench --layer and the PyTorch peer (layer/)
+#   4. the LM's step time against an earlier build (RUN/moe-bench.old), when one is staged
 # Prints a short table last.
 set -uo pipefail
 RUN=${1:?usage: experts_backward.sh RUN}
@@ -41,6 +42,22 @@ done
 step "layer benchmark and peer"
 OUT="$OUT/layer" bash scripts/gpu/layer.sh "$RUN" >"$OUT/layer_visit.log" 2>&1 || status=1
 grep -E "^layer |^peer " "$OUT/layer/layer_bench.log" "$OUT/layer/peer_layer.log" | cut -c1-220
+
+# 4. The LM's step time, this build against an earlier one ($RUN/moe-bench.old, if staged) on the
+#    same card, alternating: dense_params (the dense FFN's activation kernels) and softmax_topk.
+if [[ -x $RUN/moe-bench.old ]]; then
+  source scripts/gpu/unpack_run.sh "$RUN"
+  for round in 1 2; do
+    for r in dense_params softmax_topk; do
+      for bin in moe-bench.old moe-bench; do
+        step "LM speed $r $bin (round $round)"
+        timeout 90 "$RUN/$bin" train --device gpu --router "$r" --steps 60 --eval-every 0 \
+          >"$OUT/lm_${r}_${bin}_$round.log" 2>&1 || status=1
+        grep -E "^speed|tokens/s" "$OUT/lm_${r}_${bin}_$round.log" | tail -n 2
+      done
+    done
+  done
+fi
 
 step "summary"
 grep -E "^\[  (FAILED|PASSED) " "$OUT/tests.log"
