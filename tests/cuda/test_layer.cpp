@@ -804,8 +804,9 @@ TEST(ChainStepConfig, CpuLayersOfTheStepConfigReproduceTheCpuChain) {
 // ---- expert choice in G position groups (layer.hpp): one Layer call against G CPU layer calls of
 // B = T/G tokens each (token t = b*G + g), the way the CPU LM runs expert choice: y and dx
 // scattered back to the tokens, parameter gradients summed over the calls, the z-loss averaged over
-// them, the statistics combined as moe::model::Transformer::layer_stats does. G = 1 is plain expert
-// choice over all T tokens.
+// them (so, as in Transformer::ffn_backward, a call's backward gets G*dy and its gradients are
+// divided by G when there is a z-loss), the statistics combined as Transformer::layer_stats does.
+// G = 1 is plain expert choice over all T tokens.
 class ExpertChoiceGroupsParity : public ::testing::TestWithParam<LayerCase> {};
 
 TEST_P(ExpertChoiceGroupsParity, ForwardAndBackwardMatchTheCpuGroupCalls) {
@@ -820,6 +821,7 @@ TEST_P(ExpertChoiceGroupsParity, ForwardAndBackwardMatchTheCpuGroupCalls) {
   LayerConfig group_cfg = cfg;
   group_cfg.tokens = B;
   const int64_t C = group_cfg.capacity();
+  const double up = cfg.resolved_z_coef() > 0 ? double(G) : 1.0, down = 1.0 / up;
 
   // CPU: call g sees tokens b*G + g, b ascending
   std::vector<double> y_ref(static_cast<size_t>(T * H)), dx_ref(static_cast<size_t>(T * H));
@@ -835,7 +837,7 @@ TEST_P(ExpertChoiceGroupsParity, ForwardAndBackwardMatchTheCpuGroupCalls) {
     std::vector<double> xg(static_cast<size_t>(B * H)), dyg(xg.size()), dxg(xg.size());
     for (int64_t b = 0; b < B; ++b) {
       std::copy_n(&in.x[(b * G + g) * H], H, &xg[b * H]);
-      std::copy_n(&in.dy[(b * G + g) * H], H, &dyg[b * H]);
+      for (int64_t h = 0; h < H; ++h) dyg[b * H + h] = up * in.dy[(b * G + g) * H + h];
     }
     LayerForward<double> f;
     layer_forward(group_cfg, p, xg.data(), f);
@@ -843,11 +845,11 @@ TEST_P(ExpertChoiceGroupsParity, ForwardAndBackwardMatchTheCpuGroupCalls) {
     layer_backward(group_cfg, p, xg.data(), f, dyg.data(), dxg.data(), gg);
     for (int64_t b = 0; b < B; ++b) {
       std::copy_n(&f.y[b * H], H, &y_ref[(b * G + g) * H]);
-      std::copy_n(&dxg[b * H], H, &dx_ref[(b * G + g) * H]);
+      for (int64_t h = 0; h < H; ++h) dx_ref[(b * G + g) * H + h] = down * dxg[b * H + h];
     }
-    for (size_t i = 0; i < gg.w_gate.size(); ++i) g_ref.w_gate[i] += gg.w_gate[i];
-    for (size_t i = 0; i < gg.w_up.size(); ++i) g_ref.w_up[i] += gg.w_up[i];
-    for (size_t i = 0; i < gg.w_down.size(); ++i) g_ref.w_down[i] += gg.w_down[i];
+    for (size_t i = 0; i < gg.w_gate.size(); ++i) g_ref.w_gate[i] += down * gg.w_gate[i];
+    for (size_t i = 0; i < gg.w_up.size(); ++i) g_ref.w_up[i] += down * gg.w_up[i];
+    for (size_t i = 0; i < gg.w_down.size(); ++i) g_ref.w_down[i] += down * gg.w_down[i];
     aux_ref += f.aux_loss / double(G);
     for (int64_t e = 0; e < E; ++e) st_ref.tokens_per_expert[e] += f.stats.tokens_per_expert[e];
     st_ref.drop_rate += f.stats.drop_rate / double(G);

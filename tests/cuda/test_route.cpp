@@ -141,13 +141,16 @@ TEST_P(RouteExpertChoiceGroups, MatchesTheCpuRouteOfEachGroupForwardAndBackward)
             tied[e * G + g] = 1;
         near_ties += tied[e * G + g];
       }
+      // The objective is sum of <d_weight, weight> + the mean of the groups' z-losses (the CPU
+      // model's 1/S scaling): the group's backward gets G * d_weight and its dz is divided by G.
       std::vector<float> dw(static_cast<size_t>(E * C)), dx(static_cast<size_t>(B * E), 0.f);
       for (int64_t e = 0; e < E; ++e)
-        for (int64_t j = 0; j < C; ++j) dw[e * C + j] = d_weight[(e * G + g) * C + j];
+        for (int64_t j = 0; j < C; ++j) dw[e * C + j] = float(G) * d_weight[(e * G + g) * C + j];
       Params<float> grads;
       grads.w_gate.assign(p.w_gate.size(), 0.f);
       cpu::route_backward(group_cfg, p, 0, s, dw.data(), dx.data(), grads);
-      for (int64_t b = 0; b < B; ++b) std::copy_n(&dx[b * E], E, &dz_ref[(b * G + g) * E]);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t e = 0; e < E; ++e) dz_ref[(b * G + g) * E + e] = dx[b * E + e] / float(G);
     }
     EXPECT_LE(near_ties, std::max<int64_t>(1, E * G / 100)) << "too many near ties";
 
