@@ -65,6 +65,9 @@ class ChainLayer {
   const double* aux_loss() const { return aux_loss_; }  // device, after forward
   int64_t iterations() const { return int64_t(steps_.size()); }
   const Layer& step(int64_t c) const { return *steps_[size_t(c)]; }
+  // u_c (T, H) bf16, the input iteration c in [1, C) ran on in the last forward (tests: the CPU
+  // layer on the same bits isolates each iteration from the roundings of the ones before).
+  const bf16* input(int64_t c) const { return inputs_ + size_t(c - 1) * cfg_.tokens * cfg_.hidden; }
   const LayerConfig& config() const { return cfg_; }
   size_t bytes() const;
 
