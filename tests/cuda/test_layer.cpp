@@ -1008,8 +1008,8 @@ INSTANTIATE_TEST_SUITE_P(
                   .layout = Layout::block, .z_coef = 1e-3, .groups = 16}),
     [](const auto& info) { return info.param.name; });
 
+// The configuration is refused before anything is allocated, so this runs without a GPU too.
 TEST(ExpertChoiceGroupsConfig, GroupsMustDivideTokensAndAreForExpertChoiceOnly) {
-  MOE_REQUIRE_GPU();  // the constructor allocates
   LayerCase c{.name = "bad", .T = 96, .H = 64, .I = 32, .E = 8, .K = 2};
   auto make = [&](int64_t groups) {
     cuda::Layer layer(config_of(c), cuda::ExpertsBackend::grouped, cuda::GateUpLayout::split,
@@ -1019,6 +1019,7 @@ TEST(ExpertChoiceGroupsConfig, GroupsMustDivideTokensAndAreForExpertChoiceOnly) 
   c.router = Router::expert_choice;
   EXPECT_THROW(make(7), ConfigError);  // 7 does not divide 96
   EXPECT_THROW(make(0), ConfigError);
+  MOE_REQUIRE_GPU();  // a valid layer allocates
   EXPECT_NO_THROW(make(12));
 }
 
