@@ -14,7 +14,9 @@
 //   S1 / S2  cublasGemmStridedBatchedEx up / down (padded layout only)
 //   X*       lab-only CUTLASS configs, each verified against the library's kernel first:
 //            X1/X2 wgrad with a 128x16 epilogue tile (less smem: 4 mainloop stages instead of 3),
-//            X3/X4 wgrad pingpong 128x128, X5 fused up-projection pingpong 64x256
+//            X3/X4 wgrad pingpong 128x128, X5 fused up-projection pingpong 64x256,
+//            X6-X8 the plain up and down GEMMs with 256x128 / 128x128 cooperative and 128x128
+//            pingpong tiles
 //   F*       experts_forward per backend (the activation included; host-offset backends include
 //            their offsets copy and stream synchronisation)
 //   B*       experts_backward per backend (grouped: no host round trip at all now); B1o with the
@@ -50,6 +52,7 @@
 #include <vector>
 
 #include "cuda/grouped_gemm_act_sm90.cuh"
+#include "cuda/grouped_gemm_sm90.cuh"
 #include "cuda/grouped_gemm_wgrad_sm90.cuh"
 #include "moe/cuda/check.cuh"
 #include "moe/cuda/experts.hpp"
@@ -69,6 +72,21 @@ using WgradEpi16 =
     gg::WgradLauncher<gg::WgradKernel<gg::CooperativeConfig, cute::Shape<cute::_128, cute::_16>>>;
 using WgradPingpong = gg::WgradLauncher<gg::WgradKernel<gg::PingpongConfig<128, 128>>>;
 using ActPingpong = gg::ActLauncher<gg::ActKernel<gg::PingpongConfig<64, 256>>>;
+
+// Lab-only tiles for the plain up/down GEMMs (short K: the down projection's K = I is 768-1024).
+template <int kM, int kN>
+struct CooperativeTile {
+  using TileShape = cute::Shape<cute::Int<kM>, cute::Int<kN>, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
+using GemmCoop256x128 =
+    gg::Launcher<gg::Kernel<CooperativeTile<256, 128>, moe::cuda::WeightLayout::kn>>;
+using GemmCoop128x128 =
+    gg::Launcher<gg::Kernel<CooperativeTile<128, 128>, moe::cuda::WeightLayout::kn>>;
+using GemmPingpong128x128 =
+    gg::Launcher<gg::Kernel<gg::PingpongConfig<128, 128>, moe::cuda::WeightLayout::kn>>;
 
 // ------------------------------------------------------------------------------------------------
 // options
@@ -458,6 +476,30 @@ int run(const Options& o) {
                              sms, s);
           }), f_up);
     MOE_CUDA_CHECK(cudaFree(ws_act));
+    // Other tiles for the plain up and down GEMMs, each checked bitwise against the library's.
+    auto gemm_variant = [&](const char* label, auto launcher) {
+      using L = decltype(launcher);
+      void* ws = workspace(L::workspace_bytes(E, sms));
+      g_down.run({offsets, H, I, act, w_down, yp}, s);
+      L::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
+      g_up.run({offsets, A, H, xp, w_up, pre}, s);
+      L::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s);
+      const double err = std::max(rel_error(download(yp2, M * H), download(yp, M * H), M * H),
+                                  rel_error(download(pre2, M * A), download(pre, M * A), M * A));
+      std::printf("%-48s relative error vs library %.2e\n", label, err);
+      if (err < 1e-2) {
+        row((std::string(label) + " down").c_str(), median_ms(o.reps, s, [&] {
+              L::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
+            }), f_down);
+        row((std::string(label) + " up").c_str(), median_ms(o.reps, s, [&] {
+              L::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s);
+            }), f_up);
+      }
+      MOE_CUDA_CHECK(cudaFree(ws));
+    };
+    gemm_variant("X6 cooperative 256x128", GemmCoop256x128{});
+    gemm_variant("X7 cooperative 128x128", GemmCoop128x128{});
+    gemm_variant("X8 pingpong 128x128", GemmPingpong128x128{});
     if (o.backward) {
       auto wgrad_variant = [&](const char* label_down, const char* label_up, auto launcher) {
         using L = decltype(launcher);

@@ -463,7 +463,11 @@ ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend bac
     MOE_CUDA_CHECK(cudaMalloc(&device_ptrs_, sizeof(void*) * kSlots * 3 * E));
     cublas_arrays_ = std::make_unique<ExpertsCublasArrays>(static_cast<size_t>(E));
   }
-  if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) {
+  // Only the cuBLAS baselines use a handle; the grouped backends would pay for one (its device
+  // allocations) and never call it.
+  const bool uses_cublas =
+      backend != ExpertsBackend::grouped && backend != ExpertsBackend::grouped_fused;
+  if (uses_cublas && cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) {
     cudaFreeHost(pinned_offsets_);
     if (pinned_ptrs_) cudaFreeHost(pinned_ptrs_);
     if (device_ptrs_) cudaFree(device_ptrs_);

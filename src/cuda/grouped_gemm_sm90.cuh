@@ -93,13 +93,49 @@ struct Kernel {
 // launcher
 // ------------------------------------------------------------------------------------------------
 
+// A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
+// instantiates Kernel<CooperativeConfig, L> for both layouts (grouped_gemm_bf16_{kn,nk}.cu).
+template <class K>
+struct Launcher {
+  static size_t workspace_bytes(int64_t groups, int sm_count) {
+    return K::carve(nullptr, groups, K::cutlass_bytes(groups, sm_count)).bytes;
+  }
+
+  static void run(const GroupedGemmArgs& args, bool b_nk, int64_t groups, void* workspace,
+                  int sm_count, cudaStream_t stream) {
+    const typename K::Carve c = K::carve(workspace, groups, K::cutlass_bytes(groups, sm_count));
+
+    // Step 1: problems, pointers and strides of every expert, from the device offsets.
+    PrepareParams<Bf16, typename K::Problem, typename K::StrideA, typename K::StrideB,
+                  typename K::StrideD>
+        p{args.offsets,
+          static_cast<int32_t>(groups),
+          static_cast<int32_t>(args.n),
+          static_cast<int32_t>(args.k),
+          b_nk,
+          reinterpret_cast<const Bf16*>(args.a),
+          reinterpret_cast<const Bf16*>(args.b),
+          reinterpret_cast<Bf16*>(args.d),
+          c.problems, c.ptr_a, c.ptr_b, c.ptr_d, c.stride_a, c.stride_b, c.stride_d};
+    prepare_kernel<<<1, prepare_threads(groups), 0, stream>>>(p);
+    MOE_CUDA_LAUNCH_CHECK();
+
+    // Step 2: the persistent grouped GEMM (grid = SMs; each CTA walks tiles over all experts).
+    typename K::Gemm gemm;
+    const auto arguments = K::arguments(c, groups, sm_count);
+    MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
+    MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
+    MOE_CUTLASS_CHECK(gemm.run(stream));
+    MOE_CUDA_LAUNCH_CHECK();
+  }
+};
+
 template <WeightLayout L>
 using DefaultKernel = Kernel<CooperativeConfig, L>;
 
 template <WeightLayout L>
 size_t Bf16Sm90<L>::workspace_bytes(int64_t groups, int sm_count) {
-  using K = DefaultKernel<L>;
-  return K::carve(nullptr, groups, K::cutlass_bytes(groups, sm_count)).bytes;
+  return Launcher<DefaultKernel<L>>::workspace_bytes(groups, sm_count);
 }
 
 template <WeightLayout L>
@@ -113,31 +149,8 @@ const char* Bf16Sm90<L>::name() {
 template <WeightLayout L>
 void Bf16Sm90<L>::run(const GroupedGemmArgs& args, int64_t groups, void* workspace, int sm_count,
                       cudaStream_t stream) {
-  using K = DefaultKernel<L>;
-  const typename K::Carve c = K::carve(workspace, groups, K::cutlass_bytes(groups, sm_count));
-
-  // Step 1: problems, pointers and strides of every expert, from the device offsets.
-  PrepareParams<Bf16, typename K::Problem, typename K::StrideA, typename K::StrideB,
-                typename K::StrideD>
-      p{args.offsets,
-        static_cast<int32_t>(groups),
-        static_cast<int32_t>(args.n),
-        static_cast<int32_t>(args.k),
-        L == WeightLayout::nk,
-        reinterpret_cast<const Bf16*>(args.a),
-        reinterpret_cast<const Bf16*>(args.b),
-        reinterpret_cast<Bf16*>(args.d),
-        c.problems, c.ptr_a, c.ptr_b, c.ptr_d, c.stride_a, c.stride_b, c.stride_d};
-  prepare_kernel<<<1, prepare_threads(groups), 0, stream>>>(p);
-  MOE_CUDA_LAUNCH_CHECK();
-
-  // Step 2: the persistent grouped GEMM (grid = SMs; each CTA walks tiles over all experts).
-  typename K::Gemm gemm;
-  const auto arguments = K::arguments(c, groups, sm_count);
-  MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
-  MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
-  MOE_CUTLASS_CHECK(gemm.run(stream));
-  MOE_CUDA_LAUNCH_CHECK();
+  Launcher<DefaultKernel<L>>::run(args, L == WeightLayout::nk, groups, workspace, sm_count,
+                                  stream);
 }
 
 }  // namespace moe::cuda::grouped_gemm
