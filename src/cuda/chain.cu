@@ -172,6 +172,8 @@ void ChainLayer::backward(const bf16* x, const LayerWeights& w, const bf16* dy,
     LayerGrads gc = g;
     gc.dx = c == 0 && C == 1 ? g.dx : out_;  // one iteration: dx is d_in itself
     gc.dw_gate = g.dw_gate + c * HE;
+    // the shared pool's gradient sums the iterations: only the first one run may write it fresh
+    gc.accumulate_experts = c == C - 1 ? g.accumulate_experts : true;
     steps_[size_t(c)]->backward(in, step_weights(w, c), c == C - 1 ? dy : upstream_, gc, stream);
     if (C == 1 || n == 0) continue;
     // upstream_ is read by this iteration's backward above and rewritten here for the next:

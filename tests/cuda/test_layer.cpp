@@ -742,6 +742,39 @@ TEST(ChainLayerGraph, ReplayOfForwardAndBackwardGivesTheEagerBits) {
   MOE_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
+// accumulate_experts = false: the chain's first backward iteration writes dw_up and dw_down, the
+// others add to them, so poisoned buffers end up with the values a zeroed, accumulated run gives.
+TEST(ChainLayerFreshGradients, WrittenFreshEqualsAccumulatedFromZero) {
+  MOE_REQUIRE_GPU();
+  const LayerCase c{.name = "chain_fresh", .T = 256, .H = 64, .I = 32, .E = 8, .K = 4,
+                    .router = Router::chain_of_experts, .iterations = 2};
+  const LayerConfig cfg = config_of(c);
+  const LayerInputs in = make_inputs(c, cfg);
+  cuda::ChainLayer layer(cfg);
+  DeviceLayerData d(in, c.E);
+  const cuda::LayerWeights w = d.weights(c.router);
+  auto run = [&](bool accumulate) {
+    d.dw_gate.poison(0);
+    if (accumulate) {
+      d.dw_up.poison(0);
+      d.dw_down.poison(0);
+    } else {
+      d.dw_up.poison();  // NaN: must never be read
+      d.dw_down.poison();
+    }
+    cuda::LayerGrads g = d.grads();
+    g.accumulate_experts = accumulate;
+    layer.forward(d.x.get(), w, d.y.get(), nullptr);
+    layer.backward(d.x.get(), w, d.dy.get(), g, nullptr);
+    return std::make_pair(d.dw_up.download(), d.dw_down.download());
+  };
+  const auto accumulated = run(true), fresh = run(false);
+  // the same kernels with beta 0 or 1 on zeros: equal up to the sign of zero (NaN never passes)
+  auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  EXPECT_TRUE(close("dW_up", fresh.first, as_double(accumulated.first), 1e-9, 1e-6));
+  EXPECT_TRUE(close("dW_down", fresh.second, as_double(accumulated.second), 1e-9, 1e-6));
+}
+
 // The per-iteration configuration is the CPU's routing of a chain step (no GPU needed).
 TEST(ChainStepConfig, IsUnrenormalisedSoftmaxTopkWithTheChainsCoefficients) {
   LayerConfig cfg;

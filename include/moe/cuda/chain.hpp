@@ -51,7 +51,8 @@ class ChainLayer {
   // w.w_gate (C, H, E); w_up, w_down as Layer's. y (T, H) overwritten.
   void forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t stream);
   // After forward() with the same x and w. g.dx (T, H) overwritten; g.dw_gate (C, H, E), dw_up,
-  // dw_down accumulated (zero them first).
+  // dw_down accumulated (zero them first), or with g.accumulate_experts = false dw_up and dw_down
+  // written by the last iteration's backward (the first to run) and added to by the others.
   void backward(const bf16* x, const LayerWeights& w, const bf16* dy, const LayerGrads& g,
                 cudaStream_t stream);
 
