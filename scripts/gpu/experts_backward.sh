@@ -46,6 +46,8 @@ if [[ $PARTS == *2* ]]; then
 step "layer benchmark and peer"
 OUT="$OUT/layer" bash scripts/gpu/layer.sh "$RUN" >"$OUT/layer_visit.log" 2>&1 || status=1
 grep -E "^layer |^peer " "$OUT/layer/layer_bench.log" "$OUT/layer/peer_layer.log" | cut -c1-220
+# a visit returns at most 8 files: the layer folder travels as one archive
+tar -C "$OUT" -czf "$OUT/layer.tgz" layer && rm -rf "$OUT/layer"
 
 # 4. The LM's step time, this build against an earlier one ($RUN/moe-bench.old, if staged) on the
 #    same card, alternating: dense_params (the dense FFN's activation kernels) and softmax_topk.
