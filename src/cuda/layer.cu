@@ -84,6 +84,10 @@ void widen(const bf16* in, int64_t n, float* out, cudaStream_t stream) {
 
 }  // namespace
 
+namespace {
+constexpr size_t kCublasWorkspaceBytes = size_t{4} << 20;
+}  // namespace
+
 size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool backward,
                           int64_t groups) {
   const LayerConfig cfg = checked(c, groups);
@@ -97,7 +101,7 @@ size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool bac
   if (cfg.router == Router::noisy_topk) bytes += (1 + bw) * T * E * f;  // noise_raw, dr
   if (has_jitter(cfg)) bytes += (T * H + H * E) * f;                    // x_router, w_gate_f32
   if (backward && !aliases(backend, backward)) bytes += R * (H + I + A) * b;  // dyp, da, dpre
-  return bytes;
+  return bytes + kCublasWorkspaceBytes;
 }
 
 Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_up, bool backward,
@@ -140,7 +144,11 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
       {"x_router", (jitter_ ? 1 : 0) * size_t(T * H) * f, reinterpret_cast<void**>(&x_router_)},
       {"w_gate_f32", (jitter_ ? 1 : 0) * size_t(H * E) * f,
        reinterpret_cast<void**>(&w_gate_f32_)},
+      {"cublas_workspace", kCublasWorkspaceBytes, &cublas_workspace_},
   });
+  // The router GEMMs are small (N = E): a workspace of our own, counted in bytes(), instead of
+  // the handle's default pool, which on Hopper is several times larger.
+  MOE_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
   if (alias_) dyp_ = yp_;
   stats_ = StatsBuffers(T, E, groups_);
 }

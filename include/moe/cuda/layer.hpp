@@ -150,6 +150,7 @@ class Layer {
   uint64_t forward_seed_ = 0;  // cfg_.seed when forward last ran
   cudaStream_t stream_ = nullptr;  // the last forward's stream (stats)
   cublasHandle_t cublas_ = nullptr;
+  void* cublas_workspace_ = nullptr;  // in arena_: the handle's workspace (cublasSetWorkspace)
   RouteBuffers route_;
   PlanBuffers plan_;
   std::unique_ptr<ExpertsWorkspace> experts_;
