@@ -7,7 +7,8 @@
 //   G3n      the same without pre (forward only: nothing saved)
 //   W1 / W2  grouped weight gradients dw_down += act^T dyp / dw_up += xp^T dpre (K = segment);
 //            W1o / W2o the same overwriting dW (beta = 0: dW written, never read)
-//   P2       the up and down GEMMs back to back (F1 - P2: the activation pass in place)
+//   P2       the up and down GEMMs back to back (F1 - P2: the activation pass in place); P3 / P4
+//            the up / down GEMM twice (does a second launch cost more than the first?)
 //   L1..L4   per-expert cublasGemmEx loop: up, down, dw_down, dw_up (offsets on the host, untimed)
 //   C1 / C2  cublasGemmGroupedBatchedEx up / down (host sizes and device pointers built untimed)
 //   D1..D4   dense-equivalent: one cuBLAS GEMM with the same M, N, K totals (the ceiling)
@@ -453,6 +454,14 @@ int run(const Options& o) {
         }), f_up);
   }
   // The forward's two GEMMs back to back: F1 - P2 is what the activation pass costs in place.
+  row("P3 up twice", median_ms(o.reps, s, [&] {
+        g_up.run({offsets, A, H, xp, w_up, pre}, s);
+        g_up.run({offsets, A, H, xp, w_up, pre}, s);
+      }), 2 * f_up);
+  row("P4 down twice", median_ms(o.reps, s, [&] {
+        g_down.run({offsets, H, I, act, w_down, yp}, s);
+        g_down.run({offsets, H, I, act, w_down, yp}, s);
+      }), 2 * f_down);
   row("P2 up + down (no activation)", median_ms(o.reps, s, [&] {
         g_up.run({offsets, A, H, xp, w_up, pre}, s);
         g_down.run({offsets, H, I, act, w_down, yp}, s);
