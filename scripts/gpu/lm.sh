@@ -9,7 +9,8 @@
 # compare: `moe-bench compare --device gpu` for each seed of SEEDS (default 0 1 2).
 # twin:    the PyTorch twin (eager, compiled, compiled with CUDA graphs) on our GPU default
 #          configuration: TWIN_FULL routers (default softmax_topk) over STEPS (default 2000) with
-#          evaluations, TWIN_SPEED routers over SPEED_STEPS (default 150) for speed only.
+#          evaluations, TWIN_SPEED routers over SPEED_STEPS (default 150) for speed only; for each
+#          seed of TWIN_SEEDS (default 0) and mode of TWIN_MODES (default "eager compile ro").
 # Everything goes to WORK (default /tmp/lm_work); $OUT gets summary.txt and lm.tgz (the folder
 # packed: at most 8 files come back from a visit).
 set -uo pipefail
@@ -38,7 +39,7 @@ twin() {  # twin MODE ROUTER CONFIG_JSONL STEPS OUTFILE [more flags]
 
 if [[ $PHASE == check ]]; then
   step "parity tests"
-  timeout 150 "$RUN/moe_cuda_tests" --gtest_filter='*LmLayers*:*LayerParity*:*LayerGraph*:*LmModel*' \
+  timeout 150 "$RUN/moe_cuda_tests" --gtest_filter='*LmLayers*:*LayerParity*:*LayerGraph*:*LmModel*:*SoftMoe*:*ChainLayer*:*ExpertChoice*' \
     >"$W/tests.log" 2>&1
   echo "tests exit $?" | tee -a "$OUT/summary.txt"
   grep -E "^\[  (PASSED|FAILED) |FAILED  \]|tests ran" "$W/tests.log" | tail -30 | tee -a "$OUT/summary.txt"
@@ -104,10 +105,17 @@ if [[ $PHASE == twin ]]; then
     else
       n=${SPEED_STEPS:-150}; extra=(--eval-every 0)
     fi
-    step "twin: $r, $n steps"
-    twin eager "$r" "$cfg" "$n" "$W/twin_$r.jsonl" "${extra[@]}"
-    twin compile "$r" "$cfg" "$n" "$W/twin_$r.jsonl" "${extra[@]}"
-    twin compile "$r" "$cfg" "$n" "$W/twin_ro_$r.jsonl" --compile-mode reduce-overhead "${extra[@]}"
+    for seed in ${TWIN_SEEDS:-0}; do
+      for mode in ${TWIN_MODES:-eager compile ro}; do
+        step "twin: $r, $n steps, seed $seed, $mode"
+        case $mode in
+          eager) twin eager "$r" "$cfg" "$n" "$W/twin_$r.jsonl" --seed "$seed" "${extra[@]}" ;;
+          compile) twin compile "$r" "$cfg" "$n" "$W/twin_$r.jsonl" --seed "$seed" "${extra[@]}" ;;
+          ro) twin compile "$r" "$cfg" "$n" "$W/twin_ro_$r.jsonl" --seed "$seed" \
+                --compile-mode reduce-overhead "${extra[@]}" ;;
+        esac
+      done
+    done
     python3 - "$W/twin_$r.jsonl" "$W/twin_ro_$r.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
 import json, os, sys
 for path in sys.argv[1:]:
