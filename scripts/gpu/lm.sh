@@ -6,7 +6,8 @@
 #          twin compiled with mode reduce-overhead).
 # check:   the GPU layer-kind, layer and model parity tests, compute-sanitizer on the small model
 #          tests, then a short run of ours and of the PyTorch twin (eager and compiled) for speed.
-# compare: `moe-bench compare --device gpu` for each seed of SEEDS (default 0 1 2).
+# compare: `moe-bench compare --device gpu` for each seed of SEEDS (default 0 1 2), ROUTERS (a
+#          comma-separated list) if given.
 # twin:    the PyTorch twin (eager, compiled, compiled with CUDA graphs) on our GPU default
 #          configuration: TWIN_FULL routers (default softmax_topk) over STEPS (default 2000) with
 #          evaluations, TWIN_SPEED routers over SPEED_STEPS (default 150) for speed only; for each
@@ -87,7 +88,8 @@ if [[ $PHASE == compare ]]; then
   for seed in ${SEEDS:-0 1 2}; do
     step "ours: compare --device gpu --seed $seed"
     timeout "${COMPARE_TIMEOUT:-600}" "$BIN" compare --device gpu --seed "$seed" \
-      ${STEPS:+--steps $STEPS} --out "$W/compare_seed$seed" >"$W/compare_seed$seed.log" 2>&1
+      ${STEPS:+--steps $STEPS} ${ROUTERS:+--routers $ROUTERS} --out "$W/compare_seed$seed" \
+      >"$W/compare_seed$seed.log" 2>&1
     echo "compare seed $seed exit $?" | tee -a "$OUT/summary.txt"
     sed -n '/^model /,$p' "$W/compare_seed$seed.log" | head -9 | tee -a "$OUT/summary.txt"
   done
