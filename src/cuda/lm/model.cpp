@@ -1,6 +1,7 @@
 // defines: moe::cuda::lm::check_gpu_model, make_gpu_model (see include/moe/cuda/lm/model.hpp)
 // The CPU Transformer's forward and backward (src/model/transformer.cpp) step for step, with the
-// GPU layer kinds of layers.hpp and one moe::cuda::Layer per block.
+// GPU layer kinds of layers.hpp and one MoE layer per block (moe::cuda::Layer, ChainLayer or
+// SoftMoeLayer).
 #include "moe/cuda/lm/model.hpp"
 
 #include <cublas_v2.h>
@@ -19,6 +20,7 @@
 #include "moe/cuda/check.cuh"
 #include "moe/cuda/layer.hpp"
 #include "moe/cuda/lm/layers.hpp"
+#include "moe/cuda/soft_moe_layer.hpp"
 #include "moe/rng.hpp"
 
 namespace moe::cuda::lm {
@@ -45,16 +47,23 @@ struct TensorSlot {
   bool decay = false, trainable = false;
 };
 
-// The MoE FFN of one block: a Layer (token choice), or a ChainLayer (chain_of_experts: one
-// token-choice Layer per iteration).
+// The MoE FFN of one block: a Layer (token choice, expert choice), a ChainLayer
+// (chain_of_experts: one token-choice Layer per iteration), or a SoftMoeLayer (soft_moe: its own
+// weights and gradients and the rows regrouped by position, so GpuModel drives it directly; the
+// forward/backward/routed helpers below serve the other two).
 struct BlockFfn {
   std::unique_ptr<Layer> layer;
   std::unique_ptr<ChainLayer> chain;
+  std::unique_ptr<SoftMoeLayer> soft;
 
-  int64_t tokens() const { return chain ? chain->config().tokens : layer->config().tokens; }
+  int64_t tokens() const {
+    if (soft) return soft->config().tokens * soft->groups();
+    return chain ? chain->config().tokens : layer->config().tokens;
+  }
+  // Soft MoE draws nothing random.
   void set_seed(uint64_t seed) {
     if (chain) chain->set_seed(seed);
-    else layer->set_seed(seed);
+    else if (layer) layer->set_seed(seed);
   }
   void forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t stream) {
     if (chain) chain->forward(x, w, y, stream);
@@ -65,11 +74,20 @@ struct BlockFfn {
     if (chain) chain->backward(x, w, dy, g, stream);
     else layer->backward(x, w, dy, g, stream);
   }
-  const double* aux_loss() const { return chain ? chain->aux_loss() : layer->aux_loss(); }
-  LoadStats stats() const { return chain ? chain->stats() : layer->stats(); }
-  // The Layers whose routings the CPU counts (every chain iteration's).
+  // Device double, or null for soft MoE (no auxiliary loss).
+  const double* aux_loss() const {
+    if (soft) return nullptr;
+    return chain ? chain->aux_loss() : layer->aux_loss();
+  }
+  LoadStats stats() const {
+    if (soft) return soft->stats();
+    return chain ? chain->stats() : layer->stats();
+  }
+  // The Layers whose routings the CPU counts (every chain iteration's; none for soft MoE, whose
+  // counts are combine masses).
   std::vector<const Layer*> routed() const {
     std::vector<const Layer*> out;
+    if (soft) return out;
     if (!chain) return {layer.get()};
     for (int64_t c = 0; c < chain->iterations(); ++c) out.push_back(&chain->step(c));
     return out;
@@ -146,6 +164,12 @@ class GpuModel final : public model::LanguageModel {
   bf16* dense_act_ = nullptr;      // (L, N, I)
   bf16* dense_dact_ = nullptr;     // (N, I) backward
   bf16* dense_dpre_ = nullptr;     // (N, A) backward
+  // soft_moe: the SoftMoeLayer mixes the B tokens at each position, so its rows are the LM's
+  // regrouped by position (row s*B + b). x is regrouped again from ln2 in the backward (the
+  // same bits) rather than kept per block.
+  bool soft_ = false;
+  bf16* soft_x_ = nullptr;         // (N, D) ln2 by position
+  bf16* soft_y_ = nullptr;         // (N, D) y by position; dy by position in the backward
   bf16* lnf_ = nullptr;            // (N, D)
   float* lnf_stats_ = nullptr;     // (2, N)
   float* logits_ = nullptr;        // (N, V)
@@ -179,6 +203,7 @@ class GpuModel final : public model::LanguageModel {
   bool has(const std::string& name) const { return slot_of_.count(name) != 0; }
   std::vector<BlockFfn>& ffn_layers(int64_t tokens, bool training);
   LayerWeights ffn_weights(int64_t l);
+  SoftMoeWeights soft_weights(int64_t l);
   void upload_state();
   void record(cudaEvent_t e) { MOE_CUDA_CHECK(cudaEventRecord(e, stream_)); }
 };
@@ -229,6 +254,7 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
   // run it as plain GEMMs. Its router weights exist (the CPU model's E = 1 layer) but get no
   // gradient, as on the CPU.
   dense_ = cfg_.ffn_kind != model::FfnKind::moe;
+  soft_ = !dense_ && cfg_.ffn.router == Router::soft_moe;
   {
     const LayerConfig lc = cfg_.layer_config(S);
     inter_ = lc.inter;
@@ -236,6 +262,7 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
     swiglu_ = lc.activation == Activation::swiglu;
   }
   const size_t dense_rows = dense_ ? size_t(Nm) : 0;
+  const size_t soft_rows = soft_ ? size_t(Nm) : 0;
   const size_t n = size_t(Nm), nd = size_t(Nm * D);
   // The fused kernels keep only the log-sum-exp per query row (the output and qkv are kept
   // anyway); the cuBLAS path keeps head-major q, k, v and the (S, S) probabilities per layer.
@@ -267,6 +294,8 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
       {"dense_act", L * dense_rows * inter_ * b, reinterpret_cast<void**>(&dense_act_)},
       {"dense_dact", dense_rows * inter_ * b, reinterpret_cast<void**>(&dense_dact_)},
       {"dense_dpre", dense_rows * up_width_ * b, reinterpret_cast<void**>(&dense_dpre_)},
+      {"soft_x", soft_rows * D * b, reinterpret_cast<void**>(&soft_x_)},
+      {"soft_y", soft_rows * D * b, reinterpret_cast<void**>(&soft_y_)},
       {"lnf", nd * b, reinterpret_cast<void**>(&lnf_)},
       {"lnf_stats", 2 * n * f, reinterpret_cast<void**>(&lnf_stats_)},
       {"logits", n * V * f, reinterpret_cast<void**>(&logits_)},
@@ -385,9 +414,18 @@ std::vector<BlockFfn>& GpuModel::ffn_layers(int64_t tokens, bool training) {
     // Expert choice ranks the B tokens at each position (the CPU model's S calls of B tokens):
     // one call over the N = B*S tokens in (b, s) order with S position groups.
     const int64_t groups = cfg_.groups_across_batch() ? cfg_.seq : 1;
+    // Soft MoE mixes the B tokens at each position: the CPU model's S calls of B tokens, one
+    // SoftMoeLayer call over S groups of B. Its experts take S*slots uniform rows each, what
+    // the default strided-batched cuBLAS backend is made for.
+    LayerConfig soft_cfg = cfg_.layer_config(tokens / cfg_.seq);
+    soft_cfg.training = training;
     for (int64_t l = 0; l < cfg_.layers; ++l) {
       BlockFfn f;
-      if (chain)
+      if (soft_)
+        f.soft = std::make_unique<SoftMoeLayer>(soft_cfg, cfg_.seq,
+                                                ExpertsBackend::cublas_strided_padded,
+                                                GateUpLayout::split, /*backward=*/training);
+      else if (chain)
         f.chain = std::make_unique<ChainLayer>(c, ExpertsBackend::grouped, GateUpLayout::split,
                                                /*backward=*/training);
       else
@@ -397,6 +435,16 @@ std::vector<BlockFfn>& GpuModel::ffn_layers(int64_t tokens, bool training) {
     }
   }
   return layers;
+}
+
+SoftMoeWeights GpuModel::soft_weights(int64_t l) {
+  const std::string p = block(l) + "ffn.";
+  SoftMoeWeights w;
+  w.phi = param_bf16(p + "router.w_gate");
+  w.scale = param(p + "router.slot_scale");  // the fp32 master value AdamW updates
+  w.w_up = param_bf16(p + "experts.w_up");
+  w.w_down = param_bf16(p + "experts.w_down");
+  return w;
 }
 
 LayerWeights GpuModel::ffn_weights(int64_t l) {
@@ -476,6 +524,10 @@ double GpuModel::forward(const data::Batch& batch, bool training, uint64_t noise
       ffn_activation_forward(act, pre, N, inter_, swiglu_, stream_);
       matmul_forward<bf16>(cublas_, ffn_out, act, param_bf16(p + "ffn.experts.w_down"), nullptr, N,
                            inter_, D, false, stream_);
+    } else if (soft_) {
+      transpose_row_blocks(ln2, soft_x_, B, S, D, stream_);
+      (*ffn)[l].soft->forward(soft_x_, soft_weights(l), soft_y_, stream_);
+      transpose_row_blocks(soft_y_, ffn_out, S, B, D, stream_);
     } else {
       (*ffn)[l].set_seed(call_seed(noise_seed, l));
       (*ffn)[l].forward(ln2, ffn_weights(l), ffn_out, stream_);
@@ -532,6 +584,18 @@ void GpuModel::backward() {
       matmul_backward<bf16>(cublas_, dln2_, grad(p + "ffn.experts.w_up"), nullptr, dense_dpre_,
                             ln2_ + l * nd, param_bf16(p + "ffn.experts.w_up"), N, D, up_width_,
                             scratch_, stream_);
+    } else if (soft_) {
+      // dy_ is free once regrouped, so the layer's dx goes there before its way back.
+      transpose_row_blocks(ln2_ + l * nd, soft_x_, B, S, D, stream_);
+      transpose_row_blocks(dy_, soft_y_, B, S, D, stream_);
+      SoftMoeGrads g;
+      g.dx = dy_;
+      g.dphi = grad(p + "ffn.router.w_gate");
+      g.dscale = grad(p + "ffn.router.slot_scale");
+      g.dw_up = grad(p + "ffn.experts.w_up");
+      g.dw_down = grad(p + "ffn.experts.w_down");
+      (*last_ffn_)[l].soft->backward(soft_x_, soft_weights(l), soft_y_, g, stream_);
+      transpose_row_blocks(dy_, dln2_, S, B, D, stream_);
     } else {
       LayerGrads g;
       g.dx = dln2_;
@@ -599,8 +663,9 @@ double GpuModel::aux_loss() {
   if (!last_ffn_) return 0;
   std::vector<double> per_layer(last_ffn_->size(), 0.0);
   for (size_t l = 0; l < per_layer.size(); ++l)
-    MOE_CUDA_CHECK(cudaMemcpyAsync(&per_layer[l], (*last_ffn_)[l].aux_loss(), sizeof(double),
-                                   cudaMemcpyDeviceToHost, stream_));
+    if (const double* a = (*last_ffn_)[l].aux_loss())
+      MOE_CUDA_CHECK(
+          cudaMemcpyAsync(&per_layer[l], a, sizeof(double), cudaMemcpyDeviceToHost, stream_));
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   double sum = 0;
   for (double a : per_layer) sum += a;
@@ -636,7 +701,24 @@ void GpuModel::add_routing_counts(const std::vector<int32_t>& row_domain, int64_
   }
   if (!last_ffn_) return;
   std::vector<int32_t> token, expert;
+  std::vector<float> mass;
   for (int64_t l = 0; l < cfg_.layers; ++l) {
+    if (const SoftMoeLayer* soft = (*last_ffn_)[l].soft.get()) {
+      // The combine mass of each expert per token, added to the domain of the token's row (the
+      // CPU adds each slot's combine weight; here the slots of an expert are summed first).
+      const int64_t E = soft->config().experts, B = soft->config().tokens;
+      const int64_t T = B * soft->groups();
+      counts[l].resize(num_domains * E, 0.0);
+      mass.resize(size_t(T * E));
+      MOE_CUDA_CHECK(cudaMemcpyAsync(mass.data(), soft->expert_mass(stream_),
+                                     mass.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                                     stream_));
+      MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      for (int64_t t = 0; t < T; ++t)  // row t = s*B + b holds batch row b
+        for (int64_t e = 0; e < E; ++e)
+          counts[l][row_domain[t % B] * E + e] += double(mass[size_t(t * E + e)]);
+      continue;
+    }
     for (const Layer* layer : (*last_ffn_)[l].routed()) {
       const RoutingView r = layer->routing();
       const int64_t E = r.experts;
@@ -681,15 +763,17 @@ void check_gpu_model(const ModelConfig& cfg) {
   MOE_CHECK(has_device(), "--device gpu: no CUDA device is visible");
   if (cfg.ffn_kind == model::FfnKind::moe) {
     const Router r = cfg.ffn.router;
-    MOE_CHECK(r == Router::softmax_topk || r == Router::noisy_topk || r == Router::switch_top1 ||
-                  r == Router::sigmoid_bias || r == Router::chain_of_experts ||
-                  r == Router::expert_choice,
-              "--device gpu: router ", name(r),
-              " is not available on the GPU model (softmax_topk, noisy_topk, switch, sigmoid_bias, "
-              "chain_of_experts, expert_choice and the dense baselines are); train it with "
-              "--device cpu");
     MOE_CHECK(cfg.ffn.shared_experts == 0,
               "--device gpu: shared experts are not available on the GPU model");
+    if (r == Router::soft_moe) {
+      // SoftMoeLayer's limits (one group per position, int32 slot rows), checked here so that
+      // they fail before anything is allocated rather than at the first batch.
+      MOE_CHECK(cfg.seq <= 65535, "--device gpu: soft_moe takes seq up to 65535 (one group per "
+                "position), got ", cfg.seq);
+      MOE_CHECK(cfg.ffn.experts * cfg.ffn.slots_per_expert * cfg.seq < (int64_t{1} << 31),
+                "--device gpu: soft_moe needs experts * slots-per-expert * seq below 2^31, got ",
+                cfg.ffn.experts * cfg.ffn.slots_per_expert * cfg.seq);
+    }
   }
   MOE_CHECK(cfg.d_model % 8 == 0, "--device gpu: d-model must be a multiple of 8, got ",
             cfg.d_model);

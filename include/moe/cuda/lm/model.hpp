@@ -13,15 +13,18 @@
 //     and its backward), one per block, called on all B*S tokens of the batch; chain_of_experts is
 //     moe::cuda::ChainLayer (include/moe/cuda/chain.hpp), one Layer per iteration; expert choice
 //     is one Layer call with S position groups (token (b, s) ranks among the B tokens at position
-//     s: the CPU model's S calls of B tokens, in one sort, one plan and one grouped GEMM).
+//     s: the CPU model's S calls of B tokens, in one sort, one plan and one grouped GEMM); soft
+//     MoE is moe::cuda::SoftMoeLayer (include/moe/cuda/soft_moe_layer.hpp) over S groups of the
+//     B tokens at each position (the CPU model's S calls), the rows regrouped by position around
+//     it, its softmax scale read from the fp32 master weight.
 // The dense layer kinds are include/moe/cuda/lm/layers.hpp; attention runs in the fused kernels
 // (flash_attention_*, head sizes 32, 64, 128: only the output and a log-sum-exp per query row are
 // kept for backward), else in the cuBLAS path that keeps the (S, S) probabilities. Everything runs on one stream; a step
 // reads back only the per-token losses, the auxiliary losses and the gradient norm.
 //
-// Routers: the token-choice routers of moe::cuda::Layer — softmax_topk, noisy_topk, switch_top1,
-// sigmoid_bias —, chain_of_experts, expert_choice and the dense baselines. soft_moe and shared
-// experts are refused with a ConfigError naming them.
+// Routers: every router of the CPU model — the token-choice routers of moe::cuda::Layer
+// (softmax_topk, noisy_topk, switch_top1, sigmoid_bias), chain_of_experts, expert_choice,
+// soft_moe — and the dense baselines. Shared experts are refused with a ConfigError naming them.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -30,8 +33,8 @@
 
 namespace moe::cuda::lm {
 
-// Throws ConfigError when the GPU model cannot run `cfg` (router, shared experts) or no GPU is
-// present.
+// Throws ConfigError when the GPU model cannot run `cfg` (shared experts, soft_moe beyond its
+// layer's limits, d_model not a multiple of 8) or no GPU is present.
 void check_gpu_model(const model::ModelConfig& cfg);
 
 // The model with the CPU Transformer's initial weights for `seed`, its buffers sized for batches
