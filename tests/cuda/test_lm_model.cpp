@@ -4,12 +4,14 @@
 // model must be bitwise reproducible, including across a save/restore of its state (checkpoints).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <vector>
 
 #include "cuda_test_util.hpp"
 #include "moe/check.hpp"
+#include "moe/cuda/lm/layers.hpp"
 #include "moe/cuda/lm/model.hpp"
 #include "moe/model/train.hpp"
 #include "moe/rng.hpp"
@@ -226,6 +228,8 @@ TEST(LmModelParityDense, GeluDenseParamsTrainsLikeTheCpuModel) {
 
 // Two GPU runs give the same bits; saving the state after k steps into a fresh model and
 // continuing gives the same bits as the uninterrupted run (what a checkpoint resume relies on).
+// The fresh model starts with zero gradient buffers, the uninterrupted one with the last step's:
+// the expert weight gradients, written rather than zeroed and added to, must not depend on them.
 TEST_P(LmModelParity, GpuRunsAreBitwiseReproducibleAcrossARestore) {
   MOE_REQUIRE_GPU();
   const TrainConfig cfg = tiny_config(GetParam());
@@ -256,6 +260,42 @@ INSTANTIATE_TEST_SUITE_P(Routers, LmModelParity,
                                            Kind::expert_choice, Kind::soft_moe,
                                            Kind::dense_active),
                          [](const auto& info) { return std::string(kind_name(info.param)); });
+
+// The dense baselines' FFN weight gradients are written by the GEMM (beta = 0) rather than added
+// to a zeroed buffer: from a NaN-poisoned buffer they equal the accumulated ones from zero, and
+// an empty batch writes zeros.
+TEST(LmModelDenseGradients, MatmulBackwardWritesTheWeightGradientOverWhatWasThere) {
+  MOE_REQUIRE_GPU();
+  const int64_t N = 300, C = 64, OC = 96;
+  using cuda::lm::bf16;
+  DeviceArray<bf16> inp(to_device_type<bf16>(random_vector<float>(N * C, 1)));
+  DeviceArray<bf16> dout(to_device_type<bf16>(random_vector<float>(N * OC, 2)));
+  DeviceArray<bf16> weight(to_device_type<bf16>(random_vector<float>(C * OC, 3, 0.2)));
+  DeviceArray<float> fresh(size_t(C * OC)), summed(size_t(C * OC));
+  DeviceArray<uint8_t> scratch(cuda::lm::matmul_scratch_bytes(N, OC));
+  cublasHandle_t handle = nullptr;
+  MOE_CUBLAS_CHECK(cublasCreate(&handle));
+  fresh.poison();
+  summed.upload(std::vector<float>(size_t(C * OC), 0.0f));
+  cuda::lm::matmul_backward<bf16>(handle, nullptr, fresh.get(), nullptr, dout.get(), inp.get(),
+                                  weight.get(), N, C, OC, scratch.get(), nullptr, false);
+  cuda::lm::matmul_backward<bf16>(handle, nullptr, summed.get(), nullptr, dout.get(), inp.get(),
+                                  weight.get(), N, C, OC, scratch.get(), nullptr, true);
+  const std::vector<float> a = fresh.download(), b = summed.download();
+  double scale = 0;
+  for (float x : b) scale = std::max(scale, double(std::abs(x)));
+  ASSERT_GT(scale, 0.0);
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(a[i])) << "dweight element " << i << " not written";
+    // One fp32 GEMM either way; cuBLAS may pick another kernel for beta = 0.
+    EXPECT_NEAR(a[i], b[i], 1e-5 * scale) << "dweight element " << i;
+  }
+  fresh.poison();
+  cuda::lm::matmul_backward<bf16>(handle, nullptr, fresh.get(), nullptr, dout.get(), inp.get(),
+                                  weight.get(), 0, C, OC, scratch.get(), nullptr, false);
+  for (float x : fresh.download()) ASSERT_EQ(x, 0.0f) << "an empty batch's dweight";
+  cublasDestroy(handle);
+}
 
 TEST(LmModelConfig, RefusesWhatTheGpuModelDoesNotRun) {
   MOE_REQUIRE_GPU();

@@ -57,16 +57,21 @@ size_t matmul_scratch_bytes(int64_t N, int64_t OC) {
 template <class Dinp>
 void matmul_backward(cublasHandle_t handle, Dinp* dinp, float* dweight, float* dbias,
                      const bf16* dout, const bf16* inp, const bf16* weight, int64_t N, int64_t C,
-                     int64_t OC, void* scratch, cudaStream_t stream) {
-  if (N == 0) return;
+                     int64_t OC, void* scratch, cudaStream_t stream, bool accumulate_dweight) {
+  if (N == 0) {
+    // An empty product is zero: a written dweight must still be written.
+    if (dweight && !accumulate_dweight)
+      MOE_CUDA_CHECK(cudaMemsetAsync(dweight, 0, size_t(C * OC) * sizeof(float), stream));
+    return;
+  }
   // dinp (N,C) = dout (N,OC) * weight^T, weight (C,OC)
   if (dinp)
     detail::gemm(handle, false, true, N, C, OC, 1.f, dout, OC, 0, weight, OC, 0, 0.f, dinp, C, 0,
                  1, stream);
-  // dweight (C,OC) += inp^T (C,N) * dout (N,OC)
+  // dweight (C,OC) (+)= inp^T (C,N) * dout (N,OC)
   if (dweight)
-    detail::gemm(handle, true, false, C, OC, N, 1.f, inp, C, 0, dout, OC, 0, 1.f, dweight, OC, 0,
-                 1, stream);
+    detail::gemm(handle, true, false, C, OC, N, 1.f, inp, C, 0, dout, OC, 0,
+                 accumulate_dweight ? 1.f : 0.f, dweight, OC, 0, 1, stream);
   if (dbias) detail::column_sum(dbias, dout, N, OC, scratch, stream);
 }
 
@@ -76,9 +81,9 @@ template void matmul_forward<float>(cublasHandle_t, float*, const bf16*, const b
                                     const float*, int64_t, int64_t, int64_t, bool, cudaStream_t);
 template void matmul_backward<bf16>(cublasHandle_t, bf16*, float*, float*, const bf16*,
                                     const bf16*, const bf16*, int64_t, int64_t, int64_t, void*,
-                                    cudaStream_t);
+                                    cudaStream_t, bool);
 template void matmul_backward<float>(cublasHandle_t, float*, float*, float*, const bf16*,
                                      const bf16*, const bf16*, int64_t, int64_t, int64_t, void*,
-                                     cudaStream_t);
+                                     cudaStream_t, bool);
 
 }  // namespace moe::cuda::lm

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moe/check.hpp"
@@ -137,6 +138,13 @@ class GpuModel final : public model::LanguageModel {
   std::map<std::string, int64_t> slot_of_;
   int64_t total_ = 0;
   int64_t adam_t_ = 0;
+  // The gradient ranges (offset, count) zeroed before each backward: everything but the expert
+  // weight gradients the backward writes fresh (see fresh_expert_grads_).
+  std::vector<std::pair<int64_t, int64_t>> zeroed_;
+  // The FFN backward writes experts.w_up / w_down gradients instead of adding to them: Layer and
+  // ChainLayer (LayerGrads::accumulate_experts = false) and the dense GEMMs; SoftMoeLayer only
+  // accumulates, so soft_moe keeps them zeroed.
+  bool fresh_expert_grads_ = false;
   float *params_ = nullptr, *grads_ = nullptr, *m_ = nullptr, *v_ = nullptr;
   bf16* params_bf16_ = nullptr;
   DeviceArena param_arena_;
@@ -234,6 +242,25 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
     total_ += (s.size + kTensorAlign - 1) / kTensorAlign * kTensorAlign;
   }
   host_opt_.init(list);
+  fresh_expert_grads_ =
+      cfg_.ffn_kind != model::FfnKind::moe || cfg_.ffn.router != Router::soft_moe;
+  {
+    auto fresh = [&](const std::string& name) {
+      auto ends = [&](const std::string& tail) {
+        return name.size() >= tail.size() &&
+               name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+      };
+      return fresh_expert_grads_ && (ends(".ffn.experts.w_up") || ends(".ffn.experts.w_down"));
+    };
+    int64_t begin = 0;  // start of the range being gathered
+    for (const TensorSlot& s : slots_) {
+      if (!fresh(s.name)) continue;
+      if (s.offset > begin) zeroed_.emplace_back(begin, s.offset - begin);
+      // The alignment gap after a fresh tensor is never written: it stays at its zero.
+      begin = s.offset + s.size;
+    }
+    if (total_ > begin) zeroed_.emplace_back(begin, total_ - begin);
+  }
   const size_t f = sizeof(float), b = sizeof(bf16), P = size_t(total_);
   param_arena_ = DeviceArena({
       {"params", P * f, reinterpret_cast<void**>(&params_)},
@@ -558,7 +585,11 @@ void GpuModel::backward() {
   const int64_t B = B_, S = cfg_.seq, D = cfg_.d_model, V = cfg_.vocab, L = cfg_.layers;
   const int64_t NH = cfg_.heads, N = B * S;
   const size_t nd = size_t(N * D);
-  MOE_CUDA_CHECK(cudaMemsetAsync(grads_, 0, size_t(total_) * sizeof(float), stream_));
+  // Every gradient is written in full each step (the fresh ones by the FFN backward), so the
+  // clipping norm and AdamW see this step's gradient alone.
+  for (const auto& [offset, count] : zeroed_)
+    MOE_CUDA_CHECK(
+        cudaMemsetAsync(grads_ + offset, 0, size_t(count) * sizeof(float), stream_));
 
   // loss -> logits (dlogits made by the forward's cross-entropy) -> final LayerNorm
   output_backward(cublas_, dlnf_, grad("wte"), dlogits_, lnf_, param_bf16("wte"), N, D, V, stream_);
@@ -579,11 +610,11 @@ void GpuModel::backward() {
       const bf16* act = dense_act_ + size_t(l) * N * inter_;
       matmul_backward<bf16>(cublas_, dense_dact_, grad(p + "ffn.experts.w_down"), nullptr, dy_,
                             act, param_bf16(p + "ffn.experts.w_down"), N, inter_, D, scratch_,
-                            stream_);
+                            stream_, /*accumulate_dweight=*/!fresh_expert_grads_);
       ffn_activation_backward(dense_dpre_, dense_dact_, pre, N, inter_, swiglu_, stream_);
       matmul_backward<bf16>(cublas_, dln2_, grad(p + "ffn.experts.w_up"), nullptr, dense_dpre_,
                             ln2_ + l * nd, param_bf16(p + "ffn.experts.w_up"), N, D, up_width_,
-                            scratch_, stream_);
+                            scratch_, stream_, /*accumulate_dweight=*/!fresh_expert_grads_);
     } else if (soft_) {
       // dy_ is free once regrouped, so the layer's dx goes there before its way back.
       transpose_row_blocks(ln2_ + l * nd, soft_x_, B, S, D, stream_);
@@ -603,6 +634,7 @@ void GpuModel::backward() {
       g.dw_up = grad(p + "ffn.experts.w_up");
       g.dw_down = grad(p + "ffn.experts.w_down");
       if (has(p + "ffn.router.w_noise")) g.dw_noise = grad(p + "ffn.router.w_noise");
+      g.accumulate_experts = !fresh_expert_grads_;
       (*last_ffn_)[l].backward(ln2_ + l * nd, ffn_weights(l), dy_, g, stream_);
     }
     record(ffn_events_[L + l].end);

@@ -15,7 +15,9 @@
 //   - math inside kernels is fp32, cuBLAS runs with CUBLAS_COMPUTE_32F.
 //
 // Gradients: every WEIGHT gradient is fp32 and ACCUMULATED (+=; the caller zeroes once per step,
-// so the tied embedding collects the encoder and the output head). Activation gradients are
+// so the tied embedding collects the encoder and the output head), except where a weight has one
+// contributor per step and the function offers to write it (matmul_backward's
+// accumulate_dweight = false), which saves the caller's zeroing. Activation gradients are
 // OVERWRITTEN (=) except LayerNorm's dinp, which ADDS into the fp32 residual gradient stream —
 // each function's comment says which.
 //
@@ -76,12 +78,14 @@ void matmul_forward(cublasHandle_t handle, Out* out, const bf16* inp, const bf16
                     const float* bias, int64_t N, int64_t C, int64_t OC, bool accumulate,
                     cudaStream_t stream);
 // dinp (N,C) = dout * weight^T, OVERWRITTEN (Dinp = bf16 or float; may be null);
-// dweight (C,OC) fp32 += inp^T dout;  dbias (OC) fp32 += column sums of dout (may be null).
+// dweight (C,OC) fp32 += inp^T dout, or with accumulate_dweight = false OVERWRITTEN (beta = 0:
+// never read, so it needs no zeroing); dbias (OC) fp32 += column sums of dout (may be null).
 // scratch: matmul_scratch_bytes(N, OC).
 template <class Dinp>
 void matmul_backward(cublasHandle_t handle, Dinp* dinp, float* dweight, float* dbias,
                      const bf16* dout, const bf16* inp, const bf16* weight, int64_t N, int64_t C,
-                     int64_t OC, void* scratch, cudaStream_t stream);
+                     int64_t OC, void* scratch, cudaStream_t stream,
+                     bool accumulate_dweight = true);
 size_t matmul_scratch_bytes(int64_t N, int64_t OC);
 
 // ---------------------------------------------------------------------------------------------
