@@ -109,11 +109,8 @@ void time_interleaved(std::vector<std::unique_ptr<moe::model::Trainer>>& trainer
 void run(const CLI::App& app, CompareModelsOptions& o) {
   apply_device_defaults(app, o.setup);
   o.setup.cfg.validate();
-  // The GPU model runs every router but soft_moe (include/moe/cuda/lm/model.hpp). Its default list
-  // stays the set the GPU visit times within its limit; chain_of_experts and expert_choice are
-  // added by naming them in --routers.
-  if (o.setup.device == "gpu" && app.get_option("--routers")->count() == 0)
-    o.routers = "softmax_topk,noisy_topk,switch,sigmoid_bias,dense_active,dense_params";
+  // Both devices run every router (include/moe/cuda/lm/model.hpp), so one default list serves
+  // both: one model per router, then the two dense baselines.
   const std::vector<std::string> names = split_list(o.routers);
   std::vector<uint64_t> seeds;
   if (o.seeds.empty()) {
