@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -611,6 +612,50 @@ TEST_F(LmLayers, AdamWMatchesTheCpuUpdateBitForBitWithClipping) {
     EXPECT_TRUE(same_bytes(d_pb1.download(), to_device_type<bf16>(gp1))) << "bf16 copy";
   }
   EXPECT_TRUE(clipped_once && unclipped_once) << "the steps must exercise both clip branches";
+}
+
+// One launch over chunks of flat buffers gives the per-tensor kernel's bits: tensors at aligned and
+// unaligned offsets, one longer than a chunk, gaps between them left untouched.
+TEST_F(LmLayers, AdamWChunksEqualThePerTensorUpdateBitForBit) {
+  struct Tensor {
+    int64_t offset, size;
+    float decay;
+  };
+  const int64_t big = lm::kAdamWChunk + 1003;
+  const std::vector<Tensor> tensors = {
+      {0, 1000, 0.1f}, {1003, 37, 0.f}, {1040, big, 0.1f}, {1040 + big + 2, 5, 0.f}};
+  const int64_t total = 1040 + big + 2 + 5 + 3;
+  const std::vector<float> p0 = random_vector<float>(total, 151, 0.5);
+  const std::vector<float> m0 = random_vector<float>(total, 152, 0.01);
+  std::vector<float> v0 = random_vector<float>(total, 153, 0.01);
+  for (float& x : v0) x = x * x;  // second moments are non-negative
+  const std::vector<float> g = random_vector<float>(total, 154);
+  const float lr = 3e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, c1 = 10.f, c2 = 20.f;
+  DeviceArray<float> d_g(g), d_scale(std::vector<float>{0.75f});
+  // a: per tensor; b: chunks
+  DeviceArray<float> pa(p0), ma(m0), va(v0), pb(p0), mb(m0), vb(v0);
+  DeviceArray<bf16> qa(total), qb(total);
+  qa.poison();
+  qb.poison();
+  std::vector<lm::AdamWChunk> chunks;
+  for (const Tensor& t : tensors) {
+    lm::adamw_update(pa.get() + t.offset, qa.get() + t.offset, d_g.get() + t.offset,
+                     ma.get() + t.offset, va.get() + t.offset, t.size, lr, b1, b2, eps, t.decay, c1,
+                     c2, d_scale.get(), stream_);
+    lm::add_adamw_chunks(chunks, t.offset, t.size, t.decay);
+  }
+  EXPECT_EQ(chunks.size(), tensors.size() + 1) << "the long tensor takes two chunks";
+  DeviceArray<lm::AdamWChunk> d_chunks(chunks);
+  lm::adamw_update_chunks(pb.get(), qb.get(), d_g.get(), mb.get(), vb.get(), d_chunks.get(),
+                          static_cast<int64_t>(chunks.size()), lr, b1, b2, eps, c1, c2,
+                          d_scale.get(), stream_);
+  EXPECT_TRUE(same_bytes(pb.download(), pa.download())) << "p";
+  EXPECT_TRUE(same_bytes(mb.download(), ma.download())) << "m";
+  EXPECT_TRUE(same_bytes(vb.download(), va.download())) << "v";
+  EXPECT_TRUE(same_bytes(qb.download(), qa.download())) << "bf16 copy (gaps still poisoned)";
+  const std::vector<float> p_after = pb.download();
+  EXPECT_EQ(std::memcmp(p_after.data() + 1000, p0.data() + 1000, 3 * sizeof(float)), 0)
+      << "the gap between tensors is untouched";
 }
 
 // ---------------------------------------------------------------------------------------------

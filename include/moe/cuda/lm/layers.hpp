@@ -2,6 +2,7 @@
 //          matmul_forward/backward, AttentionState, attention_forward/backward,
 //          flash_attention_forward/backward/supported/scratch_bytes,
 //          output_forward/backward, crossentropy_forward, sum_squares, clip_scale, adamw_update,
+//          AdamWChunk, add_adamw_chunks, adamw_update_chunks,
 //          residual_add, to_bf16, copy_fp32 (and the *_bytes helpers of their scratch)
 // The transformer's own layer kinds on the GPU, for the bf16 trainer of the small byte-level LM.
 // Same math and the same row-major shapes as the CPU reference (include/moe/model/layers.hpp):
@@ -36,6 +37,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace moe::cuda::lm {
 
@@ -171,6 +173,21 @@ void clip_scale(float* scale, const double* sumsq, float max_norm, cudaStream_t 
 void adamw_update(float* p, bf16* p_bf16, const float* g, float* m, float* v, int64_t n, float lr,
                   float beta1, float beta2, float eps, float weight_decay, float c1, float c2,
                   const float* scale, cudaStream_t stream);
+// The same update for many tensors of flat buffers (p, g, m, v, p_bf16 indexed alike) in one
+// launch: chunks (device) name [offset, offset + size) pieces of at most kAdamWChunk elements and
+// each piece's weight decay; add_adamw_chunks splits a tensor into them (host). Bit for bit the
+// per-tensor adamw_update.
+struct AdamWChunk {
+  int64_t offset, size;
+  float weight_decay;
+};
+inline constexpr int64_t kAdamWChunk = 1 << 16;
+void add_adamw_chunks(std::vector<AdamWChunk>& chunks, int64_t offset, int64_t size,
+                      float weight_decay);
+void adamw_update_chunks(float* p, bf16* p_bf16, const float* g, float* m, float* v,
+                         const AdamWChunk* chunks, int64_t num_chunks, float lr, float beta1,
+                         float beta2, float eps, float c1, float c2, const float* scale,
+                         cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // dense FFN activation (the dense baselines: two cuBLAS GEMMs around it), the CPU experts' math
