@@ -19,6 +19,9 @@
 #include "moe-bench/train_options.hpp"
 #include "moe/check.hpp"
 #include "moe/model/train.hpp"
+#ifdef MOE_HAVE_CUDA
+#include "moe/cuda/lm/model.hpp"
+#endif
 
 namespace moe_bench {
 
@@ -140,6 +143,9 @@ void run(const CLI::App& app, CompareModelsOptions& o) {
     apply_router(cfg, name);
     notes.push_back(matched_compute(cfg));
     cfg.validate();  // every model's configuration is checked before the first one trains
+#ifdef MOE_HAVE_CUDA
+    if (o.setup.device == "gpu") moe::cuda::lm::check_gpu_model(cfg.model);
+#endif
     configs.push_back(cfg);
   }
   std::error_code ec;
