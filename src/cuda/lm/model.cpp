@@ -147,6 +147,11 @@ class GpuModel final : public model::LanguageModel {
   bool fresh_expert_grads_ = false;
   float *params_ = nullptr, *grads_ = nullptr, *m_ = nullptr, *v_ = nullptr;
   bf16* params_bf16_ = nullptr;
+  // AdamW in one launch: the trainable tensors as chunks with their weight decay, uploaded when
+  // the decay first differs from what the device holds.
+  std::vector<AdamWChunk> adam_chunks_;
+  AdamWChunk* adam_chunks_dev_ = nullptr;
+  float adam_chunks_decay_ = -1.0f;
   DeviceArena param_arena_;
 
   // activations of the last forward, sized for max_batch rows
@@ -261,6 +266,8 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
     }
     if (total_ > begin) zeroed_.emplace_back(begin, total_ - begin);
   }
+  for (const TensorSlot& s : slots_)
+    if (s.trainable) add_adamw_chunks(adam_chunks_, s.offset, s.size, 0.0f);
   const size_t f = sizeof(float), b = sizeof(bf16), P = size_t(total_);
   param_arena_ = DeviceArena({
       {"params", P * f, reinterpret_cast<void**>(&params_)},
@@ -268,6 +275,8 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
       {"adam_m", P * f, reinterpret_cast<void**>(&m_)},
       {"adam_v", P * f, reinterpret_cast<void**>(&v_)},
       {"params_bf16", P * b, reinterpret_cast<void**>(&params_bf16_)},
+      {"adam_chunks", adam_chunks_.size() * sizeof(AdamWChunk),
+       reinterpret_cast<void**>(&adam_chunks_dev_)},
   });
   MOE_CUDA_CHECK(cudaMemsetAsync(params_, 0, P * f, stream_));  // alignment gaps stay 0
   MOE_CUDA_CHECK(cudaMemsetAsync(grads_, 0, P * f, stream_));
@@ -675,13 +684,20 @@ double GpuModel::optimizer_step(double lr, const model::TrainConfig& cfg) {
   ++adam_t_;
   const float c1 = float(1.0 / (1.0 - std::pow(cfg.beta1, double(adam_t_))));
   const float c2 = float(1.0 / (1.0 - std::pow(cfg.beta2, double(adam_t_))));
-  for (const TensorSlot& s : slots_) {
-    if (!s.trainable) continue;
-    adamw_update(params_ + s.offset, params_bf16_ + s.offset, grads_ + s.offset, m_ + s.offset,
-                 v_ + s.offset, s.size, float(lr), float(cfg.beta1), float(cfg.beta2),
-                 float(cfg.eps), s.decay ? float(cfg.weight_decay) : 0.0f, c1, c2, clip_scale_,
-                 stream_);
+  // One launch for every trainable tensor (about a hundred per-tensor launches before).
+  if (float(cfg.weight_decay) != adam_chunks_decay_) {
+    adam_chunks_.clear();
+    for (const TensorSlot& s : slots_)
+      if (s.trainable)
+        add_adamw_chunks(adam_chunks_, s.offset, s.size, s.decay ? float(cfg.weight_decay) : 0.f);
+    MOE_CUDA_CHECK(cudaMemcpyAsync(adam_chunks_dev_, adam_chunks_.data(),
+                                   adam_chunks_.size() * sizeof(AdamWChunk),
+                                   cudaMemcpyHostToDevice, stream_));
+    adam_chunks_decay_ = float(cfg.weight_decay);
   }
+  adamw_update_chunks(params_, params_bf16_, grads_, m_, v_, adam_chunks_dev_,
+                      int64_t(adam_chunks_.size()), float(lr), float(cfg.beta1), float(cfg.beta2),
+                      float(cfg.eps), c1, c2, clip_scale_, stream_);
   if (cfg_.ffn_kind == model::FfnKind::moe && cfg_.ffn.router == Router::sigmoid_bias)
     for (int64_t l = 0; l < cfg_.layers; ++l)
       train_ffn_[l].layer->update_expert_bias(param(block(l) + "ffn.router.expert_bias"), stream_);
