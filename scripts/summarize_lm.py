@@ -123,19 +123,25 @@ def main():
         row = [m, str(len(finals)), f"{statistics.mean(finals):.4f}" if finals else "-",
                f"{min(finals):.4f}..{max(finals):.4f}" if finals else "-",
                f"{statistics.mean(tps):,.0f}" if tps else "-"]
+        # The twin's bits per byte only from runs as long as ours (speed-only runs stop early);
+        # its tokens/s from every run.
+        our_steps = max((s for r in seeds.values() for s, _ in r["evals"]), default=None)
         for mode in ("eager", "compile", "compile-reduce-overhead"):
             t = twins.get((m, mode), [])
             if t:
-                tb = [x["final"] for x in t if x["final"] is not None]
+                tb = [x["final"] for x in t if x["final"] is not None and
+                      (our_steps is None or x["steps"] == our_steps)]
                 tt = [x["tps"] for x in t if x["tps"] is not None]
-                row += [f"{statistics.mean(tb):.4f}" + (f" ({len(tb)} runs)" if len(tb) > 1 else ""),
+                row += [(f"{statistics.mean(tb):.4f}" + (f" ({len(tb)} runs)" if len(tb) > 1 else ""))
+                        if tb else "-",
                         f"{statistics.mean(tt):,.0f}",
                         f"{statistics.mean(tps) / statistics.mean(tt):.2f}x" if tps and tt else "-"]
             else:
                 row += ["-", "-", "-"]
         out.append("| " + " | ".join(row) + " |")
-    out += ["", "Twin runs may be shorter than ours (speed-only runs): their bits per byte are "
-            "at their own last step; see twin_curves.png for curves at equal steps."]
+    out += ["", "The twin's bits per byte are means over its runs as long as ours; its tokens/s "
+            "are means over all its runs (speed-only runs included). See twin_curves.png for "
+            "curves at equal steps."]
     with open(os.path.join(d, "summary.md"), "w") as f:
         f.write("\n".join(out) + "\n")
     print("\n".join(out))
