@@ -5,6 +5,7 @@ written the way a careful PyTorch user would write it, run eager or under torch.
   python3 bench/peers/torch_lm.py --config-from run.jsonl --mode eager   --out twin_eager.jsonl
   python3 bench/peers/torch_lm.py --config-from run.jsonl --mode compile --out twin_compile.jsonl
   python3 bench/peers/torch_lm.py --router noisy_topk --steps 200 --device cpu   # small test
+  python3 bench/peers/twin_check.py --build build   # the twin in fp32 against our CPU reference
 
 --config-from reads the "config" record of one of our runs (kind == "config", field "config" =
 config_json) so the twin trains exactly that configuration; explicit flags override single fields.
@@ -19,6 +20,11 @@ What is the same as our trainer
   (Checked bit for bit against the C++ functions for several seeds, steps and shapes.)
   One MoE layer call with the same weights and input (routers as below, not training) gives our
   auxiliary loss to 1e-7 relative, its gradient of the gate to 1e-6, and y to bf16 rounding.
+  bench/peers/twin_check.py repeats this in fp32 (autocast off) for expert_choice, soft_moe,
+  chain_of_experts and softmax_topk: a `moe-bench export` layer case gives y, aux loss and every
+  gradient to 1e-6 relative and the same routing; our weights after N steps (checkpoint) give our
+  validation bits per byte (and per domain) to 1e-8 relative and the next step's loss, aux loss
+  and gradient norm to 2e-6.
 - Model: byte embedding tied to the output head, learned positions, L pre-norm blocks (LayerNorm
   with bias, eps 1e-5; causal multi-head attention with qkv and projection biases), the FFN, final
   LayerNorm, cross-entropy. The objective is mean cross-entropy + the sum over layers of the
@@ -26,21 +32,39 @@ What is the same as our trainer
 - FFN: SwiGLU experts ([gate | up] halves of the first projection, silu(gate) * up, no biases),
   dropless. Routers: softmax_topk (fp32 softmax, top-k on the logits, renormalised over the kept
   k; balance loss coef*E*sum_e f_e P_e with f_e over all T*K choices, plus z-loss, defaults 1e-2
-  and 1e-3), noisy_topk (Shazeer: logits + N(0,1)*(softplus(x W_noise) + eps) in training, softmax
-  over the kept k; importance and smooth load losses, CV^2 with 1e-10, 0.1 each), switch (top-1,
+  and 1e-3), chain_of_experts (Wang 2025: `iterations` C steps of top_k/C experts each, one router
+  per step (w_gate (C, H, E)) over the one expert pool, u_{c+1} = u_c + MoE_c(u_c) routed on u_c,
+  the layer returns u_C - x; softmax over E, top-k on the logits, weights the kept
+  probabilities, not renormalised; per step a sequence-wise balance loss (groups of S tokens, f_e
+  over its top_k/C choices), default coefficient 1e-3, no z-loss by default), noisy_topk
+  (Shazeer: logits + N(0,1)*(softplus(x W_noise) + eps) in training, softmax over the kept k;
+  importance and smooth load losses, CV^2 with 1e-10, 0.1 each), switch (top-1,
   router input times U[1-eps, 1+eps] in training, balance loss and z-loss), sigmoid_bias (sigmoid
   scores, selection on scores + bias, weights route_scale * s / sum of the kept s; the bias buffer
   moves by rate * sign(mean load - load) after each step; sequence-wise balance loss when
   aux_coef > 0), and the dense baselines dense_active (I = K*I) and dense_params (I = E*I).
+  expert_choice and soft_moe run with groups across the batch at each position, as ours: the
+  layer is S calls, call s routing the B tokens at position s (mixing positions would leak the
+  future), and the layer's auxiliary loss is the mean over the S calls. expert_choice (Zhou 2022):
+  fp32 softmax over the experts per token; in each group every expert takes its top C tokens by
+  probability, C = min(B, ceil(capacity_factor * B / E)) (1.25 by default: 1.25 experts per token
+  on average), ties to the lower token as ours; combine weight = that probability (a token gets 0
+  to E experts); no balance loss, z-loss only when z_coef > 0. soft_moe (Puigcerver 2023): logits
+  = scale * x_hat phi_hat, x and the slot parameters phi (H, E*slots_per_expert) L2-normalised
+  with eps 1e-6, scale a learnable scalar starting at 1; dispatch = softmax over the group's B
+  tokens per slot, combine = softmax over the slots per token, slots = dispatch^T x, expert e runs
+  its slots of every group, y = combine slots_out; no auxiliary loss. Both are batched over the S
+  groups (tensors (S, B, ...), sort/softmax over the token axis, bmm), no loop over positions.
 - Initialisation law: GPT-2's N(0, 0.02), attention projection and the experts' w_down scaled by
-  1/sqrt(2L); router and experts as init_params (gate N(0, sqrt(0.1/H)), noisy_topk's gate and
-  noise weights zero, w_up N(0, 1/sqrt(H)), w_down N(0, 1/sqrt(I)), bias buffer zero).
+  1/sqrt(2L); router and experts as init_params (gate N(0, sqrt(0.1/H)), every chain router
+  too; noisy_topk's gate and noise weights zero; soft_moe's phi N(0, 1/sqrt(H)) and scale 1;
+  w_up N(0, 1/sqrt(H)), w_down N(0, 1/sqrt(I)), bias buffer zero).
 - Training: AdamW (betas, eps, decoupled weight decay on matrices only: wte, wpe, qkv/proj
-  weights, gate/noise/expert weights; no decay on LayerNorm gains and biases, linear biases, and
-  the sigmoid_bias buffer, which is not a parameter), linear warm-up then cosine to
-  min_lr_fraction * lr, global-norm clipping (scale clip/norm when norm > clip), evaluation at
-  step 0, every eval_every steps and at the end; val bits per byte over all scored bytes and per
-  domain, as EvalRecord.
+  weights, gate/noise/slot/expert weights; no decay on LayerNorm gains and biases, linear
+  biases, soft_moe's scale, and the sigmoid_bias buffer, which is not a parameter), linear
+  warm-up then cosine to min_lr_fraction * lr, global-norm clipping (scale clip/norm when norm >
+  clip), evaluation at step 0, every eval_every steps and at the end; val bits per byte over all
+  scored bytes and per domain, as EvalRecord.
 - Precision: fp32 master weights, bf16 matmuls (torch.autocast bf16), fp32 residual stream,
   LayerNorm, softmax and loss, as our GPU trainer.
 
@@ -56,11 +80,14 @@ What differs
 - The router runs in fp32 (gate GEMM and all routing math; Switch's "selective precision"); ours
   multiplies bf16 operands with fp32 accumulation into fp32 logits.
 - Ties in top-k are broken by torch.topk, ours by the lower expert index (measure zero in training).
+  Expert choice breaks ties as ours (lower token first: a stable descending sort), which matters
+  when a batch holds the same window twice.
 - The dense baselines have no gate: ours are the MoE layer with E = 1 and keep its one-column gate
   (softmax of one logit is 1, so it never changes the output), D parameters per layer more.
 - Clipping norm and the loss sums are fp32 on the device (ours: double on the host).
-- Not supported (refused with a one-line error): expert_choice, soft_moe, chain_of_experts,
-  shared experts, GELU experts, padded/block layouts, GShard second-choice policies.
+- Not supported (refused with a one-line error): shared experts, GELU experts, padded/block
+  layouts for token choice (expert choice fills every expert's C rows, so its layout changes
+  nothing), GShard second-choice policies.
 
 The experts, the idiomatic fast way: stable sort of the T*K chosen experts -> row_token = order //
 K -> index_select of the bf16 tokens -> torch._grouped_mm up-projection (offsets = cumulative
@@ -70,7 +97,10 @@ passed transposed (as bench/peers/torch_moe_layer.py). torch._grouped_mm needs a
 (2.8 or later; Hopper kernels). Without it on CUDA the run stops with a one-line error; on
 --device cpu, where older versions have no CPU kernel for it, a per-expert loop of F.linear
 replaces it (only there; --experts-impl auto probes forward and backward once, and the config
-record names the path used).
+record names the path used). chain_of_experts runs that path once per iteration.
+expert_choice and soft_moe give every expert the same number of rows (S*C, S*slots_per_expert), so
+their experts are two torch.bmm over (E, rows, H) (see swiglu_experts_uniform; the config record
+says "bmm", whatever --experts-impl says).
 
 --mode eager runs the model as written. --mode compile wraps the training forward+loss (and,
 separately, the evaluation forward) in torch.compile with the default mode: what a plain
@@ -113,7 +143,12 @@ import torch.nn.functional as F
 
 PROG = "torch_lm.py"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOKEN_CHOICE_ROUTERS = ("softmax_topk", "noisy_topk", "switch", "sigmoid_bias")
+TOKEN_CHOICE_ROUTERS = ("softmax_topk", "noisy_topk", "switch", "sigmoid_bias", "chain_of_experts")
+# ModelConfig::groups_across_batch: these routers mix the tokens of a group, so a layer call is
+# one position s and its group the B tokens at s (S groups per layer): nothing leaks along the
+# sequence, so the model stays causal.
+GROUPED_ROUTERS = ("expert_choice", "soft_moe")
+ROUTERS = TOKEN_CHOICE_ROUTERS + GROUPED_ROUTERS
 DENSE = ("dense_active", "dense_params")
 LAYERNORM_EPS = 1e-5  # include/moe/model/layers.hpp kLayerNormEps
 
@@ -292,6 +327,9 @@ FLAGS = {
     "experts": ("ffn", "experts", int), "top_k": ("ffn", "top_k", int),
     "inter": ("ffn", "inter", int), "aux_coef": ("ffn", "aux_coef", float),
     "z_coef": ("ffn", "z_coef", float), "route_scale": ("ffn", "route_scale", float),
+    "capacity_factor": ("ffn", "capacity_factor", float),
+    "slots_per_expert": ("ffn", "slots_per_expert", int),
+    "iterations": ("ffn", "iterations", int),
     "batch": ("train", "batch", int), "steps": ("train", "steps", int),
     "lr": ("train", "lr", float), "warmup": ("train", "warmup", int),
     "eval_every": ("train", "eval_every", int), "val_windows": ("train", "val_windows", int),
@@ -310,13 +348,21 @@ class Config:
         self.name = sections["model"]["ffn"]
         self.router = self.name if self.name in DENSE else sections["ffn"]["router"]
         self.dense = self.name in DENSE
+        self.grouped = not self.dense and self.router in GROUPED_ROUTERS
 
     def aux_coef_resolved(self):  # LayerConfig::resolved_aux_coef
         if self.dense:
             return 0.0
         if self.aux_coef >= 0:
             return self.aux_coef
+        if self.router == "chain_of_experts":
+            return 1e-3  # CoE (DeepSeek-V2's sequence-wise alpha)
         return 1e-2 if self.router in ("softmax_topk", "switch") else 0.0
+
+    def choices_per_step(self):  # LayerConfig::choices_per_step
+        if self.router == "chain_of_experts":
+            return self.top_k // self.iterations
+        return self.top_k
 
     def z_coef_resolved(self):  # LayerConfig::resolved_z_coef
         if self.dense:
@@ -333,6 +379,8 @@ class Config:
         return self.inter
 
     def description(self):  # ModelConfig::description
+        if self.grouped:
+            return f"{self.name} (groups across the batch at each position)"
         if self.dense:
             return f"{self.name} (dense FFN, I={self.ffn_inter()})"
         return self.name
@@ -342,22 +390,40 @@ class Config:
             if not ok:
                 raise UsageError(message)
 
-        need(self.name in TOKEN_CHOICE_ROUTERS + DENSE,
+        need(self.name in ROUTERS + DENSE,
              f"router: '{self.name}' is not supported by the twin (allowed: "
-             f"{', '.join(TOKEN_CHOICE_ROUTERS + DENSE)})")
+             f"{', '.join(ROUTERS + DENSE)})")
         need(1 <= self.layers <= 64, f"layers must be in [1, 64], got {self.layers}")
         need(self.d_model >= 1, f"d-model must be >= 1, got {self.d_model}")
         need(self.heads >= 1 and self.d_model % self.heads == 0,
              f"heads must divide d-model ({self.d_model}), got {self.heads}")
         need(1 <= self.seq <= 65536, f"seq must be in [1, 65536], got {self.seq}")
         need(self.experts >= 1, f"experts must be >= 1, got {self.experts}")
-        need(1 <= self.top_k <= self.experts,
+        need(self.router in GROUPED_ROUTERS or 1 <= self.top_k <= self.experts,
              f"top-k must be in [1, experts={self.experts}], got {self.top_k}")
         need(self.inter >= 1, f"inter must be >= 1, got {self.inter}")
         need(self.router != "switch" or self.top_k == 1, f"switch routes top-1, got top-k {self.top_k}")
+        if self.router == "chain_of_experts":
+            need(1 <= self.iterations <= 16,
+                 f"iterations must be in [1, 16], got {self.iterations}")
+            need(self.top_k % self.iterations == 0,
+                 f"top-k ({self.top_k}) must be a multiple of iterations ({self.iterations}) "
+                 f"for chain_of_experts")
+        need(self.router != "expert_choice" or
+             (math.isfinite(self.capacity_factor) and self.capacity_factor > 0),
+             f"capacity-factor must be > 0 with the expert_choice router, got "
+             f"{self.capacity_factor}")
+        need(1 <= self.slots_per_expert <= 65536,
+             f"slots-per-expert must be in [1, 65536], got {self.slots_per_expert}")
+        need(self.dense or self.aux_coef < 0 or
+             self.router not in ("noisy_topk", "expert_choice", "soft_moe"),
+             f"aux-coef does not apply to the {self.router} router (noisy_topk has importance "
+             f"and load losses; expert_choice and soft_moe have no balance loss)")
         need(self.shared_experts == 0, "shared experts are not supported by the twin")
         need(self.activation == "swiglu", "only SwiGLU experts are supported by the twin")
-        need(self.dense or self.layout == "dropless",
+        # Expert choice fills every expert's C rows (no layout pads or drops anything) and soft
+        # MoE has no plan, so the layout only matters to token choice.
+        need(self.dense or self.grouped or self.layout == "dropless",
              f"layout '{self.layout}' is not supported: the twin is dropless")
         need(self.router != "softmax_topk" or self.top_k != 2 or self.second_policy == "all",
              f"second-policy '{self.second_policy}' is not supported by the twin (only 'all')")
@@ -484,13 +550,44 @@ def grouped_mm_available(device):
         return False, f"torch._grouped_mm failed on {device}: {str(e).splitlines()[0]}"
 
 
-class MoEFeedForward(nn.Module):
-    """Router (fp32) -> sort by expert -> grouped GEMMs (bf16) -> index_add combine (fp32)."""
+def expert_capacity(capacity_factor, tokens, experts):
+    """LayerConfig::capacity for expert_choice: C = ceil(cf * T / E), at most T (T = one group)."""
+    return min(tokens, int(math.ceil(capacity_factor * tokens / experts - 1e-9)))
 
-    def __init__(self, cfg, experts_impl):
+
+def swiglu_experts_uniform(xp, w_up, w_down):
+    """xp (E, R, H) -> yp (E, R, H): expert e's SwiGLU FFN on its R rows, all in two bmm.
+
+    Expert choice (R = S*C) and soft MoE (R = S*slots) give every expert the same number of rows,
+    so the experts are one strided-batched GEMM each way: torch.bmm is one cuBLAS call forward
+    and two per GEMM backward, like torch._grouped_mm, but needs no offsets, no Hopper kernel and
+    no CPU fallback, and cuBLAS's batched GEMM is at least as fast as a grouped GEMM whose groups
+    all have one shape (the grouped kernel's scheduler buys nothing here)."""
+    pre = torch.bmm(xp, w_up.transpose(1, 2))                  # (E, R, 2I)
+    gate, up = pre.chunk(2, dim=-1)
+    return torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))  # (E, R, H)
+
+
+def to_groups(x, seq):
+    """x (B*S, H) in (b, s) order -> (S, B, H): group s is the B tokens at position s."""
+    return x.view(-1, seq, x.shape[-1]).transpose(0, 1)
+
+
+def from_groups(y):
+    """(S, B, H) -> (B*S, H) in (b, s) order."""
+    return y.transpose(0, 1).reshape(-1, y.shape[-1])
+
+
+class MoEFeedForward(nn.Module):
+    """Token choice: router (fp32) -> sort by expert -> grouped GEMMs (bf16) -> index_add combine
+    (fp32). chain_of_experts runs it `iterations` times, one router each, on u_c."""
+
+    def __init__(self, cfg, experts_impl, compute_dtype=torch.bfloat16):
         super().__init__()
         H, E, I = cfg.d_model, cfg.experts, cfg.inter
-        self.router, self.E, self.K = cfg.router, E, cfg.top_k
+        self.router, self.E, self.K = cfg.router, E, cfg.choices_per_step()
+        self.chain = cfg.router == "chain_of_experts"
+        self.iterations = cfg.iterations if self.chain else 1
         self.seq = cfg.seq
         self.renormalize = cfg.renormalize
         self.aux_coef, self.z_coef = cfg.aux_coef_resolved(), cfg.z_coef_resolved()
@@ -498,7 +595,11 @@ class MoEFeedForward(nn.Module):
         self.noise_epsilon, self.jitter = cfg.noise_epsilon, cfg.jitter
         self.route_scale = cfg.route_scale
         self.experts_impl = experts_impl
-        self.w_gate = nn.Parameter(torch.empty(H, E))         # (H, E)
+        self.compute_dtype = compute_dtype  # the experts' GEMMs (bf16; fp32 for the checks)
+        if self.chain:
+            self.w_gate = nn.Parameter(torch.empty(self.iterations, H, E))  # (C, H, E)
+        else:
+            self.w_gate = nn.Parameter(torch.empty(H, E))     # (H, E)
         if self.router == "noisy_topk":
             self.w_noise = nn.Parameter(torch.empty(H, E))    # (H, E)
         self.w_up = nn.Parameter(torch.empty(E, 2 * I, H))    # (E, 2I, H) rows [gate | up]
@@ -506,24 +607,25 @@ class MoEFeedForward(nn.Module):
         if self.router == "sigmoid_bias":
             self.register_buffer("expert_bias", torch.zeros(E))  # (E) selection bias
 
-    def route(self, x, training):
-        """x (T, H) -> chosen experts (T, K) int64, weights (T, K) fp32, auxiliary loss."""
+    def route(self, x, w_gate, training):
+        """x (T, H), w_gate (H, E) -> chosen experts (T, K) int64, weights (T, K) fp32, aux."""
         E, K = self.E, self.K
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             xr = x
             if self.router == "switch" and training and self.jitter > 0:
                 xr = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
-            logits = xr @ self.w_gate  # (T, E) fp32
+            logits = xr @ w_gate  # (T, E) fp32
             aux = logits.new_zeros(())
-            if self.router in ("softmax_topk", "switch"):
+            if self.router in ("softmax_topk", "switch", "chain_of_experts"):
                 probs = torch.softmax(logits, dim=-1)
                 selected = logits.topk(K, dim=-1).indices
-                weight = probs.gather(1, selected)
+                weight = probs.gather(1, selected)  # chain_of_experts: not renormalised
                 if self.router == "softmax_topk" and self.renormalize:
                     weight = weight / weight.sum(dim=-1, keepdim=True)
-                if self.aux_coef > 0:
-                    aux = aux + balance_loss(self.aux_coef, selected, probs, x.shape[0])
+                if self.aux_coef > 0:  # chain_of_experts: sequence-wise, groups of S tokens
+                    group = self.seq if self.chain else x.shape[0]
+                    aux = aux + balance_loss(self.aux_coef, selected, probs, group)
             elif self.router == "noisy_topk":
                 sigma = F.softplus(x @ self.w_noise) + self.noise_epsilon  # (T, E)
                 noisy = logits + torch.randn_like(logits) * sigma if training else logits
@@ -556,19 +658,20 @@ class MoEFeedForward(nn.Module):
                 aux = aux + self.z_coef * (torch.logsumexp(logits, dim=-1) ** 2).mean()
         return selected, weight, aux
 
-    def forward(self, x, training):
-        """x (T, H) fp32 -> y (T, H) fp32, auxiliary loss, tokens per expert (E) int32."""
+    def moe(self, x, w_gate, training):
+        """One routing step: x (T, H) fp32 -> y (T, H) fp32, aux, tokens per expert (E) int32."""
         T, H = x.shape
         E, K = self.E, self.K
-        selected, weight, aux = self.route(x, training)
+        selected, weight, aux = self.route(x, w_gate, training)
         # plan: a stable sort of the T*K choices by expert; segment e is rows [ends[e-1], ends[e])
         sorted_expert, order = torch.sort(selected.reshape(-1), stable=True)      # (M,), M = T*K
         row_token = order // K                                                     # (M,)
         ends = torch.searchsorted(sorted_expert, torch.arange(E, device=x.device),
                                   right=True, out_int32=True)                      # (E,) int32
-        xp = x.to(torch.bfloat16).index_select(0, row_token)                       # (M, H) bf16
-        w_up = self.w_up.to(torch.bfloat16)
-        w_down = self.w_down.to(torch.bfloat16)
+        dt = self.compute_dtype
+        xp = x.to(dt).index_select(0, row_token)                                   # (M, H) bf16
+        w_up = self.w_up.to(dt)
+        w_down = self.w_down.to(dt)
         if self.experts_impl == "grouped_mm":
             pre = torch._grouped_mm(xp, w_up.transpose(-2, -1), offs=ends)         # (M, 2I)
             gate, up = pre.chunk(2, dim=-1)
@@ -586,11 +689,112 @@ class MoEFeedForward(nn.Module):
         counts = torch.diff(ends, prepend=ends.new_zeros(1))                       # (E,)
         return y, aux, counts
 
+    def forward(self, x, training):
+        """x (T, H) fp32 -> y (T, H) fp32, auxiliary loss, tokens per expert (E) int32."""
+        if not self.chain:
+            return self.moe(x, self.w_gate, training)
+        # chain_of_experts: u_{c+1} = u_c + MoE_c(u_c); the layer returns u_C - x = sum_c MoE_c.
+        u = x.float()
+        y = aux = counts = None
+        for c in range(self.iterations):
+            y_c, aux_c, counts_c = self.moe(u, self.w_gate[c], training)
+            y = y_c if y is None else y + y_c
+            aux = aux_c if aux is None else aux + aux_c
+            counts = counts_c if counts is None else counts + counts_c
+            if c + 1 < self.iterations:
+                u = u + y_c
+        return y, aux, counts
+
     @torch.no_grad()
     def update_expert_bias(self, counts, tokens, rate):
         """sigmoid_bias: b_e += rate * sign(mean load - load_e) (update_expert_bias)."""
         mean = tokens * self.K / self.E
         self.expert_bias += rate * torch.sign(mean - counts.float())
+
+
+class ExpertChoiceFeedForward(nn.Module):
+    """Expert choice (Zhou 2022), one group per position: in each group of B tokens every expert
+    takes its top-C tokens by router probability; batched over the S groups."""
+
+    def __init__(self, cfg, compute_dtype=torch.bfloat16):
+        super().__init__()
+        H, E, I = cfg.d_model, cfg.experts, cfg.inter
+        self.E, self.seq = E, cfg.seq
+        self.capacity_factor = cfg.capacity_factor
+        self.z_coef = cfg.z_coef_resolved()  # no balance loss (validate refuses aux_coef)
+        self.compute_dtype = compute_dtype
+        self.w_gate = nn.Parameter(torch.empty(H, E))         # (H, E)
+        self.w_up = nn.Parameter(torch.empty(E, 2 * I, H))    # (E, 2I, H) rows [gate | up]
+        self.w_down = nn.Parameter(torch.empty(E, H, I))      # (E, H, I)
+
+    def forward(self, x, training):
+        """x (B*S, H) fp32 -> y (B*S, H) fp32, auxiliary loss, None (no token counts)."""
+        N, H = x.shape
+        E, S = self.E, self.seq
+        B = N // S
+        C = expert_capacity(self.capacity_factor, B, E)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xg = to_groups(x.float(), S)                                      # (S, B, H)
+            logits = xg @ self.w_gate                                         # (S, B, E) fp32
+            probs = torch.softmax(logits, dim=-1)   # over the experts of each token
+            # Each expert's top-C tokens of its group by (prob desc, token asc), the CPU's rule:
+            # a stable descending sort over the B tokens keeps the lower token first on a tie.
+            pick = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :C]  # (S,C,E)
+            weight = probs.gather(1, pick)          # (S, C, E) combine weight = the probability
+            aux = logits.new_zeros(())
+            if self.z_coef > 0:  # mean over each group's tokens, then over the S groups
+                aux = aux + self.z_coef * (torch.logsumexp(logits, dim=-1) ** 2).mean()
+        # rows: expert e's S*C picks, group by group; row_token indexes the (S*B) grouped tokens
+        group_start = torch.arange(S, device=x.device)[:, None, None] * B
+        row_token = (pick + group_start).permute(2, 0, 1).reshape(-1)        # (E*S*C,)
+        row_weight = weight.permute(2, 0, 1).reshape(-1)                      # (E*S*C,) fp32
+        dt = self.compute_dtype
+        xp = xg.reshape(S * B, H).to(dt).index_select(0, row_token).view(E, S * C, H)
+        yp = swiglu_experts_uniform(xp, self.w_up.to(dt), self.w_down.to(dt))  # (E, S*C, H)
+        y = torch.zeros(S * B, H, device=x.device, dtype=torch.float32).index_add_(
+            0, row_token, yp.reshape(-1, H).float() * row_weight[:, None])    # (S*B, H)
+        return from_groups(y.view(S, B, H)), aux, None
+
+
+class SoftMoEFeedForward(nn.Module):
+    """Soft MoE (Puigcerver 2023), one group per position: the n = E*slots slots of a group are
+    softmax mixtures of its B tokens (dispatch), each token a softmax mixture of the slots'
+    outputs (combine); expert e runs its slots of all S groups. Batched over the S groups."""
+
+    def __init__(self, cfg, compute_dtype=torch.bfloat16):
+        super().__init__()
+        H, E, I = cfg.d_model, cfg.experts, cfg.inter
+        self.E, self.seq, self.slots = E, cfg.seq, cfg.slots_per_expert
+        # No auxiliary loss: ours computes none for soft MoE (a z-coef is not read, as ours).
+        self.compute_dtype = compute_dtype
+        self.w_gate = nn.Parameter(torch.empty(H, E * self.slots))  # (H, n) slot parameters phi
+        self.slot_scale = nn.Parameter(torch.ones(1))               # (1) learnable logit scale
+        self.w_up = nn.Parameter(torch.empty(E, 2 * I, H))          # (E, 2I, H) rows [gate | up]
+        self.w_down = nn.Parameter(torch.empty(E, H, I))            # (E, H, I)
+
+    def forward(self, x, training):
+        """x (B*S, H) fp32 -> y (B*S, H) fp32, auxiliary loss (zero), None (no token counts)."""
+        N, H = x.shape
+        E, S, P = self.E, self.seq, self.slots
+        B = N // S
+        n = E * P
+        norm_eps = 1e-6  # src/cpu/soft_moe.cpp kNormEps
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xg = to_groups(x.float(), S)                                              # (S, B, H)
+            x_hat = xg * torch.rsqrt((xg * xg).sum(dim=-1, keepdim=True) + norm_eps)
+            phi = self.w_gate
+            phi_hat = phi * torch.rsqrt((phi * phi).sum(dim=0, keepdim=True) + norm_eps)  # (H, n)
+            logits = self.slot_scale * (x_hat @ phi_hat)                              # (S, B, n)
+            dispatch = torch.softmax(logits, dim=1)  # over the group's tokens, per slot
+            combine = torch.softmax(logits, dim=2)   # over the slots, per token
+        dt = self.compute_dtype
+        slots_in = torch.bmm(dispatch.transpose(1, 2).to(dt), xg.to(dt))            # (S, n, H)
+        # expert e's rows: slots [e*P, (e+1)*P) of every group, (E, S*P, H)
+        xp = slots_in.view(S, E, P, H).transpose(0, 1).reshape(E, S * P, H)
+        yp = swiglu_experts_uniform(xp, self.w_up.to(dt), self.w_down.to(dt))      # (E, S*P, H)
+        slots_out = yp.view(E, S, P, H).transpose(0, 1).reshape(S, n, H)            # (S, n, H)
+        y = torch.bmm(combine.to(dt), slots_out)                                     # (S, B, H)
+        return from_groups(y.float()), x.new_zeros((), dtype=torch.float32), None
 
 
 class DenseFeedForward(nn.Module):
@@ -608,8 +812,18 @@ class DenseFeedForward(nn.Module):
         return y.float(), x.new_zeros((), dtype=torch.float32), None
 
 
+def make_ffn(cfg, experts_impl, compute_dtype):
+    if cfg.dense:
+        return DenseFeedForward(cfg)
+    if cfg.router == "expert_choice":
+        return ExpertChoiceFeedForward(cfg, compute_dtype)
+    if cfg.router == "soft_moe":
+        return SoftMoEFeedForward(cfg, compute_dtype)
+    return MoEFeedForward(cfg, experts_impl, compute_dtype)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg, experts_impl):
+    def __init__(self, cfg, experts_impl, compute_dtype):
         super().__init__()
         D = cfg.d_model
         self.heads = cfg.heads
@@ -617,7 +831,7 @@ class Block(nn.Module):
         self.qkv = nn.Linear(D, 3 * D)   # [q | k | v], head h at h*hs
         self.proj = nn.Linear(D, D)
         self.ln2 = nn.LayerNorm(D, eps=LAYERNORM_EPS)
-        self.ffn = DenseFeedForward(cfg) if cfg.dense else MoEFeedForward(cfg, experts_impl)
+        self.ffn = make_ffn(cfg, experts_impl, compute_dtype)
 
     def forward(self, x, training):
         B, S, D = x.shape                                                 # x fp32 residual
@@ -630,19 +844,24 @@ class Block(nn.Module):
 
 
 class TwinLM(nn.Module):
-    def __init__(self, cfg, experts_impl):
+    def __init__(self, cfg, experts_impl, compute_dtype=torch.bfloat16):
+        """compute_dtype: bf16 (autocast, as our GPU trainer); float32 turns autocast off, for
+        checks against our fp32 CPU reference (bench/peers/twin_check.py)."""
         super().__init__()
+        self.compute_dtype = compute_dtype
         V, D = 256, cfg.d_model
         self.wte = nn.Parameter(torch.empty(V, D))        # (V, D) bytes, also the output head
         self.wpe = nn.Parameter(torch.empty(cfg.seq, D))  # (S, D)
-        self.blocks = nn.ModuleList(Block(cfg, experts_impl) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg, experts_impl, compute_dtype)
+                                    for _ in range(cfg.layers))
         self.lnf = nn.LayerNorm(D, eps=LAYERNORM_EPS)
 
     def forward(self, inputs, targets, training):
         """inputs, targets (B, S) int64 -> per-byte losses (B*S) fp32 nats, auxiliary loss summed
         over layers, tokens per expert of each layer."""
         B, S = inputs.shape
-        with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16):
+        with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16,
+                            enabled=self.compute_dtype != torch.float32):
             x = F.embedding(inputs, self.wte) + self.wpe[:S]              # (B, S, D) fp32
             aux = x.new_zeros(())
             counts = []
@@ -674,23 +893,27 @@ def init_weights(model, cfg, generator):
         nn.init.zeros_(block.proj.bias)
         ffn = block.ffn
         I = cfg.ffn_inter()
-        if isinstance(ffn, MoEFeedForward):
+        if not cfg.dense:
             if cfg.router == "noisy_topk":  # Shazeer: gate and noise weights start at zero
                 nn.init.zeros_(ffn.w_gate)
                 nn.init.zeros_(ffn.w_noise)
-            else:                           # Switch's reduced init
+            elif cfg.router == "soft_moe":  # slot parameters N(0, 1/sqrt(H)), scale 1
+                normal(ffn.w_gate, 1.0 / math.sqrt(H))
+                nn.init.ones_(ffn.slot_scale)
+            else:                           # Switch's reduced init (each chain router too)
                 normal(ffn.w_gate, math.sqrt(0.1 / H))
         normal(ffn.w_up, 1.0 / math.sqrt(H))
         normal(ffn.w_down, residual / math.sqrt(I))
 
 
 def parameter_groups(model):
-    """(decayed, not decayed) as our tensor_list: matrices decay; LayerNorm gains and biases and
-    linear biases do not. Buffers (the sigmoid_bias selection bias) are not parameters."""
+    """(decayed, not decayed) as our tensor_list: matrices decay; LayerNorm gains and biases,
+    linear biases and soft MoE's slot_scale do not. Buffers (the sigmoid_bias selection bias) are
+    not parameters."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         matrix = name in ("wte", "wpe") or name.endswith(("qkv.weight", "proj.weight")) or \
-            ".ffn." in name
+            (".ffn." in name and not name.endswith("slot_scale"))
         assert matrix == (p.dim() >= 2), name
         (decay if matrix else no_decay).append(p)
     return decay, no_decay
@@ -763,11 +986,11 @@ class JsonLines:
 
 
 class Twin:
-    def __init__(self, cfg, args, device):
+    def __init__(self, cfg, args, device, compute_dtype=torch.bfloat16):
         self.cfg, self.args, self.device = cfg, args, device
         self.peer = f"pytorch-{args.mode}"
         torch.manual_seed(cfg.seed % 2 ** 63)  # router noise and jitter
-        self.model = TwinLM(cfg, args.experts_impl)
+        self.model = TwinLM(cfg, args.experts_impl, compute_dtype)
         init_weights(self.model, cfg, torch.Generator().manual_seed(cfg.seed % 2 ** 63))
         self.model.to(device)
         decay, no_decay = parameter_groups(self.model)
@@ -834,7 +1057,9 @@ class Twin:
     def evaluate(self, domains, val, step):
         """Val bits per byte over all scored bytes and per domain. A short last batch is padded
         to B rows (repeating its first row) so that one compiled graph serves every batch; token-
-        choice routing is per token and dropless, so padding rows change no scored byte."""
+        choice routing is per token and dropless, so padding rows change no scored byte. Expert
+        choice and soft MoE mix the B tokens at each position, so there the short batch runs at
+        its own size, as ours (its groups have n tokens; compile mode compiles a second graph)."""
         self.sync()
         t0 = time.perf_counter()
         B, S = self.cfg.batch, self.cfg.seq
@@ -842,11 +1067,11 @@ class Twin:
         scored = np.zeros(len(domains))
         for inputs, targets, dom in val:
             n = inputs.shape[0]
-            if n < B:
+            if n < B and not self.cfg.grouped:
                 inputs = np.concatenate([inputs, np.repeat(inputs[:1], B - n, axis=0)])
                 targets = np.concatenate([targets, np.repeat(targets[:1], B - n, axis=0)])
             losses = self.eval_fn(self.to_device(inputs), self.to_device(targets))
-            row_sums = losses.view(B, S)[:n].double().sum(dim=1).cpu().numpy()
+            row_sums = losses.view(-1, S)[:n].double().sum(dim=1).cpu().numpy()
             np.add.at(loss_sum, dom, row_sums)
             np.add.at(scored, dom, S)
         self.sync()
@@ -867,7 +1092,9 @@ def run(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA device (use --device cpu to test)")
     device = torch.device(args.device)
-    if not cfg.dense:
+    if cfg.grouped:
+        args.experts_impl = "bmm"  # every expert has the same rows: see swiglu_experts_uniform
+    elif not cfg.dense:
         ok, why = grouped_mm_available(device)
         if args.experts_impl == "auto":
             if ok:
@@ -970,8 +1197,8 @@ def main():
     ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config-from", metavar="RUN.jsonl",
                     help="train the configuration of this run's \"config\" record")
-    ap.add_argument("--router", choices=TOKEN_CHOICE_ROUTERS + DENSE,
-                    help="FFN: a token-choice router or a dense baseline (default softmax_topk)")
+    ap.add_argument("--router", choices=ROUTERS + DENSE,
+                    help="FFN: a router or a dense baseline (default softmax_topk)")
     for flag, (_, _, kind) in FLAGS.items():
         ap.add_argument("--" + flag.replace("_", "-"), type=kind, metavar=kind.__name__.upper())
     ap.add_argument("--mode", choices=("eager", "compile"), default="eager")
@@ -981,8 +1208,9 @@ def main():
                     help="torch.compile mode (default: default, see above)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--experts-impl", choices=("auto", "grouped_mm", "loop"), default="auto",
-                    help="auto: torch._grouped_mm, or on the CPU a per-expert loop where it "
-                         "does not run")
+                    help="token choice: auto = torch._grouped_mm, or on the CPU a per-expert "
+                         "loop where it does not run; expert_choice and soft_moe always use "
+                         "torch.bmm (every expert has the same rows)")
     ap.add_argument("--exclude-steps", type=int, default=5,
                     help="first steps left out of the median speed (compilation, warm-up)")
     ap.add_argument("--corpus", default=os.path.join(REPO, "data", "corpus"))
