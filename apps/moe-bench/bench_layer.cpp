@@ -22,7 +22,8 @@
 // Memory: the layer's own device bytes (activation arena, route, plan and experts workspaces,
 // sized once) and the cudaMemGetInfo drop from before the layer is built to after one
 // forward+backward (adds cuBLAS workspaces and anything the stages allocate lazily), measured
-// after a throwaway layer has paid the process's one-time costs (its drop is recorded as well).
+// after a throwaway layer has paid the process's one-time costs (its drop is recorded as well),
+// with the layers sharing one cuBLAS handle made before the baseline.
 // Inputs, weights and gradients are not counted (the PyTorch peer reports its peak over the same
 // baseline: inputs and parameters allocated before).
 #include <cublas_v2.h>
@@ -165,12 +166,17 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   // launch, cuBLAS's first use): a throwaway layer runs one forward + backward first, so the
   // delta below is the layer's own, as the peer's baseline comes after its warm-up step. Its
   // delta is recorded too (mem_delta_first_bytes).
+  // The layers share one cuBLAS handle made here, as a model's layers do (and as PyTorch's handle
+  // exists before the peer's baseline): a handle holds 64 MiB from its creation on an H100.
+  cublasHandle_t cublas = nullptr;
+  MOE_CUBLAS_CHECK(cublasCreate(&cublas));
   size_t free0 = 0, free1 = 0, total = 0;
   double first_delta = 0;
   {
     MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
     MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
-    moe::cuda::Layer warm(cfg);
+    moe::cuda::Layer warm(cfg, moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
+                          /*backward=*/true, /*groups=*/1, cublas);
     const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
     warm.forward(x, w, y, stream);
     warm.backward(x, w, dy, moe::cuda::LayerGrads{dx, gwg, gwu, gwd}, stream);
@@ -185,7 +191,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   int64_t touched = 0;  // experts with at least one routed row
   std::string layer_report;
   {
-    moe::cuda::Layer layer(cfg);
+    moe::cuda::Layer layer(cfg, moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
+                           /*backward=*/true, /*groups=*/1, cublas);
     layer_bytes = layer.bytes();
     layer_report = layer.report();
     const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
@@ -255,6 +262,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   for (void* p : {(void*)x, (void*)dy, (void*)y, (void*)dx, (void*)wg, (void*)wu, (void*)wd,
                   (void*)gwg, (void*)gwu, (void*)gwd})
     MOE_CUDA_CHECK(cudaFree(p));
+  MOE_CUBLAS_CHECK(cublasDestroy(cublas));
 
   const double flops_fwd = 6.0 * T * K * H * I;
   const double fwd_tf = flops_fwd / (fwd_ms * 1e9);

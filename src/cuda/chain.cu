@@ -97,8 +97,13 @@ __global__ void chain_aux_kernel(AuxPointers in, int count, double* out) {
 // ChainLayer
 // ------------------------------------------------------------------------------------------------
 
+ChainLayer::~ChainLayer() {
+  steps_.clear();  // the layers go first: they use the handle, they do not own it
+  if (own_cublas_) cublasDestroy(own_cublas_);
+}
+
 ChainLayer::ChainLayer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_up,
-                       bool backward)
+                       bool backward, cublasHandle_t cublas)
     : cfg_(cfg), backward_(backward) {
   MOE_CHECK(cfg.router == Router::chain_of_experts,
             "cuda::ChainLayer: router must be chain_of_experts, got ", name(cfg.router));
@@ -107,10 +112,14 @@ ChainLayer::ChainLayer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLay
   const int64_t C = cfg_.iterations;
   MOE_CHECK(C >= 1 && C <= kMaxIterations, "iterations must be in [1, ", kMaxIterations,
             "], got ", C);
+  if (cublas == nullptr) {
+    MOE_CUBLAS_CHECK(cublasCreate(&own_cublas_));
+    cublas = own_cublas_;
+  }
   for (int64_t c = 0; c < C; ++c) {
     LayerConfig sc = step;
     sc.seed = cfg_.seed + uint64_t(c);
-    steps_.push_back(std::make_unique<Layer>(sc, backend, gate_up, backward));
+    steps_.push_back(std::make_unique<Layer>(sc, backend, gate_up, backward, 1, cublas));
   }
   const size_t n = size_t(cfg_.tokens * cfg_.hidden), b = sizeof(bf16), f = sizeof(float);
   arena_ = DeviceArena({

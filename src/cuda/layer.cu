@@ -84,10 +84,6 @@ void widen(const bf16* in, int64_t n, float* out, cudaStream_t stream) {
 
 }  // namespace
 
-namespace {
-constexpr size_t kCublasWorkspaceBytes = size_t{4} << 20;
-}  // namespace
-
 size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool backward,
                           int64_t groups) {
   const LayerConfig cfg = checked(c, groups);
@@ -101,11 +97,11 @@ size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool bac
   if (cfg.router == Router::noisy_topk) bytes += (1 + bw) * T * E * f;  // noise_raw, dr
   if (has_jitter(cfg)) bytes += (T * H + H * E) * f;                    // x_router, w_gate_f32
   if (backward && !aliases(backend, backward)) bytes += R * (H + I + A) * b;  // dyp, da, dpre
-  return bytes + kCublasWorkspaceBytes;
+  return bytes;
 }
 
 Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_up, bool backward,
-             int64_t groups)
+             int64_t groups, cublasHandle_t cublas)
     : cfg_(checked(cfg, groups)),
       backward_(backward),
       groups_(groups),
@@ -126,7 +122,9 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   noisy_ = cfg_.router == Router::noisy_topk;
   jitter_ = has_jitter(cfg_);
   experts_ = std::make_unique<ExpertsWorkspace>(es, backend, backward, /*own_scratch=*/!alias_);
-  MOE_CUBLAS_CHECK(cublasCreate(&cublas_));
+  own_cublas_ = cublas == nullptr;
+  if (own_cublas_) MOE_CUBLAS_CHECK(cublasCreate(&cublas_));
+  else cublas_ = cublas;
   const size_t b = sizeof(bf16), f = sizeof(float);
   const size_t bw = backward ? 1 : 0;
   arena_ = DeviceArena({
@@ -144,17 +142,13 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
       {"x_router", (jitter_ ? 1 : 0) * size_t(T * H) * f, reinterpret_cast<void**>(&x_router_)},
       {"w_gate_f32", (jitter_ ? 1 : 0) * size_t(H * E) * f,
        reinterpret_cast<void**>(&w_gate_f32_)},
-      {"cublas_workspace", kCublasWorkspaceBytes, &cublas_workspace_},
   });
-  // The router GEMMs are small (N = E): a workspace of our own, counted in bytes(), instead of
-  // the handle's default pool, which on Hopper is several times larger.
-  MOE_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
   if (alias_) dyp_ = yp_;
   stats_ = StatsBuffers(T, E, groups_);
 }
 
 Layer::~Layer() {
-  if (cublas_) cublasDestroy(cublas_);
+  if (own_cublas_ && cublas_) cublasDestroy(cublas_);
 }
 
 size_t Layer::bytes() const {

@@ -43,8 +43,11 @@ LoadStats chain_stats(const std::vector<LoadStats>& steps, const std::vector<int
 class ChainLayer {
  public:
   // cfg.router must be chain_of_experts (ConfigError otherwise, or for what Layer refuses).
+  // cublas: shared by every iteration's Layer (see Layer); null: one handle of the chain's own.
   explicit ChainLayer(const LayerConfig& cfg, ExpertsBackend backend = ExpertsBackend::grouped,
-                      GateUpLayout gate_up = GateUpLayout::split, bool backward = true);
+                      GateUpLayout gate_up = GateUpLayout::split, bool backward = true,
+                      cublasHandle_t cublas = nullptr);
+  ~ChainLayer();
   ChainLayer(const ChainLayer&) = delete;
   ChainLayer& operator=(const ChainLayer&) = delete;
 
@@ -77,6 +80,7 @@ class ChainLayer {
 
   LayerConfig cfg_;
   bool backward_;
+  cublasHandle_t own_cublas_ = nullptr;  // when none was given: shared by the steps, destroyed last
   std::vector<std::unique_ptr<Layer>> steps_;
   bf16* inputs_ = nullptr;    // (C-1, T, H) u_1 .. u_{C-1}
   bf16* out_ = nullptr;       // (T, H) MoE_c(u_c); in the backward d_in of the iteration

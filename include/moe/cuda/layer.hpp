@@ -87,9 +87,12 @@ class Layer {
  public:
   // cfg validated here (throws ConfigError naming what is not supported). groups: expert choice's
   // position groups (above); 1 for every other router.
+  // cublas: a handle to share (not owned; the layer sets its stream on every call), or null for
+  // a handle of the layer's own. A cuBLAS handle holds 64 MiB of device memory from its creation
+  // on an H100, so a model shares one across its layers.
   explicit Layer(const LayerConfig& cfg, ExpertsBackend backend = ExpertsBackend::grouped,
                  GateUpLayout gate_up = GateUpLayout::split, bool backward = true,
-                 int64_t groups = 1);
+                 int64_t groups = 1, cublasHandle_t cublas = nullptr);
   ~Layer();
   Layer(const Layer&) = delete;
   Layer& operator=(const Layer&) = delete;
@@ -150,7 +153,7 @@ class Layer {
   uint64_t forward_seed_ = 0;  // cfg_.seed when forward last ran
   cudaStream_t stream_ = nullptr;  // the last forward's stream (stats)
   cublasHandle_t cublas_ = nullptr;
-  void* cublas_workspace_ = nullptr;  // in arena_: the handle's workspace (cublasSetWorkspace)
+  bool own_cublas_ = false;
   RouteBuffers route_;
   PlanBuffers plan_;
   std::unique_ptr<ExpertsWorkspace> experts_;

@@ -461,12 +461,12 @@ std::vector<BlockFfn>& GpuModel::ffn_layers(int64_t tokens, bool training) {
         f.soft = std::make_unique<SoftMoeLayer>(soft_cfg, cfg_.seq,
                                                 ExpertsBackend::cublas_strided_padded,
                                                 GateUpLayout::split, /*backward=*/training);
-      else if (chain)
+      else if (chain)  // the model's cuBLAS handle: 64 MiB saved per layer (see Layer)
         f.chain = std::make_unique<ChainLayer>(c, ExpertsBackend::grouped, GateUpLayout::split,
-                                               /*backward=*/training);
+                                               /*backward=*/training, cublas_);
       else
         f.layer = std::make_unique<Layer>(c, ExpertsBackend::grouped, GateUpLayout::split,
-                                          /*backward=*/training, groups);
+                                          /*backward=*/training, groups, cublas_);
       layers.push_back(std::move(f));
     }
   }
