@@ -424,7 +424,7 @@ struct ExpertsCublas {
 // ------------------------------------------------------------------------------------------------
 
 ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend backend,
-                                   bool backward, bool own_scratch)
+                                   bool backward, bool own_scratch, cublasHandle_t cublas)
     : shape_(shape), backend_(backend), backward_(backward), sm_count_(device_sm_count()) {
   shape.validate();
   const int64_t E = shape.experts, R = shape.max_rows, I = shape.inter, A = shape.up_width();
@@ -467,7 +467,9 @@ ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend bac
   // allocations) and never call it.
   const bool uses_cublas =
       backend != ExpertsBackend::grouped && backend != ExpertsBackend::grouped_fused;
-  if (uses_cublas && cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) {
+  if (uses_cublas && cublas) cublas_ = cublas;
+  own_cublas_ = uses_cublas && !cublas;
+  if (own_cublas_ && cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) {
     cudaFreeHost(pinned_offsets_);
     if (pinned_ptrs_) cudaFreeHost(pinned_ptrs_);
     if (device_ptrs_) cudaFree(device_ptrs_);
@@ -476,7 +478,7 @@ ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend bac
 }
 
 ExpertsWorkspace::~ExpertsWorkspace() {
-  if (cublas_) cublasDestroy(cublas_);
+  if (own_cublas_ && cublas_) cublasDestroy(cublas_);
   if (pinned_offsets_) cudaFreeHost(pinned_offsets_);
   if (pinned_ptrs_) cudaFreeHost(pinned_ptrs_);
   if (device_ptrs_) cudaFree(device_ptrs_);

@@ -165,7 +165,7 @@ void transpose_row_blocks(const bf16* in, bf16* out, int64_t P, int64_t Q, int64
 // ------------------------------------------------------------------------------------------------
 
 SoftMoeLayer::SoftMoeLayer(const LayerConfig& cfg, int64_t groups, ExpertsBackend backend,
-                           GateUpLayout gate_up, bool backward)
+                           GateUpLayout gate_up, bool backward, cublasHandle_t cublas)
     : cfg_(checked(cfg, groups, backend)),
       groups_(groups),
       backward_(backward),
@@ -180,7 +180,12 @@ SoftMoeLayer::SoftMoeLayer(const LayerConfig& cfg, int64_t groups, ExpertsBacken
   shape.activation = cfg_.activation;
   shape.max_rows = R;
   shape.gate_up = gate_up;
-  experts_ = std::make_unique<ExpertsWorkspace>(shape, backend, backward);
+  own_cublas_ = cublas == nullptr;
+  if (own_cublas_) MOE_CUBLAS_CHECK(cublasCreate(&cublas));
+  cublas_ = cublas;
+  // The experts stage's cuBLAS baselines run on the same handle (and stream).
+  experts_ = std::make_unique<ExpertsWorkspace>(shape, backend, backward, /*own_scratch=*/true,
+                                                cublas_);
   const size_t b = sizeof(bf16), f = sizeof(float), d = sizeof(double);
   const size_t r = R, bw = backward ? 1 : 0, T = G * B;
   auto p = [](auto*& ptr) { return reinterpret_cast<void**>(&ptr); };
@@ -199,11 +204,11 @@ SoftMoeLayer::SoftMoeLayer(const LayerConfig& cfg, int64_t groups, ExpertsBacken
   for (int64_t e = 0; e <= E; ++e) offsets[e] = static_cast<int32_t>(e * S * G);
   MOE_CUDA_CHECK(cudaMemcpy(offsets_, offsets.data(), offsets.size() * sizeof(int32_t),
                             cudaMemcpyHostToDevice));
-  MOE_CUBLAS_CHECK(cublasCreate(&cublas_));
 }
 
 SoftMoeLayer::~SoftMoeLayer() {
-  if (cublas_) cublasDestroy(cublas_);
+  experts_.reset();  // it uses the handle, it does not own it
+  if (own_cublas_ && cublas_) cublasDestroy(cublas_);
 }
 
 size_t SoftMoeLayer::bytes() const {

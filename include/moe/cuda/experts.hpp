@@ -128,11 +128,13 @@ struct ExpertsCublasArrays;  // experts.cu: host-side argument arrays of the gro
 // Everything the stage needs besides its inputs and outputs, made once: the grouped GEMMs'
 // workspaces, the backward's intermediates da (max_rows, I) and dpre (max_rows, A) in one arena
 // (unless own_scratch is false: then every backward call passes them in ExpertsBackwardArgs),
-// a cuBLAS handle, pinned host copies of offsets and of the grouped-batched pointer arrays.
+// a cuBLAS handle (the cuBLAS baselines only; `cublas` shares one, not owned, instead of making
+// one: a handle holds 64 MiB of device memory on an H100), pinned host copies of offsets and of
+// the grouped-batched pointer arrays.
 class ExpertsWorkspace {
  public:
   ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend backend, bool backward = true,
-                   bool own_scratch = true);
+                   bool own_scratch = true, cublasHandle_t cublas = nullptr);
   ~ExpertsWorkspace();
   ExpertsWorkspace(const ExpertsWorkspace&) = delete;
   ExpertsWorkspace& operator=(const ExpertsWorkspace&) = delete;
@@ -159,6 +161,7 @@ class ExpertsWorkspace {
   bool backward_;
   int sm_count_ = 0;
   cublasHandle_t cublas_ = nullptr;
+  bool own_cublas_ = false;
   int32_t* pinned_offsets_ = nullptr;  // (E+1) host, page-locked
   void** pinned_ptrs_ = nullptr;       // (kSlots, 3, E) host, page-locked: A, B, C per group
   void** device_ptrs_ = nullptr;       // (kSlots, 3, E) device copy

@@ -76,9 +76,12 @@ class SoftMoeLayer {
   // default: E strided-batched GEMMs of S*G rows each, no alignment needs; grouped and
   // grouped_fused: H and I multiples of 8, grouped_fused with gate_up = interleaved for SwiGLU).
   // Validated here (ConfigError naming the field).
+  // cublas: a handle to share with the experts stage and the model (not owned), or null for one
+  // of the layer's own (a handle holds 64 MiB of device memory on an H100).
   SoftMoeLayer(const LayerConfig& cfg, int64_t groups,
                ExpertsBackend backend = ExpertsBackend::cublas_strided_padded,
-               GateUpLayout gate_up = GateUpLayout::split, bool backward = true);
+               GateUpLayout gate_up = GateUpLayout::split, bool backward = true,
+               cublasHandle_t cublas = nullptr);
   ~SoftMoeLayer();
   SoftMoeLayer(const SoftMoeLayer&) = delete;
   SoftMoeLayer& operator=(const SoftMoeLayer&) = delete;
@@ -124,6 +127,7 @@ class SoftMoeLayer {
   bool has_forward_ = false;
   cudaStream_t stream_ = nullptr;  // the last forward's stream (stats)
   cublasHandle_t cublas_ = nullptr;
+  bool own_cublas_ = false;
   SoftMoeBuffers<bf16> route_;
   std::unique_ptr<ExpertsWorkspace> experts_;
   // activation arena; R = n * G slot rows

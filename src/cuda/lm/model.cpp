@@ -460,7 +460,8 @@ std::vector<BlockFfn>& GpuModel::ffn_layers(int64_t tokens, bool training) {
       if (soft_)
         f.soft = std::make_unique<SoftMoeLayer>(soft_cfg, cfg_.seq,
                                                 ExpertsBackend::cublas_strided_padded,
-                                                GateUpLayout::split, /*backward=*/training);
+                                                GateUpLayout::split, /*backward=*/training,
+                                                cublas_);
       else if (chain)  // the model's cuBLAS handle: 64 MiB saved per layer (see Layer)
         f.chain = std::make_unique<ChainLayer>(c, ExpertsBackend::grouped, GateUpLayout::split,
                                                /*backward=*/training, cublas_);
