@@ -184,6 +184,30 @@ struct DeviceLayerData {
   }
 };
 
+// What a parity test reads back besides d's arrays after one forward + backward of the layer on
+// a stream of its own.
+struct LayerRun {
+  LoadStats stats;
+  Routing<float> routing;
+  double aux = 0;
+};
+
+LayerRun run_once(cuda::Layer& layer, DeviceLayerData& d, Router router) {
+  cudaStream_t stream = nullptr;
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const cuda::LayerWeights w = d.weights(router);
+  layer.forward(d.x.get(), w, d.y.get(), stream);
+  layer.backward(d.x.get(), w, d.dy.get(), d.grads(), stream);
+  LayerRun run;
+  run.stats = layer.stats();
+  run.routing = cuda::download_routing(layer.routing(), stream);
+  MOE_CUDA_CHECK(cudaMemcpyAsync(&run.aux, layer.aux_loss(), sizeof run.aux,
+                                 cudaMemcpyDeviceToHost, stream));
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+  return run;
+}
+
 TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
   MOE_REQUIRE_GPU();
   const LayerCase& c = GetParam();
@@ -204,18 +228,10 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
   cuda::Layer layer(built);
   layer.set_seed(c.seed);
   DeviceLayerData d(in, c.E);
-  cudaStream_t stream = nullptr;
-  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  const cuda::LayerWeights w = d.weights(c.router);
-  layer.forward(d.x.get(), w, d.y.get(), stream);
-  layer.backward(d.x.get(), w, d.dy.get(), d.grads(), stream);
-  const LoadStats st = layer.stats();
-  const Routing<float> routing = cuda::download_routing(layer.routing(), stream);
-  double aux = 0;
-  MOE_CUDA_CHECK(cudaMemcpyAsync(&aux, layer.aux_loss(), sizeof aux, cudaMemcpyDeviceToHost,
-                                 stream));
-  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+  const LayerRun run = run_once(layer, d, c.router);
+  const LoadStats& st = run.stats;
+  const Routing<float>& routing = run.routing;
+  const double aux = run.aux;
 
   const double e_y = rel_frobenius(d.y.download(), fwd.y);
   const double e_dx = rel_frobenius(d.dx.download(), dx_ref);
@@ -955,18 +971,10 @@ TEST_P(ExpertChoiceGroupsParity, ForwardAndBackwardMatchTheCpuGroupCalls) {
   cuda::Layer layer(cfg, cuda::ExpertsBackend::grouped, cuda::GateUpLayout::split, true, G);
   ASSERT_EQ(layer.groups(), G);
   DeviceLayerData d(in, E);
-  cudaStream_t stream = nullptr;
-  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  const cuda::LayerWeights w = d.weights(c.router);
-  layer.forward(d.x.get(), w, d.y.get(), stream);
-  layer.backward(d.x.get(), w, d.dy.get(), d.grads(), stream);
-  const LoadStats st = layer.stats();
-  const Routing<float> r = cuda::download_routing(layer.routing(), stream);
-  double aux = 0;
-  MOE_CUDA_CHECK(cudaMemcpyAsync(&aux, layer.aux_loss(), sizeof aux, cudaMemcpyDeviceToHost,
-                                 stream));
-  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+  const LayerRun run = run_once(layer, d, c.router);
+  const LoadStats& st = run.stats;
+  const Routing<float>& r = run.routing;
+  const double aux = run.aux;
 
   const double e_y = rel_frobenius(d.y.download(), y_ref);
   const double e_dx = rel_frobenius(d.dx.download(), dx_ref);
