@@ -24,6 +24,9 @@
 // forward+backward (adds cuBLAS workspaces and anything the stages allocate lazily), measured
 // after a throwaway layer has paid the process's one-time costs (its drop is recorded as well),
 // with the layers sharing one cuBLAS handle made before the baseline.
+// Two forwards are timed: the training layer's (forward_*: it keeps xp, pre and act for the
+// backward) and an inference layer's (inference_*: built without backward, so its up-projection
+// gathers x's rows itself -- no permute, no xp), the counterpart of the peer's no_grad forward.
 // Inputs, weights and gradients are not counted (the PyTorch peer reports its peak over the same
 // baseline: inputs and parameters allocated before).
 #include <cublas_v2.h>
@@ -92,6 +95,31 @@ double time_median(int warmup, int reps, cudaStream_t stream, F&& run) {
   }
   for (auto& e : ev) MOE_CUDA_CHECK(cudaEventDestroy(e));
   return median(ms);
+}
+
+// Median ms of each forward stage over o.reps forwards, from events recorded between the stages.
+std::vector<double> forward_stage_times(moe::cuda::Layer& layer, const bf16* x,
+                                        const moe::cuda::LayerWeights& w, bf16* y,
+                                        const LayerBenchOptions& o, cudaStream_t stream) {
+  const int ns = int(moe::cuda::LayerStage::count);
+  std::vector<cudaEvent_t> ev(size_t(o.reps) * (ns + 1));
+  for (auto& e : ev) MOE_CUDA_CHECK(cudaEventCreate(&e));
+  for (int i = 0; i < o.warmup; ++i) layer.forward(x, w, y, stream);
+  for (int r = 0; r < o.reps; ++r) layer.forward(x, w, y, stream, &ev[size_t(r) * (ns + 1)]);
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<double> stage_ms(ns);
+  for (int st = 0; st < ns; ++st) {
+    std::vector<double> v(o.reps);
+    for (int r = 0; r < o.reps; ++r) {
+      float m = 0;
+      MOE_CUDA_CHECK(cudaEventElapsedTime(&m, ev[size_t(r) * (ns + 1) + st],
+                                          ev[size_t(r) * (ns + 1) + st + 1]));
+      v[r] = m;
+    }
+    stage_ms[st] = median(v);
+  }
+  for (auto& e : ev) MOE_CUDA_CHECK(cudaEventDestroy(e));
+  return stage_ms;
 }
 
 // Row-major D (m, n) = A (m, k) B (k, n), bf16 in/out, fp32 compute.
@@ -206,25 +234,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     MOE_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
     touched = std::count_if(counts.begin(), counts.end(), [](int32_t c) { return c > 0; });
 
-    // per-stage forward times: events between the stages of each forward
-    const int ns = int(moe::cuda::LayerStage::count);
-    std::vector<cudaEvent_t> ev(size_t(o.reps) * (ns + 1));
-    for (auto& e : ev) MOE_CUDA_CHECK(cudaEventCreate(&e));
-    for (int i = 0; i < o.warmup; ++i) layer.forward(x, w, y, stream);
-    for (int r = 0; r < o.reps; ++r) layer.forward(x, w, y, stream, &ev[size_t(r) * (ns + 1)]);
-    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-    for (int st = 0; st < ns; ++st) {
-      std::vector<double> v(o.reps);
-      for (int r = 0; r < o.reps; ++r) {
-        float m = 0;
-        MOE_CUDA_CHECK(cudaEventElapsedTime(&m, ev[size_t(r) * (ns + 1) + st],
-                                            ev[size_t(r) * (ns + 1) + st + 1]));
-        v[r] = m;
-      }
-      stage_ms[st] = median(v);
-    }
-    for (auto& e : ev) MOE_CUDA_CHECK(cudaEventDestroy(e));
-
+    stage_ms = forward_stage_times(layer, x, w, y, o, stream);
     fwd_ms = time_median(o.warmup, o.reps, stream, [&] { layer.forward(x, w, y, stream); });
     step_ms = time_median(o.warmup, o.reps, stream, [&] {
       layer.forward(x, w, y, stream);
@@ -237,6 +247,20 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       layer.forward(x, w, y, stream);
       layer.backward(x, w, dy, fresh, stream);
     });
+  }
+
+  // Inference, as the peer's forward under torch.no_grad(): a layer built without backward, whose
+  // up-projection gathers x's rows itself (no permute pass, no xp buffer).
+  double infer_ms = 0;
+  size_t infer_bytes = 0;
+  std::vector<double> infer_stage_ms;
+  {
+    moe::cuda::Layer infer(cfg, moe::cuda::ExpertsBackend::grouped,
+                           moe::cuda::GateUpLayout::split, /*backward=*/false, /*groups=*/1, cublas);
+    infer_bytes = infer.bytes();
+    const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
+    infer_stage_ms = forward_stage_times(infer, x, w, y, o, stream);
+    infer_ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
   }
 
   // dense equivalent: (T*K, H) x (H, 2I), then (T*K, I) x (I, H)
@@ -294,8 +318,17 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   for (int i = 0; i < int(stage_ms.size()); ++i)
     st[moe::cuda::name(moe::cuda::LayerStage(i))] = stage_ms[i];
   j["forward_stage_ms"] = st;
+  json ist = json::object();
+  for (int i = 0; i < int(infer_stage_ms.size()); ++i)
+    ist[moe::cuda::name(moe::cuda::LayerStage(i))] = infer_stage_ms[i];
   j["forward_ms"] = fwd_ms;
   j["forward_tflops"] = fwd_tf;
+  j["inference_stage_ms"] = ist;
+  j["inference_ms"] = infer_ms;
+  j["inference_tflops"] = flops_fwd / (infer_ms * 1e9);
+  j["inference_fraction_of_dense"] = dense_ms / infer_ms;
+  j["inference_over_weight_floor"] = infer_ms / floor_ms;
+  j["inference_layer_bytes"] = infer_bytes;
   j["fwd_bwd_ms"] = step_ms;
   j["fwd_bwd_tflops"] = step_tf;
   j["fwd_bwd_fresh_ms"] = fresh_ms;
@@ -312,6 +345,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["mem_delta_bytes"] = mem_delta;
   j["mem_delta_first_bytes"] = first_delta;
   j["layer_buffers"] = layer_report;
+  j["timing_note"] =
+      "forward_* / fwd_bwd_*: the training layer (saves xp, pre, act for the backward); "
+      "inference_*: a layer built without backward (gathered up-projection, no permute, no xp)";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
@@ -328,6 +364,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
              touched, copy_gbs, fwd_ms / floor_ms);
   for (int i = 0; i < int(stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);
+  fmt::print(stderr, "\n  inference (gathered, no xp): {:.3f} ms ({:.0f}% of dense, {:.2f}x the "
+             "floor), layer {:.2f} GiB\n  stages:", infer_ms, 100 * dense_ms / infer_ms,
+             infer_ms / floor_ms, infer_bytes / double(1 << 30));
+  for (int i = 0; i < int(infer_stage_ms.size()); ++i)
+    fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), infer_stage_ms[i]);
   fmt::print(stderr, "\n");
 }
 

@@ -506,13 +506,26 @@ void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStre
   const ExpertsShape& s = ws.shape_;
   const int64_t E = s.experts, H = s.hidden, I = s.inter, A = s.up_width();
   const int sms = ws.sm_count_;
-  MOE_CHECK(a.offsets && a.w_up && a.w_down && a.xp && a.act && a.yp &&
-                (a.pre || ws.backend_ == ExpertsBackend::grouped_fused),
+  const bool gathered = a.row_token != nullptr;
+  MOE_CHECK(a.offsets && a.w_up && a.w_down && (gathered ? a.x != nullptr : a.xp != nullptr) &&
+                a.act && a.yp && (a.pre || ws.backend_ == ExpertsBackend::grouped_fused),
             "experts_forward: null pointer argument (only grouped_fused may leave pre null)");
+  MOE_CHECK(!gathered || ws.backend_ == ExpertsBackend::grouped,
+            "experts_forward: gathered rows (row_token) need the grouped backend, not ",
+            name(ws.backend_));
+  MOE_CHECK(!gathered || a.tokens >= 1, "experts_forward: gathering needs tokens >= 1, got ",
+            a.tokens);
   if (s.max_rows == 0) return;
   switch (ws.backend_) {
     case ExpertsBackend::grouped:
-      ws.up_.run({a.offsets, A, H, a.xp, a.w_up, a.pre}, stream);             // pre = xp · w_up
+      if (gathered) {                                                     // pre = x[row_token] · w_up
+        GroupedGemmArgs up{a.offsets, A, H, a.x, a.w_up, a.pre};
+        up.gather = a.row_token;
+        up.gather_rows = a.tokens;
+        ws.up_.run(up, stream);
+      } else {
+        ws.up_.run({a.offsets, A, H, a.xp, a.w_up, a.pre}, stream);           // pre = xp · w_up
+      }
       activation_forward(s, sms, a.offsets, a.pre, a.act, stream);
       ws.down_.run({a.offsets, H, I, a.act, a.w_down, a.yp}, stream);         // yp = act · w_down
       return;

@@ -2,6 +2,8 @@
 //          checks, dispatch)
 // The CUTLASS kernels themselves are compiled in grouped_gemm_bf16_{kn,nk,wgrad,act}.cu; this file
 // only sizes the workspaces, checks the arguments and picks the instantiation.
+#include <algorithm>
+
 #include "grouped_gemm_sm90.hpp"
 #include "moe/check.hpp"
 #include "moe/cuda/check.cuh"
@@ -12,6 +14,7 @@ namespace moe::cuda {
 namespace {
 using grouped_gemm::Bf16Sm90;
 using grouped_gemm::Bf16Sm90Act;
+using grouped_gemm::Bf16Sm90Gather;
 using grouped_gemm::Bf16Sm90Wgrad;
 
 // A width the TMA descriptors can take: a positive multiple of 8 bf16 (16-byte rows), < 2^30.
@@ -51,8 +54,10 @@ void GroupedGemmBase::check_ready() const {
 
 GroupedGemm::GroupedGemm(int64_t experts, WeightLayout layout)
     : GroupedGemmBase(experts), layout_(layout) {
+  // kn also serves gathered calls: one workspace big enough for either kernel.
   allocate(layout == WeightLayout::kn
-               ? Bf16Sm90<WeightLayout::kn>::workspace_bytes(experts, sm_count_)
+               ? std::max(Bf16Sm90<WeightLayout::kn>::workspace_bytes(experts, sm_count_),
+                          Bf16Sm90Gather::workspace_bytes(experts, sm_count_))
                : Bf16Sm90<WeightLayout::nk>::workspace_bytes(experts, sm_count_));
 }
 
@@ -66,6 +71,14 @@ void GroupedGemm::run(const GroupedGemmArgs& args, cudaStream_t stream) const {
   check_width("grouped GEMM", "N", args.n);
   check_width("grouped GEMM", "K", args.k);
   MOE_CHECK(args.offsets && args.a && args.b && args.d, "grouped GEMM: null pointer argument");
+  if (args.gather != nullptr) {
+    MOE_CHECK(layout_ == WeightLayout::kn,
+              "grouped GEMM: gathered A rows need WeightLayout::kn (the up-projection)");
+    MOE_CHECK(args.gather_rows >= 1 && args.gather_rows < (int64_t{1} << 31),
+              "grouped GEMM: gather_rows must be in [1, 2^31), got ", args.gather_rows);
+    Bf16Sm90Gather::run(args, experts_, workspace_, sm_count_, stream);
+    return;
+  }
   if (layout_ == WeightLayout::kn)
     Bf16Sm90<WeightLayout::kn>::run(args, experts_, workspace_, sm_count_, stream);
   else

@@ -114,6 +114,7 @@ struct ActLauncher {
           static_cast<int32_t>(args.n),
           static_cast<int32_t>(args.k),
           false,
+          false,
           reinterpret_cast<const Bf16*>(args.a),
           reinterpret_cast<const Bf16*>(args.b),
           nullptr,

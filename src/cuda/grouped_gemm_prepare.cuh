@@ -44,7 +44,9 @@ struct PrepareParams {
   const int32_t* offsets;      // (E+1) segment starts
   int32_t groups, n, k;        // E, N, K
   bool b_nk;                   // B_e stored (N, K) instead of (K, N)
-  const Element* a;            // (max_rows, K)
+  bool a_gathered;             // A's rows are fetched by index from `a` (GatherMainloop): every
+                               // expert's A pointer is `a` itself, kept only for its descriptor
+  const Element* a;            // (max_rows, K), or (T, K) when gathered
   const Element* b;            // (E, K, N) or (E, N, K)
   Element* d;                  // (max_rows, N), or nullptr (then ptr_d, stride_d are not written)
   Problem* problems;           // (E) {m_e, N, K}
@@ -61,7 +63,7 @@ __global__ void prepare_kernel(PrepareParams<Element, Problem, StrideA, StrideB,
   for (int e = threadIdx.x; e < p.groups; e += blockDim.x) {
     const int32_t r0 = p.offsets[e], r1 = p.offsets[e + 1];
     MOE_DEVICE_ASSERT(r0 >= 0 && r1 >= r0);
-    const Element* a = p.a + int64_t{r0} * p.k;                 // segment e of A (m_e, K)
+    const Element* a = p.a_gathered ? p.a : p.a + int64_t{r0} * p.k;  // segment e of A (m_e, K)
     const Element* b = p.b + int64_t{e} * p.k * p.n;            // expert e's weight
     // TMA needs 16-byte aligned global addresses (host checks N, K % 8; this catches bad bases).
     MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(a) % 16 == 0);

@@ -16,6 +16,7 @@
 
 #include "grouped_gemm_common_sm90.cuh"
 #include "grouped_gemm_epilogue_sm90.hpp"
+#include "grouped_gemm_gather_sm90.hpp"
 #include "grouped_gemm_mainloop_sm90.hpp"
 #include "grouped_gemm_prepare.cuh"
 #include "grouped_gemm_sm90.hpp"
@@ -26,15 +27,20 @@ namespace moe::cuda::grouped_gemm {
 // kernel type
 // ------------------------------------------------------------------------------------------------
 
-template <class Config, WeightLayout L>
+// kGatherA: A's rows are fetched by index (GatherMainloop) instead of read as a contiguous
+// segment; the gathered loader's row list takes 512 bytes of smem more than the plain collective.
+template <class Config, WeightLayout L, bool kGatherA = false>
 struct Kernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
   using Epilogue = EpilogueStore<Config>;
-  using Collective =
-      Mainloop<Config, L, static_cast<int>(sizeof(typename Epilogue::SharedStorage))>;
+  static constexpr int kEpilogueSmem = static_cast<int>(sizeof(typename Epilogue::SharedStorage));
+  using Collective = cute::conditional_t<kGatherA,
+                                         GatherMainloop<Mainloop<Config, L, kEpilogueSmem + 512>>,
+                                         Mainloop<Config, L, kEpilogueSmem>>;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
+  static constexpr bool kGather = kGatherA;
   using Problem = typename ProblemShape::UnderlyingProblemShape;  // (m, N, K)
   using StrideA = typename GemmKernel::InternalStrideA;
   using StrideB = typename GemmKernel::InternalStrideB;
@@ -72,11 +78,26 @@ struct Kernel {
     return c;
   }
 
-  static typename Gemm::Arguments arguments(const Carve& c, int64_t groups, int sm_count) {
+  static typename Collective::Arguments mainloop_arguments(const Carve& c,
+                                                           const GroupedGemmArgs* run) {
+    if constexpr (kGatherA) {
+      typename Collective::Arguments m{{c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, {}};
+      if (run != nullptr)
+        m.g = {run->offsets, run->gather, reinterpret_cast<const Bf16*>(run->a), run->k,
+               static_cast<int32_t>(run->gather_rows)};
+      return m;
+    } else {
+      return {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b};
+    }
+  }
+
+  // `run` null: only for sizing the workspace.
+  static typename Gemm::Arguments arguments(const Carve& c, int64_t groups, int sm_count,
+                                            const GroupedGemmArgs* run = nullptr) {
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
-        {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
+        mainloop_arguments(c, run),
         {{}, const_cast<const Bf16**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d},
         hardware_info(sm_count)};
     set_uniform_alpha_beta(args.epilogue.thread, 1.f, 0.f);
@@ -113,6 +134,7 @@ struct Launcher {
           static_cast<int32_t>(args.n),
           static_cast<int32_t>(args.k),
           b_nk,
+          K::kGather,
           reinterpret_cast<const Bf16*>(args.a),
           reinterpret_cast<const Bf16*>(args.b),
           reinterpret_cast<Bf16*>(args.d),
@@ -122,7 +144,7 @@ struct Launcher {
 
     // Step 2: the persistent grouped GEMM (grid = SMs; each CTA walks tiles over all experts).
     typename K::Gemm gemm;
-    const auto arguments = K::arguments(c, groups, sm_count);
+    const auto arguments = K::arguments(c, groups, sm_count, &args);
     MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
     MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
     MOE_CUTLASS_CHECK(gemm.run(stream));

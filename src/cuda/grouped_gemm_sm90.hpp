@@ -5,6 +5,7 @@
 // them (grouped_gemm.cu, experts.cu) stay quick to build:
 //   Bf16Sm90<kn>   grouped_gemm_sm90.cuh       -> grouped_gemm_bf16_kn.cu
 //   Bf16Sm90<nk>   grouped_gemm_sm90.cuh       -> grouped_gemm_bf16_nk.cu
+//   Bf16Sm90Gather grouped_gemm_sm90.cuh       -> grouped_gemm_bf16_kn_gather.cu
 //   Bf16Sm90Wgrad  grouped_gemm_wgrad_sm90.cuh -> grouped_gemm_bf16_wgrad.cu
 //   Bf16Sm90Act    grouped_gemm_act_sm90.cuh   -> grouped_gemm_bf16_act.cu
 // Each has workspace_bytes(groups, sm_count) (the per-expert arrays the prepare kernel writes, then
@@ -22,6 +23,14 @@ namespace moe::cuda::grouped_gemm {
 
 template <WeightLayout L>
 struct Bf16Sm90 {
+  static size_t workspace_bytes(int64_t groups, int sm_count);
+  static void run(const GroupedGemmArgs& args, int64_t groups, void* workspace, int sm_count,
+                  cudaStream_t stream);
+  static const char* name();
+};
+
+// Bf16Sm90<kn> with A's rows gathered by index (GatherMainloop): grouped_gemm_bf16_kn_gather.cu.
+struct Bf16Sm90Gather {
   static size_t workspace_bytes(int64_t groups, int sm_count);
   static void run(const GroupedGemmArgs& args, int64_t groups, void* workspace, int sm_count,
                   cudaStream_t stream);

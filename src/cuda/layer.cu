@@ -64,6 +64,12 @@ bool aliases(ExpertsBackend backend, bool backward) {
          (backend == ExpertsBackend::grouped || backend == ExpertsBackend::grouped_fused);
 }
 
+// Inference with the grouped backend: the up-projection gathers x's rows itself, so the layer has
+// no permute pass and no xp. (Training keeps xp: dw_up = xp^T dpre reads it as contiguous rows.)
+bool gathers(ExpertsBackend backend, bool backward) {
+  return !backward && backend == ExpertsBackend::grouped;
+}
+
 bool has_jitter(const LayerConfig& cfg) {
   return cfg.router == Router::switch_top1 && cfg.training && cfg.jitter > 0;
 }
@@ -92,7 +98,8 @@ size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool bac
   const size_t R = ps.max_rows(), N = ps.choices;
   const size_t A = cfg.activation == Activation::swiglu ? 2 * I : I;
   const size_t b = sizeof(bf16), f = sizeof(float), bw = backward ? 1 : 0;
-  size_t bytes = T * E * f + R * (H + A + I + H) * b;  // logits, xp, pre, act, yp
+  const size_t xp = gathers(backend, backward) ? 0 : 1;
+  size_t bytes = T * E * f + R * (xp * H + A + I + H) * b;  // logits, xp, pre, act, yp
   bytes += bw * (N * f + T * E * (f + b));             // dweight, dz, dz_bf16
   if (cfg.router == Router::noisy_topk) bytes += (1 + bw) * T * E * f;  // noise_raw, dr
   if (has_jitter(cfg)) bytes += (T * H + H * E) * f;                    // x_router, w_gate_f32
@@ -119,6 +126,7 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   es.validate();
   const int64_t A = es.up_width();
   alias_ = aliases(backend, backward);
+  gather_ = gathers(backend, backward);
   noisy_ = cfg_.router == Router::noisy_topk;
   jitter_ = has_jitter(cfg_);
   experts_ = std::make_unique<ExpertsWorkspace>(es, backend, backward, /*own_scratch=*/!alias_);
@@ -129,7 +137,7 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   const size_t bw = backward ? 1 : 0;
   arena_ = DeviceArena({
       {"logits", size_t(T * E) * f, reinterpret_cast<void**>(&logits_)},
-      {"xp", size_t(R * H) * b, reinterpret_cast<void**>(&xp_)},
+      {"xp", (gather_ ? 0 : 1) * size_t(R * H) * b, reinterpret_cast<void**>(&xp_)},
       {"pre", size_t(R * A) * b, reinterpret_cast<void**>(&pre_)},
       {"act", size_t(R * I) * b, reinterpret_cast<void**>(&act_)},
       {alias_ ? "yp|dyp|dxp" : "yp|dxp", size_t(R * H) * b, reinterpret_cast<void**>(&yp_)},
@@ -207,13 +215,19 @@ void Layer::forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t 
   const RoutingView rv = route_.routing.view();
   plan_forward(rv, plan_.view(), stream);
   mark(LayerStage::permute);
-  permute_forward<bf16>(plan_.view(), x, H, xp_, stream);
+  if (!gather_) permute_forward<bf16>(plan_.view(), x, H, xp_, stream);
   mark(LayerStage::experts);
   ExpertsForwardArgs ea;
   ea.offsets = plan_.view().offsets;
   ea.w_up = w.w_up;
   ea.w_down = w.w_down;
-  ea.xp = xp_;
+  if (gather_) {
+    ea.x = x;
+    ea.row_token = plan_.view().row_token;
+    ea.tokens = T;
+  } else {
+    ea.xp = xp_;
+  }
   ea.pre = pre_;
   ea.act = act_;
   ea.yp = yp_;

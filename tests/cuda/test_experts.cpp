@@ -414,6 +414,58 @@ TEST(GroupedGemm, EachSegmentIsItsExpertsProductInBothWeightLayouts) {
   }
 }
 
+// A's rows fetched by index (the permute folded into the loader): the same products, bit for bit,
+// as the plain GEMM on the permuted copy, with padding (index T) and stray indices (-1, T + 7)
+// reading as zero rows, K = 200 (a partial last K tile), repeated and unused source rows.
+TEST(GroupedGemm, GatheredRowsGiveThePermutedProductBitForBit) {
+  MOE_REQUIRE_GPU();
+  const std::vector<int64_t> sizes = {3, 0, 257, 1, 0, 64, 130, 700};
+  const int64_t E = static_cast<int64_t>(sizes.size()), N = 136, K = 200, T = 97;
+  const std::vector<int64_t> o = offsets_of(sizes);
+  const int64_t M = o[E], R = M + 3;
+  const std::vector<float> x = round_to<bf16>(random_vector<float>(T * K, 31));
+  const std::vector<float> b = round_to<bf16>(random_vector<float>(E * K * N, 32));
+  std::vector<int32_t> gather(R, static_cast<int32_t>(T));
+  const std::vector<float> pick = random_vector<float>(M, 33);
+  for (int64_t r = 0; r < M; ++r)
+    gather[r] = static_cast<int32_t>(std::min<int64_t>(T - 1, std::abs(pick[r]) * T));
+  gather[o[2] + 5] = static_cast<int32_t>(T);      // padding
+  gather[o[2] + 200] = -1;                         // stray indices: zero rows as well
+  gather[o[7] + 699] = static_cast<int32_t>(T + 7);
+  std::vector<float> xp(R * K, 0.f);
+  for (int64_t r = 0; r < M; ++r)
+    if (gather[r] >= 0 && gather[r] < T)
+      std::copy_n(x.begin() + gather[r] * K, K, xp.begin() + r * K);
+  std::vector<double> want(R * N, 0);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = o[e]; r < o[e + 1]; ++r)
+      for (int64_t n = 0; n < N; ++n) {
+        double acc = 0;
+        for (int64_t k = 0; k < K; ++k) acc += double(xp[r * K + k]) * b[(e * K + k) * N + n];
+        want[r * N + n] = acc;
+      }
+
+  DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end())), dgather(gather);
+  DeviceArray<bf16> dx(to_device_type<bf16>(x)), dxp(to_device_type<bf16>(xp)),
+      db(to_device_type<bf16>(b)), plain(R * N), gathered(R * N);
+  cuda::GroupedGemm gemm(E, cuda::WeightLayout::kn);
+  plain.poison(), gathered.poison();
+  gemm.run({offsets.get(), N, K, dxp.get(), db.get(), plain.get()}, nullptr);
+  cuda::GroupedGemmArgs g{offsets.get(), N, K, dx.get(), db.get(), gathered.get()};
+  g.gather = dgather.get();
+  g.gather_rows = T;
+  gemm.run(g, nullptr);
+  const std::vector<float> got = from_device_type(gathered.download());
+  EXPECT_TRUE(segments_close("D gathered", got, want, o, N, R));
+  EXPECT_TRUE(same_bytes(from_device_type(plain.download()), got))
+      << "the gathered GEMM differs from the plain GEMM on the permuted rows";
+
+  cuda::GroupedGemm nk(E, cuda::WeightLayout::nk);
+  EXPECT_THROW(nk.run(g, nullptr), Error);  // gathering is the up-projection's (kn) only
+  g.gather_rows = 0;
+  EXPECT_THROW(gemm.run(g, nullptr), Error);
+}
+
 // dW_e += X_e^T Y_e with K = m_e: segments of 1, 3, 5 (< 8), 64, 130, 257 rows, two empty ones.
 TEST(GroupedWgrad, EachSliceGainsItsSegmentsProductAndEmptyExpertsKeepTheirBits) {
   MOE_REQUIRE_GPU();

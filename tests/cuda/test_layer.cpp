@@ -235,6 +235,21 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
 
   const double e_y = rel_frobenius(d.y.download(), fwd.y);
   const double e_dx = rel_frobenius(d.dx.download(), dx_ref);
+
+  // Inference (no backward): the up-projection gathers x's rows by row_token itself (no permute,
+  // no xp), and y must be the training layer's y bit for bit -- padding rows, drops and skipped
+  // choices included.
+  {
+    cuda::Layer infer(built, cuda::ExpertsBackend::grouped, cuda::GateUpLayout::split,
+                      /*backward=*/false);
+    infer.set_seed(c.seed);
+    DeviceArray<bf16> y_infer(in.x.size());
+    y_infer.poison();
+    infer.forward(d.x.get(), d.weights(c.router), y_infer.get(), nullptr);
+    MOE_CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_TRUE(same_bytes(y_infer.download(), d.y.download()))
+        << "the gathered inference forward differs from the training forward";
+  }
   const double e_wg = rel_frobenius(d.dw_gate.download(), g_ref.w_gate);
   const double e_wn = rel_frobenius(d.dw_noise.download(), g_ref.w_noise);
   const double e_wu = rel_frobenius(d.dw_up.download(), g_ref.w_up);
@@ -527,6 +542,11 @@ TEST(LayerMemory, ArenaBytesAtBenchShapes) {
     const size_t aliased = cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped);
     const size_t R = size_t(s.T * s.K);
     EXPECT_EQ(separate - aliased, R * size_t(s.H + s.I + 2 * s.I) * sizeof(bf16)) << s.name;
+    // Inference: the grouped backend gathers x's rows in the up-projection, so it has no xp.
+    const size_t infer_loop =
+        cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::cublas_loop_host_offsets, false);
+    const size_t infer_gather = cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped, false);
+    EXPECT_EQ(infer_loop - infer_gather, R * size_t(s.H) * sizeof(bf16)) << s.name;
     std::printf("%s: activation arena + experts scratch %.3f GiB separate, %.3f GiB aliased "
                 "(%.1f %%)\n", s.name, separate / double(1 << 30), aliased / double(1 << 30),
                 100.0 * aliased / separate);

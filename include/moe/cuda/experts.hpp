@@ -93,11 +93,17 @@ struct ExpertsForwardArgs {
   const int32_t* offsets = nullptr;  // (E+1) device segment starts; offsets[E] = M
   const bf16* w_up = nullptr;        // (E, H, A)
   const bf16* w_down = nullptr;      // (E, I, H)
-  const bf16* xp = nullptr;          // (max_rows, H)
+  const bf16* xp = nullptr;          // (max_rows, H), or null when gathering (below)
   bf16* pre = nullptr;               // (max_rows, A) saved for the backward (grouped_fused: may
                                      //                be null, then nothing is saved)
   bf16* act = nullptr;               // (max_rows, I) saved for the backward
   bf16* yp = nullptr;                // (max_rows, H)
+  // The grouped backend may instead gather: the up-projection reads row r of its A as
+  // x[row_token[r]] inside the GEMM's loader, so no xp is written or read (a row_token outside
+  // [0, tokens), the plan's kPadToken, is a zero row, as permute writes for padding).
+  const bf16* x = nullptr;           // (tokens, H)
+  const int32_t* row_token = nullptr;// (max_rows) device, the plan's row -> token map
+  int64_t tokens = 0;                // T
 };
 
 struct ExpertsBackwardArgs {

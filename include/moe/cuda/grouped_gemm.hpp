@@ -50,9 +50,14 @@ enum class WeightLayout { kn, nk };
 struct GroupedGemmArgs {
   const int32_t* offsets = nullptr;  // (E+1) device segment starts; offsets[E] = M
   int64_t n = 0, k = 0;              // N, K (the same for every expert)
-  const __nv_bfloat16* a = nullptr;  // (max_rows, K) rows in expert order
+  const __nv_bfloat16* a = nullptr;  // (max_rows, K) rows in expert order, or (gather_rows, K)
   const __nv_bfloat16* b = nullptr;  // (E, K, N) kn, or (E, N, K) nk
   __nv_bfloat16* d = nullptr;        // (max_rows, N) rows < M written
+  // Gathered A (WeightLayout::kn only): row r of the expert-ordered A is a[gather[r]], fetched by
+  // the GEMM's loader, so the permuted copy is never written. An index outside [0, gather_rows)
+  // (the plan's kPadToken for padding rows) reads as a zero row.
+  const int32_t* gather = nullptr;   // (max_rows) device, e.g. the plan's row_token
+  int64_t gather_rows = 0;           // rows of a (T)
 };
 
 struct GroupedWgradArgs {

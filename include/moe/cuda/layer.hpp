@@ -40,6 +40,9 @@
 //   dxp  into yp   (dyp's last reader, da = dyp w_down^T, has run)
 // so the experts stage is made without its own da / dpre. The host-offset and strided baselines
 // keep a separate dyp and the experts stage's own da and dpre (dxp still reuses yp).
+// Inference (backward = false) with the grouped backend skips permute altogether: the
+// up-projection's loader fetches x[row_token[r]] itself (GroupedGemmArgs::gather), so there is no
+// xp; the permute stage's event still marks an empty stage.
 // arena_bytes() gives the device bytes before anything is allocated (deterministic in the shape).
 #pragma once
 #include <cublas_v2.h>
@@ -172,6 +175,7 @@ class Layer {
   float* x_router_ = nullptr;  // (T, H) x * jitter in fp32; dz W_gate^T in the backward (jitter)
   float* w_gate_f32_ = nullptr;// (H, E) w_gate in fp32 (jitter)
   bool alias_ = false;         // grouped backend with backward: the aliasing above
+  bool gather_ = false;        // grouped backend without backward: no permute, no xp
   DeviceArena arena_;
   mutable StatsBuffers stats_;  // stats() scratch (no host-visible state)
 };

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One GPU visit for the gathered up-projection (issue 4): the permute folded into the grouped
+# GEMM's loader. From the repository root on the GPU machine, with RUN staged by
+# scripts/gpu/stage_run.sh (and unpacked: source scripts/gpu/unpack_run.sh RUN):
+#   OUT=/some/dir bash scripts/gpu/gather.sh RUN
+# 1. every GPU test (the gathered GEMM against the plain one bit for bit, the inference layer
+#    against the training layer's y in every LayerParity case), 2. compute-sanitizer memcheck and
+#    racecheck on the gathered GEMM's test, 3. bench --layer (training and inference forward,
+#    forward+backward) at the issue's configurations, 4. the PyTorch peer at the same ones, then a
+#    short table. Files under $OUT: gpu.txt tests.log sanitizer.log layer.jsonl layer_bench.log
+#    peer_layer.jsonl peer_layer.log
+set -uo pipefail
+RUN=${1:?run folder}
+OUT=${OUT:-out}
+CONFIGS=${CONFIGS:-"olmoe qwen3 mixtral brief_small decode qwen3_32k"}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+step device
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+  --format=csv | tee "$OUT/gpu.txt"
+
+step "GPU tests"
+timeout 300 "$RUN/moe_cuda_tests" >"$OUT/tests.log" 2>&1 || status=1
+grep -E "^\[  (PASSED|FAILED) |^\[  FAILED|tests ran" "$OUT/tests.log" | head -20
+
+step "compute-sanitizer on the gathered GEMM"
+for tool in memcheck racecheck; do
+  timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 "$RUN/moe_cuda_tests" \
+    --gtest_filter='GroupedGemm.Gathered*' >>"$OUT/sanitizer.log" 2>&1
+  echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
+done
+
+step "moe-bench bench --layer"
+for c in $CONFIGS; do
+  timeout 45 "$RUN/moe-bench" bench --layer --reps 20 --warmup 3 --config $c \
+    --out "$OUT/layer.jsonl" >>"$OUT/layer_bench.log" 2>&1 || status=1
+  echo "$c exit $?"
+done
+
+step "PyTorch peer"
+# shellcheck disable=SC2086
+timeout 240 python3 bench/peers/torch_moe_layer.py --build "$RUN" --reps 20 --warmup 3 \
+  --config $CONFIGS --out "$OUT/peer_layer.jsonl" >"$OUT/peer_layer.log" 2>&1 || status=1
+tail -n 12 "$OUT/peer_layer.log"
+
+step "table"
+python3 - "$OUT/layer.jsonl" "$OUT/peer_layer.jsonl" <<'PY'
+import json, sys
+ours = {}
+for l in open(sys.argv[1]):
+    d = json.loads(l); ours[d["config"]] = d
+peer = {}
+try:
+    for l in open(sys.argv[2]):
+        d = json.loads(l)
+        if d.get("impl", "grouped_mm") in ("grouped_mm", "torch_grouped_mm"): peer[d["config"]] = d
+except FileNotFoundError:
+    pass
+print(f"{'config':<12} {'train fwd':>9} {'infer fwd':>9} {'peer fwd':>9} {'infer x':>7} "
+      f"{'%dense':>6} {'fb fresh':>9} {'peer fb':>9} {'fb x':>5} {'floor x':>7}")
+for c, d in ours.items():
+    p = peer.get(c, {})
+    pf, pb = p.get("forward_ms", float("nan")), p.get("fwd_bwd_fresh_ms", float("nan"))
+    print(f"{c:<12} {d['forward_ms']:9.3f} {d['inference_ms']:9.3f} {pf:9.3f} "
+          f"{pf / d['inference_ms']:7.2f} {100 * d['inference_fraction_of_dense']:6.1f} "
+          f"{d['fwd_bwd_fresh_ms']:9.3f} {pb:9.3f} {pb / d['fwd_bwd_fresh_ms']:5.2f} "
+          f"{d['inference_over_weight_floor']:7.2f}")
+PY
+exit $status
