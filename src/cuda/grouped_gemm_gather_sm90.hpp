@@ -7,9 +7,12 @@
 // the cluster as before. The consumers (wgmma) and the epilogue are CUTLASS's, unchanged, so the
 // result is bit-identical to permute + the plain grouped GEMM.
 //
-// Completion of a stage: the full barrier counts 33 arrivals -- the leader's arrive-and-expect of
-// B's bytes (the TMA completes those) plus one cp.async.mbarrier.arrive.noinc per lane, each
-// firing when that lane's copies of the stage have landed. A row outside the segment, or whose
+// Two producer warps copy A, half the rows each: the mainloop warp (which also issues B's TMA) and
+// the kernel's auxiliary load warp, otherwise idle. One warp alone was the bottleneck: a tile
+// slice of 128 rows x 64 columns is 1024 16-byte copies per stage.
+// Completion of a stage: the full barrier counts 65 arrivals -- the leader's arrive-and-expect of
+// B's bytes (the TMA completes those) plus one cp.async.mbarrier.arrive.noinc per lane of the two
+// warps, each firing when that lane's copies of the stage have landed. A row outside the segment, or whose
 // index is outside [0, T) (kPadToken = T marks padding), is filled with zeros (src-size 0).
 //
 // Derived from CUTLASS's ptr-array TMA collective: everything but load() (and the arguments it
@@ -18,8 +21,20 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/cutlass.h>
+#include <cutlass/gemm/dispatch_policy.hpp>
 
 #include <cstdint>
+
+namespace moe::cuda::grouped_gemm {
+
+template <class Policy>
+struct GatherPolicy : Policy {};
+
+}  // namespace moe::cuda::grouped_gemm
+
+template <class Policy>
+struct cutlass::gemm::kernel::detail::HasAuxiliaryLoad<
+    moe::cuda::grouped_gemm::GatherPolicy<Policy>> : cute::true_type {};
 
 namespace moe::cuda::grouped_gemm {
 
@@ -32,19 +47,23 @@ struct GatherMainloop : Base {
   using typename Base::SmemLayoutA;
   using typename Base::SmemLayoutB;
   using typename Base::TileShape;
-  using typename Base::DispatchPolicy;
+  // The base's policy under another name, so that the kernel also runs its auxiliary producer
+  // warp (load_auxiliary): the schedule, and so the kernel, stay the same.
+  using DispatchPolicy = GatherPolicy<typename Base::DispatchPolicy>;
+  using typename Base::TensorStorage;
 
   static constexpr int kBlockM = cute::size<0>(TileShape{});
   static constexpr int kBlockK = cute::size<2>(TileShape{});
-  static constexpr int kChunk = 16 / sizeof(ElementA);   // elements per 16-byte copy
-  static constexpr int kChunksPerRow = kBlockK / kChunk;  // 8 for bK = 64 bf16
-  static constexpr int kRowsPerPass = 32 / kChunksPerRow; // rows one warp instruction covers
-  static_assert(sizeof(ElementA) == 2 && kBlockK % kChunk == 0 && 32 % kChunksPerRow == 0 &&
-                    kBlockM % kRowsPerPass == 0,
-                "the gathered loader is written for 16-bit A and bK a multiple of 8");
+  static constexpr int kRowsPerLane = kBlockM / 32;  // two producer warps, 16 rows per pass
+  static_assert(sizeof(ElementA) == 2 && kBlockK == 64 && kBlockM % 32 == 0,
+                "the gathered loader is written for 16-bit A in 64-wide K slices");
+  static_assert(cute::is_same_v<typename Base::SmemLayoutAtomA,
+                                cute::GMMA::Layout_K_SW128_Atom<ElementA>>,
+                "the gathered loader writes the 128B-swizzled K-major layout");
 
-  // The pipeline's full barrier: the leader's arrive (with B's transaction bytes) + 32 lanes.
-  static constexpr int NumProducerThreadEvents = 1 + 32;
+  // The pipeline's full barrier: the leader's arrive (with B's transaction bytes) + one per lane
+  // of the two producer warps.
+  static constexpr int NumProducerThreadEvents = 1 + 64;
   static constexpr uint32_t TmaTransactionBytesB = cutlass::bits_to_bytes(
       cute::size<0>(SmemLayoutB{}) * cute::size<1>(SmemLayoutB{}) *
       static_cast<uint32_t>(cute::sizeof_bits<ElementB>::value));
@@ -63,11 +82,6 @@ struct GatherMainloop : Base {
 
   struct Params : Base::Params {
     GatherArgs g;
-  };
-
-  // The A tile's source rows, written by the producer warp at the start of each tile.
-  struct TensorStorage : Base::TensorStorage {
-    alignas(16) int32_t a_rows[kBlockM];
   };
 
   template <class ProblemShape>
@@ -97,7 +111,7 @@ struct GatherMainloop : Base {
     return next;
   }
 
-  // Called by the whole producer warp, once per work tile.
+  // The mainloop producer warp, once per work tile: B's TMA and rows 0, 2, 4, ... of A's.
   template <class TensorA, class TensorB, class TensorMapA, class TensorMapB, class KTileIterator,
             class BlockCoord>
   CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline,
@@ -108,28 +122,8 @@ struct GatherMainloop : Base {
                            int k_tile_count, int /*thread_idx*/, uint32_t block_rank_in_cluster,
                            TensorStorage& storage) {
     using namespace cute;
-    const int lane = cutlass::canonical_lane_idx();
-    Tensor sA = make_tensor(make_smem_ptr(storage.smem_A.data()), SmemLayoutA{});  // (M,K,PIPE)
-    Tensor sB = make_tensor(make_smem_ptr(storage.smem_B.data()), SmemLayoutB{});  // (N,K,PIPE)
-
     auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
-
-    // This tile's source rows (-1: a zero row).
-    const int32_t expert = get<2>(load_inputs);
-    const int32_t r0 = params.g.offsets[expert];
-    const int32_t m_e = params.g.offsets[expert + 1] - r0;
-    const int32_t m0 = static_cast<int32_t>(m_coord) * kBlockM;
-    for (int i = lane; i < kBlockM; i += 32) {
-      int32_t src = -1;
-      if (m0 + i < m_e) {
-        src = params.g.gather[r0 + m0 + i];
-        if (src < 0 || src >= params.g.row_count) src = -1;
-      }
-      storage.a_rows[i] = src;
-    }
-    __syncwarp();
-
-    // B: the base collective's TMA, from the elected lane.
+    Tensor sB = make_tensor(make_smem_ptr(storage.smem_B.data()), SmemLayoutB{});  // (N,K,PIPE)
     constexpr uint32_t cluster_x = get<0>(typename DispatchPolicy::ClusterShape());
     const uint2 cluster_id = {block_rank_in_cluster % cluster_x,
                               block_rank_in_cluster / cluster_x};
@@ -143,13 +137,70 @@ struct GatherMainloop : Base {
       for (int m = 0; m < size<0>(block_layout); ++m)
         mcast_mask_b |= uint16_t(1) << block_layout(m, cluster_id.y, Int<0>{});
     }
+    produce</*kWarp=*/0>(params, pipeline, smem_pipe_write, get<2>(load_inputs), m_coord,
+                         k_tile_iter, k_tile_count, storage, [&](auto* barrier, int k_tile,
+                                                                 int stage) {
+      if (cute::elect_one_sync())
+        copy(params.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b),
+             tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
+    });
+  }
 
-    // A: lane l copies 16-byte chunk (l % 8) of rows l / 8, l / 8 + 4, ...: each warp
-    // instruction reads four whole 128-byte row slices.
-    const int chunk = lane % kChunksPerRow;
-    const int row_in_pass = lane / kChunksPerRow;
-    const int64_t k_total = params.g.ld;
-    const ElementA* rows = params.g.rows;
+  // The auxiliary producer warp (the kernel runs it because HasAuxiliaryLoad is set for this
+  // policy): rows 1, 3, 5, ... of A's tile, on the same pipeline stages.
+  template <class LoadInputs, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load_auxiliary(Params const& params, MainloopPipeline pipeline,
+                                     PipelineState smem_pipe_write, LoadInputs const& load_inputs,
+                                     BlockCoord const& blk_coord, KTileIterator k_tile_iter,
+                                     int k_tile_count, int /*thread_idx*/,
+                                     uint32_t /*block_rank_in_cluster*/, TensorStorage& storage) {
+    produce</*kWarp=*/1>(params, pipeline, smem_pipe_write, cute::get<2>(load_inputs),
+                         cute::get<0>(blk_coord), k_tile_iter, k_tile_count, storage,
+                         [](auto*, int, int) {});
+  }
+
+ private:
+  // One producer warp's share of A: lane l copies 16-byte chunks (l % 2) + 2c, c < 4, of rows
+  // l / 2 + 16 (2 j + kWarp), j < kRowsPerLane: a lane pair reads whole 32-byte sectors, a warp
+  // instruction 16 rows. A lane keeps its rows' indices in registers for the tile (producer warps
+  // run with 40 registers).
+  template <int kWarp, class MCoord, class KTileIterator, class IssueB>
+  CUTLASS_DEVICE void produce(Params const& params, MainloopPipeline& pipeline,
+                              PipelineState smem_pipe_write, int32_t expert, MCoord m_coord,
+                              KTileIterator k_tile_iter, int k_tile_count,
+                              TensorStorage& storage, IssueB&& issue_b) {
+    using namespace cute;
+    const int lane = cutlass::canonical_lane_idx();
+    Tensor sA = make_tensor(make_smem_ptr(storage.smem_A.data()), SmemLayoutA{});  // (M,K,PIPE)
+
+    // This lane's source rows for the tile; -1: a zero row.
+    const int32_t r0 = params.g.offsets[expert];
+    const int32_t m_e = params.g.offsets[expert + 1] - r0;
+    const int row0 = lane / 2 + 16 * kWarp;
+    const int32_t m0 = static_cast<int32_t>(m_coord) * kBlockM + row0;
+    int32_t src[kRowsPerLane];
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < kRowsPerLane; ++j) {
+      const int32_t m = m0 + 32 * j;
+      const int32_t t = m < m_e ? params.g.gather[r0 + m] : -1;
+      src[j] = t >= 0 && t < params.g.row_count ? t : -1;
+    }
+
+    // Shared-memory byte offsets from the layout itself: row0's 16-byte chunk q sits at
+    // chunk_off[c] of the stage (the 128B swizzle permutes a row's chunks), and rows 32 apart are
+    // four 1024-byte swizzle atoms apart with the same permutation, so row0 + 32 j adds 4096 j.
+    const uint32_t stage0 = cute::cast_smem_ptr_to_uint(&sA(0, 0, 0));
+    const uint32_t stage_bytes = cute::cast_smem_ptr_to_uint(&sA(0, 0, 1)) - stage0;
+    uint32_t chunk_off[4];
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < 4; ++c)
+      chunk_off[c] = cute::cast_smem_ptr_to_uint(&sA(row0, 8 * (lane % 2 + 2 * c), 0)) - stage0;
+
+    // Byte arithmetic in 32 bits where it fits: K < 2^30 (checked on the host).
+    const int32_t k_total = static_cast<int32_t>(params.g.ld);
+    const int64_t row_bytes = int64_t{k_total} * static_cast<int64_t>(sizeof(ElementA));
+    const char* rows = reinterpret_cast<const char*>(params.g.rows);
+    const int32_t lane_col = 8 * (lane % 2);  // this lane's first column in the K slice
 
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
@@ -158,28 +209,29 @@ struct GatherMainloop : Base {
       BarrierType* barrier = pipeline.producer_get_barrier(smem_pipe_write);
       const int stage = smem_pipe_write.index();
       const int k_tile = *k_tile_iter;
+      issue_b(barrier, k_tile, stage);
 
-      if (cute::elect_one_sync())
-        copy(params.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b),
-             tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
-
-      const int64_t k = int64_t{k_tile} * kBlockK + chunk * kChunk;
-      const bool k_ok = k < k_total;  // K is a multiple of 8: a chunk is all in or all out
+      const int32_t col = k_tile * kBlockK + lane_col;
+      const uint32_t s_stage = stage0 + stage * stage_bytes;
+      // Chunk c covers columns col + 16 c .. + 7; K is a multiple of 8, so a chunk is wholly in
+      // or out. Only a last, partial K slice has chunks out.
+      const bool full_slice = (k_tile + 1) * kBlockK <= k_total;
       CUTLASS_PRAGMA_UNROLL
-      for (int pass = 0; pass < kBlockM / kRowsPerPass; ++pass) {
-        const int r = pass * kRowsPerPass + row_in_pass;
-        const int32_t src = storage.a_rows[r];
-        const bool ok = k_ok && src >= 0;
-        const ElementA* g = rows + (ok ? int64_t{src} * k_total + k : 0);
-        const uint32_t s = cute::cast_smem_ptr_to_uint(&sA(r, chunk * kChunk, stage));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(g),
-                     "r"(ok ? 16 : 0));
+      for (int j = 0; j < kRowsPerLane; ++j) {
+        const bool row_ok = src[j] >= 0;
+        const char* g = rows + (row_ok ? src[j] * row_bytes : 0) + col * int32_t{sizeof(ElementA)};
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < 4; ++c) {
+          const bool ok = row_ok && (full_slice || col + 16 * c < k_total);
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                           s_stage + chunk_off[c] + 4096u * j),
+                       "l"(g + 32 * c), "r"(ok ? 16 : 0));
+        }
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(reinterpret_cast<uint64_t const*>(barrier));
       ++k_tile_iter;
       ++smem_pipe_write;
     }
-    __syncwarp();  // every lane has read a_rows before the next tile rewrites it
   }
 };
 

@@ -28,14 +28,14 @@ namespace moe::cuda::grouped_gemm {
 // ------------------------------------------------------------------------------------------------
 
 // kGatherA: A's rows are fetched by index (GatherMainloop) instead of read as a contiguous
-// segment; the gathered loader's row list takes 512 bytes of smem more than the plain collective.
+// segment.
 template <class Config, WeightLayout L, bool kGatherA = false>
 struct Kernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
   using Epilogue = EpilogueStore<Config>;
   static constexpr int kEpilogueSmem = static_cast<int>(sizeof(typename Epilogue::SharedStorage));
   using Collective = cute::conditional_t<kGatherA,
-                                         GatherMainloop<Mainloop<Config, L, kEpilogueSmem + 512>>,
+                                         GatherMainloop<Mainloop<Config, L, kEpilogueSmem>>,
                                          Mainloop<Config, L, kEpilogueSmem>>;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;

@@ -461,9 +461,9 @@ TEST(GroupedGemm, GatheredRowsGiveThePermutedProductBitForBit) {
       << "the gathered GEMM differs from the plain GEMM on the permuted rows";
 
   cuda::GroupedGemm nk(E, cuda::WeightLayout::nk);
-  EXPECT_THROW(nk.run(g, nullptr), Error);  // gathering is the up-projection's (kn) only
+  EXPECT_THROW(nk.run(g, nullptr), ConfigError);  // gathering is the up-projection's (kn) only
   g.gather_rows = 0;
-  EXPECT_THROW(gemm.run(g, nullptr), Error);
+  EXPECT_THROW(gemm.run(g, nullptr), ConfigError);
 }
 
 // dW_e += X_e^T Y_e with K = m_e: segments of 1, 3, 5 (< 8), 64, 130, 257 rows, two empty ones.
