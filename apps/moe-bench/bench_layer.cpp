@@ -24,9 +24,10 @@
 // forward+backward (adds cuBLAS workspaces and anything the stages allocate lazily), measured
 // after a throwaway layer has paid the process's one-time costs (its drop is recorded as well),
 // with the layers sharing one cuBLAS handle made before the baseline.
-// Two forwards are timed: the training layer's (forward_*: it keeps xp, pre and act for the
-// backward) and an inference layer's (inference_*: built without backward, so its up-projection
-// gathers x's rows itself -- no permute, no xp), the counterpart of the peer's no_grad forward.
+// Forwards are timed for the training layer (forward_*: it keeps xp, pre and act for the
+// backward) and for inference layers (built without backward: the counterpart of the peer's
+// no_grad forward), once with permute + xp and once with the up-projection gathering x's rows
+// itself (no permute, no xp); inference_* is the one RowSource::automatic picks.
 // Inputs, weights and gradients are not counted (the PyTorch peer reports its peak over the same
 // baseline: inputs and parameters allocated before).
 #include <cublas_v2.h>
@@ -249,19 +250,34 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     });
   }
 
-  // Inference, as the peer's forward under torch.no_grad(): a layer built without backward, whose
-  // up-projection gathers x's rows itself (no permute pass, no xp buffer).
-  double infer_ms = 0;
-  size_t infer_bytes = 0;
-  std::vector<double> infer_stage_ms;
-  {
+  // Inference, as the peer's forward under torch.no_grad(): layers built without backward, with
+  // the up-projection reading xp written by permute, and gathering x's rows itself (no permute
+  // pass, no xp). inference_* is the one RowSource::automatic picks.
+  struct Inference {
+    double ms = 0;
+    size_t bytes = 0;
+    std::vector<double> stage_ms;
+  };
+  Inference by_rows[2];  // permuted, gathered
+  const moe::cuda::RowSource sources[2] = {moe::cuda::RowSource::permuted,
+                                           moe::cuda::RowSource::gathered};
+  for (int v = 0; v < 2; ++v) {
     moe::cuda::Layer infer(cfg, moe::cuda::ExpertsBackend::grouped,
-                           moe::cuda::GateUpLayout::split, /*backward=*/false, /*groups=*/1, cublas);
-    infer_bytes = infer.bytes();
+                           moe::cuda::GateUpLayout::split, /*backward=*/false, /*groups=*/1, cublas,
+                           sources[v]);
+    by_rows[v].bytes = infer.bytes();
     const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
-    infer_stage_ms = forward_stage_times(infer, x, w, y, o, stream);
-    infer_ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
+    by_rows[v].stage_ms = forward_stage_times(infer, x, w, y, o, stream);
+    by_rows[v].ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
   }
+  const bool auto_gathers =
+      moe::cuda::Layer::arena_bytes(cfg, moe::cuda::ExpertsBackend::grouped, false) ==
+      moe::cuda::Layer::arena_bytes(cfg, moe::cuda::ExpertsBackend::grouped, false, 1,
+                                    moe::cuda::RowSource::gathered);
+  const Inference& inf = by_rows[auto_gathers ? 1 : 0];
+  const double infer_ms = inf.ms;
+  const size_t infer_bytes = inf.bytes;
+  const std::vector<double>& infer_stage_ms = inf.stage_ms;
 
   // dense equivalent: (T*K, H) x (H, 2I), then (T*K, I) x (I, H)
   double dense_ms = 0;
@@ -329,6 +345,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["inference_fraction_of_dense"] = dense_ms / infer_ms;
   j["inference_over_weight_floor"] = infer_ms / floor_ms;
   j["inference_layer_bytes"] = infer_bytes;
+  j["inference_rows"] = auto_gathers ? "gathered" : "permuted";
+  j["inference_permuted_ms"] = by_rows[0].ms;
+  j["inference_gathered_ms"] = by_rows[1].ms;
+  j["inference_permuted_layer_bytes"] = by_rows[0].bytes;
+  j["inference_gathered_layer_bytes"] = by_rows[1].bytes;
   j["fwd_bwd_ms"] = step_ms;
   j["fwd_bwd_tflops"] = step_tf;
   j["fwd_bwd_fresh_ms"] = fresh_ms;
@@ -347,7 +368,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["layer_buffers"] = layer_report;
   j["timing_note"] =
       "forward_* / fwd_bwd_*: the training layer (saves xp, pre, act for the backward); "
-      "inference_*: a layer built without backward (gathered up-projection, no permute, no xp)";
+      "inference_*: a layer built without backward, rows as RowSource::automatic picks "
+      "(inference_rows); inference_permuted_ms / inference_gathered_ms: both, same run";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
@@ -364,9 +386,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
              touched, copy_gbs, fwd_ms / floor_ms);
   for (int i = 0; i < int(stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);
-  fmt::print(stderr, "\n  inference (gathered, no xp): {:.3f} ms ({:.0f}% of dense, {:.2f}x the "
-             "floor), layer {:.2f} GiB\n  stages:", infer_ms, 100 * dense_ms / infer_ms,
-             infer_ms / floor_ms, infer_bytes / double(1 << 30));
+  fmt::print(stderr, "\n  inference ({}): {:.3f} ms ({:.0f}% of dense, {:.2f}x the floor), layer "
+             "{:.2f} GiB; permuted {:.3f} ms, gathered {:.3f} ms\n  stages:",
+             auto_gathers ? "gathered" : "permuted", infer_ms, 100 * dense_ms / infer_ms,
+             infer_ms / floor_ms, infer_bytes / double(1 << 30), by_rows[0].ms, by_rows[1].ms);
   for (int i = 0; i < int(infer_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), infer_stage_ms[i]);
   fmt::print(stderr, "\n");

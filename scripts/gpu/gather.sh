@@ -59,14 +59,15 @@ try:
         if d.get("impl", "grouped_mm") in ("grouped_mm", "torch_grouped_mm"): peer[d["config"]] = d
 except FileNotFoundError:
     pass
-print(f"{'config':<12} {'train fwd':>9} {'infer fwd':>9} {'peer fwd':>9} {'infer x':>7} "
-      f"{'%dense':>6} {'fb fresh':>9} {'peer fb':>9} {'fb x':>5} {'floor x':>7}")
+print(f"{'config':<12} {'train':>7} {'permuted':>8} {'gathered':>8} {'auto':>8} {'peer':>7} "
+      f"{'auto x':>6} {'%dense':>6} {'fb fresh':>8} {'peer fb':>8} {'fb x':>5} {'floor x':>7}")
 for c, d in ours.items():
     p = peer.get(c, {})
     pf, pb = p.get("forward_ms", float("nan")), p.get("fwd_bwd_fresh_ms", float("nan"))
-    print(f"{c:<12} {d['forward_ms']:9.3f} {d['inference_ms']:9.3f} {pf:9.3f} "
-          f"{pf / d['inference_ms']:7.2f} {100 * d['inference_fraction_of_dense']:6.1f} "
-          f"{d['fwd_bwd_fresh_ms']:9.3f} {pb:9.3f} {pb / d['fwd_bwd_fresh_ms']:5.2f} "
+    print(f"{c:<12} {d['forward_ms']:7.3f} {d['inference_permuted_ms']:8.3f} "
+          f"{d['inference_gathered_ms']:8.3f} {d['inference_rows']:>8} {pf:7.3f} "
+          f"{pf / d['inference_ms']:6.2f} {100 * d['inference_fraction_of_dense']:6.1f} "
+          f"{d['fwd_bwd_fresh_ms']:8.3f} {pb:8.3f} {pb / d['fwd_bwd_fresh_ms']:5.2f} "
           f"{d['inference_over_weight_floor']:7.2f}")
 PY
 exit $status

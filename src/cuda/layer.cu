@@ -64,10 +64,19 @@ bool aliases(ExpertsBackend backend, bool backward) {
          (backend == ExpertsBackend::grouped || backend == ExpertsBackend::grouped_fused);
 }
 
-// Inference with the grouped backend: the up-projection gathers x's rows itself, so the layer has
-// no permute pass and no xp. (Training keeps xp: dw_up = xp^T dpre reads it as contiguous rows.)
-bool gathers(ExpertsBackend backend, bool backward) {
-  return !backward && backend == ExpertsBackend::grouped;
+// Whether the up-projection gathers x's rows itself (no permute pass, no xp). Only without a
+// backward (dw_up = xp^T dpre reads xp as contiguous rows) and with the grouped backend.
+// automatic: gathered for an up-projection of at most 4096 columns. Measured on an H100
+// (bench/lab/experts_lab.md, "Version 4"): at OLMoE and Qwen3 (2I = 2048, 1536) the gathered
+// forward is ~3 % faster than permute + the TMA-fed GEMM; at Mixtral (2I = 28672, 112 column tiles
+// re-reading each gathered row) it is ~16 % slower, the cp.async loader being slower per row than
+// the TMA one.
+bool gathers(ExpertsBackend backend, bool backward, int64_t up_width, RowSource rows) {
+  const bool can = !backward && backend == ExpertsBackend::grouped;
+  MOE_CHECK(rows != RowSource::gathered || can,
+            "cuda::Layer: RowSource::gathered needs the grouped backend and backward = false");
+  if (rows == RowSource::automatic) return can && up_width <= 4096;
+  return rows == RowSource::gathered;
 }
 
 bool has_jitter(const LayerConfig& cfg) {
@@ -91,14 +100,14 @@ void widen(const bf16* in, int64_t n, float* out, cudaStream_t stream) {
 }  // namespace
 
 size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool backward,
-                          int64_t groups) {
+                          int64_t groups, RowSource rows) {
   const LayerConfig cfg = checked(c, groups);
   const PlanShape ps = plan_shape_of(cfg, groups);
   const size_t T = cfg.tokens, H = cfg.hidden, E = cfg.experts, I = cfg.inter;
   const size_t R = ps.max_rows(), N = ps.choices;
   const size_t A = cfg.activation == Activation::swiglu ? 2 * I : I;
   const size_t b = sizeof(bf16), f = sizeof(float), bw = backward ? 1 : 0;
-  const size_t xp = gathers(backend, backward) ? 0 : 1;
+  const size_t xp = gathers(backend, backward, int64_t(A), rows) ? 0 : 1;
   size_t bytes = T * E * f + R * (xp * H + A + I + H) * b;  // logits, xp, pre, act, yp
   bytes += bw * (N * f + T * E * (f + b));             // dweight, dz, dz_bf16
   if (cfg.router == Router::noisy_topk) bytes += (1 + bw) * T * E * f;  // noise_raw, dr
@@ -108,7 +117,7 @@ size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool bac
 }
 
 Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_up, bool backward,
-             int64_t groups, cublasHandle_t cublas)
+             int64_t groups, cublasHandle_t cublas, RowSource rows)
     : cfg_(checked(cfg, groups)),
       backward_(backward),
       groups_(groups),
@@ -126,7 +135,7 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   es.validate();
   const int64_t A = es.up_width();
   alias_ = aliases(backend, backward);
-  gather_ = gathers(backend, backward);
+  gather_ = gathers(backend, backward, A, rows);
   noisy_ = cfg_.router == Router::noisy_topk;
   jitter_ = has_jitter(cfg_);
   experts_ = std::make_unique<ExpertsWorkspace>(es, backend, backward, /*own_scratch=*/!alias_);

@@ -241,7 +241,8 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
   // choices included.
   {
     cuda::Layer infer(built, cuda::ExpertsBackend::grouped, cuda::GateUpLayout::split,
-                      /*backward=*/false);
+                      /*backward=*/false, /*groups=*/1, /*cublas=*/nullptr,
+                      cuda::RowSource::gathered);
     infer.set_seed(c.seed);
     DeviceArray<bf16> y_infer(in.x.size());
     y_infer.poison();
@@ -543,10 +544,18 @@ TEST(LayerMemory, ArenaBytesAtBenchShapes) {
     const size_t R = size_t(s.T * s.K);
     EXPECT_EQ(separate - aliased, R * size_t(s.H + s.I + 2 * s.I) * sizeof(bf16)) << s.name;
     // Inference: the grouped backend gathers x's rows in the up-projection, so it has no xp.
-    const size_t infer_loop =
-        cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::cublas_loop_host_offsets, false);
-    const size_t infer_gather = cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped, false);
-    EXPECT_EQ(infer_loop - infer_gather, R * size_t(s.H) * sizeof(bf16)) << s.name;
+    const size_t infer_permuted = cuda::Layer::arena_bytes(
+        cfg, cuda::ExpertsBackend::grouped, false, 1, cuda::RowSource::permuted);
+    const size_t infer_gathered = cuda::Layer::arena_bytes(
+        cfg, cuda::ExpertsBackend::grouped, false, 1, cuda::RowSource::gathered);
+    EXPECT_EQ(infer_permuted - infer_gathered, R * size_t(s.H) * sizeof(bf16)) << s.name;
+    // Gathering needs the grouped backend and no backward (dw_up reads xp).
+    EXPECT_THROW(cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped, true, 1,
+                                          cuda::RowSource::gathered),
+                 ConfigError);
+    EXPECT_THROW(cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::cublas_loop_host_offsets,
+                                          false, 1, cuda::RowSource::gathered),
+                 ConfigError);
     std::printf("%s: activation arena + experts scratch %.3f GiB separate, %.3f GiB aliased "
                 "(%.1f %%)\n", s.name, separate / double(1 << 30), aliased / double(1 << 30),
                 100.0 * aliased / separate);

@@ -40,9 +40,9 @@
 //   dxp  into yp   (dyp's last reader, da = dyp w_down^T, has run)
 // so the experts stage is made without its own da / dpre. The host-offset and strided baselines
 // keep a separate dyp and the experts stage's own da and dpre (dxp still reuses yp).
-// Inference (backward = false) with the grouped backend skips permute altogether: the
-// up-projection's loader fetches x[row_token[r]] itself (GroupedGemmArgs::gather), so there is no
-// xp; the permute stage's event still marks an empty stage.
+// Inference (backward = false) with the grouped backend may skip permute altogether (RowSource):
+// the up-projection's loader fetches x[row_token[r]] itself (GroupedGemmArgs::gather), so there is
+// no xp; the permute stage's event then marks an empty stage.
 // arena_bytes() gives the device bytes before anything is allocated (deterministic in the shape).
 #pragma once
 #include <cublas_v2.h>
@@ -61,6 +61,12 @@
 #include "moe/stats.hpp"
 
 namespace moe::cuda {
+
+// Where the up-projection reads its rows: `permuted`, from xp written by the permute stage;
+// `gathered`, x[row_token[r]] fetched by the grouped GEMM's own loader (no permute pass, no xp;
+// grouped backend without backward only); `automatic`, gathered where that was measured faster
+// (layer.cu: inference with an up-projection of at most 4096 columns), else permuted.
+enum class RowSource { automatic, permuted, gathered };
 
 struct LayerWeights {
   const bf16* w_gate = nullptr;       // (H, E)
@@ -95,7 +101,8 @@ class Layer {
   // on an H100, so a model shares one across its layers.
   explicit Layer(const LayerConfig& cfg, ExpertsBackend backend = ExpertsBackend::grouped,
                  GateUpLayout gate_up = GateUpLayout::split, bool backward = true,
-                 int64_t groups = 1, cublasHandle_t cublas = nullptr);
+                 int64_t groups = 1, cublasHandle_t cublas = nullptr,
+                 RowSource rows = RowSource::automatic);
   ~Layer();
   Layer(const Layer&) = delete;
   Layer& operator=(const Layer&) = delete;
@@ -141,7 +148,8 @@ class Layer {
   // where the router has them) plus the experts stage's da / dpre scratch, computed from the
   // shapes alone (no device needed): what the layer's (max_rows, *) activations cost.
   static size_t arena_bytes(const LayerConfig& cfg, ExpertsBackend backend = ExpertsBackend::grouped,
-                            bool backward = true, int64_t groups = 1);
+                            bool backward = true, int64_t groups = 1,
+                            RowSource rows = RowSource::automatic);
   std::string report() const;
 
  private:
@@ -175,7 +183,7 @@ class Layer {
   float* x_router_ = nullptr;  // (T, H) x * jitter in fp32; dz W_gate^T in the backward (jitter)
   float* w_gate_f32_ = nullptr;// (H, E) w_gate in fp32 (jitter)
   bool alias_ = false;         // grouped backend with backward: the aliasing above
-  bool gather_ = false;        // grouped backend without backward: no permute, no xp
+  bool gather_ = false;        // the up-projection gathers x's rows: no permute, no xp
   DeviceArena arena_;
   mutable StatsBuffers stats_;  // stats() scratch (no host-visible state)
 };
