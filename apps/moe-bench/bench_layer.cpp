@@ -27,7 +27,7 @@
 // Forwards are timed for the training layer (forward_*: it keeps xp, pre and act for the
 // backward) and for inference layers (built without backward: the counterpart of the peer's
 // no_grad forward), once with permute + xp and once with the up-projection gathering x's rows
-// itself (no permute, no xp); inference_* is the one RowSource::automatic picks.
+// itself (no permute, no xp); inference_* is the default (permuted).
 // Inputs, weights and gradients are not counted (the PyTorch peer reports its peak over the same
 // baseline: inputs and parameters allocated before).
 #include <cublas_v2.h>
@@ -252,7 +252,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
   // Inference, as the peer's forward under torch.no_grad(): layers built without backward, with
   // the up-projection reading xp written by permute, and gathering x's rows itself (no permute
-  // pass, no xp). inference_* is the one RowSource::automatic picks.
+  // pass, no xp). inference_* is the default (permuted).
   struct Inference {
     double ms = 0;
     size_t bytes = 0;
@@ -270,11 +270,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     by_rows[v].stage_ms = forward_stage_times(infer, x, w, y, o, stream);
     by_rows[v].ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
   }
-  const bool auto_gathers =
-      moe::cuda::Layer::arena_bytes(cfg, moe::cuda::ExpertsBackend::grouped, false) ==
-      moe::cuda::Layer::arena_bytes(cfg, moe::cuda::ExpertsBackend::grouped, false, 1,
-                                    moe::cuda::RowSource::gathered);
-  const Inference& inf = by_rows[auto_gathers ? 1 : 0];
+  const Inference& inf = by_rows[0];  // the default, RowSource::permuted
   const double infer_ms = inf.ms;
   const size_t infer_bytes = inf.bytes;
   const std::vector<double>& infer_stage_ms = inf.stage_ms;
@@ -345,7 +341,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["inference_fraction_of_dense"] = dense_ms / infer_ms;
   j["inference_over_weight_floor"] = infer_ms / floor_ms;
   j["inference_layer_bytes"] = infer_bytes;
-  j["inference_rows"] = auto_gathers ? "gathered" : "permuted";
+  j["inference_rows"] = "permuted";
   j["inference_permuted_ms"] = by_rows[0].ms;
   j["inference_gathered_ms"] = by_rows[1].ms;
   j["inference_permuted_layer_bytes"] = by_rows[0].bytes;
@@ -368,8 +364,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["layer_buffers"] = layer_report;
   j["timing_note"] =
       "forward_* / fwd_bwd_*: the training layer (saves xp, pre, act for the backward); "
-      "inference_*: a layer built without backward, rows as RowSource::automatic picks "
-      "(inference_rows); inference_permuted_ms / inference_gathered_ms: both, same run";
+      "inference_*: a layer built without backward, rows permuted (the default); "
+      "inference_permuted_ms / inference_gathered_ms: both RowSources, same run";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
@@ -388,7 +384,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);
   fmt::print(stderr, "\n  inference ({}): {:.3f} ms ({:.0f}% of dense, {:.2f}x the floor), layer "
              "{:.2f} GiB; permuted {:.3f} ms, gathered {:.3f} ms\n  stages:",
-             auto_gathers ? "gathered" : "permuted", infer_ms, 100 * dense_ms / infer_ms,
+             "permuted", infer_ms, 100 * dense_ms / infer_ms,
              infer_ms / floor_ms, infer_bytes / double(1 << 30), by_rows[0].ms, by_rows[1].ms);
   for (int i = 0; i < int(infer_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), infer_stage_ms[i]);

@@ -15,7 +15,8 @@
 //   S1 / S2  cublasGemmStridedBatchedEx up / down (padded layout only)
 //   X*       lab-only CUTLASS configs, each verified against the library's kernel first:
 //            X1/X2 wgrad with a 128x16 epilogue tile (less smem: 4 mainloop stages instead of 3),
-//            X3/X4 wgrad pingpong 128x128, X5 fused up-projection pingpong 64x256,
+//            X3/X4 wgrad pingpong 128x128, X9/X10 wgrad pingpong 64x256 (each also overwriting),
+//            X5 fused up-projection pingpong 64x256,
 //            X6-X8 the plain up and down GEMMs with 256x128 / 128x128 cooperative and 128x128
 //            pingpong tiles
 //   F*       experts_forward per backend (the activation included; host-offset backends include
@@ -72,6 +73,7 @@ namespace gg = moe::cuda::grouped_gemm;
 using WgradEpi16 =
     gg::WgradLauncher<gg::WgradKernel<gg::CooperativeConfig, cute::Shape<cute::_128, cute::_16>>>;
 using WgradPingpong = gg::WgradLauncher<gg::WgradKernel<gg::PingpongConfig<128, 128>>>;
+using WgradPingpong64x256 = gg::WgradLauncher<gg::WgradKernel<gg::PingpongConfig<64, 256>>>;
 using ActPingpong = gg::ActLauncher<gg::ActKernel<gg::PingpongConfig<64, 256>>>;
 
 // Lab-only tiles for the plain up/down GEMMs (short K: the down projection's K = I is 768-1024).
@@ -532,6 +534,13 @@ int run(const Options& o) {
           row(label_up, median_ms(o.reps, s, [&] {
                 L::run({offsets, H, A, xp, pre, dw_up2}, E, ws, sms, s);
               }), f_up);
+          // and overwriting (beta = 0), against W1o / W2o
+          row((std::string(label_down) + " (overwrite)").c_str(), median_ms(o.reps, s, [&] {
+                L::run({offsets, I, H, act, dyp, dw_down2, false}, E, ws, sms, s);
+              }), f_down);
+          row((std::string(label_up) + " (overwrite)").c_str(), median_ms(o.reps, s, [&] {
+                L::run({offsets, H, A, xp, pre, dw_up2, false}, E, ws, sms, s);
+              }), f_up);
         }
         MOE_CUDA_CHECK(cudaFree(ws));
       };
@@ -539,6 +548,8 @@ int run(const Options& o) {
                     WgradEpi16{});
       wgrad_variant("X3 wgrad dw_down, pingpong 128x128", "X4 wgrad dw_up, pingpong 128x128",
                     WgradPingpong{});
+      wgrad_variant("X9 wgrad dw_down, pingpong 64x256", "X10 wgrad dw_up, pingpong 64x256",
+                    WgradPingpong64x256{});
     }
   }
   row("L1 cuBLAS loop up", median_ms(o.reps, s, [&] {

@@ -59,8 +59,8 @@ try:
         if d.get("impl", "grouped_mm") in ("grouped_mm", "torch_grouped_mm"): peer[d["config"]] = d
 except FileNotFoundError:
     pass
-print(f"{'config':<12} {'train':>7} {'permuted':>8} {'gathered':>8} {'auto':>8} {'peer':>7} "
-      f"{'auto x':>6} {'%dense':>6} {'fb fresh':>8} {'peer fb':>8} {'fb x':>5} {'floor x':>7}")
+print(f"{'config':<12} {'train':>7} {'permuted':>8} {'gathered':>8} {'rows':>8} {'peer':>7} "
+      f"{'inf x':>6} {'%dense':>6} {'fb fresh':>8} {'peer fb':>8} {'fb x':>5} {'floor x':>7}")
 for c, d in ours.items():
     p = peer.get(c, {})
     pf, pb = p.get("forward_ms", float("nan")), p.get("fwd_bwd_fresh_ms", float("nan"))

@@ -64,18 +64,13 @@ bool aliases(ExpertsBackend backend, bool backward) {
          (backend == ExpertsBackend::grouped || backend == ExpertsBackend::grouped_fused);
 }
 
-// Whether the up-projection gathers x's rows itself (no permute pass, no xp). Only without a
-// backward (dw_up = xp^T dpre reads xp as contiguous rows) and with the grouped backend.
-// automatic: gathered for an up-projection of at most 4096 columns. Measured on an H100
-// (bench/lab/experts_lab.md, "Version 4"): at OLMoE and Qwen3 (2I = 2048, 1536) the gathered
-// forward is ~3 % faster than permute + the TMA-fed GEMM; at Mixtral (2I = 28672, 112 column tiles
-// re-reading each gathered row) it is ~16 % slower, the cp.async loader being slower per row than
-// the TMA one.
-bool gathers(ExpertsBackend backend, bool backward, int64_t up_width, RowSource rows) {
-  const bool can = !backward && backend == ExpertsBackend::grouped;
-  MOE_CHECK(rows != RowSource::gathered || can,
+// Whether the up-projection gathers x's rows itself (no permute pass, no xp): only without a
+// backward (dw_up = xp^T dpre reads xp as contiguous rows) and with the grouped backend. Not the
+// default: on an H100 the cp.async-fed gathered GEMM loses more than the permute pass costs at
+// OLMoE and Mixtral and wins 1-3 % at Qwen3 (results/h100-80gb-hbm3/layer, revision b8adba3).
+bool gathers(ExpertsBackend backend, bool backward, RowSource rows) {
+  MOE_CHECK(rows != RowSource::gathered || (!backward && backend == ExpertsBackend::grouped),
             "cuda::Layer: RowSource::gathered needs the grouped backend and backward = false");
-  if (rows == RowSource::automatic) return can && up_width <= 4096;
   return rows == RowSource::gathered;
 }
 
@@ -107,7 +102,7 @@ size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool bac
   const size_t R = ps.max_rows(), N = ps.choices;
   const size_t A = cfg.activation == Activation::swiglu ? 2 * I : I;
   const size_t b = sizeof(bf16), f = sizeof(float), bw = backward ? 1 : 0;
-  const size_t xp = gathers(backend, backward, int64_t(A), rows) ? 0 : 1;
+  const size_t xp = gathers(backend, backward, rows) ? 0 : 1;
   size_t bytes = T * E * f + R * (xp * H + A + I + H) * b;  // logits, xp, pre, act, yp
   bytes += bw * (N * f + T * E * (f + b));             // dweight, dz, dz_bf16
   if (cfg.router == Router::noisy_topk) bytes += (1 + bw) * T * E * f;  // noise_raw, dr
@@ -135,7 +130,7 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   es.validate();
   const int64_t A = es.up_width();
   alias_ = aliases(backend, backward);
-  gather_ = gathers(backend, backward, A, rows);
+  gather_ = gathers(backend, backward, rows);
   noisy_ = cfg_.router == Router::noisy_topk;
   jitter_ = has_jitter(cfg_);
   experts_ = std::make_unique<ExpertsWorkspace>(es, backend, backward, /*own_scratch=*/!alias_);
