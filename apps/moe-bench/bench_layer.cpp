@@ -5,7 +5,8 @@
 //
 // Method: seeded random inputs and weights (N(0,1) x, weights N(0, 1/fan_in)), CUDA events,
 // warm-up first, median of --reps runs (>= 20). Per-stage forward times come from events recorded
-// between the stages of one forward (median per stage over the reps); the forward total and the
+// between the stages of one forward (median per stage over the reps), per-stage backward times
+// (and the experts stage's five steps) likewise from fresh-gradient backwards; the forward total and the
 // forward+backward total are timed separately, as whole launches; forward+backward twice, with the
 // expert weight gradients accumulated (fwd_bwd_ms) and written fresh (fwd_bwd_fresh_ms, what a
 // training step with zeroed gradients needs). No input rotation: the layer's
@@ -28,6 +29,9 @@
 // backward) and for inference layers (built without backward: the counterpart of the peer's
 // no_grad forward), once with permute + xp and once with the up-projection gathering x's rows
 // itself (no permute, no xp); inference_* is the default (permuted).
+// The dense pair is timed once after the layers (dense_equiv_*), and then in 5 rounds alternating
+// with the inference forward (rounds_*): each round's ratio sees the same clocks on both sides,
+// and their median (inference_fraction_of_dense_rounds_median) is the share of dense to quote.
 // Inputs, weights and gradients are not counted (the PyTorch peer reports its peak over the same
 // baseline: inputs and parameters allocated before).
 #include <cublas_v2.h>
@@ -98,29 +102,41 @@ double time_median(int warmup, int reps, cudaStream_t stream, F&& run) {
   return median(ms);
 }
 
+// Events for `reps` runs of n stages (n + 1 boundaries each), and the median of each stage.
+struct StageEvents {
+  int n, reps;
+  std::vector<cudaEvent_t> ev;
+  StageEvents(int n_, int reps_) : n(n_), reps(reps_), ev(size_t(reps_) * (n_ + 1)) {
+    for (auto& e : ev) MOE_CUDA_CHECK(cudaEventCreate(&e));
+  }
+  ~StageEvents() {
+    for (auto& e : ev) cudaEventDestroy(e);
+  }
+  cudaEvent_t* of(int r) { return &ev[size_t(r) * (n + 1)]; }
+  std::vector<double> medians() {
+    std::vector<double> ms(n);
+    for (int st = 0; st < n; ++st) {
+      std::vector<double> v(reps);
+      for (int r = 0; r < reps; ++r) {
+        float m = 0;
+        MOE_CUDA_CHECK(cudaEventElapsedTime(&m, of(r)[st], of(r)[st + 1]));
+        v[r] = m;
+      }
+      ms[st] = median(v);
+    }
+    return ms;
+  }
+};
+
 // Median ms of each forward stage over o.reps forwards, from events recorded between the stages.
 std::vector<double> forward_stage_times(moe::cuda::Layer& layer, const bf16* x,
                                         const moe::cuda::LayerWeights& w, bf16* y,
                                         const LayerBenchOptions& o, cudaStream_t stream) {
-  const int ns = int(moe::cuda::LayerStage::count);
-  std::vector<cudaEvent_t> ev(size_t(o.reps) * (ns + 1));
-  for (auto& e : ev) MOE_CUDA_CHECK(cudaEventCreate(&e));
+  StageEvents ev(int(moe::cuda::LayerStage::count), o.reps);
   for (int i = 0; i < o.warmup; ++i) layer.forward(x, w, y, stream);
-  for (int r = 0; r < o.reps; ++r) layer.forward(x, w, y, stream, &ev[size_t(r) * (ns + 1)]);
+  for (int r = 0; r < o.reps; ++r) layer.forward(x, w, y, stream, ev.of(r));
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-  std::vector<double> stage_ms(ns);
-  for (int st = 0; st < ns; ++st) {
-    std::vector<double> v(o.reps);
-    for (int r = 0; r < o.reps; ++r) {
-      float m = 0;
-      MOE_CUDA_CHECK(cudaEventElapsedTime(&m, ev[size_t(r) * (ns + 1) + st],
-                                          ev[size_t(r) * (ns + 1) + st + 1]));
-      v[r] = m;
-    }
-    stage_ms[st] = median(v);
-  }
-  for (auto& e : ev) MOE_CUDA_CHECK(cudaEventDestroy(e));
-  return stage_ms;
+  return ev.medians();
 }
 
 // Row-major D (m, n) = A (m, k) B (k, n), bf16 in/out, fp32 compute.
@@ -215,6 +231,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   }
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   double fwd_ms = 0, step_ms = 0, fresh_ms = 0;
+  std::vector<double> backward_stage_ms, experts_step_ms;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
   size_t layer_bytes = 0;
   int64_t touched = 0;  // experts with at least one routed row
@@ -248,6 +265,22 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       layer.forward(x, w, y, stream);
       layer.backward(x, w, dy, fresh, stream);
     });
+    // Per-stage backward times (fresh weight gradients), and the experts stage's steps.
+    {
+      StageEvents bev(int(moe::cuda::LayerBackwardStage::count), o.reps);
+      StageEvents xev(int(moe::cuda::ExpertsBackwardStep::count), o.reps);
+      for (int i = 0; i < o.warmup; ++i) {
+        layer.forward(x, w, y, stream);
+        layer.backward(x, w, dy, fresh, stream);
+      }
+      for (int r = 0; r < o.reps; ++r) {
+        layer.forward(x, w, y, stream);
+        layer.backward(x, w, dy, fresh, stream, bev.of(r), xev.of(r));
+      }
+      MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      backward_stage_ms = bev.medians();
+      experts_step_ms = xev.medians();
+    }
   }
 
   // Inference, as the peer's forward under torch.no_grad(): layers built without backward, with
@@ -277,6 +310,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
   // dense equivalent: (T*K, H) x (H, 2I), then (T*K, I) x (I, H)
   double dense_ms = 0;
+  std::vector<double> round_fwd, round_dense;
   {
     const int64_t M = T * K;
     bf16* a = dev_alloc<bf16>(M * std::max(H, I));
@@ -286,10 +320,23 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     cublasHandle_t h = nullptr;
     MOE_CUBLAS_CHECK(cublasCreate(&h));
     MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
-    dense_ms = time_median(o.warmup, o.reps, stream, [&] {
+    auto dense_pair = [&] {
       gemm_rm(h, M, A, H, a, wu, pre);   // expert 0's weights as the dense B
       gemm_rm(h, M, H, I, a, wd, out);
-    });
+    };
+    dense_ms = time_median(o.warmup, o.reps, stream, dense_pair);
+    // The share of dense, robust to clock changes between the two measurements: the inference
+    // forward (permuted, the default) and the dense pair alternate, kRounds times, and each
+    // round gives its own ratio.
+    constexpr int kRounds = 5;
+    moe::cuda::Layer infer(cfg, moe::cuda::ExpertsBackend::grouped,
+                           moe::cuda::GateUpLayout::split, /*backward=*/false, /*groups=*/1, cublas);
+    const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
+    for (int r = 0; r < kRounds; ++r) {
+      round_fwd.push_back(
+          time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); }));
+      round_dense.push_back(time_median(o.warmup, o.reps, stream, dense_pair));
+    }
     MOE_CUBLAS_CHECK(cublasDestroy(h));
     MOE_CUDA_CHECK(cudaFree(a));
     MOE_CUDA_CHECK(cudaFree(pre));
@@ -346,10 +393,24 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["inference_gathered_ms"] = by_rows[1].ms;
   j["inference_permuted_layer_bytes"] = by_rows[0].bytes;
   j["inference_gathered_layer_bytes"] = by_rows[1].bytes;
+  json bst = json::object();
+  for (int i = 0; i < int(backward_stage_ms.size()); ++i)
+    bst[moe::cuda::name(moe::cuda::LayerBackwardStage(i))] = backward_stage_ms[i];
+  j["backward_stage_ms"] = bst;
+  json xst = json::object();
+  for (int i = 0; i < int(experts_step_ms.size()); ++i)
+    xst[moe::cuda::name(moe::cuda::ExpertsBackwardStep(i))] = experts_step_ms[i];
+  j["experts_backward_step_ms"] = xst;
   j["fwd_bwd_ms"] = step_ms;
   j["fwd_bwd_tflops"] = step_tf;
   j["fwd_bwd_fresh_ms"] = fresh_ms;
   j["fwd_bwd_fresh_tflops"] = 3 * flops_fwd / (fresh_ms * 1e9);
+  std::vector<double> round_ratio;
+  for (size_t r = 0; r < round_fwd.size(); ++r) round_ratio.push_back(round_dense[r] / round_fwd[r]);
+  j["rounds_inference_ms"] = round_fwd;
+  j["rounds_dense_equiv_ms"] = round_dense;
+  j["rounds_fraction_of_dense"] = round_ratio;
+  j["inference_fraction_of_dense_rounds_median"] = median(round_ratio);
   j["dense_equiv_ms"] = dense_ms;
   j["dense_equiv_tflops"] = dense_tf;
   j["forward_fraction_of_dense"] = fwd_tf / dense_tf;
@@ -388,7 +449,18 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
              infer_ms / floor_ms, infer_bytes / double(1 << 30), by_rows[0].ms, by_rows[1].ms);
   for (int i = 0; i < int(infer_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), infer_stage_ms[i]);
-  fmt::print(stderr, "\n");
+  fmt::print(stderr, "\n  backward stages (fresh dW):");
+  for (int i = 0; i < int(backward_stage_ms.size()); ++i)
+    fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerBackwardStage(i)),
+               backward_stage_ms[i]);
+  fmt::print(stderr, "\n  experts backward steps:");
+  for (int i = 0; i < int(experts_step_ms.size()); ++i)
+    fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::ExpertsBackwardStep(i)),
+               experts_step_ms[i]);
+  fmt::print(stderr, "\n  rounds (inference fwd / dense pair, ms):");
+  for (size_t r = 0; r < round_fwd.size(); ++r)
+    fmt::print(stderr, " {:.3f}/{:.3f}", round_fwd[r], round_dense[r]);
+  fmt::print(stderr, " -> median share of dense {:.1f}%\n", 100 * median(round_ratio));
 }
 
 }  // namespace

@@ -573,7 +573,19 @@ void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStre
   }
 }
 
-void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaStream_t stream) {
+const char* name(ExpertsBackwardStep s) {
+  switch (s) {
+    case ExpertsBackwardStep::dw_down: return "dw_down";
+    case ExpertsBackwardStep::da: return "da";
+    case ExpertsBackwardStep::activation: return "activation";
+    case ExpertsBackwardStep::dxp: return "dxp";
+    case ExpertsBackwardStep::dw_up: return "dw_up";
+    default: return "?";
+  }
+}
+
+void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaStream_t stream,
+                      cudaEvent_t* events) {
   const ExpertsShape& s = ws.shape_;
   MOE_CHECK(ws.backward_, "experts_backward: the workspace was made without backward buffers");
   MOE_CHECK(a.offsets && a.w_up && a.w_down && a.xp && a.pre && a.act && a.dyp && a.dxp &&
@@ -585,18 +597,33 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
   bf16* const dpre = a.dpre ? a.dpre : ws.dpre_;
   MOE_CHECK(da && dpre, "experts_backward: the workspace was made without scratch (own_scratch "
                         "false) and the arguments give no da / dpre");
-  if (s.max_rows == 0) return;
+  const bool grouped =
+      ws.backend_ == ExpertsBackend::grouped || ws.backend_ == ExpertsBackend::grouped_fused;
+  MOE_CHECK(events == nullptr || grouped, "experts_backward: step events need a grouped backend");
+  auto mark = [&](ExpertsBackwardStep step) {
+    if (events) MOE_CUDA_CHECK(cudaEventRecord(events[int(step)], stream));
+  };
+  if (s.max_rows == 0) {
+    for (int i = 0; i <= int(ExpertsBackwardStep::count); ++i) mark(ExpertsBackwardStep(i));
+    return;
+  }
 
-  if (ws.backend_ == ExpertsBackend::grouped || ws.backend_ == ExpertsBackend::grouped_fused) {
+  if (grouped) {
     // Everything on the device: sizes from the offsets, no host round trip. This order lets da,
     // dpre and dxp alias act, pre and dyp (ExpertsBackwardArgs).
+    mark(ExpertsBackwardStep::dw_down);
     ws.wgrad_down_.run({a.offsets, I, H, a.act, a.dyp, a.dw_down, a.accumulate},
                        stream);                                                 // dw_down (+)= act^T dyp
+    mark(ExpertsBackwardStep::da);
     ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, da}, stream);               // da = dyp · w_down^T
+    mark(ExpertsBackwardStep::activation);
     activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);            // dpre
+    mark(ExpertsBackwardStep::dxp);
     ws.dxp_.run({a.offsets, H, A, dpre, a.w_up, a.dxp}, stream);                // dxp = dpre · w_up^T
+    mark(ExpertsBackwardStep::dw_up);
     ws.wgrad_up_.run({a.offsets, H, A, a.xp, dpre, a.dw_up, a.accumulate},
                      stream);                                                   // dw_up (+)= xp^T dpre
+    mark(ExpertsBackwardStep::count);
     return;
   }
 

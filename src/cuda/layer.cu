@@ -25,6 +25,17 @@ const char* name(LayerStage s) {
   }
 }
 
+const char* name(LayerBackwardStage s) {
+  switch (s) {
+    case LayerBackwardStage::combine: return "combine";
+    case LayerBackwardStage::experts: return "experts";
+    case LayerBackwardStage::permute: return "permute";
+    case LayerBackwardStage::route: return "route";
+    case LayerBackwardStage::gate: return "gate";
+    default: return "?";
+  }
+}
+
 namespace {
 
 LayerConfig checked(const LayerConfig& cfg, int64_t groups) {
@@ -242,7 +253,10 @@ void Layer::forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t 
 }
 
 void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const LayerGrads& g,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, cudaEvent_t* events, cudaEvent_t* expert_events) {
+  auto mark = [&](LayerBackwardStage s) {
+    if (events) MOE_CUDA_CHECK(cudaEventRecord(events[int(s)], stream));
+  };
   MOE_CHECK(backward_, "cuda::Layer::backward: built with backward = false");
   MOE_CHECK(!noisy_ || (w.w_noise && g.dw_noise),
             "cuda::Layer::backward: noisy_topk needs w.w_noise and g.dw_noise (H, E)");
@@ -250,6 +264,7 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   const LayerConfig c = forward_config();
   const RoutingView rv = route_.routing.view();
   // combine: dyp = weight * dy, dweight = <dy, yp> (grouped: in place over yp)
+  mark(LayerBackwardStage::combine);
   combine_backward<bf16>(plan_.view(), rv, yp_, dy, H, dyp_, dweight_, stream);
   // experts: dw_down, dxp (into yp's storage: yp is dead; grouped: so is dyp once da is made),
   // dw_up; grouped: da into act, dpre into pre (layer.hpp)
@@ -270,13 +285,17 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
     eb.da = act_;
     eb.dpre = pre_;
   }
-  experts_backward(*experts_, eb, stream);
+  mark(LayerBackwardStage::experts);
+  experts_backward(*experts_, eb, stream, expert_events);
   // permute: dx = sum of the token's dxp rows (dx starts at 0)
+  mark(LayerBackwardStage::permute);
   MOE_CUDA_CHECK(cudaMemsetAsync(g.dx, 0, size_t(T * H) * sizeof(bf16), stream));
   permute_backward<bf16>(plan_.view(), dxp, H, g.dx, stream);
   // route: dweight -> dz (aux-loss and z-loss gradients included); noisy_topk: dr, with the
   // forward's noise
+  mark(LayerBackwardStage::route);
   route_backward(c, 0, route_, logits_, noise_raw_, dweight_, dz_, dr_, stream);
+  mark(LayerBackwardStage::gate);
   if (jitter_) {
     // dW_gate += x_router^T dz (fp32), then x_router is dead: it takes dz W^T (fp32), and
     // dx += (dz W^T) * jitter
@@ -294,6 +313,7 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   // noisy_topk: dW_noise += x^T dr, dx += dr W_noise^T (dz_bf16 is free again: stream order)
   if (noisy_)
     gate_backward<bf16>(cublas_, x, w.w_noise, dr_, T, H, E, g.dw_noise, g.dx, dz_bf16_, stream);
+  mark(LayerBackwardStage::count);
 }
 
 }  // namespace moe::cuda

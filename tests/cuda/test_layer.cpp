@@ -520,6 +520,50 @@ TEST(LayerParityExpertBias, UpdateMatchesCpuAndIsANoOpInEvaluation) {
   }
 }
 
+// Events at the backward's stage and step boundaries (benchmarks): every interval is measured
+// (finite, >= 0) and recording them changes no bit of the gradients.
+TEST(LayerBackwardEvents, StageTimesAreRecordedAndChangeNothing) {
+  MOE_REQUIRE_GPU();
+  const LayerCase c{"t256_e8_k2_events", 256, 64, 32, 8, 2, true};
+  const LayerConfig cfg = config_of(c);
+  const LayerInputs in = make_inputs(c, cfg);
+  cuda::Layer layer(cfg);
+  DeviceLayerData plain(in, c.E), timed(in, c.E);
+  const cuda::LayerWeights w = plain.weights(c.router);
+  layer.forward(plain.x.get(), w, plain.y.get(), nullptr);
+  layer.backward(plain.x.get(), w, plain.dy.get(), plain.grads(), nullptr);
+
+  const int nb = int(cuda::LayerBackwardStage::count), nx = int(cuda::ExpertsBackwardStep::count);
+  std::vector<cudaEvent_t> bev(nb + 1), xev(nx + 1);
+  for (auto& e : bev) MOE_CUDA_CHECK(cudaEventCreate(&e));
+  for (auto& e : xev) MOE_CUDA_CHECK(cudaEventCreate(&e));
+  layer.forward(timed.x.get(), w, timed.y.get(), nullptr);
+  layer.backward(timed.x.get(), w, timed.dy.get(), timed.grads(), nullptr, bev.data(), xev.data());
+  MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  auto check = [](const std::vector<cudaEvent_t>& ev, const char* what) {
+    for (size_t i = 0; i + 1 < ev.size(); ++i) {
+      float ms = -1;
+      ASSERT_EQ(cudaEventElapsedTime(&ms, ev[i], ev[i + 1]), cudaSuccess) << what << " " << i;
+      EXPECT_TRUE(std::isfinite(ms) && ms >= 0) << what << " " << i << ": " << ms;
+    }
+  };
+  check(bev, "backward stage");
+  check(xev, "experts step");
+  for (auto& e : bev) MOE_CUDA_CHECK(cudaEventDestroy(e));
+  for (auto& e : xev) MOE_CUDA_CHECK(cudaEventDestroy(e));
+  EXPECT_TRUE(same_bytes(plain.dx.download(), timed.dx.download()));
+  EXPECT_TRUE(same_bytes(plain.dw_up.download(), timed.dw_up.download()));
+  EXPECT_TRUE(same_bytes(plain.dw_down.download(), timed.dw_down.download()));
+  EXPECT_TRUE(same_bytes(plain.dw_gate.download(), timed.dw_gate.download()));
+
+  // The host-offset baselines run their steps in another order: no step events there.
+  cuda::Layer loop(cfg, cuda::ExpertsBackend::cublas_loop_host_offsets);
+  loop.forward(timed.x.get(), w, timed.y.get(), nullptr);
+  EXPECT_THROW(loop.backward(timed.x.get(), w, timed.dy.get(), timed.grads(), nullptr, nullptr,
+                             xev.data()),
+               ConfigError);
+}
+
 // The (max_rows, *) activation bytes from the shapes alone (no GPU): the grouped backend aliases
 // dyp, da, dpre and dxp onto yp, act and pre (layer.hpp); a host-offset baseline keeps dyp, da and
 // dpre apart, as every backend did before. Printed for the bench shapes (bench --layer).

@@ -158,7 +158,8 @@ class ExpertsWorkspace {
 
  private:
   friend void experts_forward(ExpertsWorkspace&, const ExpertsForwardArgs&, cudaStream_t);
-  friend void experts_backward(ExpertsWorkspace&, const ExpertsBackwardArgs&, cudaStream_t);
+  friend void experts_backward(ExpertsWorkspace&, const ExpertsBackwardArgs&, cudaStream_t,
+                               cudaEvent_t*);
   friend struct ExpertsCublas;
   const int32_t* host_offsets(const int32_t* offsets, cudaStream_t stream);  // synchronises
 
@@ -181,7 +182,14 @@ class ExpertsWorkspace {
 };
 
 void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& args, cudaStream_t stream);
-void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& args, cudaStream_t stream);
+// The grouped backends' backward steps, in order (benchmarks time them: experts_backward's events).
+enum class ExpertsBackwardStep { dw_down, da, activation, dxp, dw_up, count };
+const char* name(ExpertsBackwardStep s);
+
+// events: null, or int(ExpertsBackwardStep::count) + 1 events recorded on `stream` at the step
+// boundaries (grouped backends only: the others' steps run in another order).
+void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& args, cudaStream_t stream,
+                      cudaEvent_t* events = nullptr);
 
 // Reorder the 2I columns of a (rows, 2I) row-major matrix between the two GateUpLayouts: w_up seen
 // as (E*H, 2I) at load time, and back for checkpoints or comparisons (dw_up in fp32). In place is

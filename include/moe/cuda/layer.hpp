@@ -91,6 +91,9 @@ struct LayerGrads {
 // Forward stages, in order; forward() can record an event before each and after the last.
 enum class LayerStage { gate, route, plan, permute, experts, combine, count };
 const char* name(LayerStage s);
+// The backward's stages, in the order they run.
+enum class LayerBackwardStage { combine, experts, permute, route, gate, count };
+const char* name(LayerBackwardStage s);
 
 class Layer {
  public:
@@ -113,8 +116,11 @@ class Layer {
                cudaEvent_t* events = nullptr);
   // After forward() with the same x and w; dy (T, H). Once per forward: with the grouped backends
   // the backward overwrites the forward's pre, act and yp (see Memory above).
+  // events: null, or int(LayerBackwardStage::count) + 1 events at the stage boundaries;
+  // expert_events: null, or the experts stage's step events (experts_backward; grouped backends).
   void backward(const bf16* x, const LayerWeights& w, const bf16* dy, const LayerGrads& g,
-                cudaStream_t stream);
+                cudaStream_t stream, cudaEvent_t* events = nullptr,
+                cudaEvent_t* expert_events = nullptr);
 
   // The seed of the next forward's noise, jitter and random second choice (cfg.seed). The
   // backward uses the seed its forward ran with, whatever was set since.

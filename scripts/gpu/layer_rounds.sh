@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One GPU visit for the layer benchmark with ours and the PyTorch peer alternating (issue 4), from
+# the repository root on the GPU machine with RUN staged by scripts/gpu/stage_run.sh and unpacked
+# (source scripts/gpu/unpack_run.sh RUN):
+#   OUT=/some/dir bash scripts/gpu/layer_rounds.sh RUN
+# 1. the layer, experts and grouped-GEMM GPU tests; 2. ROUNDS rounds of, per configuration,
+# `moe-bench bench --layer` then the peer right after it, so each ratio compares runs a few
+# seconds apart; 3. a table: per-round ratios against the peer, the share of the dense-equivalent
+# pair from rounds alternating inside moe-bench, and the backward's stages.
+# Files under $OUT: gpu.txt tests.log layer.jsonl layer_bench.log peer_layer.jsonl peer_layer.log
+set -uo pipefail
+RUN=${1:?run folder}
+OUT=${OUT:-out}
+CONFIGS=${CONFIGS:-"olmoe qwen3 mixtral brief_small"}
+ROUNDS=${ROUNDS:-2}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+step device
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+  --format=csv | tee "$OUT/gpu.txt"
+
+step "GPU tests (layer, experts, grouped GEMMs)"
+timeout 200 "$RUN/moe_cuda_tests" --gtest_filter='*Layer*:*Experts*:*Grouped*' \
+  >"$OUT/tests.log" 2>&1 || status=1
+grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$OUT/tests.log" | head -20
+
+for round in $(seq "$ROUNDS"); do
+  for c in $CONFIGS; do
+    step "round $round: $c"
+    timeout 60 "$RUN/moe-bench" bench --layer --reps 20 --warmup 3 --config "$c" \
+      --out "$OUT/layer.jsonl" >>"$OUT/layer_bench.log" 2>&1 || status=1
+    timeout 90 python3 bench/peers/torch_moe_layer.py --build "$RUN" --reps 20 --warmup 3 \
+      --config "$c" --out "$OUT/peer_layer.jsonl" >>"$OUT/peer_layer.log" 2>&1 || status=1
+  done
+done
+
+step "table"
+python3 - "$OUT/layer.jsonl" "$OUT/peer_layer.jsonl" <<'PY'
+import json, statistics, sys
+from collections import defaultdict
+ours, peer = defaultdict(list), defaultdict(list)
+for l in open(sys.argv[1]):
+    d = json.loads(l); ours[d["config"]].append(d)
+for l in open(sys.argv[2]):
+    d = json.loads(l); peer[d["config"]].append(d)
+print(f"{'config':<12} {'fwd ms (rounds)':>17} {'peer fwd':>17} {'fwd x peer':>11} "
+      f"{'%dense':>6} {'fwd+bwd fresh x peer':>21} {'mem/peer':>8}")
+for c in ours:
+    o, p = ours[c], peer[c]
+    n = min(len(o), len(p))
+    fx = [p[i]["forward_ms"] / o[i]["inference_ms"] for i in range(n)]
+    bx = [p[i]["fwd_bwd_fresh_ms"] / o[i]["fwd_bwd_fresh_ms"] for i in range(n)]
+    dense = statistics.median(d["inference_fraction_of_dense_rounds_median"] for d in o)
+    mem = o[0]["mem_delta_bytes"] / p[0]["peak_extra_bytes"] if p else float("nan")
+    print(f"{c:<12} {'/'.join(f'{d['inference_ms']:.3f}' for d in o):>17} "
+          f"{'/'.join(f'{d['forward_ms']:.3f}' for d in p):>17} "
+          f"{'/'.join(f'{x:.2f}' for x in fx):>11} {100 * dense:6.1f} "
+          f"{'/'.join(f'{x:.2f}' for x in bx):>21} {100 * mem:7.0f}%")
+print()
+for c in ours:
+    d = ours[c][0]
+    print(f"{c:<12} backward " + " ".join(f"{k} {v:.3f}" for k, v in d["backward_stage_ms"].items())
+          + " | experts " + " ".join(f"{k} {v:.3f}" for k, v in d["experts_backward_step_ms"].items()))
+PY
+exit $status
