@@ -55,10 +55,10 @@ for c in ours:
     bx = [p[i]["fwd_bwd_fresh_ms"] / o[i]["fwd_bwd_fresh_ms"] for i in range(n)]
     dense = statistics.median(d["inference_fraction_of_dense_rounds_median"] for d in o)
     mem = o[0]["mem_delta_bytes"] / p[0]["peak_extra_bytes"] if p else float("nan")
-    print(f"{c:<12} {'/'.join(f'{d['inference_ms']:.3f}' for d in o):>17} "
-          f"{'/'.join(f'{d['forward_ms']:.3f}' for d in p):>17} "
-          f"{'/'.join(f'{x:.2f}' for x in fx):>11} {100 * dense:6.1f} "
-          f"{'/'.join(f'{x:.2f}' for x in bx):>21} {100 * mem:7.0f}%")
+    ms = lambda v, f="%.3f": "/".join(f % x for x in v)
+    print(f"{c:<12} {ms([d['inference_ms'] for d in o]):>17} "
+          f"{ms([d['forward_ms'] for d in p]):>17} {ms(fx, '%.2f'):>11} {100 * dense:6.1f} "
+          f"{ms(bx, '%.2f'):>21} {100 * mem:7.0f}%")
 print()
 for c in ours:
     d = ours[c][0]
