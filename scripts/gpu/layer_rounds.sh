@@ -3,7 +3,7 @@
 # the repository root on the GPU machine with RUN staged by scripts/gpu/stage_run.sh and unpacked
 # (source scripts/gpu/unpack_run.sh RUN):
 #   OUT=/some/dir bash scripts/gpu/layer_rounds.sh RUN
-# 1. the layer, experts and grouped-GEMM GPU tests; 2. ROUNDS rounds of, per configuration,
+# 1. the GPU tests (TEST_FILTER, default all); 2. ROUNDS rounds of, per configuration,
 # `moe-bench bench --layer` then the peer right after it, so each ratio compares runs a few
 # seconds apart; 3. a table: per-round ratios against the peer, the share of the dense-equivalent
 # pair from rounds alternating inside moe-bench, and the backward's stages.
@@ -13,6 +13,7 @@ RUN=${1:?run folder}
 OUT=${OUT:-out}
 CONFIGS=${CONFIGS:-"olmoe qwen3 mixtral brief_small"}
 ROUNDS=${ROUNDS:-2}
+TEST_FILTER=${TEST_FILTER:-'*'}  # every GPU test by default
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
@@ -22,8 +23,8 @@ step device
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
   --format=csv | tee "$OUT/gpu.txt"
 
-step "GPU tests (layer, experts, grouped GEMMs)"
-timeout 200 "$RUN/moe_cuda_tests" --gtest_filter='*Layer*:*Experts*:*Grouped*' \
+step "GPU tests ($TEST_FILTER)"
+timeout 200 "$RUN/moe_cuda_tests" --gtest_filter="$TEST_FILTER" \
   >"$OUT/tests.log" 2>&1 || status=1
 grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$OUT/tests.log" | head -20
 
