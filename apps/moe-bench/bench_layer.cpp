@@ -229,6 +229,33 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     MOE_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
     first_delta = double(free0) - double(free1);
   }
+  // Inference, as the peer's forward under torch.no_grad(): layers built without backward, with
+  // the up-projection reading xp written by permute, and gathering x's rows itself (no permute
+  // pass, no xp). inference_* is the default (permuted). Timed before the training layer's
+  // forward+backward loops: right after those the card runs slower for a while (clocks under
+  // the power limit), which added up to 20 % to whichever forward was timed next.
+  struct Inference {
+    double ms = 0;
+    size_t bytes = 0;
+    std::vector<double> stage_ms;
+  };
+  Inference by_rows[2];  // permuted, gathered
+  const moe::cuda::RowSource sources[2] = {moe::cuda::RowSource::permuted,
+                                           moe::cuda::RowSource::gathered};
+  for (int v = 0; v < 2; ++v) {
+    moe::cuda::Layer infer(cfg, moe::cuda::ExpertsBackend::grouped,
+                           moe::cuda::GateUpLayout::split, /*backward=*/false, /*groups=*/1, cublas,
+                           sources[v]);
+    by_rows[v].bytes = infer.bytes();
+    const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
+    by_rows[v].stage_ms = forward_stage_times(infer, x, w, y, o, stream);
+    by_rows[v].ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
+  }
+  const Inference& inf = by_rows[0];  // the default, RowSource::permuted
+  const double infer_ms = inf.ms;
+  const size_t infer_bytes = inf.bytes;
+  const std::vector<double>& infer_stage_ms = inf.stage_ms;
+
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   double fwd_ms = 0, step_ms = 0, fresh_ms = 0;
   std::vector<double> backward_stage_ms, experts_step_ms;
@@ -283,30 +310,6 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     }
   }
 
-  // Inference, as the peer's forward under torch.no_grad(): layers built without backward, with
-  // the up-projection reading xp written by permute, and gathering x's rows itself (no permute
-  // pass, no xp). inference_* is the default (permuted).
-  struct Inference {
-    double ms = 0;
-    size_t bytes = 0;
-    std::vector<double> stage_ms;
-  };
-  Inference by_rows[2];  // permuted, gathered
-  const moe::cuda::RowSource sources[2] = {moe::cuda::RowSource::permuted,
-                                           moe::cuda::RowSource::gathered};
-  for (int v = 0; v < 2; ++v) {
-    moe::cuda::Layer infer(cfg, moe::cuda::ExpertsBackend::grouped,
-                           moe::cuda::GateUpLayout::split, /*backward=*/false, /*groups=*/1, cublas,
-                           sources[v]);
-    by_rows[v].bytes = infer.bytes();
-    const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
-    by_rows[v].stage_ms = forward_stage_times(infer, x, w, y, o, stream);
-    by_rows[v].ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
-  }
-  const Inference& inf = by_rows[0];  // the default, RowSource::permuted
-  const double infer_ms = inf.ms;
-  const size_t infer_bytes = inf.bytes;
-  const std::vector<double>& infer_stage_ms = inf.stage_ms;
 
   // dense equivalent: (T*K, H) x (H, 2I), then (T*K, I) x (I, H)
   double dense_ms = 0;

@@ -7,7 +7,8 @@
 # `moe-bench bench --layer` then the peer right after it, so each ratio compares runs a few
 # seconds apart; 3. a table: per-round ratios against the peer, the share of the dense-equivalent
 # pair from rounds alternating inside moe-bench, and the backward's stages.
-# Files under $OUT: gpu.txt tests.log layer.jsonl layer_bench.log peer_layer.jsonl peer_layer.log
+# Files under $OUT: gpu.txt tests.log clocks.csv layer.jsonl layer_bench.log peer_layer.jsonl
+# peer_layer.log
 set -uo pipefail
 RUN=${1:?run folder}
 OUT=${OUT:-out}
@@ -23,6 +24,13 @@ step device
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
   --format=csv | tee "$OUT/gpu.txt"
 
+# SM clock, power and temperature every 200 ms while the benchmarks run (clocks.csv): the card
+# slows under its power limit after long forward+backward loops, which moves every timing.
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu \
+  --format=csv,noheader,nounits -lms 200 >"$OUT/clocks.csv" 2>/dev/null &
+sampler=$!
+trap 'kill $sampler 2>/dev/null' EXIT
+
 step "GPU tests ($TEST_FILTER)"
 timeout 200 "$RUN/moe_cuda_tests" --gtest_filter="$TEST_FILTER" \
   >"$OUT/tests.log" 2>&1 || status=1
@@ -37,6 +45,17 @@ for round in $(seq "$ROUNDS"); do
       --config "$c" --out "$OUT/peer_layer.jsonl" >>"$OUT/peer_layer.log" 2>&1 || status=1
   done
 done
+
+kill $sampler 2>/dev/null
+step "clocks while measuring (SM MHz, W, C: min / median / max)"
+python3 - "$OUT/clocks.csv" <<'PY'
+import statistics, sys
+rows = [l.split(",") for l in open(sys.argv[1]) if l.count(",") == 3]
+for i, name in ((1, "SM MHz"), (2, "power W"), (3, "temp C")):
+    v = sorted(float(r[i]) for r in rows if r[i].strip() not in ("", "[N/A]"))
+    if v:
+        print(f"{name:<8} {v[0]:8.0f} {statistics.median(v):8.0f} {v[-1]:8.0f}  ({len(v)} samples)")
+PY
 
 step "table"
 python3 - "$OUT/layer.jsonl" "$OUT/peer_layer.jsonl" <<'PY'
