@@ -29,6 +29,10 @@
 // backward) and for inference layers (built without backward: the counterpart of the peer's
 // no_grad forward), once with permute + xp and once with the up-projection gathering x's rows
 // itself (no permute, no xp); inference_* is the default (permuted).
+// Order: the headline numbers first, in the peer's order (inference forward, training forward,
+// forward+backward accumulating, then fresh), then the diagnostics (stage and step times, the
+// gathered rows), then the dense pair: the card is power-limited under long GEMM-heavy stretches
+// (its SM clock drops from 1980 to 1250-1750 MHz at 700 W), so whatever runs later reads slower.
 // The dense pair is timed once after the layers (dense_equiv_*), and then in 5 rounds alternating
 // with the inference forward (rounds_*): each round's ratio sees the same clocks on both sides,
 // and their median (inference_fraction_of_dense_rounds_median) is the share of dense to quote.
@@ -229,11 +233,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     MOE_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
     first_delta = double(free0) - double(free1);
   }
-  // Inference, as the peer's forward under torch.no_grad(): layers built without backward, with
-  // the up-projection reading xp written by permute, and gathering x's rows itself (no permute
-  // pass, no xp). inference_* is the default (permuted). Timed before the training layer's
-  // forward+backward loops: right after those the card runs slower for a while (clocks under
-  // the power limit), which added up to 20 % to whichever forward was timed next.
+  // The headline numbers first, in the peer's order (its no_grad forward, then forward+backward
+  // accumulating, then fresh), before any diagnostic loop: under long GEMM-heavy stretches the
+  // card reaches its power limit and lowers its clocks (layer_rounds.sh samples them), so a
+  // number timed after more heavy work reads slower. Inference as the peer's forward under
+  // torch.no_grad(): a layer built without backward, rows permuted (the default).
   struct Inference {
     double ms = 0;
     size_t bytes = 0;
@@ -242,19 +246,18 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   Inference by_rows[2];  // permuted, gathered
   const moe::cuda::RowSource sources[2] = {moe::cuda::RowSource::permuted,
                                            moe::cuda::RowSource::gathered};
-  for (int v = 0; v < 2; ++v) {
+  const moe::cuda::LayerWeights w_infer{wg, wu, wd, nullptr};
+  auto time_inference = [&](int v, bool total, bool stages) {
     moe::cuda::Layer infer(cfg, moe::cuda::ExpertsBackend::grouped,
                            moe::cuda::GateUpLayout::split, /*backward=*/false, /*groups=*/1, cublas,
                            sources[v]);
     by_rows[v].bytes = infer.bytes();
-    const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
-    by_rows[v].stage_ms = forward_stage_times(infer, x, w, y, o, stream);
-    by_rows[v].ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
-  }
-  const Inference& inf = by_rows[0];  // the default, RowSource::permuted
-  const double infer_ms = inf.ms;
-  const size_t infer_bytes = inf.bytes;
-  const std::vector<double>& infer_stage_ms = inf.stage_ms;
+    if (total)
+      by_rows[v].ms =
+          time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w_infer, y, stream); });
+    if (stages) by_rows[v].stage_ms = forward_stage_times(infer, x, w_infer, y, o, stream);
+  };
+  time_inference(0, /*total=*/true, /*stages=*/false);
 
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   double fwd_ms = 0, step_ms = 0, fresh_ms = 0;
@@ -279,7 +282,6 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     MOE_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
     touched = std::count_if(counts.begin(), counts.end(), [](int32_t c) { return c > 0; });
 
-    stage_ms = forward_stage_times(layer, x, w, y, o, stream);
     fwd_ms = time_median(o.warmup, o.reps, stream, [&] { layer.forward(x, w, y, stream); });
     step_ms = time_median(o.warmup, o.reps, stream, [&] {
       layer.forward(x, w, y, stream);
@@ -292,7 +294,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       layer.forward(x, w, y, stream);
       layer.backward(x, w, dy, fresh, stream);
     });
-    // Per-stage backward times (fresh weight gradients), and the experts stage's steps.
+    // Diagnostics: per-stage forward times, per-stage backward times (fresh weight gradients) and
+    // the experts stage's steps.
+    stage_ms = forward_stage_times(layer, x, w, y, o, stream);
     {
       StageEvents bev(int(moe::cuda::LayerBackwardStage::count), o.reps);
       StageEvents xev(int(moe::cuda::ExpertsBackwardStep::count), o.reps);
@@ -310,6 +314,14 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     }
   }
 
+
+  // The inference layers' stages, and the gathered rows (RowSource::gathered) for comparison.
+  time_inference(0, /*total=*/false, /*stages=*/true);
+  time_inference(1, /*total=*/true, /*stages=*/true);
+  const Inference& inf = by_rows[0];  // the default, RowSource::permuted
+  const double infer_ms = inf.ms;
+  const size_t infer_bytes = inf.bytes;
+  const std::vector<double>& infer_stage_ms = inf.stage_ms;
 
   // dense equivalent: (T*K, H) x (H, 2I), then (T*K, I) x (I, H)
   double dense_ms = 0;
