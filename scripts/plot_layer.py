@@ -4,9 +4,17 @@
 
   layer_stages.png   forward time per configuration, stacked by stage (gate, route, plan, permute,
                      experts, combine), with the peer's forward time and the dense-equivalent
-                     GEMM pair's time marked beside each bar
-  layer_tflops.png   TFLOP/s per configuration: ours and the peer's forward and forward+backward,
-                     and the dense-equivalent cuBLAS GEMM pair with the same FLOPs
+                     GEMM pair's time marked beside each bar (the inference layer's stages where
+                     the records have them: the peer's forward runs under no_grad). Newer records
+                     time the stages after the headline totals, on a card nearer its power limit,
+                     so the whole forward timed first is marked on each bar as well
+  layer_backward.png backward time per configuration (fresh weight gradients), stacked by stage,
+                     the experts stage split into its five steps, with the peer's marked beside
+                     (its fresh forward+backward minus its forward); records that have them
+  layer_tflops.png   TFLOP/s per configuration: ours and the peer's forward and forward+backward
+                     (fresh gradients where recorded), and the dense-equivalent cuBLAS GEMM pair
+                     with the same FLOPs
+With several records per configuration (rounds), the last one of each is drawn.
 
   .venv/bin/python scripts/plot_layer.py LAYER.jsonl PEER.jsonl OUT_DIR
 (matplotlib comes with `bash scripts/setup.sh --plots`.)
@@ -42,35 +50,76 @@ def main():
     device = next(iter(ours.values()))["device"]
     git = next(iter(ours.values()))["git"]
 
+    def fwd_ms(c):
+        return ours[c].get("inference_ms", ours[c]["forward_ms"])
+
+    def fwd_stages(c):
+        return ours[c].get("inference_stage_ms") or ours[c]["forward_stage_ms"]
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x = range(len(configs))
     bottom = [0.0] * len(configs)
     for s in STAGES:
-        h = [ours[c]["forward_stage_ms"][s] for c in configs]
+        h = [fwd_stages(c)[s] for c in configs]
         ax.bar(x, h, 0.5, bottom=bottom, label=s)
         bottom = [b + v for b, v in zip(bottom, h)]
     for i, c in enumerate(configs):
         if c in peer:
             ax.plot([i + 0.3], [peer[c]["forward_ms"]], "kv", label="PyTorch peer" if i == 0 else None)
-            ax.annotate(f'{peer[c]["forward_ms"] / ours[c]["forward_ms"]:.2f}x',
+            ax.annotate(f'{peer[c]["forward_ms"] / fwd_ms(c):.2f}x',
                         (i + 0.3, peer[c]["forward_ms"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         ax.plot([i - 0.3], [ours[c]["dense_equiv_ms"]], "r_", markersize=14, mew=2,
                 label="dense-equivalent GEMMs" if i == 0 else None)
+        if "inference_ms" in ours[c]:  # stages and total are separate runs (see the bench)
+            ax.plot([i], [fwd_ms(c)], "k_", markersize=22, mew=2,
+                    label="ours, whole forward timed first" if i == 0 else None)
     ax.set_xticks(list(x), configs)
-    ax.set_ylabel("forward ms (router to combine)")
+    ax.set_ylabel("forward ms (router to combine)\nbars: stages, timed after the totals")
     ax.set_ylim(0, max(max(bottom), max(peer[c]["forward_ms"] for c in configs if c in peer)) * 1.3)
     ax.set_title(f"MoE layer forward by stage, bf16 — {device}, {git}", fontsize=10)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "layer_stages.png"), dpi=120)
 
+    with_bwd = [c for c in configs if "backward_stage_ms" in ours[c]]
+    if with_bwd:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        xb = range(len(with_bwd))
+        bottom = [0.0] * len(with_bwd)
+        parts = [("combine", lambda c: ours[c]["backward_stage_ms"]["combine"])]
+        for step in ["dw_down", "da", "activation", "dxp", "dw_up"]:
+            parts.append((f"experts: {step}",
+                          lambda c, s=step: ours[c]["experts_backward_step_ms"][s]))
+        for stage in ["permute", "route", "gate"]:
+            parts.append((stage, lambda c, s=stage: ours[c]["backward_stage_ms"][s]))
+        for name, get in parts:
+            h = [get(c) for c in with_bwd]
+            ax.bar(xb, h, 0.5, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, h)]
+        tops = list(bottom)
+        for i, c in enumerate(with_bwd):
+            if c in peer and "fwd_bwd_fresh_ms" in peer[c]:
+                pb = peer[c]["fwd_bwd_fresh_ms"] - peer[c]["forward_ms"]
+                tops.append(pb)
+                ax.plot([i + 0.3], [pb], "kv", label="PyTorch peer" if i == 0 else None)
+                ax.annotate(f"{pb / bottom[i]:.2f}x", (i + 0.3, pb), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+        ax.set_xticks(list(xb), with_bwd)
+        ax.set_ylabel("backward ms, fresh weight gradients")
+        ax.set_ylim(0, max(tops) * 1.35)
+        ax.set_title(f"MoE layer backward by stage, bf16 — {device}, {git}", fontsize=10)
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "layer_backward.png"), dpi=120)
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
     series = [
-        ("ours fwd", lambda c: ours[c]["forward_tflops"]),
+        ("ours fwd", lambda c: ours[c].get("inference_tflops", ours[c]["forward_tflops"])),
         ("peer fwd", lambda c: peer[c]["forward_tflops"] if c in peer else 0),
-        ("ours fwd+bwd", lambda c: ours[c]["fwd_bwd_tflops"]),
-        ("peer fwd+bwd", lambda c: peer[c]["fwd_bwd_tflops"] if c in peer else 0),
+        ("ours fwd+bwd", lambda c: ours[c].get("fwd_bwd_fresh_tflops", ours[c]["fwd_bwd_tflops"])),
+        ("peer fwd+bwd",
+         lambda c: peer[c].get("fwd_bwd_fresh_tflops", peer[c]["fwd_bwd_tflops"]) if c in peer else 0),
         ("dense-equivalent", lambda c: ours[c]["dense_equiv_tflops"]),
     ]
     w = 0.16
@@ -86,7 +135,8 @@ def main():
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "layer_tflops.png"), dpi=120)
-    print(f"wrote {out}/layer_stages.png, {out}/layer_tflops.png")
+    print(f"wrote {out}/layer_stages.png, {out}/layer_tflops.png"
+          + (f", {out}/layer_backward.png" if with_bwd else ""))
 
 
 if __name__ == "__main__":
