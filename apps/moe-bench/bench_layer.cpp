@@ -9,7 +9,8 @@
 // (and the experts stage's five steps) likewise from fresh-gradient backwards; the forward total and the
 // forward+backward total are timed separately, as whole launches; forward+backward twice, with the
 // expert weight gradients accumulated (fwd_bwd_ms) and written fresh (fwd_bwd_fresh_ms, what a
-// training step with zeroed gradients needs). No input rotation: the layer's
+// training step with zeroed gradients needs), and written fresh in bf16 (fwd_bwd_bf16_grads_ms:
+// the work of the peer, whose autograd writes bf16 gradients for bf16 parameters). No input rotation: the layer's
 // working set (weights and activations) is many times the L2 cache.
 // FLOPs: forward 6*T*K*H*I (SwiGLU: the up projection 2*T*K*H*2I, the down projection
 // 2*T*K*I*H); backward twice that; the gate (2*T*H*E) is not counted.
@@ -201,6 +202,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   float* gwg = dev_alloc<float>(H * E);
   float* gwu = dev_alloc<float>(E * H * A);
   float* gwd = dev_alloc<float>(E * I * H);
+  bf16* gwu16 = dev_alloc<bf16>(E * H * A);
+  bf16* gwd16 = dev_alloc<bf16>(E * I * H);
   moe::cuda::fill_normal(x, T * H, 1, 1.f, stream);
   moe::cuda::fill_normal(dy, T * H, 2, 1.f, stream);
   moe::cuda::fill_normal(wg, H * E, 3, float(1 / std::sqrt(double(H))), stream);
@@ -260,7 +263,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   time_inference(0, /*total=*/true, /*stages=*/false);
 
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
-  double fwd_ms = 0, step_ms = 0, fresh_ms = 0;
+  double fwd_ms = 0, step_ms = 0, fresh_ms = 0, bf16_ms = 0;
   std::vector<double> backward_stage_ms, experts_step_ms;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
   size_t layer_bytes = 0;
@@ -293,6 +296,15 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     fresh_ms = time_median(o.warmup, o.reps, stream, [&] {
       layer.forward(x, w, y, stream);
       layer.backward(x, w, dy, fresh, stream);
+    });
+    // The peer's work: its autograd writes bf16 gradients for bf16 parameters.
+    moe::cuda::LayerGrads fresh16 = fresh;
+    fresh16.dw_up = fresh16.dw_down = nullptr;
+    fresh16.dw_up_bf16 = gwu16;
+    fresh16.dw_down_bf16 = gwd16;
+    bf16_ms = time_median(o.warmup, o.reps, stream, [&] {
+      layer.forward(x, w, y, stream);
+      layer.backward(x, w, dy, fresh16, stream);
     });
     // Diagnostics: per-stage forward times, per-stage backward times (fresh weight gradients) and
     // the experts stage's steps.
@@ -358,7 +370,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     MOE_CUDA_CHECK(cudaFree(out));
   }
   for (void* p : {(void*)x, (void*)dy, (void*)y, (void*)dx, (void*)wg, (void*)wu, (void*)wd,
-                  (void*)gwg, (void*)gwu, (void*)gwd})
+                  (void*)gwg, (void*)gwu, (void*)gwd, (void*)gwu16, (void*)gwd16})
     MOE_CUDA_CHECK(cudaFree(p));
   MOE_CUBLAS_CHECK(cublasDestroy(cublas));
 
@@ -420,6 +432,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["fwd_bwd_tflops"] = step_tf;
   j["fwd_bwd_fresh_ms"] = fresh_ms;
   j["fwd_bwd_fresh_tflops"] = 3 * flops_fwd / (fresh_ms * 1e9);
+  j["fwd_bwd_bf16_grads_ms"] = bf16_ms;
+  j["fwd_bwd_bf16_grads_tflops"] = 3 * flops_fwd / (bf16_ms * 1e9);
   std::vector<double> round_ratio;
   for (size_t r = 0; r < round_fwd.size(); ++r) round_ratio.push_back(round_dense[r] / round_fwd[r]);
   j["rounds_inference_ms"] = round_fwd;
@@ -450,11 +464,13 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
   fmt::print(stderr,
              "layer {:<12} T={} H={} I={} E={} K={}: fwd {:.3f} ms ({:.0f} TF/s, {:.0f}% of dense "
-             "{:.0f}) | fwd+bwd {:.3f} ms ({:.0f} TF/s), fresh dW {:.3f} ms | layer {:.2f} GiB, memGetInfo delta "
+             "{:.0f}) | fwd+bwd {:.3f} ms ({:.0f} TF/s), fresh dW {:.3f} ms, bf16 dW {:.3f} ms | layer "
+             "{:.2f} GiB, memGetInfo delta "
              "{:.2f} GiB\n  weight floor {:.3f} ms ({} experts touched, {:.0f} GB/s copy): fwd "
              "{:.2f}x the floor\n  stages:",
              s.name, T, H, I, E, K, fwd_ms, fwd_tf, 100 * fwd_tf / dense_tf, dense_tf, step_ms,
-             step_tf, fresh_ms, layer_bytes / double(1 << 30), mem_delta / double(1 << 30), floor_ms,
+             step_tf, fresh_ms, bf16_ms, layer_bytes / double(1 << 30), mem_delta / double(1 << 30),
+             floor_ms,
              touched, copy_gbs, fwd_ms / floor_ms);
   for (int i = 0; i < int(stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);

@@ -634,9 +634,12 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
                       cudaEvent_t* events) {
   const ExpertsShape& s = ws.shape_;
   MOE_CHECK(ws.backward_, "experts_backward: the workspace was made without backward buffers");
+  const bool bf16_dw = a.dw_up_bf16 != nullptr || a.dw_down_bf16 != nullptr;
   MOE_CHECK(a.offsets && a.w_up && a.w_down && a.xp && a.pre && a.act && a.dyp && a.dxp &&
-                a.dw_up && a.dw_down,
-            "experts_backward: null pointer argument");
+                (bf16_dw ? a.dw_up_bf16 && a.dw_down_bf16 && !a.dw_up && !a.dw_down
+                         : a.dw_up && a.dw_down),
+            "experts_backward: null pointer argument (the weight gradients: dw_up and dw_down, "
+            "or dw_up_bf16 and dw_down_bf16)");
   const int64_t E = s.experts, H = s.hidden, I = s.inter, A = s.up_width();
   const int sms = ws.sm_count_;
   bf16* const da = a.da ? a.da : ws.da_;
@@ -645,6 +648,8 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
                         "false) and the arguments give no da / dpre");
   const bool grouped =
       ws.backend_ == ExpertsBackend::grouped || ws.backend_ == ExpertsBackend::grouped_fused;
+  MOE_CHECK(!bf16_dw || (grouped && !a.accumulate),
+            "experts_backward: bf16 weight gradients need a grouped backend and accumulate = false");
   MOE_CHECK(events == nullptr || grouped, "experts_backward: step events need a grouped backend");
   auto mark = [&](ExpertsBackwardStep step) {
     if (events) MOE_CUDA_CHECK(cudaEventRecord(events[int(step)], stream));
@@ -658,7 +663,7 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     // Everything on the device: sizes from the offsets, no host round trip. This order lets da,
     // dpre and dxp alias act, pre and dyp (ExpertsBackwardArgs).
     mark(ExpertsBackwardStep::dw_down);
-    ws.wgrad_down_.run({a.offsets, I, H, a.act, a.dyp, a.dw_down, a.accumulate},
+    ws.wgrad_down_.run({a.offsets, I, H, a.act, a.dyp, a.dw_down, a.accumulate, a.dw_down_bf16},
                        stream);                                                 // dw_down (+)= act^T dyp
     mark(ExpertsBackwardStep::da);
     ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, da}, stream);               // da = dyp · w_down^T
@@ -667,7 +672,7 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     mark(ExpertsBackwardStep::dxp);
     ws.dxp_.run({a.offsets, H, A, dpre, a.w_up, a.dxp}, stream);                // dxp = dpre · w_up^T
     mark(ExpertsBackwardStep::dw_up);
-    ws.wgrad_up_.run({a.offsets, H, A, a.xp, dpre, a.dw_up, a.accumulate},
+    ws.wgrad_up_.run({a.offsets, H, A, a.xp, dpre, a.dw_up, a.accumulate, a.dw_up_bf16},
                      stream);                                                   // dw_up (+)= xp^T dpre
     mark(ExpertsBackwardStep::count);
     return;

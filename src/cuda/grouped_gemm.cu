@@ -16,6 +16,7 @@ using grouped_gemm::Bf16Sm90;
 using grouped_gemm::Bf16Sm90Act;
 using grouped_gemm::Bf16Sm90Gather;
 using grouped_gemm::Bf16Sm90Wgrad;
+using grouped_gemm::Bf16Sm90WgradBf16;
 
 // A width the TMA descriptors can take: a positive multiple of 8 bf16 (16-byte rows), < 2^30.
 void check_width(const char* what, const char* name, int64_t v) {
@@ -90,7 +91,8 @@ void GroupedGemm::run(const GroupedGemmArgs& args, cudaStream_t stream) const {
 // ------------------------------------------------------------------------------------------------
 
 GroupedWgrad::GroupedWgrad(int64_t experts) : GroupedGemmBase(experts) {
-  allocate(Bf16Sm90Wgrad::workspace_bytes(experts, sm_count_));
+  allocate(std::max(Bf16Sm90Wgrad::workspace_bytes(experts, sm_count_),
+                    Bf16Sm90WgradBf16::workspace_bytes(experts, sm_count_)));
 }
 
 const char* GroupedWgrad::name() const { return Bf16Sm90Wgrad::name(); }
@@ -99,8 +101,14 @@ void GroupedWgrad::run(const GroupedWgradArgs& args, cudaStream_t stream) const 
   check_ready();
   check_width("grouped weight gradient", "P", args.p);
   check_width("grouped weight gradient", "Q", args.q);
-  MOE_CHECK(args.offsets && args.x && args.y && args.dw,
-            "grouped weight gradient: null pointer argument");
+  MOE_CHECK(args.offsets && args.x && args.y && ((args.dw != nullptr) != (args.dw_bf16 != nullptr)),
+            "grouped weight gradient: null pointer argument (exactly one of dw, dw_bf16)");
+  if (args.dw_bf16 != nullptr) {
+    MOE_CHECK(!args.accumulate,
+              "grouped weight gradient: bf16 dW is written fresh only (accumulate = false)");
+    Bf16Sm90WgradBf16::run(args, experts_, workspace_, sm_count_, stream);
+    return;
+  }
   Bf16Sm90Wgrad::run(args, experts_, workspace_, sm_count_, stream);
 }
 

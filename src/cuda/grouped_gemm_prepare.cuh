@@ -86,31 +86,33 @@ __global__ void prepare_kernel(PrepareParams<Element, Problem, StrideA, StrideB,
 // and K = m_e, the segment length. An empty segment becomes the problem {0, Q, 0}: no M tiles, so
 // CUTLASS's scheduler gives it no work and dW_e stays exactly as it was (a K = 0 problem with tiles
 // would instead run an epilogue on never-initialised accumulators).
-template <class Element, class Problem, class StrideA, class StrideB, class StrideD>
+template <class Element, class Problem, class StrideA, class StrideB, class StrideD,
+          class ElementDW = float>
 struct WgradPrepareParams {
   const int32_t* offsets;      // (E+1) segment starts
   int32_t groups, p, q;        // E, P, Q
   const Element* x;            // (max_rows, P): A_e = X_e^T, column-major (M-major), ld P
   const Element* y;            // (max_rows, Q): B_e = Y_e (K, N) row-major (N-major), ld Q
-  float* dw;                   // (E, P, Q) row-major
+  ElementDW* dw;               // (E, P, Q) row-major, fp32 (or bf16, written fresh)
   Problem* problems;           // (E) {P, Q, m_e} or {0, Q, 0}
   const Element** ptr_a;       // (E)
   const Element** ptr_b;       // (E)
-  float** ptr_d;               // (E) also C (beta = 1, in place)
+  ElementDW** ptr_d;           // (E) also C (beta = 1, in place)
   StrideA* stride_a;           // (E)
   StrideB* stride_b;           // (E)
   StrideD* stride_d;           // (E) also C's
 };
 
-template <class Element, class Problem, class StrideA, class StrideB, class StrideD>
+template <class Element, class Problem, class StrideA, class StrideB, class StrideD,
+          class ElementDW>
 __global__ void wgrad_prepare_kernel(
-    WgradPrepareParams<Element, Problem, StrideA, StrideB, StrideD> p) {
+    WgradPrepareParams<Element, Problem, StrideA, StrideB, StrideD, ElementDW> p) {
   for (int e = threadIdx.x; e < p.groups; e += blockDim.x) {
     const int32_t r0 = p.offsets[e], r1 = p.offsets[e + 1];
     MOE_DEVICE_ASSERT(r0 >= 0 && r1 >= r0);
     const Element* x = p.x + int64_t{r0} * p.p;                 // segment e of X (m_e, P)
     const Element* y = p.y + int64_t{r0} * p.q;                 // segment e of Y (m_e, Q)
-    float* dw = p.dw + int64_t{e} * p.p * p.q;                  // dW_e (P, Q)
+    ElementDW* dw = p.dw + int64_t{e} * p.p * p.q;              // dW_e (P, Q)
     MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(x) % 16 == 0);
     MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(y) % 16 == 0);
     MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(dw) % 16 == 0);
@@ -130,7 +132,7 @@ __global__ void wgrad_prepare_kernel(
 inline constexpr int kZeroThreads = 256;
 
 inline int64_t zero_blocks_per_group(int64_t elems) {
-  const int64_t vec = (elems + 3) / 4;
+  const int64_t vec = (elems + 3) / 4;  // fp32 stores; bf16 ones cover twice as many elements
   return std::max<int64_t>(1, std::min<int64_t>(64, (vec + kZeroThreads - 1) / kZeroThreads));
 }
 
@@ -139,12 +141,12 @@ __global__ void __launch_bounds__(kZeroThreads)
     zero_empty_groups_kernel(const int32_t* offsets, T* dw, int64_t elems) {
   const int e = blockIdx.y;
   if (offsets[e + 1] != offsets[e]) return;
-  static_assert(sizeof(T) == 4, "fp32 gradients: 4 per 16-byte store");
+  constexpr int64_t kPer16 = 16 / sizeof(T);  // elements per 16-byte store
   T* d = dw + int64_t{e} * elems;
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   const int64_t first = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (elems % 4 == 0) {  // then every dW_e starts 16-byte aligned
-    for (int64_t i = first; i < elems / 4; i += stride)
+  if (elems % kPer16 == 0) {  // then every dW_e starts 16-byte aligned
+    for (int64_t i = first; i < elems / kPer16; i += stride)
       reinterpret_cast<uint4*>(d)[i] = make_uint4(0u, 0u, 0u, 0u);
   } else {
     for (int64_t i = first; i < elems; i += stride) d[i] = T(0);

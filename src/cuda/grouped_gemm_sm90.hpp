@@ -7,6 +7,7 @@
 //   Bf16Sm90<nk>   grouped_gemm_sm90.cuh       -> grouped_gemm_bf16_nk.cu
 //   Bf16Sm90Gather grouped_gemm_sm90.cuh       -> grouped_gemm_bf16_kn_gather.cu
 //   Bf16Sm90Wgrad  grouped_gemm_wgrad_sm90.cuh -> grouped_gemm_bf16_wgrad.cu
+//   Bf16Sm90WgradBf16 (bf16 dW)                -> grouped_gemm_bf16_wgrad_bf16.cu
 //   Bf16Sm90Act    grouped_gemm_act_sm90.cuh   -> grouped_gemm_bf16_act.cu
 // Each has workspace_bytes(groups, sm_count) (the per-expert arrays the prepare kernel writes, then
 // CUTLASS's own workspace), run(args, groups, workspace, sm_count, stream) (prepare kernel +
@@ -38,6 +39,14 @@ struct Bf16Sm90Gather {
 };
 
 struct Bf16Sm90Wgrad {
+  static size_t workspace_bytes(int64_t groups, int sm_count);
+  static void run(const GroupedWgradArgs& args, int64_t groups, void* workspace, int sm_count,
+                  cudaStream_t stream);
+  static const char* name();
+};
+
+// The same with bf16 dW, written fresh only: grouped_gemm_bf16_wgrad_bf16.cu.
+struct Bf16Sm90WgradBf16 {
   static size_t workspace_bytes(int64_t groups, int sm_count);
   static void run(const GroupedWgradArgs& args, int64_t groups, void* workspace, int sm_count,
                   cudaStream_t stream);

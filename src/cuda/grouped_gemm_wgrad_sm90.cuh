@@ -36,30 +36,37 @@ namespace moe::cuda::grouped_gemm {
 // Same tile as the forward: dW tiles are (128 of P) x (256 of Q); at OLMoE's shape dW_down has
 // 8 x 8 and dW_up 16 x 8 tiles per expert, 4096 and 8192 in all, so the 132 SMs stay busy even
 // when one expert holds most of the rows (its tiles are long, not few).
-template <class Config, class EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto>
+// ElementDW: float (accumulated in place or written fresh) or Bf16 (written fresh only: the store
+// epilogue of the forward GEMMs, D = acc rounded once to bf16, as PyTorch's bf16 gradients).
+template <class Config, class EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto,
+          class ElementDW = float>
 struct WgradKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
-  using Epilogue = EpilogueAccumulateF32<Config, EpilogueTile>;
+  static constexpr bool kF32 = cute::is_same_v<ElementDW, float>;
+  static_assert(kF32 || cute::is_same_v<ElementDW, Bf16>, "fp32 or bf16 weight gradients");
+  using Epilogue = cute::conditional_t<kF32, EpilogueAccumulateF32<Config, EpilogueTile>,
+                                       EpilogueStore<Config>>;
   using Collective = MainloopAB<Config, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
                                 static_cast<int>(sizeof(typename Epilogue::SharedStorage))>;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
+  using ElementDWType = ElementDW;
   using Problem = typename ProblemShape::UnderlyingProblemShape;  // (P, Q, m_e)
   using StrideA = typename GemmKernel::InternalStrideA;
   using StrideB = typename GemmKernel::InternalStrideB;
   using StrideD = typename GemmKernel::InternalStrideD;
   static_assert(cute::is_same_v<typename GemmKernel::InternalStrideC, StrideD>,
                 "C and D share one stride array (in place)");
-  static_assert(cute::is_same_v<typename GemmKernel::ElementC, float> &&
-                    cute::is_same_v<typename GemmKernel::ElementD, float>,
-                "fp32 weight gradients");
+  static_assert(cute::is_same_v<typename GemmKernel::ElementC, ElementDW> &&
+                    cute::is_same_v<typename GemmKernel::ElementD, ElementDW>,
+                "C and D are the weight gradient's type");
 
   struct Carve {
     Problem* problems;       // (E)
     const Bf16** ptr_a;      // (E)
     const Bf16** ptr_b;      // (E)
-    float** ptr_d;           // (E)
+    ElementDW** ptr_d;       // (E)
     StrideA* stride_a;       // (E)
     StrideB* stride_b;       // (E)
     StrideD* stride_d;       // (E)
@@ -73,7 +80,7 @@ struct WgradKernel {
     c.problems = w.take<Problem>(g);
     c.ptr_a = w.take<const Bf16*>(g);
     c.ptr_b = w.take<const Bf16*>(g);
-    c.ptr_d = w.take<float*>(g);
+    c.ptr_d = w.take<ElementDW*>(g);
     c.stride_a = w.take<StrideA>(g);
     c.stride_b = w.take<StrideB>(g);
     c.stride_d = w.take<StrideD>(g);
@@ -88,7 +95,7 @@ struct WgradKernel {
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
         {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
-        {{}, const_cast<const float**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d},
+        {{}, const_cast<const ElementDW**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d},
         hardware_info(sm_count)};
     // dW = acc + dW, or dW = acc: with beta = 0 the collective never loads C, so dW is only
     // written (stale or poisoned values in it cannot leak into the result).
@@ -119,15 +126,19 @@ struct WgradLauncher {
     const typename K::Carve c = K::carve(workspace, groups, K::cutlass_bytes(groups, sm_count));
 
     // Step 1: problems {P, Q, m_e}, pointers and strides of every expert, from the device offsets.
+    using DW = typename K::ElementDWType;
+    DW* dw;
+    if constexpr (K::kF32) dw = args.dw;
+    else dw = reinterpret_cast<DW*>(args.dw_bf16);
     WgradPrepareParams<Bf16, typename K::Problem, typename K::StrideA, typename K::StrideB,
-                       typename K::StrideD>
+                       typename K::StrideD, DW>
         p{args.offsets,
           static_cast<int32_t>(groups),
           static_cast<int32_t>(args.p),
           static_cast<int32_t>(args.q),
           reinterpret_cast<const Bf16*>(args.x),
           reinterpret_cast<const Bf16*>(args.y),
-          args.dw,
+          dw,
           c.problems, c.ptr_a, c.ptr_b, c.ptr_d, c.stride_a, c.stride_b, c.stride_d};
     wgrad_prepare_kernel<<<1, prepare_threads(groups), 0, stream>>>(p);
     MOE_CUDA_LAUNCH_CHECK();
@@ -136,7 +147,7 @@ struct WgradLauncher {
     if (!args.accumulate) {
       const dim3 grid(static_cast<unsigned>(zero_blocks_per_group(args.p * args.q)),
                       static_cast<unsigned>(groups));
-      zero_empty_groups_kernel<<<grid, kZeroThreads, 0, stream>>>(args.offsets, args.dw,
+      zero_empty_groups_kernel<<<grid, kZeroThreads, 0, stream>>>(args.offsets, dw,
                                                                    args.p * args.q);
       MOE_CUDA_LAUNCH_CHECK();
     }

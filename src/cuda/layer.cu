@@ -281,6 +281,8 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   eb.dw_up = g.dw_up;
   eb.dw_down = g.dw_down;
   eb.accumulate = g.accumulate_experts;
+  eb.dw_up_bf16 = g.dw_up_bf16;
+  eb.dw_down_bf16 = g.dw_down_bf16;
   if (alias_) {
     eb.da = act_;
     eb.dpre = pre_;

@@ -496,6 +496,26 @@ TEST(GroupedWgrad, EachSliceGainsItsSegmentsProductAndEmptyExpertsKeepTheirBits)
   wgrad.run({offsets.get(), P, Q, dx.get(), dy.get(), dw.get(), /*accumulate=*/false}, nullptr);
   const std::vector<float> zeros(E * P * Q, 0.f);
   EXPECT_TRUE(slices_close("dW overwritten", dw.download(), zeros, want, o, P * Q));
+
+  // bf16 dW (written fresh): from NaN, every element is the fp32 result rounded once (the same
+  // accumulators, stored through the bf16 epilogue), empty experts exactly 0.
+  const std::vector<float> fresh = dw.download();
+  DeviceArray<bf16> dw16(E * P * Q);
+  dw16.poison();
+  cuda::GroupedWgradArgs a16{offsets.get(), P, Q, dx.get(), dy.get(), nullptr, false};
+  a16.dw_bf16 = dw16.get();
+  wgrad.run(a16, nullptr);
+  const std::vector<float> got16 = from_device_type(dw16.download());
+  int64_t mismatches = 0;
+  for (int64_t i = 0; i < E * P * Q; ++i)
+    mismatches += got16[i] != __bfloat162float(__float2bfloat16(fresh[i]));
+  EXPECT_EQ(mismatches, 0) << "bf16 dW differs from the fp32 dW rounded once";
+  EXPECT_TRUE(slices_close("dW bf16", got16, zeros, want, o, P * Q));
+  a16.accumulate = true;  // bf16 accumulation would round every step: refused
+  EXPECT_THROW(wgrad.run(a16, nullptr), ConfigError);
+  a16.accumulate = false;
+  a16.dw = dw.get();      // exactly one of dw, dw_bf16
+  EXPECT_THROW(wgrad.run(a16, nullptr), ConfigError);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -564,6 +564,52 @@ TEST(LayerBackwardEvents, StageTimesAreRecordedAndChangeNothing) {
                ConfigError);
 }
 
+// bf16 expert weight gradients (PyTorch's for bf16 parameters): each element is the fresh fp32
+// gradient rounded once, and every other gradient is unchanged bit for bit.
+TEST(LayerBf16ExpertGradients, AreTheFreshFp32GradientsRoundedOnce) {
+  MOE_REQUIRE_GPU();
+  const LayerCase c{"t256_e8_k2_bf16_dw", 256, 64, 32, 8, 2, true};
+  const LayerConfig cfg = config_of(c);
+  const LayerInputs in = make_inputs(c, cfg);
+  cuda::Layer layer(cfg);
+  DeviceLayerData f32(in, c.E), f16(in, c.E);
+  const cuda::LayerWeights w = f32.weights(c.router);
+  cuda::LayerGrads g32 = f32.grads();
+  g32.accumulate_experts = false;
+  f32.dw_up.poison();
+  f32.dw_down.poison();
+  layer.forward(f32.x.get(), w, f32.y.get(), nullptr);
+  layer.backward(f32.x.get(), w, f32.dy.get(), g32, nullptr);
+
+  DeviceArray<bf16> up16(in.p.w_up.size()), down16(in.p.w_down.size());
+  up16.poison();
+  down16.poison();
+  cuda::LayerGrads g16 = f16.grads();
+  g16.accumulate_experts = false;
+  g16.dw_up = g16.dw_down = nullptr;
+  g16.dw_up_bf16 = up16.get();
+  g16.dw_down_bf16 = down16.get();
+  layer.forward(f16.x.get(), w, f16.y.get(), nullptr);
+  layer.backward(f16.x.get(), w, f16.dy.get(), g16, nullptr);
+  MOE_CUDA_CHECK(cudaDeviceSynchronize());
+
+  auto rounded_once = [](const std::vector<float>& fp32, const std::vector<float>& got) {
+    int64_t bad = 0;
+    for (size_t i = 0; i < fp32.size(); ++i)
+      bad += got[i] != __bfloat162float(__float2bfloat16(fp32[i]));
+    return bad;
+  };
+  EXPECT_EQ(rounded_once(f32.dw_up.download(), from_device_type(up16.download())), 0);
+  EXPECT_EQ(rounded_once(f32.dw_down.download(), from_device_type(down16.download())), 0);
+  EXPECT_TRUE(same_bytes(f32.dx.download(), f16.dx.download()));
+  EXPECT_TRUE(same_bytes(f32.dw_gate.download(), f16.dw_gate.download()));
+
+  // Accumulating into bf16 is refused.
+  g16.accumulate_experts = true;
+  layer.forward(f16.x.get(), w, f16.y.get(), nullptr);
+  EXPECT_THROW(layer.backward(f16.x.get(), w, f16.dy.get(), g16, nullptr), ConfigError);
+}
+
 // The (max_rows, *) activation bytes from the shapes alone (no GPU): the grouped backend aliases
 // dyp, da, dpre and dxp onto yp, act and pre (layer.hpp); a host-offset baseline keeps dyp, da and
 // dpre apart, as every backend did before. Printed for the bench shapes (bench --layer).

@@ -127,6 +127,11 @@ struct ExpertsBackwardArgs {
   // false: the weight gradients are written, not added to (beta = 0: dW is never read, and an
   // empty expert's dW is zeroed), for a caller that would otherwise zero them first.
   bool accumulate = true;
+  // Grouped backends: the weight gradients in bf16 instead of dw_up / dw_down (which are then
+  // null), written fresh (accumulate false), each the fp32 sum rounded once -- what PyTorch's
+  // autograd writes for bf16 parameters, with half the bytes of fp32.
+  bf16* dw_up_bf16 = nullptr;        // (E, H, A)
+  bf16* dw_down_bf16 = nullptr;      // (E, I, H)
 };
 
 struct ExpertsCublasArrays;  // experts.cu: host-side argument arrays of the grouped-batched calls

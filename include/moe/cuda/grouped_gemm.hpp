@@ -70,6 +70,9 @@ struct GroupedWgradArgs {
   // dW is only written, half the traffic, and an empty expert's dW_e is set to zero), for the
   // usual case of one contribution per step into gradients that would otherwise be zeroed first.
   bool accumulate = true;
+  // Instead of dw: bf16 dW_e = X_e^T Y_e, the fp32 sum rounded once (what PyTorch's autograd
+  // writes for bf16 parameters); written fresh only (accumulate false), half of fp32's bytes.
+  __nv_bfloat16* dw_bf16 = nullptr;  // (E, P, Q)
 };
 
 struct GroupedGemmActArgs {

@@ -86,6 +86,11 @@ struct LayerGrads {
   // expert's slice zeroed), for a step whose only contribution this is; the router gradients
   // above are small and always accumulated.
   bool accumulate_experts = true;
+  // Instead of dw_up / dw_down (then null): the expert weight gradients in bf16, written fresh
+  // (accumulate_experts false), the fp32 sums rounded once -- PyTorch's gradients for bf16
+  // parameters (grouped backends).
+  bf16* dw_up_bf16 = nullptr;    // (E, H, A)
+  bf16* dw_down_bf16 = nullptr;  // (E, I, H)
 };
 
 // Forward stages, in order; forward() can record an event before each and after the last.
