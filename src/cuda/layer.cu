@@ -289,10 +289,9 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   }
   mark(LayerBackwardStage::experts);
   experts_backward(*experts_, eb, stream, expert_events);
-  // permute: dx = sum of the token's dxp rows (dx starts at 0)
+  // permute: dx = sum of the token's dxp rows (written, not added to: dx starts here)
   mark(LayerBackwardStage::permute);
-  MOE_CUDA_CHECK(cudaMemsetAsync(g.dx, 0, size_t(T * H) * sizeof(bf16), stream));
-  permute_backward<bf16>(plan_.view(), dxp, H, g.dx, stream);
+  permute_backward<bf16>(plan_.view(), dxp, H, g.dx, stream, /*accumulate=*/false);
   // route: dweight -> dz (aux-loss and z-loss gradients included); noisy_topk: dr, with the
   // forward's noise
   mark(LayerBackwardStage::route);

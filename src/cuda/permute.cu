@@ -34,16 +34,17 @@ void permute_forward(const PlanView& plan, const T* x, int64_t hidden, T* xp,
 
 template <class T>
 void permute_backward(const PlanView& plan, const T* dxp, int64_t hidden, T* dx,
-                      cudaStream_t stream) {
-  launch_gather_sum<T, false>(plan, nullptr, dxp, hidden, dx, stream);
+                      cudaStream_t stream, bool accumulate) {
+  if (accumulate) launch_gather_sum<T, false, true>(plan, nullptr, dxp, hidden, dx, stream);
+  else launch_gather_sum<T, false, false>(plan, nullptr, dxp, hidden, dx, stream);
 }
 
 template void permute_forward<float>(const PlanView&, const float*, int64_t, float*, cudaStream_t);
 template void permute_forward<__nv_bfloat16>(const PlanView&, const __nv_bfloat16*, int64_t,
                                              __nv_bfloat16*, cudaStream_t);
 template void permute_backward<float>(const PlanView&, const float*, int64_t, float*,
-                                      cudaStream_t);
+                                      cudaStream_t, bool);
 template void permute_backward<__nv_bfloat16>(const PlanView&, const __nv_bfloat16*, int64_t,
-                                              __nv_bfloat16*, cudaStream_t);
+                                              __nv_bfloat16*, cudaStream_t, bool);
 
 }  // namespace moe::cuda

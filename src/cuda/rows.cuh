@@ -290,11 +290,13 @@ __global__ void __launch_bounds__(kWarp)
 // ------------------------------------------------------------------------------------------------
 
 // out[t] = sum over the token's kept rows j (choice order) of w_j * in[row_j], fp32 in registers.
-// kWeighted: w_j = weight[token_choices[j]] (combine forward, out overwritten);
-// else w_j = 1 and the sum is added to out (permute backward: dx += ..., like the CPU stage, so the
-// router's and the shared experts' input gradients can land in the same buffer).
+// kWeighted: w_j = weight[token_choices[j]] (combine forward); else w_j = 1 (permute backward).
+// kAccumulate: the sum starts from out[t] (permute backward's default: dx += ..., like the CPU
+// stage, so the router's and the shared experts' input gradients can land in the same buffer);
+// else out is overwritten (combine forward; a layer's backward, whose dx starts here).
 // kPair: two rows' loads in flight before either is summed (the sum stays in choice order).
-template <class T, int kVec, int kUnroll, bool kWeighted, bool kPair, Cache kCache>
+template <class T, int kVec, int kUnroll, bool kWeighted, bool kPair, Cache kCache,
+          bool kAccumulate = !kWeighted>
 __global__ void __launch_bounds__(kThreads)
     gather_sum_kernel(PlanView plan, const float* __restrict__ weight, const T* __restrict__ in,
                       T* __restrict__ out, int64_t hidden) {
@@ -310,7 +312,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + (int64_t{u} * kWarp + lane) * kVec;
       Pack<T, kVec> prev = Pack<T, kVec>::zero();
-      if (!kWeighted && i < hidden) prev = load_pack<Cache::kDefault, T, kVec>(dst + i);
+      if (kAccumulate && i < hidden) prev = load_pack<Cache::kDefault, T, kVec>(dst + i);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) acc[u][k] = prev.get(k);
     }
@@ -367,17 +369,17 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The launch the library uses (the lab's winner: see bench/lab/rows_lab.cu).
-template <class T, bool kWeighted>
+template <class T, bool kWeighted, bool kAccumulate = !kWeighted>
 void launch_gather_sum(const PlanView& plan, const float* weight, const T* in, int64_t hidden,
                        T* out, cudaStream_t stream) {
   if (plan.shape.tokens == 0 || hidden == 0) return;
   const RowGrid grid = row_grid(plan.shape, false);
   constexpr int kWide = 16 / sizeof(T);
   if (vector_width<T>(hidden, {in, out}) == kWide)
-    gather_sum_kernel<T, kWide, 4, kWeighted, true, Cache::kDefault>
+    gather_sum_kernel<T, kWide, 4, kWeighted, true, Cache::kDefault, kAccumulate>
         <<<grid.blocks(), kThreads, 0, stream>>>(plan, weight, in, out, hidden);
   else
-    gather_sum_kernel<T, 1, 4, kWeighted, false, Cache::kDefault>
+    gather_sum_kernel<T, 1, 4, kWeighted, false, Cache::kDefault, kAccumulate>
         <<<grid.blocks(), kThreads, 0, stream>>>(plan, weight, in, out, hidden);
   MOE_CUDA_LAUNCH_CHECK();
 }

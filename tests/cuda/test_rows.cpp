@@ -86,6 +86,20 @@ struct DataPath {
   }
 };
 
+// permute backward overwriting dx (a layer's backward, where dx starts) gives the bits of adding
+// into a zeroed dx, without reading dx: poisoned first, tokens without rows come out 0.
+TEST(RowsPermuteBackward, OverwritingEqualsAddingIntoZeros) {
+  MOE_REQUIRE_GPU();
+  DataPath p;
+  p.run();  // dx: added into zeros
+  const auto added = p.dx.download();
+  p.dx.poison();
+  cuda::permute_backward(p.plan.view(), p.dyp.get(), DataPath::H, p.dx.get(), nullptr,
+                         /*accumulate=*/false);
+  MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  EXPECT_TRUE(same_bytes(added, p.dx.download()));
+}
+
 TEST(RowsDeterminism, RepeatedRunsAreBitwiseIdentical) {
   MOE_REQUIRE_GPU();
   DataPath p;

@@ -22,9 +22,10 @@ void permute_forward(const PlanView& plan, const T* x,  // x (T, H)
                      int64_t hidden, T* xp,             // xp (max_rows, H)
                      cudaStream_t stream);
 
+// accumulate false: dx[t] = the sum (overwritten, no read of dx: a token without rows gets 0).
 template <class T>
 void permute_backward(const PlanView& plan, const T* dxp,  // dxp (max_rows, H)
                       int64_t hidden, T* dx,               // dx (T, H), accumulated
-                      cudaStream_t stream);
+                      cudaStream_t stream, bool accumulate = true);
 
 }  // namespace moe::cuda
