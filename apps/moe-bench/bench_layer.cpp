@@ -454,8 +454,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["layer_buffers"] = layer_report;
   j["timing_note"] =
       "forward_* / fwd_bwd_*: the training layer (saves xp, pre, act for the backward); "
-      "inference_*: a layer built without backward, rows permuted (the default); "
-      "inference_permuted_ms / inference_gathered_ms: both RowSources, same run";
+      "inference_*: a layer built without backward, rows permuted (the default), timed first; "
+      "inference_gathered_ms: RowSource::gathered, timed among the diagnostics after the training "
+      "loops (nearer the power limit), so not comparable with inference_ms";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
