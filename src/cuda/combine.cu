@@ -18,13 +18,64 @@ using namespace rows;
 
 namespace {
 
-// Warp t: for each of the token's choices j (choice order), stream dy[t] and yp[row_j] in chunks,
-// write dyp[row_j] = w_j * dy[t] and keep a per-lane partial of the dot product; one butterfly
-// reduction per choice gives dweight (a fixed order, so the same bits every run). dy[t] is read
-// once per choice; after the first it comes from L1/L2, so DRAM sees it once.
+// Warp t: for the token's choices (choice order), stream dy[t] and yp[row_j] in chunks, write
+// dyp[row_j] = w_j * dy[t] and keep a per-lane partial of each choice's dot product; one
+// butterfly reduction per choice gives dweight (a fixed order, so the same bits every run). Two
+// choices' rows move per pass (kRows = 2): both rows' loads are in flight before either is
+// stored -- in place (dyp = yp) the compiler may not hoist the next row's loads above this row's
+// stores, and one row at a time left HBM at 2.4 TB/s. dy[t] is loaded once per chunk for both.
 // Warps [T, T + pad_groups): zero the padding rows of dyp.
 // dyp may be yp (in place): every element of yp[row_j] is read by the lane that then writes the
 // same element of dyp[row_j], each row belongs to one choice, and padding rows are never read.
+template <class T, int kVec, int kUnroll, int kRows>
+__device__ __forceinline__ void combine_backward_rows(const int32_t (&row)[kRows],
+                                                      const int32_t (&choice)[kRows],
+                                                      const float* __restrict__ weight,
+                                                      const T* g, const T* yp, T* dyp,
+                                                      float* __restrict__ dweight,
+                                                      int64_t hidden, int lane) {
+  constexpr int64_t kStep = int64_t{kWarp} * kVec * kUnroll;
+  float wj[kRows], dot[kRows];
+#pragma unroll
+  for (int q = 0; q < kRows; ++q) wj[q] = weight[choice[q]], dot[q] = 0.f;
+  for (int64_t base = 0; base < hidden; base += kStep) {
+    Pack<T, kVec> gv[kUnroll], yv[kRows][kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + (int64_t{u} * kWarp + lane) * kVec;
+      if (i < hidden) {
+        gv[u] = load_pack<Cache::kDefault, T, kVec>(g + i);
+#pragma unroll
+        for (int q = 0; q < kRows; ++q)
+          yv[q][u] = load_pack<Cache::kDefault, T, kVec>(yp + int64_t{row[q]} * hidden + i);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kRows; ++q)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + (int64_t{u} * kWarp + lane) * kVec;
+        if (i >= hidden) continue;
+        float o[kVec];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          const float gk = gv[u].get(k);
+          dot[q] = fmaf(gk, yv[q][u].get(k), dot[q]);
+          o[k] = wj[q] * gk;
+        }
+        Pack<T, kVec> op;
+        op.set_all(o);
+        store_pack<Cache::kDefault, T, kVec>(dyp + int64_t{row[q]} * hidden + i, op);
+      }
+  }
+#pragma unroll
+  for (int q = 0; q < kRows; ++q) {
+#pragma unroll
+    for (int d = kWarp / 2; d > 0; d /= 2) dot[q] += __shfl_xor_sync(0xffffffffu, dot[q], d);
+    if (lane == 0) dweight[choice[q]] = dot[q];
+  }
+}
+
 template <class T, int kVec, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
     combine_backward_kernel(PlanView plan, const float* __restrict__ weight,
@@ -41,46 +92,26 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t = w;
   const int32_t j0 = plan.token_offsets[t], j1 = plan.token_offsets[t + 1];
   const T* g = dy + t * hidden;
-  constexpr int64_t kStep = int64_t{kWarp} * kVec * kUnroll;
+  int32_t pending_row = -1, pending_choice = -1;  // a choice with a row, waiting for a partner
   for (int32_t j = j0; j < j1; ++j) {
     const int32_t r = plan.token_rows[j], c = plan.token_choices[j];
     if (r < 0) {  // no row: the weight did not reach y
       if (lane == 0) dweight[c] = 0.f;
       continue;
     }
-    const float wj = weight[c];
-    const T* src = yp + int64_t{r} * hidden;
-    T* dst = dyp + int64_t{r} * hidden;
-    float dot = 0.f;
-    for (int64_t base = 0; base < hidden; base += kStep) {
-      Pack<T, kVec> gv[kUnroll], yv[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = base + (int64_t{u} * kWarp + lane) * kVec;
-        if (i < hidden) {
-          gv[u] = load_pack<Cache::kDefault, T, kVec>(g + i);
-          yv[u] = load_pack<Cache::kDefault, T, kVec>(src + i);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = base + (int64_t{u} * kWarp + lane) * kVec;
-        if (i >= hidden) continue;
-        float o[kVec];
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const float gk = gv[u].get(k);
-          dot = fmaf(gk, yv[u].get(k), dot);
-          o[k] = wj * gk;
-        }
-        Pack<T, kVec> op;
-        op.set_all(o);
-        store_pack<Cache::kDefault, T, kVec>(dst + i, op);
-      }
+    if (pending_row < 0) {
+      pending_row = r, pending_choice = c;
+      continue;
     }
-#pragma unroll
-    for (int d = kWarp / 2; d > 0; d /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, d);
-    if (lane == 0) dweight[c] = dot;
+    const int32_t rows[2] = {pending_row, r}, choices[2] = {pending_choice, c};
+    combine_backward_rows<T, kVec, kUnroll, 2>(rows, choices, weight, g, yp, dyp, dweight,
+                                               hidden, lane);
+    pending_row = -1;
+  }
+  if (pending_row >= 0) {
+    const int32_t rows[1] = {pending_row}, choices[1] = {pending_choice};
+    combine_backward_rows<T, kVec, kUnroll, 1>(rows, choices, weight, g, yp, dyp, dweight,
+                                               hidden, lane);
   }
 }
 
