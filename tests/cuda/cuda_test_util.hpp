@@ -1,5 +1,5 @@
 // defines: MOE_REQUIRE_GPU, DeviceArray, to_device_type, from_device_type, expect_close,
-//          expect_equal, poison bytes
+//          expect_equal, same_bytes, not_rounded_once, poison bytes
 // Helpers for the CUDA parity tests: every GPU stage is compared with the CPU reference on fresh
 // seeded random inputs, with its outputs poisoned before the run so that an unwritten element
 // fails the comparison instead of passing on leftover data.
@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -15,10 +16,10 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "moe/cuda/convert.hpp"
 #include "moe/cuda/parity.hpp"
-#include <vector>
 
 #include "moe/cuda/check.cuh"
 #include "moe/rng.hpp"
@@ -150,6 +151,15 @@ template <class A, class B>
 template <class T>
 bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// How many entries of `got` (bf16 values as floats) are not the fp32 value rounded once to bf16
+// (round to nearest even): 0 when a bf16 output is its fp32 twin's single rounding.
+inline int64_t not_rounded_once(const std::vector<float>& fp32, const std::vector<float>& got) {
+  int64_t bad = fp32.size() == got.size() ? 0 : int64_t(std::max(fp32.size(), got.size()));
+  for (size_t i = 0; i < std::min(fp32.size(), got.size()); ++i)
+    bad += got[i] != __bfloat162float(__float2bfloat16(fp32[i]));
+  return bad;
 }
 
 }  // namespace moe::test

@@ -506,10 +506,7 @@ TEST(GroupedWgrad, EachSliceGainsItsSegmentsProductAndEmptyExpertsKeepTheirBits)
   a16.dw_bf16 = dw16.get();
   wgrad.run(a16, nullptr);
   const std::vector<float> got16 = from_device_type(dw16.download());
-  int64_t mismatches = 0;
-  for (int64_t i = 0; i < E * P * Q; ++i)
-    mismatches += got16[i] != __bfloat162float(__float2bfloat16(fresh[i]));
-  EXPECT_EQ(mismatches, 0) << "bf16 dW differs from the fp32 dW rounded once";
+  EXPECT_EQ(not_rounded_once(fresh, got16), 0) << "bf16 dW differs from the fp32 dW rounded once";
   EXPECT_TRUE(slices_close("dW bf16", got16, zeros, want, o, P * Q));
   a16.accumulate = true;  // bf16 accumulation would round every step: refused
   EXPECT_THROW(wgrad.run(a16, nullptr), ConfigError);
