@@ -240,27 +240,42 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   // accumulating, then fresh), before any diagnostic loop: under long GEMM-heavy stretches the
   // card reaches its power limit and lowers its clocks (layer_rounds.sh samples them), so a
   // number timed after more heavy work reads slower. Inference as the peer's forward under
-  // torch.no_grad(): a layer built without backward, rows permuted (the default).
+  // torch.no_grad(): a layer built without backward. The headline is the inference layout
+  // (kInference below: the activation in the up-projection's epilogue, w_up's pairs in the
+  // blocked order, converted once here as a model would at load time, no pre written); the
+  // training layer's unfused path (permuted rows) is timed right after it, and the gathered rows
+  // among the diagnostics.
   struct Inference {
+    const char* name;
+    moe::cuda::ExpertsBackend backend;
+    moe::cuda::GateUpLayout gate_up;
+    moe::cuda::RowSource rows;
     double ms = 0;
     size_t bytes = 0;
     std::vector<double> stage_ms;
   };
-  Inference by_rows[2];  // permuted, gathered
-  const moe::cuda::RowSource sources[2] = {moe::cuda::RowSource::permuted,
-                                           moe::cuda::RowSource::gathered};
-  const moe::cuda::LayerWeights w_infer{wg, wu, wd, nullptr};
+  enum { kInference, kUnfused, kGathered };
+  Inference variants[3] = {
+      {"fused", moe::cuda::ExpertsBackend::grouped_fused, moe::cuda::GateUpLayout::blocked,
+       moe::cuda::RowSource::permuted, 0, 0, {}},
+      {"unfused", moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
+       moe::cuda::RowSource::permuted, 0, 0, {}},
+      {"gathered", moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
+       moe::cuda::RowSource::gathered, 0, 0, {}}};
+  bf16* wu_blocked = dev_alloc<bf16>(E * H * A);
+  moe::cuda::to_gate_up_layout(wu, wu_blocked, moe::cuda::GateUpLayout::blocked, E * H, I, stream);
   auto time_inference = [&](int v, bool total, bool stages) {
-    moe::cuda::Layer infer(cfg, moe::cuda::ExpertsBackend::grouped,
-                           moe::cuda::GateUpLayout::split, /*backward=*/false, /*groups=*/1, cublas,
-                           sources[v]);
-    by_rows[v].bytes = infer.bytes();
-    if (total)
-      by_rows[v].ms =
-          time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w_infer, y, stream); });
-    if (stages) by_rows[v].stage_ms = forward_stage_times(infer, x, w_infer, y, o, stream);
+    Inference& inf = variants[v];
+    moe::cuda::Layer infer(cfg, inf.backend, inf.gate_up, /*backward=*/false, /*groups=*/1,
+                           cublas, inf.rows);
+    const moe::cuda::LayerWeights w{
+        wg, inf.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr};
+    inf.bytes = infer.bytes();
+    if (total) inf.ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
+    if (stages) inf.stage_ms = forward_stage_times(infer, x, w, y, o, stream);
   };
-  time_inference(0, /*total=*/true, /*stages=*/false);
+  time_inference(kInference, /*total=*/true, /*stages=*/false);
+  time_inference(kUnfused, /*total=*/true, /*stages=*/false);
 
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   double fwd_ms = 0, step_ms = 0, fresh_ms = 0, bf16_ms = 0;
@@ -328,9 +343,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
 
   // The inference layers' stages, and the gathered rows (RowSource::gathered) for comparison.
-  time_inference(0, /*total=*/false, /*stages=*/true);
-  time_inference(1, /*total=*/true, /*stages=*/true);
-  const Inference& inf = by_rows[0];  // the default, RowSource::permuted
+  time_inference(kInference, /*total=*/false, /*stages=*/true);
+  time_inference(kUnfused, /*total=*/false, /*stages=*/true);
+  time_inference(kGathered, /*total=*/true, /*stages=*/false);
+  const Inference& inf = variants[kInference];
   const double infer_ms = inf.ms;
   const size_t infer_bytes = inf.bytes;
   const std::vector<double>& infer_stage_ms = inf.stage_ms;
@@ -353,12 +369,13 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     };
     dense_ms = time_median(o.warmup, o.reps, stream, dense_pair);
     // The share of dense, robust to clock changes between the two measurements: the inference
-    // forward (permuted, the default) and the dense pair alternate, kRounds times, and each
+    // forward (the headline variant) and the dense pair alternate, kRounds times, and each
     // round gives its own ratio.
     constexpr int kRounds = 5;
-    moe::cuda::Layer infer(cfg, moe::cuda::ExpertsBackend::grouped,
-                           moe::cuda::GateUpLayout::split, /*backward=*/false, /*groups=*/1, cublas);
-    const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
+    moe::cuda::Layer infer(cfg, inf.backend, inf.gate_up, /*backward=*/false, /*groups=*/1, cublas,
+                           inf.rows);
+    const moe::cuda::LayerWeights w{
+        wg, inf.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr};
     for (int r = 0; r < kRounds; ++r) {
       round_fwd.push_back(
           time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); }));
@@ -369,8 +386,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     MOE_CUDA_CHECK(cudaFree(pre));
     MOE_CUDA_CHECK(cudaFree(out));
   }
-  for (void* p : {(void*)x, (void*)dy, (void*)y, (void*)dx, (void*)wg, (void*)wu, (void*)wd,
-                  (void*)gwg, (void*)gwu, (void*)gwd, (void*)gwu16, (void*)gwd16})
+  for (void* p : {(void*)x, (void*)dy, (void*)y, (void*)dx, (void*)wg, (void*)wu, (void*)wu_blocked,
+                  (void*)wd, (void*)gwg, (void*)gwu, (void*)gwd, (void*)gwu16, (void*)gwd16})
     MOE_CUDA_CHECK(cudaFree(p));
   MOE_CUBLAS_CHECK(cublasDestroy(cublas));
 
@@ -416,10 +433,15 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["inference_over_weight_floor"] = infer_ms / floor_ms;
   j["inference_layer_bytes"] = infer_bytes;
   j["inference_rows"] = "permuted";
-  j["inference_permuted_ms"] = by_rows[0].ms;
-  j["inference_gathered_ms"] = by_rows[1].ms;
-  j["inference_permuted_layer_bytes"] = by_rows[0].bytes;
-  j["inference_gathered_layer_bytes"] = by_rows[1].bytes;
+  j["inference_experts"] = "grouped_fused, gate_up blocked, no pre";
+  j["inference_permuted_ms"] = variants[kUnfused].ms;  // the unfused grouped path, split w_up
+  j["inference_gathered_ms"] = variants[kGathered].ms;
+  j["inference_permuted_layer_bytes"] = variants[kUnfused].bytes;
+  j["inference_gathered_layer_bytes"] = variants[kGathered].bytes;
+  json ust = json::object();
+  for (int i = 0; i < int(variants[kUnfused].stage_ms.size()); ++i)
+    ust[moe::cuda::name(moe::cuda::LayerStage(i))] = variants[kUnfused].stage_ms[i];
+  j["inference_permuted_stage_ms"] = ust;
   json bst = json::object();
   for (int i = 0; i < int(backward_stage_ms.size()); ++i)
     bst[moe::cuda::name(moe::cuda::LayerBackwardStage(i))] = backward_stage_ms[i];
@@ -454,9 +476,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["layer_buffers"] = layer_report;
   j["timing_note"] =
       "forward_* / fwd_bwd_*: the training layer (saves xp, pre, act for the backward); "
-      "inference_*: a layer built without backward, rows permuted (the default), timed first; "
-      "inference_gathered_ms: RowSource::gathered, timed among the diagnostics after the training "
-      "loops (nearer the power limit), so not comparable with inference_ms";
+      "inference_*: a layer built without backward (grouped_fused, w_up pairs blocked, rows "
+      "permuted), timed first; inference_permuted_ms: the unfused grouped path (split w_up), "
+      "timed right after it; inference_gathered_ms: RowSource::gathered, timed among the "
+      "diagnostics after the training loops (nearer the power limit), so not comparable with "
+      "inference_ms";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
@@ -475,12 +499,16 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
              touched, copy_gbs, fwd_ms / floor_ms);
   for (int i = 0; i < int(stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);
-  fmt::print(stderr, "\n  inference ({}): {:.3f} ms ({:.0f}% of dense, {:.2f}x the floor), layer "
-             "{:.2f} GiB; permuted {:.3f} ms, gathered {:.3f} ms\n  stages:",
-             "permuted", infer_ms, 100 * dense_ms / infer_ms,
-             infer_ms / floor_ms, infer_bytes / double(1 << 30), by_rows[0].ms, by_rows[1].ms);
+  fmt::print(stderr, "\n  inference (fused, blocked w_up): {:.3f} ms ({:.0f}% of dense, {:.2f}x the "
+             "floor), layer {:.2f} GiB; unfused {:.3f} ms, gathered {:.3f} ms\n  stages:",
+             infer_ms, 100 * dense_ms / infer_ms, infer_ms / floor_ms,
+             infer_bytes / double(1 << 30), variants[kUnfused].ms, variants[kGathered].ms);
   for (int i = 0; i < int(infer_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), infer_stage_ms[i]);
+  fmt::print(stderr, "\n  unfused inference stages:");
+  for (int i = 0; i < int(variants[kUnfused].stage_ms.size()); ++i)
+    fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)),
+               variants[kUnfused].stage_ms[i]);
   fmt::print(stderr, "\n  backward stages (fresh dW):");
   for (int i = 0; i < int(backward_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerBackwardStage(i)),

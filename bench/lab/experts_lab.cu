@@ -5,6 +5,7 @@
 //   G1 / G2  grouped up / down: CUTLASS sm90 grouped GEMM, sizes on the device (library)
 //   G3       grouped up with SwiGLU/GELU in the epilogue, writing pre and act (grouped_fused)
 //   G3n      the same without pre (forward only: nothing saved)
+//   G3b      G3n with w_up's pairs in GateUpLayout::blocked order (act stored with no exchange)
 //   W1 / W2  grouped weight gradients dw_down += act^T dyp / dw_up += xp^T dpre (K = segment);
 //            W1o / W2o the same overwriting dW (beta = 0: dW written, never read)
 //   P2       the up and down GEMMs back to back (F1 - P2: the activation pass in place); P3 / P4
@@ -50,6 +51,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -291,6 +293,9 @@ int run(const Options& o) {
   const bool swiglu = o.activation == Activation::swiglu;
   ExpertsShape es_fused = es;  // the fused backend runs on w_up with gate/up interleaved
   es_fused.gate_up = swiglu ? GateUpLayout::interleaved : GateUpLayout::split;
+  const bool blocked = swiglu && I % 32 == 0;  // GateUpLayout::blocked applies
+  ExpertsShape es_blocked = es;
+  es_blocked.gate_up = GateUpLayout::blocked;
 
   std::vector<int32_t> off(E + 1);
   MOE_CUDA_CHECK(cudaMemcpyAsync(off.data(), offsets, sizeof(int32_t) * (E + 1),
@@ -304,12 +309,13 @@ int run(const Options& o) {
   }
 
   // Buffers (one allocation each).
-  bf16 *w_up, *w_up_il, *w_down, *xp, *pre, *act, *yp, *pre2, *act2, *yp2, *pre3, *act3, *yp3;
+  bf16 *w_up, *w_up_il, *w_up_bl, *w_down, *xp, *pre, *act, *yp, *pre2, *act2, *yp2, *pre3, *act3, *yp3;
   bf16 *dyp = nullptr, *dxp = nullptr, *dxp2 = nullptr, *dxp3 = nullptr;
   float *dw_up = nullptr, *dw_down = nullptr, *dw_up2 = nullptr, *dw_down2 = nullptr;
   auto alloc = [](auto** p, int64_t n) { MOE_CUDA_CHECK(cudaMalloc(p, n * sizeof(**p))); };
   alloc(&w_up, E * H * A);
   alloc(&w_up_il, E * H * A);
+  alloc(&w_up_bl, E * H * A);
   alloc(&w_down, E * I * H);
   alloc(&xp, R * H);
   for (bf16** p : {&pre, &pre2, &pre3}) alloc(p, R * A);
@@ -325,6 +331,7 @@ int run(const Options& o) {
   fill_normal(xp, R * H, 3, 1.f, s);
   if (o.backward) fill_normal(dyp, R * H, 4, 1.f, s);
   if (swiglu) interleave_gate_up(w_up, w_up_il, E * H, I, s);
+  if (blocked) to_gate_up_layout(w_up, w_up_bl, GateUpLayout::blocked, E * H, I, s);
   else MOE_CUDA_CHECK(cudaMemcpyAsync(w_up_il, w_up, E * H * A * sizeof(bf16),
                                       cudaMemcpyDeviceToDevice, s));
 
@@ -338,6 +345,9 @@ int run(const Options& o) {
 
   ExpertsWorkspace grouped(es, ExpertsBackend::grouped, o.backward);
   ExpertsWorkspace fused(es_fused, ExpertsBackend::grouped_fused, o.backward);
+  std::unique_ptr<ExpertsWorkspace> fused_bl;
+  if (blocked)
+    fused_bl = std::make_unique<ExpertsWorkspace>(es_blocked, ExpertsBackend::grouped_fused, false);
   ExpertsWorkspace loop(es, ExpertsBackend::cublas_loop_host_offsets, o.backward);
   ExpertsWorkspace cgrouped(es, ExpertsBackend::cublas_grouped_host_offsets, o.backward);
   GroupedGemm g_up(E, WeightLayout::kn), g_down(E, WeightLayout::kn);
@@ -361,6 +371,8 @@ int run(const Options& o) {
   const ExpertsForwardArgs fc{offsets, w_up_il, w_down, xp, pre3, act3, yp3};
   ExpertsForwardArgs fc_no_pre = fc;
   fc_no_pre.pre = nullptr;
+  ExpertsForwardArgs fc_blocked = fc_no_pre;
+  fc_blocked.w_up = w_up_bl;
   for (bf16* p : {yp, yp2, yp3}) MOE_CUDA_CHECK(cudaMemsetAsync(p, 0xff, R * H * sizeof(bf16), s));
   experts_forward(grouped, fa, s);
   experts_forward(loop, fb, s);
@@ -369,6 +381,13 @@ int run(const Options& o) {
   compare("yp   grouped vs cuBLAS loop", rel_error(download(yp, M * H), download(yp2, M * H), M * H));
   compare("act  fused vs grouped", rel_error(download(act3, M * I), download(act, M * I), M * I));
   compare("yp   fused vs grouped", rel_error(download(yp3, M * H), download(yp, M * H), M * H));
+  if (blocked) {
+    experts_forward(*fused_bl, fc_blocked, s);
+    compare("act  fused blocked vs grouped",
+            rel_error(download(act3, M * I), download(act, M * I), M * I));
+    compare("yp   fused blocked vs grouped",
+            rel_error(download(yp3, M * H), download(yp, M * H), M * H));
+  }
   // A baseline the library refuses (a cuBLAS type combination, say) is reported and left out of
   // the timing; it does not stop the others.
   bool cgrouped_ok = true;
@@ -438,6 +457,12 @@ int run(const Options& o) {
   row("G3n grouped up + activation epilogue (act only)", median_ms(o.reps, s, [&] {
         g_act.run({offsets, A, H, xp, w_up_il, nullptr, act3}, s);
       }), f_up);
+  if (blocked)
+    row("G3b grouped up + activation epilogue, blocked w_up (act only)", median_ms(o.reps, s, [&] {
+          GroupedGemmActArgs b{offsets, A, H, xp, w_up_bl, nullptr, act3};
+          b.blocked = true;
+          g_act.run(b, s);
+        }), f_up);
   row("G2 grouped down (M x H x I)", median_ms(o.reps, s, [&] {
         g_down.run({offsets, H, I, act, w_down, yp}, s);
       }), f_down);
@@ -620,6 +645,9 @@ int run(const Options& o) {
       f_fwd);
   row("F3n experts_forward grouped_fused, no pre",
       median_ms(o.reps, s, [&] { experts_forward(fused, fc_no_pre, s); }), f_fwd);
+  if (blocked)
+    row("F3b experts_forward grouped_fused, blocked w_up, no pre",
+        median_ms(o.reps, s, [&] { experts_forward(*fused_bl, fc_blocked, s); }), f_fwd);
   row("F2 experts_forward cublas_loop_host_offsets",
       median_ms(o.reps, s, [&] { experts_forward(loop, fb, s); }), f_fwd);
   if (cgrouped_ok)

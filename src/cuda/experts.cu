@@ -32,7 +32,14 @@ constexpr std::array<std::string_view, 5> kBackendNames = {
 }  // namespace
 
 std::string_view name(ExpertsBackend b) { return kBackendNames[static_cast<size_t>(b)]; }
-std::string_view name(GateUpLayout g) { return g == GateUpLayout::split ? "split" : "interleaved"; }
+std::string_view name(GateUpLayout g) {
+  switch (g) {
+    case GateUpLayout::split: return "split";
+    case GateUpLayout::interleaved: return "interleaved";
+    case GateUpLayout::blocked: return "blocked";
+  }
+  return "?";
+}
 
 ExpertsBackend parse_experts_backend(std::string_view text, std::string_view field) {
   for (size_t i = 0; i < kBackendNames.size(); ++i)
@@ -54,6 +61,9 @@ void ExpertsShape::validate() const {
   MOE_CHECK(inter >= 1 && inter < (int64_t{1} << 29), "inter must be in [1, 2^29), got ", inter);
   MOE_CHECK(max_rows >= 0 && max_rows < (int64_t{1} << 31), "rows must be in [0, 2^31), got ",
             max_rows);
+  MOE_CHECK(gate_up != GateUpLayout::blocked || activation != Activation::swiglu ||
+                inter % 32 == 0,
+            "the blocked gate/up layout needs inter a multiple of 32, got ", inter);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -70,7 +80,27 @@ struct alignas(sizeof(bf16) * kVec) Pack {
 };
 
 // How pre's columns feed act column j.
-enum class ActKind { gelu, swiglu_split, swiglu_interleaved };
+enum class ActKind { gelu, swiglu_split, swiglu_interleaved, swiglu_blocked };
+
+// GateUpLayout::blocked: the pair (gate, up) of unit u. Within a block of 32 units, unit 8q + a
+// is pair 4a + q.
+__device__ __forceinline__ int64_t blocked_pair(int64_t u) {
+  const int64_t b = u >> 5, q = (u >> 3) & 3, a = u & 7;
+  return 32 * b + 4 * a + q;
+}
+
+// The [gate | up] column that column c of a (rows, 2I) matrix in layout L holds.
+template <GateUpLayout L>
+__device__ __forceinline__ int64_t split_column(int64_t c, int64_t inter) {
+  if constexpr (L == GateUpLayout::split) {
+    return c;
+  } else if constexpr (L == GateUpLayout::interleaved) {
+    return (c & 1) * inter + c / 2;
+  } else {  // pair p = c / 2 = 32 b + 4 a + q holds unit 32 b + 8 q + a
+    const int64_t p = c >> 1, b = p >> 5, a = (p >> 2) & 7, q = p & 3;
+    return (c & 1) * inter + 32 * b + 8 * q + a;
+  }
+}
 
 // kVec consecutive (gate, up) values for act columns [j, j + kVec) of one pre row `h`.
 template <ActKind kKind, int kVec>
@@ -81,6 +111,14 @@ __device__ __forceinline__ void load_gate_up(const bf16* h, int64_t j, int64_t i
     const Pack<kVec> pu = *reinterpret_cast<const Pack<kVec>*>(h + inter + j);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) g[k] = __bfloat162float(pg.v[k]), u[k] = __bfloat162float(pu.v[k]);
+  } else if constexpr (kKind == ActKind::swiglu_blocked) {
+    // Units j .. j + kVec - 1 are pairs 4 apart (kVec = 8: one 8-unit run of a block): 4-byte
+    // loads, which the quad's lanes (q = 0..3) complete to whole 16-byte words.
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const __nv_bfloat162 p = *reinterpret_cast<const __nv_bfloat162*>(h + 2 * blocked_pair(j + k));
+      g[k] = __low2float(p), u[k] = __high2float(p);
+    }
   } else {  // interleaved: gate j at 2j, up j at 2j + 1; two packs of kVec cover kVec pairs
     const Pack<kVec> p0 = *reinterpret_cast<const Pack<kVec>*>(h + 2 * j);
     const Pack<kVec> p1 = *reinterpret_cast<const Pack<kVec>*>(h + 2 * j + kVec);
@@ -168,6 +206,11 @@ struct ActGradItem {
           pg.v[k] = __float2bfloat16(dg[k]), pu.v[k] = __float2bfloat16(du[k]);
         *reinterpret_cast<Pack<kVec>*>(dh + j) = pg;
         *reinterpret_cast<Pack<kVec>*>(dh + inter + j) = pu;
+      } else if constexpr (kKind == ActKind::swiglu_blocked) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k)
+          *reinterpret_cast<__nv_bfloat162*>(dh + 2 * blocked_pair(j + k)) =
+              __floats2bfloat162_rn(dg[k], du[k]);
       } else {
         Pack<kVec> p0, p1;
 #pragma unroll
@@ -216,9 +259,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Column c of a (rows, 2I) row-major matrix between [gate | up] and interleaved pairs; thread per
-// destination element (a load-time conversion, not on the step path).
-template <class T, bool kToInterleaved>
+// A (rows, 2I) row-major matrix between [gate | up] and layout L, thread per element of the
+// L-ordered side (a load-time conversion, not on the step path): kToLayout gathers from split,
+// else scatters back to it.
+template <class T, GateUpLayout L, bool kToLayout>
 __global__ void __launch_bounds__(kThreads)
     reorder_gate_up_kernel(const T* __restrict__ src, T* __restrict__ dst, int64_t rows,
                            int64_t inter) {
@@ -226,10 +270,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t r = i / width, c = i - r * width;
-    // interleaved column c holds split column (c odd ? I : 0) + c / 2
-    const int64_t other = kToInterleaved ? (c & 1) * inter + c / 2
-                                         : (c < inter ? 2 * c : 2 * (c - inter) + 1);
-    dst[i] = src[r * width + other];
+    const int64_t s = r * width + split_column<L>(c, inter);
+    if constexpr (kToLayout) dst[i] = src[s];
+    else dst[s] = src[i];
   }
 }
 
@@ -248,7 +291,12 @@ int elementwise_blocks(int64_t items, int sm_count) {
 
 ActKind act_kind(const ExpertsShape& s) {
   if (s.activation == Activation::gelu) return ActKind::gelu;
-  return s.gate_up == GateUpLayout::split ? ActKind::swiglu_split : ActKind::swiglu_interleaved;
+  switch (s.gate_up) {
+    case GateUpLayout::split: return ActKind::swiglu_split;
+    case GateUpLayout::interleaved: return ActKind::swiglu_interleaved;
+    case GateUpLayout::blocked: return ActKind::swiglu_blocked;
+  }
+  return ActKind::swiglu_split;
 }
 
 // The runtime (kind, vectorised) pair becomes template arguments here, in one place.
@@ -265,6 +313,9 @@ void dispatch_act(ActKind kind, bool vec, F&& f) {
       break;
     case ActKind::swiglu_interleaved:
       with_vec(std::integral_constant<ActKind, ActKind::swiglu_interleaved>{});
+      break;
+    case ActKind::swiglu_blocked:
+      with_vec(std::integral_constant<ActKind, ActKind::swiglu_blocked>{});
       break;
   }
 }
@@ -303,15 +354,39 @@ void activation_backward(const ExpertsShape& s, int sm_count, const int32_t* off
   MOE_CUDA_LAUNCH_CHECK();
 }
 
-template <class T, bool kToInterleaved>
-void reorder_gate_up(const T* src, T* dst, int64_t rows, int64_t inter, cudaStream_t stream) {
+// to_layout: dst (layout) from src (split); else dst (split) from src (layout).
+template <class T>
+void reorder_gate_up(const T* src, T* dst, GateUpLayout layout, bool to_layout, int64_t rows,
+                     int64_t inter, cudaStream_t stream) {
   MOE_CHECK(src != dst, "gate/up reordering cannot run in place");
+  MOE_CHECK(rows >= 0 && inter >= 0, "gate/up reordering: negative shape (rows=", rows,
+            ", inter=", inter, ")");
+  MOE_CHECK(layout != GateUpLayout::blocked || inter % 32 == 0,
+            "the blocked gate/up layout needs inter a multiple of 32, got ", inter);
   if (rows == 0 || inter == 0) return;
   int device = 0, sms = 0;
   MOE_CUDA_CHECK(cudaGetDevice(&device));
   MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  reorder_gate_up_kernel<T, kToInterleaved>
-      <<<elementwise_blocks(rows * 2 * inter, sms), kThreads, 0, stream>>>(src, dst, rows, inter);
+  const int blocks = elementwise_blocks(rows * 2 * inter, sms);
+  auto launch = [&](auto l) {
+    constexpr GateUpLayout L = decltype(l)::value;
+    if (to_layout)
+      reorder_gate_up_kernel<T, L, true><<<blocks, kThreads, 0, stream>>>(src, dst, rows, inter);
+    else
+      reorder_gate_up_kernel<T, L, false><<<blocks, kThreads, 0, stream>>>(src, dst, rows, inter);
+  };
+  switch (layout) {
+    case GateUpLayout::split:
+      MOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, sizeof(T) * rows * 2 * inter,
+                                     cudaMemcpyDeviceToDevice, stream));
+      return;
+    case GateUpLayout::interleaved:
+      launch(std::integral_constant<GateUpLayout, GateUpLayout::interleaved>{});
+      break;
+    case GateUpLayout::blocked:
+      launch(std::integral_constant<GateUpLayout, GateUpLayout::blocked>{});
+      break;
+  }
   MOE_CUDA_LAUNCH_CHECK();
 }
 
@@ -376,15 +451,27 @@ int device_sm_count() {
 
 void interleave_gate_up(const bf16* split, bf16* interleaved, int64_t rows, int64_t inter,
                         cudaStream_t stream) {
-  reorder_gate_up<bf16, true>(split, interleaved, rows, inter, stream);
+  reorder_gate_up(split, interleaved, GateUpLayout::interleaved, true, rows, inter, stream);
 }
 void split_gate_up(const bf16* interleaved, bf16* split, int64_t rows, int64_t inter,
                    cudaStream_t stream) {
-  reorder_gate_up<bf16, false>(interleaved, split, rows, inter, stream);
+  reorder_gate_up(interleaved, split, GateUpLayout::interleaved, false, rows, inter, stream);
 }
 void split_gate_up(const float* interleaved, float* split, int64_t rows, int64_t inter,
                    cudaStream_t stream) {
-  reorder_gate_up<float, false>(interleaved, split, rows, inter, stream);
+  reorder_gate_up(interleaved, split, GateUpLayout::interleaved, false, rows, inter, stream);
+}
+void to_gate_up_layout(const bf16* split, bf16* dst, GateUpLayout to, int64_t rows, int64_t inter,
+                       cudaStream_t stream) {
+  reorder_gate_up(split, dst, to, true, rows, inter, stream);
+}
+void from_gate_up_layout(const bf16* src, GateUpLayout from, bf16* split, int64_t rows,
+                         int64_t inter, cudaStream_t stream) {
+  reorder_gate_up(src, split, from, false, rows, inter, stream);
+}
+void from_gate_up_layout(const float* src, GateUpLayout from, float* split, int64_t rows,
+                         int64_t inter, cudaStream_t stream) {
+  reorder_gate_up(src, split, from, false, rows, inter, stream);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -480,10 +567,9 @@ ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend bac
               "the grouped experts backends need hidden and inter multiples of 8 (16-byte TMA "
               "rows), got hidden=", shape.hidden, " inter=", shape.inter);
     if (backend == ExpertsBackend::grouped_fused) {
-      MOE_CHECK(shape.activation != Activation::swiglu ||
-                    shape.gate_up == GateUpLayout::interleaved,
-                "the grouped_fused backend needs SwiGLU's w_up with gate/up columns interleaved "
-                "(gate_up = interleaved; see interleave_gate_up)");
+      MOE_CHECK(shape.activation != Activation::swiglu || shape.gate_up != GateUpLayout::split,
+                "the grouped_fused backend needs SwiGLU's w_up with gate/up columns in pairs "
+                "(gate_up = interleaved or blocked; see to_gate_up_layout)");
       up_act_ = GroupedGemmAct(E, shape.activation);
     } else {
       up_ = GroupedGemm(E, WeightLayout::kn);
@@ -576,7 +662,9 @@ void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStre
       ws.down_.run({a.offsets, H, I, a.act, a.w_down, a.yp}, stream);         // yp = act · w_down
       return;
     case ExpertsBackend::grouped_fused:
-      ws.up_act_.run({a.offsets, A, H, a.xp, a.w_up, a.pre, a.act}, stream);  // pre, act
+      ws.up_act_.run({a.offsets, A, H, a.xp, a.w_up, a.pre, a.act,
+                      s.activation == Activation::swiglu && s.gate_up == GateUpLayout::blocked},
+                     stream);                                                  // pre, act
       ws.down_.run({a.offsets, H, I, a.act, a.w_down, a.yp}, stream);
       return;
     case ExpertsBackend::cublas_strided_padded: {

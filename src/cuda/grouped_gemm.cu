@@ -129,6 +129,9 @@ void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) co
   check_width("grouped GEMM + activation", "K", args.k);
   MOE_CHECK(args.offsets && args.a && args.b && args.act,
             "grouped GEMM + activation: null pointer argument (only pre may be null)");
+  MOE_CHECK(!args.blocked || (activation_ == Activation::swiglu && args.n % 64 == 0),
+            "grouped GEMM + activation: the blocked gate/up layout needs SwiGLU and N a multiple "
+            "of 64 (I of 32), got N=", args.n);
   Bf16Sm90Act::run(args, activation_, experts_, workspace_, sm_count_, stream);
 }
 

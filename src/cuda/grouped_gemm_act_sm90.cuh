@@ -73,6 +73,7 @@ struct ActKernel {
     epilogue.ld_pre = a.n;
     epilogue.ld_act = swiglu ? a.n / 2 : a.n;
     epilogue.swiglu = swiglu ? 1 : 0;
+    epilogue.blocked = a.blocked ? 1 : 0;
     return typename Gemm::Arguments{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only

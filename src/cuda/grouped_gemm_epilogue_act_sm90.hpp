@@ -15,6 +15,10 @@
 // per warp instruction): +0.43 ms. What remains is the epilogue itself running after each tile's
 // mainloop, not under it (bench/lab/experts_lab.md).
 //
+// With w_up's pairs in GateUpLayout::blocked order the act exchange goes too: lane q's groups
+// 8c .. 8c+7 are then units 32c + 8q .. 32c + 8q + 7, one 16-byte word as they lie. pre (when
+// written) is in w_up's column order either way and keeps its exchange.
+//
 // Each value is rounded to bf16 before the activation sees it: act is then the same function of
 // the stored pre as in the unfused pair (elementwise kernel after a plain GEMM), and the backward,
 // which differentiates at the stored pre, is consistent with it.
@@ -67,6 +71,7 @@ class EpilogueActivation {
     int64_t ld_pre = 0;                // N
     int64_t ld_act = 0;                // N / 2 (SwiGLU) or N (GELU)
     int swiglu = 1;                    // 1: SwiGLU on interleaved pairs, 0: GELU
+    int blocked = 0;                   // SwiGLU: pairs in GateUpLayout::blocked order (below)
   };
   using Params = Arguments;
 
@@ -133,6 +138,7 @@ class EpilogueActivation {
     __nv_bfloat16* const pre_out = params_.pre;
     __nv_bfloat16* const act_out = params_.act;
     const bool swiglu = params_.swiglu != 0;
+    const bool blocked = params_.blocked != 0;
 
     // Step 2: per row half, blocks of 8 groups (64 pre columns): round to bf16, exchange within
     // the quad so that each lane holds 8 consecutive columns, store 16 bytes per lane. All lanes
@@ -181,11 +187,18 @@ class EpilogueActivation {
             a[k] = pack(__floats2bfloat162_rn(act::silu_mul(__low2float(x0), __high2float(x0)),
                                               act::silu_mul(__low2float(x1), __high2float(x1))));
           }
-          // After the exchange lane q holds, from each lane s, the acts of groups 8c+2q (low
-          // halves: act columns 32c + 8q + s) and 8c+2q+1 (high halves: + 4).
-          const uint4 t = quad_transpose(a[0], a[1], a[2], a[3], q);
-          const uint4 v = make_uint4(__byte_perm(t.x, t.y, 0x5410), __byte_perm(t.z, t.w, 0x5410),
-                                     __byte_perm(t.x, t.y, 0x7632), __byte_perm(t.z, t.w, 0x7632));
+          // Blocked pairs: group 8c + i of lane q is unit 32c + 8q + i of the tile, so a[0..3]
+          // already are act columns 32c + 8q .. + 7 in order. Interleaved: after the exchange
+          // lane q holds, from each lane s, the acts of groups 8c+2q (low halves: act columns
+          // 32c + 8q + s) and 8c+2q+1 (high halves: + 4).
+          uint4 v;
+          if (blocked) {
+            v = make_uint4(a[0], a[1], a[2], a[3]);
+          } else {
+            const uint4 t = quad_transpose(a[0], a[1], a[2], a[3], q);
+            v = make_uint4(__byte_perm(t.x, t.y, 0x5410), __byte_perm(t.z, t.w, 0x5410),
+                           __byte_perm(t.x, t.y, 0x7632), __byte_perm(t.z, t.w, 0x7632));
+          }
           const int col = n_tile / 2 + 32 * c + 8 * q;  // act column, a multiple of 8
           if (row_ok && 2 * col < N)
             *reinterpret_cast<uint4*>(act_out + r * params_.ld_act + col) = v;

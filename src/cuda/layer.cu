@@ -75,6 +75,11 @@ bool aliases(ExpertsBackend backend, bool backward) {
          (backend == ExpertsBackend::grouped || backend == ExpertsBackend::grouped_fused);
 }
 
+// Whether pre is written: the fused up-projection without a backward writes act alone.
+bool keeps_pre(ExpertsBackend backend, bool backward) {
+  return backward || backend != ExpertsBackend::grouped_fused;
+}
+
 // Whether the up-projection gathers x's rows itself (no permute pass, no xp): only without a
 // backward (dw_up = xp^T dpre reads xp as contiguous rows) and with the grouped backend. Not the
 // default: on an H100 the cp.async-fed gathered GEMM loses more than the permute pass costs at
@@ -115,7 +120,8 @@ size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool bac
   const size_t A = cfg.activation == Activation::swiglu ? 2 * I : I;
   const size_t b = sizeof(bf16), f = sizeof(float), bw = backward ? 1 : 0;
   const size_t xp = gathers(backend, backward, rows) ? 0 : 1;
-  size_t bytes = T * E * f + R * (xp * H + A + I + H) * b;  // logits, xp, pre, act, yp
+  const size_t pre = keeps_pre(backend, backward) ? 1 : 0;
+  size_t bytes = T * E * f + R * (xp * H + pre * A + I + H) * b;  // logits, xp, pre, act, yp
   bytes += bw * (N * f + T * E * (f + b));             // dweight, dz, dz_bf16
   if (cfg.router == Router::noisy_topk) bytes += (1 + bw) * T * E * f;  // noise_raw, dr
   if (has_jitter(cfg)) bytes += (T * H + H * E) * f;                    // x_router, w_gate_f32
@@ -143,6 +149,7 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   const int64_t A = es.up_width();
   alias_ = aliases(backend, backward);
   gather_ = gathers(backend, backward, rows);
+  keep_pre_ = keeps_pre(backend, backward);
   noisy_ = cfg_.router == Router::noisy_topk;
   jitter_ = has_jitter(cfg_);
   experts_ = std::make_unique<ExpertsWorkspace>(es, backend, backward, /*own_scratch=*/!alias_);
@@ -154,7 +161,7 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   arena_ = DeviceArena({
       {"logits", size_t(T * E) * f, reinterpret_cast<void**>(&logits_)},
       {"xp", (gather_ ? 0 : 1) * size_t(R * H) * b, reinterpret_cast<void**>(&xp_)},
-      {"pre", size_t(R * A) * b, reinterpret_cast<void**>(&pre_)},
+      {"pre", (keep_pre_ ? 1 : 0) * size_t(R * A) * b, reinterpret_cast<void**>(&pre_)},
       {"act", size_t(R * I) * b, reinterpret_cast<void**>(&act_)},
       {alias_ ? "yp|dyp|dxp" : "yp|dxp", size_t(R * H) * b, reinterpret_cast<void**>(&yp_)},
       {"dyp", (alias_ ? 0 : bw) * size_t(R * H) * b, reinterpret_cast<void**>(&dyp_)},
@@ -244,7 +251,7 @@ void Layer::forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t 
   } else {
     ea.xp = xp_;
   }
-  ea.pre = pre_;
+  ea.pre = keep_pre_ ? pre_ : nullptr;
   ea.act = act_;
   ea.yp = yp_;
   experts_forward(*experts_, ea, stream);

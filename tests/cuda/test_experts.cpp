@@ -63,6 +63,7 @@ std::vector<ExpertsCase> experts_cases() {
       {"e7_skewed_gelu", {300, 0, 1, 17, 129, 0, 64}, 200, 40, G},         // E not a power of 2
       {"e11_zipf", zipf, 104, 56, S},
       {"e64_small_segments", e64, 128, 64, S},
+      {"e6_two_n_tiles", {200, 0, 3, 129, 1, 64}, 96, 160, S},            // 2I = 256 + 64
       {"e3_large_segment", {4100, 3, 0}, 256, 136, S},                   // 33 M-tiles, K = 136
       {"e4_all_empty", {0, 0, 0, 0}, 64, 32, S},
       {"e2_no_spare_rows", {129, 255}, 64, 24, G, 0},
@@ -147,15 +148,26 @@ const Reference& cached_reference(const ExpertsCase& c, const Inputs& in) {
 }
 
 // Reorder the 2I columns of a (rows, 2I) row-major host matrix between the two layouts.
-std::vector<float> reorder(const std::vector<float>& v, int64_t inter, bool to_interleaved) {
+// The pair (gate, up) of unit j in a paired layout: interleaved, pair j; blocked, within each
+// block of 32 units unit 8q + a is pair 4a + q (experts.hpp).
+int64_t pair_of_unit(int64_t j, GateUpLayout layout) {
+  if (layout == GateUpLayout::interleaved) return j;
+  const int64_t block = j / 32, q = (j % 32) / 8, a = j % 8;
+  return 32 * block + 4 * a + q;
+}
+
+// A (rows, 2I) matrix between the split layout and `layout` (to_layout: from split).
+std::vector<float> reorder(const std::vector<float>& v, int64_t inter, bool to_layout,
+                           GateUpLayout layout = GateUpLayout::interleaved) {
+  if (layout == GateUpLayout::split) return v;
   const int64_t width = 2 * inter, rows = static_cast<int64_t>(v.size()) / width;
   std::vector<float> out(v.size());
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < inter; ++j) {
       const int64_t split_g = r * width + j, split_u = split_g + inter;
-      const int64_t inter_g = r * width + 2 * j, inter_u = inter_g + 1;
-      if (to_interleaved) out[inter_g] = v[split_g], out[inter_u] = v[split_u];
-      else out[split_g] = v[inter_g], out[split_u] = v[inter_u];
+      const int64_t pair_g = r * width + 2 * pair_of_unit(j, layout), pair_u = pair_g + 1;
+      if (to_layout) out[pair_g] = v[split_g], out[pair_u] = v[split_u];
+      else out[split_g] = v[pair_g], out[split_u] = v[pair_u];
     }
   return out;
 }
@@ -233,10 +245,11 @@ struct Device {
 
   Device(const Inputs& in, GateUpLayout gate_up) : shape(in.shape) {
     shape.gate_up = gate_up;
-    const bool il = gate_up == GateUpLayout::interleaved && shape.activation == Activation::swiglu;
+    // GELU has no gate/up pairs: every layout is the identity.
+    const GateUpLayout l = shape.activation == Activation::swiglu ? gate_up : GateUpLayout::split;
     const int64_t H = shape.hidden, I = shape.inter, A = shape.up_width(), R = shape.max_rows;
     offsets = DeviceArray<int32_t>(std::vector<int32_t>(in.offsets.begin(), in.offsets.end()));
-    w_up = DeviceArray<bf16>(to_device_type<bf16>(il ? reorder(in.w_up, I, true) : in.w_up));
+    w_up = DeviceArray<bf16>(to_device_type<bf16>(reorder(in.w_up, I, true, l)));
     w_down = DeviceArray<bf16>(to_device_type<bf16>(in.w_down));
     xp = DeviceArray<bf16>(to_device_type<bf16>(in.xp));
     dyp = DeviceArray<bf16>(to_device_type<bf16>(in.dyp));
@@ -244,7 +257,7 @@ struct Device {
     act = DeviceArray<bf16>(R * I);
     yp = DeviceArray<bf16>(R * H);
     dxp = DeviceArray<bf16>(R * H);
-    dw_up0 = il ? reorder(in.dw_up0, I, true) : in.dw_up0;
+    dw_up0 = reorder(in.dw_up0, I, true, l);
     dw_up = DeviceArray<float>(dw_up0);
     dw_down = DeviceArray<float>(in.dw_down0);
   }
@@ -266,8 +279,8 @@ struct Outputs {
 };
 
 Outputs download(const Device& d) {
-  const bool il = d.shape.gate_up == GateUpLayout::interleaved &&
-                  d.shape.activation == Activation::swiglu;
+  const GateUpLayout l =
+      d.shape.activation == Activation::swiglu ? d.shape.gate_up : GateUpLayout::split;
   const int64_t I = d.shape.inter;
   Outputs o;
   o.pre = from_device_type(d.pre.download());
@@ -276,7 +289,7 @@ Outputs download(const Device& d) {
   o.dxp = from_device_type(d.dxp.download());
   o.dw_up = d.dw_up.download();
   o.dw_down = d.dw_down.download();
-  if (il) o.pre = reorder(o.pre, I, false), o.dw_up = reorder(o.dw_up, I, false);
+  o.pre = reorder(o.pre, I, false, l), o.dw_up = reorder(o.dw_up, I, false, l);
   return o;
 }
 
@@ -360,13 +373,16 @@ std::vector<Param> params() {
     for (ExpertsBackend b : cuda::kAllExpertsBackends) {
       if (!backend_takes(b, c)) continue;
       const bool swiglu = c.activation == Activation::swiglu;
+      const bool blocks = swiglu && c.inter % 32 == 0;  // GateUpLayout::blocked applies
       if (b == ExpertsBackend::grouped_fused) {
         v.push_back({c, b, GateUpLayout::interleaved});
+        if (blocks) v.push_back({c, b, GateUpLayout::blocked});
         continue;
       }
       v.push_back({c, b, GateUpLayout::split});
-      // The unfused grouped path in the fused path's layout too.
+      // The unfused paths in the fused path's layouts too.
       if (b == ExpertsBackend::grouped && swiglu) v.push_back({c, b, GateUpLayout::interleaved});
+      if (blocks) v.push_back({c, b, GateUpLayout::blocked});
     }
   return v;
 }
@@ -375,9 +391,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ExpertsParity, ::testing::ValuesIn(params()),
                          [](const auto& info) {
                            const Param& p = info.param;
                            std::string n = p.c.name + "_" + std::string(cuda::name(p.backend));
-                           if (p.gate_up == GateUpLayout::interleaved &&
-                               p.backend != ExpertsBackend::grouped_fused)
-                             n += "_interleaved";
+                           if (p.gate_up == GateUpLayout::blocked ||
+                               (p.gate_up == GateUpLayout::interleaved &&
+                                p.backend != ExpertsBackend::grouped_fused))
+                             n += "_" + std::string(cuda::name(p.gate_up));
                            return n;
                          });
 
@@ -538,18 +555,25 @@ int64_t max_ulp(const std::vector<float>& a, const std::vector<float>& b, int64_
   return worst;
 }
 
-class FusedUpProjection : public ::testing::TestWithParam<Activation> {};
+struct FusedParam {
+  Activation activation;
+  GateUpLayout gate_up;
+  int64_t inter;  // 136: no whole 32-unit block at the end; 160: 2I = 320, two N tiles
+};
+
+class FusedUpProjection : public ::testing::TestWithParam<FusedParam> {};
 
 // Same mainloop and the same activation functions on the same bf16-rounded pre: pre is identical
 // bit for bit, act and yp should be too (at most one bf16 ulp is allowed for act, in case the two
 // kernels' compilations contract the fp32 arithmetic differently; the counts are printed).
 TEST_P(FusedUpProjection, EqualsTheUnfusedPairAndNeedsNoPre) {
   MOE_REQUIRE_GPU();
+  const FusedParam& p = GetParam();
   std::vector<int64_t> sizes = {70, 0, 1, 300, 129, 5, 0, 256};
-  ExpertsCase c{"fused_" + std::string(name(GetParam())), sizes, 192, 136, GetParam(), 3};
+  ExpertsCase c{"fused_" + std::string(name(p.activation)), sizes, 192, p.inter, p.activation, 3};
   const Inputs in = make_inputs(c, 33);
   const int64_t I = in.shape.inter, A = in.shape.up_width(), M = in.offsets.back();
-  Device unfused(in, GateUpLayout::interleaved), fused(in, GateUpLayout::interleaved);
+  Device unfused(in, p.gate_up), fused(in, p.gate_up);
   unfused.poison(), fused.poison();
   cuda::ExpertsWorkspace ws_unfused(unfused.shape, ExpertsBackend::grouped, false);
   cuda::ExpertsWorkspace ws_fused(fused.shape, ExpertsBackend::grouped_fused, false);
@@ -559,8 +583,9 @@ TEST_P(FusedUpProjection, EqualsTheUnfusedPairAndNeedsNoPre) {
   EXPECT_TRUE(same_bytes(u.pre, f.pre)) << "pre differs between the fused and unfused paths";
   int64_t differing = 0;
   const int64_t ulp = max_ulp(u.act, f.act, M * I, &differing);
-  std::printf("[ fused    ] %s act: %ld of %ld values differ, max %ld bf16 ulp\n",
-              std::string(name(GetParam())).c_str(), (long)differing, (long)(M * I), (long)ulp);
+  std::printf("[ fused    ] %s %s act: %ld of %ld values differ, max %ld bf16 ulp\n",
+              std::string(name(p.activation)).c_str(), std::string(cuda::name(p.gate_up)).c_str(),
+              (long)differing, (long)(M * I), (long)ulp);
   EXPECT_LE(ulp, 1);
   const Reference& ref = cached_reference(c, in);
   const int64_t H = in.shape.hidden, R = in.shape.max_rows;
@@ -569,7 +594,7 @@ TEST_P(FusedUpProjection, EqualsTheUnfusedPairAndNeedsNoPre) {
   EXPECT_TRUE(segments_close("yp", f.yp, ref.yp, in.offsets, H, R));
 
   // Forward only: no pre at all, the same act and yp.
-  Device no_pre(in, GateUpLayout::interleaved);
+  Device no_pre(in, p.gate_up);
   no_pre.poison();
   cuda::ExpertsForwardArgs args = no_pre.forward_args();
   args.pre = nullptr;
@@ -582,8 +607,15 @@ TEST_P(FusedUpProjection, EqualsTheUnfusedPairAndNeedsNoPre) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Activations, FusedUpProjection,
-                         ::testing::Values(Activation::swiglu, Activation::gelu),
-                         [](const auto& info) { return std::string(name(info.param)); });
+                         ::testing::Values(FusedParam{Activation::swiglu, GateUpLayout::interleaved, 136},
+                                           FusedParam{Activation::gelu, GateUpLayout::interleaved, 136},
+                                           FusedParam{Activation::swiglu, GateUpLayout::blocked, 160}),
+                         [](const auto& info) {
+                           const FusedParam& p = info.param;
+                           std::string n(name(p.activation));
+                           if (p.gate_up == GateUpLayout::blocked) n += "_blocked";
+                           return n;
+                         });
 
 // ------------------------------------------------------------------------------------------------
 // no host synchronisation: a CUDA graph of forward + backward, replayed with new offsets
@@ -720,6 +752,12 @@ TEST(ExpertsWorkspace, RefusesShapesTheBackendsCannotTake) {
       << "SwiGLU fused needs the interleaved gate/up layout";
   s.gate_up = GateUpLayout::interleaved;
   EXPECT_NO_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::grouped_fused));
+  s.gate_up = GateUpLayout::blocked;
+  EXPECT_NO_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::grouped_fused));
+  s.inter = 72;  // the blocked layout orders units in blocks of 32
+  EXPECT_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::grouped_fused), ConfigError);
+  EXPECT_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::cublas_loop_host_offsets), ConfigError);
+  s.inter = 64;
   s.experts = 0;
   EXPECT_THROW(cuda::ExpertsWorkspace(s, ExpertsBackend::cublas_loop_host_offsets), ConfigError);
 }
@@ -730,7 +768,33 @@ TEST(ExpertsBackendNames, RoundTrip) {
   EXPECT_THROW(cuda::parse_experts_backend("cutlass"), ConfigError);
 }
 
-// The device reordering helpers agree with the host one and invert each other.
+// The device reordering helpers agree with the host one and invert each other, for every layout.
+TEST(GateUpLayout, ToAndFromEveryLayoutAreInverse) {
+  MOE_REQUIRE_GPU();
+  const int64_t rows = 5, I = 96;
+  const std::vector<float> v = round_to<bf16>(random_vector<float>(rows * 2 * I, 4));
+  for (GateUpLayout l : {GateUpLayout::split, GateUpLayout::interleaved, GateUpLayout::blocked}) {
+    SCOPED_TRACE(std::string(cuda::name(l)));
+    const std::vector<float> want = reorder(v, I, true, l);
+    DeviceArray<bf16> split(to_device_type<bf16>(v)), in_l(rows * 2 * I), back(rows * 2 * I);
+    in_l.poison(), back.poison();
+    cuda::to_gate_up_layout(split.get(), in_l.get(), l, rows, I, nullptr);
+    cuda::from_gate_up_layout(in_l.get(), l, back.get(), rows, I, nullptr);
+    EXPECT_TRUE(same_bytes(from_device_type(in_l.download()), want));
+    EXPECT_TRUE(same_bytes(from_device_type(back.download()), v));
+    DeviceArray<float> f(want), fs(rows * 2 * I);
+    fs.poison();
+    cuda::from_gate_up_layout(f.get(), l, fs.get(), rows, I, nullptr);
+    EXPECT_TRUE(same_bytes(fs.download(), v));
+  }
+  // Unit 8q + a of a block is pair 4a + q: unit 9 (q = 1, a = 1) is pair 5, unit 33 is pair 36.
+  EXPECT_EQ(pair_of_unit(9, GateUpLayout::blocked), 5);
+  EXPECT_EQ(pair_of_unit(33, GateUpLayout::blocked), 36);
+  DeviceArray<bf16> a(rows * 2 * 40), b(rows * 2 * 40);
+  EXPECT_THROW(cuda::to_gate_up_layout(a.get(), b.get(), GateUpLayout::blocked, rows, 40, nullptr),
+               ConfigError);
+}
+
 TEST(GateUpLayout, InterleaveAndSplitAreInverse) {
   MOE_REQUIRE_GPU();
   const int64_t rows = 37, I = 24;

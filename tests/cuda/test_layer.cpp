@@ -251,6 +251,24 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
     EXPECT_TRUE(same_bytes(y_infer.download(), d.y.download()))
         << "the gathered inference forward differs from the training forward";
   }
+  // Inference with the activation in the up-projection's epilogue and w_up's pairs in the blocked
+  // order: each pre value is the same dot product in the same K order, only in another column,
+  // and act keeps the natural order, so y is again the training layer's bit for bit.
+  if (c.I % 32 == 0) {
+    cuda::Layer infer(built, cuda::ExpertsBackend::grouped_fused, cuda::GateUpLayout::blocked,
+                      /*backward=*/false);
+    infer.set_seed(c.seed);
+    DeviceArray<bf16> w_up_blocked(in.p.w_up.size()), y_infer(in.x.size());
+    cuda::to_gate_up_layout(d.w_up.get(), w_up_blocked.get(), cuda::GateUpLayout::blocked,
+                            c.E * c.H, c.I, nullptr);
+    cuda::LayerWeights w = d.weights(c.router);
+    w.w_up = w_up_blocked.get();
+    y_infer.poison();
+    infer.forward(d.x.get(), w, y_infer.get(), nullptr);
+    MOE_CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_TRUE(same_bytes(y_infer.download(), d.y.download()))
+        << "the fused, blocked inference forward differs from the training forward";
+  }
   const double e_wg = rel_frobenius(d.dw_gate.download(), g_ref.w_gate);
   const double e_wn = rel_frobenius(d.dw_noise.download(), g_ref.w_noise);
   const double e_wu = rel_frobenius(d.dw_up.download(), g_ref.w_up);

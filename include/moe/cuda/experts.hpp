@@ -1,6 +1,6 @@
 // defines: moe::cuda::GateUpLayout, ExpertsShape, ExpertsBackend, ExpertsForwardArgs,
 //          ExpertsBackwardArgs, ExpertsWorkspace, experts_forward, experts_backward,
-//          interleave_gate_up, split_gate_up
+//          interleave_gate_up, split_gate_up, to_gate_up_layout, from_gate_up_layout
 // experts: xp[M,H] -> yp[M,H], each expert's FFN over its segment [offsets[e], offsets[e+1]) of
 // rows, as cpu::experts_forward / cpu::experts_backward (src/cpu/experts.cpp) with bf16 storage and
 // fp32 accumulation:
@@ -18,7 +18,13 @@
 //   interleaved  gate j at column 2j, up j at 2j + 1 -- what the fused epilogue needs (every thread
 //                of the GEMM holds whole pairs); the parameters are kept in this order (convert
 //                once at load time with interleave_gate_up, and the optimiser does not care).
-// Every backend takes either, except grouped_fused, which needs interleaved for SwiGLU.
+//   blocked      interleaved pairs, and within each block of 32 units (64 columns) pair 4a + q
+//                holds unit 8q + a (a < 8, q < 4): the fused epilogue's thread q then owns units
+//                8q .. 8q + 7 of every block and stores its act as one 16-byte word, with no
+//                exchange between lanes. act, da, w_down and dw_down keep the natural unit order.
+//                Needs I a multiple of 32 (ExpertsShape::validate).
+// Every backend takes any of them, except grouped_fused, which needs interleaved or blocked for
+// SwiGLU. Convert with to_gate_up_layout / from_gate_up_layout.
 //
 // Backends (name(b) gives the string):
 //   grouped                      CUTLASS sm90 grouped GEMMs (grouped_gemm.hpp): up, activation as
@@ -57,7 +63,7 @@
 
 namespace moe::cuda {
 
-enum class GateUpLayout { split, interleaved };
+enum class GateUpLayout { split, interleaved, blocked };
 std::string_view name(GateUpLayout g);
 
 struct ExpertsShape {
@@ -196,9 +202,15 @@ const char* name(ExpertsBackwardStep s);
 void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& args, cudaStream_t stream,
                       cudaEvent_t* events = nullptr);
 
-// Reorder the 2I columns of a (rows, 2I) row-major matrix between the two GateUpLayouts: w_up seen
-// as (E*H, 2I) at load time, and back for checkpoints or comparisons (dw_up in fp32). In place is
-// not allowed (dst != src).
+// Reorder the 2I columns of a (rows, 2I) row-major matrix between GateUpLayouts: w_up seen as
+// (E*H, 2I) at load time, and back for checkpoints or comparisons (dw_up in fp32). In place is
+// not allowed (dst != src). interleave_gate_up / split_gate_up are the interleaved cases.
+void to_gate_up_layout(const bf16* split, bf16* dst, GateUpLayout to, int64_t rows, int64_t inter,
+                       cudaStream_t stream);
+void from_gate_up_layout(const bf16* src, GateUpLayout from, bf16* split, int64_t rows,
+                         int64_t inter, cudaStream_t stream);
+void from_gate_up_layout(const float* src, GateUpLayout from, float* split, int64_t rows,
+                         int64_t inter, cudaStream_t stream);
 void interleave_gate_up(const bf16* split, bf16* interleaved, int64_t rows, int64_t inter,
                         cudaStream_t stream);
 void split_gate_up(const bf16* interleaved, bf16* split, int64_t rows, int64_t inter,

@@ -33,6 +33,8 @@
 // column 2j = gate j and column 2j + 1 = up j (GateUpLayout::interleaved in experts.hpp): a thread
 // of the wgmma accumulator layout holds columns (2q, 2q+1) of a row, so each thread owns whole
 // (gate, up) pairs and the epilogue needs no data exchange. pre is then interleaved too.
+// With the pairs further in GateUpLayout::blocked order (GroupedGemmActArgs::blocked), the four
+// lanes of a quad need not exchange act either: each holds 8 consecutive units of it.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -82,6 +84,9 @@ struct GroupedGemmActArgs {
   const __nv_bfloat16* b = nullptr;  // (E, K, N) w_up; SwiGLU: gate/up columns interleaved
   __nv_bfloat16* pre = nullptr;      // (max_rows, N) or nullptr (nothing saved: inference)
   __nv_bfloat16* act = nullptr;      // (max_rows, N/2) SwiGLU, (max_rows, N) GELU
+  // SwiGLU only: w_up's pairs in GateUpLayout::blocked order (N a multiple of 64), so each thread
+  // stores its 8 consecutive units of act as they lie; false: GateUpLayout::interleaved.
+  bool blocked = false;
 };
 
 // What the three kinds share: E, the SM count and one device workspace (problem sizes, pointer and

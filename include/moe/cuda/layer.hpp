@@ -40,6 +40,8 @@
 //   dxp  into yp   (dyp's last reader, da = dyp w_down^T, has run)
 // so the experts stage is made without its own da / dpre. The host-offset and strided baselines
 // keep a separate dyp and the experts stage's own da and dpre (dxp still reuses yp).
+// Inference (backward = false) with grouped_fused writes no pre at all (nothing reads it back):
+// the up-projection's epilogue writes act alone.
 // Inference (backward = false) with the grouped backend may skip permute altogether (RowSource):
 // the up-projection's loader fetches x[row_token[r]] itself (GroupedGemmArgs::gather), so there is
 // no xp; the permute stage's event then marks an empty stage.
@@ -196,6 +198,7 @@ class Layer {
   float* w_gate_f32_ = nullptr;// (H, E) w_gate in fp32 (jitter)
   bool alias_ = false;         // grouped backend with backward: the aliasing above
   bool gather_ = false;        // the up-projection gathers x's rows: no permute, no xp
+  bool keep_pre_ = true;       // pre is written (false: grouped_fused without backward)
   DeviceArena arena_;
   mutable StatsBuffers stats_;  // stats() scratch (no host-visible state)
 };

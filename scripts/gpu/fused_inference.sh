@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU visit for the inference layout (issue 4): SwiGLU in the up-projection's epilogue with
+# w_up's pairs in GateUpLayout::blocked order, so act is stored with no exchange between lanes and
+# no pre is written. From the repository root on the GPU machine, with RUN staged by
+# scripts/gpu/stage_run.sh plus the lab binary (bench/lab/experts_lab.cu's nvcc line) copied into
+# RUN, and unpacked (source scripts/gpu/unpack_run.sh RUN):
+#   OUT=/some/dir bash scripts/gpu/fused_inference.sh RUN
+# 1. experts_lab at the Qwen3 and OLMoE shapes, forward rows only (G3b / F3b against G1, G3n, F1,
+#    F3n; each backend verified against the others first), and at Qwen3's FLOPs in one group
+#    (E = 1: the grouped kernel without per-expert switches, against the same dense cuBLAS GEMMs);
+# 2. compute-sanitizer memcheck and racecheck on the fused up-projection's tests;
+# 3. scripts/gpu/layer_rounds.sh: every GPU test, then ours and the PyTorch peer alternating per
+#    configuration (bench --layer's headline inference is now the blocked fused layout).
+# Files under $OUT: lab_{qwen3,olmoe,e1}.txt sanitizer.log, and layer_rounds.sh's.
+set -uo pipefail
+RUN=${1:?run folder}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+status=0
+step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+step "experts_lab (forward rows)"
+lab() {  # name, then experts_lab options
+  local name=$1; shift
+  timeout 150 "$RUN/experts_lab" --no-backward --reps 20 "$@" >"$OUT/lab_$name.txt" 2>&1 || status=1
+  grep -E "^verify|^(G1|G3|G3n|G3b|G2|P2|D1|D2|F1|F3|F3n|F3b) " "$OUT/lab_$name.txt"
+}
+lab qwen3 --tokens 16384 --hidden 2048 --inter 768 --experts 128 --top-k 8
+lab olmoe --tokens 16384 --hidden 2048 --inter 1024 --experts 64 --top-k 8
+lab e1 --tokens 131072 --hidden 2048 --inter 768 --experts 1 --top-k 1
+
+step "compute-sanitizer on the fused up-projection"
+for tool in memcheck racecheck; do
+  timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 "$RUN/moe_cuda_tests" \
+    --gtest_filter='*FusedUpProjection*:*GateUpLayout*' >>"$OUT/sanitizer.log" 2>&1
+  echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
+done
+
+step "layer rounds"
+OUT=$OUT bash scripts/gpu/layer_rounds.sh "$RUN" || status=1
+exit $status
