@@ -26,10 +26,13 @@
 // forward+backward (adds cuBLAS workspaces and anything the stages allocate lazily), measured
 // after a throwaway layer has paid the process's one-time costs (its drop is recorded as well),
 // with the layers sharing one cuBLAS handle made before the baseline.
+// Experts stage: grouped_fused with w_up's pairs in the blocked order (kLayerBackend /
+// kLayerGateUp below; w_up converted once before timing, as a model keeps its parameters).
 // Forwards are timed for the training layer (forward_*: it keeps xp, pre and act for the
 // backward) and for inference layers (built without backward: the counterpart of the peer's
-// no_grad forward), once with permute + xp and once with the up-projection gathering x's rows
-// itself (no permute, no xp); inference_* is the default (permuted).
+// no_grad forward; no pre is written): inference_* with the layers' experts stage, and two
+// diagnostics, the unfused grouped path on split w_up (inference_permuted_*: the previous
+// headline) and the up-projection gathering x's rows itself (inference_gathered_ms).
 // Order: the headline numbers first, in the peer's order (inference forward, training forward,
 // forward+backward accumulating, then fresh), then the diagnostics (stage and step times, the
 // gathered rows), then the dense pair: the card is power-limited under long GEMM-heavy stretches
@@ -178,6 +181,12 @@ double copy_bandwidth(const LayerBenchOptions& o, cudaStream_t stream) {
   return 2.0 * double(bytes) / (ms * 1e6);
 }
 
+// The experts stage of the layers timed here: the activation in the up-projection's epilogue,
+// w_up's gate/up pairs in the blocked order (experts.hpp). The unfused path is timed beside it
+// for inference (inference_permuted_ms).
+constexpr moe::cuda::ExpertsBackend kLayerBackend = moe::cuda::ExpertsBackend::grouped_fused;
+constexpr moe::cuda::GateUpLayout kLayerGateUp = moe::cuda::GateUpLayout::blocked;
+
 void bench_one(const LayerBenchOptions& o, const std::string& device, const LayerShape& s,
                double copy_gbs, cudaStream_t stream) {
   const int64_t T = s.T, H = s.H, I = s.I, E = s.E, K = s.K, A = 2 * I;
@@ -212,6 +221,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   MOE_CUDA_CHECK(cudaMemsetAsync(gwg, 0, H * E * sizeof(float), stream));
   MOE_CUDA_CHECK(cudaMemsetAsync(gwu, 0, E * H * A * sizeof(float), stream));
   MOE_CUDA_CHECK(cudaMemsetAsync(gwd, 0, E * I * H * sizeof(float), stream));
+  // The layers run the fused up-projection on w_up with its pairs in the blocked order (a
+  // load-time conversion, as a model would keep its parameters; dW_up comes out in that order).
+  bf16* wu_blocked = dev_alloc<bf16>(E * H * A);
+  moe::cuda::to_gate_up_layout(wu, wu_blocked, kLayerGateUp, E * H, I, stream);
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
 
   // The first layer of a process also pays one-time costs (kernel modules loaded at their first
@@ -227,9 +240,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   {
     MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
     MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
-    moe::cuda::Layer warm(cfg, moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
-                          /*backward=*/true, /*groups=*/1, cublas);
-    const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
+    moe::cuda::Layer warm(cfg, kLayerBackend, kLayerGateUp, /*backward=*/true, /*groups=*/1,
+                          cublas);
+    const moe::cuda::LayerWeights w{wg, wu_blocked, wd, nullptr};
     warm.forward(x, w, y, stream);
     warm.backward(x, w, dy, moe::cuda::LayerGrads{dx, gwg, gwu, gwd}, stream);
     MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -256,14 +269,12 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   };
   enum { kInference, kUnfused, kGathered };
   Inference variants[3] = {
-      {"fused", moe::cuda::ExpertsBackend::grouped_fused, moe::cuda::GateUpLayout::blocked,
+      {"fused", kLayerBackend, kLayerGateUp,
        moe::cuda::RowSource::permuted, 0, 0, {}},
       {"unfused", moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
        moe::cuda::RowSource::permuted, 0, 0, {}},
       {"gathered", moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
        moe::cuda::RowSource::gathered, 0, 0, {}}};
-  bf16* wu_blocked = dev_alloc<bf16>(E * H * A);
-  moe::cuda::to_gate_up_layout(wu, wu_blocked, moe::cuda::GateUpLayout::blocked, E * H, I, stream);
   auto time_inference = [&](int v, bool total, bool stages) {
     Inference& inf = variants[v];
     moe::cuda::Layer infer(cfg, inf.backend, inf.gate_up, /*backward=*/false, /*groups=*/1,
@@ -285,11 +296,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   int64_t touched = 0;  // experts with at least one routed row
   std::string layer_report;
   {
-    moe::cuda::Layer layer(cfg, moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
-                           /*backward=*/true, /*groups=*/1, cublas);
+    moe::cuda::Layer layer(cfg, kLayerBackend, kLayerGateUp, /*backward=*/true, /*groups=*/1,
+                           cublas);
     layer_bytes = layer.bytes();
     layer_report = layer.report();
-    const moe::cuda::LayerWeights w{wg, wu, wd, nullptr};
+    const moe::cuda::LayerWeights w{wg, wu_blocked, wd, nullptr};
     const moe::cuda::LayerGrads g{dx, gwg, gwu, gwd};
     layer.forward(x, w, y, stream);
     std::vector<int32_t> counts(E);
@@ -413,8 +424,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["router"] = "softmax_topk";
   j["layout"] = "dropless";
   j["dtype"] = "bf16";
-  j["experts_backend"] = "grouped";
-  j["activation_arena_bytes"] = moe::cuda::Layer::arena_bytes(cfg);
+  j["experts_backend"] = std::string(moe::cuda::name(kLayerBackend)) + ", gate_up " +
+                        std::string(moe::cuda::name(kLayerGateUp));
+  j["activation_arena_bytes"] = moe::cuda::Layer::arena_bytes(cfg, kLayerBackend);
   j["reps"] = o.reps;
   j["warmup"] = o.warmup;
   json st = json::object();
@@ -475,10 +487,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["mem_delta_first_bytes"] = first_delta;
   j["layer_buffers"] = layer_report;
   j["timing_note"] =
-      "forward_* / fwd_bwd_*: the training layer (saves xp, pre, act for the backward); "
-      "inference_*: a layer built without backward (grouped_fused, w_up pairs blocked, rows "
-      "permuted), timed first; inference_permuted_ms: the unfused grouped path (split w_up), "
-      "timed right after it; inference_gathered_ms: RowSource::gathered, timed among the "
+      "forward_* / fwd_bwd_*: the training layer (grouped_fused, w_up pairs blocked; saves xp, "
+      "pre, act for the backward); inference_*: a layer built without backward (the same experts "
+      "stage, no pre written, rows permuted), timed first; inference_permuted_ms: the unfused "
+      "grouped path (split w_up), timed right after it; inference_gathered_ms: RowSource::gathered, timed among the "
       "diagnostics after the training loops (nearer the power limit), so not comparable with "
       "inference_ms";
   j["flops_accounting"] =

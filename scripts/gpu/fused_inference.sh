@@ -11,31 +11,42 @@
 # 2. compute-sanitizer memcheck and racecheck on the fused up-projection's tests;
 # 3. scripts/gpu/layer_rounds.sh: every GPU test, then ours and the PyTorch peer alternating per
 #    configuration (bench --layer's headline inference is now the blocked fused layout).
-# Files under $OUT: lab_{qwen3,olmoe,e1}.txt sanitizer.log, and layer_rounds.sh's.
+# LAB=0 skips step 1. A visit brings back at most 8 files, so the logs (tests, sanitizer, peer,
+# lab) come back packed in logs.tar.gz; the JSONL, clocks and bench log stay plain.
 set -uo pipefail
 RUN=${1:?run folder}
 OUT=${OUT:-out}
+LAB=${LAB:-1}
 mkdir -p "$OUT"
 status=0
 step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
-step "experts_lab (forward rows)"
 lab() {  # name, then experts_lab options
   local name=$1; shift
   timeout 150 "$RUN/experts_lab" --no-backward --reps 20 "$@" >"$OUT/lab_$name.txt" 2>&1 || status=1
   grep -E "^verify|^(G1|G3|G3n|G3b|G2|P2|D1|D2|F1|F3|F3n|F3b) " "$OUT/lab_$name.txt"
 }
-lab qwen3 --tokens 16384 --hidden 2048 --inter 768 --experts 128 --top-k 8
-lab olmoe --tokens 16384 --hidden 2048 --inter 1024 --experts 64 --top-k 8
-lab e1 --tokens 131072 --hidden 2048 --inter 768 --experts 1 --top-k 1
+if [[ $LAB == 1 ]]; then
+  step "experts_lab (forward rows)"
+  lab qwen3 --tokens 16384 --hidden 2048 --inter 768 --experts 128 --top-k 8
+  lab olmoe --tokens 16384 --hidden 2048 --inter 1024 --experts 64 --top-k 8
+  lab e1 --tokens 131072 --hidden 2048 --inter 768 --experts 1 --top-k 1
+fi
 
-step "compute-sanitizer on the fused up-projection"
+step "compute-sanitizer on the fused up-projection and the blocked layout"
+filter='*FusedUpProjection*:GateUpLayout.*:*ForwardAndBackward*e6_two_n_tiles_grouped*blocked'
+filter+=':*ForwardAndBackward*e64_small_segments_grouped*blocked'
 for tool in memcheck racecheck; do
-  timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 "$RUN/moe_cuda_tests" \
-    --gtest_filter='*FusedUpProjection*:*GateUpLayout*' >>"$OUT/sanitizer.log" 2>&1
+  timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 "$RUN/moe_cuda_tests" \
+    --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
   echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
+  grep -E "ERROR SUMMARY|tests ran|^\[  (PASSED|FAILED)" "$OUT/sanitizer.log" | tail -n 4
 done
 
 step "layer rounds"
 OUT=$OUT bash scripts/gpu/layer_rounds.sh "$RUN" || status=1
+grep -B3 -A15 "Failure" "$OUT/tests.log" | head -60
+
+(cd "$OUT" && tar -czf logs.tar.gz --remove-files tests.log sanitizer.log peer_layer.log \
+  $(ls lab_*.txt 2>/dev/null))
 exit $status

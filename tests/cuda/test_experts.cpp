@@ -147,7 +147,6 @@ const Reference& cached_reference(const ExpertsCase& c, const Inputs& in) {
   return it->second;
 }
 
-// Reorder the 2I columns of a (rows, 2I) row-major host matrix between the two layouts.
 // The pair (gate, up) of unit j in a paired layout: interleaved, pair j; blocked, within each
 // block of 32 units unit 8q + a is pair 4a + q (experts.hpp).
 int64_t pair_of_unit(int64_t j, GateUpLayout layout) {
@@ -570,7 +569,9 @@ TEST_P(FusedUpProjection, EqualsTheUnfusedPairAndNeedsNoPre) {
   MOE_REQUIRE_GPU();
   const FusedParam& p = GetParam();
   std::vector<int64_t> sizes = {70, 0, 1, 300, 129, 5, 0, 256};
-  ExpertsCase c{"fused_" + std::string(name(p.activation)), sizes, 192, p.inter, p.activation, 3};
+  // The name keys the reference cache: it must tell the shapes apart.
+  ExpertsCase c{"fused_" + std::string(name(p.activation)) + "_i" + std::to_string(p.inter), sizes,
+                192, p.inter, p.activation, 3};
   const Inputs in = make_inputs(c, 33);
   const int64_t I = in.shape.inter, A = in.shape.up_width(), M = in.offsets.back();
   Device unfused(in, p.gate_up), fused(in, p.gate_up);
