@@ -31,11 +31,12 @@
 // Forwards are timed for the training layer (forward_*: it keeps xp, pre and act for the
 // backward) and for inference layers (built without backward: the counterpart of the peer's
 // no_grad forward; no pre is written): inference_* with the layers' experts stage, and two
-// diagnostics, the unfused grouped path on split w_up (inference_permuted_*: the previous
-// headline) and the up-projection gathering x's rows itself (inference_gathered_ms).
+// for comparison, the same gathering x's rows in the up-projection (no permute, no xp:
+// inference_fused_gathered_*) and the unfused grouped path on split w_up (inference_permuted_*,
+// the previous headline).
 // Order: the headline numbers first, in the peer's order (inference forward, training forward,
-// forward+backward accumulating, then fresh), then the diagnostics (stage and step times, the
-// gathered rows), then the dense pair: the card is power-limited under long GEMM-heavy stretches
+// forward+backward accumulating, then fresh), then the diagnostics (stage and step times), then
+// the dense pair: the card is power-limited under long GEMM-heavy stretches
 // (its SM clock drops from 1980 to 1250-1750 MHz at 700 W), so whatever runs later reads slower.
 // The dense pair is timed once after the layers (dense_equiv_*), and then in 5 rounds alternating
 // with the inference forward (rounds_*): each round's ratio sees the same clocks on both sides,
@@ -253,11 +254,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   // accumulating, then fresh), before any diagnostic loop: under long GEMM-heavy stretches the
   // card reaches its power limit and lowers its clocks (layer_rounds.sh samples them), so a
   // number timed after more heavy work reads slower. Inference as the peer's forward under
-  // torch.no_grad(): a layer built without backward. The headline is the inference layout
-  // (kInference below: the activation in the up-projection's epilogue, w_up's pairs in the
-  // blocked order, converted once here as a model would at load time, no pre written); the
-  // training layer's unfused path (permuted rows) is timed right after it, and the gathered rows
-  // among the diagnostics.
+  // torch.no_grad(): a layer built without backward. The headline is kInference (the layers'
+  // experts stage, rows permuted: the default; no pre written); right after it the same with
+  // the up-projection gathering x's rows (no permute, no xp) and the unfused grouped path on
+  // split w_up, for comparison.
   struct Inference {
     const char* name;
     moe::cuda::ExpertsBackend backend;
@@ -267,14 +267,12 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     size_t bytes = 0;
     std::vector<double> stage_ms;
   };
-  enum { kInference, kUnfused, kGathered };
+  enum { kInference, kGathered, kUnfused };
   Inference variants[3] = {
-      {"fused", kLayerBackend, kLayerGateUp,
-       moe::cuda::RowSource::permuted, 0, 0, {}},
+      {"fused", kLayerBackend, kLayerGateUp, moe::cuda::RowSource::permuted, 0, 0, {}},
+      {"fused, gathered", kLayerBackend, kLayerGateUp, moe::cuda::RowSource::gathered, 0, 0, {}},
       {"unfused", moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
-       moe::cuda::RowSource::permuted, 0, 0, {}},
-      {"gathered", moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
-       moe::cuda::RowSource::gathered, 0, 0, {}}};
+       moe::cuda::RowSource::permuted, 0, 0, {}}};
   auto time_inference = [&](int v, bool total, bool stages) {
     Inference& inf = variants[v];
     moe::cuda::Layer infer(cfg, inf.backend, inf.gate_up, /*backward=*/false, /*groups=*/1,
@@ -286,6 +284,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     if (stages) inf.stage_ms = forward_stage_times(infer, x, w, y, o, stream);
   };
   time_inference(kInference, /*total=*/true, /*stages=*/false);
+  time_inference(kGathered, /*total=*/true, /*stages=*/false);
   time_inference(kUnfused, /*total=*/true, /*stages=*/false);
 
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
@@ -353,10 +352,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   }
 
 
-  // The inference layers' stages, and the gathered rows (RowSource::gathered) for comparison.
+  // The inference layers' stages.
   time_inference(kInference, /*total=*/false, /*stages=*/true);
+  time_inference(kGathered, /*total=*/false, /*stages=*/true);
   time_inference(kUnfused, /*total=*/false, /*stages=*/true);
-  time_inference(kGathered, /*total=*/true, /*stages=*/false);
   const Inference& inf = variants[kInference];
   const double infer_ms = inf.ms;
   const size_t infer_bytes = inf.bytes;
@@ -447,13 +446,15 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["inference_rows"] = "permuted";
   j["inference_experts"] = "grouped_fused, gate_up blocked, no pre";
   j["inference_permuted_ms"] = variants[kUnfused].ms;  // the unfused grouped path, split w_up
-  j["inference_gathered_ms"] = variants[kGathered].ms;
+  j["inference_fused_gathered_ms"] = variants[kGathered].ms;
   j["inference_permuted_layer_bytes"] = variants[kUnfused].bytes;
-  j["inference_gathered_layer_bytes"] = variants[kGathered].bytes;
-  json ust = json::object();
-  for (int i = 0; i < int(variants[kUnfused].stage_ms.size()); ++i)
-    ust[moe::cuda::name(moe::cuda::LayerStage(i))] = variants[kUnfused].stage_ms[i];
-  j["inference_permuted_stage_ms"] = ust;
+  j["inference_fused_gathered_layer_bytes"] = variants[kGathered].bytes;
+  for (int v : {kGathered, kUnfused}) {
+    json vst = json::object();
+    for (int i = 0; i < int(variants[v].stage_ms.size()); ++i)
+      vst[moe::cuda::name(moe::cuda::LayerStage(i))] = variants[v].stage_ms[i];
+    j[v == kGathered ? "inference_fused_gathered_stage_ms" : "inference_permuted_stage_ms"] = vst;
+  }
   json bst = json::object();
   for (int i = 0; i < int(backward_stage_ms.size()); ++i)
     bst[moe::cuda::name(moe::cuda::LayerBackwardStage(i))] = backward_stage_ms[i];
@@ -489,10 +490,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["timing_note"] =
       "forward_* / fwd_bwd_*: the training layer (grouped_fused, w_up pairs blocked; saves xp, "
       "pre, act for the backward); inference_*: a layer built without backward (the same experts "
-      "stage, no pre written, rows permuted), timed first; inference_permuted_ms: the unfused "
-      "grouped path (split w_up), timed right after it; inference_gathered_ms: RowSource::gathered, timed among the "
-      "diagnostics after the training loops (nearer the power limit), so not comparable with "
-      "inference_ms";
+      "stage, no pre written, rows permuted), timed first; then inference_fused_gathered_ms (the "
+      "same with x's rows gathered by the up-projection: no permute, no xp) and "
+      "inference_permuted_ms (the unfused grouped path on split w_up)";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
@@ -512,15 +512,19 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   for (int i = 0; i < int(stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);
   fmt::print(stderr, "\n  inference (fused, blocked w_up): {:.3f} ms ({:.0f}% of dense, {:.2f}x the "
-             "floor), layer {:.2f} GiB; unfused {:.3f} ms, gathered {:.3f} ms\n  stages:",
+             "floor), layer {:.2f} GiB; rows gathered {:.3f} ms ({:.2f} GiB), unfused {:.3f} ms\n"
+             "  stages:",
              infer_ms, 100 * dense_ms / infer_ms, infer_ms / floor_ms,
-             infer_bytes / double(1 << 30), variants[kUnfused].ms, variants[kGathered].ms);
+             infer_bytes / double(1 << 30), variants[kGathered].ms,
+             variants[kGathered].bytes / double(1 << 30), variants[kUnfused].ms);
   for (int i = 0; i < int(infer_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), infer_stage_ms[i]);
-  fmt::print(stderr, "\n  unfused inference stages:");
-  for (int i = 0; i < int(variants[kUnfused].stage_ms.size()); ++i)
-    fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)),
-               variants[kUnfused].stage_ms[i]);
+  for (int v : {kGathered, kUnfused}) {
+    fmt::print(stderr, "\n  {} inference stages:", variants[v].name);
+    for (int i = 0; i < int(variants[v].stage_ms.size()); ++i)
+      fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)),
+                 variants[v].stage_ms[i]);
+  }
   fmt::print(stderr, "\n  backward stages (fresh dW):");
   for (int i = 0; i < int(backward_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerBackwardStage(i)),

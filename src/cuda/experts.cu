@@ -642,8 +642,9 @@ void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStre
   MOE_CHECK(a.offsets && a.w_up && a.w_down && (gathered ? a.x != nullptr : a.xp != nullptr) &&
                 a.act && a.yp && (a.pre || ws.backend_ == ExpertsBackend::grouped_fused),
             "experts_forward: null pointer argument (only grouped_fused may leave pre null)");
-  MOE_CHECK(!gathered || ws.backend_ == ExpertsBackend::grouped,
-            "experts_forward: gathered rows (row_token) need the grouped backend, not ",
+  MOE_CHECK(!gathered || ws.backend_ == ExpertsBackend::grouped ||
+                ws.backend_ == ExpertsBackend::grouped_fused,
+            "experts_forward: gathered rows (row_token) need a grouped backend, not ",
             name(ws.backend_));
   MOE_CHECK(!gathered || a.tokens >= 1, "experts_forward: gathering needs tokens >= 1, got ",
             a.tokens);
@@ -661,12 +662,15 @@ void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStre
       activation_forward(s, sms, a.offsets, a.pre, a.act, stream);
       ws.down_.run({a.offsets, H, I, a.act, a.w_down, a.yp}, stream);         // yp = act · w_down
       return;
-    case ExpertsBackend::grouped_fused:
-      ws.up_act_.run({a.offsets, A, H, a.xp, a.w_up, a.pre, a.act,
-                      s.activation == Activation::swiglu && s.gate_up == GateUpLayout::blocked},
-                     stream);                                                  // pre, act
+    case ExpertsBackend::grouped_fused: {
+      GroupedGemmActArgs up{a.offsets, A, H, gathered ? a.x : a.xp, a.w_up, a.pre, a.act,
+                            s.activation == Activation::swiglu &&
+                                s.gate_up == GateUpLayout::blocked};
+      if (gathered) up.gather = a.row_token, up.gather_rows = a.tokens;
+      ws.up_act_.run(up, stream);                                              // pre, act
       ws.down_.run({a.offsets, H, I, a.act, a.w_down, a.yp}, stream);
       return;
+    }
     case ExpertsBackend::cublas_strided_padded: {
       const int64_t C = s.max_rows / E;
       MOE_CUBLAS_CHECK(cublasSetStream(ws.cublas_, stream));

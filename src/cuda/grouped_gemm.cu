@@ -14,6 +14,7 @@ namespace moe::cuda {
 namespace {
 using grouped_gemm::Bf16Sm90;
 using grouped_gemm::Bf16Sm90Act;
+using grouped_gemm::Bf16Sm90ActGather;
 using grouped_gemm::Bf16Sm90Gather;
 using grouped_gemm::Bf16Sm90Wgrad;
 using grouped_gemm::Bf16Sm90WgradBf16;
@@ -118,7 +119,8 @@ void GroupedWgrad::run(const GroupedWgradArgs& args, cudaStream_t stream) const 
 
 GroupedGemmAct::GroupedGemmAct(int64_t experts, Activation activation)
     : GroupedGemmBase(experts), activation_(activation) {
-  allocate(Bf16Sm90Act::workspace_bytes(experts, sm_count_));
+  allocate(std::max(Bf16Sm90Act::workspace_bytes(experts, sm_count_),
+                    Bf16Sm90ActGather::workspace_bytes(experts, sm_count_)));
 }
 
 const char* GroupedGemmAct::name() const { return Bf16Sm90Act::name(); }
@@ -132,6 +134,13 @@ void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) co
   MOE_CHECK(!args.blocked || (activation_ == Activation::swiglu && args.n % 64 == 0),
             "grouped GEMM + activation: the blocked gate/up layout needs SwiGLU and N a multiple "
             "of 64 (I of 32), got N=", args.n);
+  if (args.gather != nullptr) {
+    MOE_CHECK(args.gather_rows >= 1 && args.gather_rows < (int64_t{1} << 31),
+              "grouped GEMM + activation: gather_rows must be in [1, 2^31), got ",
+              args.gather_rows);
+    Bf16Sm90ActGather::run(args, activation_, experts_, workspace_, sm_count_, stream);
+    return;
+  }
   Bf16Sm90Act::run(args, activation_, experts_, workspace_, sm_count_, stream);
 }
 

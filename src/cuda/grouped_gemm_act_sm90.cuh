@@ -18,6 +18,7 @@
 
 #include "grouped_gemm_common_sm90.cuh"
 #include "grouped_gemm_epilogue_act_sm90.hpp"
+#include "grouped_gemm_gather_sm90.hpp"
 #include "grouped_gemm_mainloop_sm90.hpp"
 #include "grouped_gemm_prepare.cuh"
 #include "grouped_gemm_sm90.hpp"
@@ -28,11 +29,15 @@ namespace moe::cuda::grouped_gemm {
 // kernel type
 // ------------------------------------------------------------------------------------------------
 
-template <class Config>
+// kGatherA: A's rows fetched by index (GatherMainloop), as Kernel's.
+template <class Config, bool kGatherA = false>
 struct ActKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
   using Epilogue = EpilogueAct;
-  using Collective = Mainloop<Config, WeightLayout::kn, 0>;
+  using Collective = cute::conditional_t<kGatherA,
+                                         GatherMainloop<Mainloop<Config, WeightLayout::kn, 0>>,
+                                         Mainloop<Config, WeightLayout::kn, 0>>;
+  static constexpr bool kGather = kGatherA;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
@@ -77,9 +82,21 @@ struct ActKernel {
     return typename Gemm::Arguments{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
-        {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
+        mainloop_arguments(c, a),
         epilogue,
         hardware_info(sm_count)};
+  }
+
+  static typename Collective::Arguments mainloop_arguments(const Carve& c,
+                                                           const GroupedGemmActArgs& a) {
+    if constexpr (kGatherA) {
+      typename Collective::Arguments m{{c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, {}};
+      m.g = {a.offsets, a.gather, reinterpret_cast<const Bf16*>(a.a), a.k,
+             static_cast<int32_t>(a.gather_rows)};
+      return m;
+    } else {
+      return {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b};
+    }
   }
 
   static size_t cutlass_bytes(int64_t groups, int sm_count) {
@@ -115,7 +132,7 @@ struct ActLauncher {
           static_cast<int32_t>(args.n),
           static_cast<int32_t>(args.k),
           false,
-          false,
+          K::kGather,
           reinterpret_cast<const Bf16*>(args.a),
           reinterpret_cast<const Bf16*>(args.b),
           nullptr,

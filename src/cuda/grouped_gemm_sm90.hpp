@@ -9,6 +9,7 @@
 //   Bf16Sm90Wgrad  grouped_gemm_wgrad_sm90.cuh -> grouped_gemm_bf16_wgrad.cu
 //   Bf16Sm90WgradBf16 (bf16 dW)                -> grouped_gemm_bf16_wgrad_bf16.cu
 //   Bf16Sm90Act    grouped_gemm_act_sm90.cuh   -> grouped_gemm_bf16_act.cu
+//   Bf16Sm90ActGather (A rows gathered)        -> grouped_gemm_bf16_act_gather.cu
 // Each has workspace_bytes(groups, sm_count) (the per-expert arrays the prepare kernel writes, then
 // CUTLASS's own workspace), run(args, groups, workspace, sm_count, stream) (prepare kernel +
 // grouped GEMM on `stream`) and name().
@@ -56,6 +57,14 @@ struct Bf16Sm90WgradBf16 {
 // One kernel for both activations: the choice is a uniform branch per tile in the epilogue, which
 // costs nothing measurable and saves a second ~1-minute instantiation in every build.
 struct Bf16Sm90Act {
+  static size_t workspace_bytes(int64_t groups, int sm_count);
+  static void run(const GroupedGemmActArgs& args, Activation activation, int64_t groups,
+                  void* workspace, int sm_count, cudaStream_t stream);
+  static const char* name();
+};
+
+// Bf16Sm90Act with A's rows gathered by index (GatherMainloop): grouped_gemm_bf16_act_gather.cu.
+struct Bf16Sm90ActGather {
   static size_t workspace_bytes(int64_t groups, int sm_count);
   static void run(const GroupedGemmActArgs& args, Activation activation, int64_t groups,
                   void* workspace, int sm_count, cudaStream_t stream);

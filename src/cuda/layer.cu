@@ -81,13 +81,15 @@ bool keeps_pre(ExpertsBackend backend, bool backward) {
 }
 
 // Whether the up-projection gathers x's rows itself (no permute pass, no xp): only without a
-// backward (dw_up = xp^T dpre reads xp as contiguous rows) and with the grouped backend. Not the
+// backward (dw_up = xp^T dpre reads xp as contiguous rows) and with a grouped backend. Not the
 // default: on an H100 the cp.async-fed gathered GEMM loses more than the permute pass costs at
 // OLMoE, the brief's small shape and Mixtral and wins 1-3 % at Qwen3
 // (results/h100-80gb-hbm3/layer/gather_b8adba3).
 bool gathers(ExpertsBackend backend, bool backward, RowSource rows) {
-  MOE_CHECK(rows != RowSource::gathered || (!backward && backend == ExpertsBackend::grouped),
-            "cuda::Layer: RowSource::gathered needs the grouped backend and backward = false");
+  MOE_CHECK(rows != RowSource::gathered ||
+                (!backward && (backend == ExpertsBackend::grouped ||
+                               backend == ExpertsBackend::grouped_fused)),
+            "cuda::Layer: RowSource::gathered needs a grouped backend and backward = false");
   return rows == RowSource::gathered;
 }
 

@@ -482,6 +482,58 @@ TEST(GroupedGemm, GatheredRowsGiveThePermutedProductBitForBit) {
   EXPECT_THROW(gemm.run(g, nullptr), ConfigError);
 }
 
+// The fused up-projection (activation in the epilogue) with its A rows gathered: pre and act the
+// same bits as the fused GEMM on the permuted copy, for both paired layouts, padding and stray
+// indices reading as zero rows; rows past M are left as they were.
+TEST(GroupedGemmAct, GatheredRowsGiveThePermutedResultBitForBit) {
+  MOE_REQUIRE_GPU();
+  const std::vector<int64_t> sizes = {3, 0, 257, 1, 0, 64, 130, 700};
+  const int64_t E = static_cast<int64_t>(sizes.size()), I = 160, N = 2 * I, K = 200, T = 97;
+  const std::vector<int64_t> o = offsets_of(sizes);
+  const int64_t M = o[E], R = M + 3;
+  const std::vector<float> x = round_to<bf16>(random_vector<float>(T * K, 41));
+  const std::vector<float> b = round_to<bf16>(random_vector<float>(E * K * N, 42));
+  std::vector<int32_t> gather(R, static_cast<int32_t>(T));
+  const std::vector<float> pick = random_vector<float>(M, 43);
+  for (int64_t r = 0; r < M; ++r)
+    gather[r] = static_cast<int32_t>(std::min<int64_t>(T - 1, std::abs(pick[r]) * T));
+  gather[o[2] + 5] = static_cast<int32_t>(T);  // padding
+  gather[o[2] + 200] = -1;                     // stray indices: zero rows as well
+  gather[o[7] + 699] = static_cast<int32_t>(T + 7);
+  std::vector<float> xp(R * K, 0.f);
+  for (int64_t r = 0; r < M; ++r)
+    if (gather[r] >= 0 && gather[r] < T)
+      std::copy_n(x.begin() + gather[r] * K, K, xp.begin() + r * K);
+
+  DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end())), dgather(gather);
+  DeviceArray<bf16> dx(to_device_type<bf16>(x)), dxp(to_device_type<bf16>(xp)),
+      db(to_device_type<bf16>(b));
+  cuda::GroupedGemmAct gemm(E, Activation::swiglu);
+  for (bool blocked : {false, true}) {
+    SCOPED_TRACE(blocked ? "blocked" : "interleaved");
+    DeviceArray<bf16> pre_p(R * N), act_p(R * I), pre_g(R * N), act_g(R * I);
+    for (auto* a : {&pre_p, &act_p, &pre_g, &act_g}) a->poison();
+    cuda::GroupedGemmActArgs plain{offsets.get(), N, K, dxp.get(), db.get(), pre_p.get(),
+                                   act_p.get(), blocked};
+    gemm.run(plain, nullptr);
+    cuda::GroupedGemmActArgs g{offsets.get(), N, K, dx.get(), db.get(), pre_g.get(), act_g.get(),
+                               blocked};
+    g.gather = dgather.get();
+    g.gather_rows = T;
+    gemm.run(g, nullptr);
+    const std::vector<float> act = from_device_type(act_g.download());
+    EXPECT_TRUE(same_bytes(from_device_type(pre_p.download()), from_device_type(pre_g.download())))
+        << "pre differs between the gathered and the permuted rows";
+    EXPECT_TRUE(same_bytes(from_device_type(act_p.download()), act))
+        << "act differs between the gathered and the permuted rows";
+    EXPECT_FALSE(std::isnan(act[(o[7] + 699) * I])) << "the last row was not written";
+    EXPECT_TRUE(std::all_of(act.begin() + M * I, act.end(), [](float v) { return std::isnan(v); }))
+        << "rows past M were written";
+    g.gather_rows = 0;
+    EXPECT_THROW(gemm.run(g, nullptr), ConfigError);
+  }
+}
+
 // dW_e += X_e^T Y_e with K = m_e: segments of 1, 3, 5 (< 8), 64, 130, 257 rows, two empty ones.
 TEST(GroupedWgrad, EachSliceGainsItsSegmentsProductAndEmptyExpertsKeepTheirBits) {
   MOE_REQUIRE_GPU();

@@ -254,20 +254,26 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
   // Inference with the activation in the up-projection's epilogue and w_up's pairs in the blocked
   // order: each pre value is the same dot product in the same K order, only in another column,
   // and act keeps the natural order, so y is again the training layer's bit for bit.
+  // With its rows gathered as well (no permute, no xp): the same bits again.
   if (c.I % 32 == 0) {
-    cuda::Layer infer(built, cuda::ExpertsBackend::grouped_fused, cuda::GateUpLayout::blocked,
-                      /*backward=*/false);
-    infer.set_seed(c.seed);
-    DeviceArray<bf16> w_up_blocked(in.p.w_up.size()), y_infer(in.x.size());
+    DeviceArray<bf16> w_up_blocked(in.p.w_up.size());
     cuda::to_gate_up_layout(d.w_up.get(), w_up_blocked.get(), cuda::GateUpLayout::blocked,
                             c.E * c.H, c.I, nullptr);
     cuda::LayerWeights w = d.weights(c.router);
     w.w_up = w_up_blocked.get();
-    y_infer.poison();
-    infer.forward(d.x.get(), w, y_infer.get(), nullptr);
-    MOE_CUDA_CHECK(cudaDeviceSynchronize());
-    EXPECT_TRUE(same_bytes(y_infer.download(), d.y.download()))
-        << "the fused, blocked inference forward differs from the training forward";
+    for (cuda::RowSource rows : {cuda::RowSource::permuted, cuda::RowSource::gathered}) {
+      cuda::Layer infer(built, cuda::ExpertsBackend::grouped_fused, cuda::GateUpLayout::blocked,
+                        /*backward=*/false, /*groups=*/1, /*cublas=*/nullptr, rows);
+      infer.set_seed(c.seed);
+      DeviceArray<bf16> y_infer(in.x.size());
+      y_infer.poison();
+      infer.forward(d.x.get(), w, y_infer.get(), nullptr);
+      MOE_CUDA_CHECK(cudaDeviceSynchronize());
+      EXPECT_TRUE(same_bytes(y_infer.download(), d.y.download()))
+          << "the fused, blocked inference forward ("
+          << (rows == cuda::RowSource::gathered ? "gathered" : "permuted")
+          << " rows) differs from the training forward";
+    }
   }
   // Training with the fused up-projection and w_up's pairs blocked: the forward and every
   // reduction over rows are the default layer's sums in the same order (y, dW_up once put back
@@ -676,6 +682,15 @@ TEST(LayerMemory, ArenaBytesAtBenchShapes) {
     const size_t infer_gathered = cuda::Layer::arena_bytes(
         cfg, cuda::ExpertsBackend::grouped, false, 1, cuda::RowSource::gathered);
     EXPECT_EQ(infer_permuted - infer_gathered, R * size_t(s.H) * sizeof(bf16)) << s.name;
+    // Inference with the activation in the up-projection's epilogue writes no pre at all.
+    const size_t fused = cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped_fused, false,
+                                                  1, cuda::RowSource::permuted);
+    const size_t fused_gathered = cuda::Layer::arena_bytes(
+        cfg, cuda::ExpertsBackend::grouped_fused, false, 1, cuda::RowSource::gathered);
+    EXPECT_EQ(infer_permuted - fused, R * size_t(2 * s.I) * sizeof(bf16)) << s.name;
+    EXPECT_EQ(fused - fused_gathered, R * size_t(s.H) * sizeof(bf16)) << s.name;
+    EXPECT_EQ(cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped_fused),
+              aliased) << s.name << ": training keeps pre";
     // Gathering needs the grouped backend and no backward (dw_up reads xp).
     EXPECT_THROW(cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped, true, 1,
                                           cuda::RowSource::gathered),

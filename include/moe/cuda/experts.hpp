@@ -104,7 +104,7 @@ struct ExpertsForwardArgs {
                                      //                be null, then nothing is saved)
   bf16* act = nullptr;               // (max_rows, I) saved for the backward
   bf16* yp = nullptr;                // (max_rows, H)
-  // The grouped backend may instead gather: the up-projection reads row r of its A as
+  // The grouped backends may instead gather: the up-projection reads row r of its A as
   // x[row_token[r]] inside the GEMM's loader, so no xp is written or read (a row_token outside
   // [0, tokens), the plan's kPadToken, is a zero row, as permute writes for padding).
   const bf16* x = nullptr;           // (tokens, H)

@@ -87,6 +87,10 @@ struct GroupedGemmActArgs {
   // SwiGLU only: w_up's pairs in GateUpLayout::blocked order (N a multiple of 64), so each thread
   // stores its 8 consecutive units of act as they lie; false: GateUpLayout::interleaved.
   bool blocked = false;
+  // Gathered A, as GroupedGemmArgs::gather: row r of A is a[gather[r]] (a is then (gather_rows,
+  // K)), fetched by the loader, so no permuted copy is read.
+  const int32_t* gather = nullptr;
+  int64_t gather_rows = 0;
 };
 
 // What the three kinds share: E, the SM count and one device workspace (problem sizes, pointer and

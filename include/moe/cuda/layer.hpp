@@ -66,9 +66,9 @@ namespace moe::cuda {
 
 // Where the up-projection reads its rows: `permuted`, from xp written by the permute stage (the
 // default); `gathered`, x[row_token[r]] fetched by the grouped GEMM's own loader -- no permute
-// pass and no xp (R*H bf16 less memory), grouped backend without backward only. On an H100 the
-// gathered forward is 1-3 % faster at Qwen3 and 2-17 % slower at OLMoE, the brief's small shape
-// and Mixtral (layer.cu).
+// pass and no xp (R*H bf16 less memory), grouped or grouped_fused backend without backward
+// only. Measured on an H100 with the unfused grouped path (layer/gather_b8adba3): 1-3 % faster
+// at Qwen3, 2-17 % slower at OLMoE, the brief's small shape and Mixtral.
 enum class RowSource { permuted, gathered };
 
 struct LayerWeights {
