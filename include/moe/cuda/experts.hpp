@@ -35,9 +35,10 @@
 //   grouped_fused                grouped, with the activation in the up-projection's epilogue
 //                                (GroupedGemmAct): pre is read back by nobody in the forward and
 //                                need not be written at all without a backward (args.pre null).
-//                                Bit-identical to grouped. Measured on an H100 it is not faster
-//                                yet (-5 % to +10 % of grouped's forward): the epilogue runs after
-//                                each tile's mainloop instead of under it (experts_lab.md).
+//                                Bit-identical to grouped. Measured on an H100 the forward is
+//                                5-9 % faster than grouped's at OLMoE and Qwen3 (writing pre) and
+//                                8-12 % faster in a layer without backward (no pre); not at
+//                                Mixtral's I = 14336 (experts_lab.md, "Version 5").
 //   cublas_loop_host_offsets     baseline: copies offsets to the host (synchronises the stream),
 //                                then one cublasGemmEx (bf16, fp32 compute) per non-empty expert.
 //   cublas_grouped_host_offsets  baseline: the same host copy, then one cublasGemmGroupedBatchedEx
