@@ -19,7 +19,8 @@
 //            X3/X4 wgrad pingpong 128x128, X9/X10 wgrad pingpong 64x256 (each also overwriting),
 //            X5 fused up-projection pingpong 64x256,
 //            X6-X8 the plain up and down GEMMs with 256x128 / 128x128 cooperative and 128x128
-//            pingpong tiles
+//            pingpong tiles, X11-X13 with a 64x256 pingpong tile and the library's 128x256
+//            cooperative tile on a 1x1 / 1x2 cluster (the library's is 2x1: B multicast)
 //   F*       experts_forward per backend (the activation included; host-offset backends include
 //            their offsets copy and stream synchronisation)
 //   B*       experts_backward per backend (grouped: no host round trip at all now); B1o with the
@@ -79,10 +80,10 @@ using WgradPingpong64x256 = gg::WgradLauncher<gg::WgradKernel<gg::PingpongConfig
 using ActPingpong = gg::ActLauncher<gg::ActKernel<gg::PingpongConfig<64, 256>>>;
 
 // Lab-only tiles for the plain up/down GEMMs (short K: the down projection's K = I is 768-1024).
-template <int kM, int kN>
+template <int kM, int kN, int kClusterM = 2, int kClusterN = 1>
 struct CooperativeTile {
   using TileShape = cute::Shape<cute::Int<kM>, cute::Int<kN>, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using ClusterShape = cute::Shape<cute::Int<kClusterM>, cute::Int<kClusterN>, cute::_1>;
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 };
@@ -92,6 +93,12 @@ using GemmCoop128x128 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 128>, moe::cuda::WeightLayout::kn>>;
 using GemmPingpong128x128 =
     gg::Launcher<gg::Kernel<gg::PingpongConfig<128, 128>, moe::cuda::WeightLayout::kn>>;
+using GemmPingpong64x256 =
+    gg::Launcher<gg::Kernel<gg::PingpongConfig<64, 256>, moe::cuda::WeightLayout::kn>>;
+using GemmCoop128x256Cluster1x1 =
+    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 1>, moe::cuda::WeightLayout::kn>>;
+using GemmCoop128x256Cluster1x2 =
+    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 2>, moe::cuda::WeightLayout::kn>>;
 
 // ------------------------------------------------------------------------------------------------
 // options
@@ -536,6 +543,9 @@ int run(const Options& o) {
     gemm_variant("X6 cooperative 256x128", GemmCoop256x128{});
     gemm_variant("X7 cooperative 128x128", GemmCoop128x128{});
     gemm_variant("X8 pingpong 128x128", GemmPingpong128x128{});
+    gemm_variant("X11 pingpong 64x256", GemmPingpong64x256{});
+    gemm_variant("X12 cooperative 128x256 cluster 1x1", GemmCoop128x256Cluster1x1{});
+    gemm_variant("X13 cooperative 128x256 cluster 1x2", GemmCoop128x256Cluster1x2{});
     if (o.backward) {
       auto wgrad_variant = [&](const char* label_down, const char* label_up, auto launcher) {
         using L = decltype(launcher);
