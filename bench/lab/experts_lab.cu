@@ -20,7 +20,10 @@
 //            X5 fused up-projection pingpong 64x256,
 //            X6-X8 the plain up and down GEMMs with 256x128 / 128x128 cooperative and 128x128
 //            pingpong tiles, X11-X13 with a 64x256 pingpong tile and the library's 128x256
-//            cooperative tile on a 1x1 / 1x2 cluster (the library's is 2x1: B multicast)
+//            cooperative tile on a 2x1 / 1x2 cluster (run6 measured 1x1 here as X12; the
+//            library's plain GEMMs have run on 1x1 since, 2x1 before);
+//            X14/X15 the backward's (N, K) GEMMs da / dxp (library: N1 / N2), X16/X17 the weight
+//            gradients and X18 the fused up-projection, each on a 1x1 cluster
 //   F*       experts_forward per backend (the activation included; host-offset backends include
 //            their offsets copy and stream synchronisation)
 //   B*       experts_backward per backend (grouped: no host round trip at all now); B1o with the
@@ -95,10 +98,16 @@ using GemmPingpong128x128 =
     gg::Launcher<gg::Kernel<gg::PingpongConfig<128, 128>, moe::cuda::WeightLayout::kn>>;
 using GemmPingpong64x256 =
     gg::Launcher<gg::Kernel<gg::PingpongConfig<64, 256>, moe::cuda::WeightLayout::kn>>;
-using GemmCoop128x256Cluster1x1 =
-    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 1>, moe::cuda::WeightLayout::kn>>;
+using GemmCoop128x256Cluster2x1 =
+    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 2, 1>, moe::cuda::WeightLayout::kn>>;
 using GemmCoop128x256Cluster1x2 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 2>, moe::cuda::WeightLayout::kn>>;
+// The other library kernels without a cluster: the backward's (N, K) GEMMs, the weight
+// gradients, the fused up-projection.
+using NkCluster1x1 =
+    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 1>, moe::cuda::WeightLayout::nk>>;
+using WgradCluster1x1 = gg::WgradLauncher<gg::WgradKernel<CooperativeTile<128, 256, 1, 1>>>;
+using ActCluster1x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 1, 1>>>;
 
 // ------------------------------------------------------------------------------------------------
 // options
@@ -519,6 +528,24 @@ int run(const Options& o) {
                              sms, s);
           }), f_up);
     MOE_CUDA_CHECK(cudaFree(ws_act));
+    {  // the fused up-projection without a cluster, against G3 (pre, act) and G3n (act only)
+      void* ws = workspace(ActCluster1x1::workspace_bytes(E, sms));
+      ActCluster1x1::run({offsets, A, H, xp, w_up_il, pre3, act3}, o.activation, E, ws, sms, s);
+      g_act.run({offsets, A, H, xp, w_up_il, pre2, act2}, s);
+      const double err = rel_error(download(act3, M * I), download(act2, M * I), M * I);
+      std::printf("%-48s relative error vs library %.2e\n", "X18 verify", err);
+      if (err < 1e-2) {
+        row("X18 fused up, cluster 1x1 (pre, act)", median_ms(o.reps, s, [&] {
+              ActCluster1x1::run({offsets, A, H, xp, w_up_il, pre3, act3}, o.activation, E, ws,
+                                 sms, s);
+            }), f_up);
+        row("X18n fused up, cluster 1x1 (act only)", median_ms(o.reps, s, [&] {
+              ActCluster1x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E,
+                                 ws, sms, s);
+            }), f_up);
+      }
+      MOE_CUDA_CHECK(cudaFree(ws));
+    }
     // Other tiles for the plain up and down GEMMs, each checked bitwise against the library's.
     auto gemm_variant = [&](const char* label, auto launcher) {
       using L = decltype(launcher);
@@ -544,7 +571,7 @@ int run(const Options& o) {
     gemm_variant("X7 cooperative 128x128", GemmCoop128x128{});
     gemm_variant("X8 pingpong 128x128", GemmPingpong128x128{});
     gemm_variant("X11 pingpong 64x256", GemmPingpong64x256{});
-    gemm_variant("X12 cooperative 128x256 cluster 1x1", GemmCoop128x256Cluster1x1{});
+    gemm_variant("X12 cooperative 128x256 cluster 2x1", GemmCoop128x256Cluster2x1{});
     gemm_variant("X13 cooperative 128x256 cluster 1x2", GemmCoop128x256Cluster1x2{});
     if (o.backward) {
       auto wgrad_variant = [&](const char* label_down, const char* label_up, auto launcher) {
@@ -585,6 +612,37 @@ int run(const Options& o) {
                     WgradPingpong{});
       wgrad_variant("X9 wgrad dw_down, pingpong 64x256", "X10 wgrad dw_up, pingpong 64x256",
                     WgradPingpong64x256{});
+      wgrad_variant("X16 wgrad dw_down, cluster 1x1", "X17 wgrad dw_up, cluster 1x1",
+                    WgradCluster1x1{});
+      // da = dyp w_down^T and dxp = dpre w_up^T (pre stands in for dpre): the library's (N, K)
+      // GEMM on its 2x1 cluster (N1 / N2) against the same tile without a cluster (X14 / X15).
+      {
+        GroupedGemm g_nk(E, WeightLayout::nk);
+        void* ws = workspace(NkCluster1x1::workspace_bytes(E, sms));
+        g_nk.run({offsets, I, H, dyp, w_down, act2}, s);
+        NkCluster1x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
+        g_nk.run({offsets, H, A, pre, w_up, dxp2}, s);
+        NkCluster1x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
+        const double err =
+            std::max(rel_error(download(act3, M * I), download(act2, M * I), M * I),
+                     rel_error(download(dxp3, M * H), download(dxp2, M * H), M * H));
+        std::printf("%-48s relative error vs library %.2e\n", "X14/X15 (N, K) cluster 1x1", err);
+        row("N1 grouped da = dyp w_down^T (library)", median_ms(o.reps, s, [&] {
+              g_nk.run({offsets, I, H, dyp, w_down, act2}, s);
+            }), f_down);
+        row("N2 grouped dxp = dpre w_up^T (library)", median_ms(o.reps, s, [&] {
+              g_nk.run({offsets, H, A, pre, w_up, dxp2}, s);
+            }), f_up);
+        if (err < 1e-2) {
+          row("X14 da, cluster 1x1", median_ms(o.reps, s, [&] {
+                NkCluster1x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
+              }), f_down);
+          row("X15 dxp, cluster 1x1", median_ms(o.reps, s, [&] {
+                NkCluster1x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
+              }), f_up);
+        }
+        MOE_CUDA_CHECK(cudaFree(ws));
+      }
     }
   }
   row("L1 cuBLAS loop up", median_ms(o.reps, s, [&] {
