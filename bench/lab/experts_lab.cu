@@ -20,8 +20,8 @@
 //            X5 fused up-projection pingpong 64x256,
 //            X6-X8 the plain up and down GEMMs with 256x128 / 128x128 cooperative and 128x128
 //            pingpong tiles, X11-X13 with a 64x256 pingpong tile and the library's 128x256
-//            cooperative tile on a 2x1 / 1x2 cluster (run6 measured 1x1 here as X12; the
-//            library's plain GEMMs have run on 1x1 since, 2x1 before);
+//            cooperative tile on a 1x1 / 1x2 cluster (the library's is 2x1; run7 ran the
+//            library's plain GEMMs on 1x1 and X12 on 2x1);
 //            X14/X15 the backward's (N, K) GEMMs da / dxp (library: N1 / N2), X16/X17 the weight
 //            gradients and X18 the fused up-projection, each on a 1x1 cluster
 //   F*       experts_forward per backend (the activation included; host-offset backends include
@@ -98,8 +98,8 @@ using GemmPingpong128x128 =
     gg::Launcher<gg::Kernel<gg::PingpongConfig<128, 128>, moe::cuda::WeightLayout::kn>>;
 using GemmPingpong64x256 =
     gg::Launcher<gg::Kernel<gg::PingpongConfig<64, 256>, moe::cuda::WeightLayout::kn>>;
-using GemmCoop128x256Cluster2x1 =
-    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 2, 1>, moe::cuda::WeightLayout::kn>>;
+using GemmCoop128x256Cluster1x1 =
+    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 1>, moe::cuda::WeightLayout::kn>>;
 using GemmCoop128x256Cluster1x2 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 2>, moe::cuda::WeightLayout::kn>>;
 // The other library kernels without a cluster: the backward's (N, K) GEMMs, the weight
@@ -108,6 +108,9 @@ using NkCluster1x1 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 1>, moe::cuda::WeightLayout::nk>>;
 using WgradCluster1x1 = gg::WgradLauncher<gg::WgradKernel<CooperativeTile<128, 256, 1, 1>>>;
 using ActCluster1x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 1, 1>>>;
+// cuBLAS's dense kernels for these shapes use 192-wide tiles (run 6).
+using GemmCoop128x192 =
+    gg::Launcher<gg::Kernel<CooperativeTile<128, 192, 2, 1>, moe::cuda::WeightLayout::kn>>;
 
 // ------------------------------------------------------------------------------------------------
 // options
@@ -121,12 +124,14 @@ struct Options {
   double capacity_factor = 1.25;
   int reps = 20;
   bool backward = true;
+  bool ab = false;  // only the A/B rounds (below)
 
   static void print_usage() {
     std::printf(
         "experts_lab [--tokens T] [--hidden H] [--inter I] [--experts E] [--top-k K]\n"
         "            [--skew uniform|zipf|one_expert] [--activation swiglu|gelu]\n"
         "            [--layout dropless|padded] [--capacity-factor F] [--reps N] [--no-backward]\n"
+        "            [--ab]   only the library kernels against lab variants in alternating rounds\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -149,6 +154,7 @@ struct Options {
       else if (a == "--capacity-factor") capacity_factor = std::atof(next());
       else if (a == "--reps") reps = std::atoi(next());
       else if (a == "--no-backward") backward = false;
+      else if (a == "--ab") ab = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -450,6 +456,84 @@ int run(const Options& o) {
   auto row = [&](const char* name, double ms, double flop) {
     std::printf("%-48s %9.3f %9.1f\n", name, ms, tf(flop, ms));
   };
+  if (o.ab) {
+    // Library kernel (A) against a lab variant (B) in 6 alternating rounds, B first in every
+    // other round, so that neither always runs in the same position: run 7 showed rows of one
+    // lab run moving by 10 % with their place in the sequence alone. Each variant is checked
+    // bit for bit against the library's output first.
+    const int sms = prop.multiProcessorCount;
+    auto ab = [&](const char* label, double flop, const std::function<void()>& a,
+                  const std::function<void()>& b) {
+      std::vector<double> ta, tb, ratio;
+      for (int r = 0; r < 6; ++r) {
+        double x, y;
+        if (r % 2) y = median_ms(o.reps, s, b), x = median_ms(o.reps, s, a);
+        else x = median_ms(o.reps, s, a), y = median_ms(o.reps, s, b);
+        ta.push_back(x), tb.push_back(y), ratio.push_back(y / x);
+      }
+      auto med = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+      };
+      std::sort(ratio.begin(), ratio.end());
+      std::printf("AB %-44s A %8.3f ms (%5.0f TF/s)  B %8.3f ms  B/A median %.3f [%.3f, %.3f]\n",
+                  label, med(ta), tf(flop, med(ta)), med(tb), med(ratio), ratio.front(),
+                  ratio.back());
+    };
+    auto same = [&](const char* label, const bf16* x, const bf16* y, int64_t n) {
+      const double e = rel_error(download(x, n), download(y, n), n);
+      std::printf("AB verify %-37s relative error %.2e\n", label, e);
+      return e == 0;
+    };
+    auto workspace = [&](size_t bytes) {
+      void* p = nullptr;
+      MOE_CUDA_CHECK(cudaMalloc(&p, bytes));
+      return p;
+    };
+    void* ws = workspace(std::max({GemmCoop128x256Cluster1x1::workspace_bytes(E, sms),
+                                   GemmCoop128x192::workspace_bytes(E, sms),
+                                   ActCluster1x1::workspace_bytes(E, sms),
+                                   NkCluster1x1::workspace_bytes(E, sms)}));
+    // down-projection: 2x1 (library) against 1x1 and against a 128x192 tile
+    g_down.run({offsets, H, I, act, w_down, yp}, s);
+    GemmCoop128x256Cluster1x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
+    if (same("down 1x1", yp, yp2, M * H))
+      ab("down: 2x1 (A) vs 1x1 (B)", f_down, [&] { g_down.run({offsets, H, I, act, w_down, yp}, s); },
+         [&] { GemmCoop128x256Cluster1x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s); });
+    GemmCoop128x192::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
+    if (same("down 128x192", yp, yp2, M * H))
+      ab("down: 128x256 (A) vs 128x192 (B)", f_down,
+         [&] { g_down.run({offsets, H, I, act, w_down, yp}, s); },
+         [&] { GemmCoop128x192::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s); });
+    // plain up-projection
+    g_up.run({offsets, A, H, xp, w_up, pre}, s);
+    GemmCoop128x256Cluster1x1::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s);
+    if (same("up 1x1", pre, pre2, M * A))
+      ab("up: 2x1 (A) vs 1x1 (B)", f_up, [&] { g_up.run({offsets, A, H, xp, w_up, pre}, s); },
+         [&] { GemmCoop128x256Cluster1x1::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s); });
+    // fused up-projection, act only (the inference layer's)
+    g_act.run({offsets, A, H, xp, w_up_il, nullptr, act2}, s);
+    ActCluster1x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s);
+    if (same("fused up 1x1", act2, act3, M * I))
+      ab("fused up (act only): 2x1 (A) vs 1x1 (B)", f_up,
+         [&] { g_act.run({offsets, A, H, xp, w_up_il, nullptr, act2}, s); },
+         [&] { ActCluster1x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s); });
+    if (o.backward) {  // the backward's (N, K) GEMMs
+      GroupedGemm g_nk(E, WeightLayout::nk);
+      g_nk.run({offsets, I, H, dyp, w_down, act2}, s);
+      NkCluster1x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
+      if (same("da 1x1", act2, act3, M * I))
+        ab("da: 2x1 (A) vs 1x1 (B)", f_down, [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
+           [&] { NkCluster1x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s); });
+      g_nk.run({offsets, H, A, pre, w_up, dxp2}, s);
+      NkCluster1x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
+      if (same("dxp 1x1", dxp2, dxp3, M * H))
+        ab("dxp: 2x1 (A) vs 1x1 (B)", f_up, [&] { g_nk.run({offsets, H, A, pre, w_up, dxp2}, s); },
+           [&] { NkCluster1x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s); });
+    }
+    MOE_CUDA_CHECK(cudaFree(ws));
+    return 0;
+  }
   {
     const int64_t bytes = int64_t{1} << 30;
     void *src, *dst;
@@ -571,7 +655,7 @@ int run(const Options& o) {
     gemm_variant("X7 cooperative 128x128", GemmCoop128x128{});
     gemm_variant("X8 pingpong 128x128", GemmPingpong128x128{});
     gemm_variant("X11 pingpong 64x256", GemmPingpong64x256{});
-    gemm_variant("X12 cooperative 128x256 cluster 2x1", GemmCoop128x256Cluster2x1{});
+    gemm_variant("X12 cooperative 128x256 cluster 1x1", GemmCoop128x256Cluster1x1{});
     gemm_variant("X13 cooperative 128x256 cluster 1x2", GemmCoop128x256Cluster1x2{});
     if (o.backward) {
       auto wgrad_variant = [&](const char* label_down, const char* label_up, auto launcher) {

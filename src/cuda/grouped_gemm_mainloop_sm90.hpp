@@ -42,18 +42,6 @@ struct CooperativeConfig {
   static constexpr const char* kName = "sm90 ptr-array cooperative 128x256x64 cluster 2x1x1";
 };
 
-// The same tile without a cluster: each CTA loads its own B. The plain GEMMs (the up- and
-// down-projections, grouped_gemm_bf16_kn.cu) run this: on an H100 the down-projection (K = I,
-// 768-1024) is 10-14 % faster than on the 2x1 cluster and the up-projection 1 % (experts_lab
-// run6, X12 against G1 / G2), while the 2x1 cluster's B multicast buys nothing measurable there.
-struct CooperativeNoClusterConfig {
-  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;          // bM bN bK
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-  static constexpr const char* kName = "sm90 ptr-array cooperative 128x256x64 cluster 1x1x1";
-};
-
 // Pingpong: each consumer warpgroup owns a whole tile and the two alternate, so one's epilogue
 // runs under the other's mainloop. Not used by the library yet; the lab compares it (a store-heavy
 // epilogue -- the fused activation, the fp32 weight gradients -- is where it should pay).

@@ -115,7 +115,7 @@ struct Kernel {
 // ------------------------------------------------------------------------------------------------
 
 // A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
-// instantiates Kernel<DefaultConfig<L>, L> for both layouts (grouped_gemm_bf16_{kn,nk}.cu).
+// instantiates Kernel<CooperativeConfig, L> for both layouts (grouped_gemm_bf16_{kn,nk}.cu).
 template <class K>
 struct Launcher {
   static size_t workspace_bytes(int64_t groups, int sm_count) {
@@ -152,13 +152,8 @@ struct Launcher {
   }
 };
 
-// The forward's (K, N) weights (up- and down-projection) without a cluster, the backward's
-// (N, K) ones on the 2x1 cluster (grouped_gemm_mainloop_sm90.hpp says why).
 template <WeightLayout L>
-using DefaultConfig = cute::conditional_t<L == WeightLayout::kn, CooperativeNoClusterConfig,
-                                          CooperativeConfig>;
-template <WeightLayout L>
-using DefaultKernel = Kernel<DefaultConfig<L>, L>;
+using DefaultKernel = Kernel<CooperativeConfig, L>;
 
 template <WeightLayout L>
 size_t Bf16Sm90<L>::workspace_bytes(int64_t groups, int sm_count) {
@@ -169,7 +164,7 @@ template <WeightLayout L>
 const char* Bf16Sm90<L>::name() {
   static const std::string s =
       std::string(L == WeightLayout::kn ? "bf16 B(K,N), " : "bf16 B(N,K), ") +
-      DefaultConfig<L>::kName;
+      CooperativeConfig::kName;
   return s.c_str();
 }
 
