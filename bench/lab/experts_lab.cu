@@ -20,10 +20,12 @@
 //            X5 fused up-projection pingpong 64x256,
 //            X6-X8 the plain up and down GEMMs with 256x128 / 128x128 cooperative and 128x128
 //            pingpong tiles, X11-X13 with a 64x256 pingpong tile and the library's 128x256
-//            cooperative tile on a 1x1 / 1x2 cluster (the library's is 2x1; run7 ran the
-//            library's plain GEMMs on 1x1 and X12 on 2x1);
-//            X14/X15 the backward's (N, K) GEMMs da / dxp (library: N1 / N2), X16/X17 the weight
-//            gradients and X18 the fused up-projection, each on a 1x1 cluster
+//            cooperative tile on a 2x1 / 1x2 cluster (the library's plain GEMMs and fused
+//            up-projection run on 1x1 since run 8, on 2x1 before: runs 6-8 compared the other way);
+//            X14/X15 the backward's (N, K) GEMMs da / dxp (library: N1 / N2) and X18 the fused
+//            up-projection on 2x1, X16/X17 the weight gradients on 1x1 (the library's: 2x1)
+//   --ab     only the library's GEMMs against their 2x1 (and 128x192) variants in alternating
+//            rounds: the comparison to trust (run 7: plain rows move 10 % with their position)
 //   F*       experts_forward per backend (the activation included; host-offset backends include
 //            their offsets copy and stream synchronisation)
 //   B*       experts_backward per backend (grouped: no host round trip at all now); B1o with the
@@ -98,16 +100,17 @@ using GemmPingpong128x128 =
     gg::Launcher<gg::Kernel<gg::PingpongConfig<128, 128>, moe::cuda::WeightLayout::kn>>;
 using GemmPingpong64x256 =
     gg::Launcher<gg::Kernel<gg::PingpongConfig<64, 256>, moe::cuda::WeightLayout::kn>>;
-using GemmCoop128x256Cluster1x1 =
-    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 1>, moe::cuda::WeightLayout::kn>>;
+using GemmCoop128x256Cluster2x1 =
+    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 2, 1>, moe::cuda::WeightLayout::kn>>;
 using GemmCoop128x256Cluster1x2 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 2>, moe::cuda::WeightLayout::kn>>;
-// The other library kernels without a cluster: the backward's (N, K) GEMMs, the weight
-// gradients, the fused up-projection.
-using NkCluster1x1 =
-    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 1, 1>, moe::cuda::WeightLayout::nk>>;
+// The library's kernels on the other cluster: the (N, K) GEMMs and the fused up-projection on
+// 2x1 (the library runs them on 1x1 since run 8), the weight gradients on 1x1 (the library's
+// are 2x1).
+using NkCluster2x1 =
+    gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 2, 1>, moe::cuda::WeightLayout::nk>>;
 using WgradCluster1x1 = gg::WgradLauncher<gg::WgradKernel<CooperativeTile<128, 256, 1, 1>>>;
-using ActCluster1x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 1, 1>>>;
+using ActCluster2x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 2, 1>>>;
 // cuBLAS's dense kernels for these shapes use 192-wide tiles (run 6).
 using GemmCoop128x192 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 192, 2, 1>, moe::cuda::WeightLayout::kn>>;
@@ -490,16 +493,16 @@ int run(const Options& o) {
       MOE_CUDA_CHECK(cudaMalloc(&p, bytes));
       return p;
     };
-    void* ws = workspace(std::max({GemmCoop128x256Cluster1x1::workspace_bytes(E, sms),
+    void* ws = workspace(std::max({GemmCoop128x256Cluster2x1::workspace_bytes(E, sms),
                                    GemmCoop128x192::workspace_bytes(E, sms),
-                                   ActCluster1x1::workspace_bytes(E, sms),
-                                   NkCluster1x1::workspace_bytes(E, sms)}));
-    // down-projection: 2x1 (library) against 1x1 and against a 128x192 tile
+                                   ActCluster2x1::workspace_bytes(E, sms),
+                                   NkCluster2x1::workspace_bytes(E, sms)}));
+    // down-projection: the library's (1x1 since run 8) against 2x1 and against a 128x192 tile
     g_down.run({offsets, H, I, act, w_down, yp}, s);
-    GemmCoop128x256Cluster1x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
-    if (same("down 1x1", yp, yp2, M * H))
-      ab("down: 2x1 (A) vs 1x1 (B)", f_down, [&] { g_down.run({offsets, H, I, act, w_down, yp}, s); },
-         [&] { GemmCoop128x256Cluster1x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s); });
+    GemmCoop128x256Cluster2x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
+    if (same("down 2x1", yp, yp2, M * H))
+      ab("down: library 1x1 (A) vs 2x1 (B)", f_down, [&] { g_down.run({offsets, H, I, act, w_down, yp}, s); },
+         [&] { GemmCoop128x256Cluster2x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s); });
     GemmCoop128x192::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
     if (same("down 128x192", yp, yp2, M * H))
       ab("down: 128x256 (A) vs 128x192 (B)", f_down,
@@ -507,29 +510,29 @@ int run(const Options& o) {
          [&] { GemmCoop128x192::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s); });
     // plain up-projection
     g_up.run({offsets, A, H, xp, w_up, pre}, s);
-    GemmCoop128x256Cluster1x1::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s);
-    if (same("up 1x1", pre, pre2, M * A))
-      ab("up: 2x1 (A) vs 1x1 (B)", f_up, [&] { g_up.run({offsets, A, H, xp, w_up, pre}, s); },
-         [&] { GemmCoop128x256Cluster1x1::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s); });
+    GemmCoop128x256Cluster2x1::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s);
+    if (same("up 2x1", pre, pre2, M * A))
+      ab("up: library 1x1 (A) vs 2x1 (B)", f_up, [&] { g_up.run({offsets, A, H, xp, w_up, pre}, s); },
+         [&] { GemmCoop128x256Cluster2x1::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s); });
     // fused up-projection, act only (the inference layer's)
     g_act.run({offsets, A, H, xp, w_up_il, nullptr, act2}, s);
-    ActCluster1x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s);
-    if (same("fused up 1x1", act2, act3, M * I))
-      ab("fused up (act only): 2x1 (A) vs 1x1 (B)", f_up,
+    ActCluster2x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s);
+    if (same("fused up 2x1", act2, act3, M * I))
+      ab("fused up (act only): library 1x1 (A) vs 2x1 (B)", f_up,
          [&] { g_act.run({offsets, A, H, xp, w_up_il, nullptr, act2}, s); },
-         [&] { ActCluster1x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s); });
+         [&] { ActCluster2x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s); });
     if (o.backward) {  // the backward's (N, K) GEMMs
       GroupedGemm g_nk(E, WeightLayout::nk);
       g_nk.run({offsets, I, H, dyp, w_down, act2}, s);
-      NkCluster1x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
-      if (same("da 1x1", act2, act3, M * I))
-        ab("da: 2x1 (A) vs 1x1 (B)", f_down, [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
-           [&] { NkCluster1x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s); });
+      NkCluster2x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
+      if (same("da 2x1", act2, act3, M * I))
+        ab("da: library 1x1 (A) vs 2x1 (B)", f_down, [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
+           [&] { NkCluster2x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s); });
       g_nk.run({offsets, H, A, pre, w_up, dxp2}, s);
-      NkCluster1x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
-      if (same("dxp 1x1", dxp2, dxp3, M * H))
-        ab("dxp: 2x1 (A) vs 1x1 (B)", f_up, [&] { g_nk.run({offsets, H, A, pre, w_up, dxp2}, s); },
-           [&] { NkCluster1x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s); });
+      NkCluster2x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
+      if (same("dxp 2x1", dxp2, dxp3, M * H))
+        ab("dxp: library 1x1 (A) vs 2x1 (B)", f_up, [&] { g_nk.run({offsets, H, A, pre, w_up, dxp2}, s); },
+           [&] { NkCluster2x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s); });
     }
     MOE_CUDA_CHECK(cudaFree(ws));
     return 0;
@@ -612,19 +615,19 @@ int run(const Options& o) {
                              sms, s);
           }), f_up);
     MOE_CUDA_CHECK(cudaFree(ws_act));
-    {  // the fused up-projection without a cluster, against G3 (pre, act) and G3n (act only)
-      void* ws = workspace(ActCluster1x1::workspace_bytes(E, sms));
-      ActCluster1x1::run({offsets, A, H, xp, w_up_il, pre3, act3}, o.activation, E, ws, sms, s);
+    {  // the fused up-projection on the 2x1 cluster, against G3 (pre, act) and G3n (act only)
+      void* ws = workspace(ActCluster2x1::workspace_bytes(E, sms));
+      ActCluster2x1::run({offsets, A, H, xp, w_up_il, pre3, act3}, o.activation, E, ws, sms, s);
       g_act.run({offsets, A, H, xp, w_up_il, pre2, act2}, s);
       const double err = rel_error(download(act3, M * I), download(act2, M * I), M * I);
       std::printf("%-48s relative error vs library %.2e\n", "X18 verify", err);
       if (err < 1e-2) {
-        row("X18 fused up, cluster 1x1 (pre, act)", median_ms(o.reps, s, [&] {
-              ActCluster1x1::run({offsets, A, H, xp, w_up_il, pre3, act3}, o.activation, E, ws,
+        row("X18 fused up, cluster 2x1 (pre, act)", median_ms(o.reps, s, [&] {
+              ActCluster2x1::run({offsets, A, H, xp, w_up_il, pre3, act3}, o.activation, E, ws,
                                  sms, s);
             }), f_up);
-        row("X18n fused up, cluster 1x1 (act only)", median_ms(o.reps, s, [&] {
-              ActCluster1x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E,
+        row("X18n fused up, cluster 2x1 (act only)", median_ms(o.reps, s, [&] {
+              ActCluster2x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E,
                                  ws, sms, s);
             }), f_up);
       }
@@ -655,7 +658,7 @@ int run(const Options& o) {
     gemm_variant("X7 cooperative 128x128", GemmCoop128x128{});
     gemm_variant("X8 pingpong 128x128", GemmPingpong128x128{});
     gemm_variant("X11 pingpong 64x256", GemmPingpong64x256{});
-    gemm_variant("X12 cooperative 128x256 cluster 1x1", GemmCoop128x256Cluster1x1{});
+    gemm_variant("X12 cooperative 128x256 cluster 2x1", GemmCoop128x256Cluster2x1{});
     gemm_variant("X13 cooperative 128x256 cluster 1x2", GemmCoop128x256Cluster1x2{});
     if (o.backward) {
       auto wgrad_variant = [&](const char* label_down, const char* label_up, auto launcher) {
@@ -699,18 +702,18 @@ int run(const Options& o) {
       wgrad_variant("X16 wgrad dw_down, cluster 1x1", "X17 wgrad dw_up, cluster 1x1",
                     WgradCluster1x1{});
       // da = dyp w_down^T and dxp = dpre w_up^T (pre stands in for dpre): the library's (N, K)
-      // GEMM on its 2x1 cluster (N1 / N2) against the same tile without a cluster (X14 / X15).
+      // GEMM (N1 / N2, 1x1 since run 8) against the same tile on a 2x1 cluster (X14 / X15).
       {
         GroupedGemm g_nk(E, WeightLayout::nk);
-        void* ws = workspace(NkCluster1x1::workspace_bytes(E, sms));
+        void* ws = workspace(NkCluster2x1::workspace_bytes(E, sms));
         g_nk.run({offsets, I, H, dyp, w_down, act2}, s);
-        NkCluster1x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
+        NkCluster2x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
         g_nk.run({offsets, H, A, pre, w_up, dxp2}, s);
-        NkCluster1x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
+        NkCluster2x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
         const double err =
             std::max(rel_error(download(act3, M * I), download(act2, M * I), M * I),
                      rel_error(download(dxp3, M * H), download(dxp2, M * H), M * H));
-        std::printf("%-48s relative error vs library %.2e\n", "X14/X15 (N, K) cluster 1x1", err);
+        std::printf("%-48s relative error vs library %.2e\n", "X14/X15 (N, K) cluster 2x1", err);
         row("N1 grouped da = dyp w_down^T (library)", median_ms(o.reps, s, [&] {
               g_nk.run({offsets, I, H, dyp, w_down, act2}, s);
             }), f_down);
@@ -718,11 +721,11 @@ int run(const Options& o) {
               g_nk.run({offsets, H, A, pre, w_up, dxp2}, s);
             }), f_up);
         if (err < 1e-2) {
-          row("X14 da, cluster 1x1", median_ms(o.reps, s, [&] {
-                NkCluster1x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
+          row("X14 da, cluster 2x1", median_ms(o.reps, s, [&] {
+                NkCluster2x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
               }), f_down);
-          row("X15 dxp, cluster 1x1", median_ms(o.reps, s, [&] {
-                NkCluster1x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
+          row("X15 dxp, cluster 2x1", median_ms(o.reps, s, [&] {
+                NkCluster2x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
               }), f_up);
         }
         MOE_CUDA_CHECK(cudaFree(ws));

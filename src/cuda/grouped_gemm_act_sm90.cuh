@@ -112,7 +112,8 @@ struct ActKernel {
 // ------------------------------------------------------------------------------------------------
 
 // A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
-// instantiates one, ActKernel<CooperativeConfig>, in grouped_gemm_bf16_act.cu.
+// instantiates ActKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act.cu and the gathered
+// ActKernel<CooperativeConfig, true> in grouped_gemm_bf16_act_gather.cu.
 template <class K>
 struct ActLauncher {
   static size_t workspace_bytes(int64_t groups, int sm_count) {

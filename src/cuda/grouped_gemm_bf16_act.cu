@@ -11,7 +11,7 @@
 
 namespace moe::cuda::grouped_gemm {
 
-using LibraryAct = ActLauncher<ActKernel<CooperativeConfig>>;
+using LibraryAct = ActLauncher<ActKernel<CooperativeNoClusterConfig>>;
 
 size_t Bf16Sm90Act::workspace_bytes(int64_t groups, int sm_count) {
   return LibraryAct::workspace_bytes(groups, sm_count);
@@ -20,7 +20,7 @@ size_t Bf16Sm90Act::workspace_bytes(int64_t groups, int sm_count) {
 const char* Bf16Sm90Act::name() {
   static const std::string s =
       std::string("bf16 B(K,N) + activation epilogue (registers -> global), ") +
-      CooperativeConfig::kName;
+      CooperativeNoClusterConfig::kName;
   return s.c_str();
 }
 

@@ -42,6 +42,20 @@ struct CooperativeConfig {
   static constexpr const char* kName = "sm90 ptr-array cooperative 128x256x64 cluster 2x1x1";
 };
 
+// The same tile without a cluster: each CTA loads its own B. The plain GEMMs of both weight
+// layouts and the fused up-projection run this one. Measured on an H100 in alternating rounds
+// against the 2x1 cluster (experts_lab --ab, run8), 1x1 takes 0.93-0.98x the time at the Qwen3
+// shape (up, down, fused up, da, dxp) and 0.97-0.98x at OLMoE's (dxp 1.03x, within its
+// spread). The weight gradients and the gathered loaders (whose B multicast the 2x1 cluster was
+// chosen for) keep CooperativeConfig: not measured without it.
+struct CooperativeNoClusterConfig {
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;          // bM bN bK
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  static constexpr const char* kName = "sm90 ptr-array cooperative 128x256x64 cluster 1x1x1";
+};
+
 // Pingpong: each consumer warpgroup owns a whole tile and the two alternate, so one's epilogue
 // runs under the other's mainloop. Not used by the library yet; the lab compares it (a store-heavy
 // epilogue -- the fused activation, the fp32 weight gradients -- is where it should pay).

@@ -115,7 +115,7 @@ struct Kernel {
 // ------------------------------------------------------------------------------------------------
 
 // A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
-// instantiates Kernel<CooperativeConfig, L> for both layouts (grouped_gemm_bf16_{kn,nk}.cu).
+// instantiates Kernel<CooperativeNoClusterConfig, L> for both layouts (grouped_gemm_bf16_{kn,nk}.cu).
 template <class K>
 struct Launcher {
   static size_t workspace_bytes(int64_t groups, int sm_count) {
@@ -153,7 +153,7 @@ struct Launcher {
 };
 
 template <WeightLayout L>
-using DefaultKernel = Kernel<CooperativeConfig, L>;
+using DefaultKernel = Kernel<CooperativeNoClusterConfig, L>;
 
 template <WeightLayout L>
 size_t Bf16Sm90<L>::workspace_bytes(int64_t groups, int sm_count) {
@@ -164,7 +164,7 @@ template <WeightLayout L>
 const char* Bf16Sm90<L>::name() {
   static const std::string s =
       std::string(L == WeightLayout::kn ? "bf16 B(K,N), " : "bf16 B(N,K), ") +
-      CooperativeConfig::kName;
+      CooperativeNoClusterConfig::kName;
   return s.c_str();
 }
 
