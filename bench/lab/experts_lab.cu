@@ -24,8 +24,9 @@
 //            up-projection run on 1x1 since run 8, on 2x1 before: runs 6-8 compared the other way);
 //            X14/X15 the backward's (N, K) GEMMs da / dxp (library: N1 / N2) and X18 the fused
 //            up-projection on 2x1, X16/X17 the weight gradients on 1x1 (the library's: 2x1)
-//   --ab     only the library's GEMMs against their 2x1 (and 128x192) variants in alternating
-//            rounds: the comparison to trust (run 7: plain rows move 10 % with their position)
+//   --ab     only the library's GEMMs against their other-cluster (and 128x192) variants in
+//            alternating rounds: the comparison to trust (run 7: plain rows move 10 % with their
+//            position)
 //   F*       experts_forward per backend (the activation included; host-offset backends include
 //            their offsets copy and stream synchronisation)
 //   B*       experts_backward per backend (grouped: no host round trip at all now); B1o with the
@@ -521,6 +522,24 @@ int run(const Options& o) {
       ab("fused up (act only): library 1x1 (A) vs 2x1 (B)", f_up,
          [&] { g_act.run({offsets, A, H, xp, w_up_il, nullptr, act2}, s); },
          [&] { ActCluster2x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s); });
+    if (o.backward) {  // the weight gradients, written fresh (beta = 0, as a training step)
+      void* wws = workspace(WgradCluster1x1::workspace_bytes(E, sms));
+      for (int pass = 0; pass < 2; ++pass) {  // dw_down = act^T dyp, then dw_up = xp^T pre
+        const int64_t p = pass ? H : I, q = pass ? A : H, n = E * p * q;
+        float *lib = pass ? dw_up : dw_down, *var = pass ? dw_up2 : dw_down2;
+        const bf16 *x = pass ? xp : act, *y = pass ? pre : dyp;
+        g_wgrad.run({offsets, p, q, x, y, lib, false}, s);
+        WgradCluster1x1::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
+        const double e = rel_error(download(var, n), download(lib, n), n);
+        std::printf("AB verify %-37s relative error %.2e\n", pass ? "dw_up 1x1" : "dw_down 1x1", e);
+        if (e == 0)
+          ab(pass ? "dw_up (fresh): library 2x1 (A) vs 1x1 (B)"
+                  : "dw_down (fresh): library 2x1 (A) vs 1x1 (B)",
+             pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
+             [&] { WgradCluster1x1::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
+      }
+      MOE_CUDA_CHECK(cudaFree(wws));
+    }
     if (o.backward) {  // the backward's (N, K) GEMMs
       GroupedGemm g_nk(E, WeightLayout::nk);
       g_nk.run({offsets, I, H, dyp, w_down, act2}, s);
