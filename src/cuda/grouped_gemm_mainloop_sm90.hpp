@@ -44,10 +44,10 @@ struct CooperativeConfig {
 
 // The same tile without a cluster: each CTA loads its own B. The plain GEMMs of both weight
 // layouts and the fused up-projection run this one. Measured on an H100 in alternating rounds
-// against the 2x1 cluster (experts_lab --ab, run8), 1x1 takes 0.93-0.98x the time at the Qwen3
-// shape (up, down, fused up, da, dxp) and 0.97-0.98x at OLMoE's (dxp 1.03x, within its
-// spread). The weight gradients and the gathered loaders (whose B multicast the 2x1 cluster was
-// chosen for) keep CooperativeConfig: not measured without it.
+// against the 2x1 cluster (experts_lab --ab, run8, and run9 the other way round), 1x1 takes
+// 0.93-0.98x the time at the Qwen3 shape (up, down, fused up, da, dxp) and 0.97-0.99x at OLMoE's.
+// The weight gradients keep CooperativeConfig (no consistent difference, run9), and so do the
+// gathered loaders (not measured without it).
 struct CooperativeNoClusterConfig {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;          // bM bN bK
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
