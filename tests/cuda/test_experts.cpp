@@ -430,28 +430,48 @@ TEST(GroupedGemm, EachSegmentIsItsExpertsProductInBothWeightLayouts) {
   }
 }
 
+// Rows gathered by index for the gathered GEMM tests: segments {3, 0, 257, 1, 0, 64, 130, 700}
+// (M rows, R = M + 3), x (T = 97, K = 200: a partial last K tile) with repeated and unused
+// rows, one padding index (T), two stray ones (-1, T + 7), and xp the permuted copy (zero rows
+// where the index is outside [0, T)).
+struct GatheredRows {
+  static constexpr int64_t T = 97, K = 200;
+  std::vector<int64_t> o;
+  int64_t E = 0, M = 0, R = 0;
+  std::vector<float> x, xp;
+  std::vector<int32_t> gather;
+
+  explicit GatheredRows(uint64_t seed) {
+    const std::vector<int64_t> sizes = {3, 0, 257, 1, 0, 64, 130, 700};
+    E = static_cast<int64_t>(sizes.size());
+    o = offsets_of(sizes);
+    M = o[E], R = M + 3;
+    x = round_to<bf16>(random_vector<float>(T * K, seed));
+    gather.assign(R, static_cast<int32_t>(T));
+    const std::vector<float> pick = random_vector<float>(M, seed + 2);
+    for (int64_t r = 0; r < M; ++r)
+      gather[r] = static_cast<int32_t>(std::min<int64_t>(T - 1, std::abs(pick[r]) * T));
+    gather[o[2] + 5] = static_cast<int32_t>(T);  // padding
+    gather[o[2] + 200] = -1;                     // stray indices: zero rows as well
+    gather[o[7] + 699] = static_cast<int32_t>(T + 7);
+    xp.assign(R * K, 0.f);
+    for (int64_t r = 0; r < M; ++r)
+      if (gather[r] >= 0 && gather[r] < T)
+        std::copy_n(x.begin() + gather[r] * K, K, xp.begin() + r * K);
+  }
+};
+
 // A's rows fetched by index (the permute folded into the loader): the same products, bit for bit,
-// as the plain GEMM on the permuted copy, with padding (index T) and stray indices (-1, T + 7)
-// reading as zero rows, K = 200 (a partial last K tile), repeated and unused source rows.
+// as the plain GEMM on the permuted copy, padding and stray indices reading as zero rows.
 TEST(GroupedGemm, GatheredRowsGiveThePermutedProductBitForBit) {
   MOE_REQUIRE_GPU();
-  const std::vector<int64_t> sizes = {3, 0, 257, 1, 0, 64, 130, 700};
-  const int64_t E = static_cast<int64_t>(sizes.size()), N = 136, K = 200, T = 97;
-  const std::vector<int64_t> o = offsets_of(sizes);
-  const int64_t M = o[E], R = M + 3;
-  const std::vector<float> x = round_to<bf16>(random_vector<float>(T * K, 31));
+  const GatheredRows g_in(31);
+  const int64_t T = GatheredRows::T, K = GatheredRows::K;
+  const int64_t E = g_in.E, N = 136, R = g_in.R;
+  const std::vector<int64_t>& o = g_in.o;
+  const std::vector<float>&x = g_in.x, &xp = g_in.xp;
+  const std::vector<int32_t>& gather = g_in.gather;
   const std::vector<float> b = round_to<bf16>(random_vector<float>(E * K * N, 32));
-  std::vector<int32_t> gather(R, static_cast<int32_t>(T));
-  const std::vector<float> pick = random_vector<float>(M, 33);
-  for (int64_t r = 0; r < M; ++r)
-    gather[r] = static_cast<int32_t>(std::min<int64_t>(T - 1, std::abs(pick[r]) * T));
-  gather[o[2] + 5] = static_cast<int32_t>(T);      // padding
-  gather[o[2] + 200] = -1;                         // stray indices: zero rows as well
-  gather[o[7] + 699] = static_cast<int32_t>(T + 7);
-  std::vector<float> xp(R * K, 0.f);
-  for (int64_t r = 0; r < M; ++r)
-    if (gather[r] >= 0 && gather[r] < T)
-      std::copy_n(x.begin() + gather[r] * K, K, xp.begin() + r * K);
   std::vector<double> want(R * N, 0);
   for (int64_t e = 0; e < E; ++e)
     for (int64_t r = o[e]; r < o[e + 1]; ++r)
@@ -487,23 +507,13 @@ TEST(GroupedGemm, GatheredRowsGiveThePermutedProductBitForBit) {
 // indices reading as zero rows; rows past M are left as they were.
 TEST(GroupedGemmAct, GatheredRowsGiveThePermutedResultBitForBit) {
   MOE_REQUIRE_GPU();
-  const std::vector<int64_t> sizes = {3, 0, 257, 1, 0, 64, 130, 700};
-  const int64_t E = static_cast<int64_t>(sizes.size()), I = 160, N = 2 * I, K = 200, T = 97;
-  const std::vector<int64_t> o = offsets_of(sizes);
-  const int64_t M = o[E], R = M + 3;
-  const std::vector<float> x = round_to<bf16>(random_vector<float>(T * K, 41));
+  const GatheredRows g_in(41);
+  const int64_t T = GatheredRows::T, K = GatheredRows::K;
+  const int64_t E = g_in.E, I = 160, N = 2 * I, M = g_in.M, R = g_in.R;
+  const std::vector<int64_t>& o = g_in.o;
+  const std::vector<float>&x = g_in.x, &xp = g_in.xp;
+  const std::vector<int32_t>& gather = g_in.gather;
   const std::vector<float> b = round_to<bf16>(random_vector<float>(E * K * N, 42));
-  std::vector<int32_t> gather(R, static_cast<int32_t>(T));
-  const std::vector<float> pick = random_vector<float>(M, 43);
-  for (int64_t r = 0; r < M; ++r)
-    gather[r] = static_cast<int32_t>(std::min<int64_t>(T - 1, std::abs(pick[r]) * T));
-  gather[o[2] + 5] = static_cast<int32_t>(T);  // padding
-  gather[o[2] + 200] = -1;                     // stray indices: zero rows as well
-  gather[o[7] + 699] = static_cast<int32_t>(T + 7);
-  std::vector<float> xp(R * K, 0.f);
-  for (int64_t r = 0; r < M; ++r)
-    if (gather[r] >= 0 && gather[r] < T)
-      std::copy_n(x.begin() + gather[r] * K, K, xp.begin() + r * K);
 
   DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end())), dgather(gather);
   DeviceArray<bf16> dx(to_device_type<bf16>(x)), dxp(to_device_type<bf16>(xp)),
