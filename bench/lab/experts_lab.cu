@@ -26,7 +26,8 @@
 //            up-projection on 2x1, X16/X17 the weight gradients on 1x1 (the library's: 2x1)
 //   --ab     only the library's GEMMs against their other-cluster (and 128x192) variants in
 //            alternating rounds: the comparison to trust (run 7: plain rows move 10 % with their
-//            position)
+//            position); with the backward (default) also the da GEMM with the activation
+//            backward in its epilogue, and the experts backward on grouped vs grouped_fused
 //   F*       experts_forward per backend (the activation included; host-offset backends include
 //            their offsets copy and stream synchronisation)
 //   B*       experts_backward per backend (grouped: no host round trip at all now); B1o with the
@@ -128,7 +129,8 @@ struct Options {
   double capacity_factor = 1.25;
   int reps = 20;
   bool backward = true;
-  bool ab = false;  // only the A/B rounds (below)
+  bool ab = false;          // only the A/B rounds (below)
+  bool ab_act_grad = false;  // only the activation-backward A/B rounds
 
   static void print_usage() {
     std::printf(
@@ -136,6 +138,7 @@ struct Options {
         "            [--skew uniform|zipf|one_expert] [--activation swiglu|gelu]\n"
         "            [--layout dropless|padded] [--capacity-factor F] [--reps N] [--no-backward]\n"
         "            [--ab]   only the library kernels against lab variants in alternating rounds\n"
+        "            [--ab-act-grad]  only the activation backward's rounds of --ab\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -159,6 +162,7 @@ struct Options {
       else if (a == "--reps") reps = std::atoi(next());
       else if (a == "--no-backward") backward = false;
       else if (a == "--ab") ab = true;
+      else if (a == "--ab-act-grad") ab = ab_act_grad = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -498,60 +502,90 @@ int run(const Options& o) {
                                    GemmCoop128x192::workspace_bytes(E, sms),
                                    ActCluster2x1::workspace_bytes(E, sms),
                                    NkCluster2x1::workspace_bytes(E, sms)}));
-    // down-projection: the library's (1x1 since run 8) against 2x1 and against a 128x192 tile
-    g_down.run({offsets, H, I, act, w_down, yp}, s);
-    GemmCoop128x256Cluster2x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
-    if (same("down 2x1", yp, yp2, M * H))
-      ab("down: library 1x1 (A) vs 2x1 (B)", f_down, [&] { g_down.run({offsets, H, I, act, w_down, yp}, s); },
-         [&] { GemmCoop128x256Cluster2x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s); });
-    GemmCoop128x192::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
-    if (same("down 128x192", yp, yp2, M * H))
-      ab("down: 128x256 (A) vs 128x192 (B)", f_down,
-         [&] { g_down.run({offsets, H, I, act, w_down, yp}, s); },
-         [&] { GemmCoop128x192::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s); });
-    // plain up-projection
-    g_up.run({offsets, A, H, xp, w_up, pre}, s);
-    GemmCoop128x256Cluster2x1::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s);
-    if (same("up 2x1", pre, pre2, M * A))
-      ab("up: library 1x1 (A) vs 2x1 (B)", f_up, [&] { g_up.run({offsets, A, H, xp, w_up, pre}, s); },
-         [&] { GemmCoop128x256Cluster2x1::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s); });
-    // fused up-projection, act only (the inference layer's)
-    g_act.run({offsets, A, H, xp, w_up_il, nullptr, act2}, s);
-    ActCluster2x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s);
-    if (same("fused up 2x1", act2, act3, M * I))
-      ab("fused up (act only): library 1x1 (A) vs 2x1 (B)", f_up,
-         [&] { g_act.run({offsets, A, H, xp, w_up_il, nullptr, act2}, s); },
-         [&] { ActCluster2x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s); });
-    if (o.backward) {  // the weight gradients, written fresh (beta = 0, as a training step)
-      void* wws = workspace(WgradCluster1x1::workspace_bytes(E, sms));
-      for (int pass = 0; pass < 2; ++pass) {  // dw_down = act^T dyp, then dw_up = xp^T pre
-        const int64_t p = pass ? H : I, q = pass ? A : H, n = E * p * q;
-        float *lib = pass ? dw_up : dw_down, *var = pass ? dw_up2 : dw_down2;
-        const bf16 *x = pass ? xp : act, *y = pass ? pre : dyp;
-        g_wgrad.run({offsets, p, q, x, y, lib, false}, s);
-        WgradCluster1x1::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
-        const double e = rel_error(download(var, n), download(lib, n), n);
-        std::printf("AB verify %-37s relative error %.2e\n", pass ? "dw_up 1x1" : "dw_down 1x1", e);
-        if (e == 0)
-          ab(pass ? "dw_up (fresh): library 2x1 (A) vs 1x1 (B)"
-                  : "dw_down (fresh): library 2x1 (A) vs 1x1 (B)",
-             pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
-             [&] { WgradCluster1x1::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
+    if (!o.ab_act_grad) {
+      // down-projection: the library's (1x1 since run 8) against 2x1 and against a 128x192 tile
+      g_down.run({offsets, H, I, act, w_down, yp}, s);
+      GemmCoop128x256Cluster2x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
+      if (same("down 2x1", yp, yp2, M * H))
+        ab("down: library 1x1 (A) vs 2x1 (B)", f_down, [&] { g_down.run({offsets, H, I, act, w_down, yp}, s); },
+           [&] { GemmCoop128x256Cluster2x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s); });
+      GemmCoop128x192::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
+      if (same("down 128x192", yp, yp2, M * H))
+        ab("down: 128x256 (A) vs 128x192 (B)", f_down,
+           [&] { g_down.run({offsets, H, I, act, w_down, yp}, s); },
+           [&] { GemmCoop128x192::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s); });
+      // plain up-projection
+      g_up.run({offsets, A, H, xp, w_up, pre}, s);
+      GemmCoop128x256Cluster2x1::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s);
+      if (same("up 2x1", pre, pre2, M * A))
+        ab("up: library 1x1 (A) vs 2x1 (B)", f_up, [&] { g_up.run({offsets, A, H, xp, w_up, pre}, s); },
+           [&] { GemmCoop128x256Cluster2x1::run({offsets, A, H, xp, w_up, pre2}, false, E, ws, sms, s); });
+      // fused up-projection, act only (the inference layer's)
+      g_act.run({offsets, A, H, xp, w_up_il, nullptr, act2}, s);
+      ActCluster2x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s);
+      if (same("fused up 2x1", act2, act3, M * I))
+        ab("fused up (act only): library 1x1 (A) vs 2x1 (B)", f_up,
+           [&] { g_act.run({offsets, A, H, xp, w_up_il, nullptr, act2}, s); },
+           [&] { ActCluster2x1::run({offsets, A, H, xp, w_up_il, nullptr, act3}, o.activation, E, ws, sms, s); });
+      if (o.backward) {  // the weight gradients, written fresh (beta = 0, as a training step)
+        void* wws = workspace(WgradCluster1x1::workspace_bytes(E, sms));
+        for (int pass = 0; pass < 2; ++pass) {  // dw_down = act^T dyp, then dw_up = xp^T pre
+          const int64_t p = pass ? H : I, q = pass ? A : H, n = E * p * q;
+          float *lib = pass ? dw_up : dw_down, *var = pass ? dw_up2 : dw_down2;
+          const bf16 *x = pass ? xp : act, *y = pass ? pre : dyp;
+          g_wgrad.run({offsets, p, q, x, y, lib, false}, s);
+          WgradCluster1x1::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
+          const double e = rel_error(download(var, n), download(lib, n), n);
+          std::printf("AB verify %-37s relative error %.2e\n", pass ? "dw_up 1x1" : "dw_down 1x1", e);
+          if (e == 0)
+            ab(pass ? "dw_up (fresh): library 2x1 (A) vs 1x1 (B)"
+                    : "dw_down (fresh): library 2x1 (A) vs 1x1 (B)",
+               pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
+               [&] { WgradCluster1x1::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
+        }
+        MOE_CUDA_CHECK(cudaFree(wws));
       }
-      MOE_CUDA_CHECK(cudaFree(wws));
+      if (o.backward) {  // the backward's (N, K) GEMMs
+        GroupedGemm g_nk(E, WeightLayout::nk);
+        g_nk.run({offsets, I, H, dyp, w_down, act2}, s);
+        NkCluster2x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
+        if (same("da 2x1", act2, act3, M * I))
+          ab("da: library 1x1 (A) vs 2x1 (B)", f_down, [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
+             [&] { NkCluster2x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s); });
+        g_nk.run({offsets, H, A, pre, w_up, dxp2}, s);
+        NkCluster2x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
+        if (same("dxp 2x1", dxp2, dxp3, M * H))
+          ab("dxp: library 1x1 (A) vs 2x1 (B)", f_up, [&] { g_nk.run({offsets, H, A, pre, w_up, dxp2}, s); },
+             [&] { NkCluster2x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s); });
+      }
     }
-    if (o.backward) {  // the backward's (N, K) GEMMs
+    if (o.backward && blocked) {
+      // The activation backward in the da GEMM's epilogue (grouped_fused) against the plain da
+      // GEMM and the elementwise pass (grouped), on the layer's blocked w_up: the da GEMM alone
+      // first (what the epilogue costs), then the whole experts backward with fresh dW.
+      ExpertsWorkspace unfused_bw(es_blocked, ExpertsBackend::grouped, true);
+      ExpertsWorkspace fused_bw(es_blocked, ExpertsBackend::grouped_fused, true);
+      ExpertsForwardArgs f = fc;
+      f.w_up = w_up_bl;
+      experts_forward(fused_bw, f, s);  // pre3, act3 in the blocked order
       GroupedGemm g_nk(E, WeightLayout::nk);
-      g_nk.run({offsets, I, H, dyp, w_down, act2}, s);
-      NkCluster2x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s);
-      if (same("da 2x1", act2, act3, M * I))
-        ab("da: library 1x1 (A) vs 2x1 (B)", f_down, [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
-           [&] { NkCluster2x1::run({offsets, I, H, dyp, w_down, act3}, true, E, ws, sms, s); });
-      g_nk.run({offsets, H, A, pre, w_up, dxp2}, s);
-      NkCluster2x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s);
-      if (same("dxp 2x1", dxp2, dxp3, M * H))
-        ab("dxp: library 1x1 (A) vs 2x1 (B)", f_up, [&] { g_nk.run({offsets, H, A, pre, w_up, dxp2}, s); },
-           [&] { NkCluster2x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s); });
+      GroupedGemmActGrad g_grad(E, o.activation);
+      bf16* dpre = pre2;  // scratch: pre3 stays the forward's
+      ab("da (A) vs da + activation backward (B)", f_down,
+         [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
+         [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); });
+      ExpertsBackwardArgs bu{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp2, dw_up, dw_down};
+      ExpertsBackwardArgs bf{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp3, dw_up2, dw_down2};
+      bu.accumulate = bf.accumulate = false;
+      experts_backward(unfused_bw, bu, s);
+      experts_backward(fused_bw, bf, s);
+      const bool equal = same("backward dxp fused", dxp2, dxp3, M * H) &&
+                         rel_error(download(dw_up, E * H * A), download(dw_up2, E * H * A),
+                                   E * H * A) == 0;
+      std::printf("AB verify %-37s %s\n", "backward dw_up fused", equal ? "equal" : "DIFFERENT");
+      if (equal)
+        ab("experts backward: grouped (A) vs grouped_fused (B)", 2 * f_fwd,
+           [&] { experts_backward(unfused_bw, bu, s); }, [&] { experts_backward(fused_bw, bf, s); });
     }
     MOE_CUDA_CHECK(cudaFree(ws));
     return 0;

@@ -576,7 +576,8 @@ ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend bac
     }
     down_ = GroupedGemm(E, WeightLayout::kn);
     if (backward) {
-      dact_ = GroupedGemm(E, WeightLayout::nk);
+      if (backend == ExpertsBackend::grouped_fused) dact_act_ = GroupedGemmActGrad(E, shape.activation);
+      else dact_ = GroupedGemm(E, WeightLayout::nk);
       dxp_ = GroupedGemm(E, WeightLayout::nk);
       wgrad_down_ = GroupedWgrad(E);
       wgrad_up_ = GroupedWgrad(E);
@@ -585,8 +586,11 @@ ExpertsWorkspace::ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend bac
   if (backend == ExpertsBackend::cublas_strided_padded)
     MOE_CHECK(R % E == 0, "the cublas_strided_padded backend needs the padded layout: max_rows (",
               R, ") a multiple of experts (", E, "), C = max_rows / E rows per expert");
+  // grouped_fused never stores da: its activation backward runs in the da GEMM's epilogue.
+  const bool stores_da = backend != ExpertsBackend::grouped_fused;
   if (backward && own_scratch)
-    arena_ = DeviceArena({{"experts.da", size_t(R * I) * sizeof(bf16), reinterpret_cast<void**>(&da_)},
+    arena_ = DeviceArena({{"experts.da", stores_da ? size_t(R * I) * sizeof(bf16) : 0,
+                           reinterpret_cast<void**>(&da_)},
                           {"experts.dpre", size_t(R * A) * sizeof(bf16),
                            reinterpret_cast<void**>(&dpre_)}});
   MOE_CUDA_CHECK(cudaMallocHost(&pinned_offsets_, sizeof(int32_t) * (E + 1)));
@@ -734,10 +738,11 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
             "or dw_up_bf16 and dw_down_bf16)");
   const int64_t E = s.experts, H = s.hidden, I = s.inter, A = s.up_width();
   const int sms = ws.sm_count_;
+  const bool fused = ws.backend_ == ExpertsBackend::grouped_fused;
   bf16* const da = a.da ? a.da : ws.da_;
   bf16* const dpre = a.dpre ? a.dpre : ws.dpre_;
-  MOE_CHECK(da && dpre, "experts_backward: the workspace was made without scratch (own_scratch "
-                        "false) and the arguments give no da / dpre");
+  MOE_CHECK((da || fused) && dpre, "experts_backward: the workspace was made without scratch "
+                                   "(own_scratch false) and the arguments give no da / dpre");
   const bool grouped =
       ws.backend_ == ExpertsBackend::grouped || ws.backend_ == ExpertsBackend::grouped_fused;
   MOE_CHECK(!bf16_dw || (grouped && !a.accumulate),
@@ -758,9 +763,16 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     ws.wgrad_down_.run({a.offsets, I, H, a.act, a.dyp, a.dw_down, a.accumulate, a.dw_down_bf16},
                        stream);                                                 // dw_down (+)= act^T dyp
     mark(ExpertsBackwardStep::da);
-    ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, da}, stream);               // da = dyp · w_down^T
-    mark(ExpertsBackwardStep::activation);
-    activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);            // dpre
+    if (fused) {                                    // dpre from da = dyp · w_down^T in registers
+      ws.dact_act_.run({a.offsets, I, H, a.dyp, a.w_down, a.pre, dpre,
+                        s.activation == Activation::swiglu && s.gate_up == GateUpLayout::blocked},
+                       stream);
+      mark(ExpertsBackwardStep::activation);
+    } else {
+      ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, da}, stream);             // da = dyp · w_down^T
+      mark(ExpertsBackwardStep::activation);
+      activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);          // dpre
+    }
     mark(ExpertsBackwardStep::dxp);
     ws.dxp_.run({a.offsets, H, A, dpre, a.w_up, a.dxp}, stream);                // dxp = dpre · w_up^T
     mark(ExpertsBackwardStep::dw_up);

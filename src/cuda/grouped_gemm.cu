@@ -1,6 +1,6 @@
-// defines: GroupedGemmBase, GroupedGemm, GroupedWgrad, GroupedGemmAct (workspaces, argument
-//          checks, dispatch)
-// The CUTLASS kernels themselves are compiled in grouped_gemm_bf16_{kn,nk,wgrad,act}.cu; this file
+// defines: GroupedGemmBase, GroupedGemm, GroupedWgrad, GroupedGemmAct, GroupedGemmActGrad
+//          (workspaces, argument checks, dispatch)
+// The CUTLASS kernels themselves are compiled in grouped_gemm_bf16_*.cu; this file
 // only sizes the workspaces, checks the arguments and picks the instantiation.
 #include <algorithm>
 
@@ -15,6 +15,7 @@ namespace {
 using grouped_gemm::Bf16Sm90;
 using grouped_gemm::Bf16Sm90Act;
 using grouped_gemm::Bf16Sm90ActGather;
+using grouped_gemm::Bf16Sm90ActGrad;
 using grouped_gemm::Bf16Sm90Gather;
 using grouped_gemm::Bf16Sm90Wgrad;
 using grouped_gemm::Bf16Sm90WgradBf16;
@@ -142,6 +143,29 @@ void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) co
     return;
   }
   Bf16Sm90Act::run(args, activation_, experts_, workspace_, sm_count_, stream);
+}
+
+// ------------------------------------------------------------------------------------------------
+// da = A · B_e^T, dpre = da * act'(pre)
+// ------------------------------------------------------------------------------------------------
+
+GroupedGemmActGrad::GroupedGemmActGrad(int64_t experts, Activation activation)
+    : GroupedGemmBase(experts), activation_(activation) {
+  allocate(Bf16Sm90ActGrad::workspace_bytes(experts, sm_count_));
+}
+
+const char* GroupedGemmActGrad::name() const { return Bf16Sm90ActGrad::name(); }
+
+void GroupedGemmActGrad::run(const GroupedGemmActGradArgs& args, cudaStream_t stream) const {
+  check_ready();
+  check_width("grouped GEMM + activation backward", "N", args.n);
+  check_width("grouped GEMM + activation backward", "K", args.k);
+  MOE_CHECK(args.offsets && args.a && args.b && args.pre && args.dpre,
+            "grouped GEMM + activation backward: null pointer argument");
+  MOE_CHECK(!args.blocked || (activation_ == Activation::swiglu && args.n % 32 == 0),
+            "grouped GEMM + activation backward: the blocked gate/up layout needs SwiGLU and N (I) "
+            "a multiple of 32, got N=", args.n);
+  Bf16Sm90ActGrad::run(args, activation_, experts_, workspace_, sm_count_, stream);
 }
 
 }  // namespace moe::cuda

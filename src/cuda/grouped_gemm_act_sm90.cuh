@@ -1,9 +1,12 @@
-// defines: moe::cuda::grouped_gemm::{ActKernel, ActLauncher}
-// The up-projection with the activation fused into its epilogue: the forward's pre = xp · w_up[e]
-// mainloop (grouped_gemm_mainloop_sm90.hpp, B (K, N) row-major), problems from prepare_kernel
-// (grouped_gemm_prepare.cuh), and the register-to-global epilogue EpilogueAct
-// (grouped_gemm_epilogue_act_sm90.hpp), which writes pre (optional) and act from the accumulators.
-// The epilogue uses no shared memory, so the mainloop gets all of it for stages.
+// defines: moe::cuda::grouped_gemm::{ActKernel, ActGradKernel, ActLauncher}
+// The grouped GEMMs with the activation fused into their epilogue:
+//   ActKernel      the up-projection: pre = xp · w_up[e] (B (K, N) row-major), epilogue EpilogueAct
+//                  writing pre (optional) and act;
+//   ActGradKernel  the backward's da = dyp · w_down[e]^T (B (N, K) row-major), epilogue
+//                  EpilogueActGrad writing dpre from da and the stored pre.
+// Mainloops from grouped_gemm_mainloop_sm90.hpp, problems from prepare_kernel
+// (grouped_gemm_prepare.cuh), epilogues from grouped_gemm_epilogue_act_sm90.hpp. The epilogues use
+// no shared memory, so the mainloop gets all of it for stages.
 // Include it only from its one .cu (it costs about a minute of nvcc).
 #pragma once
 #include <cuda_runtime.h>
@@ -29,15 +32,14 @@ namespace moe::cuda::grouped_gemm {
 // kernel type
 // ------------------------------------------------------------------------------------------------
 
-// kGatherA: A's rows fetched by index (GatherMainloop), as Kernel's.
-template <class Config, bool kGatherA = false>
-struct ActKernel {
+// What both kernels share: the kernel type from a mainloop and an epilogue, and the workspace of
+// per-expert problems, A/B pointers and strides (the epilogues find their rows from the offsets
+// themselves: no D arrays).
+template <class Collective_, class Epilogue_>
+struct ActKernelBase {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
-  using Epilogue = EpilogueAct;
-  using Collective = cute::conditional_t<kGatherA,
-                                         GatherMainloop<Mainloop<Config, WeightLayout::kn, 0>>,
-                                         Mainloop<Config, WeightLayout::kn, 0>>;
-  static constexpr bool kGather = kGatherA;
+  using Epilogue = Epilogue_;
+  using Collective = Collective_;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
@@ -69,8 +71,38 @@ struct ActKernel {
     return c;
   }
 
-  static typename Gemm::Arguments arguments(const Carve& c, const GroupedGemmActArgs& a,
-                                            bool swiglu, int64_t groups, int sm_count) {
+  static typename Gemm::Arguments gemm_arguments(const Carve& c,
+                                                 typename Collective::Arguments mainloop,
+                                                 typename Epilogue::Arguments epilogue,
+                                                 int64_t groups, int sm_count) {
+    return typename Gemm::Arguments{
+        cutlass::gemm::GemmUniversalMode::kGrouped,
+        {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
+        mainloop,
+        epilogue,
+        hardware_info(sm_count)};
+  }
+};
+
+// kGatherA: A's rows fetched by index (GatherMainloop), as Kernel's.
+template <class Config, bool kGatherA>
+using UpMainloop = cute::conditional_t<kGatherA,
+                                       GatherMainloop<Mainloop<Config, WeightLayout::kn, 0>>,
+                                       Mainloop<Config, WeightLayout::kn, 0>>;
+
+template <class Config, bool kGatherA = false>
+struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct> {
+  using Base = ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct>;
+  using typename Base::Carve;
+  using typename Base::Collective;
+  using typename Base::Epilogue;
+  using typename Base::Gemm;
+  using Args = GroupedGemmActArgs;
+  static constexpr bool kGather = kGatherA;
+  static constexpr bool kBNk = false;
+
+  static typename Gemm::Arguments arguments(const Carve& c, const Args& a, bool swiglu,
+                                            int64_t groups, int sm_count) {
     typename Epilogue::Arguments epilogue;
     epilogue.offsets = a.offsets;
     epilogue.pre = a.pre;
@@ -79,16 +111,10 @@ struct ActKernel {
     epilogue.ld_act = swiglu ? a.n / 2 : a.n;
     epilogue.swiglu = swiglu ? 1 : 0;
     epilogue.blocked = a.blocked ? 1 : 0;
-    return typename Gemm::Arguments{
-        cutlass::gemm::GemmUniversalMode::kGrouped,
-        {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
-        mainloop_arguments(c, a),
-        epilogue,
-        hardware_info(sm_count)};
+    return Base::gemm_arguments(c, mainloop_arguments(c, a), epilogue, groups, sm_count);
   }
 
-  static typename Collective::Arguments mainloop_arguments(const Carve& c,
-                                                           const GroupedGemmActArgs& a) {
+  static typename Collective::Arguments mainloop_arguments(const Carve& c, const Args& a) {
     if constexpr (kGatherA) {
       typename Collective::Arguments m{{c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, {}};
       m.g = {a.offsets, a.gather, reinterpret_cast<const Bf16*>(a.a), a.k,
@@ -100,9 +126,41 @@ struct ActKernel {
   }
 
   static size_t cutlass_bytes(int64_t groups, int sm_count) {
-    const Carve none = carve(nullptr, groups, 0);
-    GroupedGemmActArgs a;
+    const Carve none = Base::carve(nullptr, groups, 0);
+    Args a;
     a.n = 16;
+    return Gemm::get_workspace_size(arguments(none, a, true, groups, sm_count));
+  }
+};
+
+// da = dyp · w_down[e]^T with the activation backward in the epilogue: dpre, never da.
+template <class Config>
+struct ActGradKernel : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad> {
+  using Base = ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad>;
+  using typename Base::Carve;
+  using typename Base::Epilogue;
+  using typename Base::Gemm;
+  using Args = GroupedGemmActGradArgs;
+  static constexpr bool kGather = false;
+  static constexpr bool kBNk = true;
+
+  static typename Gemm::Arguments arguments(const Carve& c, const Args& a, bool swiglu,
+                                            int64_t groups, int sm_count) {
+    typename Epilogue::Arguments epilogue;
+    epilogue.offsets = a.offsets;
+    epilogue.pre = a.pre;
+    epilogue.dpre = a.dpre;
+    epilogue.ld_pre = swiglu ? 2 * a.n : a.n;
+    epilogue.swiglu = swiglu ? 1 : 0;
+    epilogue.blocked = a.blocked ? 1 : 0;
+    return Base::gemm_arguments(c, {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, epilogue, groups,
+                                sm_count);
+  }
+
+  static size_t cutlass_bytes(int64_t groups, int sm_count) {
+    const Carve none = Base::carve(nullptr, groups, 0);
+    Args a;
+    a.n = 8;
     return Gemm::get_workspace_size(arguments(none, a, true, groups, sm_count));
   }
 };
@@ -112,27 +170,28 @@ struct ActKernel {
 // ------------------------------------------------------------------------------------------------
 
 // A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
-// instantiates ActKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act.cu and the gathered
-// ActKernel<CooperativeConfig, true> in grouped_gemm_bf16_act_gather.cu.
+// instantiates ActKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act.cu, the gathered
+// ActKernel<CooperativeConfig, true> in grouped_gemm_bf16_act_gather.cu and
+// ActGradKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act_grad.cu.
 template <class K>
 struct ActLauncher {
   static size_t workspace_bytes(int64_t groups, int sm_count) {
     return K::carve(nullptr, groups, K::cutlass_bytes(groups, sm_count)).bytes;
   }
 
-  static void run(const GroupedGemmActArgs& args, Activation activation, int64_t groups,
+  static void run(const typename K::Args& args, Activation activation, int64_t groups,
                   void* workspace, int sm_count, cudaStream_t stream) {
     const typename K::Carve c = K::carve(workspace, groups, K::cutlass_bytes(groups, sm_count));
 
     // Step 1: problems, A/B pointers and strides of every expert, from the device offsets (the
-    // epilogue finds its output rows from the offsets itself: no D arrays).
+    // epilogue finds its rows from the offsets itself: no D arrays).
     PrepareParams<Bf16, typename K::Problem, typename K::StrideA, typename K::StrideB,
                   typename K::StrideD>
         p{args.offsets,
           static_cast<int32_t>(groups),
           static_cast<int32_t>(args.n),
           static_cast<int32_t>(args.k),
-          false,
+          K::kBNk,
           K::kGather,
           reinterpret_cast<const Bf16*>(args.a),
           reinterpret_cast<const Bf16*>(args.b),
@@ -141,7 +200,7 @@ struct ActLauncher {
     prepare_kernel<<<1, prepare_threads(groups), 0, stream>>>(p);
     MOE_CUDA_LAUNCH_CHECK();
 
-    // Step 2: the persistent grouped GEMM with the activation epilogue.
+    // Step 2: the persistent grouped GEMM with the activation (or its gradient) in the epilogue.
     typename K::Gemm gemm;
     const auto arguments =
         K::arguments(c, args, activation == Activation::swiglu, groups, sm_count);

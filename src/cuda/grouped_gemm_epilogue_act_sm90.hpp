@@ -1,11 +1,21 @@
-// defines: moe::cuda::grouped_gemm::{EpilogueActivation, EpilogueAct}
-// The fused epilogue of the up-projection: from the fp32 accumulators of a (BLK_M, BLK_N) tile of
+// defines: moe::cuda::grouped_gemm::{RegisterEpilogue, EpilogueActivation, EpilogueAct,
+//          EpilogueActivationGrad, EpilogueActGrad}
+// The activation fused into a grouped GEMM's epilogue, forward and backward, both written from the
+// fp32 accumulators straight to global memory (no smem, no TMA).
+//
+// Forward (EpilogueActivation), the up-projection: from a (BLK_M, BLK_N) tile of
 // pre = xp · w_up[e] it writes
 //   pre  (m_e, N)  bf16, unless params.pre is null (forward without backward)
 //   act  SwiGLU: (m_e, N/2) act[r, j] = silu(pre[r, 2j]) * pre[r, 2j+1]   (gate/up interleaved)
 //        GELU:   (m_e, N)   act[r, j] = gelu(pre[r, j])
-// straight from registers to global memory (no smem, no TMA), so the unfused pair's extra pass --
-// write pre, read it back, write act: 3 * M * I * 2 bytes more for SwiGLU -- disappears.
+// so the unfused pair's extra pass -- write pre, read it back, write act: 3 * M * I * 2 bytes more
+// for SwiGLU -- disappears.
+//
+// Backward (EpilogueActivationGrad), the da GEMM: from a tile of da = dyp · w_down[e]^T (N = I
+// units) it reads the stored pre of the same units and writes dpre = da * act'(pre) (SwiGLU:
+// d gate and d up in pre's pair order; GELU: da * gelu'(pre)), so da is never stored and the
+// separate activation-backward pass -- read da and pre, write dpre -- disappears. da is rounded to
+// bf16 first, as the unfused GEMM stores it, so dpre is the unfused pair's bit for bit.
 //
 // Stores: a thread's values of one row are 2 columns out of every 8, so storing them as they lie
 // means 4-byte (pre) and 2-byte (act) stores, 8 rows x 16 bytes per warp instruction. Measured on
@@ -45,10 +55,12 @@
 
 namespace moe::cuda::grouped_gemm {
 
-class EpilogueActivation {
+// What CUTLASS's kernel and adapter read off an epilogue that writes from registers with its own
+// Params: C is never read, D is not CUTLASS's (the outputs are addressed from Params). Plus the
+// bf16 word helpers both activation epilogues use.
+template <class Args>
+class RegisterEpilogue {
  public:
-  // What CUTLASS's kernel and adapter read off an epilogue. C is never read; D is the pair of
-  // outputs described above, addressed from params rather than through CUTLASS's D arguments.
   using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
   using DispatchPolicy = EpilogueSchedule;
   using ThreadEpilogueOp = void;
@@ -63,17 +75,8 @@ class EpilogueActivation {
   using GmemTiledCopyD = void;
   struct SharedStorage {};
   using TensorMapStorage = SharedStorage;
-
-  struct Arguments {
-    const int32_t* offsets = nullptr;  // (E+1) segment starts: group l's rows begin at offsets[l]
-    __nv_bfloat16* pre = nullptr;      // (max_rows, ld_pre) or nullptr
-    __nv_bfloat16* act = nullptr;      // (max_rows, ld_act)
-    int64_t ld_pre = 0;                // N
-    int64_t ld_act = 0;                // N / 2 (SwiGLU) or N (GELU)
-    int swiglu = 1;                    // 1: SwiGLU on interleaved pairs, 0: GELU
-    int blocked = 0;                   // SwiGLU: pairs in GateUpLayout::blocked order (below)
-  };
-  using Params = Arguments;
+  using Arguments = Args;
+  using Params = Args;
 
   template <class ProblemShape>
   static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
@@ -89,26 +92,19 @@ class EpilogueActivation {
                                               cudaStream_t, cutlass::CudaHostAdapter* = nullptr) {
     return cutlass::Status::kSuccess;
   }
-  template <class ProblemShape>
-  static bool can_implement(ProblemShape const&, Arguments const& args) {
-    return args.offsets != nullptr && args.act != nullptr && args.ld_pre % 8 == 0 &&
-           args.ld_act % 8 == 0;
-  }
 
-  CUTLASS_HOST_DEVICE explicit EpilogueActivation(Params const& params) : params_(params) {}
+  CUTLASS_HOST_DEVICE explicit RegisterEpilogue(Params const& params) : params_(params) {}
 
   CUTLASS_DEVICE bool is_source_needed() { return false; }
 
-  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
-            class FrgLayout, class TiledMma, class ResidueMNK>
-  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
-                                 BlockCoordMNKL blk_coord_mnkl,
-                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
-                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+ protected:
+  // One wgmma's (thr, val) -> m + 64 n: lane % 4 = q picks column pair (2q, 2q+1), lane / 4 the
+  // row; values are (v0: column 2q + v0, v1: row + 8 v1, j: column + 8 j), so value 2 v1 + 4 j + v0
+  // is row half v1's column 8 j + 2q + v0. Both epilogues rely on exactly this; returns the number
+  // of 8-column groups per thread row.
+  template <class TiledMma, class FrgLayout, class BlockShapeMNK>
+  CUTLASS_HOST_DEVICE static constexpr int groups_per_row() {
     using namespace cute;
-    // One wgmma's (thr, val) -> m + 64 n: lane % 4 = q picks column pair (2q, 2q+1), lane / 4 the
-    // row; values are (v0: column 2q + v0, v1: row + 8 v1, j: column + 8 j). The quad exchange
-    // below relies on exactly this, so check it.
     using AtomLayoutC = typename TiledMma::Atom::LayoutC_TV;
     static_assert(size<0, 0>(AtomLayoutC{}) == 4 && stride<0, 0>(AtomLayoutC{}) == 128,
                   "lane % 4 must select the column pair");
@@ -121,20 +117,91 @@ class EpilogueActivation {
     static_assert(is_static<FrgLayout>::value && size(FrgLayout{}) == 4 * kGroups,
                   "one wgmma atom per thread and tile (MMA_M = MMA_N = 1)");
     static_assert(is_static<BlockShapeMNK>::value, "static CTA tile");
+    return kGroups;
+  }
 
-    const int M = get<0>(problem_shape_mnkl);  // m_e
-    const int N = get<1>(problem_shape_mnkl);  // A, a multiple of 8 (16 for SwiGLU)
+  // Where a thread's accumulators lie in group l's (m_e, N) output: its rows m[v1] (row half v1),
+  // its quad lane q, the tile's first column, and the group's first row in the expert-ordered
+  // buffers.
+  struct ThreadTile {
+    int rows, cols;  // m_e, N
+    int64_t row0;    // offsets[l]
+    int m[2];
+    int q, n_tile;
+  };
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class Accumulators,
+            class TiledMma>
+  CUTLASS_DEVICE ThreadTile locate(ProblemShapeMNKL problem_shape_mnkl,
+                                   BlockShapeMNK blk_shape_mnk, BlockCoordMNKL blk_coord_mnkl,
+                                   Accumulators const& accumulators, TiledMma tiled_mma,
+                                   int thread_idx) const {
+    using namespace cute;
+    ThreadTile t;
+    t.rows = get<0>(problem_shape_mnkl);
+    t.cols = get<1>(problem_shape_mnkl);
     auto [m_coord, n_coord, k_coord, l_coord] = blk_coord_mnkl;
-    const int64_t row0 = params_.offsets[l_coord];
-
-    // Step 1: this thread's first row and the tile's first column, from the coordinate tensor.
-    Tensor cD = make_identity_tensor(make_shape(M, N));                            // (M,N)
+    t.row0 = params_.offsets[l_coord];
+    Tensor cD = make_identity_tensor(make_shape(t.rows, t.cols));                  // (M,N)
     Tensor gcD = local_tile(cD, take<0, 2>(blk_shape_mnk), make_coord(m_coord, n_coord));
                                                                                    // (BLK_M,BLK_N)
     Tensor tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(gcD);        // (MMA,MMA_M,MMA_N)
     CUTE_STATIC_ASSERT_V(size(tCcD) == size(accumulators));
-    const int q = thread_idx & 3;                      // column pair within each 8-column group
-    const int n_tile = get<1>(tCcD(0)) - 2 * q;        // first column of the tile
+    t.q = thread_idx & 3;
+    t.n_tile = get<1>(tCcD(0)) - 2 * t.q;
+    t.m[0] = get<0>(tCcD(0));
+    t.m[1] = get<0>(tCcD(2));
+    return t;
+  }
+
+  CUTLASS_DEVICE static uint32_t pack(__nv_bfloat162 x) {
+    return *reinterpret_cast<uint32_t*>(&x);
+  }
+  CUTLASS_DEVICE static __nv_bfloat162 unpack(uint32_t u) {
+    return *reinterpret_cast<__nv_bfloat162*>(&u);
+  }
+  // The accumulator as the bf16 value a plain GEMM would store, back in fp32.
+  CUTLASS_DEVICE static float rounded(float v) {
+    return __bfloat162float(__float2bfloat16_rn(v));
+  }
+
+  Params params_;
+};
+
+struct ActEpilogueArguments {
+  const int32_t* offsets = nullptr;  // (E+1) segment starts: group l's rows begin at offsets[l]
+  __nv_bfloat16* pre = nullptr;      // (max_rows, ld_pre) or nullptr
+  __nv_bfloat16* act = nullptr;      // (max_rows, ld_act)
+  int64_t ld_pre = 0;                // N
+  int64_t ld_act = 0;                // N / 2 (SwiGLU) or N (GELU)
+  int swiglu = 1;                    // 1: SwiGLU on interleaved pairs, 0: GELU
+  int blocked = 0;                   // SwiGLU: pairs in GateUpLayout::blocked order (below)
+};
+
+class EpilogueActivation : public RegisterEpilogue<ActEpilogueArguments> {
+ public:
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.offsets != nullptr && args.act != nullptr && args.ld_pre % 8 == 0 &&
+           args.ld_act % 8 == 0;
+  }
+
+  CUTLASS_HOST_DEVICE explicit EpilogueActivation(Params const& params)
+      : RegisterEpilogue(params) {}
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
+            class FrgLayout, class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
+                                 BlockCoordMNKL blk_coord_mnkl,
+                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    using namespace cute;
+    constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
+
+    // Step 1: where this thread's values lie (N = A, a multiple of 8; 16 for SwiGLU).
+    const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
+                                tiled_mma, thread_idx);
+    const int M = t.rows, N = t.cols, q = t.q, n_tile = t.n_tile;
+    const int64_t row0 = t.row0;
     __nv_bfloat16* const pre_out = params_.pre;
     __nv_bfloat16* const act_out = params_.act;
     const bool swiglu = params_.swiglu != 0;
@@ -145,7 +212,7 @@ class EpilogueActivation {
     // take part in every exchange; only the stores are predicated.
     CUTLASS_PRAGMA_UNROLL
     for (int v1 = 0; v1 < 2; ++v1) {
-      const int m = get<0>(tCcD(2 * v1));
+      const int m = t.m[v1];
       const bool row_ok = m < M;
       const int64_t r = row0 + m;
       CUTLASS_PRAGMA_UNROLL
@@ -208,12 +275,6 @@ class EpilogueActivation {
   }
 
  private:
-  CUTLASS_DEVICE static uint32_t pack(__nv_bfloat162 x) {
-    return *reinterpret_cast<uint32_t*>(&x);
-  }
-  CUTLASS_DEVICE static __nv_bfloat162 unpack(uint32_t u) {
-    return *reinterpret_cast<__nv_bfloat162*>(&u);
-  }
   // w[idx] for a run-time idx in [0, 4) without indexing a register array.
   CUTLASS_DEVICE static uint32_t pick(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3,
                                       int idx) {
@@ -233,12 +294,133 @@ class EpilogueActivation {
     return make_uint4(pick(r0, r1, r2, r3, q), pick(r0, r1, r2, r3, q ^ 1),
                       pick(r0, r1, r2, r3, q ^ 2), pick(r0, r1, r2, r3, q ^ 3));
   }
-
-  Params params_;
 };
 
 // What the kernel is assembled with: the adapter adds the (empty) TMA pipeline interface.
 using EpilogueAct = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
     EpilogueActivation>;
+
+
+struct ActGradEpilogueArguments {
+  const int32_t* offsets = nullptr;    // (E+1) segment starts
+  const __nv_bfloat16* pre = nullptr;  // (max_rows, ld_pre): the forward's pre
+  __nv_bfloat16* dpre = nullptr;       // (max_rows, ld_pre), may be pre itself (each element is
+                                       // read, then written, by the same thread)
+  int64_t ld_pre = 0;                  // 2N (SwiGLU) or N (GELU)
+  int swiglu = 1;                      // 1: SwiGLU, pairs interleaved or blocked; 0: GELU
+  int blocked = 0;                     // SwiGLU: pairs in GateUpLayout::blocked order
+};
+
+// The backward's activation in the da GEMM's epilogue. A thread holds da for units 8j + 2q and
+// 8j + 2q + 1 of each 8-unit group j of its two rows. Their pre values lie
+//   interleaved: pairs 8j + 2q, + 1 -- 8 contiguous bytes per group;
+//   blocked:     unit 8q' + a of a 32-unit block is pair 4a + q', so lane q's units of the block's
+//                four groups are its pairs 8q .. 8q + 7 -- 32 contiguous bytes, two 16-byte words;
+//   GELU:        units 8j + 2q, + 1 -- 4 bytes per group,
+// and dpre goes back to the same places. Every pre load of a row half is issued before the first
+// is used, so the latency is paid once per row half, not once per group.
+class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments> {
+ public:
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.offsets != nullptr && args.pre != nullptr && args.dpre != nullptr &&
+           args.ld_pre % 8 == 0;
+  }
+
+  CUTLASS_HOST_DEVICE explicit EpilogueActivationGrad(Params const& params)
+      : RegisterEpilogue(params) {}
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
+            class FrgLayout, class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
+                                 BlockCoordMNKL blk_coord_mnkl,
+                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
+    const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
+                                tiled_mma, thread_idx);
+    const int64_t ld = params_.ld_pre;
+    const __nv_bfloat16* const pre = params_.pre;
+    __nv_bfloat16* const dpre = params_.dpre;
+
+    CUTLASS_PRAGMA_UNROLL
+    for (int v1 = 0; v1 < 2; ++v1) {
+      const bool row_ok = t.m[v1] < t.rows;
+      const int64_t r = t.row0 + t.m[v1];
+      // da of group j, column 2q + v0: accumulator 2 v1 + 4 j + v0, as the plain GEMM stores it.
+      auto da = [&](int j, int v0) { return rounded(accumulators(2 * v1 + 4 * j + v0)); };
+      if (params_.swiglu == 0) {
+        uint32_t h[kGroups] = {};  // pre of units (u, u + 1), u = n_tile + 8 j + 2q
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kGroups; ++j) {
+          const int u = t.n_tile + 8 * j + 2 * t.q;
+          if (row_ok && u < t.cols) h[j] = *reinterpret_cast<const uint32_t*>(pre + r * ld + u);
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kGroups; ++j) {
+          const int u = t.n_tile + 8 * j + 2 * t.q;
+          const __nv_bfloat162 g = unpack(h[j]);
+          const __nv_bfloat162 d =
+              __floats2bfloat162_rn(da(j, 0) * act::gelu_grad(__low2float(g)),
+                                    da(j, 1) * act::gelu_grad(__high2float(g)));
+          if (row_ok && u < t.cols) *reinterpret_cast<__nv_bfloat162*>(dpre + r * ld + u) = d;
+        }
+      } else if (params_.blocked != 0) {
+        // Block c (groups 4c .. 4c+3, units n_tile + 32c ..): lane q's pairs 8q + s, s = 0..7, are
+        // the units of group 4c + s % 4, column 2q + s / 4.
+        uint4 h[kGroups / 2] = {};
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kGroups / 4; ++c) {
+          const int pair = t.n_tile + 32 * c + 8 * t.q;
+          const uint4* src = reinterpret_cast<const uint4*>(pre + r * ld + 2 * int64_t{pair});
+          if (row_ok && pair < t.cols) h[2 * c] = src[0], h[2 * c + 1] = src[1];
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kGroups / 4; ++c) {
+          const int pair = t.n_tile + 32 * c + 8 * t.q;
+          const uint32_t w[8] = {h[2 * c].x,     h[2 * c].y,     h[2 * c].z,     h[2 * c].w,
+                                 h[2 * c + 1].x, h[2 * c + 1].y, h[2 * c + 1].z, h[2 * c + 1].w};
+          uint32_t o[8];
+          CUTLASS_PRAGMA_UNROLL
+          for (int s = 0; s < 8; ++s) o[s] = grad_pair(da(4 * c + s % 4, s / 4), w[s]);
+          uint4* dst = reinterpret_cast<uint4*>(dpre + r * ld + 2 * int64_t{pair});
+          if (row_ok && pair < t.cols) {
+            dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+            dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+          }
+        }
+      } else {
+        uint2 h[kGroups] = {};  // (gate, up) of units u and u + 1, u = n_tile + 8 j + 2q
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kGroups; ++j) {
+          const int u = t.n_tile + 8 * j + 2 * t.q;
+          if (row_ok && u < t.cols)
+            h[j] = *reinterpret_cast<const uint2*>(pre + r * ld + 2 * int64_t{u});
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kGroups; ++j) {
+          const int u = t.n_tile + 8 * j + 2 * t.q;
+          const uint2 d = make_uint2(grad_pair(da(j, 0), h[j].x), grad_pair(da(j, 1), h[j].y));
+          if (row_ok && u < t.cols)
+            *reinterpret_cast<uint2*>(dpre + r * ld + 2 * int64_t{u}) = d;
+        }
+      }
+    }
+  }
+
+ private:
+  // (d gate, d up) of one unit from its da and its stored (gate, up) pair, rounded as the
+  // elementwise backward rounds them.
+  CUTLASS_DEVICE static uint32_t grad_pair(float da, uint32_t gate_up) {
+    const __nv_bfloat162 p = unpack(gate_up);
+    float d_gate, d_up;
+    act::silu_mul_grad(da, __low2float(p), __high2float(p), d_gate, d_up);
+    return pack(__floats2bfloat162_rn(d_gate, d_up));
+  }
+};
+
+// What the da GEMM with the activation backward is assembled with.
+using EpilogueActGrad = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+    EpilogueActivationGrad>;
 
 }  // namespace moe::cuda::grouped_gemm

@@ -10,6 +10,7 @@
 //   Bf16Sm90WgradBf16 (bf16 dW)                -> grouped_gemm_bf16_wgrad_bf16.cu
 //   Bf16Sm90Act    grouped_gemm_act_sm90.cuh   -> grouped_gemm_bf16_act.cu
 //   Bf16Sm90ActGather (A rows gathered)        -> grouped_gemm_bf16_act_gather.cu
+//   Bf16Sm90ActGrad (da GEMM + act backward)   -> grouped_gemm_bf16_act_grad.cu
 // Each has workspace_bytes(groups, sm_count) (the per-expert arrays the prepare kernel writes, then
 // CUTLASS's own workspace), run(args, groups, workspace, sm_count, stream) (prepare kernel +
 // grouped GEMM on `stream`) and name().
@@ -67,6 +68,15 @@ struct Bf16Sm90Act {
 struct Bf16Sm90ActGather {
   static size_t workspace_bytes(int64_t groups, int sm_count);
   static void run(const GroupedGemmActArgs& args, Activation activation, int64_t groups,
+                  void* workspace, int sm_count, cudaStream_t stream);
+  static const char* name();
+};
+
+// da = dyp · w_down[e]^T with the activation backward in the epilogue (dpre out):
+// grouped_gemm_bf16_act_grad.cu.
+struct Bf16Sm90ActGrad {
+  static size_t workspace_bytes(int64_t groups, int sm_count);
+  static void run(const GroupedGemmActGradArgs& args, Activation activation, int64_t groups,
                   void* workspace, int sm_count, cudaStream_t stream);
   static const char* name();
 };

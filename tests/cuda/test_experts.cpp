@@ -669,6 +669,53 @@ TEST_P(FusedUpProjection, EqualsTheUnfusedPairAndNeedsNoPre) {
       << "pre was written although its pointer was null";
 }
 
+// The backward on grouped_fused runs the activation backward in the da GEMM's epilogue
+// (GroupedGemmActGrad): dpre must be the unfused pair's (plain da GEMM, bf16 da, elementwise
+// backward) bit for bit, and so dxp and both weight gradients; rows past M of dpre are not
+// written; and dpre written in place over pre gives the same bits.
+TEST_P(FusedUpProjection, BackwardEqualsTheUnfusedPairInPlaceOrNot) {
+  MOE_REQUIRE_GPU();
+  const FusedParam& p = GetParam();
+  std::vector<int64_t> sizes = {70, 0, 1, 300, 129, 5, 0, 256};
+  ExpertsCase c{"fused_" + std::string(name(p.activation)) + "_i" + std::to_string(p.inter), sizes,
+                192, p.inter, p.activation, 3};
+  const Inputs in = make_inputs(c, 33);
+  const int64_t A = in.shape.up_width(), M = in.offsets.back(), R = in.shape.max_rows;
+  struct Run {
+    Outputs out;
+    std::vector<float> dpre;  // in the run's layout
+  };
+  auto run = [&](ExpertsBackend backend, bool in_place) {
+    Device d(in, p.gate_up);
+    d.poison();
+    cuda::ExpertsWorkspace ws(d.shape, backend);
+    cuda::experts_forward(ws, d.forward_args(), nullptr);
+    DeviceArray<bf16> dpre(R * A);
+    dpre.poison();
+    cuda::ExpertsBackwardArgs b = d.backward_args();
+    b.dpre = in_place ? d.pre.get() : dpre.get();
+    cuda::experts_backward(ws, b, nullptr);
+    MOE_CUDA_CHECK(cudaDeviceSynchronize());
+    return Run{download(d), from_device_type((in_place ? d.pre : dpre).download())};
+  };
+  const Run unfused = run(ExpertsBackend::grouped, false);
+  for (bool in_place : {false, true}) {
+    SCOPED_TRACE(in_place ? "dpre over pre" : "dpre apart");
+    const Run fused = run(ExpertsBackend::grouped_fused, in_place);
+    int64_t differing = 0;
+    const int64_t ulp = max_ulp(unfused.dpre, fused.dpre, M * A, &differing);
+    EXPECT_EQ(ulp, 0) << differing << " of " << M * A << " dpre values differ";
+    EXPECT_TRUE(same_bytes(unfused.out.dxp, fused.out.dxp)) << "dxp differs";
+    EXPECT_TRUE(same_bytes(unfused.out.dw_up, fused.out.dw_up)) << "dw_up differs";
+    EXPECT_TRUE(same_bytes(unfused.out.dw_down, fused.out.dw_down)) << "dw_down differs";
+    if (!in_place) {
+      EXPECT_TRUE(std::all_of(fused.dpre.begin() + M * A, fused.dpre.end(),
+                              [](float v) { return std::isnan(v); }))
+          << "rows past M of dpre were written";
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Activations, FusedUpProjection,
                          ::testing::Values(FusedParam{Activation::swiglu, GateUpLayout::interleaved, 136},
                                            FusedParam{Activation::gelu, GateUpLayout::interleaved, 136},
@@ -679,6 +726,25 @@ INSTANTIATE_TEST_SUITE_P(Activations, FusedUpProjection,
                            if (p.gate_up == GateUpLayout::blocked) n += "_blocked";
                            return n;
                          });
+
+TEST(GroupedGemmActGrad, RefusesWhatItCannotTake) {
+  MOE_REQUIRE_GPU();
+  const int64_t E = 2, N = 40, K = 64, R = 16;
+  DeviceArray<int32_t> offsets(std::vector<int32_t>{0, 9, 16});
+  DeviceArray<bf16> a(R * K), b(E * N * K), pre(R * 2 * N), dpre(R * 2 * N);
+  cuda::GroupedGemmActGrad swiglu(E, Activation::swiglu), gelu(E, Activation::gelu);
+  cuda::GroupedGemmActGradArgs args{offsets.get(), N, K, a.get(), b.get(), pre.get(), dpre.get(),
+                                    /*blocked=*/true};
+  EXPECT_THROW(swiglu.run(args, nullptr), ConfigError);  // blocked needs N % 32 == 0
+  args.n = 64;
+  EXPECT_THROW(gelu.run(args, nullptr), ConfigError);    // blocked is SwiGLU's
+  args.blocked = false;
+  args.pre = nullptr;
+  EXPECT_THROW(swiglu.run(args, nullptr), ConfigError);
+  args.pre = pre.get();
+  args.n = 36;                                           // not a multiple of 8
+  EXPECT_THROW(swiglu.run(args, nullptr), ConfigError);
+}
 
 // ------------------------------------------------------------------------------------------------
 // no host synchronisation: a CUDA graph of forward + backward, replayed with new offsets

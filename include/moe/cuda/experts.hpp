@@ -34,7 +34,9 @@
 //                                backward replays correctly for any offsets.
 //   grouped_fused                grouped, with the activation in the up-projection's epilogue
 //                                (GroupedGemmAct): pre is read back by nobody in the forward and
-//                                need not be written at all without a backward (args.pre null).
+//                                need not be written at all without a backward (args.pre null);
+//                                and its gradient in the da GEMM's epilogue (GroupedGemmActGrad):
+//                                da is never stored, dpre comes straight from the accumulators.
 //                                Bit-identical to grouped. Measured on an H100 the forward is
 //                                5-9 % faster than grouped's at OLMoE and Qwen3 (writing pre) and
 //                                8-12 % faster in a layer without backward (no pre); not at
@@ -161,7 +163,7 @@ class ExpertsWorkspace {
   ExpertsBackend backend() const { return backend_; }
   size_t bytes() const {
     return arena_.bytes() + up_.bytes() + up_act_.bytes() + down_.bytes() + dact_.bytes() +
-           dxp_.bytes() + wgrad_down_.bytes() + wgrad_up_.bytes();
+           dact_act_.bytes() + dxp_.bytes() + wgrad_down_.bytes() + wgrad_up_.bytes();
   }
   std::string report() const { return arena_.report(); }
 
@@ -187,14 +189,16 @@ class ExpertsWorkspace {
   std::unique_ptr<ExpertsCublasArrays> cublas_arrays_;  // host m/n/k/ld arrays per slot
   GroupedGemm up_, down_, dact_, dxp_;
   GroupedGemmAct up_act_;
+  GroupedGemmActGrad dact_act_;
   GroupedWgrad wgrad_down_, wgrad_up_;
-  bf16* da_ = nullptr;                 // (max_rows, I)
+  bf16* da_ = nullptr;                 // (max_rows, I); none for grouped_fused
   bf16* dpre_ = nullptr;               // (max_rows, A)
   DeviceArena arena_;
 };
 
 void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& args, cudaStream_t stream);
 // The grouped backends' backward steps, in order (benchmarks time them: experts_backward's events).
+// On grouped_fused the activation backward runs inside the da step; its own step is empty.
 enum class ExpertsBackwardStep { dw_down, da, activation, dxp, dw_up, count };
 const char* name(ExpertsBackwardStep s);
 

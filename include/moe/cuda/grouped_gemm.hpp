@@ -1,8 +1,9 @@
 // defines: moe::cuda::WeightLayout, GroupedGemmArgs, GroupedGemm,
-//          GroupedWgradArgs, GroupedWgrad, GroupedGemmActArgs, GroupedGemmAct
+//          GroupedWgradArgs, GroupedWgrad, GroupedGemmActArgs, GroupedGemmAct,
+//          GroupedGemmActGradArgs, GroupedGemmActGrad
 // Grouped GEMMs over the plan's segments, sizes on the device. Expert e owns the rows
 // [offsets[e], offsets[e+1]) (m_e of them, possibly 0) of every (max_rows, width) row-major buffer
-// in expert order (xp, pre, act, yp, dyp, ... of the experts stage). Three kinds:
+// in expert order (xp, pre, act, yp, dyp, ... of the experts stage). Four kinds:
 //
 //   GroupedGemm     D[rows of e] (m_e, N) = A[rows of e] (m_e, K) · B_e (K, N)
 //                   bf16 in and out, fp32 accumulate. B_e is expert e's slice of a weight tensor
@@ -15,6 +16,11 @@
 //                   pre = xp · w_up[e], then act = silu(gate) * up (SwiGLU) or gelu(pre) (GELU)
 //                   from the bf16-rounded pre, written from the accumulators without `pre`
 //                   ever being read back. pre itself is written too unless its pointer is null.
+//   GroupedGemmActGrad  the backward's da = dyp · w_down[e]^T (B_e (N, K), N = I) with the
+//                   activation backward in its epilogue: dpre = da * act'(pre) from the stored
+//                   pre, da rounded to bf16 first (as GroupedGemm stores it) and never written, so
+//                   dpre is bit for bit the unfused pair's (GroupedGemm, then the elementwise
+//                   backward).
 //
 // The one decision to know: nothing about the segments reaches the host. A prepare kernel
 // (<<<1, E>>>, grouped_gemm_prepare.cuh) turns the device offsets into per-expert problems,
@@ -77,6 +83,16 @@ struct GroupedWgradArgs {
   __nv_bfloat16* dw_bf16 = nullptr;  // (E, P, Q)
 };
 
+struct GroupedGemmActGradArgs {
+  const int32_t* offsets = nullptr;    // (E+1) device segment starts
+  int64_t n = 0, k = 0;                // N = I (units), K = H
+  const __nv_bfloat16* a = nullptr;    // (max_rows, K) dyp
+  const __nv_bfloat16* b = nullptr;    // (E, N, K) w_down
+  const __nv_bfloat16* pre = nullptr;  // (max_rows, 2N) SwiGLU (pairs as in w_up), (max_rows, N) GELU
+  __nv_bfloat16* dpre = nullptr;       // like pre; may be pre itself (read, then overwritten)
+  bool blocked = false;                // SwiGLU: pairs in GateUpLayout::blocked order (N % 32 == 0)
+};
+
 struct GroupedGemmActArgs {
   const int32_t* offsets = nullptr;  // (E+1) device segment starts
   int64_t n = 0, k = 0;              // N = A (2I for SwiGLU, I for GELU), K = H
@@ -93,7 +109,7 @@ struct GroupedGemmActArgs {
   int64_t gather_rows = 0;
 };
 
-// What the three kinds share: E, the SM count and one device workspace (problem sizes, pointer and
+// What the four kinds share: E, the SM count and one device workspace (problem sizes, pointer and
 // stride arrays, CUTLASS's scheduler/TMA-descriptor workspace). One object per GEMM of the step
 // (calls on one stream may also share one: each call's prepare kernel runs after the previous
 // GEMM on that stream has finished with the arrays).
@@ -143,6 +159,19 @@ class GroupedGemmAct : public GroupedGemmBase {
   GroupedGemmAct(int64_t experts, Activation activation);
   // pre (optional) and act per segment, asynchronous on `stream`.
   void run(const GroupedGemmActArgs& args, cudaStream_t stream) const;
+  Activation activation() const { return activation_; }
+  const char* name() const;
+
+ private:
+  Activation activation_ = Activation::swiglu;
+};
+
+class GroupedGemmActGrad : public GroupedGemmBase {
+ public:
+  GroupedGemmActGrad() = default;
+  GroupedGemmActGrad(int64_t experts, Activation activation);
+  // dpre per segment, asynchronous on `stream`.
+  void run(const GroupedGemmActGradArgs& args, cudaStream_t stream) const;
   Activation activation() const { return activation_; }
   const char* name() const;
 

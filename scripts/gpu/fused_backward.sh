@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One GPU visit for the activation backward in the da GEMM's epilogue (issue 4: grouped_fused's
+# backward writes dpre from the accumulators, never da). From the repository root on the GPU
+# machine, with RUN staged by scripts/gpu/stage_run.sh plus the lab binary (bench/lab/
+# experts_lab.cu's nvcc line) copied into RUN, and unpacked (source scripts/gpu/unpack_run.sh RUN):
+#   OUT=/some/dir bash scripts/gpu/fused_backward.sh RUN
+# 1. experts_lab --ab-act-grad at the Qwen3 and OLMoE shapes: the plain da GEMM against the one
+#    with the activation backward in its epilogue, then the whole experts backward on grouped
+#    against grouped_fused (fresh dW, blocked w_up), in alternating rounds, outputs checked equal;
+# 2. compute-sanitizer memcheck and racecheck on the fused tests;
+# 3. scripts/gpu/layer_rounds.sh: every GPU test, then ours and the PyTorch peer alternating per
+#    configuration.
+# A visit brings back at most 8 files, so the logs come back packed in logs.tar.gz.
+set -uo pipefail
+RUN=${1:?run folder}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+status=0
+step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+for shape in "qwen3 768 128" "olmoe 1024 64"; do
+  read -r name inter experts <<<"$shape"
+  step "experts_lab --ab-act-grad $name"
+  timeout 150 "$RUN/experts_lab" --ab-act-grad --reps 20 --tokens 16384 --hidden 2048 \
+    --inter "$inter" --experts "$experts" --top-k 8 >"$OUT/lab_ab_$name.txt" 2>&1 || status=1
+  grep -E "^AB|Disposition" "$OUT/lab_ab_$name.txt"
+done
+
+step "compute-sanitizer on the fused tests"
+filter='*FusedUpProjection*:GroupedGemmActGrad.*:GroupedGemmAct.*'
+filter+=':*ForwardAndBackward*e6_two_n_tiles_grouped_fused*:*ForwardAndBackward*e5_empty*fused*'
+for tool in memcheck racecheck; do
+  timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 "$RUN/moe_cuda_tests" \
+    --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
+  echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
+  grep -E "ERROR SUMMARY|tests ran|^\[  (PASSED|FAILED)" "$OUT/sanitizer.log" | tail -n 4
+done
+
+step "layer rounds"
+OUT=$OUT bash scripts/gpu/layer_rounds.sh "$RUN" || status=1
+grep -B3 -A15 "Failure" "$OUT/tests.log" | head -60
+
+(cd "$OUT" && tar -czf logs.tar.gz --remove-files tests.log sanitizer.log peer_layer.log \
+  $(ls lab_*.txt 2>/dev/null))
+exit $status
