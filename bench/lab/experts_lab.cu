@@ -113,6 +113,9 @@ using NkCluster2x1 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 2, 1>, moe::cuda::WeightLayout::nk>>;
 using WgradCluster1x1 = gg::WgradLauncher<gg::WgradKernel<CooperativeTile<128, 256, 1, 1>>>;
 using ActCluster2x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 2, 1>>>;
+// The fused activation backward without the L2 prefetch of pre (the library prefetches).
+using ActGradNoPrefetch =
+    gg::ActLauncher<gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kPrefetchPre=*/false>>;
 // cuBLAS's dense kernels for these shapes use 192-wide tiles (run 6).
 using GemmCoop128x192 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 192, 2, 1>, moe::cuda::WeightLayout::kn>>;
@@ -574,6 +577,14 @@ int run(const Options& o) {
       ab("da (A) vs da + activation backward (B)", f_down,
          [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
          [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); });
+      void* gws = workspace(ActGradNoPrefetch::workspace_bytes(E, sms));
+      const GroupedGemmActGradArgs ng{offsets, I, H, dyp, w_down, pre3, pre, true};  // pre: scratch
+      ActGradNoPrefetch::run(ng, o.activation, E, gws, sms, s);
+      if (same("da + act backward, no prefetch", dpre, pre, M * A))
+        ab("da + act backward: pre prefetched (A) vs not (B)", f_down,
+           [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); },
+           [&] { ActGradNoPrefetch::run(ng, o.activation, E, gws, sms, s); });
+      MOE_CUDA_CHECK(cudaFree(gws));
       ExpertsBackwardArgs bu{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp2, dw_up, dw_down};
       ExpertsBackwardArgs bf{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp3, dw_up2, dw_down2};
       bu.accumulate = bf.accumulate = false;
