@@ -113,9 +113,9 @@ using NkCluster2x1 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 2, 1>, moe::cuda::WeightLayout::nk>>;
 using WgradCluster1x1 = gg::WgradLauncher<gg::WgradKernel<CooperativeTile<128, 256, 1, 1>>>;
 using ActCluster2x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 2, 1>>>;
-// The fused activation backward without the L2 prefetch of pre (the library prefetches).
-using ActGradNoPrefetch =
-    gg::ActLauncher<gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kPrefetchPre=*/false>>;
+// The fused activation backward with the producer's L2 prefetch of pre (the library has none).
+using ActGradPrefetch =
+    gg::ActLauncher<gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kPrefetchPre=*/true>>;
 // cuBLAS's dense kernels for these shapes use 192-wide tiles (run 6).
 using GemmCoop128x192 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 192, 2, 1>, moe::cuda::WeightLayout::kn>>;
@@ -134,6 +134,7 @@ struct Options {
   bool backward = true;
   bool ab = false;          // only the A/B rounds (below)
   bool ab_act_grad = false;  // only the activation-backward A/B rounds
+  bool ab_wgrad = false;     // only the weight-gradient A/B rounds (pingpong, bf16 dW)
 
   static void print_usage() {
     std::printf(
@@ -142,6 +143,7 @@ struct Options {
         "            [--layout dropless|padded] [--capacity-factor F] [--reps N] [--no-backward]\n"
         "            [--ab]   only the library kernels against lab variants in alternating rounds\n"
         "            [--ab-act-grad]  only the activation backward's rounds of --ab\n"
+        "            [--ab-wgrad]     only the weight gradients' rounds (pingpong 64x256, bf16 dW)\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -166,6 +168,7 @@ struct Options {
       else if (a == "--no-backward") backward = false;
       else if (a == "--ab") ab = true;
       else if (a == "--ab-act-grad") ab = ab_act_grad = true;
+      else if (a == "--ab-wgrad") ab = ab_wgrad = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -505,7 +508,7 @@ int run(const Options& o) {
                                    GemmCoop128x192::workspace_bytes(E, sms),
                                    ActCluster2x1::workspace_bytes(E, sms),
                                    NkCluster2x1::workspace_bytes(E, sms)}));
-    if (!o.ab_act_grad) {
+    if (!o.ab_act_grad && !o.ab_wgrad) {
       // down-projection: the library's (1x1 since run 8) against 2x1 and against a 128x192 tile
       g_down.run({offsets, H, I, act, w_down, yp}, s);
       GemmCoop128x256Cluster2x1::run({offsets, H, I, act, w_down, yp2}, false, E, ws, sms, s);
@@ -562,7 +565,38 @@ int run(const Options& o) {
              [&] { NkCluster2x1::run({offsets, H, A, pre, w_up, dxp3}, true, E, ws, sms, s); });
       }
     }
-    if (o.backward && blocked) {
+    if (o.backward && o.ab_wgrad) {
+      // The weight gradients written fresh, as a training step writes them: the library's
+      // cooperative 128x256 (A) against a pingpong 64x256 (B: each warpgroup's epilogue under the
+      // other's mainloop), and fp32 dW (A) against bf16 dW (B), both the library's.
+      void* wws = workspace(std::max(WgradPingpong64x256::workspace_bytes(E, sms),
+                                     WgradCluster1x1::workspace_bytes(E, sms)));
+      bf16* dw16 = nullptr;
+      MOE_CUDA_CHECK(cudaMalloc(&dw16, E * H * A * sizeof(bf16)));
+      for (int pass = 0; pass < 2; ++pass) {  // dw_down = act^T dyp, then dw_up = xp^T pre
+        const int64_t p = pass ? H : I, q = pass ? A : H, n = E * p * q;
+        float *lib = pass ? dw_up : dw_down, *var = pass ? dw_up2 : dw_down2;
+        const bf16 *x = pass ? xp : act, *y = pass ? pre : dyp;
+        const char* what = pass ? "dw_up" : "dw_down";
+        g_wgrad.run({offsets, p, q, x, y, lib, false}, s);
+        WgradPingpong64x256::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
+        const double e = rel_error(download(var, n), download(lib, n), n);
+        std::printf("AB verify %-37s relative error %.2e\n",
+                    (std::string(what) + " pingpong 64x256").c_str(), e);
+        if (e == 0)
+          ab((std::string(what) + " (fresh): library (A) vs pingpong 64x256 (B)").c_str(),
+             pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
+             [&] { WgradPingpong64x256::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
+        GroupedWgradArgs a16{offsets, p, q, x, y, nullptr, false};
+        a16.dw_bf16 = dw16;
+        ab((std::string(what) + " (fresh): fp32 dW (A) vs bf16 dW (B)").c_str(),
+           pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
+           [&] { g_wgrad.run(a16, s); });
+      }
+      MOE_CUDA_CHECK(cudaFree(dw16));
+      MOE_CUDA_CHECK(cudaFree(wws));
+    }
+    if (o.backward && blocked && o.ab_act_grad) {
       // The activation backward in the da GEMM's epilogue (grouped_fused) against the plain da
       // GEMM and the elementwise pass (grouped), on the layer's blocked w_up: the da GEMM alone
       // first (what the epilogue costs), then the whole experts backward with fresh dW.
@@ -577,13 +611,13 @@ int run(const Options& o) {
       ab("da (A) vs da + activation backward (B)", f_down,
          [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
          [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); });
-      void* gws = workspace(ActGradNoPrefetch::workspace_bytes(E, sms));
+      void* gws = workspace(ActGradPrefetch::workspace_bytes(E, sms));
       const GroupedGemmActGradArgs ng{offsets, I, H, dyp, w_down, pre3, pre, true};  // pre: scratch
-      ActGradNoPrefetch::run(ng, o.activation, E, gws, sms, s);
-      if (same("da + act backward, no prefetch", dpre, pre, M * A))
-        ab("da + act backward: pre prefetched (A) vs not (B)", f_down,
+      ActGradPrefetch::run(ng, o.activation, E, gws, sms, s);
+      if (same("da + act backward, prefetch", dpre, pre, M * A))
+        ab("da + act backward: library (A) vs pre prefetched (B)", f_down,
            [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); },
-           [&] { ActGradNoPrefetch::run(ng, o.activation, E, gws, sms, s); });
+           [&] { ActGradPrefetch::run(ng, o.activation, E, gws, sms, s); });
       MOE_CUDA_CHECK(cudaFree(gws));
       ExpertsBackwardArgs bu{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp2, dw_up, dw_down};
       ExpertsBackwardArgs bf{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp3, dw_up2, dw_down2};

@@ -4,9 +4,11 @@
 # machine, with RUN staged by scripts/gpu/stage_run.sh plus the lab binary (bench/lab/
 # experts_lab.cu's nvcc line) copied into RUN, and unpacked (source scripts/gpu/unpack_run.sh RUN):
 #   OUT=/some/dir bash scripts/gpu/fused_backward.sh RUN
-# 1. experts_lab --ab-act-grad at the Qwen3 and OLMoE shapes: the plain da GEMM against the one
-#    with the activation backward in its epilogue, then the whole experts backward on grouped
-#    against grouped_fused (fresh dW, blocked w_up), in alternating rounds, outputs checked equal;
+# 1. experts_lab at the Qwen3 and OLMoE shapes, in alternating rounds, outputs checked equal:
+#    --ab-act-grad: the plain da GEMM against the one with the activation backward in its
+#    epilogue, that one against a variant prefetching pre into L2, then the whole experts backward
+#    on grouped against grouped_fused (fresh dW, blocked w_up); --ab-wgrad: the weight gradients
+#    written fresh against a pingpong 64x256 kernel, and fp32 against bf16 dW;
 # 2. compute-sanitizer memcheck and racecheck on the fused tests;
 # 3. scripts/gpu/layer_rounds.sh: every GPU test, then ours and the PyTorch peer alternating per
 #    configuration.
@@ -20,10 +22,12 @@ step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 for shape in "qwen3 768 128" "olmoe 1024 64"; do
   read -r name inter experts <<<"$shape"
-  step "experts_lab --ab-act-grad $name"
-  timeout 150 "$RUN/experts_lab" --ab-act-grad --reps 20 --tokens 16384 --hidden 2048 \
-    --inter "$inter" --experts "$experts" --top-k 8 >"$OUT/lab_ab_$name.txt" 2>&1 || status=1
-  grep -E "^AB|Disposition" "$OUT/lab_ab_$name.txt"
+  for mode in act-grad wgrad; do
+    step "experts_lab --ab-$mode $name"
+    timeout 150 "$RUN/experts_lab" --ab-$mode --reps 20 --tokens 16384 --hidden 2048 \
+      --inter "$inter" --experts "$experts" --top-k 8 >"$OUT/lab_${mode}_$name.txt" 2>&1 || status=1
+    grep -E "^AB|Disposition" "$OUT/lab_${mode}_$name.txt"
+  done
 done
 
 step "compute-sanitizer on the fused tests"

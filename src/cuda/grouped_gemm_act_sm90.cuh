@@ -3,8 +3,8 @@
 //   ActKernel      the up-projection: pre = xp · w_up[e] (B (K, N) row-major), epilogue EpilogueAct
 //                  writing pre (optional) and act;
 //   ActGradKernel  the backward's da = dyp · w_down[e]^T (B (N, K) row-major), epilogue
-//                  EpilogueActGrad writing dpre from da and the stored pre, which the mainloop's
-//                  producer prefetches into L2 (grouped_gemm_prefetch_sm90.hpp).
+//                  EpilogueActGrad writing dpre from da and the stored pre (the lab's variant
+//                  prefetches pre into L2 from the producer: grouped_gemm_prefetch_sm90.hpp).
 // Mainloops from grouped_gemm_mainloop_sm90.hpp, problems from prepare_kernel
 // (grouped_gemm_prepare.cuh), epilogues from grouped_gemm_epilogue_act_sm90.hpp. The epilogues use
 // no shared memory, so the mainloop gets all of it for stages.
@@ -137,13 +137,13 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct> {
 
 // da = dyp · w_down[e]^T with the activation backward in the epilogue: dpre, never da.
 // kPrefetchPre: the producer brings each tile's pre into L2 before the epilogue reads it
-// (PrefetchMainloop); false only in the lab, to measure what that is worth.
-template <class Config, bool kPrefetchPre = true>
+// (PrefetchMainloop), a lab option: the library's is false.
+template <class Config, bool kPrefetchPre = false>
 using DactMainloop = cute::conditional_t<kPrefetchPre,
                                          PrefetchMainloop<Mainloop<Config, WeightLayout::nk, 0>>,
                                          Mainloop<Config, WeightLayout::nk, 0>>;
 
-template <class Config, bool kPrefetchPre = true>
+template <class Config, bool kPrefetchPre = false>
 struct ActGradKernel : ActKernelBase<DactMainloop<Config, kPrefetchPre>, EpilogueActGrad> {
   using Base = ActKernelBase<DactMainloop<Config, kPrefetchPre>, EpilogueActGrad>;
   using typename Base::Carve;

@@ -1,16 +1,19 @@
 // defines: moe::cuda::grouped_gemm::PrefetchMainloop
-// The da GEMM's mainloop for the fused activation backward (EpilogueActGrad): the producer warp
-// also brings the tile's stored pre into L2 shortly before the epilogue needs it, so that the
-// epilogue's pre loads, which run after the mainloop with nothing else in flight, wait on L2
-// rather than on HBM.
+// A lab option for the da GEMM of the fused activation backward (EpilogueActGrad): the producer
+// warp also brings the tile's stored pre into L2 shortly before the epilogue needs it, so that the
+// epilogue's pre loads, which run after the mainloop, would wait on L2 rather than on HBM. The
+// library does not use it: with one bulk prefetch per row the da GEMM got 3-4 % slower (lab run
+// 11): sm90's bulk prefetch takes uniform operands, so 128 row addresses go out one lane at a
+// time and hold up the producer's TMA issue. This version prefetches 128-byte lines instead, 32
+// per lane and tile, to tell whether the prefetch itself can pay.
 //
 // When: the prefetch is issued once the producer has queued all but the last kLateKTiles k-tiles
 // of the tile, i.e. a pipeline's depth plus kLateKTiles k-tiles (several microseconds at the MoE
 // shapes) before the epilogue. Earlier, the tile's A stream (hundreds of MB per millisecond through
 // a 50 MB L2) would evict the lines before use; later, they would not have arrived.
-// How: one cp.async.bulk.prefetch.L2 per row (the tile's pre columns of a row are contiguous: 1 KB
-// for SwiGLU's 256 units), the 32 lanes of the producer warp taking rows in turn; rows past the
-// segment are skipped. A prefetch is a hint: it changes no result.
+// How: prefetch.global.L2 of every 128-byte line of the tile's pre (a row's are contiguous: 1 KB
+// for SwiGLU's 256 units), lane l taking lines l, l + 32, ... of the tile in row order; rows past
+// the segment are skipped. A prefetch is a hint: it changes no result.
 //
 // Derived from CUTLASS's ptr-array TMA collective: load() runs the base's load twice, split at the
 // prefetch point, and everything else is inherited.
@@ -83,14 +86,13 @@ struct PrefetchMainloop : Base {
     const int64_t left = p.row_bytes - col;
     const uint32_t bytes = static_cast<uint32_t>(left < p.tile_bytes ? left : p.tile_bytes);
     const int lane = cutlass::canonical_lane_idx();
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kBlockM / 32; ++i) {
-      const int32_t m = static_cast<int32_t>(m_coord) * kBlockM + 32 * i + lane;
-      if (m < m_e) {
-        const char* src = p.rows + (int64_t{r0} + m) * p.row_bytes + col;
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes)
-                     : "memory");
-      }
+    const int lines = static_cast<int>((bytes + 127) / 128);  // per row
+    const int32_t m0 = static_cast<int32_t>(m_coord) * kBlockM;
+    const int rows = m_e - m0 < kBlockM ? m_e - m0 : kBlockM;
+    for (int i = lane; i < rows * lines; i += 32) {
+      const int row = i / lines, line = i - row * lines;
+      const char* src = p.rows + (int64_t{r0} + m0 + row) * p.row_bytes + col + 128 * line;
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(src) : "memory");
     }
   }
 };
