@@ -113,9 +113,11 @@ using NkCluster2x1 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 2, 1>, moe::cuda::WeightLayout::nk>>;
 using WgradCluster1x1 = gg::WgradLauncher<gg::WgradKernel<CooperativeTile<128, 256, 1, 1>>>;
 using ActCluster2x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 2, 1>>>;
-// The fused activation backward with the producer's L2 prefetch of pre (the library has none).
-using ActGradPrefetch =
-    gg::ActLauncher<gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kPrefetchPre=*/true>>;
+// The fused activation backward loading both row halves' pre at once (EpilogueActivationGrad's
+// kOneRoundTrip; the library loads one row half at a time). Runs 11-12 measured an L2 prefetch of
+// pre from the producer warp here (revisions 498c1da, 265cf83): 3-4 % and 11-12 % slower.
+using ActGradOneRoundTrip =
+    gg::ActLauncher<gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kOneRoundTrip=*/true>>;
 // cuBLAS's dense kernels for these shapes use 192-wide tiles (run 6).
 using GemmCoop128x192 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 192, 2, 1>, moe::cuda::WeightLayout::kn>>;
@@ -611,13 +613,13 @@ int run(const Options& o) {
       ab("da (A) vs da + activation backward (B)", f_down,
          [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
          [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); });
-      void* gws = workspace(ActGradPrefetch::workspace_bytes(E, sms));
+      void* gws = workspace(ActGradOneRoundTrip::workspace_bytes(E, sms));
       const GroupedGemmActGradArgs ng{offsets, I, H, dyp, w_down, pre3, pre, true};  // pre: scratch
-      ActGradPrefetch::run(ng, o.activation, E, gws, sms, s);
-      if (same("da + act backward, prefetch", dpre, pre, M * A))
-        ab("da + act backward: library (A) vs pre prefetched (B)", f_down,
+      ActGradOneRoundTrip::run(ng, o.activation, E, gws, sms, s);
+      if (same("da + act backward, one round trip", dpre, pre, M * A))
+        ab("da + act backward: library (A) vs one round trip (B)", f_down,
            [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); },
-           [&] { ActGradPrefetch::run(ng, o.activation, E, gws, sms, s); });
+           [&] { ActGradOneRoundTrip::run(ng, o.activation, E, gws, sms, s); });
       MOE_CUDA_CHECK(cudaFree(gws));
       ExpertsBackwardArgs bu{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp2, dw_up, dw_down};
       ExpertsBackwardArgs bf{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp3, dw_up2, dw_down2};

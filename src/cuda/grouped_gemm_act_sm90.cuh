@@ -3,8 +3,7 @@
 //   ActKernel      the up-projection: pre = xp · w_up[e] (B (K, N) row-major), epilogue EpilogueAct
 //                  writing pre (optional) and act;
 //   ActGradKernel  the backward's da = dyp · w_down[e]^T (B (N, K) row-major), epilogue
-//                  EpilogueActGrad writing dpre from da and the stored pre (the lab's variant
-//                  prefetches pre into L2 from the producer: grouped_gemm_prefetch_sm90.hpp).
+//                  EpilogueActGrad writing dpre from da and the stored pre.
 // Mainloops from grouped_gemm_mainloop_sm90.hpp, problems from prepare_kernel
 // (grouped_gemm_prepare.cuh), epilogues from grouped_gemm_epilogue_act_sm90.hpp. The epilogues use
 // no shared memory, so the mainloop gets all of it for stages.
@@ -24,7 +23,6 @@
 #include "grouped_gemm_epilogue_act_sm90.hpp"
 #include "grouped_gemm_gather_sm90.hpp"
 #include "grouped_gemm_mainloop_sm90.hpp"
-#include "grouped_gemm_prefetch_sm90.hpp"
 #include "grouped_gemm_prepare.cuh"
 #include "grouped_gemm_sm90.hpp"
 
@@ -136,18 +134,13 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct> {
 };
 
 // da = dyp · w_down[e]^T with the activation backward in the epilogue: dpre, never da.
-// kPrefetchPre: the producer brings each tile's pre into L2 before the epilogue reads it
-// (PrefetchMainloop), a lab option: the library's is false.
-template <class Config, bool kPrefetchPre = false>
-using DactMainloop = cute::conditional_t<kPrefetchPre,
-                                         PrefetchMainloop<Mainloop<Config, WeightLayout::nk, 0>>,
-                                         Mainloop<Config, WeightLayout::nk, 0>>;
-
-template <class Config, bool kPrefetchPre = false>
-struct ActGradKernel : ActKernelBase<DactMainloop<Config, kPrefetchPre>, EpilogueActGrad> {
-  using Base = ActKernelBase<DactMainloop<Config, kPrefetchPre>, EpilogueActGrad>;
+// kOneRoundTrip: the lab's epilogue variant (EpilogueActivationGrad).
+template <class Config, bool kOneRoundTrip = false>
+struct ActGradKernel
+    : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad<kOneRoundTrip>> {
+  using Base =
+      ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad<kOneRoundTrip>>;
   using typename Base::Carve;
-  using typename Base::Collective;
   using typename Base::Epilogue;
   using typename Base::Gemm;
   using Args = GroupedGemmActGradArgs;
@@ -163,21 +156,8 @@ struct ActGradKernel : ActKernelBase<DactMainloop<Config, kPrefetchPre>, Epilogu
     epilogue.ld_pre = swiglu ? 2 * a.n : a.n;
     epilogue.swiglu = swiglu ? 1 : 0;
     epilogue.blocked = a.blocked ? 1 : 0;
-    return Base::gemm_arguments(c, mainloop_arguments(c, a, swiglu), epilogue, groups, sm_count);
-  }
-
-  static typename Collective::Arguments mainloop_arguments(const Carve& c, const Args& a,
-                                                           bool swiglu) {
-    if constexpr (kPrefetchPre) {
-      constexpr int64_t kBlockN = cute::size<1>(typename Config::TileShape{});
-      const int64_t unit_bytes = (swiglu ? 2 : 1) * int64_t{sizeof(Bf16)};  // pre bytes per unit
-      typename Collective::Arguments m{{c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, {}};
-      m.p = {a.offsets, reinterpret_cast<const char*>(a.pre), a.n * unit_bytes,
-             kBlockN * unit_bytes};
-      return m;
-    } else {
-      return {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b};
-    }
+    return Base::gemm_arguments(c, {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, epilogue, groups,
+                                sm_count);
   }
 
   static size_t cutlass_bytes(int64_t groups, int sm_count) {
