@@ -113,11 +113,6 @@ using NkCluster2x1 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 2, 1>, moe::cuda::WeightLayout::nk>>;
 using WgradCluster1x1 = gg::WgradLauncher<gg::WgradKernel<CooperativeTile<128, 256, 1, 1>>>;
 using ActCluster2x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 2, 1>>>;
-// The fused activation backward loading both row halves' pre at once (EpilogueActivationGrad's
-// kOneRoundTrip; the library loads one row half at a time). Runs 11-12 measured an L2 prefetch of
-// pre from the producer warp here (revisions 498c1da, 265cf83): 3-4 % and 11-12 % slower.
-using ActGradOneRoundTrip =
-    gg::ActLauncher<gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kOneRoundTrip=*/true>>;
 // cuBLAS's dense kernels for these shapes use 192-wide tiles (run 6).
 using GemmCoop128x192 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 192, 2, 1>, moe::cuda::WeightLayout::kn>>;
@@ -145,7 +140,8 @@ struct Options {
         "            [--layout dropless|padded] [--capacity-factor F] [--reps N] [--no-backward]\n"
         "            [--ab]   only the library kernels against lab variants in alternating rounds\n"
         "            [--ab-act-grad]  only the activation backward's rounds of --ab\n"
-        "            [--ab-wgrad]     only the weight gradients' rounds (pingpong 64x256, bf16 dW)\n"
+        "            [--ab-wgrad]     only the weight gradients' rounds (pingpong 64x256, 128x16\n"
+        "                             epilogue tile, bf16 dW)\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -570,9 +566,10 @@ int run(const Options& o) {
     if (o.backward && o.ab_wgrad) {
       // The weight gradients written fresh, as a training step writes them: the library's
       // cooperative 128x256 (A) against a pingpong 64x256 (B: each warpgroup's epilogue under the
-      // other's mainloop), and fp32 dW (A) against bf16 dW (B), both the library's.
+      // other's mainloop) and against a 128x16 epilogue tile (a smaller fp32 staging ring, so a
+      // fourth mainloop stage), and fp32 dW (A) against bf16 dW (B), both the library's.
       void* wws = workspace(std::max(WgradPingpong64x256::workspace_bytes(E, sms),
-                                     WgradCluster1x1::workspace_bytes(E, sms)));
+                                     WgradEpi16::workspace_bytes(E, sms)));
       bf16* dw16 = nullptr;
       MOE_CUDA_CHECK(cudaMalloc(&dw16, E * H * A * sizeof(bf16)));
       for (int pass = 0; pass < 2; ++pass) {  // dw_down = act^T dyp, then dw_up = xp^T pre
@@ -589,6 +586,14 @@ int run(const Options& o) {
           ab((std::string(what) + " (fresh): library (A) vs pingpong 64x256 (B)").c_str(),
              pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
              [&] { WgradPingpong64x256::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
+        WgradEpi16::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
+        const double e16 = rel_error(download(var, n), download(lib, n), n);
+        std::printf("AB verify %-37s relative error %.2e\n",
+                    (std::string(what) + " 128x16 epilogue tile").c_str(), e16);
+        if (e16 == 0)
+          ab((std::string(what) + " (fresh): library (A) vs 128x16 epilogue tile (B)").c_str(),
+             pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
+             [&] { WgradEpi16::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
         GroupedWgradArgs a16{offsets, p, q, x, y, nullptr, false};
         a16.dw_bf16 = dw16;
         ab((std::string(what) + " (fresh): fp32 dW (A) vs bf16 dW (B)").c_str(),
@@ -613,14 +618,6 @@ int run(const Options& o) {
       ab("da (A) vs da + activation backward (B)", f_down,
          [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
          [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); });
-      void* gws = workspace(ActGradOneRoundTrip::workspace_bytes(E, sms));
-      const GroupedGemmActGradArgs ng{offsets, I, H, dyp, w_down, pre3, pre, true};  // pre: scratch
-      ActGradOneRoundTrip::run(ng, o.activation, E, gws, sms, s);
-      if (same("da + act backward, one round trip", dpre, pre, M * A))
-        ab("da + act backward: library (A) vs one round trip (B)", f_down,
-           [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); },
-           [&] { ActGradOneRoundTrip::run(ng, o.activation, E, gws, sms, s); });
-      MOE_CUDA_CHECK(cudaFree(gws));
       ExpertsBackwardArgs bu{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp2, dw_up, dw_down};
       ExpertsBackwardArgs bf{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp3, dw_up2, dw_down2};
       bu.accumulate = bf.accumulate = false;

@@ -134,12 +134,9 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct> {
 };
 
 // da = dyp · w_down[e]^T with the activation backward in the epilogue: dpre, never da.
-// kOneRoundTrip: the lab's epilogue variant (EpilogueActivationGrad).
-template <class Config, bool kOneRoundTrip = false>
-struct ActGradKernel
-    : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad<kOneRoundTrip>> {
-  using Base =
-      ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad<kOneRoundTrip>>;
+template <class Config>
+struct ActGradKernel : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad> {
+  using Base = ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad>;
   using typename Base::Carve;
   using typename Base::Epilogue;
   using typename Base::Gemm;

@@ -318,10 +318,11 @@ struct ActGradEpilogueArguments {
 //                four groups are its pairs 8q .. 8q + 7 -- 32 contiguous bytes, two 16-byte words;
 //   GELU:        units 8j + 2q, + 1 -- 4 bytes per group,
 // and dpre goes back to the same places. Every pre load of a row half is issued before the first
-// is used, so the latency is paid once per row half, not once per group. kOneRoundTrip (blocked
-// only, a lab variant): da is first packed to bf16 pairs, which frees the accumulators' registers
-// for the pre of both row halves, all loaded at once.
-template <bool kOneRoundTrip = false>
+// is used, so the latency is paid once per row half, not once per group. Measured alternatives
+// (experts_lab runs 11-13) were slower: prefetching pre into L2 from the producer warp (by rows
+// or by lines), and loading both row halves at once (da packed to bf16 first to make room).
+// The cost left is the epilogue's arithmetic after each tile's mainloop: about 30 % on top of the
+// plain da GEMM, against the separate pass's 55 %.
 class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments> {
  public:
   template <class ProblemShape>
@@ -345,12 +346,6 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
     const int64_t ld = params_.ld_pre;
     const __nv_bfloat16* const pre = params_.pre;
     __nv_bfloat16* const dpre = params_.dpre;
-    if constexpr (kOneRoundTrip) {
-      if (params_.swiglu != 0 && params_.blocked != 0) {
-        blocked_one_round_trip<kGroups>(t, accumulators);
-        return;
-      }
-    }
 
     CUTLASS_PRAGMA_UNROLL
     for (int v1 = 0; v1 < 2; ++v1) {
@@ -418,51 +413,6 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
   }
 
  private:
-  template <int kGroups, class Accumulators>
-  CUTLASS_DEVICE void blocked_one_round_trip(ThreadTile const& t,
-                                             Accumulators const& accumulators) const {
-    const int64_t ld = params_.ld_pre;
-    uint32_t da[2][kGroups];  // (column 2q, 2q + 1) of group j, row half v1, as bf16
-    CUTLASS_PRAGMA_UNROLL
-    for (int v1 = 0; v1 < 2; ++v1)
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kGroups; ++j)
-        da[v1][j] = pack(__floats2bfloat162_rn(accumulators(2 * v1 + 4 * j),
-                                               accumulators(2 * v1 + 4 * j + 1)));
-    uint4 h[2][kGroups / 2] = {};
-    CUTLASS_PRAGMA_UNROLL
-    for (int v1 = 0; v1 < 2; ++v1) {
-      const int64_t r = t.row0 + t.m[v1];
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kGroups / 4; ++c) {
-        const int pair = t.n_tile + 32 * c + 8 * t.q;
-        const uint4* src = reinterpret_cast<const uint4*>(params_.pre + r * ld + 2 * int64_t{pair});
-        if (t.m[v1] < t.rows && pair < t.cols) h[v1][2 * c] = src[0], h[v1][2 * c + 1] = src[1];
-      }
-    }
-    CUTLASS_PRAGMA_UNROLL
-    for (int v1 = 0; v1 < 2; ++v1) {
-      const int64_t r = t.row0 + t.m[v1];
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kGroups / 4; ++c) {
-        const int pair = t.n_tile + 32 * c + 8 * t.q;
-        const uint4 a = h[v1][2 * c], b = h[v1][2 * c + 1];
-        const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-        uint32_t o[8];
-        CUTLASS_PRAGMA_UNROLL
-        for (int s = 0; s < 8; ++s) {
-          const __nv_bfloat162 d = unpack(da[v1][4 * c + s % 4]);
-          o[s] = grad_pair(s / 4 ? __high2float(d) : __low2float(d), w[s]);
-        }
-        uint4* dst = reinterpret_cast<uint4*>(params_.dpre + r * ld + 2 * int64_t{pair});
-        if (t.m[v1] < t.rows && pair < t.cols) {
-          dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
-          dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
-        }
-      }
-    }
-  }
-
   // (d gate, d up) of one unit from its da and its stored (gate, up) pair, rounded as the
   // elementwise backward rounds them.
   CUTLASS_DEVICE static uint32_t grad_pair(float da, uint32_t gate_up) {
@@ -474,8 +424,7 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
 };
 
 // What the da GEMM with the activation backward is assembled with.
-template <bool kOneRoundTrip = false>
 using EpilogueActGrad = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-    EpilogueActivationGrad<kOneRoundTrip>>;
+    EpilogueActivationGrad>;
 
 }  // namespace moe::cuda::grouped_gemm
