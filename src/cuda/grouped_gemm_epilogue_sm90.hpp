@@ -42,4 +42,17 @@ using EpilogueAccumulateF32 = typename cutlass::epilogue::collective::Collective
     typename Config::EpilogueSchedule,
     cutlass::epilogue::fusion::LinearCombination<float, Accum, float, Accum>>::CollectiveOp;
 
+// dW = acc, fp32, with no C at all (a lab variant of the fresh weight gradients): the C staging
+// ring EpilogueAccumulateF32 keeps in smem even when beta = 0 goes to the mainloop's stages.
+template <class Config>
+using EpilogueWriteF32 = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+    typename Config::TileShape, typename Config::ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto,
+    Accum, Accum,
+    void, cutlass::layout::RowMajor*, kAlignmentF32,            // no C
+    float, cutlass::layout::RowMajor*, kAlignmentF32,           // D: dW_e
+    typename Config::EpilogueSchedule,
+    cutlass::epilogue::fusion::LinearCombination<float, Accum, void, Accum>>::CollectiveOp;
+
 }  // namespace moe::cuda::grouped_gemm

@@ -38,27 +38,32 @@ namespace moe::cuda::grouped_gemm {
 // when one expert holds most of the rows (its tiles are long, not few).
 // ElementDW: float (accumulated in place or written fresh) or Bf16 (written fresh only: the store
 // epilogue of the forward GEMMs, D = acc rounded once to bf16, as PyTorch's bf16 gradients).
+// kWriteOnly (fp32, a lab variant): an epilogue with no C (EpilogueWriteF32), fresh only.
 template <class Config, class EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto,
-          class ElementDW = float>
+          class ElementDW = float, bool kWriteOnly = false>
 struct WgradKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
   static constexpr bool kF32 = cute::is_same_v<ElementDW, float>;
   static_assert(kF32 || cute::is_same_v<ElementDW, Bf16>, "fp32 or bf16 weight gradients");
-  using Epilogue = cute::conditional_t<kF32, EpilogueAccumulateF32<Config, EpilogueTile>,
-                                       EpilogueStore<Config>>;
+  static_assert(kF32 || !kWriteOnly, "write-only is an fp32 variant");
+  using Epilogue = cute::conditional_t<
+      kWriteOnly, EpilogueWriteF32<Config>,
+      cute::conditional_t<kF32, EpilogueAccumulateF32<Config, EpilogueTile>,
+                          EpilogueStore<Config>>>;
   using Collective = MainloopAB<Config, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
                                 static_cast<int>(sizeof(typename Epilogue::SharedStorage))>;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
   using ElementDWType = ElementDW;
+  static constexpr bool kWriteOnlyDW = kWriteOnly;
   using Problem = typename ProblemShape::UnderlyingProblemShape;  // (P, Q, m_e)
   using StrideA = typename GemmKernel::InternalStrideA;
   using StrideB = typename GemmKernel::InternalStrideB;
   using StrideD = typename GemmKernel::InternalStrideD;
   static_assert(cute::is_same_v<typename GemmKernel::InternalStrideC, StrideD>,
                 "C and D share one stride array (in place)");
-  static_assert(cute::is_same_v<typename GemmKernel::ElementC, ElementDW> &&
+  static_assert((kWriteOnly || cute::is_same_v<typename GemmKernel::ElementC, ElementDW>) &&
                     cute::is_same_v<typename GemmKernel::ElementD, ElementDW>,
                 "C and D are the weight gradient's type");
 
@@ -95,8 +100,12 @@ struct WgradKernel {
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
         {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
-        {{}, const_cast<const ElementDW**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d},
+        {},
         hardware_info(sm_count)};
+    if constexpr (kWriteOnly)
+      args.epilogue = {{}, nullptr, c.stride_d, c.ptr_d, c.stride_d};
+    else
+      args.epilogue = {{}, const_cast<const ElementDW**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d};
     // dW = acc + dW, or dW = acc: with beta = 0 the collective never loads C, so dW is only
     // written (stale or poisoned values in it cannot leak into the result).
     set_uniform_alpha_beta(args.epilogue.thread, 1.f, accumulate ? 1.f : 0.f);
@@ -124,6 +133,8 @@ struct WgradLauncher {
   static void run(const GroupedWgradArgs& args, int64_t groups, void* workspace, int sm_count,
                   cudaStream_t stream) {
     const typename K::Carve c = K::carve(workspace, groups, K::cutlass_bytes(groups, sm_count));
+    if constexpr (K::kWriteOnlyDW)
+      MOE_CHECK(!args.accumulate, "grouped weight gradient: this kernel only writes dW");
 
     // Step 1: problems {P, Q, m_e}, pointers and strides of every expert, from the device offsets.
     using DW = typename K::ElementDWType;
