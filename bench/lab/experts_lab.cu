@@ -83,9 +83,9 @@ namespace gg = moe::cuda::grouped_gemm;
 using WgradEpi16 =
     gg::WgradLauncher<gg::WgradKernel<gg::CooperativeConfig, cute::Shape<cute::_128, cute::_16>>>;
 using WgradPingpong = gg::WgradLauncher<gg::WgradKernel<gg::PingpongConfig<128, 128>>>;
-// Fresh fp32 dW through an epilogue with no C (no C staging ring in smem).
-using WgradWriteOnly = gg::WgradLauncher<gg::WgradKernel<
-    gg::CooperativeConfig, cutlass::epilogue::collective::EpilogueTileAuto, float, true>>;
+// Fresh fp32 dW through the accumulating kernel (the library's before run 14, when it moved fresh
+// dW to an epilogue with no C).
+using WgradAccumulating = gg::WgradLauncher<gg::WgradKernel<gg::CooperativeConfig>>;
 using WgradPingpong64x256 = gg::WgradLauncher<gg::WgradKernel<gg::PingpongConfig<64, 256>>>;
 using ActPingpong = gg::ActLauncher<gg::ActKernel<gg::PingpongConfig<64, 256>>>;
 
@@ -568,12 +568,13 @@ int run(const Options& o) {
     }
     if (o.backward && o.ab_wgrad) {
       // The weight gradients written fresh, as a training step writes them: the library's
-      // cooperative 128x256 (A) against a pingpong 64x256 (B: each warpgroup's epilogue under the
-      // other's mainloop) and against a 128x16 epilogue tile (a smaller fp32 staging ring, so a
-      // fourth mainloop stage), and fp32 dW (A) against bf16 dW (B), both the library's.
+      // cooperative 128x256 with no C in its epilogue (A, since run 14) against a pingpong 64x256
+      // (B: each warpgroup's epilogue under the other's mainloop), a 128x16 epilogue tile and the
+      // accumulating kernel with beta = 0 (the library's before run 14); and fp32 dW (A) against
+      // bf16 dW (B), both the library's.
       void* wws = workspace(std::max({WgradPingpong64x256::workspace_bytes(E, sms),
                                       WgradEpi16::workspace_bytes(E, sms),
-                                      WgradWriteOnly::workspace_bytes(E, sms)}));
+                                      WgradAccumulating::workspace_bytes(E, sms)}));
       bf16* dw16 = nullptr;
       MOE_CUDA_CHECK(cudaMalloc(&dw16, E * H * A * sizeof(bf16)));
       for (int pass = 0; pass < 2; ++pass) {  // dw_down = act^T dyp, then dw_up = xp^T pre
@@ -598,14 +599,14 @@ int run(const Options& o) {
           ab((std::string(what) + " (fresh): library (A) vs 128x16 epilogue tile (B)").c_str(),
              pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
              [&] { WgradEpi16::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
-        WgradWriteOnly::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
+        WgradAccumulating::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
         const double ew = rel_error(download(var, n), download(lib, n), n);
         std::printf("AB verify %-37s relative error %.2e\n",
-                    (std::string(what) + " write-only epilogue").c_str(), ew);
+                    (std::string(what) + " accumulating kernel").c_str(), ew);
         if (ew == 0)
-          ab((std::string(what) + " (fresh): library (A) vs no C in the epilogue (B)").c_str(),
+          ab((std::string(what) + " (fresh): library, no C (A) vs accumulating, beta 0 (B)").c_str(),
              pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
-             [&] { WgradWriteOnly::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
+             [&] { WgradAccumulating::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
         GroupedWgradArgs a16{offsets, p, q, x, y, nullptr, false};
         a16.dw_bf16 = dw16;
         ab((std::string(what) + " (fresh): fp32 dW (A) vs bf16 dW (B)").c_str(),

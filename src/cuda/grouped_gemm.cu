@@ -19,6 +19,7 @@ using grouped_gemm::Bf16Sm90ActGrad;
 using grouped_gemm::Bf16Sm90Gather;
 using grouped_gemm::Bf16Sm90Wgrad;
 using grouped_gemm::Bf16Sm90WgradBf16;
+using grouped_gemm::Bf16Sm90WgradFresh;
 
 // A width the TMA descriptors can take: a positive multiple of 8 bf16 (16-byte rows), < 2^30.
 void check_width(const char* what, const char* name, int64_t v) {
@@ -93,8 +94,9 @@ void GroupedGemm::run(const GroupedGemmArgs& args, cudaStream_t stream) const {
 // ------------------------------------------------------------------------------------------------
 
 GroupedWgrad::GroupedWgrad(int64_t experts) : GroupedGemmBase(experts) {
-  allocate(std::max(Bf16Sm90Wgrad::workspace_bytes(experts, sm_count_),
-                    Bf16Sm90WgradBf16::workspace_bytes(experts, sm_count_)));
+  allocate(std::max({Bf16Sm90Wgrad::workspace_bytes(experts, sm_count_),
+                     Bf16Sm90WgradFresh::workspace_bytes(experts, sm_count_),
+                     Bf16Sm90WgradBf16::workspace_bytes(experts, sm_count_)}));
 }
 
 const char* GroupedWgrad::name() const { return Bf16Sm90Wgrad::name(); }
@@ -109,6 +111,11 @@ void GroupedWgrad::run(const GroupedWgradArgs& args, cudaStream_t stream) const 
     MOE_CHECK(!args.accumulate,
               "grouped weight gradient: bf16 dW is written fresh only (accumulate = false)");
     Bf16Sm90WgradBf16::run(args, experts_, workspace_, sm_count_, stream);
+    return;
+  }
+  // Written fresh: the kernel whose epilogue has no C (its smem goes to the mainloop).
+  if (!args.accumulate) {
+    Bf16Sm90WgradFresh::run(args, experts_, workspace_, sm_count_, stream);
     return;
   }
   Bf16Sm90Wgrad::run(args, experts_, workspace_, sm_count_, stream);

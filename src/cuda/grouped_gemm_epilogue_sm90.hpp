@@ -3,6 +3,7 @@
 // per expert), stored row-major through smem:
 //   EpilogueStore          D = acc, fp32 -> bf16: the unfused store of pre / yp / da / dxp
 //   EpilogueAccumulateF32  D = acc + C with C = D, fp32: the weight gradients, accumulated in place
+//   EpilogueWriteF32       D = acc, fp32, no C: the weight gradients written fresh
 // The fused activation epilogue of the up-projection is grouped_gemm_epilogue_act_sm90.hpp; a
 // fused variant replaces this piece only.
 #pragma once
@@ -42,8 +43,8 @@ using EpilogueAccumulateF32 = typename cutlass::epilogue::collective::Collective
     typename Config::EpilogueSchedule,
     cutlass::epilogue::fusion::LinearCombination<float, Accum, float, Accum>>::CollectiveOp;
 
-// dW = acc, fp32, with no C at all (a lab variant of the fresh weight gradients): the C staging
-// ring EpilogueAccumulateF32 keeps in smem even when beta = 0 goes to the mainloop's stages.
+// dW = acc, fp32, with no C at all (the weight gradients written fresh): the C staging ring
+// EpilogueAccumulateF32 keeps in smem even when beta = 0 goes to the mainloop's stages.
 template <class Config>
 using EpilogueWriteF32 = typename cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,

@@ -38,7 +38,7 @@ namespace moe::cuda::grouped_gemm {
 // when one expert holds most of the rows (its tiles are long, not few).
 // ElementDW: float (accumulated in place or written fresh) or Bf16 (written fresh only: the store
 // epilogue of the forward GEMMs, D = acc rounded once to bf16, as PyTorch's bf16 gradients).
-// kWriteOnly (fp32, a lab variant): an epilogue with no C (EpilogueWriteF32), fresh only.
+// kWriteOnly (fp32): an epilogue with no C (EpilogueWriteF32), dW written fresh only.
 template <class Config, class EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto,
           class ElementDW = float, bool kWriteOnly = false>
 struct WgradKernel {
@@ -123,7 +123,8 @@ struct WgradKernel {
 // ------------------------------------------------------------------------------------------------
 
 // A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
-// instantiates one, WgradKernel<CooperativeConfig>, in grouped_gemm_bf16_wgrad.cu.
+// instantiates WgradKernel<CooperativeConfig> (accumulating) in grouped_gemm_bf16_wgrad.cu, its
+// write-only fp32 and its bf16 forms in grouped_gemm_bf16_wgrad_{fresh,bf16}.cu.
 template <class K>
 struct WgradLauncher {
   static size_t workspace_bytes(int64_t groups, int sm_count) {

@@ -74,9 +74,10 @@ struct GroupedWgradArgs {
   const __nv_bfloat16* x = nullptr;  // (max_rows, P)   act for dw_down, xp for dw_up
   const __nv_bfloat16* y = nullptr;  // (max_rows, Q)   dyp for dw_down, dpre for dw_up
   float* dw = nullptr;               // (E, P, Q) fp32
-  // true: dW_e += X_e^T Y_e (beta = 1, dW read and written). false: dW_e = X_e^T Y_e (beta = 0:
-  // dW is only written, half the traffic, and an empty expert's dW_e is set to zero), for the
-  // usual case of one contribution per step into gradients that would otherwise be zeroed first.
+  // true: dW_e += X_e^T Y_e (beta = 1, dW read and written). false: dW_e = X_e^T Y_e (dW is only
+  // written, half the traffic, by a kernel whose epilogue has no C at all; an empty expert's dW_e
+  // is set to zero), for the usual case of one contribution per step into gradients that would
+  // otherwise be zeroed first.
   bool accumulate = true;
   // Instead of dw: bf16 dW_e = X_e^T Y_e, the fp32 sum rounded once (what PyTorch's autograd
   // writes for bf16 parameters); written fresh only (accumulate false), half of fp32's bytes.
