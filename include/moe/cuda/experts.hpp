@@ -130,7 +130,8 @@ struct ExpertsBackwardArgs {
   // grouped backends run dw_down, da, dpre, dxp, dw_up in that order, so with them a caller may
   // alias dead storage: da onto act (dw_down has read it), dpre onto pre (the activation backward
   // reads each element of pre before writing the same element of dpre), dxp onto dyp (da was its
-  // last reader). The other backends take da / dpre too, without aliasing.
+  // last reader). The other backends take da / dpre too, without aliasing. grouped_fused never
+  // stores da (its activation backward runs in the da GEMM's epilogue): da may be null there.
   bf16* da = nullptr;                // (max_rows, I)
   bf16* dpre = nullptr;              // (max_rows, A)
   // false: the weight gradients are written, not added to (beta = 0: dW is never read, and an
