@@ -624,16 +624,20 @@ struct FusedParam {
 
 class FusedUpProjection : public ::testing::TestWithParam<FusedParam> {};
 
+// Segments with empty, one-row and multi-tile experts; the name keys the reference cache, so it
+// must tell the shapes apart.
+ExpertsCase fused_case(const FusedParam& p) {
+  return {"fused_" + std::string(name(p.activation)) + "_i" + std::to_string(p.inter),
+          {70, 0, 1, 300, 129, 5, 0, 256}, 192, p.inter, p.activation, 3};
+}
+
 // Same mainloop and the same activation functions on the same bf16-rounded pre: pre is identical
 // bit for bit, act and yp should be too (at most one bf16 ulp is allowed for act, in case the two
 // kernels' compilations contract the fp32 arithmetic differently; the counts are printed).
 TEST_P(FusedUpProjection, EqualsTheUnfusedPairAndNeedsNoPre) {
   MOE_REQUIRE_GPU();
   const FusedParam& p = GetParam();
-  std::vector<int64_t> sizes = {70, 0, 1, 300, 129, 5, 0, 256};
-  // The name keys the reference cache: it must tell the shapes apart.
-  ExpertsCase c{"fused_" + std::string(name(p.activation)) + "_i" + std::to_string(p.inter), sizes,
-                192, p.inter, p.activation, 3};
+  const ExpertsCase c = fused_case(p);
   const Inputs in = make_inputs(c, 33);
   const int64_t I = in.shape.inter, A = in.shape.up_width(), M = in.offsets.back();
   Device unfused(in, p.gate_up), fused(in, p.gate_up);
@@ -676,10 +680,7 @@ TEST_P(FusedUpProjection, EqualsTheUnfusedPairAndNeedsNoPre) {
 TEST_P(FusedUpProjection, BackwardEqualsTheUnfusedPairInPlaceOrNot) {
   MOE_REQUIRE_GPU();
   const FusedParam& p = GetParam();
-  std::vector<int64_t> sizes = {70, 0, 1, 300, 129, 5, 0, 256};
-  ExpertsCase c{"fused_" + std::string(name(p.activation)) + "_i" + std::to_string(p.inter), sizes,
-                192, p.inter, p.activation, 3};
-  const Inputs in = make_inputs(c, 33);
+  const Inputs in = make_inputs(fused_case(p), 33);
   const int64_t A = in.shape.up_width(), M = in.offsets.back(), R = in.shape.max_rows;
   struct Run {
     Outputs out;
