@@ -11,7 +11,9 @@
 //                   (E, N, K) (WeightLayout::nk, the backward's dy · W^T).
 //   GroupedWgrad    dW_e (P, Q) += X[rows of e]^T (P, m_e) · Y[rows of e] (m_e, Q)
 //                   the weight gradients: the reduction runs over the segment (K = m_e differs
-//                   per expert), bf16 in, fp32 accumulate and fp32 dW, read and written (beta = 1).
+//                   per expert), bf16 in, fp32 accumulate and fp32 dW, read and written (beta = 1);
+//                   or written fresh (accumulate false: a kernel whose epilogue has no C, so its
+//                   mainloop gets a fourth stage), or written fresh in bf16.
 //   GroupedGemmAct  the up-projection with the activation in its epilogue: GroupedGemm's
 //                   pre = xp · w_up[e], then act = silu(gate) * up (SwiGLU) or gelu(pre) (GELU)
 //                   from the bf16-rounded pre, written from the accumulators without `pre`
@@ -26,8 +28,9 @@
 // (<<<1, E>>>, grouped_gemm_prepare.cuh) turns the device offsets into per-expert problems,
 // pointers and strides in the object's workspace, and a persistent CUTLASS sm90 kernel (TMA +
 // wgmma, warp-specialised cooperative, grouped tile scheduler) walks them. Experts with m_e = 0
-// get no tiles: their D rows do not exist, and their dW_e slice is left exactly as it was (not
-// zeroed -- the accumulate semantics of the CPU reference's parameter gradients). So every call is
+// get no tiles: their D rows do not exist, and their dW_e slice is left exactly as it was when
+// accumulating (the semantics of the CPU reference's parameter gradients), zeroed when written
+// fresh. So every call is
 // asynchronous, deterministic (each output element is reduced by one CTA in a fixed K order) and
 // CUDA-graph safe: a captured call replays with whatever offsets the device holds then.
 //
