@@ -582,31 +582,23 @@ int run(const Options& o) {
         float *lib = pass ? dw_up : dw_down, *var = pass ? dw_up2 : dw_down2;
         const bf16 *x = pass ? xp : act, *y = pass ? pre : dyp;
         const char* what = pass ? "dw_up" : "dw_down";
-        g_wgrad.run({offsets, p, q, x, y, lib, false}, s);
-        WgradPingpong64x256::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
-        const double e = rel_error(download(var, n), download(lib, n), n);
-        std::printf("AB verify %-37s relative error %.2e\n",
-                    (std::string(what) + " pingpong 64x256").c_str(), e);
-        if (e == 0)
-          ab((std::string(what) + " (fresh): library (A) vs pingpong 64x256 (B)").c_str(),
-             pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
-             [&] { WgradPingpong64x256::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
-        WgradEpi16::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
-        const double e16 = rel_error(download(var, n), download(lib, n), n);
-        std::printf("AB verify %-37s relative error %.2e\n",
-                    (std::string(what) + " 128x16 epilogue tile").c_str(), e16);
-        if (e16 == 0)
-          ab((std::string(what) + " (fresh): library (A) vs 128x16 epilogue tile (B)").c_str(),
-             pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
-             [&] { WgradEpi16::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
-        WgradAccumulating::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
-        const double ew = rel_error(download(var, n), download(lib, n), n);
-        std::printf("AB verify %-37s relative error %.2e\n",
-                    (std::string(what) + " accumulating kernel").c_str(), ew);
-        if (ew == 0)
-          ab((std::string(what) + " (fresh): library, no C (A) vs accumulating, beta 0 (B)").c_str(),
-             pass ? f_up : f_down, [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
-             [&] { WgradAccumulating::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
+        // Variant L (a launcher type) against the library's fresh dW: checked equal, then timed.
+        auto variant = [&](const char* name, const char* label, auto launcher) {
+          using L = decltype(launcher);
+          g_wgrad.run({offsets, p, q, x, y, lib, false}, s);
+          L::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
+          const double e = rel_error(download(var, n), download(lib, n), n);
+          std::printf("AB verify %-37s relative error %.2e\n",
+                      (std::string(what) + " " + name).c_str(), e);
+          if (e == 0)
+            ab((std::string(what) + " (fresh): " + label).c_str(), pass ? f_up : f_down,
+               [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
+               [&] { L::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
+        };
+        variant("pingpong 64x256", "library (A) vs pingpong 64x256 (B)", WgradPingpong64x256{});
+        variant("128x16 epilogue tile", "library (A) vs 128x16 epilogue tile (B)", WgradEpi16{});
+        variant("accumulating kernel", "library, no C (A) vs accumulating, beta 0 (B)",
+                WgradAccumulating{});
         GroupedWgradArgs a16{offsets, p, q, x, y, nullptr, false};
         a16.dw_bf16 = dw16;
         ab((std::string(what) + " (fresh): fp32 dW (A) vs bf16 dW (B)").c_str(),
