@@ -39,9 +39,11 @@
 // forward+backward accumulating, then fresh), then the diagnostics (stage and step times), then
 // the dense pair: the card is power-limited under long GEMM-heavy stretches
 // (its SM clock drops from 1980 to 1250-1750 MHz at 700 W), so whatever runs later reads slower.
-// The dense pair is timed once after the layers (dense_equiv_*), and then in 5 rounds alternating
-// with the inference forward (rounds_*): each round's ratio sees the same clocks on both sides,
-// and their median (inference_fraction_of_dense_rounds_median) is the share of dense to quote.
+// The dense pair is timed once after the layers (dense_equiv_*), and then in 6 rounds with the
+// inference forward and its gathered variant, the three in a rotating order (rounds_*): each
+// round's ratios see the same clocks on all sides, and their medians
+// (inference_fraction_of_dense_rounds_median, gathered_over_inference_rounds_median) are the
+// numbers to quote.
 // Inputs, weights and gradients are not counted (the PyTorch peer reports its peak over the same
 // baseline: inputs and parameters allocated before).
 #include <cublas_v2.h>
@@ -378,7 +380,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
   // dense equivalent: (T*K, H) x (H, 2I), then (T*K, I) x (I, H)
   double dense_ms = 0;
-  std::vector<double> round_fwd, round_dense;
+  std::vector<double> round_fwd, round_gathered, round_dense;
   {
     const int64_t M = T * K;
     bf16* a = dev_alloc<bf16>(M * std::max(H, I));
@@ -393,18 +395,35 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       gemm_rm(h, M, H, I, a, wd, out);
     };
     dense_ms = time_median(o.warmup, o.reps, stream, dense_pair);
-    // The share of dense, robust to clock changes between the two measurements: the inference
-    // forward (the headline variant) and the dense pair alternate, kRounds times, and each
-    // round gives its own ratio.
-    constexpr int kRounds = 5;
+    // The share of dense, robust to clock changes between the measurements: the inference
+    // forward (the headline variant), the same gathering x's rows, and the dense pair run in
+    // kRounds rounds, each round in the next rotation of that order (a loop's position moves
+    // its time: see the header), and each round gives its own ratios.
+    constexpr int kRounds = 6;
+    const Inference& gat = variants[kGathered];
     moe::cuda::Layer infer(cfg, inf.backend, inf.gate_up, /*backward=*/false, /*groups=*/1, cublas,
                            inf.rows);
+    moe::cuda::Layer infer_gathered(cfg, gat.backend, gat.gate_up, /*backward=*/false,
+                                    /*groups=*/1, cublas, gat.rows);
     const moe::cuda::LayerWeights w{
         wg, inf.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr};
+    const moe::cuda::LayerWeights wgat{
+        wg, gat.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr};
     for (int r = 0; r < kRounds; ++r) {
-      round_fwd.push_back(
-          time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); }));
-      round_dense.push_back(time_median(o.warmup, o.reps, stream, dense_pair));
+      double t[3] = {0, 0, 0};
+      for (int i = 0; i < 3; ++i) {
+        const int which = (r + i) % 3;
+        if (which == 0)
+          t[0] = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
+        else if (which == 1)
+          t[1] = time_median(o.warmup, o.reps, stream,
+                             [&] { infer_gathered.forward(x, wgat, y, stream); });
+        else
+          t[2] = time_median(o.warmup, o.reps, stream, dense_pair);
+      }
+      round_fwd.push_back(t[0]);
+      round_gathered.push_back(t[1]);
+      round_dense.push_back(t[2]);
     }
     MOE_CUBLAS_CHECK(cublasDestroy(h));
     MOE_CUDA_CHECK(cudaFree(a));
@@ -488,7 +507,12 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["rounds_fwd_bwd_bf16_grads_ms"] = bf16_rounds;
   std::vector<double> round_ratio;
   for (size_t r = 0; r < round_fwd.size(); ++r) round_ratio.push_back(round_dense[r] / round_fwd[r]);
+  std::vector<double> gathered_ratio;
+  for (size_t r = 0; r < round_fwd.size(); ++r) gathered_ratio.push_back(round_gathered[r] / round_fwd[r]);
   j["rounds_inference_ms"] = round_fwd;
+  j["rounds_inference_fused_gathered_ms"] = round_gathered;
+  j["rounds_gathered_over_inference"] = gathered_ratio;
+  j["gathered_over_inference_rounds_median"] = median(gathered_ratio);
   j["rounds_dense_equiv_ms"] = round_dense;
   j["rounds_fraction_of_dense"] = round_ratio;
   j["inference_fraction_of_dense_rounds_median"] = median(round_ratio);
@@ -550,10 +574,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   for (int i = 0; i < int(experts_step_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::ExpertsBackwardStep(i)),
                experts_step_ms[i]);
-  fmt::print(stderr, "\n  rounds (inference fwd / dense pair, ms):");
+  fmt::print(stderr, "\n  rounds (inference fwd / gathered / dense pair, ms):");
   for (size_t r = 0; r < round_fwd.size(); ++r)
-    fmt::print(stderr, " {:.3f}/{:.3f}", round_fwd[r], round_dense[r]);
-  fmt::print(stderr, " -> median share of dense {:.1f}%\n", 100 * median(round_ratio));
+    fmt::print(stderr, " {:.3f}/{:.3f}/{:.3f}", round_fwd[r], round_gathered[r], round_dense[r]);
+  fmt::print(stderr, " -> median share of dense {:.1f}%, gathered/inference {:.3f}\n",
+             100 * median(round_ratio), median(gathered_ratio));
 }
 
 }  // namespace

@@ -15,22 +15,21 @@ def short(name):
     if "device_kernel" not in name:
         return re.sub(r"\(.*", "", name).replace("void ", "").replace("moe::cuda::", "")
     parts = []
-    if "Wgrad" in name or "ElementAccumulator" in name:
-        parts.append("wgrad")
     for key in ("GatherMainloop", "EpilogueActivationGrad", "EpilogueActivation", "EpilogueWriteF32",
                 "Pingpong", "Cooperative"):
         if key in name:
             parts.append(key)
-    m = re.search(r"tuple<C<(\d+)>, C<(\d+)>, C<64>>", name)
+    m = re.search(r"tuple<(?:cute::)?C<(\d+)>, (?:cute::)?C<(\d+)>, (?:cute::)?C<64>>", name)
     if m:
         parts.append(f"{m.group(1)}x{m.group(2)}")
     m = re.search(r"Sm90PtrArrayTmaWarpSpecialized<(\d+), (\d+)", name)
     if m:
         parts.append(f"epi C{m.group(1)}/D{m.group(2)}")
-    m = re.search(r"MainloopSm90ArrayTmaGmmaWarpSpecialized\w*<(\d+), tuple<C<(\d)>, C<(\d)>", name)
+    m = re.search(r"MainloopSm90ArrayTmaGmmaWarpSpecialized\w*<(\d+), (?:cute::)?tuple<(?:cute::)?C<(\d)>, (?:cute::)?C<(\d)>", name)
     if m:
         parts.append(f"{m.group(1)} stages {m.group(2)}x{m.group(3)}")
-    parts.append("float" if "float, tuple<long, C<1>, C<0>>" in name else "")
+    if "smem_ptr_flag_bits<32>" in name:
+        parts.append("fp32 D")
     return "cutlass " + " ".join(p for p in parts if p)
 
 
@@ -50,7 +49,7 @@ def main():
     header, data = rows[head], rows[head + 2:]  # the row after the header holds units
     col = {c: i for i, c in enumerate(header)}
     dur_unit = rows[head + 1][col["gpu__time_duration.sum"]]
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(dur_unit, 1.0)
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}.get(dur_unit, 1.0)
     bytes_unit = rows[head + 1][col["dram__bytes.sum"]] if "dram__bytes.sum" in col else "byte"
     bytes_scale = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(bytes_unit, 1.0)
     if start:
@@ -58,7 +57,7 @@ def main():
         data = data[first:]
     groups = {}
     for r in data:
-        key = (short(r[col["Kernel Name"]]), r[col.get("Grid Size", 0)], r[col.get("Block Size", 0)])
+        key = (r[col["Kernel Name"]], r[col.get("Grid Size", 0)], r[col.get("Block Size", 0)])
         d = number(r[col["gpu__time_duration.sum"]])
         if d is None:
             continue
@@ -70,7 +69,14 @@ def main():
         groups.setdefault(key, []).append((d * scale, dram))
     print(f"{'kernel':64s} {'grid':>14s} {'block':>12s} {'n':>5s} {'median us':>10s} "
           f"{'min':>8s} {'max':>8s} {'DRAM MB':>8s}")
-    for (name, grid, block), v in groups.items():
+    labels = {}
+    for full, _, _ in groups:
+        if full not in labels:
+            base = short(full)
+            same = sum(1 for l in labels.values() if l.split(" #")[0] == base)
+            labels[full] = base if same == 0 else f"{base} #{same + 1}"
+    for (full, grid, block), v in groups.items():
+        name = labels[full]
         ds = sorted(x[0] for x in v)
         med = statistics.median(ds)
         near = min(v, key=lambda x: abs(x[0] - med))

@@ -2,8 +2,9 @@
 // Routing -> DispatchPlan on the device, matching src/cpu/plan.cpp bit for bit.
 //
 //   kernel 1  plan_count    one warp per chunk of priority order: per-chunk expert histogram
-//   kernel 2  plan_scan     one block: column scan over chunks (chunk bases), counts, kept,
-//                           segment lengths, exclusive scan over experts (offsets), M, drops
+//   kernel 2  plan_scan     one warp per expert column: scan over chunks (chunk bases), counts,
+//                           kept; the last block to finish (a ticket counter) scans the segment
+//                           lengths over experts (offsets), M, drops
 //   kernel 3  plan_scatter  one warp per chunk: stable ranks by __match_any_sync -> rows;
 //                           then padding rows, tail rows and (token choice) the inverse
 //   expert choice only: the token-major inverse by a token x expert bitmap
@@ -61,11 +62,16 @@ PlanBuffers::PlanBuffers(const PlanShape& s) {
                         {"token_choices", N * 4, p(view_.token_choices)},
                         {"choice_row", N * 4, p(view_.choice_row)},
                         {"chunk_base", G * (E + 1) * 4, p(view_.chunk_base)},
-                        {"token_mask", ec ? T * words * 4 : 0, p(view_.token_mask)}});
+                        {"token_mask", ec ? T * words * 4 : 0, p(view_.token_mask)},
+                        {"scan_done", 4, p(view_.scan_done)}});
+  MOE_CUDA_CHECK(cudaMemset(view_.scan_done, 0, sizeof(uint32_t)));
 }
 
 void PlanBuffers::poison(cudaStream_t stream, int byte) const {
-  if (arena_.bytes()) MOE_CUDA_CHECK(cudaMemsetAsync(arena_.data(), byte, arena_.bytes(), stream));
+  if (!arena_.bytes()) return;
+  MOE_CUDA_CHECK(cudaMemsetAsync(arena_.data(), byte, arena_.bytes(), stream));
+  // not an output: plan_scan's ticket counter must read 0 at its launch
+  MOE_CUDA_CHECK(cudaMemsetAsync(view_.scan_done, 0, sizeof(uint32_t), stream));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -76,8 +82,12 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kScanThreads = 1024;
+constexpr int kScanWarps = kScanThreads / kWarp;  // expert columns per plan_scan block
 constexpr int kScanItems = 4;  // kScanThreads * kScanItems >= 4096 experts
 static_assert(kScanThreads * kScanItems >= 4096, "plan_scan must cover E <= 4096");
+constexpr int kRunMax = static_cast<int>(PlanShape::kMaxChunks / kWarp);  // chunks per lane
+constexpr int kCountBatch = 8;  // choices per lane loaded before plan_count's atomics
+constexpr int32_t kAbsent = INT32_MIN;  // past the chunk's end (kNoExpert is a real choice)
 
 // Priority position i -> choice index. Token choice is visited k-major (all first choices in
 // token order, then all second choices, ...), which is what makes first choices win capacity.
@@ -98,10 +108,21 @@ __global__ void plan_count_kernel(RoutingView routing, PlanView plan) {
   __syncwarp();
   const int64_t chunk = s.chunk_size();
   const int64_t begin = blockIdx.x * chunk, end = min(s.choices, begin + chunk);
-  for (int64_t i = begin + lane; i < end; i += kWarp) {
-    const int32_t e = routing.choice_expert[priority_choice(i, s.tokens, s.top_k)];
-    MOE_DEVICE_ASSERT(e < E);  // kNoExpert (< 0) or a real expert
-    atomicAdd(&hist[e < 0 ? E : e], 1);  // shared integer atomic: the count is order-free
+  // A batch's loads are all issued before its atomics (they do not wait on each other).
+  for (int64_t i0 = begin; i0 < end; i0 += kWarp * kCountBatch) {
+    int32_t es[kCountBatch];
+#pragma unroll
+    for (int b = 0; b < kCountBatch; ++b) {
+      const int64_t i = i0 + b * kWarp + lane;
+      es[b] = i < end ? routing.choice_expert[priority_choice(i, s.tokens, s.top_k)] : kAbsent;
+    }
+#pragma unroll
+    for (int b = 0; b < kCountBatch; ++b) {
+      const int32_t e = es[b];
+      if (e == kAbsent) continue;
+      MOE_DEVICE_ASSERT(e < E);  // kNoExpert (< 0) or a real expert
+      atomicAdd(&hist[e < 0 ? E : e], 1);  // shared integer atomic: the count is order-free
+    }
   }
   __syncwarp();
   int32_t* out = plan.chunk_base + blockIdx.x * (E + 1);  // (E+1) row of this chunk
@@ -137,90 +158,95 @@ __device__ int32_t block_exclusive_scan(int32_t v, int32_t* total) {
   return before + incl - v;
 }
 
+// Block b, warp w: expert column e = kScanWarps b + w of chunk_base (e = E: kNoExpert). Lane l
+// holds a contiguous run of chunks in registers; a shuffle scan offsets the runs, so chunk_base[g][e]
+// becomes the number of expert-e choices in chunks before g (the first rank chunk g hands out).
+// Then counts and kept (column E: the choices skipped by policy). The last block to finish scans
+// the segment lengths over experts into offsets, and sums the drops.
 __global__ void __launch_bounds__(kScanThreads) plan_scan_kernel(PlanView plan) {
   const auto& s = plan.shape;
   const int E = static_cast<int>(s.experts);
   const int G = static_cast<int>(s.chunks());
-  __shared__ int32_t len_s[kScanThreads * kScanItems];  // (E) segment length in rows
-  __shared__ int32_t dropped_s, skipped_s;
-  if (threadIdx.x == 0) dropped_s = skipped_s = 0;
-  __syncthreads();
-
-  // Column scan over chunks: chunk_base[g][e] becomes the number of expert-e choices in chunks
-  // before g (the first rank chunk g hands out). Column E (kNoExpert) only needs its total.
-  // tpe consecutive lanes share one column: each scans a contiguous run of chunks, then the runs
-  // are offset by a shuffle scan, so the serial part is G / tpe loads instead of G.
-  int tpe = 1;
-  while (tpe < kWarp && 2 * tpe * (E + 1) <= kScanThreads) tpe *= 2;
-  const int per_pass = kScanThreads / tpe;
-  const int sub = threadIdx.x % tpe;
-  const int run_len = (G + tpe - 1) / tpe;
-  const int g0 = min(G, sub * run_len), g1 = min(G, g0 + run_len);
-  for (int pass = 0; pass * per_pass <= E; ++pass) {
-    const int e = pass * per_pass + static_cast<int>(threadIdx.x) / tpe;
-    const bool live = e <= E;
-    int32_t* col = plan.chunk_base + (live ? e : 0);
+  const int lane = threadIdx.x % kWarp;
+  const int e = blockIdx.x * kScanWarps + static_cast<int>(threadIdx.x) / kWarp;
+  if (e <= E) {  // whole warps: E + 1 columns, one warp each
+    int32_t* col = plan.chunk_base + e;
+    const int per = (G + kWarp - 1) / kWarp;  // <= kRunMax
+    const int g0 = min(G, lane * per), g1 = min(G, g0 + per);
+    int32_t v[kRunMax];
     int32_t mine = 0;
-    if (live) {
-#pragma unroll 8
-      for (int g = g0; g < g1; ++g) mine += col[g * (E + 1)];
+#pragma unroll
+    for (int i = 0; i < kRunMax; ++i) {
+      v[i] = g0 + i < g1 ? col[int64_t{g0 + i} * (E + 1)] : 0;
+      mine += v[i];
     }
-    // exclusive scan of `mine` over the tpe lanes of this column (width-tpe shuffles)
     int32_t incl = mine;
-    for (int d = 1; d < tpe; d *= 2) {
-      const int32_t n = __shfl_up_sync(0xffffffffu, incl, d, tpe);
-      if (sub >= d) incl += n;
+#pragma unroll
+    for (int d = 1; d < kWarp; d *= 2) {
+      const int32_t n = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += n;
     }
-    const int32_t run_total = __shfl_sync(0xffffffffu, incl, tpe - 1, tpe);
-    if (!live) continue;
+    const int32_t total = __shfl_sync(0xffffffffu, incl, kWarp - 1);
     int32_t run = incl - mine;
-#pragma unroll 8
-    for (int g = g0; g < g1; ++g) {
-      const int32_t v = col[g * (E + 1)];
-      col[g * (E + 1)] = run;
-      run += v;
+#pragma unroll
+    for (int i = 0; i < kRunMax; ++i)
+      if (g0 + i < g1) {
+        col[int64_t{g0 + i} * (E + 1)] = run;
+        run += v[i];
+      }
+    if (lane == 0) {
+      if (e == E) {
+        plan.drops[1] = total;  // skipped by policy
+      } else {
+        plan.counts[e] = total;
+        plan.kept[e] = s.layout == Layout::padded
+                           ? static_cast<int32_t>(min(static_cast<int64_t>(total), s.capacity))
+                           : total;
+      }
     }
-    if (sub != 0) continue;
-    if (e == E) {
-      skipped_s = run_total;
-      continue;
-    }
-    int32_t kept = run_total, len = run_total;
+  }
+
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(plan.scan_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+
+  // offsets = exclusive scan of the segment lengths, blocked: thread i owns experts [4i, 4i+4).
+  // counts and kept come from other blocks: read from L2.
+  int32_t len[kScanItems], sum = 0, dropped = 0;
+#pragma unroll
+  for (int j = 0; j < kScanItems; ++j) {
+    const int x = threadIdx.x * kScanItems + j;
+    const int32_t count = x < E ? __ldcg(plan.counts + x) : 0;
+    const int32_t kept = x < E ? __ldcg(plan.kept + x) : 0;
+    int32_t l = count;
     if (s.layout == Layout::padded) {
-      kept = static_cast<int32_t>(min(static_cast<int64_t>(run_total), s.capacity));
-      len = static_cast<int32_t>(s.capacity);
+      l = x < E ? static_cast<int32_t>(s.capacity) : 0;
     } else if (s.layout == Layout::block) {
       const int32_t b = static_cast<int32_t>(s.block_size);
-      len = (run_total + b - 1) / b * b;
+      l = (count + b - 1) / b * b;
     }
-    plan.counts[e] = run_total;
-    plan.kept[e] = kept;
-    len_s[e] = len;
-    if (run_total > kept) atomicAdd(&dropped_s, run_total - kept);  // integer: order-free
+    len[j] = l;
+    sum += l;
+    dropped += count - kept;
   }
-  __syncthreads();
-
-  // offsets = exclusive scan of len over experts, blocked: thread i owns experts [4i, 4i+4).
-  int32_t mine[kScanItems], sum = 0;
-#pragma unroll
-  for (int j = 0; j < kScanItems; ++j) {
-    const int e = threadIdx.x * kScanItems + j;
-    mine[j] = e < E ? len_s[e] : 0;
-    sum += mine[j];
-  }
-  int32_t total;
+  int32_t total, total_dropped;
   int32_t at = block_exclusive_scan(sum, &total);
+  block_exclusive_scan(dropped, &total_dropped);  // integers: the order does not matter
 #pragma unroll
   for (int j = 0; j < kScanItems; ++j) {
-    const int e = threadIdx.x * kScanItems + j;
-    if (e < E) plan.offsets[e] = at;
-    at += mine[j];
+    const int x = threadIdx.x * kScanItems + j;
+    if (x < E) plan.offsets[x] = at;
+    at += len[j];
   }
   if (threadIdx.x == 0) {
     plan.offsets[E] = total;
     *plan.num_rows = total;
-    plan.drops[0] = dropped_s;
-    plan.drops[1] = skipped_s;
+    plan.drops[0] = total_dropped;
+    *plan.scan_done = 0u;  // every block has counted: ready for the next launch
   }
 }
 
@@ -373,7 +399,8 @@ void plan_forward(const RoutingView& routing, const PlanView& plan, cudaStream_t
   const size_t E = s.experts;
   plan_count_kernel<<<G, kWarp, (E + 1) * sizeof(int32_t), stream>>>(routing, plan);
   MOE_CUDA_LAUNCH_CHECK();
-  plan_scan_kernel<<<1, kScanThreads, 0, stream>>>(plan);
+  plan_scan_kernel<<<static_cast<unsigned>((E + 1 + kScanWarps - 1) / kScanWarps), kScanThreads, 0,
+                     stream>>>(plan);
   MOE_CUDA_LAUNCH_CHECK();
   plan_scatter_kernel<<<G, kWarp, 3 * E * sizeof(int32_t), stream>>>(routing, plan);
   MOE_CUDA_LAUNCH_CHECK();

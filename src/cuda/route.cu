@@ -4,9 +4,10 @@
 //   route_topk_kernel<Family>   a warp per token: scores, top-k (K rounds of a warp arg-max in
 //                               the order (score desc, expert asc)), weights, per-token loss terms
 //   route_partial_kernel        a block per chunk of tokens: counts (integer smem atomics), mass,
-//                               importance, sum of lse^2 -- in double, each sum in token order
-//   route_finalize_kernel       one block: chunks -> groups -> the aux loss (double), the per-group
-//                               counts and the per-expert loss gradients backward needs
+//                               importance, sum of lse^2 -- in double, each sum in token order;
+//                               then the last block to finish (a ticket counter) runs
+//   route_finalize              chunks -> groups -> the aux loss (double), the per-group counts and
+//                               the per-expert loss gradients backward needs
 //   expert choice: route_topk_kernel<kSoftmax> with K = 0 writes the probabilities by (expert,
 //                  group), cub::DeviceSegmentedSort (stable, descending) sorts each of the E*G
 //                  segments, route_ec_pick_kernel takes the first C of each
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "moe/check.hpp"
@@ -106,6 +108,7 @@ RouteBuffers::RouteBuffers(const LayerConfig& cfg, int64_t position_groups) {
       {"term", f != kSoftmax ? te * 4 : 0, p(term)},
       {"partial", size_t(chunks * (3 * E + 1)) * 8, p(partial)},
       {"group_counts", size_t(groups * E) * 4, p(group_counts)},
+      {"d_balance", size_t(groups * E) * 4, p(d_balance)},
       {"d_expert", size_t(2 * E) * 4, p(d_expert)},
       {"aux_loss", 8, p(aux_loss)},
       {"expert_sums", f == kNoisy ? size_t(2 * E) * 8 : 0, p(expert_sums)},
@@ -115,7 +118,9 @@ RouteBuffers::RouteBuffers(const LayerConfig& cfg, int64_t position_groups) {
       {"sorted_t", ec ? te * 4 : 0, p(sorted_t)},
       {"seg", ec ? size_t(E * G + 1) * 4 : 0, p(seg)},
       {"sort_temp", sort_temp_bytes, &sort_temp},
+      {"done", 4, p(done)},
   });
+  MOE_CUDA_CHECK(cudaMemset(done, 0, sizeof(uint32_t)));  // route_partial_kernel's ticket counter
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -142,7 +147,7 @@ struct RouteArgs {
   // device outputs (copied out of RouteBuffers)
   int32_t *choice_token, *choice_expert;
   float* choice_weight;
-  float *probs, *lse, *noisy, *term, *group_counts, *d_expert, *probs_t;
+  float *probs, *lse, *noisy, *term, *group_counts, *d_balance, *d_expert, *probs_t;
   int32_t *selected, *threshold, *token_ids;
   double *partial, *aux_loss;
 };
@@ -170,6 +175,80 @@ __device__ __forceinline__ void warp_next(int E, Score score, float pv, int pi, 
   }
 }
 
+// A float's position in before()'s order as an unsigned key: larger key, earlier. -0 ties +0 (as
+// v > w and v == w see them) and NaN, which before() never puts ahead of anything, is 0, the key
+// of "none" (an expert past E or already taken); -INF is still above it.
+__device__ __forceinline__ uint32_t order_key(float v) {
+  if (v != v) return 0u;
+  const uint32_t u = __float_as_uint(v == 0.f ? 0.f : v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Top-k of a warp's E scores in before()'s order, one element per next(): the same sequence as
+// calling warp_next with the previous winner each time.
+// kPer > 0 (E <= 32 kPer): every score is evaluated once; lane l keeps the keys of experts
+// l + 32 j in registers, and a step is two single-instruction warp reductions -- the largest key,
+// then the smallest expert among the lanes holding it -- and the winner's lane drops its key.
+// kPer == 0: any E; each step re-reads the scores and runs warp_next's shuffle arg-max (10
+// shuffles and E/32 score evaluations per step: 3-4x the register form's time at E = 128).
+template <int kPer, class Score>
+struct WarpTopK {
+  float value[kPer];
+  uint32_t key[kPer];
+  __device__ __forceinline__ WarpTopK(int E, Score score) {
+    const int lane = threadIdx.x % kWarp;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int e = lane + kWarp * j;
+      value[j] = e < E ? score(e) : 0.f;
+      key[j] = e < E ? order_key(value[j]) : 0u;
+    }
+  }
+  __device__ __forceinline__ void next(int E, float& bv, int& bi) {
+    const int lane = threadIdx.x % kWarp;
+    uint32_t best = 0u;
+    int bj = 0;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+      if (key[j] > best) best = key[j], bj = j;  // strict: the lower expert of a lane wins ties
+    const uint32_t top = __reduce_max_sync(0xffffffffu, best);
+    const uint32_t mine = top != 0u && best == top ? uint32_t(lane + kWarp * bj) : 0xffffffffu;
+    const uint32_t winner = __reduce_min_sync(0xffffffffu, mine);
+    if (top == 0u) {  // nothing left but NaN: warp_next's "none"
+      bv = -INFINITY;
+      bi = E;
+      return;
+    }
+    bi = static_cast<int>(winner);
+    const int wj = bi / kWarp, wl = bi % kWarp;
+    float v = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+      if (j == wj) {
+        v = value[j];
+        if (lane == wl) key[j] = 0u;
+      }
+    bv = __shfl_sync(0xffffffffu, v, wl);
+  }
+};
+
+template <class Score>
+struct WarpTopK<0, Score> {
+  Score score;
+  float pv = INFINITY;
+  int pi = -1;
+  __device__ __forceinline__ WarpTopK(int, Score s) : score(s) {}
+  __device__ __forceinline__ void next(int E, float& bv, int& bi) {
+    warp_next(E, score, pv, pi, bv, bi);
+    pv = bv, pi = bi;
+  }
+};
+
+template <int kPer, class Score>
+__device__ __forceinline__ WarpTopK<kPer, Score> warp_topk(int E, Score score) {
+  return WarpTopK<kPer, Score>(E, score);
+}
+
 __device__ __forceinline__ float sigmoidf_ref(float v) { return 1.f / (1.f + expf(-v)); }
 __device__ __forceinline__ float softplusf_ref(float v) { return v > 20.f ? v : log1pf(expf(v)); }
 __device__ __forceinline__ float normal_cdf(float a) { return 0.5f * erfcf(-a * 0.70710678118654752f); }
@@ -179,7 +258,8 @@ __device__ __forceinline__ float normal_pdf(float a) {
 
 // ---- forward: one warp per token
 
-template <int kFamily>
+// kPer: WarpTopK's registers per lane (0: any E).
+template <int kFamily, int kPer>
 __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(RouteArgs a) {
   const int lane = threadIdx.x % kWarp;
   const int64_t t = blockIdx.x * int64_t{kWarpsPerBlock} + threadIdx.x / kWarp;
@@ -214,19 +294,19 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(Route
     if (K == 0) return;
     // top-k on the logits (softmax is monotone)
     // Every lane sees every winner; lane k keeps winner k (K <= 32), the rest re-read `sel`.
-    float pv = INFINITY, psum = 0.f;
-    int pi = -1, my_e = 0;
+    float psum = 0.f;
+    int my_e = 0;
     int32_t* sel = a.selected + t * a.K;
+    auto top = warp_topk<kPer>(E, [&](int e) { return z[e]; });
     for (int k = 0; k < K; ++k) {
       float bv;
       int bi;
-      warp_next(E, [&](int e) { return z[e]; }, pv, pi, bv, bi);
-      pv = bv, pi = bi;
+      top.next(E, bv, bi);
       if (lane == k % kWarp) {
         sel[k] = bi;
         if (k < kWarp) my_e = bi;
       }
-      psum += prob(bi);  // the same expression as probs[bi]
+      psum += __expf(bv - m) * inv_s;  // prob(bi): bv is z[bi]
     }
     if (K > kWarp) __syncwarp();
     const bool renorm = a.router == int(Router::softmax_topk) && a.renormalize;
@@ -264,14 +344,14 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(Route
     if (a.aux_coef > 0)
       for (int e = lane; e < E; e += kWarp) a.term[t * a.E + e] = sigmoidf_ref(z[e]) / ssum;
     auto score = [&](int e) { return sigmoidf_ref(z[e]) + (a.bias ? a.bias[e] : 0.f); };
-    float pv = INFINITY, sum = 0.f;
-    int pi = -1, my_e = 0;
+    float sum = 0.f;
+    int my_e = 0;
     int32_t* sel = a.selected + t * a.K;
+    auto top = warp_topk<kPer>(E, score);
     for (int k = 0; k < K; ++k) {
       float bv;
       int bi;
-      warp_next(E, score, pv, pi, bv, bi);
-      pv = bv, pi = bi;
+      top.next(E, bv, bi);
       if (lane == k % kWarp) {
         sel[k] = bi;
         if (k < kWarp) my_e = bi;
@@ -308,14 +388,14 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(Route
     for (int e = lane; e < E; e += kWarp) probs[e] = expf(h[e] - hm) / hs;  // statistics only
     // top K+1 of the noisy logits: the (K+1)-th is the load loss's threshold
     const int KK = min(K + 1, E);
-    float pv = INFINITY, top0 = 0.f, sum = 0.f, vK = 0.f, vK1 = 0.f;
-    int pi = -1, eK = 0, eK1 = 0, my_e = 0;
+    float top0 = 0.f, sum = 0.f, vK = 0.f, vK1 = 0.f;
+    int eK = 0, eK1 = 0, my_e = 0;
     int32_t* sel = a.selected + t * a.K;
+    auto top = warp_topk<kPer>(E, [&](int e) { return h[e]; });
     for (int k = 0; k < KK; ++k) {
       float bv;
       int bi;
-      warp_next(E, [&](int e) { return h[e]; }, pv, pi, bv, bi);
-      pv = bv, pi = bi;
+      top.next(E, bv, bi);
       if (k == 0) top0 = bv;
       if (k < K) {
         if (lane == k % kWarp) {
@@ -373,8 +453,12 @@ __global__ void route_ec_pick_kernel(RouteArgs a, const float* sorted_p, const i
 // (r, e) sums a contiguous run of chunk/rows tokens of column e, then row 0 adds the rows in
 // order -- short serial sums, and one partial row per 256 tokens, so that the single-block
 // finalize reads little (a first version with one row per 32 tokens spent 44 us there).
+__device__ void route_finalize(const RouteArgs& a, double* scratch);
+
 __global__ void __launch_bounds__(kPartialThreads) route_partial_kernel(RouteArgs a,
-                                                                        const float* mass_src) {
+                                                                        const float* mass_src,
+                                                                        double* scratch,
+                                                                        uint32_t* done) {
   extern __shared__ int32_t counts[];  // (E)
   __shared__ double rows_mass[kPartialThreads], rows_imp[kPartialThreads];
   const int E = static_cast<int>(a.E), K = static_cast<int>(a.K);
@@ -426,6 +510,17 @@ __global__ void __launch_bounds__(kPartialThreads) route_partial_kernel(RouteArg
     __syncthreads();
   }
   if (threadIdx.x == 0) out[3 * a.E] = rows_mass[0];
+
+  // The last block to finish sums every block's row (saves a one-block launch after this one).
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  route_finalize(a, scratch);
+  if (threadIdx.x == 0) *done = 0u;  // every block has counted: ready for the next launch
 }
 
 // Sum of column `col` of the partial rows [c0, c1), by the tpe consecutive lanes of a group: each
@@ -437,7 +532,7 @@ __device__ __forceinline__ double column_sum(const double* P, int64_t stride, in
   const int64_t b = c0 + min(n, sub * per), e = c0 + min(n, (sub + 1) * per);
   double v = 0;
 #pragma unroll 8
-  for (int64_t c = b; c < e; ++c) v += P[c * stride + col];
+  for (int64_t c = b; c < e; ++c) v += __ldcg(P + c * stride + col);  // other blocks' rows: L2
   for (int d = tpe / 2; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d, tpe);
   return v;
 }
@@ -475,8 +570,9 @@ __device__ double cv_squared(const double* v, int E, double scale, float* grad) 
   return var / den;
 }
 
-__global__ void __launch_bounds__(kFinalThreads) route_finalize_kernel(RouteArgs a,
-                                                                       double* scratch) {
+// Run by the last block of route_partial_kernel (kFinalThreads threads), after every block's
+// partial row is written.
+__device__ void route_finalize(const RouteArgs& a, double* scratch) {
   const int E = static_cast<int>(a.E);
   const int64_t cpg = a.L / a.chunk;  // chunks per group
   const int64_t chunks = a.T / a.chunk;
@@ -500,6 +596,10 @@ __global__ void __launch_bounds__(kFinalThreads) route_finalize_kernel(RouteArgs
         const double mass = column_sum(P, stride, a.E + ec, g * cpg, (g + 1) * cpg, tpe, sub);
         if (e < E && sub == 0) {
           a.group_counts[g * a.E + e] = static_cast<float>(cnt);
+          // d balance / d q_te for every token of group g: what route_backward adds per expert
+          a.d_balance[g * a.E + e] = static_cast<float>(
+              a.aux_coef * a.E * (double(static_cast<float>(cnt)) / double(a.L * a.K)) /
+              double(a.L) / a.groups);
           part += (cnt / double(a.L * a.K)) * (mass / double(a.L));
         }
       }
@@ -527,7 +627,7 @@ __global__ void __launch_bounds__(kFinalThreads) route_finalize_kernel(RouteArgs
   }
   if (a.z_coef > 0 && a.router != int(Router::sigmoid_bias)) {
     double z = 0;
-    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) z += P[c * stride + 3 * a.E];
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) z += __ldcg(P + c * stride + 3 * a.E);
     loss += a.z_coef * block_sum(z) / a.T;
   }
   if (threadIdx.x == 0) *a.aux_loss = loss;
@@ -560,12 +660,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_backward_kernel(B
   // balance loss: d/dq_te = coef * E * (count_ge / (L K)) / L / groups, the same for every token
   // of the group
   const bool balance = kFamily != kNoisy && a.K > 0 && a.aux_coef > 0;
-  auto dbalance = [&](int e) -> float {
-    return balance ? static_cast<float>(a.aux_coef * a.E *
-                                        (double(a.group_counts[g * a.E + e]) / double(a.L * a.K)) /
-                                        double(a.L) / a.groups)
-                   : 0.f;
-  };
+  auto dbalance = [&](int e) -> float { return balance ? a.d_balance[g * a.E + e] : 0.f; };
   const float zscale = static_cast<float>(a.z_coef * 2.0 / a.T);
   const bool zloss = a.z_coef > 0 && kFamily != kSigmoid;
 
@@ -725,6 +820,7 @@ RouteArgs make_args(const LayerConfig& cfg, int64_t step, const float* logits,
   a.noisy = b.noisy;
   a.term = b.term;
   a.group_counts = b.group_counts;
+  a.d_balance = b.d_balance;
   a.d_expert = b.d_expert;
   a.probs_t = b.probs_t;
   a.selected = b.selected;
@@ -753,15 +849,24 @@ void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
   const Family f = family_of(cfg.router);
   MOE_CHECK(f != kNoisy || noise_raw, "route_forward: noisy_topk needs noise_raw");
   const RouteArgs a = make_args(cfg, step, logits, noise_raw, expert_bias, out);
-  if (a.T == 0) {  // otherwise route_finalize_kernel writes it
+  if (a.T == 0) {  // otherwise route_finalize writes it
     MOE_CUDA_CHECK(cudaMemsetAsync(out.aux_loss, 0, sizeof(double), stream));
     return;
   }
   const unsigned blocks = token_blocks(a.T), threads = kWarp * kWarpsPerBlock;
+  // WarpTopK's registers per lane: the smallest of 1, 2, 4, 8 that holds E; past 256, none.
+  auto topk = [&](auto family) {
+    constexpr int F = decltype(family)::value;
+    if (a.E <= 32) route_topk_kernel<F, 1><<<blocks, threads, 0, stream>>>(a);
+    else if (a.E <= 64) route_topk_kernel<F, 2><<<blocks, threads, 0, stream>>>(a);
+    else if (a.E <= 128) route_topk_kernel<F, 4><<<blocks, threads, 0, stream>>>(a);
+    else if (a.E <= 256) route_topk_kernel<F, 8><<<blocks, threads, 0, stream>>>(a);
+    else route_topk_kernel<F, 0><<<blocks, threads, 0, stream>>>(a);
+  };
   switch (f) {
-    case kSoftmax: route_topk_kernel<kSoftmax><<<blocks, threads, 0, stream>>>(a); break;
-    case kSigmoid: route_topk_kernel<kSigmoid><<<blocks, threads, 0, stream>>>(a); break;
-    case kNoisy: route_topk_kernel<kNoisy><<<blocks, threads, 0, stream>>>(a); break;
+    case kSoftmax: topk(std::integral_constant<int, kSoftmax>{}); break;
+    case kSigmoid: topk(std::integral_constant<int, kSigmoid>{}); break;
+    case kNoisy: topk(std::integral_constant<int, kNoisy>{}); break;
   }
   MOE_CUDA_LAUNCH_CHECK();
 
@@ -787,10 +892,9 @@ void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
   const bool need_mass = (f == kSoftmax && a.K > 0 && a.aux_coef > 0) ||
                          (f == kSigmoid && a.aux_coef > 0) ||
                          (f == kNoisy && cfg.training && a.K < a.E);
+  static_assert(kPartialThreads == kFinalThreads, "the last partial block runs route_finalize");
   route_partial_kernel<<<unsigned(out.chunks), kPartialThreads, a.E * sizeof(int32_t), stream>>>(
-      a, need_mass ? mass : nullptr);
-  MOE_CUDA_LAUNCH_CHECK();
-  route_finalize_kernel<<<1, kFinalThreads, 0, stream>>>(a, out.expert_sums);
+      a, need_mass ? mass : nullptr, out.expert_sums, out.done);
   MOE_CUDA_LAUNCH_CHECK();
 }
 

@@ -218,6 +218,55 @@ INSTANTIATE_TEST_SUITE_P(
         GroupedEcCase{"b8_g64_e1", 8, 64, 1, 1.0}),
     [](const auto& info) { return info.param.name; });
 
+// ---- top-k on exact ties: logits from a few values (many tokens have equal logits, and -0 next
+// to +0), every register width of the selection (E up to 32, 64, 128, 256) and the streaming one
+// past 256, against the CPU router. The gate is the identity (H = E), so the CPU's logits are the
+// GPU's input bits except that -0 becomes +0 there (0 * w terms): the order (score desc, expert
+// asc) must not tell them apart.
+TEST(RouteTopK, PicksTheCpuRoutersExpertsOnExactTies) {
+  MOE_REQUIRE_GPU();
+  const float kValues[] = {-2.f, -1.f, -0.f, 0.f, 0.5f, 1.f, 3.f};
+  for (Router router : {Router::softmax_topk, Router::sigmoid_bias})
+    for (int64_t E : {5, 32, 33, 64, 100, 128, 129, 256, 300})
+      for (int64_t K : {1, 2, 8}) {
+        if (K > E) continue;
+        LayerConfig cfg;
+        cfg.router = router;
+        cfg.tokens = 96;
+        cfg.hidden = E;
+        cfg.experts = E;
+        cfg.top_k = K;
+        cfg.validate();
+        const int64_t T = cfg.tokens;
+        std::vector<float> logits(static_cast<size_t>(T * E));
+        uint64_t state = 0x9e3779b97f4a7c15ull ^ uint64_t(E * 131 + K);
+        for (float& v : logits) {
+          state = state * 6364136223846793005ull + 1442695040888963407ull;
+          v = kValues[(state >> 33) % 7];
+        }
+        Params<float> p;
+        p.w_gate.assign(static_cast<size_t>(E * E), 0.f);
+        for (int64_t e = 0; e < E; ++e) p.w_gate[e * E + e] = 1.f;
+        if (router == Router::sigmoid_bias) p.expert_bias.assign(static_cast<size_t>(E), 0.f);
+        RouteStep<float> ref;
+        cpu::route_forward(cfg, p, 0, logits.data(), ref, nullptr);
+
+        cuda::RouteBuffers buf(cfg);
+        DeviceArray<float> d_logits(logits);
+        MOE_CUDA_CHECK(cudaMemset(buf.routing.arena.data(), 0x7b, buf.routing.arena.bytes()));
+        cuda::route_forward(cfg, 0, d_logits.get(), nullptr, nullptr, buf, nullptr);
+        const Routing<float> r = cuda::download_routing(buf.routing.view(), nullptr);
+        const std::string what = std::string(name(router)) + " E=" + std::to_string(E) +
+                                 " K=" + std::to_string(K);
+        ASSERT_EQ(r.size(), T * K) << what;
+        EXPECT_TRUE(equal("choice_expert", r.choice_expert, ref.routing.choice_expert)) << what;
+        EXPECT_TRUE(equal("choice_token", r.choice_token, ref.routing.choice_token)) << what;
+        const std::vector<double> want(ref.routing.choice_weight.begin(),
+                                       ref.routing.choice_weight.end());
+        EXPECT_TRUE(close("choice_weight", r.choice_weight, want, 1e-7, 1e-5)) << what;
+      }
+}
+
 // Group capacity: the config's capacity for B = T / G tokens (no GPU needed).
 TEST(RouteExpertChoiceGroupsConfig, CapacityIsThatOfOneGroupAndGroupsMustDivideTokens) {
   LayerConfig cfg;

@@ -43,8 +43,8 @@ struct PlanShape {
     return choices;
   }
   // Priority order is cut into chunks of chunk_size choices (a multiple of 32), one warp each;
-  // chunk_size grows with N so that the column scan over chunks stays short (at most kMaxChunks
-  // serial steps) while small N still gets several chunks in parallel.
+  // chunk_size grows with N so that a column scan over chunks stays short (a warp per column, at
+  // most kMaxChunks / 32 chunks per lane) while small N still gets several chunks in parallel.
   MOE_PLAN_HD int64_t chunk_size() const {
     const int64_t want = ((choices + kMaxChunks - 1) / kMaxChunks + 31) / 32 * 32;
     return want > kMinChunk ? want : kMinChunk;
@@ -54,8 +54,8 @@ struct PlanShape {
     return g > 1 ? g : 1;
   }
   void validate() const;  // throws ConfigError naming the field
-  static constexpr int64_t kMaxChunks = 256;
-  static constexpr int64_t kMinChunk = 256;
+  static constexpr int64_t kMaxChunks = 1024;
+  static constexpr int64_t kMinChunk = 128;
 };
 
 // Device pointers of one plan; passed to kernels by value. All indices are int32 (the config
@@ -78,6 +78,8 @@ struct PlanView {
   int32_t* chunk_base = nullptr;     // (G, E+1) per-chunk expert counts, then per-chunk bases;
                                      //          column E counts kNoExpert choices
   uint32_t* token_mask = nullptr;    // (T, ceil(E/32)) expert choice: bit e of token t = e took t
+  uint32_t* scan_done = nullptr;     // (1) plan_scan blocks finished (0 between calls; one
+                                     //     plan_forward at a time per PlanBuffers)
 };
 
 // Owns one arena with every PlanView array; sized once for a PlanShape.

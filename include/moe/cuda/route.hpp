@@ -71,9 +71,13 @@ struct RouteBuffers {
                                //        sigmoid_bias q = s / sum(s); noisy_topk Phi((c-thr)/sigma)
   double* partial = nullptr;   // (chunks, 3E + 1) per-chunk sums: counts, mass, importance, lse^2
   float* group_counts = nullptr;  // (groups, E) top-k counts per balance group
+  float* d_balance = nullptr;  // (groups, E) d balance loss / d q_te, the same for every token t
+                               //     of a group (computed once, in the forward's loss sums)
   float* d_expert = nullptr;   // (2, E) noisy_topk: d aux / d importance_e, d aux / d load_e
   double* aux_loss = nullptr;  // (1) this step's auxiliary loss (z-loss + balance or Shazeer's)
   double* expert_sums = nullptr;  // (2, E) noisy_topk: importance and load per expert
+  uint32_t* done = nullptr;    // (1) blocks of the forward's loss sums finished (0 between calls;
+                               //     one route_forward at a time per RouteBuffers)
   // expert choice
   int64_t ec_groups = 1;       // G: token t ranks within group t % G
   int64_t ec_capacity = 0;     // C per group (ec_group_capacity); N = E*G*C

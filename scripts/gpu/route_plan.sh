@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU visits for the router's top-k in registers and the plan's parallel column scan (issue 4:
+# the small stages of the forward), from the repository root on the GPU machine with RUN staged
+# by scripts/gpu/stage_run.sh and unpacked (source scripts/gpu/unpack_run.sh RUN):
+#   OUT=/some/dir bash scripts/gpu/route_plan.sh RUN check    (about 5 minutes)
+#   OUT=/some/dir bash scripts/gpu/route_plan.sh RUN rounds   (about 5 minutes)
+# check:  every GPU test; compute-sanitizer memcheck and racecheck on the route, plan and layer
+#         parity tests (small cases: the ticket counters and the register top-k); the kernel
+#         table of the Qwen3 layer under ncu (scripts/gpu/profile_layer.sh).
+# rounds: scripts/gpu/layer_rounds.sh (ours and the PyTorch peer alternating per configuration)
+#         without its tests; CONFIGS as there, default the issue's six.
+# Each mode packs its logs into logs_<mode>.tar.gz (a visit brings back at most 8 files).
+set -uo pipefail
+RUN=${1:?run folder}
+MODE=${2:?check or rounds}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PATH="/usr/local/cuda/bin:$PATH"
+status=0
+step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+if [[ $MODE == check ]]; then
+  step "GPU tests (all)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+  timeout 280 "$RUN/moe_cuda_tests" >"$OUT/tests.log" 2>&1 || status=1
+  grep -E "^\[  (PASSED|FAILED) |^\[  FAILED|tests ran" "$OUT/tests.log" | head -20
+  grep -B3 -A15 "Failure" "$OUT/tests.log" | head -60
+
+  step "compute-sanitizer on route, plan and layer parity (small cases)"
+  filter='*RouteTopK*:*RouteParity*:*RouteDeterminism*:*PlanParity*:*PlanExpertChoice*'
+  filter+=':*LayerParity*e6*'
+  for tool in memcheck racecheck; do
+    MOE_TEST_SMALL=1 timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 \
+      "$RUN/moe_cuda_tests" --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
+    echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
+    grep -E "ERROR SUMMARY|tests ran|^\[  (PASSED|FAILED)" "$OUT/sanitizer.log" | tail -n 3
+  done
+
+  step "kernel table (ncu)"
+  CONFIGS=${PROFILE_CONFIGS:-qwen3} LAUNCHES=${LAUNCHES:-1800} OUT=$OUT \
+    bash scripts/gpu/profile_layer.sh "$RUN" >"$OUT/profile.log" 2>&1 || status=1
+  grep -E "route|plan_|prepare|permute|gather_sum|gate|nvjet|combine" "$OUT"/kernel_table_*.txt
+  (cd "$OUT" && tar -czf logs_check.tar.gz --remove-files tests.log sanitizer.log profile.log \
+    $(ls logs.tar.gz 2>/dev/null))
+elif [[ $MODE == rounds ]]; then
+  CONFIGS=${CONFIGS:-"olmoe qwen3 qwen3_32k mixtral brief_small decode"} TEST_FILTER='-*' \
+    OUT=$OUT bash scripts/gpu/layer_rounds.sh "$RUN" || status=1
+  (cd "$OUT" && tar -czf logs_rounds.tar.gz --remove-files tests.log peer_layer.log)
+else
+  echo "route_plan.sh: mode must be check or rounds, got '$MODE'" >&2
+  exit 2
+fi
+exit $status
