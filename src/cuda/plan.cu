@@ -2,7 +2,7 @@
 // Routing -> DispatchPlan on the device, matching src/cpu/plan.cpp bit for bit.
 //
 //   kernel 1  plan_count    one warp per chunk of priority order: per-chunk expert histogram
-//   kernel 2  plan_scan     one warp per expert column: scan over chunks (chunk bases), counts,
+//   kernel 2  plan_scan     one warp per expert: scan over its chunks (chunk bases), counts,
 //                           kept; the last block to finish (a ticket counter) scans the segment
 //                           lengths over experts (offsets), M, drops
 //   kernel 3  plan_scatter  one warp per chunk: stable ranks by __match_any_sync -> rows;
@@ -62,16 +62,13 @@ PlanBuffers::PlanBuffers(const PlanShape& s) {
                         {"token_choices", N * 4, p(view_.token_choices)},
                         {"choice_row", N * 4, p(view_.choice_row)},
                         {"chunk_base", G * (E + 1) * 4, p(view_.chunk_base)},
-                        {"token_mask", ec ? T * words * 4 : 0, p(view_.token_mask)},
-                        {"scan_done", 4, p(view_.scan_done)}});
+                        {"token_mask", ec ? T * words * 4 : 0, p(view_.token_mask)}});
+  counters_ = DeviceArena({{"scan_done", 4, p(view_.scan_done)}});
   MOE_CUDA_CHECK(cudaMemset(view_.scan_done, 0, sizeof(uint32_t)));
 }
 
 void PlanBuffers::poison(cudaStream_t stream, int byte) const {
-  if (!arena_.bytes()) return;
-  MOE_CUDA_CHECK(cudaMemsetAsync(arena_.data(), byte, arena_.bytes(), stream));
-  // not an output: plan_scan's ticket counter must read 0 at its launch
-  MOE_CUDA_CHECK(cudaMemsetAsync(view_.scan_done, 0, sizeof(uint32_t), stream));
+  if (arena_.bytes()) MOE_CUDA_CHECK(cudaMemsetAsync(arena_.data(), byte, arena_.bytes(), stream));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -125,8 +122,8 @@ __global__ void plan_count_kernel(RoutingView routing, PlanView plan) {
     }
   }
   __syncwarp();
-  int32_t* out = plan.chunk_base + blockIdx.x * (E + 1);  // (E+1) row of this chunk
-  for (int e = lane; e <= E; e += kWarp) out[e] = hist[e];
+  const int64_t G = gridDim.x;  // chunk_base is expert-major: a column of this chunk
+  for (int e = lane; e <= E; e += kWarp) plan.chunk_base[e * G + blockIdx.x] = hist[e];
 }
 
 // Exclusive scan of `v` over the whole block (blockDim.x == kScanThreads); returns the prefix of
@@ -158,42 +155,41 @@ __device__ int32_t block_exclusive_scan(int32_t v, int32_t* total) {
   return before + incl - v;
 }
 
-// Block b, warp w: expert column e = kScanWarps b + w of chunk_base (e = E: kNoExpert). Lane l
-// holds a contiguous run of chunks in registers; a shuffle scan offsets the runs, so chunk_base[g][e]
-// becomes the number of expert-e choices in chunks before g (the first rank chunk g hands out).
-// Then counts and kept (column E: the choices skipped by policy). The last block to finish scans
-// the segment lengths over experts into offsets, and sums the drops.
+// Block b, warp w: expert e = kScanWarps b + w (e = E: kNoExpert), whose G chunk counts are one
+// contiguous row of chunk_base. The warp walks the row 32 chunks at a time (coalesced), each
+// slice's loads issued before any scan; a shuffle scan per slice plus the running total turns
+// chunk_base[e][g] into the number of expert-e choices in chunks before g (the first rank chunk g
+// hands out). Then counts and kept (e = E: the choices skipped by policy). The last block to
+// finish scans the segment lengths over experts into offsets, and sums the drops.
 __global__ void __launch_bounds__(kScanThreads) plan_scan_kernel(PlanView plan) {
   const auto& s = plan.shape;
   const int E = static_cast<int>(s.experts);
   const int G = static_cast<int>(s.chunks());
   const int lane = threadIdx.x % kWarp;
   const int e = blockIdx.x * kScanWarps + static_cast<int>(threadIdx.x) / kWarp;
-  if (e <= E) {  // whole warps: E + 1 columns, one warp each
-    int32_t* col = plan.chunk_base + e;
-    const int per = (G + kWarp - 1) / kWarp;  // <= kRunMax
-    const int g0 = min(G, lane * per), g1 = min(G, g0 + per);
+  if (e <= E) {  // whole warps: E + 1 rows, one warp each
+    int32_t* row = plan.chunk_base + int64_t{e} * G;
     int32_t v[kRunMax];
-    int32_t mine = 0;
 #pragma unroll
     for (int i = 0; i < kRunMax; ++i) {
-      v[i] = g0 + i < g1 ? col[int64_t{g0 + i} * (E + 1)] : 0;
-      mine += v[i];
+      const int g = i * kWarp + lane;
+      v[i] = g < G ? row[g] : 0;
     }
-    int32_t incl = mine;
+    int32_t base = 0;
 #pragma unroll
-    for (int d = 1; d < kWarp; d *= 2) {
-      const int32_t n = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += n;
-    }
-    const int32_t total = __shfl_sync(0xffffffffu, incl, kWarp - 1);
-    int32_t run = incl - mine;
+    for (int i = 0; i < kRunMax; ++i) {
+      if (i * kWarp >= G) break;  // warp-uniform
+      int32_t incl = v[i];
 #pragma unroll
-    for (int i = 0; i < kRunMax; ++i)
-      if (g0 + i < g1) {
-        col[int64_t{g0 + i} * (E + 1)] = run;
-        run += v[i];
+      for (int d = 1; d < kWarp; d *= 2) {
+        const int32_t n = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += n;
       }
+      const int g = i * kWarp + lane;
+      if (g < G) row[g] = base + incl - v[i];
+      base += __shfl_sync(0xffffffffu, incl, kWarp - 1);
+    }
+    const int32_t total = base;
     if (lane == 0) {
       if (e == E) {
         plan.drops[1] = total;  // skipped by policy
@@ -261,7 +257,7 @@ __global__ void plan_scatter_kernel(RoutingView routing, PlanView plan) {
   int32_t* kept = tables + E;
   int32_t* start = tables + 2 * E;
   for (int e = lane; e < E; e += kWarp) {
-    next_rank[e] = plan.chunk_base[g * (E + 1) + e];
+    next_rank[e] = plan.chunk_base[int64_t{e} * G + g];
     kept[e] = plan.kept[e];
     start[e] = plan.offsets[e];
   }

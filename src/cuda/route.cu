@@ -118,8 +118,8 @@ RouteBuffers::RouteBuffers(const LayerConfig& cfg, int64_t position_groups) {
       {"sorted_t", ec ? te * 4 : 0, p(sorted_t)},
       {"seg", ec ? size_t(E * G + 1) * 4 : 0, p(seg)},
       {"sort_temp", sort_temp_bytes, &sort_temp},
-      {"done", 4, p(done)},
   });
+  counters = DeviceArena({{"done", 4, p(done)}});
   MOE_CUDA_CHECK(cudaMemset(done, 0, sizeof(uint32_t)));  // route_partial_kernel's ticket counter
 }
 
@@ -530,9 +530,17 @@ __device__ __forceinline__ double column_sum(const double* P, int64_t stride, in
                                              int64_t c0, int64_t c1, int tpe, int sub) {
   const int64_t n = c1 - c0, per = (n + tpe - 1) / tpe;
   const int64_t b = c0 + min(n, sub * per), e = c0 + min(n, (sub + 1) * per);
+  // Other blocks' rows, read from L2 (ld.cg); each batch's loads are issued before its sum.
+  constexpr int kBatch = 8;
   double v = 0;
-#pragma unroll 8
-  for (int64_t c = b; c < e; ++c) v += __ldcg(P + c * stride + col);  // other blocks' rows: L2
+  for (int64_t c0 = b; c0 < e; c0 += kBatch) {
+    double x[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) x[i] = c0 + i < e ? __ldcg(P + (c0 + i) * stride + col) : 0.0;
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i)
+      if (c0 + i < e) v += x[i];
+  }
   for (int d = tpe / 2; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d, tpe);
   return v;
 }

@@ -75,11 +75,12 @@ struct PlanView {
   int32_t* token_choices = nullptr;  // (N) ... and the choice indices
   int32_t* choice_row = nullptr;     // (N) row of each choice, or kDropped
   // scratch
-  int32_t* chunk_base = nullptr;     // (G, E+1) per-chunk expert counts, then per-chunk bases;
+  int32_t* chunk_base = nullptr;     // (E+1, G) per-chunk expert counts, then per-chunk bases;
                                      //          column E counts kNoExpert choices
   uint32_t* token_mask = nullptr;    // (T, ceil(E/32)) expert choice: bit e of token t = e took t
   uint32_t* scan_done = nullptr;     // (1) plan_scan blocks finished (0 between calls; one
-                                     //     plan_forward at a time per PlanBuffers)
+                                     //     plan_forward at a time per PlanBuffers); not in the
+                                     //     arena, so poison() leaves it
 };
 
 // Owns one arena with every PlanView array; sized once for a PlanShape.
@@ -97,6 +98,7 @@ class PlanBuffers {
  private:
   PlanView view_;
   DeviceArena arena_;
+  DeviceArena counters_;  // scan_done
 };
 
 // Build the plan of `routing` into `plan` (shapes must agree). Asynchronous on `stream`.

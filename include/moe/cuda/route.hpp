@@ -77,7 +77,7 @@ struct RouteBuffers {
   double* aux_loss = nullptr;  // (1) this step's auxiliary loss (z-loss + balance or Shazeer's)
   double* expert_sums = nullptr;  // (2, E) noisy_topk: importance and load per expert
   uint32_t* done = nullptr;    // (1) blocks of the forward's loss sums finished (0 between calls;
-                               //     one route_forward at a time per RouteBuffers)
+                               //     one route_forward at a time per RouteBuffers); in `counters`
   // expert choice
   int64_t ec_groups = 1;       // G: token t ranks within group t % G
   int64_t ec_capacity = 0;     // C per group (ec_group_capacity); N = E*G*C
@@ -89,6 +89,9 @@ struct RouteBuffers {
   void* sort_temp = nullptr;
   size_t sort_temp_bytes = 0;
   DeviceArena arena;
+  // The kernels' own synchronisation state, apart from `arena` so that poisoning every output
+  // (tests) leaves it alone.
+  DeviceArena counters;
 
   RouteBuffers() = default;
   // cfg validated by the caller; position_groups (G) > 1 only for expert_choice, dividing
