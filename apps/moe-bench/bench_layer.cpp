@@ -31,18 +31,18 @@
 // kLayerGateUp below; w_up converted once before timing, as a model keeps its parameters).
 // Forwards are timed for the training layer (forward_*: it keeps xp, pre and act for the
 // backward) and for inference layers (built without backward: the counterpart of the peer's
-// no_grad forward; no pre is written): inference_* with the layers' experts stage, and two
-// for comparison, the same gathering x's rows in the up-projection (no permute, no xp:
-// inference_fused_gathered_*) and the unfused grouped path on split w_up (inference_permuted_*,
-// the previous headline).
+// no_grad forward; no pre is written): inference_* with the layers' experts stage and
+// RowSource::automatic (inference_rows: gathered or permuted, by the shape), and two for
+// comparison, the same with the other row source (inference_other_rows_*) and the unfused
+// grouped path on split w_up (inference_permuted_*, the first headline).
 // Order: the headline numbers first, in the peer's order (inference forward, training forward,
 // forward+backward accumulating, then fresh), then the diagnostics (stage and step times), then
 // the dense pair: the card is power-limited under long GEMM-heavy stretches
 // (its SM clock drops from 1980 to 1250-1750 MHz at 700 W), so whatever runs later reads slower.
 // The dense pair is timed once after the layers (dense_equiv_*), and then in 6 rounds with the
-// inference forward and its gathered variant, the three in a rotating order (rounds_*): each
-// round's ratios see the same clocks on all sides, and their medians
-// (inference_fraction_of_dense_rounds_median, gathered_over_inference_rounds_median) are the
+// inference forward and its other-row-source variant, the three in a rotating order (rounds_*):
+// each round's ratios see the same clocks on all sides, and their medians
+// (inference_fraction_of_dense_rounds_median, other_rows_over_inference_rounds_median) are the
 // numbers to quote.
 // Inputs, weights and gradients are not counted (the PyTorch peer reports its peak over the same
 // baseline: inputs and parameters allocated before).
@@ -258,9 +258,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   // card reaches its power limit and lowers its clocks (layer_rounds.sh samples them), so a
   // number timed after more heavy work reads slower. Inference as the peer's forward under
   // torch.no_grad(): a layer built without backward. The headline is kInference (the layers'
-  // experts stage, rows permuted: the default; no pre written); right after it the same with
-  // the up-projection gathering x's rows (no permute, no xp) and the unfused grouped path on
-  // split w_up, for comparison.
+  // experts stage, no pre written, rows as RowSource::automatic picks for the shape); right after
+  // it the same with the other row source and the unfused grouped path on split w_up, for
+  // comparison.
   struct Inference {
     const char* name;
     moe::cuda::ExpertsBackend backend;
@@ -270,10 +270,15 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     size_t bytes = 0;
     std::vector<double> stage_ms;
   };
-  enum { kInference, kGathered, kUnfused };
+  enum { kInference, kOther, kUnfused };
+  const moe::cuda::RowSource rows = moe::cuda::resolve_rows(
+      cfg, kLayerBackend, /*backward=*/false, moe::cuda::RowSource::automatic);
+  const moe::cuda::RowSource other_rows = rows == moe::cuda::RowSource::gathered
+                                              ? moe::cuda::RowSource::permuted
+                                              : moe::cuda::RowSource::gathered;
   Inference variants[3] = {
-      {"fused", kLayerBackend, kLayerGateUp, moe::cuda::RowSource::permuted, 0, 0, {}},
-      {"fused, gathered", kLayerBackend, kLayerGateUp, moe::cuda::RowSource::gathered, 0, 0, {}},
+      {"fused", kLayerBackend, kLayerGateUp, rows, 0, 0, {}},
+      {"fused, other rows", kLayerBackend, kLayerGateUp, other_rows, 0, 0, {}},
       {"unfused", moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
        moe::cuda::RowSource::permuted, 0, 0, {}}};
   auto time_inference = [&](int v, bool total, bool stages) {
@@ -287,7 +292,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     if (stages) inf.stage_ms = forward_stage_times(infer, x, w, y, o, stream);
   };
   time_inference(kInference, /*total=*/true, /*stages=*/false);
-  time_inference(kGathered, /*total=*/true, /*stages=*/false);
+  time_inference(kOther, /*total=*/true, /*stages=*/false);
   time_inference(kUnfused, /*total=*/true, /*stages=*/false);
 
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
@@ -371,7 +376,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
   // The inference layers' stages.
   time_inference(kInference, /*total=*/false, /*stages=*/true);
-  time_inference(kGathered, /*total=*/false, /*stages=*/true);
+  time_inference(kOther, /*total=*/false, /*stages=*/true);
   time_inference(kUnfused, /*total=*/false, /*stages=*/true);
   const Inference& inf = variants[kInference];
   const double infer_ms = inf.ms;
@@ -380,7 +385,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
   // dense equivalent: (T*K, H) x (H, 2I), then (T*K, I) x (I, H)
   double dense_ms = 0;
-  std::vector<double> round_fwd, round_gathered, round_dense;
+  std::vector<double> round_fwd, round_other, round_dense;
   {
     const int64_t M = T * K;
     bf16* a = dev_alloc<bf16>(M * std::max(H, I));
@@ -400,15 +405,15 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     // kRounds rounds, each round in the next rotation of that order (a loop's position moves
     // its time: see the header), and each round gives its own ratios.
     constexpr int kRounds = 6;
-    const Inference& gat = variants[kGathered];
+    const Inference& oth = variants[kOther];
     moe::cuda::Layer infer(cfg, inf.backend, inf.gate_up, /*backward=*/false, /*groups=*/1, cublas,
                            inf.rows);
-    moe::cuda::Layer infer_gathered(cfg, gat.backend, gat.gate_up, /*backward=*/false,
-                                    /*groups=*/1, cublas, gat.rows);
+    moe::cuda::Layer infer_other(cfg, oth.backend, oth.gate_up, /*backward=*/false,
+                                 /*groups=*/1, cublas, oth.rows);
     const moe::cuda::LayerWeights w{
         wg, inf.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr};
-    const moe::cuda::LayerWeights wgat{
-        wg, gat.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr};
+    const moe::cuda::LayerWeights woth{
+        wg, oth.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr};
     for (int r = 0; r < kRounds; ++r) {
       double t[3] = {0, 0, 0};
       for (int i = 0; i < 3; ++i) {
@@ -417,12 +422,12 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
           t[0] = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
         else if (which == 1)
           t[1] = time_median(o.warmup, o.reps, stream,
-                             [&] { infer_gathered.forward(x, wgat, y, stream); });
+                             [&] { infer_other.forward(x, woth, y, stream); });
         else
           t[2] = time_median(o.warmup, o.reps, stream, dense_pair);
       }
       round_fwd.push_back(t[0]);
-      round_gathered.push_back(t[1]);
+      round_other.push_back(t[1]);
       round_dense.push_back(t[2]);
     }
     MOE_CUBLAS_CHECK(cublasDestroy(h));
@@ -477,17 +482,18 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["inference_fraction_of_dense"] = dense_ms / infer_ms;
   j["inference_over_weight_floor"] = infer_ms / floor_ms;
   j["inference_layer_bytes"] = infer_bytes;
-  j["inference_rows"] = "permuted";
+  j["inference_rows"] = moe::cuda::name(rows);
+  j["inference_other_rows"] = moe::cuda::name(other_rows);
   j["inference_experts"] = "grouped_fused, gate_up blocked, no pre";
   j["inference_permuted_ms"] = variants[kUnfused].ms;  // the unfused grouped path, split w_up
-  j["inference_fused_gathered_ms"] = variants[kGathered].ms;
+  j["inference_other_rows_ms"] = variants[kOther].ms;
   j["inference_permuted_layer_bytes"] = variants[kUnfused].bytes;
-  j["inference_fused_gathered_layer_bytes"] = variants[kGathered].bytes;
-  for (int v : {kGathered, kUnfused}) {
+  j["inference_other_rows_layer_bytes"] = variants[kOther].bytes;
+  for (int v : {kOther, kUnfused}) {
     json vst = json::object();
     for (int i = 0; i < int(variants[v].stage_ms.size()); ++i)
       vst[moe::cuda::name(moe::cuda::LayerStage(i))] = variants[v].stage_ms[i];
-    j[v == kGathered ? "inference_fused_gathered_stage_ms" : "inference_permuted_stage_ms"] = vst;
+    j[v == kOther ? "inference_other_rows_stage_ms" : "inference_permuted_stage_ms"] = vst;
   }
   json bst = json::object();
   for (int i = 0; i < int(backward_stage_ms.size()); ++i)
@@ -507,12 +513,12 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["rounds_fwd_bwd_bf16_grads_ms"] = bf16_rounds;
   std::vector<double> round_ratio;
   for (size_t r = 0; r < round_fwd.size(); ++r) round_ratio.push_back(round_dense[r] / round_fwd[r]);
-  std::vector<double> gathered_ratio;
-  for (size_t r = 0; r < round_fwd.size(); ++r) gathered_ratio.push_back(round_gathered[r] / round_fwd[r]);
+  std::vector<double> other_ratio;
+  for (size_t r = 0; r < round_fwd.size(); ++r) other_ratio.push_back(round_other[r] / round_fwd[r]);
   j["rounds_inference_ms"] = round_fwd;
-  j["rounds_inference_fused_gathered_ms"] = round_gathered;
-  j["rounds_gathered_over_inference"] = gathered_ratio;
-  j["gathered_over_inference_rounds_median"] = median(gathered_ratio);
+  j["rounds_inference_other_rows_ms"] = round_other;
+  j["rounds_other_rows_over_inference"] = other_ratio;
+  j["other_rows_over_inference_rounds_median"] = median(other_ratio);
   j["rounds_dense_equiv_ms"] = round_dense;
   j["rounds_fraction_of_dense"] = round_ratio;
   j["inference_fraction_of_dense_rounds_median"] = median(round_ratio);
@@ -531,9 +537,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["timing_note"] =
       "forward_* / fwd_bwd_*: the training layer (grouped_fused, w_up pairs blocked; saves xp, "
       "pre, act for the backward); inference_*: a layer built without backward (the same experts "
-      "stage, no pre written, rows permuted), timed first; then inference_fused_gathered_ms (the "
-      "same with x's rows gathered by the up-projection: no permute, no xp) and "
-      "inference_permuted_ms (the unfused grouped path on split w_up)";
+      "stage, no pre written, rows as inference_rows: gathered by the up-projection (no permute, "
+      "no xp) or permuted), timed first; then inference_other_rows_ms (the same with the other "
+      "row source) and inference_permuted_ms (the unfused grouped path on split w_up)";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
@@ -552,15 +558,15 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
              touched, copy_gbs, fwd_ms / floor_ms);
   for (int i = 0; i < int(stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);
-  fmt::print(stderr, "\n  inference (fused, blocked w_up): {:.3f} ms ({:.0f}% of dense, {:.2f}x the "
-             "floor), layer {:.2f} GiB; rows gathered {:.3f} ms ({:.2f} GiB), unfused {:.3f} ms\n"
-             "  stages:",
-             infer_ms, 100 * dense_ms / infer_ms, infer_ms / floor_ms,
-             infer_bytes / double(1 << 30), variants[kGathered].ms,
-             variants[kGathered].bytes / double(1 << 30), variants[kUnfused].ms);
+  fmt::print(stderr, "\n  inference (fused, blocked w_up, rows {}): {:.3f} ms ({:.0f}% of dense, "
+             "{:.2f}x the floor), layer {:.2f} GiB; rows {} {:.3f} ms ({:.2f} GiB), unfused {:.3f} "
+             "ms\n  stages:",
+             moe::cuda::name(rows), infer_ms, 100 * dense_ms / infer_ms, infer_ms / floor_ms,
+             infer_bytes / double(1 << 30), moe::cuda::name(other_rows), variants[kOther].ms,
+             variants[kOther].bytes / double(1 << 30), variants[kUnfused].ms);
   for (int i = 0; i < int(infer_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), infer_stage_ms[i]);
-  for (int v : {kGathered, kUnfused}) {
+  for (int v : {kOther, kUnfused}) {
     fmt::print(stderr, "\n  {} inference stages:", variants[v].name);
     for (int i = 0; i < int(variants[v].stage_ms.size()); ++i)
       fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)),
@@ -574,11 +580,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   for (int i = 0; i < int(experts_step_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::ExpertsBackwardStep(i)),
                experts_step_ms[i]);
-  fmt::print(stderr, "\n  rounds (inference fwd / gathered / dense pair, ms):");
+  fmt::print(stderr, "\n  rounds (inference fwd / other rows / dense pair, ms):");
   for (size_t r = 0; r < round_fwd.size(); ++r)
-    fmt::print(stderr, " {:.3f}/{:.3f}/{:.3f}", round_fwd[r], round_gathered[r], round_dense[r]);
-  fmt::print(stderr, " -> median share of dense {:.1f}%, gathered/inference {:.3f}\n",
-             100 * median(round_ratio), median(gathered_ratio));
+    fmt::print(stderr, " {:.3f}/{:.3f}/{:.3f}", round_fwd[r], round_other[r], round_dense[r]);
+  fmt::print(stderr, " -> median share of dense {:.1f}%, other rows / inference {:.3f}\n",
+             100 * median(round_ratio), median(other_ratio));
 }
 
 }  // namespace

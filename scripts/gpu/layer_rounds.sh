@@ -68,7 +68,7 @@ for l in open(sys.argv[2]):
     d = json.loads(l); peer[d["config"]].append(d)
 print(f"{'config':<12} {'fwd ms (rounds)':>17} {'peer fwd':>17} {'fwd x peer':>11} "
       f"{'%dense':>6} {'fwd+bwd fresh x peer':>21} {'bf16 dW x peer':>15} {'mem/peer':>8} "
-      f"{'gathered/fwd':>12}")
+      f"{'other rows/fwd':>22}")
 for c in ours:
     o, p = ours[c], peer[c]
     n = min(len(o), len(p))
@@ -82,7 +82,8 @@ for c in ours:
     print(f"{c:<12} {ms([d['inference_ms'] for d in o]):>17} "
           f"{ms([d['forward_ms'] for d in p]):>17} {ms(fx, '%.2f'):>11} {100 * dense:6.1f} "
           f"{ms(bx, '%.2f'):>21} {ms(b16, '%.2f'):>15} {100 * mem:7.0f}% "
-          f"{ms([d.get('gathered_over_inference_rounds_median', float('nan')) for d in o]):>12}")
+          f"{o[0].get('inference_rows', 'permuted')[:1]}:"
+          f"{ms([d.get('other_rows_over_inference_rounds_median', float('nan')) for d in o]):>20}")
 print()
 for c in ours:
     d = ours[c][0]

@@ -81,11 +81,10 @@ bool keeps_pre(ExpertsBackend backend, bool backward) {
 }
 
 // Whether the up-projection gathers x's rows itself (no permute pass, no xp): only without a
-// backward (dw_up = xp^T dpre reads xp as contiguous rows) and with a grouped backend. Not the
-// default: on an H100 the cp.async-fed gathered GEMM loses more than the permute pass costs at
-// OLMoE, the brief's small shape and Mixtral and wins 1-3 % at Qwen3
-// (results/h100-80gb-hbm3/layer/gather_b8adba3).
-bool gathers(ExpertsBackend backend, bool backward, RowSource rows) {
+// backward (dw_up = xp^T dpre reads xp as contiguous rows) and with a grouped backend; see
+// RowSource for when it pays.
+bool gathers(const LayerConfig& cfg, ExpertsBackend backend, bool backward, RowSource rows) {
+  rows = resolve_rows(cfg, backend, backward, rows);
   MOE_CHECK(rows != RowSource::gathered ||
                 (!backward && (backend == ExpertsBackend::grouped ||
                                backend == ExpertsBackend::grouped_fused)),
@@ -113,6 +112,26 @@ void widen(const bf16* in, int64_t n, float* out, cudaStream_t stream) {
 
 }  // namespace
 
+RowSource resolve_rows(const LayerConfig& cfg, ExpertsBackend backend, bool backward,
+                       RowSource rows) {
+  if (rows != RowSource::automatic) return rows;
+  const int64_t up_width = cfg.activation == Activation::swiglu ? 2 * cfg.inter : cfg.inter;
+  const int64_t rows_per_expert =
+      cfg.experts > 0 ? cfg.tokens * cfg.choices_per_step() / cfg.experts : 0;
+  const bool pays = backend == ExpertsBackend::grouped_fused && !backward &&
+                    up_width <= 32 * 256 && rows_per_expert >= 128;
+  return pays ? RowSource::gathered : RowSource::permuted;
+}
+
+const char* name(RowSource rows) {
+  switch (rows) {
+    case RowSource::permuted: return "permuted";
+    case RowSource::gathered: return "gathered";
+    case RowSource::automatic: return "automatic";
+  }
+  return "?";
+}
+
 size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool backward,
                           int64_t groups, RowSource rows) {
   const LayerConfig cfg = checked(c, groups);
@@ -121,7 +140,7 @@ size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool bac
   const size_t R = ps.max_rows(), N = ps.choices;
   const size_t A = cfg.activation == Activation::swiglu ? 2 * I : I;
   const size_t b = sizeof(bf16), f = sizeof(float), bw = backward ? 1 : 0;
-  const size_t xp = gathers(backend, backward, rows) ? 0 : 1;
+  const size_t xp = gathers(cfg, backend, backward, rows) ? 0 : 1;
   const size_t pre = keeps_pre(backend, backward) ? 1 : 0;
   size_t bytes = T * E * f + R * (xp * H + pre * A + I + H) * b;  // logits, xp, pre, act, yp
   bytes += bw * (N * f + T * E * (f + b));             // dweight, dz, dz_bf16
@@ -150,7 +169,7 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   es.validate();
   const int64_t A = es.up_width();
   alias_ = aliases(backend, backward);
-  gather_ = gathers(backend, backward, rows);
+  gather_ = gathers(cfg_, backend, backward, rows);
   keep_pre_ = keeps_pre(backend, backward);
   noisy_ = cfg_.router == Router::noisy_topk;
   jitter_ = has_jitter(cfg_);

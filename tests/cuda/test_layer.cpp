@@ -653,6 +653,50 @@ TEST(LayerBf16ExpertGradients, AreTheFreshFp32GradientsRoundedOnce) {
   EXPECT_THROW(layer.backward(f16.x.get(), w, f16.dy.get(), g16, nullptr), ConfigError);
 }
 
+// RowSource::automatic (no GPU): gathered exactly where the alternating rounds measured it faster
+// (grouped_fused inference with few column tiles and full segments), permuted elsewhere; and the
+// arena follows the resolved choice.
+TEST(LayerRows, AutomaticGathersOnlyWhereItMeasuredFaster) {
+  struct Shape { const char* name; int64_t T, H, I, E, K; bool gathers; };
+  for (const Shape& s : {Shape{"olmoe", 16384, 2048, 1024, 64, 8, true},
+                         Shape{"qwen3", 16384, 2048, 768, 128, 8, true},
+                         Shape{"qwen3_32k", 32768, 2048, 768, 128, 8, true},
+                         Shape{"brief_small", 8192, 1024, 4096, 16, 2, true},
+                         Shape{"mixtral", 8192, 4096, 14336, 8, 2, false},
+                         Shape{"decode", 64, 2048, 768, 128, 8, false}}) {
+    LayerConfig cfg;
+    cfg.tokens = s.T;
+    cfg.hidden = s.H;
+    cfg.inter = s.I;
+    cfg.experts = s.E;
+    cfg.top_k = s.K;
+    cfg.router = Router::softmax_topk;
+    cfg.layout = Layout::dropless;
+    cfg.activation = Activation::swiglu;
+    cfg.validate();
+    const auto automatic = cuda::RowSource::automatic;
+    const auto fused = cuda::ExpertsBackend::grouped_fused;
+    EXPECT_EQ(cuda::resolve_rows(cfg, fused, false, automatic),
+              s.gathers ? cuda::RowSource::gathered : cuda::RowSource::permuted)
+        << s.name;
+    // never with a backward (dw_up reads xp), nor on a backend the rounds did not measure
+    EXPECT_EQ(cuda::resolve_rows(cfg, fused, true, automatic), cuda::RowSource::permuted) << s.name;
+    EXPECT_EQ(cuda::resolve_rows(cfg, cuda::ExpertsBackend::grouped, false, automatic),
+              cuda::RowSource::permuted)
+        << s.name;
+    // explicit choices pass through
+    EXPECT_EQ(cuda::resolve_rows(cfg, fused, false, cuda::RowSource::permuted),
+              cuda::RowSource::permuted);
+    EXPECT_EQ(cuda::resolve_rows(cfg, fused, false, cuda::RowSource::gathered),
+              cuda::RowSource::gathered);
+    EXPECT_EQ(cuda::Layer::arena_bytes(cfg, fused, false, 1, automatic),
+              cuda::Layer::arena_bytes(cfg, fused, false, 1,
+                                       s.gathers ? cuda::RowSource::gathered
+                                                 : cuda::RowSource::permuted))
+        << s.name;
+  }
+}
+
 // The (max_rows, *) activation bytes from the shapes alone (no GPU): the grouped backend aliases
 // dyp, da, dpre and dxp onto yp, act and pre (layer.hpp); a host-offset baseline keeps dyp, da and
 // dpre apart, as every backend did before. Printed for the bench shapes (bench --layer).

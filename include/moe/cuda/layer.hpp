@@ -64,12 +64,27 @@
 
 namespace moe::cuda {
 
-// Where the up-projection reads its rows: `permuted`, from xp written by the permute stage (the
-// default); `gathered`, x[row_token[r]] fetched by the grouped GEMM's own loader -- no permute
+// Where the up-projection reads its rows: `permuted`, from xp written by the permute stage;
+// `gathered`, x[row_token[r]] fetched by the grouped GEMM's own loader -- no permute
 // pass and no xp (R*H bf16 less memory), grouped or grouped_fused backend without backward
-// only. Measured on an H100 with the unfused grouped path (layer/gather_b8adba3): 1-3 % faster
-// at Qwen3, 2-17 % slower at OLMoE, the brief's small shape and Mixtral.
-enum class RowSource { permuted, gathered };
+// only; `automatic` (the default), gathered where that measured faster, else permuted
+// (resolve_rows).
+// The gathered loader re-fetches each row once per 256-wide column tile of the up-projection, and
+// pays most where segments are short. On an H100, grouped_fused, the inference forward in
+// alternating rounds (layer/rounds_7b3bd02, gathered / permuted): OLMoE 0.955-0.973 (8 column
+// tiles, 2048 rows per expert), Qwen3 0.942-0.966 (6, 1024), Qwen3 at 32k 0.987-0.992, the
+// brief's small shape 0.980-0.995 (32, 1024), Mixtral 1.09-1.11 (112 tiles), decode 1.05 (4 rows
+// per expert). The unfused grouped path measured 2-17 % slower gathered at OLMoE, the small shape
+// and Mixtral (layer/gather_b8adba3, one loop after the other).
+enum class RowSource { permuted, gathered, automatic };
+
+// What `rows` means for a layer of this shape: `automatic` is `gathered` for grouped_fused
+// without backward when the up-projection has at most 32 column tiles (2I or I <= 8192) and its
+// segments average at least 128 rows (one tile); `permuted` otherwise. The other values are
+// returned as they are (the Layer checks that `gathered` is possible).
+RowSource resolve_rows(const LayerConfig& cfg, ExpertsBackend backend, bool backward,
+                       RowSource rows);
+const char* name(RowSource rows);
 
 struct LayerWeights {
   const bf16* w_gate = nullptr;       // (H, E)
@@ -113,7 +128,7 @@ class Layer {
   explicit Layer(const LayerConfig& cfg, ExpertsBackend backend = ExpertsBackend::grouped,
                  GateUpLayout gate_up = GateUpLayout::split, bool backward = true,
                  int64_t groups = 1, cublasHandle_t cublas = nullptr,
-                 RowSource rows = RowSource::permuted);
+                 RowSource rows = RowSource::automatic);
   ~Layer();
   Layer(const Layer&) = delete;
   Layer& operator=(const Layer&) = delete;
@@ -158,12 +173,13 @@ class Layer {
   // Device bytes this layer holds: activation arena + route + plan + experts workspace + the
   // stats scratch.
   size_t bytes() const;
+  RowSource rows() const { return gather_ ? RowSource::gathered : RowSource::permuted; }
   // The activation arena (with noisy_topk's noise_raw and dr, and the jitter's fp32 router input,
   // where the router has them) plus the experts stage's da / dpre scratch, computed from the
   // shapes alone (no device needed): what the layer's (max_rows, *) activations cost.
   static size_t arena_bytes(const LayerConfig& cfg, ExpertsBackend backend = ExpertsBackend::grouped,
                             bool backward = true, int64_t groups = 1,
-                            RowSource rows = RowSource::permuted);
+                            RowSource rows = RowSource::automatic);
   std::string report() const;
 
  private:
