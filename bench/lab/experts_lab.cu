@@ -116,6 +116,12 @@ using NkCluster2x1 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 2, 1>, moe::cuda::WeightLayout::nk>>;
 using WgradCluster1x1 = gg::WgradLauncher<gg::WgradKernel<CooperativeTile<128, 256, 1, 1>>>;
 using ActCluster2x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 2, 1>>>;
+// The library's plain GEMMs with an epilogue that has no C and 4 (same smem) or 8 (a whole tile,
+// 3 mainloop stages) D buffers.
+template <WeightLayout L, int kStagesD>
+using GemmStaged = gg::Launcher<gg::Kernel<
+    gg::CooperativeNoClusterConfig, L, false,
+    typename gg::EpilogueStoreStaged<gg::CooperativeNoClusterConfig, kStagesD>::Op>>;
 // cuBLAS's dense kernels for these shapes use 192-wide tiles (run 6).
 using GemmCoop128x192 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 192, 2, 1>, moe::cuda::WeightLayout::kn>>;
@@ -135,6 +141,7 @@ struct Options {
   bool ab = false;          // only the A/B rounds (below)
   bool ab_act_grad = false;  // only the activation-backward A/B rounds
   bool ab_wgrad = false;     // only the weight-gradient A/B rounds (pingpong, bf16 dW)
+  bool ab_epilogue = false;  // only the plain GEMMs' epilogue A/B rounds (no C, D buffers)
 
   static void print_usage() {
     std::printf(
@@ -145,6 +152,8 @@ struct Options {
         "            [--ab-act-grad]  only the activation backward's rounds of --ab\n"
         "            [--ab-wgrad]     only the weight gradients' rounds (pingpong 64x256, 128x16\n"
         "                             epilogue tile, bf16 dW)\n"
+        "            [--ab-epilogue]  only the plain GEMMs (down, dxp) against epilogues with no\n"
+        "                             C and 4 or 8 D buffers\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -170,6 +179,7 @@ struct Options {
       else if (a == "--ab") ab = true;
       else if (a == "--ab-act-grad") ab = ab_act_grad = true;
       else if (a == "--ab-wgrad") ab = ab_wgrad = true;
+      else if (a == "--ab-epilogue") ab = ab_epilogue = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -509,6 +519,41 @@ int run(const Options& o) {
                                    GemmCoop128x192::workspace_bytes(E, sms),
                                    ActCluster2x1::workspace_bytes(E, sms),
                                    NkCluster2x1::workspace_bytes(E, sms)}));
+    if (o.ab_epilogue) {
+      // The down-projection (B (K, N)) and dxp (B (N, K)): the library's epilogue against no C
+      // and 4 / 8 D buffers, outputs checked equal first.
+      GroupedGemm g_nk(E, WeightLayout::nk);
+      void* ews = workspace(std::max({GemmStaged<WeightLayout::kn, 8>::workspace_bytes(E, sms),
+                                      GemmStaged<WeightLayout::nk, 8>::workspace_bytes(E, sms)}));
+      auto variant = [&](const char* label, double flop, const std::function<void()>& lib,
+                         const std::function<void()>& var, const bf16* x, const bf16* y,
+                         int64_t n) {
+        lib();
+        var();
+        if (same(label, x, y, n)) ab(label, flop, lib, var);
+      };
+      variant("down: library (A) vs no C, 4 D buffers (B)", f_down,
+              [&] { g_down.run({offsets, H, I, act, w_down, yp}, s); },
+              [&] { GemmStaged<WeightLayout::kn, 4>::run({offsets, H, I, act, w_down, yp2}, false, E, ews, sms, s); },
+              yp, yp2, M * H);
+      variant("down: library (A) vs no C, 8 D buffers (B)", f_down,
+              [&] { g_down.run({offsets, H, I, act, w_down, yp}, s); },
+              [&] { GemmStaged<WeightLayout::kn, 8>::run({offsets, H, I, act, w_down, yp2}, false, E, ews, sms, s); },
+              yp, yp2, M * H);
+      if (o.backward) {
+        variant("dxp: library (A) vs no C, 4 D buffers (B)", f_up,
+                [&] { g_nk.run({offsets, H, A, pre, w_up, dxp2}, s); },
+                [&] { GemmStaged<WeightLayout::nk, 4>::run({offsets, H, A, pre, w_up, dxp3}, true, E, ews, sms, s); },
+                dxp2, dxp3, M * H);
+        variant("dxp: library (A) vs no C, 8 D buffers (B)", f_up,
+                [&] { g_nk.run({offsets, H, A, pre, w_up, dxp2}, s); },
+                [&] { GemmStaged<WeightLayout::nk, 8>::run({offsets, H, A, pre, w_up, dxp3}, true, E, ews, sms, s); },
+                dxp2, dxp3, M * H);
+      }
+      MOE_CUDA_CHECK(cudaFree(ews));
+      MOE_CUDA_CHECK(cudaFree(ws));
+      return 0;
+    }
     if (!o.ab_act_grad && !o.ab_wgrad) {
       // down-projection: the library's (1x1 since run 8) against 2x1 and against a 128x192 tile
       g_down.run({offsets, H, I, act, w_down, yp}, s);

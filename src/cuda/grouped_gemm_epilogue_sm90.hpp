@@ -1,7 +1,9 @@
-// defines: moe::cuda::grouped_gemm::{EpilogueStore, EpilogueAccumulateF32}
+// defines: moe::cuda::grouped_gemm::{EpilogueStore, EpilogueStoreStaged, EpilogueAccumulateF32,
+//          EpilogueWriteF32}
 // The TMA epilogues of the expert grouped GEMMs (the ptr-array collective swaps its TMA descriptors
 // per expert), stored row-major through smem:
 //   EpilogueStore          D = acc, fp32 -> bf16: the unfused store of pre / yp / da / dxp
+//   EpilogueStoreStaged    the same with no C and a chosen number of D buffers
 //   EpilogueAccumulateF32  D = acc + C with C = D, fp32: the weight gradients, accumulated in place
 //   EpilogueWriteF32       D = acc, fp32, no C: the weight gradients written fresh
 // The fused activation epilogue of the up-projection is grouped_gemm_epilogue_act_sm90.hpp; a
@@ -26,6 +28,31 @@ using EpilogueStore = typename cutlass::epilogue::collective::CollectiveBuilder<
     Bf16, cutlass::layout::RowMajor*, kAlignment,                // D: rows of pre / yp / dxp
     typename Config::EpilogueSchedule,
     cutlass::epilogue::fusion::LinearCombination<Bf16, Accum>>::CollectiveOp;
+
+// D = acc, bf16, with no C and kStagesD smem buffers for D: the consumers stage up to kStagesD
+// subtiles (128x32 each) before waiting for a TMA store to have read its buffer. The builder's
+// form keeps 2 such buffers and a C ring it never reads (beta = 0); with 4 the smem is the same
+// (32 KiB), with 8 a whole tile's D is staged and the mainloop keeps 3 stages instead of 4.
+template <class Config, int kStagesD>
+struct EpilogueStoreStaged {
+  using Schedule = typename Config::EpilogueSchedule;
+  using TileShape = typename Config::TileShape;
+  using EpilogueTile = decltype(cutlass::epilogue::collective::detail::
+                                    sm90_compute_tile_shape_or_override<
+                                        Bf16, cutlass::epilogue::collective::EpilogueTileAuto,
+                                        Schedule, TileShape>());
+  static constexpr int kFragment =
+      cute::size(EpilogueTile{}) /
+      (cutlass::epilogue::collective::detail::sm90_is_cooperative_v<Schedule> ? 256 : 128);
+  using Policy = cutlass::epilogue::Sm90PtrArrayTmaWarpSpecialized<
+      /*StagesC=*/4, kStagesD, kFragment, /*ReuseSmemC=*/false, /*DelayTmaStore=*/false,
+      Schedule::NumEpilogueWarpGroups>;
+  using Op = typename cutlass::epilogue::collective::detail::Sm90TmaBuilderImpl<
+      TileShape, EpilogueTile, Accum, Accum,
+      void, cutlass::layout::RowMajor*, kAlignment,                 // no C
+      Bf16, cutlass::layout::RowMajor*, kAlignment,                 // D: rows of yp / dxp
+      cutlass::epilogue::fusion::LinearCombination<Bf16, Accum, void, Accum>, Policy>::CollectiveOp;
+};
 
 // dW += acc in place: C and D are the same fp32 (E, P, Q) tensor, beta = 1. The collective loads
 // the C subtile through its own producer warp before the consumers overwrite the same subtile, and

@@ -28,11 +28,13 @@ namespace moe::cuda::grouped_gemm {
 // ------------------------------------------------------------------------------------------------
 
 // kGatherA: A's rows are fetched by index (GatherMainloop) instead of read as a contiguous
-// segment.
-template <class Config, WeightLayout L, bool kGatherA = false>
+// segment. Epilogue_: EpilogueStore (C declared, never read) or an EpilogueStoreStaged (no C).
+template <class Config, WeightLayout L, bool kGatherA = false,
+          class Epilogue_ = EpilogueStore<Config>>
 struct Kernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
-  using Epilogue = EpilogueStore<Config>;
+  using Epilogue = Epilogue_;
+  static constexpr bool kNoC = cute::is_void_v<typename Epilogue::ElementC>;
   static constexpr int kEpilogueSmem = static_cast<int>(sizeof(typename Epilogue::SharedStorage));
   using Collective = cute::conditional_t<kGatherA,
                                          GatherMainloop<Mainloop<Config, L, kEpilogueSmem>>,
@@ -98,8 +100,12 @@ struct Kernel {
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
         mainloop_arguments(c, run),
-        {{}, const_cast<const Bf16**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d},
+        {},
         hardware_info(sm_count)};
+    if constexpr (kNoC)
+      args.epilogue = {{}, nullptr, c.stride_d, c.ptr_d, c.stride_d};
+    else
+      args.epilogue = {{}, const_cast<const Bf16**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d};
     set_uniform_alpha_beta(args.epilogue.thread, 1.f, 0.f);
     return args;
   }
