@@ -258,11 +258,12 @@ __device__ __forceinline__ float normal_pdf(float a) {
 
 // ---- forward: one warp per token
 
-// Token t's scores, top-k, weights and loss terms, by one warp. kPer: WarpTopK's registers per
-// lane (0: any E).
+// kPer: WarpTopK's registers per lane (0: any E).
 template <int kFamily, int kPer>
-__device__ __forceinline__ void route_token(const RouteArgs& a, int64_t t) {
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(RouteArgs a) {
   const int lane = threadIdx.x % kWarp;
+  const int64_t t = blockIdx.x * int64_t{kWarpsPerBlock} + threadIdx.x / kWarp;
+  if (t >= a.T) return;
   const int E = static_cast<int>(a.E), K = static_cast<int>(a.K);
   const float* z = a.logits + t * a.E;
 
@@ -443,19 +444,6 @@ __global__ void route_ec_pick_kernel(RouteArgs a, const float* sorted_p, const i
   a.choice_token[i] = sorted_t[src];
   a.choice_expert[i] = static_cast<int32_t>(eg.pick_expert(i));
   a.choice_weight[i] = sorted_p[src];
-}
-
-// Warps stride over the tokens: blocks of kTopkWarps warps, at most kTopkBlocks of them (a few
-// per SM), so that a block's launch is paid for several tokens (ncu: a fifth of the stall samples
-// of one-token warps in blocks of 4 sat on the first instructions).
-constexpr int kTopkWarps = 8;
-constexpr int64_t kTopkBlocks = 1024;
-
-template <int kFamily, int kPer>
-__global__ void __launch_bounds__(kWarp* kTopkWarps) route_topk_kernel(RouteArgs a) {
-  const int64_t warps = int64_t{gridDim.x} * kTopkWarps;
-  for (int64_t t = blockIdx.x * int64_t{kTopkWarps} + threadIdx.x / kWarp; t < a.T; t += warps)
-    route_token<kFamily, kPer>(a, t);
 }
 
 // ---- auxiliary losses
@@ -873,9 +861,7 @@ void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
     MOE_CUDA_CHECK(cudaMemsetAsync(out.aux_loss, 0, sizeof(double), stream));
     return;
   }
-  const unsigned blocks = static_cast<unsigned>(
-                     std::min(kTopkBlocks, (a.T + kTopkWarps - 1) / kTopkWarps)),
-                 threads = kWarp * kTopkWarps;
+  const unsigned blocks = token_blocks(a.T), threads = kWarp * kWarpsPerBlock;
   // WarpTopK's registers per lane: the smallest of 1, 2, 4, 8 that holds E; past 256, none.
   auto topk = [&](auto family) {
     constexpr int F = decltype(family)::value;
