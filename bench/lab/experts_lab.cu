@@ -122,6 +122,14 @@ template <WeightLayout L, int kStagesD>
 using GemmStaged = gg::Launcher<gg::Kernel<
     gg::CooperativeNoClusterConfig, L, false,
     typename gg::EpilogueStoreStaged<gg::CooperativeNoClusterConfig, kStagesD>::Op>>;
+// Fresh weight gradients with an epilogue that has no C and 4 D buffers: fp32 in 128x16 subtiles
+// (32 KiB, the library's smem) or 128x32 (64 KiB, 3 mainloop stages); bf16 in 128x32 (32 KiB).
+template <class Element, class SubTile>
+using WgradStaged = gg::WgradLauncher<gg::WgradKernel<
+    gg::CooperativeConfig, cutlass::epilogue::collective::EpilogueTileAuto, Element, false,
+    typename gg::EpilogueStoreStaged<gg::CooperativeConfig, 4, Element, SubTile>::Op>>;
+using Sub128x16 = cute::Shape<cute::_128, cute::_16>;
+using Sub128x32 = cute::Shape<cute::_128, cute::_32>;
 // cuBLAS's dense kernels for these shapes use 192-wide tiles (run 6).
 using GemmCoop128x192 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 192, 2, 1>, moe::cuda::WeightLayout::kn>>;
@@ -142,6 +150,7 @@ struct Options {
   bool ab_act_grad = false;  // only the activation-backward A/B rounds
   bool ab_wgrad = false;     // only the weight-gradient A/B rounds (pingpong, bf16 dW)
   bool ab_epilogue = false;  // only the plain GEMMs' epilogue A/B rounds (no C, D buffers)
+  bool ab_wgrad_epilogue = false;  // only the weight gradients' epilogue A/B rounds
 
   static void print_usage() {
     std::printf(
@@ -154,6 +163,8 @@ struct Options {
         "                             epilogue tile, bf16 dW)\n"
         "            [--ab-epilogue]  only the plain GEMMs (down, dxp) against epilogues with no\n"
         "                             C and 4 or 8 D buffers\n"
+        "            [--ab-wgrad-epilogue]  only fresh dW (fp32, bf16) against epilogues with\n"
+        "                             no C and 4 D buffers\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -180,6 +191,7 @@ struct Options {
       else if (a == "--ab-act-grad") ab = ab_act_grad = true;
       else if (a == "--ab-wgrad") ab = ab_wgrad = true;
       else if (a == "--ab-epilogue") ab = ab_epilogue = true;
+      else if (a == "--ab-wgrad-epilogue") ab = ab_wgrad_epilogue = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -519,6 +531,49 @@ int run(const Options& o) {
                                    GemmCoop128x192::workspace_bytes(E, sms),
                                    ActCluster2x1::workspace_bytes(E, sms),
                                    NkCluster2x1::workspace_bytes(E, sms)}));
+    if (o.ab_wgrad_epilogue && o.backward) {
+      // Fresh dW, fp32 and bf16: the library's epilogues (fp32: no C, 2 D buffers of 128x32;
+      // bf16: a C never read, 2 D buffers) against no C with 4 D buffers, checked equal first.
+      void* wws = workspace(std::max({WgradStaged<float, Sub128x16>::workspace_bytes(E, sms),
+                                      WgradStaged<float, Sub128x32>::workspace_bytes(E, sms),
+                                      WgradStaged<gg::Bf16, Sub128x32>::workspace_bytes(E, sms)}));
+      bf16 *dw16 = nullptr, *dw16b = nullptr;
+      MOE_CUDA_CHECK(cudaMalloc(&dw16, E * H * A * sizeof(bf16)));
+      MOE_CUDA_CHECK(cudaMalloc(&dw16b, E * H * A * sizeof(bf16)));
+      for (int pass = 0; pass < 2; ++pass) {  // dw_down = act^T dyp, then dw_up = xp^T pre
+        const int64_t p = pass ? H : I, q = pass ? A : H, n = E * p * q;
+        float *lib = pass ? dw_up : dw_down, *var = pass ? dw_up2 : dw_down2;
+        const bf16 *x = pass ? xp : act, *y = pass ? pre : dyp;
+        const std::string what = pass ? "dw_up" : "dw_down";
+        auto f32 = [&](const char* name, auto launcher) {
+          using L = decltype(launcher);
+          g_wgrad.run({offsets, p, q, x, y, lib, false}, s);
+          L::run({offsets, p, q, x, y, var, false}, E, wws, sms, s);
+          const double e = rel_error(download(var, n), download(lib, n), n);
+          std::printf("AB verify %-37s relative error %.2e\n", (what + " " + name).c_str(), e);
+          if (e == 0)
+            ab((what + " (fresh): library (A) vs " + name + " (B)").c_str(), pass ? f_up : f_down,
+               [&] { g_wgrad.run({offsets, p, q, x, y, lib, false}, s); },
+               [&] { L::run({offsets, p, q, x, y, var, false}, E, wws, sms, s); });
+        };
+        f32("no C, 4 x 128x16", WgradStaged<float, Sub128x16>{});
+        f32("no C, 4 x 128x32", WgradStaged<float, Sub128x32>{});
+        GroupedWgradArgs a16{offsets, p, q, x, y, nullptr, false}, b16 = a16;
+        a16.dw_bf16 = dw16;
+        b16.dw_bf16 = dw16b;
+        g_wgrad.run(a16, s);
+        WgradStaged<gg::Bf16, Sub128x32>::run(b16, E, wws, sms, s);
+        if (same((what + " bf16 no C, 4 D").c_str(), dw16, dw16b, n))
+          ab((what + " (fresh bf16): library (A) vs no C, 4 x 128x32 (B)").c_str(),
+             pass ? f_up : f_down, [&] { g_wgrad.run(a16, s); },
+             [&] { WgradStaged<gg::Bf16, Sub128x32>::run(b16, E, wws, sms, s); });
+      }
+      MOE_CUDA_CHECK(cudaFree(dw16));
+      MOE_CUDA_CHECK(cudaFree(dw16b));
+      MOE_CUDA_CHECK(cudaFree(wws));
+      MOE_CUDA_CHECK(cudaFree(ws));
+      return 0;
+    }
     if (o.ab_epilogue) {
       // The down-projection (B (K, N)) and dxp (B (N, K)): the library's epilogue against no C
       // and 4 / 8 D buffers, outputs checked equal first.

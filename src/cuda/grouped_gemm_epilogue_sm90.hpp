@@ -33,14 +33,16 @@ using EpilogueStore = typename cutlass::epilogue::collective::CollectiveBuilder<
 // subtiles (128x32 each) before waiting for a TMA store to have read its buffer. The builder's
 // form keeps 2 such buffers and a C ring it never reads (beta = 0); with 4 the smem is the same
 // (32 KiB), with 8 a whole tile's D is staged and the mainloop keeps 3 stages instead of 4.
-template <class Config, int kStagesD>
+// Element: bf16 (yp, dxp, bf16 dW) or float (fp32 dW written fresh); EpilogueTileType: the
+// subtile (Auto: 128x32), e.g. 128x16 for fp32 to keep 4 buffers in 32 KiB.
+template <class Config, int kStagesD, class Element = Bf16,
+          class EpilogueTileType = cutlass::epilogue::collective::EpilogueTileAuto>
 struct EpilogueStoreStaged {
   using Schedule = typename Config::EpilogueSchedule;
   using TileShape = typename Config::TileShape;
   using EpilogueTile = decltype(cutlass::epilogue::collective::detail::
                                     sm90_compute_tile_shape_or_override<
-                                        Bf16, cutlass::epilogue::collective::EpilogueTileAuto,
-                                        Schedule, TileShape>());
+                                        Element, EpilogueTileType, Schedule, TileShape>());
   static constexpr int kFragment =
       cute::size(EpilogueTile{}) /
       (cutlass::epilogue::collective::detail::sm90_is_cooperative_v<Schedule> ? 256 : 128);
@@ -49,9 +51,9 @@ struct EpilogueStoreStaged {
       Schedule::NumEpilogueWarpGroups>;
   using Op = typename cutlass::epilogue::collective::detail::Sm90TmaBuilderImpl<
       TileShape, EpilogueTile, Accum, Accum,
-      void, cutlass::layout::RowMajor*, kAlignment,                 // no C
-      Bf16, cutlass::layout::RowMajor*, kAlignment,                 // D: rows of yp / dxp
-      cutlass::epilogue::fusion::LinearCombination<Bf16, Accum, void, Accum>, Policy>::CollectiveOp;
+      void, cutlass::layout::RowMajor*, 16 / sizeof(Element),       // no C
+      Element, cutlass::layout::RowMajor*, 16 / sizeof(Element),    // D: rows of yp / dxp, or dW
+      cutlass::epilogue::fusion::LinearCombination<Element, Accum, void, Accum>, Policy>::CollectiveOp;
 };
 
 // dW += acc in place: C and D are the same fp32 (E, P, Q) tensor, beta = 1. The collective loads

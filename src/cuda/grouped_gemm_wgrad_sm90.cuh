@@ -39,31 +39,35 @@ namespace moe::cuda::grouped_gemm {
 // ElementDW: float (accumulated in place or written fresh) or Bf16 (written fresh only: the store
 // epilogue of the forward GEMMs, D = acc rounded once to bf16, as PyTorch's bf16 gradients).
 // kWriteOnly (fp32): an epilogue with no C (EpilogueWriteF32), dW written fresh only.
+// EpilogueOverride: another epilogue for ElementDW written fresh (the lab's variants); void: the
+// choice above.
 template <class Config, class EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto,
-          class ElementDW = float, bool kWriteOnly = false>
+          class ElementDW = float, bool kWriteOnly = false, class EpilogueOverride = void>
 struct WgradKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
   static constexpr bool kF32 = cute::is_same_v<ElementDW, float>;
   static_assert(kF32 || cute::is_same_v<ElementDW, Bf16>, "fp32 or bf16 weight gradients");
   static_assert(kF32 || !kWriteOnly, "write-only is an fp32 variant");
   using Epilogue = cute::conditional_t<
-      kWriteOnly, EpilogueWriteF32<Config>,
-      cute::conditional_t<kF32, EpilogueAccumulateF32<Config, EpilogueTile>,
-                          EpilogueStore<Config>>>;
+      !cute::is_void_v<EpilogueOverride>, EpilogueOverride,
+      cute::conditional_t<
+          kWriteOnly, EpilogueWriteF32<Config>,
+          cute::conditional_t<kF32, EpilogueAccumulateF32<Config, EpilogueTile>,
+                              EpilogueStore<Config>>>>;
+  static constexpr bool kNoC = cute::is_void_v<typename Epilogue::ElementC>;
   using Collective = MainloopAB<Config, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
                                 static_cast<int>(sizeof(typename Epilogue::SharedStorage))>;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
   using ElementDWType = ElementDW;
-  static constexpr bool kWriteOnlyDW = kWriteOnly;
   using Problem = typename ProblemShape::UnderlyingProblemShape;  // (P, Q, m_e)
   using StrideA = typename GemmKernel::InternalStrideA;
   using StrideB = typename GemmKernel::InternalStrideB;
   using StrideD = typename GemmKernel::InternalStrideD;
   static_assert(cute::is_same_v<typename GemmKernel::InternalStrideC, StrideD>,
                 "C and D share one stride array (in place)");
-  static_assert((kWriteOnly || cute::is_same_v<typename GemmKernel::ElementC, ElementDW>) &&
+  static_assert((kNoC || cute::is_same_v<typename GemmKernel::ElementC, ElementDW>) &&
                     cute::is_same_v<typename GemmKernel::ElementD, ElementDW>,
                 "C and D are the weight gradient's type");
 
@@ -102,7 +106,7 @@ struct WgradKernel {
         {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
         {},
         hardware_info(sm_count)};
-    if constexpr (kWriteOnly)
+    if constexpr (kNoC)
       args.epilogue = {{}, nullptr, c.stride_d, c.ptr_d, c.stride_d};
     else
       args.epilogue = {{}, const_cast<const ElementDW**>(c.ptr_d), c.stride_d, c.ptr_d, c.stride_d};
@@ -134,7 +138,7 @@ struct WgradLauncher {
   static void run(const GroupedWgradArgs& args, int64_t groups, void* workspace, int sm_count,
                   cudaStream_t stream) {
     const typename K::Carve c = K::carve(workspace, groups, K::cutlass_bytes(groups, sm_count));
-    if constexpr (K::kWriteOnlyDW)
+    if constexpr (K::kNoC)
       MOE_CHECK(!args.accumulate, "grouped weight gradient: this kernel only writes dW");
 
     // Step 1: problems {P, Q, m_e}, pointers and strides of every expert, from the device offsets.
