@@ -653,6 +653,21 @@ TEST(LayerBf16ExpertGradients, AreTheFreshFp32GradientsRoundedOnce) {
   EXPECT_THROW(layer.backward(f16.x.get(), w, f16.dy.get(), g16, nullptr), ConfigError);
 }
 
+// A layer of `moe-bench bench --layer`'s kind: softmax_topk, dropless, SwiGLU.
+LayerConfig bench_config(int64_t T, int64_t H, int64_t I, int64_t E, int64_t K) {
+  LayerConfig cfg;
+  cfg.tokens = T;
+  cfg.hidden = H;
+  cfg.inter = I;
+  cfg.experts = E;
+  cfg.top_k = K;
+  cfg.router = Router::softmax_topk;
+  cfg.layout = Layout::dropless;
+  cfg.activation = Activation::swiglu;
+  cfg.validate();
+  return cfg;
+}
+
 // RowSource::automatic (no GPU): gathered exactly where the alternating rounds measured it faster
 // (grouped_fused inference with few column tiles and full segments), permuted elsewhere; and the
 // arena follows the resolved choice.
@@ -664,16 +679,7 @@ TEST(LayerRows, AutomaticGathersOnlyWhereItMeasuredFaster) {
                          Shape{"brief_small", 8192, 1024, 4096, 16, 2, true},
                          Shape{"mixtral", 8192, 4096, 14336, 8, 2, false},
                          Shape{"decode", 64, 2048, 768, 128, 8, false}}) {
-    LayerConfig cfg;
-    cfg.tokens = s.T;
-    cfg.hidden = s.H;
-    cfg.inter = s.I;
-    cfg.experts = s.E;
-    cfg.top_k = s.K;
-    cfg.router = Router::softmax_topk;
-    cfg.layout = Layout::dropless;
-    cfg.activation = Activation::swiglu;
-    cfg.validate();
+    const LayerConfig cfg = bench_config(s.T, s.H, s.I, s.E, s.K);
     const auto automatic = cuda::RowSource::automatic;
     const auto fused = cuda::ExpertsBackend::grouped_fused;
     EXPECT_EQ(cuda::resolve_rows(cfg, fused, false, automatic),
@@ -706,16 +712,7 @@ TEST(LayerMemory, ArenaBytesAtBenchShapes) {
                          Shape{"qwen3", 16384, 2048, 768, 128, 8},
                          Shape{"mixtral", 8192, 4096, 14336, 8, 2},
                          Shape{"brief_small", 8192, 1024, 4096, 16, 2}}) {
-    LayerConfig cfg;
-    cfg.tokens = s.T;
-    cfg.hidden = s.H;
-    cfg.inter = s.I;
-    cfg.experts = s.E;
-    cfg.top_k = s.K;
-    cfg.router = Router::softmax_topk;
-    cfg.layout = Layout::dropless;
-    cfg.activation = Activation::swiglu;
-    cfg.validate();
+    const LayerConfig cfg = bench_config(s.T, s.H, s.I, s.E, s.K);
     const size_t separate = cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::cublas_loop_host_offsets);
     const size_t aliased = cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped);
     const size_t R = size_t(s.T * s.K);
