@@ -116,6 +116,9 @@ using NkCluster2x1 =
     gg::Launcher<gg::Kernel<CooperativeTile<128, 256, 2, 1>, moe::cuda::WeightLayout::nk>>;
 using WgradCluster1x1 = gg::WgradLauncher<gg::WgradKernel<CooperativeTile<128, 256, 1, 1>>>;
 using ActCluster2x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 2, 1>>>;
+// The gathered fused up-projection without a cluster (the library's runs on 2x1).
+using ActGatherCluster1x1 =
+    gg::ActLauncher<gg::ActKernel<gg::CooperativeNoClusterConfig, /*kGatherA=*/true>>;
 // The library's plain GEMMs with an epilogue that has no C and 4 (same smem) or 8 (a whole tile,
 // 3 mainloop stages) D buffers.
 template <WeightLayout L, int kStagesD>
@@ -151,6 +154,7 @@ struct Options {
   bool ab_wgrad = false;     // only the weight-gradient A/B rounds (pingpong, bf16 dW)
   bool ab_epilogue = false;  // only the plain GEMMs' epilogue A/B rounds (no C, D buffers)
   bool ab_wgrad_epilogue = false;  // only the weight gradients' epilogue A/B rounds
+  bool ab_gather = false;    // only the gathered fused up-projection on 2x1 against 1x1
 
   static void print_usage() {
     std::printf(
@@ -163,6 +167,8 @@ struct Options {
         "                             epilogue tile, bf16 dW)\n"
         "            [--ab-epilogue]  only the plain GEMMs (down, dxp) against epilogues with no\n"
         "                             C and 4 or 8 D buffers\n"
+        "            [--ab-gather]    only the gathered fused up-projection (act only, blocked\n"
+        "                             w_up): the library's 2x1 cluster against 1x1\n"
         "            [--ab-wgrad-epilogue]  only fresh dW (fp32, bf16) against epilogues with\n"
         "                             no C and 4 D buffers\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
@@ -192,6 +198,7 @@ struct Options {
       else if (a == "--ab-wgrad") ab = ab_wgrad = true;
       else if (a == "--ab-epilogue") ab = ab_epilogue = true;
       else if (a == "--ab-wgrad-epilogue") ab = ab_wgrad_epilogue = true;
+      else if (a == "--ab-gather") ab = ab_gather = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -531,6 +538,25 @@ int run(const Options& o) {
                                    GemmCoop128x192::workspace_bytes(E, sms),
                                    ActCluster2x1::workspace_bytes(E, sms),
                                    NkCluster2x1::workspace_bytes(E, sms)}));
+    if (o.ab_gather && blocked) {
+      // The gathered fused up-projection as the inference layer runs it (blocked w_up, act only):
+      // rows gathered from the first T rows of xp (standing in for x) by the plan's row_token.
+      void* gws = workspace(ActGatherCluster1x1::workspace_bytes(E, sms));
+      GroupedGemmActArgs ga{offsets, A, H, xp, w_up_bl, nullptr, act2};
+      ga.blocked = true;
+      ga.gather = plan.view().row_token;
+      ga.gather_rows = o.tokens;
+      GroupedGemmActArgs gb = ga;
+      gb.act = act3;
+      g_act.run(ga, s);
+      ActGatherCluster1x1::run(gb, o.activation, E, gws, sms, s);
+      if (same("gathered fused up 1x1", act2, act3, M * I))
+        ab("gathered fused up (act): library 2x1 (A) vs 1x1 (B)", f_up, [&] { g_act.run(ga, s); },
+           [&] { ActGatherCluster1x1::run(gb, o.activation, E, gws, sms, s); });
+      MOE_CUDA_CHECK(cudaFree(gws));
+      MOE_CUDA_CHECK(cudaFree(ws));
+      return 0;
+    }
     if (o.ab_wgrad_epilogue && o.backward) {
       // Fresh dW, fp32 and bf16: the library's epilogues (fp32: no C, 2 D buffers of 128x32;
       // bf16: a C never read, 2 D buffers) against no C with 4 D buffers, checked equal first.

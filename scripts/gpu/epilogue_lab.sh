@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU visit for the grouped GEMMs' store epilogues (issue 4), in alternating rounds with outputs
-# checked equal first, at the Qwen3 and OLMoE shapes. From the repository root on the GPU machine,
+# One GPU visit for lab variants of the grouped GEMMs (issue 4: their store epilogues, the gathered
+# loader's cluster), in alternating rounds with outputs checked equal first, at the Qwen3 and
+# OLMoE shapes. From the repository root on the GPU machine,
 # with RUN staged by scripts/gpu/stage_run.sh plus build/gg/experts_lab (bench/lab/experts_lab.cu's
 # nvcc line), and unpacked (source scripts/gpu/unpack_run.sh RUN):
 #   OUT=/some/dir bash scripts/gpu/epilogue_lab.sh RUN
@@ -8,6 +9,7 @@
 #   --ab-epilogue        the plain GEMMs (down, dxp): the builder's epilogue (a C never read, 2 D
 #                        buffers) against no C with 4 or 8 D buffers
 #   --ab-wgrad-epilogue  fresh dW, fp32 and bf16, against no C with 4 D buffers
+#   --ab-gather          the gathered fused up-projection: the library's 2x1 cluster against 1x1
 # TESTS=1 runs every GPU test first (tests.log).
 set -uo pipefail
 RUN=${1:?run folder}
