@@ -171,7 +171,7 @@ struct ActGradKernel : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, Epil
 
 // A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
 // instantiates ActKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act.cu, the gathered
-// ActKernel<CooperativeConfig, true> in grouped_gemm_bf16_act_gather.cu and
+// ActKernel<CooperativeNoClusterConfig, true> in grouped_gemm_bf16_act_gather.cu and
 // ActGradKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act_grad.cu.
 template <class K>
 struct ActLauncher {

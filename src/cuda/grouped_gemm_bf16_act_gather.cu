@@ -10,7 +10,9 @@
 
 namespace moe::cuda::grouped_gemm {
 
-using GatherAct = ActLauncher<ActKernel<CooperativeConfig, /*kGatherA=*/true>>;
+// No cluster: in alternating rounds on an H100 (experts_lab --ab-gather, run18) the 2x1 cluster
+// with B multicast took 1.07x / 1.04x the time at Qwen3 / OLMoE, same bits.
+using GatherAct = ActLauncher<ActKernel<CooperativeNoClusterConfig, /*kGatherA=*/true>>;
 
 size_t Bf16Sm90ActGather::workspace_bytes(int64_t groups, int sm_count) {
   return GatherAct::workspace_bytes(groups, sm_count);
@@ -19,7 +21,7 @@ size_t Bf16Sm90ActGather::workspace_bytes(int64_t groups, int sm_count) {
 const char* Bf16Sm90ActGather::name() {
   static const std::string s =
       std::string("bf16 B(K,N), A rows gathered by cp.async, + activation epilogue, ") +
-      CooperativeConfig::kName;
+      CooperativeNoClusterConfig::kName;
   return s.c_str();
 }
 

@@ -46,8 +46,9 @@ struct CooperativeConfig {
 // layouts and the fused up-projection run this one. Measured on an H100 in alternating rounds
 // against the 2x1 cluster (experts_lab --ab, run8, and run9 the other way round), 1x1 takes
 // 0.93-0.98x the time at the Qwen3 shape (up, down, fused up, da, dxp) and 0.97-0.99x at OLMoE's.
-// The weight gradients keep CooperativeConfig (no consistent difference, run9), and so do the
-// gathered loaders (not measured without it).
+// The weight gradients keep CooperativeConfig (no consistent difference, run9), and so does the
+// unfused gathered GEMM; the fused gathered one runs on 1x1 too (0.93x / 0.96x at Qwen3 / OLMoE,
+// run18).
 struct CooperativeNoClusterConfig {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;          // bM bN bK
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
