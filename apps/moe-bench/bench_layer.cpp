@@ -514,7 +514,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   std::vector<double> round_ratio;
   for (size_t r = 0; r < round_fwd.size(); ++r) round_ratio.push_back(round_dense[r] / round_fwd[r]);
   std::vector<double> other_ratio;
-  for (size_t r = 0; r < round_fwd.size(); ++r) other_ratio.push_back(round_other[r] / round_fwd[r]);
+  for (size_t r = 0; r < round_fwd.size(); ++r)
+    other_ratio.push_back(round_other[r] / round_fwd[r]);
   j["rounds_inference_ms"] = round_fwd;
   j["rounds_inference_other_rows_ms"] = round_other;
   j["rounds_other_rows_over_inference"] = other_ratio;

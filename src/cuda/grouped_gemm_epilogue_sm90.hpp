@@ -53,7 +53,8 @@ struct EpilogueStoreStaged {
       TileShape, EpilogueTile, Accum, Accum,
       void, cutlass::layout::RowMajor*, 16 / sizeof(Element),       // no C
       Element, cutlass::layout::RowMajor*, 16 / sizeof(Element),    // D: rows of yp / dxp, or dW
-      cutlass::epilogue::fusion::LinearCombination<Element, Accum, void, Accum>, Policy>::CollectiveOp;
+      cutlass::epilogue::fusion::LinearCombination<Element, Accum, void, Accum>,
+      Policy>::CollectiveOp;
 };
 
 // dW += acc in place: C and D are the same fp32 (E, P, Q) tensor, beta = 1. The collective loads

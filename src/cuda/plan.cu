@@ -79,7 +79,7 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kScanThreads = 1024;
-constexpr int kScanWarps = kScanThreads / kWarp;  // experts (rows of chunk_base) per plan_scan block
+constexpr int kScanWarps = kScanThreads / kWarp;  // experts (chunk_base rows) per plan_scan block
 constexpr int kScanItems = 4;  // kScanThreads * kScanItems >= 4096 experts
 static_assert(kScanThreads * kScanItems >= 4096, "plan_scan must cover E <= 4096");
 constexpr int kRunMax = static_cast<int>(PlanShape::kMaxChunks / kWarp);  // chunks per lane

@@ -636,7 +636,8 @@ __device__ void route_finalize(const RouteArgs& a, double* scratch) {
   }
   if (a.z_coef > 0 && a.router != int(Router::sigmoid_bias)) {
     double z = 0;
-    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) z += __ldcg(P + c * stride + 3 * a.E);
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x)
+      z += __ldcg(P + c * stride + 3 * a.E);
     loss += a.z_coef * block_sum(z) / a.T;
   }
   if (threadIdx.x == 0) *a.aux_loss = loss;
