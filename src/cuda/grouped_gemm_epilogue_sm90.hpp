@@ -2,8 +2,10 @@
 //          EpilogueWriteF32}
 // The TMA epilogues of the expert grouped GEMMs (the ptr-array collective swaps its TMA descriptors
 // per expert), stored row-major through smem:
-//   EpilogueStore          D = acc, fp32 -> bf16: the unfused store of pre / yp / da / dxp
-//   EpilogueStoreStaged    the same with no C and a chosen number of D buffers
+//   EpilogueStore          D = acc, fp32 -> bf16, with a C never read: the unfused gathered
+//                          up-projection's pre and bf16 weight gradients (the builder's form)
+//   EpilogueStoreStaged    the same with no C and a chosen number of D buffers: the plain GEMMs
+//                          (pre / yp / da / dxp) with 4
 //   EpilogueAccumulateF32  D = acc + C with C = D, fp32: the weight gradients, accumulated in place
 //   EpilogueWriteF32       D = acc, fp32, no C: the weight gradients written fresh
 // The fused activation epilogue of the up-projection is grouped_gemm_epilogue_act_sm90.hpp; a
@@ -25,7 +27,7 @@ using EpilogueStore = typename cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::epilogue::collective::EpilogueTileAuto,
     Accum, Accum,
     Bf16, cutlass::layout::RowMajor*, kAlignment,                // C (unused, beta = 0)
-    Bf16, cutlass::layout::RowMajor*, kAlignment,                // D: rows of pre / yp / dxp
+    Bf16, cutlass::layout::RowMajor*, kAlignment,                // D: rows of pre, or bf16 dW
     typename Config::EpilogueSchedule,
     cutlass::epilogue::fusion::LinearCombination<Bf16, Accum>>::CollectiveOp;
 
