@@ -1,4 +1,4 @@
-// defines: combine_forward, combine_backward
+// defines: combine_forward, combine_backward, combine_dweight_from_row_dots
 // yp[M,H] --combine--> y[T,H]: per token, the weighted fp32 sum of its rows in choice order,
 // written once (rows.cuh gather_sum_kernel). The backward scatters w * dy[t] to the token's rows
 // (a weighted permute) and reduces <dy[t], yp[row]> for the router's weight gradient.
@@ -115,6 +115,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Thread c: dweight[c] from the row dots of its row (parts added in column-tile order), over the
+// choice's weight, which dyp carried into da.
+__global__ void __launch_bounds__(kThreads)
+    dweight_from_row_dots_kernel(const int32_t* __restrict__ choice_row,
+                                 const float* __restrict__ weight,
+                                 const float* __restrict__ row_dot, int parts, int64_t ld,
+                                 float* __restrict__ dweight, int64_t choices) {
+  const int64_t c = blockIdx.x * int64_t{kThreads} + threadIdx.x;
+  if (c >= choices) return;
+  const int32_t r = choice_row[c];
+  float sum = 0.f;
+  if (r >= 0)
+    for (int p = 0; p < parts; ++p) sum += row_dot[p * ld + r];
+  const float w = weight[c];
+  dweight[c] = r >= 0 && w != 0.f ? sum / w : 0.f;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -130,15 +147,42 @@ void combine_forward(const PlanView& plan, const RoutingView& routing, const T* 
 template <class T>
 void combine_backward(const PlanView& plan, const RoutingView& routing, const T* yp, const T* dy,
                       int64_t hidden, T* dyp, float* dweight, cudaStream_t stream) {
+  MOE_CHECK((yp == nullptr) == (dweight == nullptr),
+            "combine_backward: yp and dweight go together (both null: dyp only)");
   const RowGrid grid = row_grid(plan.shape, true);
   if (grid.warps() == 0) return;
   constexpr int kWide = 16 / sizeof(T);
+  if (yp == nullptr) {  // a weighted permute: 8 packs per lane in flight, as permute_forward
+    if (vector_width<T>(hidden, {dy, dyp}) == kWide)
+      permute_scatter_kernel<T, kWide, 8, Cache::kDefault, true>
+          <<<grid.blocks(), kThreads, 0, stream>>>(plan, dy, dyp, hidden, grid,
+                                                   routing.choice_weight);
+    else
+      permute_scatter_kernel<T, 1, 8, Cache::kDefault, true>
+          <<<grid.blocks(), kThreads, 0, stream>>>(plan, dy, dyp, hidden, grid,
+                                                   routing.choice_weight);
+    MOE_CUDA_LAUNCH_CHECK();
+    return;
+  }
   if (vector_width<T>(hidden, {dy, yp, dyp}) == kWide)
     combine_backward_kernel<T, kWide, 4><<<grid.blocks(), kThreads, 0, stream>>>(
         plan, routing.choice_weight, dy, yp, dyp, dweight, hidden, grid);
   else
     combine_backward_kernel<T, 1, 4><<<grid.blocks(), kThreads, 0, stream>>>(
         plan, routing.choice_weight, dy, yp, dyp, dweight, hidden, grid);
+  MOE_CUDA_LAUNCH_CHECK();
+}
+
+void combine_dweight_from_row_dots(const PlanView& plan, const RoutingView& routing,
+                                   const float* row_dot, int64_t parts, int64_t ld,
+                                   float* dweight, cudaStream_t stream) {
+  const int64_t N = plan.shape.choices;
+  MOE_CHECK(parts >= 1 && ld >= plan.shape.max_rows(),
+            "combine_dweight_from_row_dots: parts (", parts, ") must be >= 1 and ld (", ld,
+            ") >= max_rows (", plan.shape.max_rows(), ")");
+  if (N == 0) return;
+  dweight_from_row_dots_kernel<<<(N + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      plan.choice_row, routing.choice_weight, row_dot, static_cast<int>(parts), ld, dweight, N);
   MOE_CUDA_LAUNCH_CHECK();
 }
 

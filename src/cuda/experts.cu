@@ -748,6 +748,8 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
   MOE_CHECK(!bf16_dw || (grouped && !a.accumulate),
             "experts_backward: bf16 weight gradients need a grouped backend and accumulate = false");
   MOE_CHECK(events == nullptr || grouped, "experts_backward: step events need a grouped backend");
+  MOE_CHECK(a.row_dot == nullptr || fused,
+            "experts_backward: row_dot comes from the fused da GEMM (grouped_fused) only");
   auto mark = [&](ExpertsBackwardStep step) {
     if (events) MOE_CUDA_CHECK(cudaEventRecord(events[int(step)], stream));
   };
@@ -765,7 +767,8 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     mark(ExpertsBackwardStep::da);
     if (fused) {                                    // dpre from da = dyp · w_down^T in registers
       ws.dact_act_.run({a.offsets, I, H, a.dyp, a.w_down, a.pre, dpre,
-                        s.activation == Activation::swiglu && s.gate_up == GateUpLayout::blocked},
+                        s.activation == Activation::swiglu && s.gate_up == GateUpLayout::blocked,
+                        a.row_dot, s.max_rows},
                        stream);
       mark(ExpertsBackwardStep::activation);
     } else {

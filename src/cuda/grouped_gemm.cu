@@ -172,6 +172,9 @@ void GroupedGemmActGrad::run(const GroupedGemmActGradArgs& args, cudaStream_t st
   MOE_CHECK(!args.blocked || (activation_ == Activation::swiglu && args.n % 32 == 0),
             "grouped GEMM + activation backward: the blocked gate/up layout needs SwiGLU and N (I) "
             "a multiple of 32, got N=", args.n);
+  MOE_CHECK(!args.row_dot || args.ld_row_dot > 0,
+            "grouped GEMM + activation backward: row_dot needs ld_row_dot >= max_rows, got ",
+            args.ld_row_dot);
   Bf16Sm90ActGrad::run(args, activation_, experts_, workspace_, sm_count_, stream);
 }
 

@@ -136,6 +136,8 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct> {
 // da = dyp · w_down[e]^T with the activation backward in the epilogue: dpre, never da.
 template <class Config>
 struct ActGradKernel : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad> {
+  static_assert(cute::size<1>(typename Config::TileShape{}) == kActGradTileN,
+                "GroupedGemmActGradArgs::row_dot has a part per kActGradTileN columns");
   using Base = ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad>;
   using typename Base::Carve;
   using typename Base::Epilogue;
@@ -153,6 +155,8 @@ struct ActGradKernel : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, Epil
     epilogue.ld_pre = swiglu ? 2 * a.n : a.n;
     epilogue.swiglu = swiglu ? 1 : 0;
     epilogue.blocked = a.blocked ? 1 : 0;
+    epilogue.row_dot = a.row_dot;
+    epilogue.ld_row_dot = a.ld_row_dot;
     return Base::gemm_arguments(c, {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, epilogue, groups,
                                 sm_count);
   }

@@ -309,6 +309,10 @@ struct ActGradEpilogueArguments {
   int64_t ld_pre = 0;                  // 2N (SwiGLU) or N (GELU)
   int swiglu = 1;                      // 1: SwiGLU, pairs interleaved or blocked; 0: GELU
   int blocked = 0;                     // SwiGLU: pairs in GateUpLayout::blocked order
+  // Or null: row_dot[p * ld_row_dot + r] = sum over the units of column tile p of da * act at
+  // row r (fp32 da, act as the forward stored it), (ceil(N / BLK_N), ld_row_dot >= max_rows).
+  float* row_dot = nullptr;
+  int64_t ld_row_dot = 0;
 };
 
 // The backward's activation in the da GEMM's epilogue. A thread holds da for units 8j + 2q and
@@ -323,12 +327,18 @@ struct ActGradEpilogueArguments {
 // or by lines), and loading both row halves at once (da packed to bf16 first to make room).
 // The cost left is the epilogue's arithmetic after each tile's mainloop: about 30 % on top of the
 // plain da GEMM, against the separate pass's 55 %.
+// Router-weight gradient (row_dot): with dyp = w * dy, <dy, yp> = <dy, act w_down> = <da, act> / w,
+// so the combine backward need not read yp (R*H bf16) to form it. Each thread sums da * act over
+// its units of a row in a fixed order, the quad's four lanes add theirs by two xor-shuffles (a
+// fixed order too), and lane 0 writes the tile's part; the parts are added in column-tile order
+// later (combine_dweight_from_row_dots). act is recomputed from the stored pre, rounded to bf16
+// as the forward stored it, with the sigmoid the gradient needs anyway.
 class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments> {
  public:
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.offsets != nullptr && args.pre != nullptr && args.dpre != nullptr &&
-           args.ld_pre % 8 == 0;
+           args.ld_pre % 8 == 0 && (args.row_dot == nullptr || args.ld_row_dot > 0);
   }
 
   CUTLASS_HOST_DEVICE explicit EpilogueActivationGrad(Params const& params)
@@ -343,16 +353,21 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
     constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
     const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
                                 tiled_mma, thread_idx);
+    constexpr int kTileN = cute::size<1>(BlockShapeMNK{});
     const int64_t ld = params_.ld_pre;
     const __nv_bfloat16* const pre = params_.pre;
     __nv_bfloat16* const dpre = params_.dpre;
+    const bool with_dot = params_.row_dot != nullptr;
 
     CUTLASS_PRAGMA_UNROLL
     for (int v1 = 0; v1 < 2; ++v1) {
       const bool row_ok = t.m[v1] < t.rows;
       const int64_t r = t.row0 + t.m[v1];
-      // da of group j, column 2q + v0: accumulator 2 v1 + 4 j + v0, as the plain GEMM stores it.
-      auto da = [&](int j, int v0) { return rounded(accumulators(2 * v1 + 4 * j + v0)); };
+      // da of group j, column 2q + v0: accumulator 2 v1 + 4 j + v0, as the plain GEMM stores it;
+      // da_acc: the same in fp32, for the row dot.
+      auto da_acc = [&](int j, int v0) { return accumulators(2 * v1 + 4 * j + v0); };
+      auto da = [&](int j, int v0) { return rounded(da_acc(j, v0)); };
+      float dot = 0.f;
       if (params_.swiglu == 0) {
         uint32_t h[kGroups] = {};  // pre of units (u, u + 1), u = n_tile + 8 j + 2q
         CUTLASS_PRAGMA_UNROLL
@@ -367,6 +382,10 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
           const __nv_bfloat162 d =
               __floats2bfloat162_rn(da(j, 0) * act::gelu_grad(__low2float(g)),
                                     da(j, 1) * act::gelu_grad(__high2float(g)));
+          if (with_dot) {
+            dot = fmaf(da_acc(j, 0), rounded(act::gelu(__low2float(g))), dot);
+            dot = fmaf(da_acc(j, 1), rounded(act::gelu(__high2float(g))), dot);
+          }
           if (row_ok && u < t.cols) *reinterpret_cast<__nv_bfloat162*>(dpre + r * ld + u) = d;
         }
       } else if (params_.blocked != 0) {
@@ -386,7 +405,14 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
                                  h[2 * c + 1].x, h[2 * c + 1].y, h[2 * c + 1].z, h[2 * c + 1].w};
           uint32_t o[8];
           CUTLASS_PRAGMA_UNROLL
-          for (int s = 0; s < 8; ++s) o[s] = grad_pair(da(4 * c + s % 4, s / 4), w[s]);
+          for (int s = 0; s < 8; ++s) {
+            if (with_dot) {
+              const float a = grad_pair_act(da(4 * c + s % 4, s / 4), w[s], o[s]);
+              dot = fmaf(da_acc(4 * c + s % 4, s / 4), a, dot);
+            } else {
+              o[s] = grad_pair(da(4 * c + s % 4, s / 4), w[s]);
+            }
+          }
           uint4* dst = reinterpret_cast<uint4*>(dpre + r * ld + 2 * int64_t{pair});
           if (row_ok && pair < t.cols) {
             dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
@@ -404,10 +430,23 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < kGroups; ++j) {
           const int u = t.n_tile + 8 * j + 2 * t.q;
-          const uint2 d = make_uint2(grad_pair(da(j, 0), h[j].x), grad_pair(da(j, 1), h[j].y));
+          uint2 d;
+          if (with_dot) {
+            dot = fmaf(da_acc(j, 0), grad_pair_act(da(j, 0), h[j].x, d.x), dot);
+            dot = fmaf(da_acc(j, 1), grad_pair_act(da(j, 1), h[j].y, d.y), dot);
+          } else {
+            d = make_uint2(grad_pair(da(j, 0), h[j].x), grad_pair(da(j, 1), h[j].y));
+          }
           if (row_ok && u < t.cols)
             *reinterpret_cast<uint2*>(dpre + r * ld + 2 * int64_t{u}) = d;
         }
+      }
+      if (with_dot) {
+        // Units past N read pre as zeros (act 0) and their accumulators are zero: they add 0.
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+        dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+        if (row_ok && t.q == 0)
+          params_.row_dot[(t.n_tile / kTileN) * params_.ld_row_dot + r] = dot;
       }
     }
   }
@@ -420,6 +459,14 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
     float d_gate, d_up;
     act::silu_mul_grad(da, __low2float(p), __high2float(p), d_gate, d_up);
     return pack(__floats2bfloat162_rn(d_gate, d_up));
+  }
+  // The same, and the unit's act as the forward stored it (bf16, back in fp32).
+  CUTLASS_DEVICE static float grad_pair_act(float da, uint32_t gate_up, uint32_t& d_pair) {
+    const __nv_bfloat162 p = unpack(gate_up);
+    float d_gate, d_up;
+    const float a = act::silu_mul_and_grad(da, __low2float(p), __high2float(p), d_gate, d_up);
+    d_pair = pack(__floats2bfloat162_rn(d_gate, d_up));
+    return rounded(a);
   }
 };
 

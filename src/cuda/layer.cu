@@ -80,6 +80,12 @@ bool keeps_pre(ExpertsBackend backend, bool backward) {
   return backward || backend != ExpertsBackend::grouped_fused;
 }
 
+// Whether the router-weight gradient comes from the da GEMM's row dots (combine backward then
+// writes dyp only and never reads yp): the fused da GEMM has them.
+bool dots_in_da(ExpertsBackend backend, bool backward) {
+  return backward && backend == ExpertsBackend::grouped_fused;
+}
+
 // Whether the up-projection gathers x's rows itself (no permute pass, no xp): only without a
 // backward (dw_up = xp^T dpre reads xp as contiguous rows) and with a grouped backend; see
 // RowSource for when it pays.
@@ -144,6 +150,7 @@ size_t Layer::arena_bytes(const LayerConfig& c, ExpertsBackend backend, bool bac
   const size_t pre = keeps_pre(backend, backward) ? 1 : 0;
   size_t bytes = T * E * f + R * (xp * H + pre * A + I + H) * b;  // logits, xp, pre, act, yp
   bytes += bw * (N * f + T * E * (f + b));             // dweight, dz, dz_bf16
+  if (dots_in_da(backend, backward)) bytes += row_dot_parts(I) * R * f;  // row_dot
   if (cfg.router == Router::noisy_topk) bytes += (1 + bw) * T * E * f;  // noise_raw, dr
   if (has_jitter(cfg)) bytes += (T * H + H * E) * f;                    // x_router, w_gate_f32
   if (backward && !aliases(backend, backward)) bytes += R * (H + I + A) * b;  // dyp, da, dpre
@@ -169,6 +176,7 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   es.validate();
   const int64_t A = es.up_width();
   alias_ = aliases(backend, backward);
+  dots_in_da_ = dots_in_da(backend, backward);
   gather_ = gathers(cfg_, backend, backward, rows);
   keep_pre_ = keeps_pre(backend, backward);
   noisy_ = cfg_.router == Router::noisy_topk;
@@ -187,6 +195,8 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
       {alias_ ? "yp|dyp|dxp" : "yp|dxp", size_t(R * H) * b, reinterpret_cast<void**>(&yp_)},
       {"dyp", (alias_ ? 0 : bw) * size_t(R * H) * b, reinterpret_cast<void**>(&dyp_)},
       {"dweight", bw * size_t(N) * f, reinterpret_cast<void**>(&dweight_)},
+      {"row_dot", (dots_in_da_ ? 1 : 0) * size_t(row_dot_parts(I) * R) * f,
+       reinterpret_cast<void**>(&row_dot_)},
       {"dz", bw * size_t(T * E) * f, reinterpret_cast<void**>(&dz_)},
       {"dz_bf16", bw * size_t(T * E) * b, reinterpret_cast<void**>(&dz_bf16_)},
       {"noise_raw", (noisy_ ? 1 : 0) * size_t(T * E) * f, reinterpret_cast<void**>(&noise_raw_)},
@@ -292,9 +302,13 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   const int64_t T = cfg_.tokens, H = cfg_.hidden, E = cfg_.experts;
   const LayerConfig c = forward_config();
   const RoutingView rv = route_.routing.view();
-  // combine: dyp = weight * dy, dweight = <dy, yp> (grouped: in place over yp)
+  // combine: dyp = weight * dy (grouped: in place over yp), dweight = <dy, yp>; grouped_fused:
+  // dyp only, dweight from the da GEMM's row dots below
   mark(LayerBackwardStage::combine);
-  combine_backward<bf16>(plan_.view(), rv, yp_, dy, H, dyp_, dweight_, stream);
+  if (dots_in_da_)
+    combine_backward<bf16>(plan_.view(), rv, nullptr, dy, H, dyp_, nullptr, stream);
+  else
+    combine_backward<bf16>(plan_.view(), rv, yp_, dy, H, dyp_, dweight_, stream);
   // experts: dw_down, dxp (into yp's storage: yp is dead; grouped: so is dyp once da is made),
   // dw_up; grouped: da into act, dpre into pre (layer.hpp)
   bf16* dxp = yp_;
@@ -316,6 +330,7 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
     eb.da = act_;
     eb.dpre = pre_;
   }
+  eb.row_dot = row_dot_;
   mark(LayerBackwardStage::experts);
   experts_backward(*experts_, eb, stream, expert_events);
   // permute: dx = sum of the token's dxp rows (written, not added to: dx starts here)
@@ -324,6 +339,9 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   // route: dweight -> dz (aux-loss and z-loss gradients included); noisy_topk: dr, with the
   // forward's noise
   mark(LayerBackwardStage::route);
+  if (dots_in_da_)
+    combine_dweight_from_row_dots(plan_.view(), rv, row_dot_, row_dot_parts(cfg_.inter),
+                                  plan_.shape().max_rows(), dweight_, stream);
   route_backward(c, 0, route_, logits_, noise_raw_, dweight_, dz_, dr_, stream);
   mark(LayerBackwardStage::gate);
   if (jitter_) {

@@ -166,11 +166,12 @@ __device__ __forceinline__ void zero_padding_rows(const PlanView& plan, int64_t 
 // Warp t loads a chunk of x[t] (kUnroll packs per lane, all in flight before the first store)
 // and stores it to each of the token's kept rows. The row list is read into lane registers (32
 // at a time) and broadcast by shuffle. x loads are issued before anything depends on the row list.
-// out rows: scale * x (scale = 1 for permute; combine backward uses its own kernel).
-template <class T, int kVec, int kUnroll, Cache kCache>
+// kWeighted: each row gets weight[choice] * x[t] (fp32 product, rounded once), the combine
+// backward's dyp when no dot with yp is wanted (combine_backward without yp).
+template <class T, int kVec, int kUnroll, Cache kCache, bool kWeighted = false>
 __global__ void __launch_bounds__(kThreads)
     permute_scatter_kernel(PlanView plan, const T* __restrict__ x, T* __restrict__ xp,
-                           int64_t hidden, RowGrid grid) {
+                           int64_t hidden, RowGrid grid, const float* __restrict__ weight = nullptr) {
   const int lane = threadIdx.x % kWarp;
   const int64_t w = blockIdx.x * int64_t{kWarpsPerBlock} + threadIdx.x / kWarp;
   if (w >= grid.warps()) return;
@@ -185,6 +186,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int32_t jb = j0; jb < j1; jb += kWarp) {  // one pass for K <= 32
     const int nj = min(kWarp, j1 - jb);
     const int32_t my_row = lane < nj ? plan.token_rows[jb + lane] : kDropped;
+    float my_weight = 0.f;
+    if constexpr (kWeighted)
+      if (my_row >= 0) my_weight = weight[plan.token_choices[jb + lane]];
     for (int64_t base = 0; base < hidden; base += kStep) {
       Pack<T, kVec> v[kUnroll];
 #pragma unroll
@@ -196,10 +200,22 @@ __global__ void __launch_bounds__(kThreads)
         const int32_t r = __shfl_sync(0xffffffffu, my_row, j);
         if (r < 0) continue;  // dropped or kNoExpert
         T* dst = xp + int64_t{r} * hidden;
+        [[maybe_unused]] float wj = 0.f;
+        if constexpr (kWeighted) wj = __shfl_sync(0xffffffffu, my_weight, j);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t i = base + (int64_t{u} * kWarp + lane) * kVec;
-          if (i < hidden) store_pack<kCache, T, kVec>(dst + i, v[u]);
+          if (i >= hidden) continue;
+          if constexpr (kWeighted) {
+            float o[kVec];
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) o[k] = wj * v[u].get(k);
+            Pack<T, kVec> op;
+            op.set_all(o);
+            store_pack<kCache, T, kVec>(dst + i, op);
+          } else {
+            store_pack<kCache, T, kVec>(dst + i, v[u]);
+          }
         }
       }
     }

@@ -21,6 +21,7 @@
 #include <numeric>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/stages.hpp"
@@ -673,36 +674,82 @@ TEST_P(FusedUpProjection, EqualsTheUnfusedPairAndNeedsNoPre) {
       << "pre was written although its pointer was null";
 }
 
+// Sum over the parts of row r of the da GEMM's row dots, and the double reference
+// sum_u (dyp[r] . w_down[e][u]) * act[r, u] with act as the forward stored it; `scale` is
+// sum_u |da * act|, for the tolerance.
+struct RowDot {
+  double got, want, scale;
+};
+std::vector<RowDot> row_dots(const Inputs& in, const std::vector<float>& act,
+                             const std::vector<float>& row_dot) {
+  const ExpertsShape& s = in.shape;
+  const int64_t H = s.hidden, I = s.inter, R = s.max_rows, P = cuda::row_dot_parts(I);
+  std::vector<RowDot> v;
+  for (int64_t e = 0; e < s.experts; ++e)
+    for (int64_t r = in.offsets[e]; r < in.offsets[e + 1]; ++r) {
+      RowDot d{0, 0, 0};
+      for (int64_t p = 0; p < P; ++p) d.got += row_dot[p * R + r];
+      for (int64_t u = 0; u < I; ++u) {
+        double da = 0;
+        for (int64_t h = 0; h < H; ++h)
+          da += double(in.dyp[r * H + h]) * in.w_down[(e * I + u) * H + h];
+        d.want += da * act[r * I + u];
+        d.scale += std::abs(da * act[r * I + u]);
+      }
+      v.push_back(d);
+    }
+  return v;
+}
+
 // The backward on grouped_fused runs the activation backward in the da GEMM's epilogue
 // (GroupedGemmActGrad): dpre must be the unfused pair's (plain da GEMM, bf16 da, elementwise
 // backward) bit for bit, and so dxp and both weight gradients; rows past M of dpre are not
-// written; and dpre written in place over pre gives the same bits.
+// written; and dpre written in place over pre gives the same bits. With the row dots asked for
+// (the router-weight gradient) too: dpre's bits do not move, each row's parts add up to
+// <da, act> to fp32 accuracy, and no part of a row past M is written.
 TEST_P(FusedUpProjection, BackwardEqualsTheUnfusedPairInPlaceOrNot) {
   MOE_REQUIRE_GPU();
   const FusedParam& p = GetParam();
   const Inputs in = make_inputs(fused_case(p), 33);
   const int64_t A = in.shape.up_width(), M = in.offsets.back(), R = in.shape.max_rows;
+  const int64_t P = cuda::row_dot_parts(in.shape.inter);
   struct Run {
     Outputs out;
-    std::vector<float> dpre;  // in the run's layout
+    std::vector<float> dpre;     // in the run's layout
+    std::vector<float> row_dot;  // (P, R), fused with dots only
   };
-  auto run = [&](ExpertsBackend backend, bool in_place) {
+  auto run = [&](ExpertsBackend backend, bool in_place, bool dots) {
     Device d(in, p.gate_up);
     d.poison();
     cuda::ExpertsWorkspace ws(d.shape, backend);
     cuda::experts_forward(ws, d.forward_args(), nullptr);
     DeviceArray<bf16> dpre(R * A);
+    DeviceArray<float> row_dot(P * R);
     dpre.poison();
+    row_dot.poison();
     cuda::ExpertsBackwardArgs b = d.backward_args();
     b.dpre = in_place ? d.pre.get() : dpre.get();
+    if (dots) b.row_dot = row_dot.get();
     cuda::experts_backward(ws, b, nullptr);
     MOE_CUDA_CHECK(cudaDeviceSynchronize());
-    return Run{download(d), from_device_type((in_place ? d.pre : dpre).download())};
+    return Run{download(d), from_device_type((in_place ? d.pre : dpre).download()),
+               dots ? row_dot.download() : std::vector<float>{}};
   };
-  const Run unfused = run(ExpertsBackend::grouped, false);
-  for (bool in_place : {false, true}) {
-    SCOPED_TRACE(in_place ? "dpre over pre" : "dpre apart");
-    const Run fused = run(ExpertsBackend::grouped_fused, in_place);
+  const Run unfused = run(ExpertsBackend::grouped, false, false);
+  for (auto [in_place, dots] : std::vector<std::pair<bool, bool>>{
+           {false, false}, {true, false}, {false, true}, {true, true}}) {
+    SCOPED_TRACE(std::string(in_place ? "dpre over pre" : "dpre apart") +
+                 (dots ? ", row dots" : ""));
+    const Run fused = run(ExpertsBackend::grouped_fused, in_place, dots);
+    if (dots) {
+      int64_t bad = 0;
+      for (const RowDot& d : row_dots(in, fused.out.act, fused.row_dot))
+        bad += !(std::abs(d.got - d.want) <= 1e-4 * d.scale + 1e-30);  // fp32 sums
+      EXPECT_EQ(bad, 0) << "rows whose row dot is off";
+      for (int64_t q = 0; q < P; ++q)
+        for (int64_t r = M; r < R; ++r)
+          EXPECT_TRUE(std::isnan(fused.row_dot[q * R + r])) << "row dot of row " << r << " past M";
+    }
     int64_t differing = 0;
     const int64_t ulp = max_ulp(unfused.dpre, fused.dpre, M * A, &differing);
     EXPECT_EQ(ulp, 0) << differing << " of " << M * A << " dpre values differ";

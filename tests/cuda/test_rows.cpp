@@ -55,19 +55,21 @@ INSTANTIATE_TEST_SUITE_P(Shapes, RowsParity, ::testing::ValuesIn(row_cases()),
                          });
 
 // One forward + backward of the data path on device buffers (bf16).
+// Padded layout with capacity drops: padding rows, dropped choices and tokens without rows.
 struct DataPath {
-  static constexpr int64_t H = 520;
+  int64_t H;
   cuda::ParityCase c{"zipf_padded", 3000, 13, 3, cuda::Skew::zipf, Layout::padded, 1.25};
   cuda::PlanShape shape = cuda::parity_shape(c);
   int64_t R = shape.max_rows(), Tn = c.tokens;
   cuda::PlanBuffers plan{shape};
   cuda::RoutingBuffers routing;
+  Routing<float> host_routing = cuda::parity_routing(c, 7);
   DeviceArray<__nv_bfloat16> x{size_t(Tn * H)}, xp{size_t(R * H)}, y{size_t(Tn * H)},
       dy{size_t(Tn * H)}, dyp{size_t(R * H)}, dx{size_t(Tn * H)};
   DeviceArray<float> dweight{size_t(shape.choices)};
 
-  DataPath() {
-    cuda::upload_routing(cuda::parity_routing(c, 7), routing, nullptr);
+  explicit DataPath(int64_t hidden = 520) : H(hidden) {
+    cuda::upload_routing(host_routing, routing, nullptr);
     cuda::fill_normal(x.get(), Tn * H, 1, 1.f, nullptr);
     cuda::fill_normal(dy.get(), Tn * H, 2, 1.f, nullptr);
   }
@@ -94,10 +96,71 @@ TEST(RowsPermuteBackward, OverwritingEqualsAddingIntoZeros) {
   p.run();  // dx: added into zeros
   const auto added = p.dx.download();
   p.dx.poison();
-  cuda::permute_backward(p.plan.view(), p.dyp.get(), DataPath::H, p.dx.get(), nullptr,
+  cuda::permute_backward(p.plan.view(), p.dyp.get(), p.H, p.dx.get(), nullptr,
                          /*accumulate=*/false);
   MOE_CUDA_CHECK(cudaDeviceSynchronize());
   EXPECT_TRUE(same_bytes(added, p.dx.download()));
+}
+
+// The combine backward without yp (the fused layer's, whose router-weight gradient comes from
+// the da GEMM): the same dyp bits as the full kernel, padding rows zeroed, for a vector width
+// (520) and the element-wise path (7).
+TEST(RowsCombineBackward, WithoutYpWritesTheSameDyp) {
+  MOE_REQUIRE_GPU();
+  for (int64_t h : {520, 7}) {
+    SCOPED_TRACE("H = " + std::to_string(h));
+    DataPath p(h);
+    p.run();
+    const auto full = p.dyp.download();
+    p.dyp.poison();
+    cuda::combine_backward<__nv_bfloat16>(p.plan.view(), p.routing.view(), nullptr, p.dy.get(),
+                                          p.H, p.dyp.get(), nullptr, nullptr);
+    MOE_CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_TRUE(same_bytes(full, p.dyp.download()));
+    EXPECT_THROW(cuda::combine_backward<__nv_bfloat16>(p.plan.view(), p.routing.view(), nullptr,
+                                                       p.dy.get(), p.H, p.dyp.get(),
+                                                       p.dweight.get(), nullptr),
+                 ConfigError);
+  }
+}
+
+// dweight from the da GEMM's row dots: each choice's parts added in part order, over its weight;
+// 0 for a dropped choice and for a zero weight. Random parts, some weights set to 0.
+TEST(RowsCombineBackward, DweightFromRowDotsAddsThePartsAndDividesByTheWeight) {
+  MOE_REQUIRE_GPU();
+  DataPath p(8);
+  const int64_t N = p.shape.choices, parts = 3, ld = p.R + 5;
+  for (int64_t c = 0; c < N; c += 7) p.host_routing.choice_weight[c] = 0.f;
+  cuda::upload_routing(p.host_routing, p.routing, nullptr);
+  p.run();
+  const std::vector<float> dots = random_vector<float>(parts * ld, 11);
+  DeviceArray<float> row_dot(dots);
+  p.dweight.poison();
+  cuda::combine_dweight_from_row_dots(p.plan.view(), p.routing.view(), row_dot.get(), parts, ld,
+                                      p.dweight.get(), nullptr);
+  MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto got = p.dweight.download();
+  std::vector<int32_t> choice_row(static_cast<size_t>(N));
+  MOE_CUDA_CHECK(cudaMemcpy(choice_row.data(), p.plan.view().choice_row, N * sizeof(int32_t),
+                            cudaMemcpyDeviceToHost));
+  int64_t dropped = 0, zero = 0, bad = 0;
+  for (int64_t c = 0; c < N; ++c) {
+    const int32_t r = choice_row[size_t(c)];
+    const float w = p.host_routing.choice_weight[size_t(c)];
+    float sum = 0.f;
+    if (r >= 0)
+      for (int64_t q = 0; q < parts; ++q) sum += dots[size_t(q * ld + r)];
+    const float want = r >= 0 && w != 0.f ? sum / w : 0.f;
+    dropped += r < 0;
+    zero += r >= 0 && w == 0.f;
+    bad += !same_bytes(std::vector<float>{got[size_t(c)]}, std::vector<float>{want});
+  }
+  EXPECT_EQ(bad, 0) << "of " << N << " choices";
+  EXPECT_GT(dropped, 0) << "the case should drop choices";
+  EXPECT_GT(zero, 0);
+  EXPECT_THROW(cuda::combine_dweight_from_row_dots(p.plan.view(), p.routing.view(), row_dot.get(),
+                                                   parts, p.R - 1, p.dweight.get(), nullptr),
+               ConfigError);
 }
 
 TEST(RowsDeterminism, RepeatedRunsAreBitwiseIdentical) {

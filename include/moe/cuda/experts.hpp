@@ -142,6 +142,10 @@ struct ExpertsBackwardArgs {
   // autograd writes for bf16 parameters, with half the bytes of fp32.
   bf16* dw_up_bf16 = nullptr;        // (E, H, A)
   bf16* dw_down_bf16 = nullptr;      // (E, I, H)
+  // grouped_fused only, or null: the da GEMM's row dots of da with act (GroupedGemmActGradArgs::
+  // row_dot), (row_dot_parts(I), max_rows) fp32. With dyp = w * dy their sum over the parts is
+  // w * <dy, yp> for each row: the router-weight gradient without reading yp.
+  float* row_dot = nullptr;
 };
 
 struct ExpertsCublasArrays;  // experts.cu: host-side argument arrays of the grouped-batched calls

@@ -95,7 +95,17 @@ struct GroupedGemmActGradArgs {
   const __nv_bfloat16* pre = nullptr;  // (max_rows, 2N) SwiGLU (pairs as in w_up), (max_rows, N) GELU
   __nv_bfloat16* dpre = nullptr;       // like pre; may be pre itself (read, then overwritten)
   bool blocked = false;                // SwiGLU: pairs in GateUpLayout::blocked order (N % 32 == 0)
+  // Or null: the router-weight gradient's row dots, row_dot[p * ld_row_dot + r] = sum over the
+  // columns u of tile p (kActGradTileN wide) of da[r, u] * act[r, u], da in fp32 and act the
+  // activation of the stored pre rounded to bf16; row_dot_parts(N) parts, ld_row_dot >= max_rows;
+  // rows past the last segment are not written. Adds nothing to dpre's bits.
+  float* row_dot = nullptr;
+  int64_t ld_row_dot = 0;
 };
+
+// The column tile of GroupedGemmActGrad, and so its number of row-dot parts for N units.
+inline constexpr int64_t kActGradTileN = 256;
+constexpr int64_t row_dot_parts(int64_t n) { return (n + kActGradTileN - 1) / kActGradTileN; }
 
 struct GroupedGemmActArgs {
   const int32_t* offsets = nullptr;  // (E+1) device segment starts

@@ -40,6 +40,10 @@
 //   dxp  into yp   (dyp's last reader, da = dyp w_down^T, has run)
 // so the experts stage is made without its own da / dpre. The host-offset and strided baselines
 // keep a separate dyp and the experts stage's own da and dpre (dxp still reuses yp).
+// Router-weight gradient (grouped_fused): dweight = <dy, yp> = <da, act> / weight, since dyp =
+// weight * dy; the da GEMM's epilogue sums da * act per row and column tile (row_dot,
+// row_dot_parts(I) x R fp32) and a per-choice pass adds the parts and divides, so the combine
+// backward writes dyp without reading yp (R*H bf16 less traffic). The other backends read yp.
 // Inference (backward = false) with grouped_fused writes no pre at all (nothing reads it back):
 // the up-projection's epilogue writes act alone.
 // Inference (backward = false) with the grouped backend may skip permute altogether (RowSource):
@@ -206,6 +210,7 @@ class Layer {
   bf16* yp_ = nullptr;         // (R, H); dyp, then dxp in the backward (grouped); dxp otherwise
   bf16* dyp_ = nullptr;        // (R, H); == yp_ with the grouped backends
   float* dweight_ = nullptr;   // (N)
+  float* row_dot_ = nullptr;   // (row_dot_parts(I), R) grouped_fused backward: <da, act> parts
   float* dz_ = nullptr;        // (T, E)
   bf16* dz_bf16_ = nullptr;    // (T, E); also dr's bf16 copy (noisy_topk)
   float* noise_raw_ = nullptr; // (T, E) x W_noise (noisy_topk)
@@ -213,6 +218,7 @@ class Layer {
   float* x_router_ = nullptr;  // (T, H) x * jitter in fp32; dz W_gate^T in the backward (jitter)
   float* w_gate_f32_ = nullptr;// (H, E) w_gate in fp32 (jitter)
   bool alias_ = false;         // grouped backend with backward: the aliasing above
+  bool dots_in_da_ = false;    // grouped_fused with backward: dweight from the da GEMM's row dots
   bool gather_ = false;        // the up-projection gathers x's rows: no permute, no xp
   bool keep_pre_ = true;       // pre is written (false: grouped_fused without backward)
   DeviceArena arena_;
