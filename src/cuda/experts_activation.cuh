@@ -1,4 +1,4 @@
-// defines: moe::cuda::act::{sigmoid, silu_mul, gelu, gelu_grad, silu_mul_grad, silu_mul_and_grad}
+// defines: moe::cuda::act::{sigmoid, silu_mul, gelu, gelu_grad, silu_mul_grad}
 // The experts' activations as device functions, shared by the elementwise kernels (experts.cu) and
 // the fused up-projection epilogue (grouped_gemm_epilogue_act_sm90.hpp), so that both compute the
 // same function with the same instructions: the fused path rounds its fp32 accumulators to bf16
@@ -26,15 +26,6 @@ __device__ __forceinline__ void silu_mul_grad(float d, float gate, float up, flo
   const float s = sigmoid(gate);
   d_gate = d * up * s * (1.f + gate * (1.f - s));
   d_up = d * gate * s;
-}
-// Both at once, sharing the sigmoid: returns silu_mul(gate, up) and sets silu_mul_grad's d_gate and
-// d_up, each the same expression as in the single functions (the same bits).
-__device__ __forceinline__ float silu_mul_and_grad(float d, float gate, float up, float& d_gate,
-                                                   float& d_up) {
-  const float s = sigmoid(gate);
-  d_gate = d * up * s * (1.f + gate * (1.f - s));
-  d_up = d * gate * s;
-  return gate * s * up;
 }
 
 __device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678f)); }
