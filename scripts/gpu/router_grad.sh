@@ -6,7 +6,9 @@
 # 1. every GPU test; 2. compute-sanitizer memcheck and racecheck on the fused da GEMM with row
 # dots, the combine backward without yp and the layer parity cases with six experts (small
 # cases); 3. scripts/gpu/layer_rounds.sh without its tests at CONFIGS (default OLMoE and Qwen3),
-# ROUNDS rounds (default 1). Logs packed into logs.tar.gz (a visit brings back at most 8 files).
+# ROUNDS rounds (default 1). Logs packed into logs.tar.gz (a visit brings back at most 8 files):
+# gpu_tests.log (step 1; layer_rounds.sh writes its own, empty, tests.log), sanitizer.log,
+# peer_layer.log.
 set -uo pipefail
 RUN=${1:?run folder}
 OUT=${OUT:-out}
@@ -15,9 +17,9 @@ status=0
 step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 step "GPU tests (all)"
-timeout 240 "$RUN/moe_cuda_tests" >"$OUT/tests.log" 2>&1 || status=1
-grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$OUT/tests.log" | head -20
-grep -B3 -A15 "Failure" "$OUT/tests.log" | head -60
+timeout 240 "$RUN/moe_cuda_tests" >"$OUT/gpu_tests.log" 2>&1 || status=1
+grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$OUT/gpu_tests.log" | head -20
+grep -B3 -A15 "Failure" "$OUT/gpu_tests.log" | head -60
 
 step "compute-sanitizer: fused da GEMM with row dots, combine backward, layer parity (small)"
 filter='*FusedUpProjection*Backward*:*RowsCombineBackward*:*LayerParity*e6*'
@@ -30,5 +32,5 @@ done
 
 CONFIGS=${CONFIGS:-"olmoe qwen3"} ROUNDS=${ROUNDS:-1} TEST_FILTER='-*' \
   OUT=$OUT bash scripts/gpu/layer_rounds.sh "$RUN" || status=1
-(cd "$OUT" && tar -czf logs.tar.gz --remove-files tests.log sanitizer.log peer_layer.log)
+(cd "$OUT" && tar -czf logs.tar.gz --remove-files gpu_tests.log tests.log sanitizer.log peer_layer.log)
 exit $status

@@ -122,10 +122,7 @@ RowSource resolve_rows(const LayerConfig& cfg, ExpertsBackend backend, bool back
                        RowSource rows) {
   if (rows != RowSource::automatic) return rows;
   const int64_t up_width = cfg.activation == Activation::swiglu ? 2 * cfg.inter : cfg.inter;
-  const int64_t rows_per_expert =
-      cfg.experts > 0 ? cfg.tokens * cfg.choices_per_step() / cfg.experts : 0;
-  const bool pays = backend == ExpertsBackend::grouped_fused && !backward &&
-                    up_width <= 32 * 256 && rows_per_expert >= 128;
+  const bool pays = backend == ExpertsBackend::grouped_fused && !backward && up_width <= 8 * 256;
   return pays ? RowSource::gathered : RowSource::permuted;
 }
 

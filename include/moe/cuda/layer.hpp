@@ -73,19 +73,21 @@ namespace moe::cuda {
 // pass and no xp (R*H bf16 less memory), grouped or grouped_fused backend without backward
 // only; `automatic` (the default), gathered where that measured faster, else permuted
 // (resolve_rows).
-// The gathered loader re-fetches each row once per 256-wide column tile of the up-projection, and
-// pays most where segments are short. On an H100, grouped_fused, the inference forward in
-// alternating rounds (layer/rounds_7b3bd02, gathered / permuted): OLMoE 0.955-0.973 (8 column
-// tiles, 2048 rows per expert), Qwen3 0.942-0.966 (6, 1024), Qwen3 at 32k 0.987-0.992, the
-// brief's small shape 0.980-0.995 (32, 1024), Mixtral 1.09-1.11 (112 tiles), decode 1.05 (4 rows
-// per expert). The unfused grouped path measured 2-17 % slower gathered at OLMoE, the small shape
-// and Mixtral (layer/gather_b8adba3, one loop after the other).
+// The gathered loader re-fetches each row once per 256-wide column tile of the up-projection. On
+// an H100, grouped_fused, the inference forward in alternating rounds, gathered / permuted, with
+// the gathered kernel on a 1x1 cluster (layer/rounds_27a6ca2, two rounds): OLMoE 0.947-0.952 (8
+// column tiles), Qwen3 0.935-0.951 (6), Qwen3 at 32k 0.952-0.964 (6), decode 0.970-0.972 (6
+// tiles, 4 rows per expert), the brief's small shape 1.016-1.021 (32), Mixtral 1.177-1.184
+// (112). On its earlier 2x1 cluster (layer/rounds_7b3bd02) decode was 1.05 and the small shape
+// 0.980-0.995, which is why the rule once asked for 128-row segments and allowed 32 tiles. The
+// unfused grouped path measured 2-17 % slower gathered at OLMoE, the small shape and Mixtral
+// (layer/gather_b8adba3, one loop after the other).
 enum class RowSource { permuted, gathered, automatic };
 
 // What `rows` means for a layer of this shape: `automatic` is `gathered` for grouped_fused
-// without backward when the up-projection has at most 32 column tiles (2I or I <= 8192) and its
-// segments average at least 128 rows (one tile); `permuted` otherwise. The other values are
-// returned as they are (the Layer checks that `gathered` is possible).
+// without backward when the up-projection has at most 8 column tiles (2I or I <= 2048: each of
+// x's rows is fetched once per column tile); `permuted` otherwise. The other values are returned
+// as they are (the Layer checks that `gathered` is possible).
 RowSource resolve_rows(const LayerConfig& cfg, ExpertsBackend backend, bool backward,
                        RowSource rows);
 const char* name(RowSource rows);
