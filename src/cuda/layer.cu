@@ -122,7 +122,7 @@ RowSource resolve_rows(const LayerConfig& cfg, ExpertsBackend backend, bool back
                        RowSource rows) {
   if (rows != RowSource::automatic) return rows;
   const int64_t up_width = cfg.activation == Activation::swiglu ? 2 * cfg.inter : cfg.inter;
-  const bool pays = backend == ExpertsBackend::grouped_fused && !backward && up_width <= 8 * 256;
+  const bool pays = backend == ExpertsBackend::grouped_fused && !backward && up_width <= 32 * 256;
   return pays ? RowSource::gathered : RowSource::permuted;
 }
 

@@ -34,7 +34,8 @@
 // The gradient is that of <dy, y> + aux_loss, as moe::layer_backward.
 // Memory (grouped backends): the backward adds no (max_rows, *) buffer to the forward's xp, pre,
 // act and yp. Each backward intermediate goes into storage whose last reader has run:
-//   dyp  into yp   (combine backward, in place: yp's element is read before dyp's is written)
+//   dyp  into yp   (combine backward; where it reads yp, in place: yp's element is read before
+//                   dyp's is written; grouped_fused does not read yp at all, see below)
 //   da   into act  (the experts backward computes dw_down = act^T dyp first)
 //   dpre into pre  (activation backward, in place)
 //   dxp  into yp   (dyp's last reader, da = dyp w_down^T, has run)
@@ -75,17 +76,17 @@ namespace moe::cuda {
 // (resolve_rows).
 // The gathered loader re-fetches each row once per 256-wide column tile of the up-projection. On
 // an H100, grouped_fused, the inference forward in alternating rounds, gathered / permuted, with
-// the gathered kernel on a 1x1 cluster (layer/rounds_27a6ca2, two rounds): OLMoE 0.947-0.952 (8
-// column tiles), Qwen3 0.935-0.951 (6), Qwen3 at 32k 0.952-0.964 (6), decode 0.970-0.972 (6
-// tiles, 4 rows per expert), the brief's small shape 1.016-1.021 (32), Mixtral 1.177-1.184
-// (112). On its earlier 2x1 cluster (layer/rounds_7b3bd02) decode was 1.05 and the small shape
-// 0.980-0.995, which is why the rule once asked for 128-row segments and allowed 32 tiles. The
-// unfused grouped path measured 2-17 % slower gathered at OLMoE, the small shape and Mixtral
+// the gathered kernel on a 1x1 cluster (layer/rounds_27a6ca2 and rounds_d081554, two rounds
+// each): OLMoE 0.944-0.954 (8 column tiles), Qwen3 0.936-0.956 (6), Qwen3 at 32k 0.952-0.978
+// (6), decode 0.970-0.976 (6 tiles, 4 rows per expert), Mixtral 1.177-1.205 (112); the brief's
+// small shape (32 tiles) 1.016-1.021 in one call and 0.963-0.972 in the other, as it read
+// 0.980-0.995 on the earlier 2x1 cluster (rounds_7b3bd02), where decode read 1.05. The unfused
+// grouped path measured 2-17 % slower gathered at OLMoE, the small shape and Mixtral
 // (layer/gather_b8adba3, one loop after the other).
 enum class RowSource { permuted, gathered, automatic };
 
 // What `rows` means for a layer of this shape: `automatic` is `gathered` for grouped_fused
-// without backward when the up-projection has at most 8 column tiles (2I or I <= 2048: each of
+// without backward when the up-projection has at most 32 column tiles (2I or I <= 8192: each of
 // x's rows is fetched once per column tile); `permuted` otherwise. The other values are returned
 // as they are (the Layer checks that `gathered` is possible).
 RowSource resolve_rows(const LayerConfig& cfg, ExpertsBackend backend, bool backward,
