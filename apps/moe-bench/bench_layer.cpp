@@ -11,7 +11,8 @@
 // expert weight gradients accumulated (fwd_bwd_ms) and written fresh (fwd_bwd_fresh_ms, what a
 // training step with zeroed gradients needs), and written fresh in bf16 (fwd_bwd_bf16_grads_ms:
 // the work of the peer, whose autograd writes bf16 gradients for bf16 parameters); the two fresh
-// ones alternate in 4 rounds and report their medians (rounds_fwd_bwd_*). No input rotation:
+// ones and the fresh fp32 step of a training layer with gathered rows (fwd_bwd_fresh_gathered_ms:
+// no permute and no xp) rotate in 6 rounds and report their medians (rounds_fwd_bwd_*). No input rotation:
 // the layer's working set (weights and activations) is many times the L2 cache.
 // FLOPs: forward 6*T*K*H*I (SwiGLU: the up projection 2*T*K*H*2I, the down projection
 // 2*T*K*I*H); backward twice that; the gate (2*T*H*E) is not counted.
@@ -297,7 +298,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   double fwd_ms = 0, step_ms = 0, fresh_ms = 0, bf16_ms = 0;
-  std::vector<double> fresh_rounds, bf16_rounds;
+  std::vector<double> fresh_rounds, bf16_rounds, gathered_rounds;
+  size_t gathered_bytes = 0;
   std::vector<double> backward_stage_ms, experts_step_ms;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
   size_t layer_bytes = 0;
@@ -335,22 +337,27 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     fresh16.dw_up = fresh16.dw_down = nullptr;
     fresh16.dw_up_bf16 = gwu16;
     fresh16.dw_down_bf16 = gwd16;
-    auto time_step = [&](const moe::cuda::LayerGrads& grads) {
+    // The same fresh fp32 step on a training layer whose rows are gathered (no permute, no xp:
+    // the up-projection and dw_up fetch x[row_token] themselves) joins the rotation, so that the
+    // two row sources are compared in like positions.
+    moe::cuda::Layer gathered(cfg, kLayerBackend, kLayerGateUp, /*backward=*/true, /*groups=*/1,
+                              cublas, moe::cuda::RowSource::gathered);
+    gathered_bytes = gathered.bytes();
+    auto time_step = [&](moe::cuda::Layer& l, const moe::cuda::LayerGrads& grads) {
       return time_median(o.warmup, o.reps, stream, [&] {
-        layer.forward(x, w, y, stream);
-        layer.backward(x, w, dy, grads, stream);
+        l.forward(x, w, y, stream);
+        l.backward(x, w, dy, grads, stream);
       });
     };
-    constexpr int kFreshRounds = 4;
-    for (int r = 0; r < kFreshRounds; ++r) {
-      if (r % 2 == 0) {
-        fresh_rounds.push_back(time_step(fresh));
-        bf16_rounds.push_back(time_step(fresh16));
-      } else {
-        bf16_rounds.push_back(time_step(fresh16));
-        fresh_rounds.push_back(time_step(fresh));
+    constexpr int kFreshRounds = 6;  // each loop in each position twice
+    std::vector<double>* rounds_of[3] = {&fresh_rounds, &bf16_rounds, &gathered_rounds};
+    for (int r = 0; r < kFreshRounds; ++r)
+      for (int i = 0; i < 3; ++i) {
+        const int v = (i + r) % 3;
+        rounds_of[v]->push_back(v == 0   ? time_step(layer, fresh)
+                                : v == 1 ? time_step(layer, fresh16)
+                                         : time_step(gathered, fresh));
       }
-    }
     fresh_ms = median(fresh_rounds);
     bf16_ms = median(bf16_rounds);
     // Diagnostics: per-stage forward times, per-stage backward times (fresh weight gradients) and
@@ -511,6 +518,14 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["fwd_bwd_bf16_grads_tflops"] = 3 * flops_fwd / (bf16_ms * 1e9);
   j["rounds_fwd_bwd_fresh_ms"] = fresh_rounds;
   j["rounds_fwd_bwd_bf16_grads_ms"] = bf16_rounds;
+  std::vector<double> gathered_ratio;
+  for (size_t r = 0; r < gathered_rounds.size(); ++r)
+    gathered_ratio.push_back(gathered_rounds[r] / fresh_rounds[r]);
+  j["fwd_bwd_fresh_gathered_ms"] = median(gathered_rounds);
+  j["rounds_fwd_bwd_fresh_gathered_ms"] = gathered_rounds;
+  j["rounds_gathered_over_fresh"] = gathered_ratio;
+  j["gathered_over_fresh_rounds_median"] = median(gathered_ratio);
+  j["gathered_layer_bytes"] = gathered_bytes;
   std::vector<double> round_ratio;
   for (size_t r = 0; r < round_fwd.size(); ++r) round_ratio.push_back(round_dense[r] / round_fwd[r]);
   std::vector<double> other_ratio;
@@ -586,6 +601,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     fmt::print(stderr, " {:.3f}/{:.3f}/{:.3f}", round_fwd[r], round_other[r], round_dense[r]);
   fmt::print(stderr, " -> median share of dense {:.1f}%, other rows / inference {:.3f}\n",
              100 * median(round_ratio), median(other_ratio));
+  fmt::print(stderr, "  training with rows gathered: fresh dW {:.3f} ms, {:.3f}x the permuted "
+             "layer's (rounds median), layer {:.2f} GiB\n", median(gathered_rounds),
+             median(gathered_ratio), gathered_bytes / double(1 << 30));
 }
 
 }  // namespace

@@ -3,9 +3,9 @@
 # repository root on the GPU machine with RUN staged by scripts/gpu/stage_run.sh and unpacked
 # (source scripts/gpu/unpack_run.sh RUN):
 #   OUT=/some/dir bash scripts/gpu/router_grad.sh RUN          (about 6 minutes)
-# 1. every GPU test; 2. compute-sanitizer memcheck and racecheck on the fused da GEMM with row
-# dots, the combine backward without yp and the layer parity cases with six experts (small
-# cases); 3. scripts/gpu/layer_rounds.sh without its tests at CONFIGS (default OLMoE and Qwen3),
+# 1. every GPU test; 2. compute-sanitizer memcheck and racecheck on SANITIZE_FILTER (default: the
+# fused da GEMM with row dots, the combine backward without yp and the layer parity cases with six
+# experts; small cases); 3. scripts/gpu/layer_rounds.sh without its tests at CONFIGS (default OLMoE and Qwen3),
 # ROUNDS rounds (default 1). Logs packed into logs.tar.gz (a visit brings back at most 8 files):
 # gpu_tests.log (step 1; layer_rounds.sh writes its own, empty, tests.log), sanitizer.log,
 # peer_layer.log.
@@ -21,8 +21,8 @@ timeout 240 "$RUN/moe_cuda_tests" >"$OUT/gpu_tests.log" 2>&1 || status=1
 grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$OUT/gpu_tests.log" | head -20
 grep -B3 -A15 "Failure" "$OUT/gpu_tests.log" | head -60
 
-step "compute-sanitizer: fused da GEMM with row dots, combine backward, layer parity (small)"
-filter='*FusedUpProjection*Backward*:*RowsCombineBackward*:*LayerParity*e6*'
+filter=${SANITIZE_FILTER:-'*FusedUpProjection*Backward*:*RowsCombineBackward*:*LayerParity*e6*'}
+step "compute-sanitizer on $filter (small cases)"
 for tool in memcheck racecheck; do
   MOE_TEST_SMALL=1 timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 \
     "$RUN/moe_cuda_tests" --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1

@@ -731,7 +731,9 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
   const ExpertsShape& s = ws.shape_;
   MOE_CHECK(ws.backward_, "experts_backward: the workspace was made without backward buffers");
   const bool bf16_dw = a.dw_up_bf16 != nullptr || a.dw_down_bf16 != nullptr;
-  MOE_CHECK(a.offsets && a.w_up && a.w_down && a.xp && a.pre && a.act && a.dyp && a.dxp &&
+  const bool gathered = a.row_token != nullptr;
+  MOE_CHECK(a.offsets && a.w_up && a.w_down && (gathered ? a.x != nullptr : a.xp != nullptr) &&
+                a.pre && a.act && a.dyp && a.dxp &&
                 (bf16_dw ? a.dw_up_bf16 && a.dw_down_bf16 && !a.dw_up && !a.dw_down
                          : a.dw_up && a.dw_down),
             "experts_backward: null pointer argument (the weight gradients: dw_up and dw_down, "
@@ -750,6 +752,8 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
   MOE_CHECK(events == nullptr || grouped, "experts_backward: step events need a grouped backend");
   MOE_CHECK(a.row_dot == nullptr || fused,
             "experts_backward: row_dot comes from the fused da GEMM (grouped_fused) only");
+  MOE_CHECK(!gathered || (grouped && a.tokens >= 1),
+            "experts_backward: gathered rows (row_token) need a grouped backend and tokens >= 1");
   auto mark = [&](ExpertsBackwardStep step) {
     if (events) MOE_CUDA_CHECK(cudaEventRecord(events[int(step)], stream));
   };
@@ -779,8 +783,10 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     mark(ExpertsBackwardStep::dxp);
     ws.dxp_.run({a.offsets, H, A, dpre, a.w_up, a.dxp}, stream);                // dxp = dpre · w_up^T
     mark(ExpertsBackwardStep::dw_up);
-    ws.wgrad_up_.run({a.offsets, H, A, a.xp, dpre, a.dw_up, a.accumulate, a.dw_up_bf16},
-                     stream);                                                   // dw_up (+)= xp^T dpre
+    GroupedWgradArgs up{a.offsets, H, A, gathered ? a.x : a.xp, dpre, a.dw_up, a.accumulate,
+                        a.dw_up_bf16};
+    if (gathered) up.gather = a.row_token, up.gather_rows = a.tokens;
+    ws.wgrad_up_.run(up, stream);                                               // dw_up (+)= xp^T dpre
     mark(ExpertsBackwardStep::count);
     return;
   }

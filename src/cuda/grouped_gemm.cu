@@ -20,6 +20,7 @@ using grouped_gemm::Bf16Sm90Gather;
 using grouped_gemm::Bf16Sm90Wgrad;
 using grouped_gemm::Bf16Sm90WgradBf16;
 using grouped_gemm::Bf16Sm90WgradFresh;
+using grouped_gemm::Bf16Sm90WgradGather;
 
 // A width the TMA descriptors can take: a positive multiple of 8 bf16 (16-byte rows), < 2^30.
 void check_width(const char* what, const char* name, int64_t v) {
@@ -96,7 +97,8 @@ void GroupedGemm::run(const GroupedGemmArgs& args, cudaStream_t stream) const {
 GroupedWgrad::GroupedWgrad(int64_t experts) : GroupedGemmBase(experts) {
   allocate(std::max({Bf16Sm90Wgrad::workspace_bytes(experts, sm_count_),
                      Bf16Sm90WgradFresh::workspace_bytes(experts, sm_count_),
-                     Bf16Sm90WgradBf16::workspace_bytes(experts, sm_count_)}));
+                     Bf16Sm90WgradBf16::workspace_bytes(experts, sm_count_),
+                     Bf16Sm90WgradGather::workspace_bytes(experts, sm_count_)}));
 }
 
 const char* GroupedWgrad::name() const { return Bf16Sm90Wgrad::name(); }
@@ -107,9 +109,14 @@ void GroupedWgrad::run(const GroupedWgradArgs& args, cudaStream_t stream) const 
   check_width("grouped weight gradient", "Q", args.q);
   MOE_CHECK(args.offsets && args.x && args.y && ((args.dw != nullptr) != (args.dw_bf16 != nullptr)),
             "grouped weight gradient: null pointer argument (exactly one of dw, dw_bf16)");
-  if (args.dw_bf16 != nullptr) {
+  if (args.dw_bf16 != nullptr)
     MOE_CHECK(!args.accumulate,
               "grouped weight gradient: bf16 dW is written fresh only (accumulate = false)");
+  if (args.gather != nullptr) {
+    Bf16Sm90WgradGather::run(args, experts_, workspace_, sm_count_, stream);
+    return;
+  }
+  if (args.dw_bf16 != nullptr) {
     Bf16Sm90WgradBf16::run(args, experts_, workspace_, sm_count_, stream);
     return;
   }

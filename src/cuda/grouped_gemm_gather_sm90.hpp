@@ -1,11 +1,15 @@
 // defines: moe::cuda::grouped_gemm::GatherMainloop
-// The up-projection's mainloop with the permute folded into its loader: row i of expert e's A tile
-// is row gather[offsets[e] + i] of x (T, K), fetched by index, so no permuted copy xp is ever
-// written. TMA cannot gather rows on sm90 (a descriptor addresses a box, not a list of rows), so
-// the producer warp copies A with cp.async, 16 bytes per lane, into the same 128B-swizzled smem
-// layout the TMA would have written; B (the expert's weights) still comes by TMA, multicast over
-// the cluster as before. The consumers (wgmma) and the epilogue are CUTLASS's, unchanged, so the
-// result is bit-identical to permute + the plain grouped GEMM.
+// Grouped-GEMM mainloops with the permute folded into their A loader, so no permuted copy xp is
+// ever written. TMA cannot gather rows on sm90 (a descriptor addresses a box, not a list of
+// rows), so the producer warps copy A with cp.async, 16 bytes per lane, into the same
+// 128B-swizzled smem layout the TMA would have written; B still comes by TMA, multicast over the
+// cluster as before. The consumers (wgmma) and the epilogue are CUTLASS's, unchanged, so the
+// result is bit-identical to permute + the plain grouped GEMM. Two forms:
+//   along M (kAlongK = false), the up-projection: row i of expert e's A tile (K-major) is row
+//     gather[offsets[e] + i] of x (T, K);
+//   along K (kAlongK = true), the weight gradient dW_e = X_e^T Y_e: A = X_e^T is M-major and its
+//     k-th column is row gather[offsets[e] + k] of x (T, P), so each K slice of 64 brings 64 rows
+//     of x, 128 columns of each (the tile's M).
 //
 // Two producer warps copy A, half the rows each: the mainloop warp (which also issues B's TMA) and
 // the kernel's auxiliary load warp, otherwise idle. One warp alone was the bottleneck: a tile
@@ -38,7 +42,7 @@ struct cutlass::gemm::kernel::detail::HasAuxiliaryLoad<
 
 namespace moe::cuda::grouped_gemm {
 
-template <class Base>
+template <class Base, bool kAlongK = false>
 struct GatherMainloop : Base {
   using typename Base::ElementA;
   using typename Base::ElementB;
@@ -57,9 +61,12 @@ struct GatherMainloop : Base {
   static constexpr int kRowsPerLane = kBlockM / 32;  // two producer warps, 16 rows per pass
   static_assert(sizeof(ElementA) == 2 && kBlockK == 64 && kBlockM % 32 == 0,
                 "the gathered loader is written for 16-bit A in 64-wide K slices");
-  static_assert(cute::is_same_v<typename Base::SmemLayoutAtomA,
-                                cute::GMMA::Layout_K_SW128_Atom<ElementA>>,
-                "the gathered loader writes the 128B-swizzled K-major layout");
+  static_assert(kAlongK || cute::is_same_v<typename Base::SmemLayoutAtomA,
+                                           cute::GMMA::Layout_K_SW128_Atom<ElementA>>,
+                "the row gather writes the 128B-swizzled K-major layout");
+  static_assert(!kAlongK || (kBlockM == 128 && cute::is_same_v<typename Base::SmemLayoutAtomA,
+                                                               cute::GMMA::Layout_MN_SW128_Atom<ElementA>>),
+                "the K gather writes 128-wide M slices of the 128B-swizzled M-major layout");
 
   // The pipeline's full barrier: the leader's arrive (with B's transaction bytes) + one per lane
   // of the two producer warps.
@@ -70,9 +77,9 @@ struct GatherMainloop : Base {
 
   struct GatherArgs {
     const int32_t* offsets = nullptr;  // (E+1) segment starts
-    const int32_t* gather = nullptr;   // (max_rows) source row of each A row
-    const ElementA* rows = nullptr;    // (T, K) the rows gathered from
-    int64_t ld = 0;                    // K
+    const int32_t* gather = nullptr;   // (max_rows) source row of each A row (along K: column)
+    const ElementA* rows = nullptr;    // (T, ld) the rows gathered from
+    int64_t ld = 0;                    // K (along K: P, the tile's M extent)
     int32_t row_count = 0;             // T: indices outside [0, T) are zero rows
   };
 
@@ -137,13 +144,17 @@ struct GatherMainloop : Base {
       for (int m = 0; m < size<0>(block_layout); ++m)
         mcast_mask_b |= uint16_t(1) << block_layout(m, cluster_id.y, Int<0>{});
     }
-    produce</*kWarp=*/0>(params, pipeline, smem_pipe_write, get<2>(load_inputs), m_coord,
-                         k_tile_iter, k_tile_count, storage, [&](auto* barrier, int k_tile,
-                                                                 int stage) {
+    auto issue_b = [&](auto* barrier, int k_tile, int stage) {
       if (cute::elect_one_sync())
         copy(params.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b),
              tBgB(_, _, _, k_tile), tBsB(_, _, _, stage));
-    });
+    };
+    if constexpr (kAlongK)
+      produce_along_k</*kWarp=*/0>(params, pipeline, smem_pipe_write, get<2>(load_inputs),
+                                   m_coord, k_tile_iter, k_tile_count, storage, issue_b);
+    else
+      produce</*kWarp=*/0>(params, pipeline, smem_pipe_write, get<2>(load_inputs), m_coord,
+                           k_tile_iter, k_tile_count, storage, issue_b);
   }
 
   // The auxiliary producer warp (the kernel runs it because HasAuxiliaryLoad is set for this
@@ -154,9 +165,14 @@ struct GatherMainloop : Base {
                                      BlockCoord const& blk_coord, KTileIterator k_tile_iter,
                                      int k_tile_count, int /*thread_idx*/,
                                      uint32_t /*block_rank_in_cluster*/, TensorStorage& storage) {
-    produce</*kWarp=*/1>(params, pipeline, smem_pipe_write, cute::get<2>(load_inputs),
-                         cute::get<0>(blk_coord), k_tile_iter, k_tile_count, storage,
-                         [](auto*, int, int) {});
+    auto no_b = [](auto*, int, int) {};
+    if constexpr (kAlongK)
+      produce_along_k</*kWarp=*/1>(params, pipeline, smem_pipe_write, cute::get<2>(load_inputs),
+                                   cute::get<0>(blk_coord), k_tile_iter, k_tile_count, storage,
+                                   no_b);
+    else
+      produce</*kWarp=*/1>(params, pipeline, smem_pipe_write, cute::get<2>(load_inputs),
+                           cute::get<0>(blk_coord), k_tile_iter, k_tile_count, storage, no_b);
   }
 
  private:
@@ -225,6 +241,78 @@ struct GatherMainloop : Base {
           const bool ok = row_ok && (full_slice || col + 16 * c < k_total);
           asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                            s_stage + chunk_off[c] + 4096u * j),
+                       "l"(g + 32 * c), "r"(ok ? 16 : 0));
+        }
+      }
+      cutlass::arch::cpasync_barrier_arrive_noinc(reinterpret_cast<uint64_t const*>(barrier));
+      ++k_tile_iter;
+      ++smem_pipe_write;
+    }
+  }
+
+  // Along K: one producer warp's share of a 128 (M) x 64 (K) slice of A = X_e^T. Column k of the
+  // slice is 128 contiguous values (256 bytes) of row gather[offsets[e] + k] of x; lane l copies
+  // 16-byte chunks (l % 2) + 2c, c < 8, of columns l / 2 + 16 kWarp and that + 32: a lane pair
+  // reads whole 32-byte sectors, a warp instruction 16 source rows. The column indices change with
+  // every K slice, so each lane loads its two before waiting for the stage to be free.
+  template <int kWarp, class MCoord, class KTileIterator, class IssueB>
+  CUTLASS_DEVICE void produce_along_k(Params const& params, MainloopPipeline& pipeline,
+                                      PipelineState smem_pipe_write, int32_t expert,
+                                      MCoord m_coord, KTileIterator k_tile_iter, int k_tile_count,
+                                      TensorStorage& storage, IssueB&& issue_b) {
+    using namespace cute;
+    const int lane = cutlass::canonical_lane_idx();
+    Tensor sA = make_tensor(make_smem_ptr(storage.smem_A.data()), SmemLayoutA{});  // (M,K,PIPE)
+    const int32_t r0 = params.g.offsets[expert];
+    const int32_t m_e = params.g.offsets[expert + 1] - r0;
+    const int k0 = lane / 2 + 16 * kWarp;  // this lane's first column of a slice; the other, + 32
+
+    // Shared-memory byte offsets from the layout itself: chunk c of column k0 (M values
+    // 8 (lane % 2 + 2c) .. + 7, contiguous in the M-major swizzle atom), and the step to column
+    // k0 + 32 (whole swizzle atoms further, the same permutation, so the same for every chunk).
+    const uint32_t stage0 = cute::cast_smem_ptr_to_uint(&sA(0, 0, 0));
+    const uint32_t stage_bytes = cute::cast_smem_ptr_to_uint(&sA(0, 0, 1)) - stage0;
+    uint32_t chunk_off[8];
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < 8; ++c)
+      chunk_off[c] = cute::cast_smem_ptr_to_uint(&sA(8 * (lane % 2 + 2 * c), k0, 0)) - stage0;
+    const uint32_t half_off = cute::cast_smem_ptr_to_uint(&sA(0, k0 + 32, 0)) -
+                              cute::cast_smem_ptr_to_uint(&sA(0, k0, 0));
+
+    // Byte arithmetic in 32 bits where it fits: P < 2^30 (checked on the host).
+    const int32_t p_total = static_cast<int32_t>(params.g.ld);
+    const int64_t row_bytes = int64_t{p_total} * static_cast<int64_t>(sizeof(ElementA));
+    const char* rows = reinterpret_cast<const char*>(params.g.rows);
+    const int32_t col0 = static_cast<int32_t>(m_coord) * kBlockM + 8 * (lane % 2);
+
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_tile_count > 0; --k_tile_count) {
+      const int k_tile = *k_tile_iter;
+      int32_t src[2];
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int32_t k = k_tile * kBlockK + k0 + 32 * h;
+        const int32_t t = k < m_e ? params.g.gather[r0 + k] : -1;
+        src[h] = t >= 0 && t < params.g.row_count ? t : -1;
+      }
+      pipeline.producer_acquire(smem_pipe_write);  // all lanes wait; the leader expects B's bytes
+      using BarrierType = typename MainloopPipeline::ProducerBarrierType;
+      BarrierType* barrier = pipeline.producer_get_barrier(smem_pipe_write);
+      const int stage = smem_pipe_write.index();
+      issue_b(barrier, k_tile, stage);
+
+      const uint32_t s_stage = stage0 + stage * stage_bytes;
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const bool row_ok = src[h] >= 0;
+        const char* g = rows + (row_ok ? src[h] * row_bytes : 0) + col0 * int32_t{sizeof(ElementA)};
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < 8; ++c) {
+          // P is a multiple of 8: a chunk is wholly in or out; only a last, partial M tile has
+          // chunks out.
+          const bool ok = row_ok && col0 + 16 * c < p_total;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                           s_stage + chunk_off[c] + half_off * h),
                        "l"(g + 32 * c), "r"(ok ? 16 : 0));
         }
       }

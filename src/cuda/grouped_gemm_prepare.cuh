@@ -91,7 +91,10 @@ template <class Element, class Problem, class StrideA, class StrideB, class Stri
 struct WgradPrepareParams {
   const int32_t* offsets;      // (E+1) segment starts
   int32_t groups, p, q;        // E, P, Q
-  const Element* x;            // (max_rows, P): A_e = X_e^T, column-major (M-major), ld P
+  bool x_gathered;             // X's rows are fetched by index from `x` (GatherMainloop along K):
+                               // every expert's A pointer is `x` itself, kept for its descriptor
+  const Element* x;            // (max_rows, P): A_e = X_e^T, column-major (M-major), ld P; or
+                               // (T, P) when gathered
   const Element* y;            // (max_rows, Q): B_e = Y_e (K, N) row-major (N-major), ld Q
   ElementDW* dw;               // (E, P, Q) row-major, fp32 (or bf16, written fresh)
   Problem* problems;           // (E) {P, Q, m_e} or {0, Q, 0}
@@ -110,7 +113,7 @@ __global__ void wgrad_prepare_kernel(
   for (int e = threadIdx.x; e < p.groups; e += blockDim.x) {
     const int32_t r0 = p.offsets[e], r1 = p.offsets[e + 1];
     MOE_DEVICE_ASSERT(r0 >= 0 && r1 >= r0);
-    const Element* x = p.x + int64_t{r0} * p.p;                 // segment e of X (m_e, P)
+    const Element* x = p.x_gathered ? p.x : p.x + int64_t{r0} * p.p;  // segment e of X (m_e, P)
     const Element* y = p.y + int64_t{r0} * p.q;                 // segment e of Y (m_e, Q)
     ElementDW* dw = p.dw + int64_t{e} * p.p * p.q;              // dW_e (P, Q)
     MOE_DEVICE_ASSERT(reinterpret_cast<uintptr_t>(x) % 16 == 0);

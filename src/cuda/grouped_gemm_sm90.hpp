@@ -9,6 +9,7 @@
 //   Bf16Sm90Wgrad  grouped_gemm_wgrad_sm90.cuh -> grouped_gemm_bf16_wgrad.cu
 //   Bf16Sm90WgradBf16 (bf16 dW)                -> grouped_gemm_bf16_wgrad_bf16.cu
 //   Bf16Sm90WgradFresh (fp32 dW written fresh) -> grouped_gemm_bf16_wgrad_fresh.cu
+//   Bf16Sm90WgradGather (X's rows gathered)    -> grouped_gemm_bf16_wgrad_gather.cu
 //   Bf16Sm90Act    grouped_gemm_act_sm90.cuh   -> grouped_gemm_bf16_act.cu
 //   Bf16Sm90ActGather (A rows gathered)        -> grouped_gemm_bf16_act_gather.cu
 //   Bf16Sm90ActGrad (da GEMM + act backward)   -> grouped_gemm_bf16_act_grad.cu
@@ -58,6 +59,15 @@ struct Bf16Sm90WgradFresh {
 
 // The same with bf16 dW, written fresh only: grouped_gemm_bf16_wgrad_bf16.cu.
 struct Bf16Sm90WgradBf16 {
+  static size_t workspace_bytes(int64_t groups, int sm_count);
+  static void run(const GroupedWgradArgs& args, int64_t groups, void* workspace, int sm_count,
+                  cudaStream_t stream);
+  static const char* name();
+};
+
+// The three weight-gradient kernels above with X's rows gathered by index (GroupedWgradArgs::
+// gather), chosen by the arguments as GroupedWgrad::run chooses: grouped_gemm_bf16_wgrad_gather.cu.
+struct Bf16Sm90WgradGather {
   static size_t workspace_bytes(int64_t groups, int sm_count);
   static void run(const GroupedWgradArgs& args, int64_t groups, void* workspace, int sm_count,
                   cudaStream_t stream);

@@ -23,6 +23,7 @@
 
 #include "grouped_gemm_common_sm90.cuh"
 #include "grouped_gemm_epilogue_sm90.hpp"
+#include "grouped_gemm_gather_sm90.hpp"
 #include "grouped_gemm_mainloop_sm90.hpp"
 #include "grouped_gemm_prepare.cuh"
 #include "grouped_gemm_sm90.hpp"
@@ -41,8 +42,11 @@ namespace moe::cuda::grouped_gemm {
 // kWriteOnly (fp32): an epilogue with no C (EpilogueWriteF32), dW written fresh only.
 // EpilogueOverride: another epilogue for ElementDW written fresh (the lab's variants); void: the
 // choice above.
+// kGatherA: X_e's rows are fetched by index (GroupedWgradArgs::gather) by the K-gathering loader
+// (GatherMainloop<..., true>), so dw_up needs x and the plan, not a permuted copy xp.
 template <class Config, class EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto,
-          class ElementDW = float, bool kWriteOnly = false, class EpilogueOverride = void>
+          class ElementDW = float, bool kWriteOnly = false, class EpilogueOverride = void,
+          bool kGatherA = false>
 struct WgradKernel {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
   static constexpr bool kF32 = cute::is_same_v<ElementDW, float>;
@@ -55,8 +59,12 @@ struct WgradKernel {
           cute::conditional_t<kF32, EpilogueAccumulateF32<Config, EpilogueTile>,
                               EpilogueStore<Config>>>>;
   static constexpr bool kNoC = cute::is_void_v<typename Epilogue::ElementC>;
-  using Collective = MainloopAB<Config, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
-                                static_cast<int>(sizeof(typename Epilogue::SharedStorage))>;
+  using CollectiveTma =
+      MainloopAB<Config, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor,
+                 static_cast<int>(sizeof(typename Epilogue::SharedStorage))>;
+  using Collective = cute::conditional_t<kGatherA, GatherMainloop<CollectiveTma, true>,
+                                         CollectiveTma>;
+  static constexpr bool kGather = kGatherA;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
@@ -99,13 +107,23 @@ struct WgradKernel {
   }
 
   static typename Gemm::Arguments arguments(const Carve& c, int64_t groups, int sm_count,
-                                            bool accumulate = true) {
+                                            bool accumulate = true,
+                                            const GroupedWgradArgs* a = nullptr) {
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
-        {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
+        {},
         {},
         hardware_info(sm_count)};
+    if constexpr (kGatherA) {
+      typename Collective::Arguments m{{c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, {}};
+      if (a != nullptr)
+        m.g = {a->offsets, a->gather, reinterpret_cast<const Bf16*>(a->x), a->p,
+               static_cast<int32_t>(a->gather_rows)};
+      args.mainloop = m;
+    } else {
+      args.mainloop = {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b};
+    }
     if constexpr (kNoC)
       args.epilogue = {{}, nullptr, c.stride_d, c.ptr_d, c.stride_d};
     else
@@ -128,7 +146,8 @@ struct WgradKernel {
 
 // A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
 // instantiates WgradKernel<CooperativeConfig> (accumulating) in grouped_gemm_bf16_wgrad.cu, its
-// write-only fp32 and its bf16 forms in grouped_gemm_bf16_wgrad_{fresh,bf16}.cu.
+// write-only fp32 and its bf16 forms in grouped_gemm_bf16_wgrad_{fresh,bf16}.cu, and the three with
+// gathered X in grouped_gemm_bf16_wgrad_gather.cu.
 template <class K>
 struct WgradLauncher {
   static size_t workspace_bytes(int64_t groups, int sm_count) {
@@ -152,6 +171,7 @@ struct WgradLauncher {
           static_cast<int32_t>(groups),
           static_cast<int32_t>(args.p),
           static_cast<int32_t>(args.q),
+          K::kGather,
           reinterpret_cast<const Bf16*>(args.x),
           reinterpret_cast<const Bf16*>(args.y),
           dw,
@@ -170,7 +190,7 @@ struct WgradLauncher {
 
     // Step 3: the persistent grouped GEMM.
     typename K::Gemm gemm;
-    const auto arguments = K::arguments(c, groups, sm_count, args.accumulate);
+    const auto arguments = K::arguments(c, groups, sm_count, args.accumulate, &args);
     MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
     MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
     MOE_CUTLASS_CHECK(gemm.run(stream));

@@ -86,15 +86,13 @@ bool dots_in_da(ExpertsBackend backend, bool backward) {
   return backward && backend == ExpertsBackend::grouped_fused;
 }
 
-// Whether the up-projection gathers x's rows itself (no permute pass, no xp): only without a
-// backward (dw_up = xp^T dpre reads xp as contiguous rows) and with a grouped backend; see
-// RowSource for when it pays.
+// Whether the up-projection gathers x's rows itself (no permute pass, no xp; with a backward,
+// dw_up gathers them too): grouped backends only; see RowSource for when it pays.
 bool gathers(const LayerConfig& cfg, ExpertsBackend backend, bool backward, RowSource rows) {
   rows = resolve_rows(cfg, backend, backward, rows);
-  MOE_CHECK(rows != RowSource::gathered ||
-                (!backward && (backend == ExpertsBackend::grouped ||
-                               backend == ExpertsBackend::grouped_fused)),
-            "cuda::Layer: RowSource::gathered needs a grouped backend and backward = false");
+  MOE_CHECK(rows != RowSource::gathered || backend == ExpertsBackend::grouped ||
+                backend == ExpertsBackend::grouped_fused,
+            "cuda::Layer: RowSource::gathered needs a grouped backend (grouped or grouped_fused)");
   return rows == RowSource::gathered;
 }
 
@@ -313,7 +311,13 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   eb.offsets = plan_.view().offsets;
   eb.w_up = w.w_up;
   eb.w_down = w.w_down;
-  eb.xp = xp_;
+  if (gather_) {  // dw_up gathers x's rows as the up-projection did: there is no xp
+    eb.x = x;
+    eb.row_token = plan_.view().row_token;
+    eb.tokens = T;
+  } else {
+    eb.xp = xp_;
+  }
   eb.pre = pre_;
   eb.act = act_;
   eb.dyp = dyp_;

@@ -546,6 +546,55 @@ TEST(GroupedGemmAct, GatheredRowsGiveThePermutedResultBitForBit) {
 }
 
 // dW_e += X_e^T Y_e with K = m_e: segments of 1, 3, 5 (< 8), 64, 130, 257 rows, two empty ones.
+// dW = X^T Y with X's rows fetched by index along the reduction (dw_up from x and the plan): the
+// same bits as the kernel on the permuted copy, in all three forms (accumulated fp32, fp32 written
+// fresh, bf16), with padding and stray indices reading as zero rows, a partial M tile (P = 200)
+// and segments that end inside a K slice.
+TEST(GroupedWgrad, GatheredRowsGiveThePermutedGradientBitForBit) {
+  MOE_REQUIRE_GPU();
+  const GatheredRows g_in(41);
+  const int64_t T = GatheredRows::T, P = GatheredRows::K, Q = 136;
+  const int64_t E = g_in.E, R = g_in.R;
+  const std::vector<int64_t>& o = g_in.o;
+  const std::vector<float> y = round_to<bf16>(random_vector<float>(R * Q, 42));
+  const std::vector<float> dw0 = random_vector<float>(E * P * Q, 43);
+  std::vector<double> want(E * P * Q, 0);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = o[e]; r < o[e + 1]; ++r)
+      for (int64_t i = 0; i < P; ++i) {
+        const double xv = g_in.xp[r * P + i];
+        for (int64_t j = 0; j < Q; ++j) want[(e * P + i) * Q + j] += xv * y[r * Q + j];
+      }
+  DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end())), dgather(g_in.gather);
+  DeviceArray<bf16> dx(to_device_type<bf16>(g_in.x)), dxp(to_device_type<bf16>(g_in.xp)),
+      dy(to_device_type<bf16>(y));
+  cuda::GroupedWgrad wgrad(E);
+  for (int form = 0; form < 3; ++form) {  // accumulated fp32, fp32 written fresh, bf16
+    SCOPED_TRACE(form == 0 ? "accumulated" : form == 1 ? "fp32 written fresh" : "bf16");
+    DeviceArray<float> plain(dw0), gathered(dw0);
+    DeviceArray<bf16> plain16(E * P * Q), gathered16(E * P * Q);
+    if (form > 0) plain.poison(), gathered.poison();
+    plain16.poison(), gathered16.poison();
+    cuda::GroupedWgradArgs a{offsets.get(), P, Q, dxp.get(), dy.get(), plain.get(), form == 0};
+    if (form == 2) a.dw = nullptr, a.dw_bf16 = plain16.get();
+    wgrad.run(a, nullptr);
+    a.x = dx.get();
+    a.gather = dgather.get();
+    a.gather_rows = T;
+    if (form == 2) a.dw_bf16 = gathered16.get();
+    else a.dw = gathered.get();
+    wgrad.run(a, nullptr);
+    if (form == 2) {
+      EXPECT_TRUE(same_bytes(plain16.download(), gathered16.download()));
+    } else {
+      const std::vector<float> got = gathered.download();
+      EXPECT_TRUE(same_bytes(plain.download(), got));
+      const std::vector<float> start = form == 0 ? dw0 : std::vector<float>(E * P * Q, 0.f);
+      EXPECT_TRUE(slices_close("dW gathered", got, start, want, o, P * Q));
+    }
+  }
+}
+
 TEST(GroupedWgrad, EachSliceGainsItsSegmentsProductAndEmptyExpertsKeepTheirBits) {
   MOE_REQUIRE_GPU();
   const std::vector<int64_t> sizes = {3, 0, 257, 1, 0, 64, 130, 5};

@@ -236,6 +236,28 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
   const double e_y = rel_frobenius(d.y.download(), fwd.y);
   const double e_dx = rel_frobenius(d.dx.download(), dx_ref);
 
+  // Training with x's rows gathered (no permute pass and no xp: the up-projection's loader and
+  // dw_up's fetch x[row_token] themselves): every output the permuted layer's, bit for bit.
+  auto expect_same_outputs = [](const DeviceLayerData& a, const DeviceLayerData& b,
+                                const char* what) {
+    EXPECT_TRUE(same_bytes(a.y.download(), b.y.download())) << what << ": y";
+    EXPECT_TRUE(same_bytes(a.dx.download(), b.dx.download())) << what << ": dx";
+    EXPECT_TRUE(same_bytes(a.dw_gate.download(), b.dw_gate.download())) << what << ": dW_gate";
+    EXPECT_TRUE(same_bytes(a.dw_noise.download(), b.dw_noise.download())) << what << ": dW_noise";
+    EXPECT_TRUE(same_bytes(a.dw_up.download(), b.dw_up.download())) << what << ": dW_up";
+    EXPECT_TRUE(same_bytes(a.dw_down.download(), b.dw_down.download())) << what << ": dW_down";
+  };
+  {
+    cuda::Layer gathered(built, cuda::ExpertsBackend::grouped, cuda::GateUpLayout::split,
+                         /*backward=*/true, /*groups=*/1, /*cublas=*/nullptr,
+                         cuda::RowSource::gathered);
+    ASSERT_EQ(gathered.rows(), cuda::RowSource::gathered);
+    gathered.set_seed(c.seed);
+    DeviceLayerData g(in, c.E);
+    run_once(gathered, g, c.router);
+    expect_same_outputs(g, d, "gathered training");
+  }
+
   // Inference (no backward): the up-projection gathers x's rows by row_token itself (no permute,
   // no xp), and y must be the training layer's y bit for bit -- padding rows, drops and skipped
   // choices included.
@@ -289,6 +311,18 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
                             c.E * c.H, c.I, nullptr);
     f.w_up = std::move(w_up_blocked);
     run_once(fused, f, c.router);
+    {  // and with x's rows gathered: the fused permuted layer's bits
+      cuda::Layer fused_gathered(built, cuda::ExpertsBackend::grouped_fused,
+                                 cuda::GateUpLayout::blocked, /*backward=*/true, /*groups=*/1,
+                                 /*cublas=*/nullptr, cuda::RowSource::gathered);
+      fused_gathered.set_seed(c.seed);
+      DeviceLayerData fg(in, c.E);
+      fg.w_up = DeviceArray<bf16>(in.p.w_up.size());
+      MOE_CUDA_CHECK(cudaMemcpy(fg.w_up.get(), f.w_up.get(), in.p.w_up.size() * sizeof(bf16),
+                                cudaMemcpyDeviceToDevice));
+      run_once(fused_gathered, fg, c.router);
+      expect_same_outputs(fg, f, "fused, blocked, gathered training");
+    }
     DeviceArray<float> dw_up_split(in.p.w_up.size());
     cuda::from_gate_up_layout(f.dw_up.get(), cuda::GateUpLayout::blocked, dw_up_split.get(),
                               c.E * c.H, c.I, nullptr);
@@ -687,7 +721,8 @@ TEST(LayerRows, AutomaticGathersOnlyWhereItMeasuredFaster) {
     EXPECT_EQ(cuda::resolve_rows(cfg, fused, false, automatic),
               s.gathers ? cuda::RowSource::gathered : cuda::RowSource::permuted)
         << s.name;
-    // never with a backward (dw_up reads xp), nor on a backend the rounds did not measure
+    // not for training (gathered training is not measured against permuted yet), nor on a backend
+    // the rounds did not measure
     EXPECT_EQ(cuda::resolve_rows(cfg, fused, true, automatic), cuda::RowSource::permuted) << s.name;
     EXPECT_EQ(cuda::resolve_rows(cfg, cuda::ExpertsBackend::grouped, false, automatic),
               cuda::RowSource::permuted)
@@ -735,10 +770,12 @@ TEST(LayerMemory, ArenaBytesAtBenchShapes) {
     EXPECT_EQ(cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped_fused),
               aliased + size_t(cuda::row_dot_parts(s.I)) * R * sizeof(float))
         << s.name << ": training keeps pre, and the da GEMM's row dots";
-    // Gathering needs the grouped backend and no backward (dw_up reads xp).
-    EXPECT_THROW(cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped, true, 1,
-                                          cuda::RowSource::gathered),
-                 ConfigError);
+    // Training may gather too (dw_up gathers x's rows along its reduction): no xp either.
+    EXPECT_EQ(aliased - cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::grouped, true, 1,
+                                                 cuda::RowSource::gathered),
+              R * size_t(s.H) * sizeof(bf16))
+        << s.name;
+    // Gathering needs a grouped backend.
     EXPECT_THROW(cuda::Layer::arena_bytes(cfg, cuda::ExpertsBackend::cublas_loop_host_offsets,
                                           false, 1, cuda::RowSource::gathered),
                  ConfigError);

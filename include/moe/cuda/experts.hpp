@@ -119,7 +119,7 @@ struct ExpertsBackwardArgs {
   const int32_t* offsets = nullptr;  // (E+1) device
   const bf16* w_up = nullptr;        // (E, H, A)
   const bf16* w_down = nullptr;      // (E, I, H)
-  const bf16* xp = nullptr;          // (max_rows, H) forward input
+  const bf16* xp = nullptr;          // (max_rows, H) forward input, or null when gathering:
   const bf16* pre = nullptr;         // (max_rows, A) from the forward
   const bf16* act = nullptr;         // (max_rows, I) from the forward
   const bf16* dyp = nullptr;         // (max_rows, H)
@@ -142,6 +142,11 @@ struct ExpertsBackwardArgs {
   // autograd writes for bf16 parameters, with half the bytes of fp32.
   bf16* dw_up_bf16 = nullptr;        // (E, H, A)
   bf16* dw_down_bf16 = nullptr;      // (E, I, H)
+  // The grouped backends may gather instead of reading xp: dw_up's loader fetches row r of X as
+  // x[row_token[r]] (GroupedWgradArgs::gather), as the forward's up-projection does.
+  const bf16* x = nullptr;           // (tokens, H)
+  const int32_t* row_token = nullptr;// (max_rows) device, the plan's row -> token map
+  int64_t tokens = 0;                // T
   // grouped_fused only, or null: the da GEMM's row dots of da with act (GroupedGemmActGradArgs::
   // row_dot), (row_dot_parts(I), max_rows) fp32. With dyp = w * dy their sum over the parts is
   // w * <dy, yp> for each row: the router-weight gradient without reading yp.

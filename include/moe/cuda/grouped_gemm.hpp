@@ -74,7 +74,8 @@ struct GroupedGemmArgs {
 struct GroupedWgradArgs {
   const int32_t* offsets = nullptr;  // (E+1) device segment starts
   int64_t p = 0, q = 0;              // P, Q: dW_e is (P, Q)
-  const __nv_bfloat16* x = nullptr;  // (max_rows, P)   act for dw_down, xp for dw_up
+  const __nv_bfloat16* x = nullptr;  // (max_rows, P)   act for dw_down, xp for dw_up; with
+                                     //   gather, (gather_rows, P): x itself for dw_up
   const __nv_bfloat16* y = nullptr;  // (max_rows, Q)   dyp for dw_down, dpre for dw_up
   float* dw = nullptr;               // (E, P, Q) fp32
   // true: dW_e += X_e^T Y_e (beta = 1, dW read and written). false: dW_e = X_e^T Y_e (dW is only
@@ -85,6 +86,11 @@ struct GroupedWgradArgs {
   // Instead of dw: bf16 dW_e = X_e^T Y_e, the fp32 sum rounded once (what PyTorch's autograd
   // writes for bf16 parameters); written fresh only (accumulate false), half of fp32's bytes.
   __nv_bfloat16* dw_bf16 = nullptr;  // (E, P, Q)
+  // Or null: row r of X is x[gather[r]] (the plan's row_token), fetched by the kernel's own
+  // loader, so no permuted copy of x is needed; indices outside [0, gather_rows) read as zero
+  // rows (padding). The same bits as X = the permuted copy.
+  const int32_t* gather = nullptr;   // (max_rows)
+  int64_t gather_rows = 0;           // T
 };
 
 struct GroupedGemmActGradArgs {

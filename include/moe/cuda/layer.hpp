@@ -47,9 +47,9 @@
 // backward writes dyp without reading yp (R*H bf16 less traffic). The other backends read yp.
 // Inference (backward = false) with grouped_fused writes no pre at all (nothing reads it back):
 // the up-projection's epilogue writes act alone.
-// Inference (backward = false) with the grouped backend may skip permute altogether (RowSource):
-// the up-projection's loader fetches x[row_token[r]] itself (GroupedGemmArgs::gather), so there is
-// no xp; the permute stage's event then marks an empty stage.
+// The grouped backends may skip permute altogether (RowSource): the up-projection's loader fetches
+// x[row_token[r]] itself (GroupedGemmArgs::gather), and in the backward so does dw_up's, so there
+// is no xp; the permute stage's event then marks an empty stage.
 // arena_bytes() gives the device bytes before anything is allocated (deterministic in the shape).
 #pragma once
 #include <cublas_v2.h>
@@ -71,9 +71,10 @@ namespace moe::cuda {
 
 // Where the up-projection reads its rows: `permuted`, from xp written by the permute stage;
 // `gathered`, x[row_token[r]] fetched by the grouped GEMM's own loader -- no permute
-// pass and no xp (R*H bf16 less memory), grouped or grouped_fused backend without backward
-// only; `automatic` (the default), gathered where that measured faster, else permuted
-// (resolve_rows).
+// pass and no xp (R*H bf16 less memory), grouped or grouped_fused backend only; with a backward
+// the weight gradient dw_up = xp^T dpre gathers the same rows of x along its reduction
+// (GroupedWgradArgs::gather), so the backward needs x and the plan, not a permuted copy;
+// `automatic` (the default), gathered where that measured faster, else permuted (resolve_rows).
 // The gathered loader re-fetches each row once per 256-wide column tile of the up-projection. On
 // an H100, grouped_fused, the inference forward in alternating rounds, gathered / permuted, with
 // the gathered kernel on a 1x1 cluster (layer/rounds_27a6ca2 and rounds_d081554, two rounds
