@@ -721,8 +721,8 @@ TEST(LayerRows, AutomaticGathersOnlyWhereItMeasuredFaster) {
     EXPECT_EQ(cuda::resolve_rows(cfg, fused, false, automatic),
               s.gathers ? cuda::RowSource::gathered : cuda::RowSource::permuted)
         << s.name;
-    // not for training (gathered training is not measured against permuted yet), nor on a backend
-    // the rounds did not measure
+    // not for training (gathered measured 1.3-1.5 % slower there), nor on a backend the rounds
+    // did not measure
     EXPECT_EQ(cuda::resolve_rows(cfg, fused, true, automatic), cuda::RowSource::permuted) << s.name;
     EXPECT_EQ(cuda::resolve_rows(cfg, cuda::ExpertsBackend::grouped, false, automatic),
               cuda::RowSource::permuted)

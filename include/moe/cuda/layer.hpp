@@ -84,6 +84,10 @@ namespace moe::cuda {
 // 0.980-0.995 on the earlier 2x1 cluster (rounds_7b3bd02), where decode read 1.05. The unfused
 // grouped path measured 2-17 % slower gathered at OLMoE, the small shape and Mixtral
 // (layer/gather_b8adba3, one loop after the other).
+// Training (grouped_fused, fresh fp32 weight gradients, 6 rotating rounds against the permuted
+// layer, layer/gathered_training_10c2848): gathered took 1.013x the time at OLMoE and 1.015x at
+// Qwen3 (rounds 0.97-1.07 and 0.97-1.13) for 0.50 GiB less (1.77 -> 1.27 GiB, 1.60 -> 1.10):
+// automatic keeps permuting in training; gathered is the choice where memory binds.
 enum class RowSource { permuted, gathered, automatic };
 
 // What `rows` means for a layer of this shape: `automatic` is `gathered` for grouped_fused
