@@ -3,6 +3,8 @@
 // fp32 written fresh (no C) and bf16 written fresh, as their TMA-fed counterparts in
 // grouped_gemm_bf16_wgrad{,_fresh,_bf16}.cu. One file for the three: the layer trains with one of
 // them, and a single file keeps the build's file count down at the price of its length.
+// On a 1x1 cluster, as the gathered up-projection: a 2x1 pair waits for both CTAs' gathered A
+// before the multicast B of a stage is used.
 // CUTLASS's device-side assert()s would put __assertfail calls inside the mainloop (serialised
 // wgmma, ptxas C7510); NDEBUG keeps a Debug build's GEMM on the fast path.
 #ifndef NDEBUG
@@ -15,12 +17,12 @@
 namespace moe::cuda::grouped_gemm {
 
 using Auto = cutlass::epilogue::collective::EpilogueTileAuto;
+using Config = CooperativeNoClusterConfig;
 using GatherAccumulate =
-    WgradLauncher<WgradKernel<CooperativeConfig, Auto, float, false, void, /*kGatherA=*/true>>;
+    WgradLauncher<WgradKernel<Config, Auto, float, false, void, /*kGatherA=*/true>>;
 using GatherFresh =
-    WgradLauncher<WgradKernel<CooperativeConfig, Auto, float, true, void, /*kGatherA=*/true>>;
-using GatherBf16 =
-    WgradLauncher<WgradKernel<CooperativeConfig, Auto, Bf16, false, void, /*kGatherA=*/true>>;
+    WgradLauncher<WgradKernel<Config, Auto, float, /*kWriteOnly=*/true, void, /*kGatherA=*/true>>;
+using GatherBf16 = WgradLauncher<WgradKernel<Config, Auto, Bf16, false, void, /*kGatherA=*/true>>;
 
 size_t Bf16Sm90WgradGather::workspace_bytes(int64_t groups, int sm_count) {
   return std::max({GatherAccumulate::workspace_bytes(groups, sm_count),
@@ -31,7 +33,7 @@ size_t Bf16Sm90WgradGather::workspace_bytes(int64_t groups, int sm_count) {
 const char* Bf16Sm90WgradGather::name() {
   static const std::string s =
       std::string("bf16 x[gather]^T(col) Y(row) -> fp32 or bf16, K = segment, ") +
-      CooperativeConfig::kName;
+      Config::kName;
   return s.c_str();
 }
 
