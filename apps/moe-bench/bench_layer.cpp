@@ -12,7 +12,8 @@
 // training step with zeroed gradients needs), and written fresh in bf16 (fwd_bwd_bf16_grads_ms:
 // the work of the peer, whose autograd writes bf16 gradients for bf16 parameters); the two fresh
 // ones and the fresh fp32 step of a training layer with gathered rows (fwd_bwd_fresh_gathered_ms:
-// no permute and no xp) rotate in 6 rounds and report their medians (rounds_fwd_bwd_*). No input rotation:
+// no permute and no xp) rotate in 6 rounds and report their medians (rounds_fwd_bwd_*). No input
+// rotation:
 // the layer's working set (weights and activations) is many times the L2 cache.
 // FLOPs: forward 6*T*K*H*I (SwiGLU: the up projection 2*T*K*H*2I, the down projection
 // 2*T*K*I*H); backward twice that; the gate (2*T*H*E) is not counted.

@@ -786,7 +786,7 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     GroupedWgradArgs up{a.offsets, H, A, gathered ? a.x : a.xp, dpre, a.dw_up, a.accumulate,
                         a.dw_up_bf16};
     if (gathered) up.gather = a.row_token, up.gather_rows = a.tokens;
-    ws.wgrad_up_.run(up, stream);                                               // dw_up (+)= xp^T dpre
+    ws.wgrad_up_.run(up, stream);                                         // dw_up (+)= xp^T dpre
     mark(ExpertsBackwardStep::count);
     return;
   }

@@ -64,8 +64,9 @@ struct GatherMainloop : Base {
   static_assert(kAlongK || cute::is_same_v<typename Base::SmemLayoutAtomA,
                                            cute::GMMA::Layout_K_SW128_Atom<ElementA>>,
                 "the row gather writes the 128B-swizzled K-major layout");
-  static_assert(!kAlongK || (kBlockM == 128 && cute::is_same_v<typename Base::SmemLayoutAtomA,
-                                                               cute::GMMA::Layout_MN_SW128_Atom<ElementA>>),
+  static_assert(!kAlongK ||
+                    (kBlockM == 128 && cute::is_same_v<typename Base::SmemLayoutAtomA,
+                                                       cute::GMMA::Layout_MN_SW128_Atom<ElementA>>),
                 "the K gather writes 128-wide M slices of the 128B-swizzled M-major layout");
 
   // The pipeline's full barrier: the leader's arrive (with B's transaction bytes) + one per lane

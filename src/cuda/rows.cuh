@@ -171,7 +171,8 @@ __device__ __forceinline__ void zero_padding_rows(const PlanView& plan, int64_t 
 template <class T, int kVec, int kUnroll, Cache kCache, bool kWeighted = false>
 __global__ void __launch_bounds__(kThreads)
     permute_scatter_kernel(PlanView plan, const T* __restrict__ x, T* __restrict__ xp,
-                           int64_t hidden, RowGrid grid, const float* __restrict__ weight = nullptr) {
+                           int64_t hidden, RowGrid grid,
+                           const float* __restrict__ weight = nullptr) {
   const int lane = threadIdx.x % kWarp;
   const int64_t w = blockIdx.x * int64_t{kWarpsPerBlock} + threadIdx.x / kWarp;
   if (w >= grid.warps()) return;

@@ -818,9 +818,11 @@ TEST_P(FusedUpProjection, BackwardEqualsTheUnfusedPairInPlaceOrNot) {
 INSTANTIATE_TEST_SUITE_P(Activations, FusedUpProjection,
                          ::testing::Values(FusedParam{Activation::swiglu, GateUpLayout::interleaved, 136},
                                            FusedParam{Activation::gelu, GateUpLayout::interleaved, 136},
-                                           FusedParam{Activation::swiglu, GateUpLayout::blocked, 160},
+                                           FusedParam{Activation::swiglu, GateUpLayout::blocked,
+                                                      160},
                                            // I > 256: two column tiles, two row-dot parts
-                                           FusedParam{Activation::swiglu, GateUpLayout::blocked, 288}),
+                                           FusedParam{Activation::swiglu, GateUpLayout::blocked,
+                                                      288}),
                          [](const auto& info) {
                            const FusedParam& p = info.param;
                            std::string n(name(p.activation));

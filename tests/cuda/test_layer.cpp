@@ -1266,7 +1266,8 @@ TEST_P(ExpertChoiceGroupsParity, ForwardAndBackwardMatchTheCpuGroupCalls) {
         << "fused, blocked: dW_gate";
     EXPECT_LT(rel_frobenius(dw_up_split.download(), g_ref.w_up), kTolerance)
         << "fused, blocked: dW_up";
-    EXPECT_TRUE(same_bytes(f.dw_down.download(), d.dw_down.download())) << "fused, blocked: dW_down";
+    EXPECT_TRUE(same_bytes(f.dw_down.download(), d.dw_down.download()))
+        << "fused, blocked: dW_down";
   }
 
   // choice (e*G + g)*C + j is the CPU call g's choice e*C + j, its token b being b*G + g

@@ -103,9 +103,9 @@ struct GroupedGemmActGradArgs {
   bool blocked = false;                // SwiGLU: pairs in GateUpLayout::blocked order (N % 32 == 0)
   // Or null: the router-weight gradient's row dots, row_dot[p * ld_row_dot + r] = sum over the
   // columns u of tile p (kActGradTileN wide) of da[r, u] * act[r, u], da rounded to bf16 (as dpre
-  // uses it) and act the activation of the stored pre in fp32 (each term within bf16's
-  // unit roundoff, 2^-8, of the exact one); row_dot_parts(N) parts, ld_row_dot >= max_rows; rows past the last segment are
-  // not written. Leaves dpre's bits as they are.
+  // uses it) and act the activation of the stored pre in fp32 (each term within bf16's unit
+  // roundoff, 2^-8, of the exact one); row_dot_parts(N) parts, ld_row_dot >= max_rows; rows past
+  // the last segment are not written. Leaves dpre's bits as they are.
   float* row_dot = nullptr;
   int64_t ld_row_dot = 0;
 };
