@@ -255,7 +255,7 @@ struct GatherMainloop : Base {
   // slice is 128 contiguous values (256 bytes) of row gather[offsets[e] + k] of x; lane l copies
   // 16-byte chunks (l % 2) + 2c, c < 8, of columns l / 2 + 16 kWarp and that + 32: a lane pair
   // reads whole 32-byte sectors, a warp instruction 16 source rows. The column indices change with
-  // every K slice, so each lane loads its two indices two slices ahead.
+  // every K slice, so each lane loads its two one slice ahead.
   template <int kWarp, class MCoord, class KTileIterator, class IssueB>
   CUTLASS_DEVICE void produce_along_k(Params const& params, MainloopPipeline& pipeline,
                                       PipelineState smem_pipe_write, int32_t expert,
@@ -286,9 +286,8 @@ struct GatherMainloop : Base {
     const char* rows = reinterpret_cast<const char*>(params.g.rows);
     const int32_t col0 = static_cast<int32_t>(m_coord) * kBlockM + 8 * (lane % 2);
 
-    // The source rows of slice k_tile: loaded two slices ahead, so that an index load's latency
-    // runs under earlier slices' waits and copies instead of in front of its own copies. Slices
-    // past the segment load nothing.
+    // The source rows of slice k_tile: loaded one slice ahead, so that an index load's latency
+    // runs under the previous slice's wait and copies instead of in front of its own copies.
     auto sources = [&](int k_tile, int32_t (&src)[2]) {
       CUTLASS_PRAGMA_UNROLL
       for (int h = 0; h < 2; ++h) {
@@ -296,20 +295,17 @@ struct GatherMainloop : Base {
         src[h] = k < m_e ? params.g.gather[r0 + k] : -1;
       }
     };
-    int32_t next[2], after[2];
+    int32_t next[2];
     sources(*k_tile_iter, next);
-    sources(*k_tile_iter + 1, after);
 
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
       const int k_tile = *k_tile_iter;
       int32_t src[2];
       CUTLASS_PRAGMA_UNROLL
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < 2; ++h)
         src[h] = next[h] >= 0 && next[h] < params.g.row_count ? next[h] : -1;
-        next[h] = after[h];
-      }
-      sources(k_tile + 2, after);
+      if (k_tile_count > 1) sources(k_tile + 1, next);
       pipeline.producer_acquire(smem_pipe_write);  // all lanes wait; the leader expects B's bytes
       using BarrierType = typename MainloopPipeline::ProducerBarrierType;
       BarrierType* barrier = pipeline.producer_get_barrier(smem_pipe_write);
