@@ -556,7 +556,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "pre, act for the backward); inference_*: a layer built without backward (the same experts "
       "stage, no pre written, rows as inference_rows: gathered by the up-projection (no permute, "
       "no xp) or permuted), timed first; then inference_other_rows_ms (the same with the other "
-      "row source) and inference_permuted_ms (the unfused grouped path on split w_up)";
+      "row source) and inference_permuted_ms (the unfused grouped path on split w_up); "
+      "fwd_bwd_fresh_gathered_ms: a training layer with gathered rows (no permute, no xp; dw_up "
+      "gathers too), fresh fp32 dW, rotated with fwd_bwd_fresh_ms and fwd_bwd_bf16_grads_ms";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
