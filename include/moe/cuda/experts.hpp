@@ -119,7 +119,7 @@ struct ExpertsBackwardArgs {
   const int32_t* offsets = nullptr;  // (E+1) device
   const bf16* w_up = nullptr;        // (E, H, A)
   const bf16* w_down = nullptr;      // (E, I, H)
-  const bf16* xp = nullptr;          // (max_rows, H) forward input, or null when gathering:
+  const bf16* xp = nullptr;          // (max_rows, H) forward input, or null when gathering (below)
   const bf16* pre = nullptr;         // (max_rows, A) from the forward
   const bf16* act = nullptr;         // (max_rows, I) from the forward
   const bf16* dyp = nullptr;         // (max_rows, H)
