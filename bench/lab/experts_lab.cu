@@ -155,6 +155,7 @@ struct Options {
   bool ab_epilogue = false;  // only the plain GEMMs' epilogue A/B rounds (no C, D buffers)
   bool ab_wgrad_epilogue = false;  // only the weight gradients' epilogue A/B rounds
   bool ab_gather = false;    // only the gathered fused up-projection on 2x1 against 1x1
+  bool ab_deferred = false;  // only the fused up-projection, immediate against deferred act
 
   static void print_usage() {
     std::printf(
@@ -171,6 +172,9 @@ struct Options {
         "                             w_up): the library's 2x1 cluster against 1x1\n"
         "            [--ab-wgrad-epilogue]  only fresh dW (fp32, bf16) against epilogues with\n"
         "                             no C and 4 D buffers\n"
+        "            [--ab-deferred]  only the fused up-projection (act only, blocked w_up),\n"
+        "                             permuted and gathered: the activation after each tile's\n"
+        "                             mainloop against under the next one's\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -199,6 +203,7 @@ struct Options {
       else if (a == "--ab-epilogue") ab = ab_epilogue = true;
       else if (a == "--ab-wgrad-epilogue") ab = ab_wgrad_epilogue = true;
       else if (a == "--ab-gather") ab = ab_gather = true;
+      else if (a == "--ab-deferred") ab = ab_deferred = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -538,6 +543,41 @@ int run(const Options& o) {
                                    GemmCoop128x192::workspace_bytes(E, sms),
                                    ActCluster2x1::workspace_bytes(E, sms),
                                    NkCluster2x1::workspace_bytes(E, sms)}));
+    if (o.ab_deferred && blocked) {
+      // The inference forward's up-projection (blocked w_up, act only), with xp and with rows
+      // gathered from the first T rows of xp by the plan's row_token: the immediate epilogue
+      // (A) against the activation under the next tile's mainloop (B, the library's choice).
+      void* dws = workspace(std::max({gg::Bf16Sm90Act::workspace_bytes(E, sms),
+                                      gg::Bf16Sm90ActGather::workspace_bytes(E, sms),
+                                      gg::Bf16Sm90ActDeferred::workspace_bytes(E, sms),
+                                      gg::Bf16Sm90ActGatherDeferred::workspace_bytes(E, sms)}));
+      for (bool gathered : {false, true}) {
+        GroupedGemmActArgs a{offsets, A, H, xp, w_up_bl, nullptr, act2};
+        a.blocked = true;
+        if (gathered) a.gather = plan.view().row_token, a.gather_rows = o.tokens;
+        GroupedGemmActArgs b = a;
+        b.act = act3;
+        auto run_a = [&] {
+          if (gathered) gg::Bf16Sm90ActGather::run(a, o.activation, E, dws, sms, s);
+          else gg::Bf16Sm90Act::run(a, o.activation, E, dws, sms, s);
+        };
+        auto run_b = [&] {
+          if (gathered) gg::Bf16Sm90ActGatherDeferred::run(b, o.activation, E, dws, sms, s);
+          else gg::Bf16Sm90ActDeferred::run(b, o.activation, E, dws, sms, s);
+        };
+        MOE_CUDA_CHECK(cudaMemsetAsync(act3, 0xff, M * I * sizeof(bf16), s));
+        run_a();
+        run_b();
+        if (same(gathered ? "gathered fused up, deferred act" : "fused up, deferred act", act2,
+                 act3, M * I))
+          ab(gathered ? "gathered fused up (act): immediate (A) vs deferred (B)"
+                      : "fused up (act): immediate (A) vs deferred (B)",
+             f_up, run_a, run_b);
+      }
+      MOE_CUDA_CHECK(cudaFree(dws));
+      MOE_CUDA_CHECK(cudaFree(ws));
+      return 0;
+    }
     if (o.ab_gather && blocked) {
       // The gathered fused up-projection as the inference layer runs it (blocked w_up, act only):
       // rows gathered from the first T rows of xp (standing in for x) by the plan's row_token.

@@ -15,6 +15,8 @@ namespace {
 using grouped_gemm::Bf16Sm90;
 using grouped_gemm::Bf16Sm90Act;
 using grouped_gemm::Bf16Sm90ActGather;
+using grouped_gemm::Bf16Sm90ActDeferred;
+using grouped_gemm::Bf16Sm90ActGatherDeferred;
 using grouped_gemm::Bf16Sm90ActGrad;
 using grouped_gemm::Bf16Sm90Gather;
 using grouped_gemm::Bf16Sm90Wgrad;
@@ -134,8 +136,10 @@ void GroupedWgrad::run(const GroupedWgradArgs& args, cudaStream_t stream) const 
 
 GroupedGemmAct::GroupedGemmAct(int64_t experts, Activation activation)
     : GroupedGemmBase(experts), activation_(activation) {
-  allocate(std::max(Bf16Sm90Act::workspace_bytes(experts, sm_count_),
-                    Bf16Sm90ActGather::workspace_bytes(experts, sm_count_)));
+  allocate(std::max({Bf16Sm90Act::workspace_bytes(experts, sm_count_),
+                     Bf16Sm90ActGather::workspace_bytes(experts, sm_count_),
+                     Bf16Sm90ActDeferred::workspace_bytes(experts, sm_count_),
+                     Bf16Sm90ActGatherDeferred::workspace_bytes(experts, sm_count_)}));
 }
 
 const char* GroupedGemmAct::name() const { return Bf16Sm90Act::name(); }
@@ -153,10 +157,18 @@ void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) co
     MOE_CHECK(args.gather_rows >= 1 && args.gather_rows < (int64_t{1} << 31),
               "grouped GEMM + activation: gather_rows must be in [1, 2^31), got ",
               args.gather_rows);
-    Bf16Sm90ActGather::run(args, activation_, experts_, workspace_, sm_count_, stream);
+    if (grouped_gemm::deferrable(args, activation_))
+      Bf16Sm90ActGatherDeferred::run(args, activation_, experts_, workspace_, sm_count_, stream);
+    else
+      Bf16Sm90ActGather::run(args, activation_, experts_, workspace_, sm_count_, stream);
     return;
   }
-  Bf16Sm90Act::run(args, activation_, experts_, workspace_, sm_count_, stream);
+  // SwiGLU with blocked pairs and no pre (the inference forward): the activation of each tile
+  // runs under the next tile's mainloop (grouped_gemm_deferred_act_sm90.hpp).
+  if (grouped_gemm::deferrable(args, activation_))
+    Bf16Sm90ActDeferred::run(args, activation_, experts_, workspace_, sm_count_, stream);
+  else
+    Bf16Sm90Act::run(args, activation_, experts_, workspace_, sm_count_, stream);
 }
 
 // ------------------------------------------------------------------------------------------------

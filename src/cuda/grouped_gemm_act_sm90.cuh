@@ -20,6 +20,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
 #include "grouped_gemm_common_sm90.cuh"
+#include "grouped_gemm_deferred_act_sm90.hpp"
 #include "grouped_gemm_epilogue_act_sm90.hpp"
 #include "grouped_gemm_gather_sm90.hpp"
 #include "grouped_gemm_mainloop_sm90.hpp"
@@ -54,6 +55,7 @@ struct ActKernelBase {
     const Bf16** ptr_b;      // (E)
     StrideA* stride_a;       // (E)
     StrideB* stride_b;       // (E)
+    int32_t* tile_count;     // (1) tiles over all groups, for the deferred epilogue
     void* cutlass;           // Gemm::get_workspace_size
     size_t bytes;            // total
   };
@@ -66,6 +68,7 @@ struct ActKernelBase {
     c.ptr_b = w.take<const Bf16*>(g);
     c.stride_a = w.take<StrideA>(g);
     c.stride_b = w.take<StrideB>(g);
+    c.tile_count = w.take<int32_t>(1);
     c.cutlass = w.take_bytes(cutlass_bytes);
     c.bytes = w.bytes();
     return c;
@@ -84,15 +87,26 @@ struct ActKernelBase {
   }
 };
 
-// kGatherA: A's rows fetched by index (GatherMainloop), as Kernel's.
-template <class Config, bool kGatherA>
-using UpMainloop = cute::conditional_t<kGatherA,
-                                       GatherMainloop<Mainloop<Config, WeightLayout::kn, 0>>,
-                                       Mainloop<Config, WeightLayout::kn, 0>>;
+// kGatherA: A's rows fetched by index (GatherMainloop), as Kernel's. kDeferred: the activation of
+// each tile but a CTA's last runs under the next tile's mainloop (DeferredActMainloop; SwiGLU,
+// blocked pairs, no pre), which takes the per-thread records out of the stages' shared memory.
+template <class Config, bool kGatherA, int kCarveout = 0>
+using UpMainloopPlain =
+    cute::conditional_t<kGatherA, GatherMainloop<Mainloop<Config, WeightLayout::kn, kCarveout>>,
+                        Mainloop<Config, WeightLayout::kn, kCarveout>>;
+template <class Config, bool kGatherA, bool kDeferred>
+using UpMainloop = cute::conditional_t<kDeferred,
+                                       DeferredActMainloop<UpMainloopPlain<
+                                           Config, kGatherA, kDeferredRecordBytes>>,
+                                       UpMainloopPlain<Config, kGatherA>>;
 
-template <class Config, bool kGatherA = false>
-struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct> {
-  using Base = ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct>;
+template <class Config, bool kGatherA = false, bool kDeferred = false>
+struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA, kDeferred>,
+                                 cute::conditional_t<kDeferred, EpilogueActDeferred, EpilogueAct>> {
+  static_assert(!kDeferred || cute::size(typename Config::ClusterShape{}) == 1,
+                "the deferred epilogue counts the grouped scheduler's tiles for a 1x1 cluster");
+  using Base = ActKernelBase<UpMainloop<Config, kGatherA, kDeferred>,
+                             cute::conditional_t<kDeferred, EpilogueActDeferred, EpilogueAct>>;
   using typename Base::Carve;
   using typename Base::Collective;
   using typename Base::Epilogue;
@@ -100,6 +114,7 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct> {
   using Args = GroupedGemmActArgs;
   static constexpr bool kGather = kGatherA;
   static constexpr bool kBNk = false;
+  static constexpr bool kCountTiles = kDeferred;
 
   static typename Gemm::Arguments arguments(const Carve& c, const Args& a, bool swiglu,
                                             int64_t groups, int sm_count) {
@@ -111,6 +126,7 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct> {
     epilogue.ld_act = swiglu ? a.n / 2 : a.n;
     epilogue.swiglu = swiglu ? 1 : 0;
     epilogue.blocked = a.blocked ? 1 : 0;
+    if constexpr (kDeferred) epilogue.tile_count = c.tile_count;
     return Base::gemm_arguments(c, mainloop_arguments(c, a), epilogue, groups, sm_count);
   }
 
@@ -128,7 +144,8 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA>, EpilogueAct> {
   static size_t cutlass_bytes(int64_t groups, int sm_count) {
     const Carve none = Base::carve(nullptr, groups, 0);
     Args a;
-    a.n = 16;
+    a.n = 64;
+    a.blocked = true;
     return Gemm::get_workspace_size(arguments(none, a, true, groups, sm_count));
   }
 };
@@ -145,6 +162,7 @@ struct ActGradKernel : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, Epil
   using Args = GroupedGemmActGradArgs;
   static constexpr bool kGather = false;
   static constexpr bool kBNk = true;
+  static constexpr bool kCountTiles = false;
 
   static typename Gemm::Arguments arguments(const Carve& c, const Args& a, bool swiglu,
                                             int64_t groups, int sm_count) {
@@ -201,6 +219,12 @@ struct ActLauncher {
           reinterpret_cast<const Bf16*>(args.b),
           nullptr,
           c.problems, c.ptr_a, c.ptr_b, nullptr, c.stride_a, c.stride_b, nullptr};
+    if constexpr (K::kCountTiles) {
+      using Tile = typename K::Collective::TileShape;
+      p.tile_count = c.tile_count;
+      p.tile_m = cute::size<0>(Tile{});
+      p.tile_n = cute::size<1>(Tile{});
+    }
     prepare_kernel<<<1, prepare_threads(groups), 0, stream>>>(p);
     MOE_CUDA_LAUNCH_CHECK();
 

@@ -175,6 +175,7 @@ struct ActEpilogueArguments {
   int64_t ld_act = 0;                // N / 2 (SwiGLU) or N (GELU)
   int swiglu = 1;                    // 1: SwiGLU on interleaved pairs, 0: GELU
   int blocked = 0;                   // SwiGLU: pairs in GateUpLayout::blocked order (below)
+  const int32_t* tile_count = nullptr;  // tiles over all groups (EpilogueActivationDeferred only)
 };
 
 class EpilogueActivation : public RegisterEpilogue<ActEpilogueArguments> {

@@ -56,10 +56,19 @@ struct PrepareParams {
   StrideA* stride_a;           // (E)
   StrideB* stride_b;           // (E)
   StrideD* stride_d;           // (E)
+  // Or null: the number of (tile_m, tile_n) tiles over all problems, in the order CUTLASS's
+  // grouped scheduler walks them (EpilogueActivationDeferred finds each CTA's last tile by it).
+  int32_t* tile_count = nullptr;
+  int32_t tile_m = 0, tile_n = 0;
 };
 
 template <class Element, class Problem, class StrideA, class StrideB, class StrideD>
 __global__ void prepare_kernel(PrepareParams<Element, Problem, StrideA, StrideB, StrideD> p) {
+  __shared__ int32_t tiles;
+  if (p.tile_count != nullptr) {
+    if (threadIdx.x == 0) tiles = 0;
+    __syncthreads();
+  }
   for (int e = threadIdx.x; e < p.groups; e += blockDim.x) {
     const int32_t r0 = p.offsets[e], r1 = p.offsets[e + 1];
     MOE_DEVICE_ASSERT(r0 >= 0 && r1 >= r0);
@@ -79,6 +88,12 @@ __global__ void prepare_kernel(PrepareParams<Element, Problem, StrideA, StrideB,
       p.ptr_d[e] = d;
       p.stride_d[e] = packed_stride<StrideD>(p.n);              // D (m, N) row-major
     }
+    if (p.tile_count != nullptr)
+      atomicAdd(&tiles, (r1 - r0 + p.tile_m - 1) / p.tile_m * ((p.n + p.tile_n - 1) / p.tile_n));
+  }
+  if (p.tile_count != nullptr) {
+    __syncthreads();
+    if (threadIdx.x == 0) *p.tile_count = tiles;
   }
 }
 

@@ -12,6 +12,9 @@
 //   Bf16Sm90WgradGather (X's rows gathered)    -> grouped_gemm_bf16_wgrad_gather.cu
 //   Bf16Sm90Act    grouped_gemm_act_sm90.cuh   -> grouped_gemm_bf16_act.cu
 //   Bf16Sm90ActGather (A rows gathered)        -> grouped_gemm_bf16_act_gather.cu
+//   Bf16Sm90ActDeferred (activation under the next tile's mainloop)
+//                                              -> grouped_gemm_bf16_act_deferred.cu
+//   Bf16Sm90ActGatherDeferred (both)           -> grouped_gemm_bf16_act_gather_deferred.cu
 //   Bf16Sm90ActGrad (da GEMM + act backward)   -> grouped_gemm_bf16_act_grad.cu
 // Each has workspace_bytes(groups, sm_count) (the per-expert arrays the prepare kernel writes, then
 // CUTLASS's own workspace), run(args, groups, workspace, sm_count, stream) (prepare kernel +
@@ -85,6 +88,24 @@ struct Bf16Sm90Act {
 
 // Bf16Sm90Act with A's rows gathered by index (GatherMainloop): grouped_gemm_bf16_act_gather.cu.
 struct Bf16Sm90ActGather {
+  static size_t workspace_bytes(int64_t groups, int sm_count);
+  static void run(const GroupedGemmActArgs& args, Activation activation, int64_t groups,
+                  void* workspace, int sm_count, cudaStream_t stream);
+  static const char* name();
+};
+
+// Bf16Sm90Act and Bf16Sm90ActGather with each tile's activation run under the next tile's mainloop
+// (grouped_gemm_deferred_act_sm90.hpp): SwiGLU with blocked pairs and no pre only (deferrable()).
+bool deferrable(const GroupedGemmActArgs& args, Activation activation);
+
+struct Bf16Sm90ActDeferred {
+  static size_t workspace_bytes(int64_t groups, int sm_count);
+  static void run(const GroupedGemmActArgs& args, Activation activation, int64_t groups,
+                  void* workspace, int sm_count, cudaStream_t stream);
+  static const char* name();
+};
+
+struct Bf16Sm90ActGatherDeferred {
   static size_t workspace_bytes(int64_t groups, int sm_count);
   static void run(const GroupedGemmActArgs& args, Activation activation, int64_t groups,
                   void* workspace, int sm_count, cudaStream_t stream);

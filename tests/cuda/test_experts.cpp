@@ -545,6 +545,57 @@ TEST(GroupedGemmAct, GatheredRowsGiveThePermutedResultBitForBit) {
   }
 }
 
+// SwiGLU with blocked pairs and no pre runs each tile's activation under the next tile's mainloop
+// (grouped_gemm_deferred_act_sm90.hpp): act must be the immediate epilogue's bits (the kernel
+// that writes pre too), permuted and gathered. Enough tiles that every CTA has several (348
+// tiles of 128x256: 2.6 per SM on a 132-SM card), segments of 1, 127, 128 and 129 rows and empty
+// ones, K of one partial slice (40) and of more slices than the 8 that carry deferred blocks (600,
+// partial last slice). Rows past M stay untouched.
+TEST(GroupedGemmAct, DeferredActivationGivesTheImmediateBitsWithManyTilesPerCta) {
+  MOE_REQUIRE_GPU();
+  const std::vector<int64_t> sizes = {1, 0, 3000, 129, 2500, 0, 700, 4000, 127, 128};
+  const int64_t E = static_cast<int64_t>(sizes.size()), I = 512, N = 2 * I, T = 3001;
+  const std::vector<int64_t> o = offsets_of(sizes);
+  const int64_t M = o[E], R = M + 5;
+  std::vector<int32_t> gather(R, static_cast<int32_t>(T));
+  const std::vector<float> pick = random_vector<float>(M, 51);
+  for (int64_t r = 0; r < M; ++r)
+    gather[r] = static_cast<int32_t>(std::min<int64_t>(T - 1, std::abs(pick[r]) * T));
+  DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end())), dgather(gather);
+  cuda::GroupedGemmAct gemm(E, Activation::swiglu);
+  for (int64_t K : {40, 600}) {
+    SCOPED_TRACE("K = " + std::to_string(K));
+    const std::vector<float> x = round_to<bf16>(random_vector<float>(T * K, 52));
+    std::vector<float> xp(R * K, 0.f);
+    for (int64_t r = 0; r < M; ++r) std::copy_n(x.begin() + gather[r] * K, K, xp.begin() + r * K);
+    const std::vector<float> b = round_to<bf16>(random_vector<float>(E * K * N, 53));
+    DeviceArray<bf16> dx(to_device_type<bf16>(x)), dxp(to_device_type<bf16>(xp)),
+        db(to_device_type<bf16>(b)), pre(R * N);
+    std::vector<float> acts[4];  // permuted immediate / deferred, gathered immediate / deferred
+    for (int v = 0; v < 4; ++v) {
+      DeviceArray<bf16> act(R * I);
+      act.poison(), pre.poison();
+      const bool gathered = v >= 2, deferred = v % 2 == 1;
+      cuda::GroupedGemmActArgs a{offsets.get(), N, K, gathered ? dx.get() : dxp.get(), db.get(),
+                                 deferred ? nullptr : pre.get(), act.get(), /*blocked=*/true};
+      if (gathered) a.gather = dgather.get(), a.gather_rows = T;
+      gemm.run(a, nullptr);
+      acts[v] = from_device_type(act.download());
+    }
+    const std::vector<float>& want = acts[0];
+    EXPECT_TRUE(std::none_of(want.begin(), want.begin() + M * I, [](float v) {
+      return std::isnan(v);
+    })) << "the immediate kernel left rows unwritten";
+    EXPECT_TRUE(same_bytes(want, acts[1])) << "deferred act differs (permuted rows)";
+    EXPECT_TRUE(same_bytes(acts[2], acts[3])) << "deferred act differs (gathered rows)";
+    EXPECT_TRUE(same_bytes(want, acts[3])) << "gathered deferred act differs from permuted";
+    for (int v = 1; v < 4; v += 2)
+      EXPECT_TRUE(std::all_of(acts[v].begin() + M * I, acts[v].end(),
+                              [](float f) { return std::isnan(f); }))
+          << "rows past M were written";
+  }
+}
+
 // dW_e += X_e^T Y_e with K = m_e: segments of 1, 3, 5 (< 8), 64, 130, 257 rows, two empty ones.
 // dW = X^T Y with X's rows fetched by index along the reduction (dw_up from x and the plan): the
 // same bits as the kernel on the permuted copy, in all three forms (accumulated fp32, fp32 written
