@@ -172,9 +172,9 @@ struct Options {
         "                             w_up): the library's 2x1 cluster against 1x1\n"
         "            [--ab-wgrad-epilogue]  only fresh dW (fp32, bf16) against epilogues with\n"
         "                             no C and 4 D buffers\n"
-        "            [--ab-deferred]  only the fused up-projection (act only, blocked w_up),\n"
-        "                             permuted and gathered: the activation after each tile's\n"
-        "                             mainloop against under the next one's\n"
+        "            [--ab-deferred]  only the fused up-projection (blocked w_up, with and without\n"
+        "                             pre, permuted and gathered): the activation after each\n"
+        "                             tile's mainloop against under the next one's\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -544,36 +544,40 @@ int run(const Options& o) {
                                    ActCluster2x1::workspace_bytes(E, sms),
                                    NkCluster2x1::workspace_bytes(E, sms)}));
     if (o.ab_deferred && blocked) {
-      // The inference forward's up-projection (blocked w_up, act only), with xp and with rows
-      // gathered from the first T rows of xp by the plan's row_token: the immediate epilogue
-      // (A) against the activation under the next tile's mainloop (B, the library's choice).
+      // The fused up-projection on blocked w_up, act only (inference) and with pre (training),
+      // with xp and with rows gathered from the first T rows of xp by the plan's row_token: the
+      // immediate epilogue (A) against the activation under the next tile's mainloop (B, the
+      // library's choice).
       void* dws = workspace(std::max({gg::Bf16Sm90Act::workspace_bytes(E, sms),
                                       gg::Bf16Sm90ActGather::workspace_bytes(E, sms),
                                       gg::Bf16Sm90ActDeferred::workspace_bytes(E, sms),
                                       gg::Bf16Sm90ActGatherDeferred::workspace_bytes(E, sms)}));
-      for (bool gathered : {false, true}) {
-        GroupedGemmActArgs a{offsets, A, H, xp, w_up_bl, nullptr, act2};
-        a.blocked = true;
-        if (gathered) a.gather = plan.view().row_token, a.gather_rows = o.tokens;
-        GroupedGemmActArgs b = a;
-        b.act = act3;
-        auto run_a = [&] {
-          if (gathered) gg::Bf16Sm90ActGather::run(a, o.activation, E, dws, sms, s);
-          else gg::Bf16Sm90Act::run(a, o.activation, E, dws, sms, s);
-        };
-        auto run_b = [&] {
-          if (gathered) gg::Bf16Sm90ActGatherDeferred::run(b, o.activation, E, dws, sms, s);
-          else gg::Bf16Sm90ActDeferred::run(b, o.activation, E, dws, sms, s);
-        };
-        MOE_CUDA_CHECK(cudaMemsetAsync(act3, 0xff, M * I * sizeof(bf16), s));
-        run_a();
-        run_b();
-        if (same(gathered ? "gathered fused up, deferred act" : "fused up, deferred act", act2,
-                 act3, M * I))
-          ab(gathered ? "gathered fused up (act): immediate (A) vs deferred (B)"
-                      : "fused up (act): immediate (A) vs deferred (B)",
-             f_up, run_a, run_b);
-      }
+      for (bool gathered : {false, true})
+        for (bool with_pre : {false, true}) {
+          GroupedGemmActArgs a{offsets, A, H, xp, w_up_bl, with_pre ? pre2 : nullptr, act2};
+          a.blocked = true;
+          if (gathered) a.gather = plan.view().row_token, a.gather_rows = o.tokens;
+          GroupedGemmActArgs b = a;
+          b.act = act3;
+          if (with_pre) b.pre = pre3;
+          auto run_a = [&] {
+            if (gathered) gg::Bf16Sm90ActGather::run(a, o.activation, E, dws, sms, s);
+            else gg::Bf16Sm90Act::run(a, o.activation, E, dws, sms, s);
+          };
+          auto run_b = [&] {
+            if (gathered) gg::Bf16Sm90ActGatherDeferred::run(b, o.activation, E, dws, sms, s);
+            else gg::Bf16Sm90ActDeferred::run(b, o.activation, E, dws, sms, s);
+          };
+          MOE_CUDA_CHECK(cudaMemsetAsync(act3, 0xff, M * I * sizeof(bf16), s));
+          MOE_CUDA_CHECK(cudaMemsetAsync(pre3, 0xff, M * A * sizeof(bf16), s));
+          run_a();
+          run_b();
+          const std::string what = std::string(gathered ? "gathered fused up" : "fused up") +
+                                   (with_pre ? " (pre, act)" : " (act)");
+          bool ok = same((what + ", deferred act").c_str(), act2, act3, M * I);
+          if (with_pre) ok = same((what + ", deferred pre").c_str(), pre2, pre3, M * A) && ok;
+          if (ok) ab((what + ": immediate (A) vs deferred (B)").c_str(), f_up, run_a, run_b);
+        }
       MOE_CUDA_CHECK(cudaFree(dws));
       MOE_CUDA_CHECK(cudaFree(ws));
       return 0;

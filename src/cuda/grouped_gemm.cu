@@ -142,7 +142,13 @@ GroupedGemmAct::GroupedGemmAct(int64_t experts, Activation activation)
                      Bf16Sm90ActGatherDeferred::workspace_bytes(experts, sm_count_)}));
 }
 
-const char* GroupedGemmAct::name() const { return Bf16Sm90Act::name(); }
+const char* GroupedGemmAct::name() const {
+  return activation_ == Activation::swiglu
+             ? "SwiGLU, blocked pairs: bf16 B(K,N) + activation under the next tile's mainloop; "
+               "interleaved: + activation epilogue (registers -> global), sm90 ptr-array "
+               "cooperative 128x256x64 cluster 1x1x1"
+             : Bf16Sm90Act::name();
+}
 
 void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) const {
   check_ready();
@@ -163,8 +169,8 @@ void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) co
       Bf16Sm90ActGather::run(args, activation_, experts_, workspace_, sm_count_, stream);
     return;
   }
-  // SwiGLU with blocked pairs and no pre (the inference forward): the activation of each tile
-  // runs under the next tile's mainloop (grouped_gemm_deferred_act_sm90.hpp).
+  // SwiGLU with blocked pairs: the activation of each tile (and pre's stores) runs under the next
+  // tile's mainloop (grouped_gemm_deferred_act_sm90.hpp).
   if (grouped_gemm::deferrable(args, activation_))
     Bf16Sm90ActDeferred::run(args, activation_, experts_, workspace_, sm_count_, stream);
   else

@@ -1,6 +1,6 @@
 // The CUTLASS instantiation of the fused up-projection whose activation runs under the next tile's
-// mainloop (SwiGLU, blocked pairs, no pre: the inference forward on grouped_fused). NDEBUG for the
-// same reason as grouped_gemm_bf16_act.cu.
+// mainloop (SwiGLU with blocked pairs: the grouped_fused forward). NDEBUG for the same reason as
+// grouped_gemm_bf16_act.cu.
 #ifndef NDEBUG
 #define NDEBUG
 #endif
@@ -14,7 +14,7 @@ using DeferredAct =
     ActLauncher<ActKernel<CooperativeNoClusterConfig, /*kGatherA=*/false, /*kDeferred=*/true>>;
 
 bool deferrable(const GroupedGemmActArgs& args, Activation activation) {
-  return activation == Activation::swiglu && args.blocked && args.pre == nullptr;
+  return activation == Activation::swiglu && args.blocked;
 }
 
 size_t Bf16Sm90ActDeferred::workspace_bytes(int64_t groups, int sm_count) {

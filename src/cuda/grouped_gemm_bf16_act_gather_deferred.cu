@@ -1,5 +1,5 @@
 // The CUTLASS instantiation of the fused up-projection with gathered A rows whose activation runs
-// under the next tile's mainloop (the inference forward without xp). NDEBUG for the same reason as
+// under the next tile's mainloop (the grouped_fused forward without xp). NDEBUG for the same reason as
 // grouped_gemm_bf16_act.cu.
 #ifndef NDEBUG
 #define NDEBUG

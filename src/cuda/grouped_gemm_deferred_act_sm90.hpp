@@ -13,9 +13,11 @@
 // then only writes where this thread's act words go (a DeferredActRecord in shared memory, its
 // own slot: no other thread reads it). The next tile's mainloop, after issuing each of its first 8
 // k-slices' wgmmas and before waiting for them, computes one of the 8 blocks of 4 act words
-// (8 pairs -> 16 bytes) and stores it. The arithmetic and the stores are the immediate epilogue's
-// (same functions, same rounding): act is the same bits. The accumulators stay with the tensor
-// cores; the stash costs 64 of the consumer's 232 registers.
+// (8 pairs -> 16 bytes) and stores it, and with pre asked for (the training forward) also the
+// block's pre (the 8 pairs as they are, two 16-byte words after the same quad exchange). The
+// arithmetic and the stores are the immediate epilogue's (same functions, same rounding): pre and
+// act are the same bits. The accumulators stay with the tensor cores; the stash costs 64 of the
+// consumer's 232 registers.
 //
 // A CTA's last tile has no next mainloop: its epilogue runs at once from the accumulators, as
 // EpilogueActivation's. The epilogue knows which tile is last by counting: CUTLASS's grouped
@@ -24,14 +26,15 @@
 // size); prepare_kernel counts them on the device. A count that were wrong would leave tiles
 // unwritten or write stale ones: the tests poison act and compare every value.
 //
-// Only SwiGLU with blocked pairs and no pre (the inference forward): the other forms keep the
-// immediate epilogue (grouped_gemm_epilogue_act_sm90.hpp).
+// Only SwiGLU with blocked pairs: GELU and interleaved pairs keep the immediate epilogue
+// (grouped_gemm_epilogue_act_sm90.hpp).
 #pragma once
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
 #include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
 #include <cutlass/cutlass.h>
 
 #include "experts_activation.cuh"
@@ -39,11 +42,14 @@
 
 namespace moe::cuda::grouped_gemm {
 
-// Where one consumer thread's act words of the stashed tile go.
+// Where one consumer thread's words of the stashed tile go.
 struct DeferredActRecord {
   __nv_bfloat16* act;  // row half 0, block 0: act + r * ld_act + n_tile / 2 + 8 q
-  int32_t ld8;         // 8 * ld_act: row half 1 is 8 rows further
-  uint32_t mask;       // bit 4 v1 + c: row half v1's block c lies inside the output
+  __nv_bfloat16* pre;  // row half 0, block 0: pre + r * ld_pre + n_tile + 8 q; null: no pre
+  int32_t act_ld8;     // 8 * ld_act: row half 1 is 8 rows further
+  int32_t pre_ld8;     // 8 * ld_pre
+  uint32_t act_mask;   // bit 4 v1 + c: row half v1's act block c lies inside the output
+  uint32_t pre_mask;   // bit 2 (4 v1 + c) + h: the same for pre's half h of that block
 };
 
 inline constexpr int kDeferredThreads = 256;  // the two consumer warpgroups
@@ -58,7 +64,7 @@ CUTLASS_DEVICE DeferredActRecord* deferred_act_records() {
 }
 
 // Block b of a stash: 8 (gate, up) pairs -> 4 words of act (two units each), the immediate
-// epilogue's arithmetic on the same values.
+// epilogue's arithmetic on the same values (EpilogueActivation, blocked pairs).
 CUTLASS_DEVICE uint4 deferred_act_block(const uint32_t* h) {
   uint32_t a[4];
   CUTLASS_PRAGMA_UNROLL
@@ -87,6 +93,7 @@ struct DeferredActMainloop : Base {
   using typename Base::TensorStorage;
   using typename Base::TiledMma;
   static_assert(Base::K_PIPE_MMAS == 1, "mma_tail releases exactly one stage");
+  static constexpr bool kGatheredA = requires { typename Base::GatherArgs; };
 
   uint32_t stash_[8 * kDeferredBlocks];  // the last tile's pairs, block b = 4 v1 + c
   bool pending_ = false;                 // a stash waits for its act to be stored
@@ -118,6 +125,8 @@ struct DeferredActMainloop : Base {
     auto issue = [&](bool first) {
       auto token = pipeline.consumer_try_wait(smem_pipe_read);
       pipeline.consumer_wait(smem_pipe_read, token);
+      // A gathered A arrives by cp.async (generic proxy); wgmma reads through the async proxy.
+      if constexpr (kGatheredA) cutlass::arch::fence_view_async_shared();
       const int stage = smem_pipe_read.index();
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
@@ -137,10 +146,22 @@ struct DeferredActMainloop : Base {
       pipeline.consumer_release(smem_pipe_release);
       ++smem_pipe_release;
     };
+    const int q = thread_idx & 3;
     auto store_block = [&](int b) {
-      const uint4 v = deferred_act_block(stash_ + 8 * b);
-      if ((rec.mask >> b) & 1u)
-        *reinterpret_cast<uint4*>(rec.act + (b / 4) * rec.ld8 + 32 * (b % 4)) = v;
+      const uint32_t* h = stash_ + 8 * b;
+      if (rec.pre != nullptr) {  // uniform: every lane takes part in the exchanges
+        CUTLASS_PRAGMA_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          const uint4 v = quad_transpose(h[4 * half], h[4 * half + 1], h[4 * half + 2],
+                                         h[4 * half + 3], q);
+          if ((rec.pre_mask >> (2 * b + half)) & 1u)
+            *reinterpret_cast<uint4*>(rec.pre + (b / 4) * rec.pre_ld8 + 64 * (b % 4) +
+                                      32 * half) = v;
+        }
+      }
+      const uint4 v = deferred_act_block(h);
+      if ((rec.act_mask >> b) & 1u)
+        *reinterpret_cast<uint4*>(rec.act + (b / 4) * rec.act_ld8 + 32 * (b % 4)) = v;
     };
 
     int k_left = k_tile_count;
@@ -182,15 +203,15 @@ struct DeferredActMainloop : Base {
   }
 };
 
-// EpilogueActivation for SwiGLU, blocked pairs, act only, that leaves every tile but the CTA's
-// last to the next mainloop (DeferredActMainloop): it records where the act words go.
+// EpilogueActivation for SwiGLU with blocked pairs that leaves every tile but the CTA's last to
+// the next mainloop (DeferredActMainloop): it records where the pre and act words go.
 class EpilogueActivationDeferred : public EpilogueActivation {
  public:
   template <class ProblemShape>
   static bool can_implement(ProblemShape const& shape, Arguments const& args) {
     return EpilogueActivation::can_implement(shape, args) && args.swiglu != 0 &&
-           args.blocked != 0 && args.pre == nullptr && args.tile_count != nullptr &&
-           args.ld_act < (int64_t{1} << 27);  // DeferredActRecord::ld8
+           args.blocked != 0 && args.tile_count != nullptr &&
+           args.ld_pre < (int64_t{1} << 27);  // DeferredActRecord::pre_ld8 (ld_act is half)
   }
 
   CUTLASS_HOST_DEVICE explicit EpilogueActivationDeferred(Params const& params)
@@ -220,13 +241,23 @@ class EpilogueActivationDeferred : public EpilogueActivation {
     const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
                                 tiled_mma, thread_idx);
     DeferredActRecord rec;
+    const int64_t r = t.row0 + t.m[0];
     const int col0 = t.n_tile / 2 + 8 * t.q;  // act column of block 0
-    rec.act = params_.act + (t.row0 + t.m[0]) * params_.ld_act + col0;
-    rec.ld8 = static_cast<int32_t>(8 * params_.ld_act);
-    rec.mask = 0;
+    const int pre_col0 = t.n_tile + 8 * t.q;  // pre column of block 0, half 0
+    rec.act = params_.act + r * params_.ld_act + col0;
+    rec.pre = params_.pre ? params_.pre + r * params_.ld_pre + pre_col0 : nullptr;
+    rec.act_ld8 = static_cast<int32_t>(8 * params_.ld_act);
+    rec.pre_ld8 = static_cast<int32_t>(8 * params_.ld_pre);
+    rec.act_mask = rec.pre_mask = 0;
     CUTLASS_PRAGMA_UNROLL
-    for (int b = 0; b < kDeferredBlocks; ++b)
-      if (t.m[b / 4] < t.rows && 2 * (col0 + 32 * (b % 4)) < t.cols) rec.mask |= 1u << b;
+    for (int b = 0; b < kDeferredBlocks; ++b) {
+      const bool row_ok = t.m[b / 4] < t.rows;
+      if (row_ok && 2 * (col0 + 32 * (b % 4)) < t.cols) rec.act_mask |= 1u << b;
+      CUTLASS_PRAGMA_UNROLL
+      for (int half = 0; half < 2; ++half)
+        if (row_ok && pre_col0 + 64 * (b % 4) + 32 * half < t.cols)
+          rec.pre_mask |= 1u << (2 * b + half);
+    }
     deferred_act_records()[thread_idx] = rec;
   }
 

@@ -55,6 +55,25 @@
 
 namespace moe::cuda::grouped_gemm {
 
+// w[idx] for a run-time idx in [0, 4) without indexing a register array.
+CUTLASS_DEVICE uint32_t pick(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3, int idx) {
+  const uint32_t lo = idx & 1 ? w1 : w0, hi = idx & 1 ? w3 : w2;
+  return idx & 2 ? hi : lo;
+}
+
+// 4 x 4 transpose of 32-bit words within a quad of lanes: lane q passes in its words w[0..3]
+// and gets back, in position s, word q of lane s. Lane q sends w[q ^ k] to lane q ^ k (k = 1,
+// 2, 3), which receives exactly the word it needs from q. Every lane of the warp must call it.
+CUTLASS_DEVICE uint4 quad_transpose(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3, int q) {
+  const uint32_t r0 = pick(w0, w1, w2, w3, q);  // from itself
+  const uint32_t r1 = __shfl_xor_sync(0xffffffffu, pick(w0, w1, w2, w3, q ^ 1), 1);
+  const uint32_t r2 = __shfl_xor_sync(0xffffffffu, pick(w0, w1, w2, w3, q ^ 2), 2);
+  const uint32_t r3 = __shfl_xor_sync(0xffffffffu, pick(w0, w1, w2, w3, q ^ 3), 3);
+  // r_k came from lane q ^ k: it belongs in position q ^ k.
+  return make_uint4(pick(r0, r1, r2, r3, q), pick(r0, r1, r2, r3, q ^ 1),
+                    pick(r0, r1, r2, r3, q ^ 2), pick(r0, r1, r2, r3, q ^ 3));
+}
+
 // What CUTLASS's kernel and adapter read off an epilogue that writes from registers with its own
 // Params: C is never read, D is not CUTLASS's (the outputs are addressed from Params). Plus the
 // bf16 word helpers both activation epilogues use.
@@ -273,27 +292,6 @@ class EpilogueActivation : public RegisterEpilogue<ActEpilogueArguments> {
         }
       }
     }
-  }
-
- private:
-  // w[idx] for a run-time idx in [0, 4) without indexing a register array.
-  CUTLASS_DEVICE static uint32_t pick(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3,
-                                      int idx) {
-    const uint32_t lo = idx & 1 ? w1 : w0, hi = idx & 1 ? w3 : w2;
-    return idx & 2 ? hi : lo;
-  }
-  // 4 x 4 transpose of 32-bit words within a quad of lanes: lane q passes in its words w[0..3]
-  // and gets back, in position s, word q of lane s. Lane q sends w[q ^ k] to lane q ^ k (k = 1,
-  // 2, 3), which receives exactly the word it needs from q.
-  CUTLASS_DEVICE static uint4 quad_transpose(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3,
-                                             int q) {
-    const uint32_t r0 = pick(w0, w1, w2, w3, q);  // from itself
-    const uint32_t r1 = __shfl_xor_sync(0xffffffffu, pick(w0, w1, w2, w3, q ^ 1), 1);
-    const uint32_t r2 = __shfl_xor_sync(0xffffffffu, pick(w0, w1, w2, w3, q ^ 2), 2);
-    const uint32_t r3 = __shfl_xor_sync(0xffffffffu, pick(w0, w1, w2, w3, q ^ 3), 3);
-    // r_k came from lane q ^ k: it belongs in position q ^ k.
-    return make_uint4(pick(r0, r1, r2, r3, q), pick(r0, r1, r2, r3, q ^ 1),
-                      pick(r0, r1, r2, r3, q ^ 2), pick(r0, r1, r2, r3, q ^ 3));
   }
 };
 

@@ -95,7 +95,7 @@ struct Bf16Sm90ActGather {
 };
 
 // Bf16Sm90Act and Bf16Sm90ActGather with each tile's activation run under the next tile's mainloop
-// (grouped_gemm_deferred_act_sm90.hpp): SwiGLU with blocked pairs and no pre only (deferrable()).
+// (grouped_gemm_deferred_act_sm90.hpp): SwiGLU with blocked pairs only (deferrable()).
 bool deferrable(const GroupedGemmActArgs& args, Activation activation);
 
 struct Bf16Sm90ActDeferred {

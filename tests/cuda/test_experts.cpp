@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu/stages.hpp"
+#include "cuda/grouped_gemm_sm90.hpp"
 #include "cuda_test_util.hpp"
 #include "moe/config.hpp"
 #include "moe/cuda/experts.hpp"
@@ -545,12 +546,13 @@ TEST(GroupedGemmAct, GatheredRowsGiveThePermutedResultBitForBit) {
   }
 }
 
-// SwiGLU with blocked pairs and no pre runs each tile's activation under the next tile's mainloop
-// (grouped_gemm_deferred_act_sm90.hpp): act must be the immediate epilogue's bits (the kernel
-// that writes pre too), permuted and gathered. Enough tiles that every CTA has several (348
-// tiles of 128x256: 2.6 per SM on a 132-SM card), segments of 1, 127, 128 and 129 rows and empty
-// ones, K of one partial slice (40) and of more slices than the 8 that carry deferred blocks (600,
-// partial last slice). Rows past M stay untouched.
+// SwiGLU with blocked pairs runs each tile's activation (and pre's stores) under the next tile's
+// mainloop (grouped_gemm_deferred_act_sm90.hpp): pre and act must be the immediate epilogue's
+// bits (grouped_gemm::Bf16Sm90Act, Bf16Sm90ActGather), with and without pre, permuted and
+// gathered. Enough tiles that every CTA has several (348 tiles of 128x256: 2.6 per SM on a
+// 132-SM card), segments of 1, 127, 128 and 129 rows and empty ones, K of one partial slice (40)
+// and of more slices than the 8 that carry deferred blocks (600, partial last slice). Rows past M
+// stay untouched.
 TEST(GroupedGemmAct, DeferredActivationGivesTheImmediateBitsWithManyTilesPerCta) {
   MOE_REQUIRE_GPU();
   const std::vector<int64_t> sizes = {1, 0, 3000, 129, 2500, 0, 700, 4000, 127, 128};
@@ -562,7 +564,12 @@ TEST(GroupedGemmAct, DeferredActivationGivesTheImmediateBitsWithManyTilesPerCta)
   for (int64_t r = 0; r < M; ++r)
     gather[r] = static_cast<int32_t>(std::min<int64_t>(T - 1, std::abs(pick[r]) * T));
   DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end())), dgather(gather);
-  cuda::GroupedGemmAct gemm(E, Activation::swiglu);
+  cuda::GroupedGemmAct gemm(E, Activation::swiglu);  // blocked SwiGLU: the deferred kernels
+  int device = 0, sms = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&device));
+  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  DeviceArray<uint8_t> ws(std::max(cuda::grouped_gemm::Bf16Sm90Act::workspace_bytes(E, sms),
+                                   cuda::grouped_gemm::Bf16Sm90ActGather::workspace_bytes(E, sms)));
   for (int64_t K : {40, 600}) {
     SCOPED_TRACE("K = " + std::to_string(K));
     const std::vector<float> x = round_to<bf16>(random_vector<float>(T * K, 52));
@@ -570,29 +577,42 @@ TEST(GroupedGemmAct, DeferredActivationGivesTheImmediateBitsWithManyTilesPerCta)
     for (int64_t r = 0; r < M; ++r) std::copy_n(x.begin() + gather[r] * K, K, xp.begin() + r * K);
     const std::vector<float> b = round_to<bf16>(random_vector<float>(E * K * N, 53));
     DeviceArray<bf16> dx(to_device_type<bf16>(x)), dxp(to_device_type<bf16>(xp)),
-        db(to_device_type<bf16>(b)), pre(R * N);
-    std::vector<float> acts[4];  // permuted immediate / deferred, gathered immediate / deferred
-    for (int v = 0; v < 4; ++v) {
-      DeviceArray<bf16> act(R * I);
-      act.poison(), pre.poison();
-      const bool gathered = v >= 2, deferred = v % 2 == 1;
-      cuda::GroupedGemmActArgs a{offsets.get(), N, K, gathered ? dx.get() : dxp.get(), db.get(),
-                                 deferred ? nullptr : pre.get(), act.get(), /*blocked=*/true};
-      if (gathered) a.gather = dgather.get(), a.gather_rows = T;
-      gemm.run(a, nullptr);
-      acts[v] = from_device_type(act.download());
-    }
-    const std::vector<float>& want = acts[0];
-    EXPECT_TRUE(std::none_of(want.begin(), want.begin() + M * I, [](float v) {
-      return std::isnan(v);
-    })) << "the immediate kernel left rows unwritten";
-    EXPECT_TRUE(same_bytes(want, acts[1])) << "deferred act differs (permuted rows)";
-    EXPECT_TRUE(same_bytes(acts[2], acts[3])) << "deferred act differs (gathered rows)";
-    EXPECT_TRUE(same_bytes(want, acts[3])) << "gathered deferred act differs from permuted";
-    for (int v = 1; v < 4; v += 2)
-      EXPECT_TRUE(std::all_of(acts[v].begin() + M * I, acts[v].end(),
-                              [](float f) { return std::isnan(f); }))
-          << "rows past M were written";
+        db(to_device_type<bf16>(b));
+    for (bool gathered : {false, true})
+      for (bool with_pre : {false, true}) {
+        SCOPED_TRACE(std::string(gathered ? "gathered" : "permuted") +
+                     (with_pre ? ", pre" : ", act only"));
+        DeviceArray<bf16> pre_i(R * N), act_i(R * I), pre_d(R * N), act_d(R * I);
+        for (auto* a : {&pre_i, &act_i, &pre_d, &act_d}) a->poison();
+        cuda::GroupedGemmActArgs a{offsets.get(), N, K, gathered ? dx.get() : dxp.get(),
+                                   db.get(), with_pre ? pre_i.get() : nullptr, act_i.get(),
+                                   /*blocked=*/true};
+        if (gathered) a.gather = dgather.get(), a.gather_rows = T;
+        if (gathered)
+          cuda::grouped_gemm::Bf16Sm90ActGather::run(a, Activation::swiglu, E, ws.get(), sms,
+                                                     nullptr);
+        else
+          cuda::grouped_gemm::Bf16Sm90Act::run(a, Activation::swiglu, E, ws.get(), sms, nullptr);
+        a.pre = with_pre ? pre_d.get() : nullptr;
+        a.act = act_d.get();
+        gemm.run(a, nullptr);
+        const std::vector<float> want = from_device_type(act_i.download());
+        const std::vector<float> got = from_device_type(act_d.download());
+        EXPECT_TRUE(std::none_of(want.begin(), want.begin() + M * I,
+                                 [](float v) { return std::isnan(v); }))
+            << "the immediate kernel left rows unwritten";
+        EXPECT_TRUE(same_bytes(want, got)) << "deferred act differs from the immediate";
+        EXPECT_TRUE(std::all_of(got.begin() + M * I, got.end(),
+                                [](float f) { return std::isnan(f); }))
+            << "act rows past M were written";
+        const std::vector<float> pre_want = from_device_type(pre_i.download());
+        const std::vector<float> pre_got = from_device_type(pre_d.download());
+        EXPECT_TRUE(same_bytes(pre_want, pre_got)) << "deferred pre differs from the immediate";
+        if (!with_pre)
+          EXPECT_TRUE(std::all_of(pre_got.begin(), pre_got.end(),
+                                  [](float f) { return std::isnan(f); }))
+              << "pre was written although its pointer was null";
+      }
   }
 }
 
