@@ -143,11 +143,7 @@ GroupedGemmAct::GroupedGemmAct(int64_t experts, Activation activation)
 }
 
 const char* GroupedGemmAct::name() const {
-  return activation_ == Activation::swiglu
-             ? "SwiGLU, blocked pairs: bf16 B(K,N) + activation under the next tile's mainloop; "
-               "interleaved: + activation epilogue (registers -> global), sm90 ptr-array "
-               "cooperative 128x256x64 cluster 1x1x1"
-             : Bf16Sm90Act::name();
+  return activation_ == Activation::swiglu ? Bf16Sm90ActDeferred::name() : Bf16Sm90Act::name();
 }
 
 void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) const {
@@ -163,15 +159,15 @@ void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) co
     MOE_CHECK(args.gather_rows >= 1 && args.gather_rows < (int64_t{1} << 31),
               "grouped GEMM + activation: gather_rows must be in [1, 2^31), got ",
               args.gather_rows);
-    if (grouped_gemm::deferrable(args, activation_))
+    if (grouped_gemm::deferrable(activation_))
       Bf16Sm90ActGatherDeferred::run(args, activation_, experts_, workspace_, sm_count_, stream);
     else
       Bf16Sm90ActGather::run(args, activation_, experts_, workspace_, sm_count_, stream);
     return;
   }
-  // SwiGLU with blocked pairs: the activation of each tile (and pre's stores) runs under the next
-  // tile's mainloop (grouped_gemm_deferred_act_sm90.hpp).
-  if (grouped_gemm::deferrable(args, activation_))
+  // SwiGLU: the activation of each tile (and pre's stores) runs under the next tile's mainloop
+  // (grouped_gemm_deferred_act_sm90.hpp).
+  if (grouped_gemm::deferrable(activation_))
     Bf16Sm90ActDeferred::run(args, activation_, experts_, workspace_, sm_count_, stream);
   else
     Bf16Sm90Act::run(args, activation_, experts_, workspace_, sm_count_, stream);

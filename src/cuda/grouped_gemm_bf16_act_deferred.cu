@@ -1,5 +1,5 @@
 // The CUTLASS instantiation of the fused up-projection whose activation runs under the next tile's
-// mainloop (SwiGLU with blocked pairs: the grouped_fused forward). NDEBUG for the same reason as
+// mainloop (SwiGLU: the grouped_fused forward). NDEBUG for the same reason as
 // grouped_gemm_bf16_act.cu.
 #ifndef NDEBUG
 #define NDEBUG
@@ -13,9 +13,7 @@ namespace moe::cuda::grouped_gemm {
 using DeferredAct =
     ActLauncher<ActKernel<CooperativeNoClusterConfig, /*kGatherA=*/false, /*kDeferred=*/true>>;
 
-bool deferrable(const GroupedGemmActArgs& args, Activation activation) {
-  return activation == Activation::swiglu && args.blocked;
-}
+bool deferrable(Activation activation) { return activation == Activation::swiglu; }
 
 size_t Bf16Sm90ActDeferred::workspace_bytes(int64_t groups, int sm_count) {
   return DeferredAct::workspace_bytes(groups, sm_count);

@@ -26,7 +26,7 @@
 // size); prepare_kernel counts them on the device. A count that were wrong would leave tiles
 // unwritten or write stale ones: the tests poison act and compare every value.
 //
-// Only SwiGLU with blocked pairs: GELU and interleaved pairs keep the immediate epilogue
+// SwiGLU only (either pair order): GELU keeps the immediate epilogue
 // (grouped_gemm_epilogue_act_sm90.hpp).
 #pragma once
 #include <cuda_bf16.h>
@@ -50,6 +50,8 @@ struct DeferredActRecord {
   int32_t pre_ld8;     // 8 * ld_pre
   uint32_t act_mask;   // bit 4 v1 + c: row half v1's act block c lies inside the output
   uint32_t pre_mask;   // bit 2 (4 v1 + c) + h: the same for pre's half h of that block
+  int32_t interleaved; // pairs interleaved (1) or blocked (0): how act's words are ordered
+  int32_t unused;
 };
 
 inline constexpr int kDeferredThreads = 256;  // the two consumer warpgroups
@@ -63,9 +65,10 @@ CUTLASS_DEVICE DeferredActRecord* deferred_act_records() {
   return records;
 }
 
-// Block b of a stash: 8 (gate, up) pairs -> 4 words of act (two units each), the immediate
-// epilogue's arithmetic on the same values (EpilogueActivation, blocked pairs).
-CUTLASS_DEVICE uint4 deferred_act_block(const uint32_t* h) {
+// Block b of a stash: 8 (gate, up) pairs -> the 16 bytes of act this lane stores, the immediate
+// epilogue's arithmetic and word order on the same values (EpilogueActivation: blocked pairs are
+// in place; interleaved ones go through the quad exchange, so every lane must call it).
+CUTLASS_DEVICE uint4 deferred_act_block(const uint32_t* h, bool interleaved, int q) {
   uint32_t a[4];
   CUTLASS_PRAGMA_UNROLL
   for (int k = 0; k < 4; ++k) {
@@ -76,7 +79,10 @@ CUTLASS_DEVICE uint4 deferred_act_block(const uint32_t* h) {
                                              act::silu_mul(__low2float(x1), __high2float(x1)));
     a[k] = *reinterpret_cast<uint32_t*>(&y);
   }
-  return make_uint4(a[0], a[1], a[2], a[3]);
+  if (!interleaved) return make_uint4(a[0], a[1], a[2], a[3]);
+  const uint4 t = quad_transpose(a[0], a[1], a[2], a[3], q);
+  return make_uint4(__byte_perm(t.x, t.y, 0x5410), __byte_perm(t.z, t.w, 0x5410),
+                    __byte_perm(t.x, t.y, 0x7632), __byte_perm(t.z, t.w, 0x7632));
 }
 
 // The consumer side of CUTLASS's ptr-array mainloop (the producer side is Base's: TMA, or the
@@ -159,7 +165,7 @@ struct DeferredActMainloop : Base {
                                       32 * half) = v;
         }
       }
-      const uint4 v = deferred_act_block(h);
+      const uint4 v = deferred_act_block(h, rec.interleaved != 0, q);
       if ((rec.act_mask >> b) & 1u)
         *reinterpret_cast<uint4*>(rec.act + (b / 4) * rec.act_ld8 + 32 * (b % 4)) = v;
     };
@@ -203,14 +209,14 @@ struct DeferredActMainloop : Base {
   }
 };
 
-// EpilogueActivation for SwiGLU with blocked pairs that leaves every tile but the CTA's last to
-// the next mainloop (DeferredActMainloop): it records where the pre and act words go.
+// EpilogueActivation for SwiGLU that leaves every tile but the CTA's last to the next mainloop
+// (DeferredActMainloop): it records where the pre and act words go.
 class EpilogueActivationDeferred : public EpilogueActivation {
  public:
   template <class ProblemShape>
   static bool can_implement(ProblemShape const& shape, Arguments const& args) {
     return EpilogueActivation::can_implement(shape, args) && args.swiglu != 0 &&
-           args.blocked != 0 && args.tile_count != nullptr &&
+           args.tile_count != nullptr &&
            args.ld_pre < (int64_t{1} << 27);  // DeferredActRecord::pre_ld8 (ld_act is half)
   }
 
@@ -249,6 +255,8 @@ class EpilogueActivationDeferred : public EpilogueActivation {
     rec.act_ld8 = static_cast<int32_t>(8 * params_.ld_act);
     rec.pre_ld8 = static_cast<int32_t>(8 * params_.ld_pre);
     rec.act_mask = rec.pre_mask = 0;
+    rec.interleaved = params_.blocked ? 0 : 1;
+    rec.unused = 0;
     CUTLASS_PRAGMA_UNROLL
     for (int b = 0; b < kDeferredBlocks; ++b) {
       const bool row_ok = t.m[b / 4] < t.rows;

@@ -95,8 +95,8 @@ struct Bf16Sm90ActGather {
 };
 
 // Bf16Sm90Act and Bf16Sm90ActGather with each tile's activation run under the next tile's mainloop
-// (grouped_gemm_deferred_act_sm90.hpp): SwiGLU with blocked pairs only (deferrable()).
-bool deferrable(const GroupedGemmActArgs& args, Activation activation);
+// (grouped_gemm_deferred_act_sm90.hpp): SwiGLU only (deferrable()).
+bool deferrable(Activation activation);
 
 struct Bf16Sm90ActDeferred {
   static size_t workspace_bytes(int64_t groups, int sm_count);

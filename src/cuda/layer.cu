@@ -119,9 +119,10 @@ void widen(const bf16* in, int64_t n, float* out, cudaStream_t stream) {
 RowSource resolve_rows(const LayerConfig& cfg, ExpertsBackend backend, bool backward,
                        RowSource rows) {
   if (rows != RowSource::automatic) return rows;
-  const int64_t up_width = cfg.activation == Activation::swiglu ? 2 * cfg.inter : cfg.inter;
-  const bool pays = backend == ExpertsBackend::grouped_fused && !backward && up_width <= 32 * 256;
-  return pays ? RowSource::gathered : RowSource::permuted;
+  if (backend != ExpertsBackend::grouped_fused || backward) return RowSource::permuted;
+  if (cfg.activation == Activation::swiglu)  // the activation runs under the next tile's mainloop
+    return cfg.tokens * cfg.top_k < 128 * cfg.experts ? RowSource::gathered : RowSource::permuted;
+  return cfg.inter <= 32 * 256 ? RowSource::gathered : RowSource::permuted;
 }
 
 const char* name(RowSource rows) {

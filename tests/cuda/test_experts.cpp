@@ -546,13 +546,13 @@ TEST(GroupedGemmAct, GatheredRowsGiveThePermutedResultBitForBit) {
   }
 }
 
-// SwiGLU with blocked pairs runs each tile's activation (and pre's stores) under the next tile's
-// mainloop (grouped_gemm_deferred_act_sm90.hpp): pre and act must be the immediate epilogue's
-// bits (grouped_gemm::Bf16Sm90Act, Bf16Sm90ActGather), with and without pre, permuted and
-// gathered. Enough tiles that every CTA has several (348 tiles of 128x256: 2.6 per SM on a
-// 132-SM card), segments of 1, 127, 128 and 129 rows and empty ones, K of one partial slice (40)
-// and of more slices than the 8 that carry deferred blocks (600, partial last slice). Rows past M
-// stay untouched.
+// SwiGLU runs each tile's activation (and pre's stores) under the next tile's mainloop
+// (grouped_gemm_deferred_act_sm90.hpp): pre and act must be the immediate epilogue's bits
+// (grouped_gemm::Bf16Sm90Act, Bf16Sm90ActGather), blocked and interleaved pairs, with and without
+// pre, permuted and gathered. Enough tiles that every CTA has several (348 tiles of 128x256: 2.6
+// per SM on a 132-SM card), segments of 1, 127, 128 and 129 rows and empty ones, K of one partial
+// slice (40) and of more slices than the 8 that carry deferred blocks (600, partial last slice).
+// Rows past M stay untouched.
 TEST(GroupedGemmAct, DeferredActivationGivesTheImmediateBitsWithManyTilesPerCta) {
   MOE_REQUIRE_GPU();
   const std::vector<int64_t> sizes = {1, 0, 3000, 129, 2500, 0, 700, 4000, 127, 128};
@@ -564,7 +564,7 @@ TEST(GroupedGemmAct, DeferredActivationGivesTheImmediateBitsWithManyTilesPerCta)
   for (int64_t r = 0; r < M; ++r)
     gather[r] = static_cast<int32_t>(std::min<int64_t>(T - 1, std::abs(pick[r]) * T));
   DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end())), dgather(gather);
-  cuda::GroupedGemmAct gemm(E, Activation::swiglu);  // blocked SwiGLU: the deferred kernels
+  cuda::GroupedGemmAct gemm(E, Activation::swiglu);  // SwiGLU: the deferred kernels
   int device = 0, sms = 0;
   MOE_CUDA_CHECK(cudaGetDevice(&device));
   MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -578,41 +578,42 @@ TEST(GroupedGemmAct, DeferredActivationGivesTheImmediateBitsWithManyTilesPerCta)
     const std::vector<float> b = round_to<bf16>(random_vector<float>(E * K * N, 53));
     DeviceArray<bf16> dx(to_device_type<bf16>(x)), dxp(to_device_type<bf16>(xp)),
         db(to_device_type<bf16>(b));
-    for (bool gathered : {false, true})
-      for (bool with_pre : {false, true}) {
-        SCOPED_TRACE(std::string(gathered ? "gathered" : "permuted") +
-                     (with_pre ? ", pre" : ", act only"));
-        DeviceArray<bf16> pre_i(R * N), act_i(R * I), pre_d(R * N), act_d(R * I);
-        for (auto* a : {&pre_i, &act_i, &pre_d, &act_d}) a->poison();
-        cuda::GroupedGemmActArgs a{offsets.get(), N, K, gathered ? dx.get() : dxp.get(),
-                                   db.get(), with_pre ? pre_i.get() : nullptr, act_i.get(),
-                                   /*blocked=*/true};
-        if (gathered) a.gather = dgather.get(), a.gather_rows = T;
-        if (gathered)
-          cuda::grouped_gemm::Bf16Sm90ActGather::run(a, Activation::swiglu, E, ws.get(), sms,
-                                                     nullptr);
-        else
-          cuda::grouped_gemm::Bf16Sm90Act::run(a, Activation::swiglu, E, ws.get(), sms, nullptr);
-        a.pre = with_pre ? pre_d.get() : nullptr;
-        a.act = act_d.get();
-        gemm.run(a, nullptr);
-        const std::vector<float> want = from_device_type(act_i.download());
-        const std::vector<float> got = from_device_type(act_d.download());
-        EXPECT_TRUE(std::none_of(want.begin(), want.begin() + M * I,
-                                 [](float v) { return std::isnan(v); }))
-            << "the immediate kernel left rows unwritten";
-        EXPECT_TRUE(same_bytes(want, got)) << "deferred act differs from the immediate";
-        EXPECT_TRUE(std::all_of(got.begin() + M * I, got.end(),
+    for (int form = 0; form < 8; ++form) {
+      const bool gathered = form & 1, with_pre = form & 2, blocked = form & 4;
+      SCOPED_TRACE(std::string(gathered ? "gathered" : "permuted") +
+                   (with_pre ? ", pre" : ", act only") +
+                   (blocked ? ", blocked" : ", interleaved"));
+      DeviceArray<bf16> pre_i(R * N), act_i(R * I), pre_d(R * N), act_d(R * I);
+      for (auto* a : {&pre_i, &act_i, &pre_d, &act_d}) a->poison();
+      cuda::GroupedGemmActArgs a{offsets.get(), N, K, gathered ? dx.get() : dxp.get(),
+                                 db.get(), with_pre ? pre_i.get() : nullptr, act_i.get(),
+                                 blocked};
+      if (gathered) a.gather = dgather.get(), a.gather_rows = T;
+      if (gathered)
+        cuda::grouped_gemm::Bf16Sm90ActGather::run(a, Activation::swiglu, E, ws.get(), sms,
+                                                   nullptr);
+      else
+        cuda::grouped_gemm::Bf16Sm90Act::run(a, Activation::swiglu, E, ws.get(), sms, nullptr);
+      a.pre = with_pre ? pre_d.get() : nullptr;
+      a.act = act_d.get();
+      gemm.run(a, nullptr);
+      const std::vector<float> want = from_device_type(act_i.download());
+      const std::vector<float> got = from_device_type(act_d.download());
+      EXPECT_TRUE(std::none_of(want.begin(), want.begin() + M * I,
+                               [](float v) { return std::isnan(v); }))
+          << "the immediate kernel left rows unwritten";
+      EXPECT_TRUE(same_bytes(want, got)) << "deferred act differs from the immediate";
+      EXPECT_TRUE(std::all_of(got.begin() + M * I, got.end(),
+                              [](float f) { return std::isnan(f); }))
+          << "act rows past M were written";
+      const std::vector<float> pre_want = from_device_type(pre_i.download());
+      const std::vector<float> pre_got = from_device_type(pre_d.download());
+      EXPECT_TRUE(same_bytes(pre_want, pre_got)) << "deferred pre differs from the immediate";
+      if (!with_pre)
+        EXPECT_TRUE(std::all_of(pre_got.begin(), pre_got.end(),
                                 [](float f) { return std::isnan(f); }))
-            << "act rows past M were written";
-        const std::vector<float> pre_want = from_device_type(pre_i.download());
-        const std::vector<float> pre_got = from_device_type(pre_d.download());
-        EXPECT_TRUE(same_bytes(pre_want, pre_got)) << "deferred pre differs from the immediate";
-        if (!with_pre)
-          EXPECT_TRUE(std::all_of(pre_got.begin(), pre_got.end(),
-                                  [](float f) { return std::isnan(f); }))
-              << "pre was written although its pointer was null";
-      }
+            << "pre was written although its pointer was null";
+    }
   }
 }
 

@@ -705,17 +705,24 @@ LayerConfig bench_config(int64_t T, int64_t H, int64_t I, int64_t E, int64_t K) 
 }
 
 // RowSource::automatic (no GPU): gathered exactly where the alternating rounds measured it faster
-// (grouped_fused inference with at most 32 column tiles in the up-projection), permuted elsewhere;
-// and the arena follows the resolved choice.
+// (grouped_fused inference: with SwiGLU only where segments average under one 128-row tile, with
+// GELU where the up-projection has at most 32 column tiles), permuted elsewhere; and the arena
+// follows the resolved choice.
 TEST(LayerRows, AutomaticGathersOnlyWhereItMeasuredFaster) {
-  struct Shape { const char* name; int64_t T, H, I, E, K; bool gathers; };
-  for (const Shape& s : {Shape{"olmoe", 16384, 2048, 1024, 64, 8, true},
-                         Shape{"qwen3", 16384, 2048, 768, 128, 8, true},
-                         Shape{"qwen3_32k", 32768, 2048, 768, 128, 8, true},
-                         Shape{"brief_small", 8192, 1024, 4096, 16, 2, true},
-                         Shape{"mixtral", 8192, 4096, 14336, 8, 2, false},
-                         Shape{"decode", 64, 2048, 768, 128, 8, true}}) {
-    const LayerConfig cfg = bench_config(s.T, s.H, s.I, s.E, s.K);
+  struct Shape { const char* name; int64_t T, H, I, E, K; Activation act; bool gathers; };
+  const Activation swiglu = Activation::swiglu, gelu = Activation::gelu;
+  for (const Shape& s : {Shape{"olmoe", 16384, 2048, 1024, 64, 8, swiglu, false},
+                         Shape{"qwen3", 16384, 2048, 768, 128, 8, swiglu, false},
+                         Shape{"qwen3_32k", 32768, 2048, 768, 128, 8, swiglu, false},
+                         Shape{"brief_small", 8192, 1024, 4096, 16, 2, swiglu, false},
+                         Shape{"mixtral", 8192, 4096, 14336, 8, 2, swiglu, false},
+                         Shape{"decode", 64, 2048, 768, 128, 8, swiglu, true},
+                         Shape{"15 rows per expert", 240, 2048, 768, 128, 8, swiglu, true},
+                         Shape{"olmoe gelu", 16384, 2048, 1024, 64, 8, gelu, true},
+                         Shape{"gelu, 33 column tiles", 1024, 512, 8448, 8, 2, gelu, false}}) {
+    LayerConfig cfg = bench_config(s.T, s.H, s.I, s.E, s.K);
+    cfg.activation = s.act;
+    cfg.validate();
     const auto automatic = cuda::RowSource::automatic;
     const auto fused = cuda::ExpertsBackend::grouped_fused;
     EXPECT_EQ(cuda::resolve_rows(cfg, fused, false, automatic),

@@ -75,25 +75,26 @@ namespace moe::cuda {
 // the weight gradient dw_up = xp^T dpre gathers the same rows of x along its reduction
 // (GroupedWgradArgs::gather), so the backward needs x and the plan, not a permuted copy;
 // `automatic` (the default), gathered where that measured faster, else permuted (resolve_rows).
-// The gathered loader re-fetches each row once per 256-wide column tile of the up-projection. On
-// an H100, grouped_fused, the inference forward in alternating rounds, gathered / permuted, with
-// the gathered kernel on a 1x1 cluster (layer/rounds_27a6ca2 and rounds_d081554, two rounds
-// each): OLMoE 0.944-0.954 (8 column tiles), Qwen3 0.936-0.956 (6), Qwen3 at 32k 0.952-0.978
-// (6), decode 0.970-0.976 (6 tiles, 4 rows per expert), Mixtral 1.177-1.205 (112); the brief's
-// small shape (32 tiles) 1.016-1.021 in one call and 0.963-0.972 in the other, as it read
-// 0.980-0.995 on the earlier 2x1 cluster (rounds_7b3bd02), where decode read 1.05. The unfused
-// grouped path measured 2-17 % slower gathered at OLMoE, the small shape and Mixtral
-// (layer/gather_b8adba3, one loop after the other).
+// The gathered loader re-fetches each row once per 256-wide column tile of the up-projection and
+// runs at the rate its cp.async producer warps feed it; with xp the mainloop is TMA-fed. Since the
+// SwiGLU epilogue runs under the next tile's mainloop (grouped_gemm_deferred_act_sm90.hpp) the
+// TMA-fed up-projection is 11-12 % faster and the gathered one is not (its loader bounds it): on
+// an H100, grouped_fused, SwiGLU, the inference forward in alternating rounds, permuted /
+// gathered (layer/rounds_4ebc3bd, two rounds): OLMoE 0.954-0.962, Qwen3 0.991-1.005, Qwen3 at
+// 32k 0.912-0.919, the brief's small shape 0.967-1.003, Mixtral 0.79 (gathered 1.256-1.265x),
+// decode 1.030-1.031 (4 rows per expert: the permute pass is all overhead there). Before it
+// (immediate epilogue, layer/rounds_27a6ca2 and rounds_d081554) gathered had been the faster by
+// 2-6 % at OLMoE, Qwen3 and decode, which is where GELU (no deferred epilogue) still gathers.
 // Training (grouped_fused, fresh fp32 weight gradients, 6 rotating rounds against the permuted
 // layer, layer/gathered_training_10c2848): gathered took 1.013x the time at OLMoE and 1.015x at
 // Qwen3 (rounds 0.97-1.07 and 0.97-1.13) for 0.50 GiB less (1.77 -> 1.27 GiB, 1.60 -> 1.10):
 // automatic keeps permuting in training; gathered is the choice where memory binds.
 enum class RowSource { permuted, gathered, automatic };
 
-// What `rows` means for a layer of this shape: `automatic` is `gathered` for grouped_fused
-// without backward when the up-projection has at most 32 column tiles (2I or I <= 8192: each of
-// x's rows is fetched once per column tile); `permuted` otherwise. The other values are returned
-// as they are (the Layer checks that `gathered` is possible).
+// What `rows` means for a layer of this shape: `automatic` is, for grouped_fused without backward,
+// `gathered` with SwiGLU when the segments average under one 128-row tile (T*K < 128*E), and with
+// GELU when the up-projection has at most 32 column tiles (I <= 8192); `permuted` otherwise. The
+// other values are returned as they are (the Layer checks that `gathered` is possible).
 RowSource resolve_rows(const LayerConfig& cfg, ExpertsBackend backend, bool backward,
                        RowSource rows);
 const char* name(RowSource rows);
