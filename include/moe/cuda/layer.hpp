@@ -87,8 +87,10 @@ namespace moe::cuda {
 // 2-6 % at OLMoE, Qwen3 and decode, which is where GELU (no deferred epilogue) still gathers.
 // Training (grouped_fused, fresh fp32 weight gradients, 6 rotating rounds against the permuted
 // layer, layer/gathered_training_10c2848): gathered took 1.013x the time at OLMoE and 1.015x at
-// Qwen3 (rounds 0.97-1.07 and 0.97-1.13) for 0.50 GiB less (1.77 -> 1.27 GiB, 1.60 -> 1.10):
-// automatic keeps permuting in training; gathered is the choice where memory binds.
+// Qwen3 (rounds 0.97-1.07 and 0.97-1.13) for 0.50 GiB less (1.77 -> 1.27 GiB, 1.60 -> 1.10);
+// with the deferred SwiGLU epilogue on the permuted side 1.047-1.062x and 1.008-1.028x
+// (layer/rounds_f550fe0): automatic keeps permuting in training; gathered is the choice where
+// memory binds.
 enum class RowSource { permuted, gathered, automatic };
 
 // What `rows` means for a layer of this shape: `automatic` is, for grouped_fused without backward,
