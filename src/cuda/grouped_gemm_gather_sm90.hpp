@@ -156,6 +156,11 @@ struct GatherMainloop : Base {
     else
       produce</*kWarp=*/0>(params, pipeline, smem_pipe_write, get<2>(load_inputs), m_coord,
                            k_tile_iter, k_tile_count, storage, issue_b);
+    // After this tile the kernel may update the TMA descriptors in shared memory (lane 0 writes)
+    // that every lane of this warp read in the last descriptor fence; nothing in the loop above
+    // is warp-synchronous (each lane copies its own rows), so reconverge first. Without it
+    // racecheck reported those reads and writes as unordered (warp-level WAR warnings).
+    __syncwarp();
   }
 
   // The auxiliary producer warp (the kernel runs it because HasAuxiliaryLoad is set for this
