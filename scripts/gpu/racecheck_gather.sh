@@ -20,8 +20,16 @@ for off in $offsets; do
   echo "=== offset $off"
   awk -v pat="/\\\\*0*$off\\\\*/" '
     /Function :/ { gather = ($0 ~ /GatherMainloop/); fn = $0 }
-    gather { buf[NR % 9] = $0; if ($0 ~ pat) { print substr(fn, 1, 160); for (i = NR - 8; i <= NR; i++) print buf[i % 9]; n = 4 } else if (n > 0) { print; n-- } }
+    gather {
+      buf[NR % 9] = $0
+      if ($0 ~ pat) {
+        print substr(fn, 1, 160)
+        for (i = NR - 8; i <= NR; i++) print buf[i % 9]
+        n = 4
+      } else if (n > 0) { print; n-- }
+    }
   ' /tmp/tests.sass | cut -c1-150
 done >"$OUT/sass_at_hazards.txt"
 head -c 6000 "$OUT/sass_at_hazards.txt"
-grep -m 12 -E "Race reported|Write Thread|Read Thread|Current value|Address" "$OUT/racecheck_hazards.log" | cut -c1-200
+grep -m 12 -E "hazard detected|Write Thread|Read Thread|Current Value" \
+  "$OUT/racecheck_hazards.log" | cut -c1-200

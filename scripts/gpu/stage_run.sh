@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CPU side of a GPU visit: copy what the GPU machine runs into one small folder that travels with
 # the working tree (the device tool's `carry`, 64 MiB in all, tracked files included):
-#   bash scripts/gpu/stage_run.sh BUILD RUN [EXTRA...]   e.g. build/gg build/lmrun build/gg/experts_lab
+#   bash scripts/gpu/stage_run.sh BUILD RUN [EXTRA...]
+#   e.g. bash scripts/gpu/stage_run.sh build/gg build/lmrun build/gg/experts_lab
 # RUN gets generated/moe_build_info.hpp (the git revision the peers record) and payload.tar.xz:
 # the binaries (moe-bench, moe_cuda_tests and the EXTRA files, e.g. a lab), the shared libraries
 # the GPU machine's image lacks (fmt, OpenBLAS and its Fortran runtime, see bundle_libs.sh) and the

@@ -88,8 +88,8 @@ struct ActKernelBase {
 };
 
 // kGatherA: A's rows fetched by index (GatherMainloop), as Kernel's. kDeferred: the activation of
-// each tile but a CTA's last runs under the next tile's mainloop (DeferredActMainloop; SwiGLU,
-// blocked pairs, no pre), which takes the per-thread records out of the stages' shared memory.
+// each tile but a CTA's last runs under the next tile's mainloop (DeferredActMainloop; SwiGLU),
+// which takes the per-thread records out of the stages' shared memory.
 template <class Config, bool kGatherA, int kCarveout = 0>
 using UpMainloopPlain =
     cute::conditional_t<kGatherA, GatherMainloop<Mainloop<Config, WeightLayout::kn, kCarveout>>,

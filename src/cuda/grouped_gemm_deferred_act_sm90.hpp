@@ -116,7 +116,8 @@ struct DeferredActMainloop : Base {
     constexpr int kWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
     static_assert(kWarpGroups * cutlass::NumThreadsPerWarpGroup == kDeferredThreads,
                   "two consumer warpgroups");
-    const auto wg_threads = make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+    const auto wg_threads =
+        make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
     const int wg = __shfl_sync(0xffffffff, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
     TiledMma tiled_mma;
     auto thread_mma = tiled_mma.get_slice(wg_threads(wg));
