@@ -609,10 +609,11 @@ TEST(GroupedGemmAct, DeferredActivationGivesTheImmediateBitsWithManyTilesPerCta)
       const std::vector<float> pre_want = from_device_type(pre_i.download());
       const std::vector<float> pre_got = from_device_type(pre_d.download());
       EXPECT_TRUE(same_bytes(pre_want, pre_got)) << "deferred pre differs from the immediate";
-      if (!with_pre)
+      if (!with_pre) {
         EXPECT_TRUE(std::all_of(pre_got.begin(), pre_got.end(),
                                 [](float f) { return std::isnan(f); }))
             << "pre was written although its pointer was null";
+      }
     }
   }
 }
