@@ -163,7 +163,8 @@ struct Options {
         "            [--skew uniform|zipf|one_expert] [--activation swiglu|gelu]\n"
         "            [--layout dropless|padded] [--capacity-factor F] [--reps N] [--no-backward]\n"
         "            [--ab]   only the library kernels against lab variants in alternating rounds\n"
-        "            [--ab-act-grad]  only the activation backward's rounds of --ab\n"
+        "            [--ab-act-grad]  only the activation backward's rounds of --ab, with the\n"
+        "                             da epilogue after each tile against under the next\n"
         "            [--ab-wgrad]     only the weight gradients' rounds (pingpong 64x256, 128x16\n"
         "                             epilogue tile, bf16 dW)\n"
         "            [--ab-epilogue]  only the plain GEMMs (down, dxp) against epilogues with no\n"
@@ -793,6 +794,46 @@ int run(const Options& o) {
       ab("da (A) vs da + activation backward (B)", f_down,
          [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
          [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); });
+      {
+        // The library's da GEMM (SwiGLU: the activation backward under the next tile's mainloop)
+        // against the immediate epilogue, without and with the router-weight row dots, checked
+        // equal first.
+        void* gws = workspace(std::max(gg::Bf16Sm90ActGrad::workspace_bytes(E, sms),
+                                       gg::Bf16Sm90ActGradDeferred::workspace_bytes(E, sms)));
+        const int64_t parts = row_dot_parts(I);
+        bf16* dpre_b = nullptr;
+        float *dots_a = nullptr, *dots_b = nullptr;
+        MOE_CUDA_CHECK(cudaMalloc(&dpre_b, M * A * sizeof(bf16)));
+        MOE_CUDA_CHECK(cudaMalloc(&dots_a, parts * M * sizeof(float)));
+        MOE_CUDA_CHECK(cudaMalloc(&dots_b, parts * M * sizeof(float)));
+        for (bool with_dot : {false, true}) {
+          GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, dpre, true};
+          if (with_dot) a.row_dot = dots_a, a.ld_row_dot = M;
+          GroupedGemmActGradArgs b = a;
+          b.dpre = dpre_b;
+          if (with_dot) b.row_dot = dots_b;
+          auto run_a = [&] { gg::Bf16Sm90ActGrad::run(a, o.activation, E, gws, sms, s); };
+          auto run_b = [&] { g_grad.run(b, s); };
+          MOE_CUDA_CHECK(cudaMemsetAsync(dpre_b, 0xff, M * A * sizeof(bf16), s));
+          MOE_CUDA_CHECK(cudaMemsetAsync(dots_b, 0xff, parts * M * sizeof(float), s));
+          run_a();
+          run_b();
+          const std::string what = with_dot ? "da + act backward (dpre, row dots)"
+                                            : "da + act backward (dpre)";
+          bool ok = same((what + ", deferred dpre").c_str(), dpre, dpre_b, M * A);
+          if (with_dot) {
+            const double e = rel_error(download(dots_a, parts * M), download(dots_b, parts * M),
+                                       parts * M);
+            std::printf("AB verify %-37s relative error %.2e\n", "deferred row dots", e);
+            ok = ok && e == 0;
+          }
+          if (ok) ab((what + ": immediate (A) vs library (B)").c_str(), f_down, run_a, run_b);
+        }
+        MOE_CUDA_CHECK(cudaFree(dots_b));
+        MOE_CUDA_CHECK(cudaFree(dots_a));
+        MOE_CUDA_CHECK(cudaFree(dpre_b));
+        MOE_CUDA_CHECK(cudaFree(gws));
+      }
       ExpertsBackwardArgs bu{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp2, dw_up, dw_down};
       ExpertsBackwardArgs bf{offsets, w_up_bl, w_down, xp, pre3, act3, dyp, dxp3, dw_up2, dw_down2};
       bu.accumulate = bf.accumulate = false;

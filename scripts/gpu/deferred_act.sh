@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One GPU visit for the up-projection's activation under the next tile's mainloop (issue 4), from
+# One GPU visit for an epilogue run under the next tile's mainloop (issue 4), from
 # the repository root on the GPU machine with RUN staged by scripts/gpu/stage_run.sh plus the lab
 # binary (scripts/gpu/build_lab.sh), unpacked (source scripts/gpu/unpack_run.sh RUN):
 #   OUT=/some/dir bash scripts/gpu/deferred_act.sh RUN
 # 1. every GPU test; 2. compute-sanitizer memcheck and racecheck on SANITIZE_FILTER (default: the
-# deferred activation's test and the fused forward's); 3. experts_lab --ab-deferred at the OLMoE
-# and Qwen3 shapes (immediate against deferred act, permuted and gathered rows, alternating
-# rounds; both shapes in lab_deferred.txt); 4. scripts/gpu/layer_rounds.sh without its tests at
+# deferred activation's test and the fused forward's); 3. experts_lab LAB_ARGS at the OLMoE and
+# Qwen3 shapes (default --ab-deferred --no-backward: immediate against deferred act, permuted and
+# gathered rows; --ab-act-grad: the da GEMM's epilogue likewise; alternating rounds, both shapes
+# in lab_deferred.txt); 4. scripts/gpu/layer_rounds.sh without its tests at
 # CONFIGS (default OLMoE and Qwen3), ROUNDS rounds (default 1). Logs packed into logs.tar.gz (a
 # visit brings back at most 8 files).
 set -uo pipefail
@@ -24,7 +25,7 @@ grep -B3 -A15 "Failure" "$OUT/gpu_tests.log" | head -60
 filter=${SANITIZE_FILTER:-'*DeferredActivation*:*FusedUpProjection*Equals*'}
 step "compute-sanitizer on $filter"
 for tool in memcheck racecheck; do
-  MOE_TEST_SMALL=1 timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 \
+  MOE_TEST_SMALL=1 timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 \
     "$RUN/moe_cuda_tests" --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
   echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
   grep -E "ERROR SUMMARY|tests ran|^\[  (PASSED|FAILED)" "$OUT/sanitizer.log" | tail -n 3
@@ -32,9 +33,10 @@ done
 
 for shape in "olmoe 1024 64" "qwen3 768 128"; do
   read -r name inter experts <<<"$shape"
-  step "experts_lab --ab-deferred $name"
+  step "experts_lab ${LAB_ARGS:=--ab-deferred --no-backward} $name"
   echo "### $name" >>"$OUT/lab_deferred.txt"
-  timeout 120 "$RUN/experts_lab" --ab-deferred --no-backward --reps 20 --tokens 16384 \
+  # shellcheck disable=SC2086  # LAB_ARGS is a list of flags
+  timeout 150 "$RUN/experts_lab" $LAB_ARGS --reps 20 --tokens 16384 \
     --hidden 2048 --inter "$inter" --experts "$experts" --top-k 8 \
     >>"$OUT/lab_deferred.txt" 2>&1 || status=1
   sed -n "/### $name/,\$p" "$OUT/lab_deferred.txt" | grep -E "^AB|Disposition"

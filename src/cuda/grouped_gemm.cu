@@ -18,6 +18,7 @@ using grouped_gemm::Bf16Sm90ActGather;
 using grouped_gemm::Bf16Sm90ActDeferred;
 using grouped_gemm::Bf16Sm90ActGatherDeferred;
 using grouped_gemm::Bf16Sm90ActGrad;
+using grouped_gemm::Bf16Sm90ActGradDeferred;
 using grouped_gemm::Bf16Sm90Gather;
 using grouped_gemm::Bf16Sm90Wgrad;
 using grouped_gemm::Bf16Sm90WgradBf16;
@@ -159,7 +160,7 @@ void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) co
     MOE_CHECK(args.gather_rows >= 1 && args.gather_rows < (int64_t{1} << 31),
               "grouped GEMM + activation: gather_rows must be in [1, 2^31), got ",
               args.gather_rows);
-    if (grouped_gemm::deferrable(activation_))
+    if (grouped_gemm::deferrable(activation_, args.n))
       Bf16Sm90ActGatherDeferred::run(args, activation_, experts_, workspace_, sm_count_, stream);
     else
       Bf16Sm90ActGather::run(args, activation_, experts_, workspace_, sm_count_, stream);
@@ -167,7 +168,7 @@ void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) co
   }
   // SwiGLU: the activation of each tile (and pre's stores) runs under the next tile's mainloop
   // (grouped_gemm_deferred_act_sm90.hpp).
-  if (grouped_gemm::deferrable(activation_))
+  if (grouped_gemm::deferrable(activation_, args.n))
     Bf16Sm90ActDeferred::run(args, activation_, experts_, workspace_, sm_count_, stream);
   else
     Bf16Sm90Act::run(args, activation_, experts_, workspace_, sm_count_, stream);
@@ -179,10 +180,14 @@ void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) co
 
 GroupedGemmActGrad::GroupedGemmActGrad(int64_t experts, Activation activation)
     : GroupedGemmBase(experts), activation_(activation) {
-  allocate(Bf16Sm90ActGrad::workspace_bytes(experts, sm_count_));
+  allocate(std::max(Bf16Sm90ActGrad::workspace_bytes(experts, sm_count_),
+                    Bf16Sm90ActGradDeferred::workspace_bytes(experts, sm_count_)));
 }
 
-const char* GroupedGemmActGrad::name() const { return Bf16Sm90ActGrad::name(); }
+const char* GroupedGemmActGrad::name() const {
+  return activation_ == Activation::swiglu ? Bf16Sm90ActGradDeferred::name()
+                                           : Bf16Sm90ActGrad::name();
+}
 
 void GroupedGemmActGrad::run(const GroupedGemmActGradArgs& args, cudaStream_t stream) const {
   check_ready();
@@ -196,7 +201,12 @@ void GroupedGemmActGrad::run(const GroupedGemmActGradArgs& args, cudaStream_t st
   MOE_CHECK(!args.row_dot || args.ld_row_dot > 0,
             "grouped GEMM + activation backward: row_dot needs ld_row_dot >= max_rows, got ",
             args.ld_row_dot);
-  Bf16Sm90ActGrad::run(args, activation_, experts_, workspace_, sm_count_, stream);
+  // SwiGLU: each tile's activation backward runs under the next tile's mainloop
+  // (grouped_gemm_deferred_act_grad_sm90.hpp).
+  if (grouped_gemm::deferrable(activation_, 2 * args.n))
+    Bf16Sm90ActGradDeferred::run(args, activation_, experts_, workspace_, sm_count_, stream);
+  else
+    Bf16Sm90ActGrad::run(args, activation_, experts_, workspace_, sm_count_, stream);
 }
 
 }  // namespace moe::cuda

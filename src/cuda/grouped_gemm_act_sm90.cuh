@@ -6,7 +6,9 @@
 //                  EpilogueActGrad writing dpre from da and the stored pre.
 // Mainloops from grouped_gemm_mainloop_sm90.hpp, problems from prepare_kernel
 // (grouped_gemm_prepare.cuh), epilogues from grouped_gemm_epilogue_act_sm90.hpp. The epilogues use
-// no shared memory, so the mainloop gets all of it for stages.
+// no shared memory, so the mainloop gets all of it for stages; the deferred ones (SwiGLU: each
+// tile's epilogue under the next tile's mainloop, grouped_gemm_deferred_sm90.hpp) take 40 bytes a
+// consumer thread for their records.
 // Include it only from its one .cu (it costs about a minute of nvcc).
 #pragma once
 #include <cuda_runtime.h>
@@ -20,6 +22,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
 #include "grouped_gemm_common_sm90.cuh"
+#include "grouped_gemm_deferred_act_grad_sm90.hpp"
 #include "grouped_gemm_deferred_act_sm90.hpp"
 #include "grouped_gemm_epilogue_act_sm90.hpp"
 #include "grouped_gemm_gather_sm90.hpp"
@@ -88,17 +91,18 @@ struct ActKernelBase {
 };
 
 // kGatherA: A's rows fetched by index (GatherMainloop), as Kernel's. kDeferred: the activation of
-// each tile but a CTA's last runs under the next tile's mainloop (DeferredActMainloop; SwiGLU),
+// each tile but a CTA's last runs under the next tile's mainloop (DeferredMainloop; SwiGLU),
 // which takes the per-thread records out of the stages' shared memory.
 template <class Config, bool kGatherA, int kCarveout = 0>
 using UpMainloopPlain =
     cute::conditional_t<kGatherA, GatherMainloop<Mainloop<Config, WeightLayout::kn, kCarveout>>,
                         Mainloop<Config, WeightLayout::kn, kCarveout>>;
 template <class Config, bool kGatherA, bool kDeferred>
-using UpMainloop = cute::conditional_t<kDeferred,
-                                       DeferredActMainloop<UpMainloopPlain<
-                                           Config, kGatherA, kDeferredRecordBytes>>,
-                                       UpMainloopPlain<Config, kGatherA>>;
+using UpMainloop = cute::conditional_t<
+    kDeferred,
+    DeferredMainloop<UpMainloopPlain<Config, kGatherA, deferred_record_bytes<DeferredAct>>,
+                     DeferredAct>,
+    UpMainloopPlain<Config, kGatherA>>;
 
 template <class Config, bool kGatherA = false, bool kDeferred = false>
 struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA, kDeferred>,
@@ -151,18 +155,31 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA, kDeferred>,
 };
 
 // da = dyp · w_down[e]^T with the activation backward in the epilogue: dpre, never da.
-template <class Config>
-struct ActGradKernel : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad> {
+// kDeferred: each tile's but a CTA's last under the next tile's mainloop (SwiGLU).
+template <class Config, bool kDeferred>
+using DownGradMainloop = cute::conditional_t<
+    kDeferred,
+    DeferredMainloop<Mainloop<Config, WeightLayout::nk, deferred_record_bytes<DeferredActGrad>>,
+                     DeferredActGrad>,
+    Mainloop<Config, WeightLayout::nk, 0>>;
+template <bool kDeferred>
+using ActGradEpilogue = cute::conditional_t<kDeferred, EpilogueActGradDeferred, EpilogueActGrad>;
+
+template <class Config, bool kDeferred = false>
+struct ActGradKernel
+    : ActKernelBase<DownGradMainloop<Config, kDeferred>, ActGradEpilogue<kDeferred>> {
   static_assert(cute::size<1>(typename Config::TileShape{}) == kActGradTileN,
                 "GroupedGemmActGradArgs::row_dot has a part per kActGradTileN columns");
-  using Base = ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, EpilogueActGrad>;
+  static_assert(!kDeferred || cute::size(typename Config::ClusterShape{}) == 1,
+                "the deferred epilogue counts the grouped scheduler's tiles for a 1x1 cluster");
+  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred>, ActGradEpilogue<kDeferred>>;
   using typename Base::Carve;
   using typename Base::Epilogue;
   using typename Base::Gemm;
   using Args = GroupedGemmActGradArgs;
   static constexpr bool kGather = false;
   static constexpr bool kBNk = true;
-  static constexpr bool kCountTiles = false;
+  static constexpr bool kCountTiles = kDeferred;
 
   static typename Gemm::Arguments arguments(const Carve& c, const Args& a, bool swiglu,
                                             int64_t groups, int sm_count) {
@@ -175,6 +192,7 @@ struct ActGradKernel : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, Epil
     epilogue.blocked = a.blocked ? 1 : 0;
     epilogue.row_dot = a.row_dot;
     epilogue.ld_row_dot = a.ld_row_dot;
+    if constexpr (kDeferred) epilogue.tile_count = c.tile_count;
     return Base::gemm_arguments(c, {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, epilogue, groups,
                                 sm_count);
   }
@@ -194,7 +212,8 @@ struct ActGradKernel : ActKernelBase<Mainloop<Config, WeightLayout::nk, 0>, Epil
 // A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
 // instantiates ActKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act.cu, the gathered
 // ActKernel<CooperativeNoClusterConfig, true> in grouped_gemm_bf16_act_gather.cu and
-// ActGradKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act_grad.cu.
+// ActGradKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act_grad.cu (deferred:
+// grouped_gemm_bf16_act_grad_deferred.cu).
 template <class K>
 struct ActLauncher {
   static size_t workspace_bytes(int64_t groups, int sm_count) {

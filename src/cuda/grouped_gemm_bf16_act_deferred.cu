@@ -10,13 +10,15 @@
 
 namespace moe::cuda::grouped_gemm {
 
-using DeferredAct =
+using DeferredActLauncher =
     ActLauncher<ActKernel<CooperativeNoClusterConfig, /*kGatherA=*/false, /*kDeferred=*/true>>;
 
-bool deferrable(Activation activation) { return activation == Activation::swiglu; }
+bool deferrable(Activation activation, int64_t ld_pre) {
+  return activation == Activation::swiglu && ld_pre < (int64_t{1} << 27);
+}
 
 size_t Bf16Sm90ActDeferred::workspace_bytes(int64_t groups, int sm_count) {
-  return DeferredAct::workspace_bytes(groups, sm_count);
+  return DeferredActLauncher::workspace_bytes(groups, sm_count);
 }
 
 const char* Bf16Sm90ActDeferred::name() {
@@ -28,7 +30,7 @@ const char* Bf16Sm90ActDeferred::name() {
 
 void Bf16Sm90ActDeferred::run(const GroupedGemmActArgs& args, Activation activation,
                               int64_t groups, void* workspace, int sm_count, cudaStream_t stream) {
-  DeferredAct::run(args, activation, groups, workspace, sm_count, stream);
+  DeferredActLauncher::run(args, activation, groups, workspace, sm_count, stream);
 }
 
 }  // namespace moe::cuda::grouped_gemm

@@ -1,5 +1,5 @@
 // defines: moe::cuda::grouped_gemm::{RegisterEpilogue, EpilogueActivation, EpilogueAct,
-//          EpilogueActivationGrad, EpilogueActGrad}
+//          swiglu_grad_pair, EpilogueActivationGrad, EpilogueActGrad}
 // The activation fused into a grouped GEMM's epilogue, forward and backward, both written from the
 // fp32 accumulators straight to global memory (no smem, no TMA).
 //
@@ -312,7 +312,20 @@ struct ActGradEpilogueArguments {
   // row r (da rounded to bf16 as for dpre, act in fp32), (ceil(N / BLK_N), ld >= max_rows).
   float* row_dot = nullptr;
   int64_t ld_row_dot = 0;
+  const int32_t* tile_count = nullptr;  // tiles over all groups (EpilogueActivationGradDeferred)
 };
+
+// (d gate, d up) of one unit from its da and its stored (gate, up) pair, rounded as the
+// elementwise backward rounds them; adds d_up * up = da * act to the row dot (one FMA, so it is
+// not worth a branch when the dot is not wanted).
+CUTLASS_DEVICE uint32_t swiglu_grad_pair(float da, uint32_t gate_up, float& dot) {
+  const __nv_bfloat162 p = *reinterpret_cast<const __nv_bfloat162*>(&gate_up);
+  float d_gate, d_up;
+  act::silu_mul_grad(da, __low2float(p), __high2float(p), d_gate, d_up);
+  dot = fmaf(d_up, __high2float(p), dot);
+  __nv_bfloat162 d = __floats2bfloat162_rn(d_gate, d_up);
+  return *reinterpret_cast<uint32_t*>(&d);
+}
 
 // The backward's activation in the da GEMM's epilogue. A thread holds da for units 8j + 2q and
 // 8j + 2q + 1 of each 8-unit group j of its two rows. Their pre values lie
@@ -405,7 +418,8 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
                                  h[2 * c + 1].x, h[2 * c + 1].y, h[2 * c + 1].z, h[2 * c + 1].w};
           uint32_t o[8];
           CUTLASS_PRAGMA_UNROLL
-          for (int s = 0; s < 8; ++s) o[s] = grad_pair(da(4 * c + s % 4, s / 4), w[s], dot);
+          for (int s = 0; s < 8; ++s)
+            o[s] = swiglu_grad_pair(da(4 * c + s % 4, s / 4), w[s], dot);
           uint4* dst = reinterpret_cast<uint4*>(dpre + r * ld + 2 * int64_t{pair});
           if (row_ok && pair < t.cols) {
             dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
@@ -423,8 +437,8 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < kGroups; ++j) {
           const int u = t.n_tile + 8 * j + 2 * t.q;
-          const uint2 d =
-              make_uint2(grad_pair(da(j, 0), h[j].x, dot), grad_pair(da(j, 1), h[j].y, dot));
+          const uint2 d = make_uint2(swiglu_grad_pair(da(j, 0), h[j].x, dot),
+                                     swiglu_grad_pair(da(j, 1), h[j].y, dot));
           if (row_ok && u < t.cols)
             *reinterpret_cast<uint2*>(dpre + r * ld + 2 * int64_t{u}) = d;
         }
@@ -437,18 +451,6 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
           params_.row_dot[(t.n_tile / kTileN) * params_.ld_row_dot + r] = dot;
       }
     }
-  }
-
- private:
-  // (d gate, d up) of one unit from its da and its stored (gate, up) pair, rounded as the
-  // elementwise backward rounds them; adds d_up * up = da * act to the row dot (one FMA, so it is
-  // not worth a branch when the dot is not wanted).
-  CUTLASS_DEVICE static uint32_t grad_pair(float da, uint32_t gate_up, float& dot) {
-    const __nv_bfloat162 p = unpack(gate_up);
-    float d_gate, d_up;
-    act::silu_mul_grad(da, __low2float(p), __high2float(p), d_gate, d_up);
-    dot = fmaf(d_up, __high2float(p), dot);
-    return pack(__floats2bfloat162_rn(d_gate, d_up));
   }
 };
 

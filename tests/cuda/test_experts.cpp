@@ -618,6 +618,89 @@ TEST(GroupedGemmAct, DeferredActivationGivesTheImmediateBitsWithManyTilesPerCta)
   }
 }
 
+// SwiGLU's backward in the da GEMM runs each tile's dpre and row dots under the next tile's
+// mainloop (grouped_gemm_deferred_act_grad_sm90.hpp): they must be the immediate epilogue's bits
+// (grouped_gemm::Bf16Sm90ActGrad), blocked and interleaved pairs, with and without row dots, dpre
+// apart from pre and written over it. About 2.5 tiles per SM on a 132-SM card, segments of 1, 127,
+// 128 and 129 rows and empty ones, a last column tile of 32 units (I = 544) and, interleaved, one
+// ending inside an 8-group block (I = 520), K of one partial slice and of more than 8 slices.
+// Rows past M stay untouched.
+TEST(GroupedGemmActGrad, DeferredActivationBackwardGivesTheImmediateBitsWithManyTilesPerCta) {
+  MOE_REQUIRE_GPU();
+  const std::vector<int64_t> sizes = {1, 0, 4000, 129, 3500, 0, 700, 5000, 127, 128};
+  const int64_t E = static_cast<int64_t>(sizes.size());
+  const std::vector<int64_t> o = offsets_of(sizes);
+  const int64_t M = o[E], R = M + 5;
+  DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end()));
+  cuda::GroupedGemmActGrad gemm(E, Activation::swiglu);  // SwiGLU: the deferred kernel
+  int device = 0, sms = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&device));
+  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  DeviceArray<uint8_t> ws(cuda::grouped_gemm::Bf16Sm90ActGrad::workspace_bytes(E, sms));
+  for (const auto& [I, K] : {std::pair<int64_t, int64_t>{544, 40}, {544, 600}, {520, 600}}) {
+    SCOPED_TRACE("I = " + std::to_string(I) + ", K = " + std::to_string(K));
+    const int64_t parts = cuda::row_dot_parts(I);
+    const std::vector<float> dyp = round_to<bf16>(random_vector<float>(R * K, 61 + K));
+    const std::vector<float> w = round_to<bf16>(random_vector<float>(E * I * K, 62 + I));
+    const std::vector<float> pre = round_to<bf16>(random_vector<float>(R * 2 * I, 63));
+    DeviceArray<bf16> ddyp(to_device_type<bf16>(dyp)), dw(to_device_type<bf16>(w)),
+        dpre_in(to_device_type<bf16>(pre));
+    for (int form = 0; form < 8; ++form) {
+      const bool with_dot = form & 1, in_place = form & 2, blocked = form & 4;
+      if (blocked && I % 32 != 0) continue;
+      SCOPED_TRACE(std::string(with_dot ? "row dots" : "no row dots") +
+                   (in_place ? ", dpre over pre" : ", dpre apart") +
+                   (blocked ? ", blocked" : ", interleaved"));
+      DeviceArray<bf16> pre_i(to_device_type<bf16>(pre)), pre_d(to_device_type<bf16>(pre)),
+          dpre_i(R * 2 * I), dpre_d(R * 2 * I);
+      DeviceArray<float> dot_i(parts * R), dot_d(parts * R);
+      for (auto* a : {&dpre_i, &dpre_d}) a->poison();
+      for (auto* a : {&dot_i, &dot_d}) a->poison();
+      cuda::GroupedGemmActGradArgs a{offsets.get(), I, K, ddyp.get(), dw.get(), pre_i.get(),
+                                     in_place ? pre_i.get() : dpre_i.get(), blocked};
+      if (with_dot) a.row_dot = dot_i.get(), a.ld_row_dot = R;
+      cuda::grouped_gemm::Bf16Sm90ActGrad::run(a, Activation::swiglu, E, ws.get(), sms,
+                                               nullptr);
+      a.pre = pre_d.get();
+      a.dpre = in_place ? pre_d.get() : dpre_d.get();
+      if (with_dot) a.row_dot = dot_d.get();
+      gemm.run(a, nullptr);
+      const std::vector<float> want =
+          from_device_type((in_place ? pre_i : dpre_i).download());
+      const std::vector<float> got = from_device_type((in_place ? pre_d : dpre_d).download());
+      EXPECT_TRUE(std::none_of(want.begin(), want.begin() + M * 2 * I,
+                               [](float v) { return std::isnan(v); }))
+          << "the immediate kernel left rows unwritten";
+      EXPECT_FALSE(same_bytes(std::vector<float>(want.begin(), want.begin() + M * 2 * I),
+                              std::vector<float>(pre.begin(), pre.begin() + M * 2 * I)))
+          << "dpre equals pre: nothing was computed";
+      EXPECT_TRUE(same_bytes(want, got)) << "deferred dpre differs from the immediate";
+      if (in_place) {
+        EXPECT_TRUE(std::equal(got.begin() + M * 2 * I, got.end(), pre.begin() + M * 2 * I))
+            << "pre rows past M were overwritten";
+      } else {
+        EXPECT_TRUE(std::all_of(got.begin() + M * 2 * I, got.end(),
+                                [](float f) { return std::isnan(f); }))
+            << "dpre rows past M were written";
+        EXPECT_TRUE(same_bytes(from_device_type(pre_d.download()), pre))
+            << "pre was written although dpre lies apart";
+      }
+      const std::vector<float> dots_want = dot_i.download(), dots_got = dot_d.download();
+      EXPECT_TRUE(same_bytes(dots_want, dots_got)) << "deferred row dots differ";
+      for (int64_t p = 0; p < parts; ++p) {
+        const auto row = dots_got.begin() + p * R;
+        if (with_dot) {
+          EXPECT_TRUE(std::none_of(row, row + M, [](float v) { return std::isnan(v); }))
+              << "row dots of part " << p << " left unwritten";
+        }
+        EXPECT_TRUE(std::all_of(with_dot ? row + M : row, row + R,
+                                [](float v) { return std::isnan(v); }))
+            << "row dots written past M or without being asked for (part " << p << ")";
+      }
+    }
+  }
+}
+
 // dW_e += X_e^T Y_e with K = m_e: segments of 1, 3, 5 (< 8), 64, 130, 257 rows, two empty ones.
 // dW = X^T Y with X's rows fetched by index along the reduction (dw_up from x and the plan): the
 // same bits as the kernel on the permuted copy, in all three forms (accumulated fp32, fp32 written

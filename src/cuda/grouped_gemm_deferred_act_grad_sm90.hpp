@@ -1,0 +1,196 @@
+// defines: moe::cuda::grouped_gemm::{DeferredActGradRecord, DeferredActGrad,
+//          EpilogueActivationGradDeferred, EpilogueActGradDeferred}
+// The da GEMM's SwiGLU backward epilogue run under the next tile's mainloop instead of after its
+// own (the machinery, and why: grouped_gemm_deferred_sm90.hpp).
+//
+// The stash holds da rounded to bf16, as EpilogueActivationGrad rounds it (column pair 2q, 2q + 1
+// of each 8-unit group). The epilogue records where this thread's pre and dpre lie; block b of
+// the next mainloop (row half b / 4, groups 8 (b % 4) .. + 7) reads the 8 groups' stored pre
+// (64 bytes: 8-byte words for interleaved pairs, two 32-byte runs for blocked ones), writes dpre
+// back to the same places and adds da * act to the row's dot, in the immediate epilogue's order
+// with its arithmetic (swiglu_grad_pair): dpre and the row dots are the same bits. Block b + 1's
+// loads are issued as soon as block b is done, so they run under the next slice's wait; the
+// immediate epilogue instead issues a row half's 32 loads at once, after the mainloop.
+//
+// SwiGLU only (either pair order): GELU keeps the immediate epilogue.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+
+#include "grouped_gemm_deferred_sm90.hpp"
+#include "grouped_gemm_epilogue_act_sm90.hpp"
+
+namespace moe::cuda::grouped_gemm {
+
+// Where one consumer thread's pre and dpre of the stashed tile lie (40 bytes).
+struct DeferredActGradRecord {
+  const __nv_bfloat16* pre;  // row half 0, block 0: pre + r * ld + 2 (n_tile + 2q), interleaved
+                             //                      pre + r * ld + 2 (n_tile + 8q), blocked
+  __nv_bfloat16* dpre;       // the same place in dpre
+  float* row_dot;            // row half 0's part: row_dot + p * ld_row_dot + r; null: none
+  int32_t ld8;               // 8 * ld: row half 1 is 8 rows further
+  int32_t units_left;        // N - n_tile - 2q (interleaved) or - 8q (blocked)
+  uint16_t rows_ok;          // bit v1: row half v1 lies inside the segment
+  uint16_t interleaved;      // pairs interleaved (1) or blocked (0)
+  int32_t unused;
+};
+
+// The deferred work: one block of dpre (8 groups of a row half) per k-slice.
+struct DeferredActGrad {
+  using Record = DeferredActGradRecord;
+  // Read field by field where used: 10 registers fewer beside the accumulators, the stash and
+  // pre (ptxas spilled with the record held in registers).
+  const volatile Record& rec;
+  int q;
+  uint32_t pre[16];  // block b's stored (gate, up) pairs, loaded by prefetch(b)
+  float dot = 0.f;   // the row half's da * act so far
+
+  CUTLASS_DEVICE DeferredActGrad(const Record& r, int lane_in_quad) : rec(r), q(lane_in_quad) {}
+
+  // Interleaved: group k's two units are the 8 bytes at element 128 c + 16 k of the row half.
+  // Blocked: 4-group block 2c + hh's 8 pairs are the 32 bytes at element 128 c + 64 hh. Words
+  // outside the output read as zeros, as the immediate epilogue's (they then add 0 to the dot).
+  CUTLASS_DEVICE void prefetch(int b) {
+    const int v1 = b / 4, c = b % 4;
+    const bool row_ok = (rec.rows_ok >> v1) & 1u;
+    const __nv_bfloat16* src = rec.pre + v1 * rec.ld8 + 128 * c;
+    if (rec.interleaved) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < 8; ++k) {
+        uint2 w = make_uint2(0, 0);
+        if (row_ok && 64 * c + 8 * k < rec.units_left)
+          w = *reinterpret_cast<const uint2*>(src + 16 * k);
+        pre[2 * k] = w.x, pre[2 * k + 1] = w.y;
+      }
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int hh = 0; hh < 2; ++hh) {
+        uint4 w0 = make_uint4(0, 0, 0, 0), w1 = w0;
+        if (row_ok && 64 * c + 32 * hh < rec.units_left) {
+          const uint4* p = reinterpret_cast<const uint4*>(src + 64 * hh);
+          w0 = p[0], w1 = p[1];
+        }
+        pre[8 * hh + 0] = w0.x, pre[8 * hh + 1] = w0.y, pre[8 * hh + 2] = w0.z;
+        pre[8 * hh + 3] = w0.w, pre[8 * hh + 4] = w1.x, pre[8 * hh + 5] = w1.y;
+        pre[8 * hh + 6] = w1.z, pre[8 * hh + 7] = w1.w;
+      }
+    }
+  }
+
+  // h[k]: da of group 8c + k, columns 2q (low half) and 2q + 1 (high half).
+  CUTLASS_DEVICE void block(int b, const uint32_t* h) {
+    const int v1 = b / 4, c = b % 4;
+    const bool row_ok = (rec.rows_ok >> v1) & 1u;
+    auto da = [&](int k, int v0) {
+      uint32_t u = h[k];
+      const __nv_bfloat162 x = *reinterpret_cast<__nv_bfloat162*>(&u);
+      return v0 ? __high2float(x) : __low2float(x);
+    };
+    __nv_bfloat16* dst = rec.dpre + v1 * rec.ld8 + 128 * c;
+    if (rec.interleaved) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < 8; ++k) {
+        const uint32_t lo = swiglu_grad_pair(da(k, 0), pre[2 * k], dot);
+        const uint32_t hi = swiglu_grad_pair(da(k, 1), pre[2 * k + 1], dot);
+        if (row_ok && 64 * c + 8 * k < rec.units_left)
+          *reinterpret_cast<uint2*>(dst + 16 * k) = make_uint2(lo, hi);
+      }
+    } else {
+      // Lane q's pair 8q + s of 4-group block 2c + hh is group 4 hh + s % 4's column 2q + s / 4.
+      CUTLASS_PRAGMA_UNROLL
+      for (int hh = 0; hh < 2; ++hh) {
+        uint32_t o[8];
+        CUTLASS_PRAGMA_UNROLL
+        for (int s = 0; s < 8; ++s)
+          o[s] = swiglu_grad_pair(da(4 * hh + s % 4, s / 4), pre[8 * hh + s], dot);
+        if (row_ok && 64 * c + 32 * hh < rec.units_left) {
+          uint4* p = reinterpret_cast<uint4*>(dst + 64 * hh);
+          p[0] = make_uint4(o[0], o[1], o[2], o[3]);
+          p[1] = make_uint4(o[4], o[5], o[6], o[7]);
+        }
+      }
+    }
+    if (c == 3) {  // the row half is done: the quad's sum, as the immediate epilogue's
+      if (rec.row_dot != nullptr) {  // uniform
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+        dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+        if (row_ok && q == 0) rec.row_dot[8 * v1] = dot;
+      }
+      dot = 0.f;
+    }
+  }
+};
+
+// EpilogueActivationGrad for SwiGLU that leaves every tile but the CTA's last to the next
+// mainloop (DeferredMainloop<Base, DeferredActGrad>): it records where pre and dpre lie.
+class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
+ public:
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& shape, Arguments const& args) {
+    return EpilogueActivationGrad::can_implement(shape, args) && args.swiglu != 0 &&
+           args.tile_count != nullptr &&
+           args.ld_pre < (int64_t{1} << 27);  // DeferredActGradRecord::ld8 (as deferrable())
+  }
+
+  CUTLASS_HOST_DEVICE explicit EpilogueActivationGradDeferred(Params const& params)
+      : EpilogueActivationGrad(params) {}
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
+            class FrgLayout, class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
+                                 BlockCoordMNKL blk_coord_mnkl,
+                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
+    static_assert(2 * kGroups / 8 == kDeferredBlocks, "a 256-column tile");
+    constexpr int kTileN = cute::size<1>(BlockShapeMNK{});
+    const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
+                                tiled_mma, thread_idx);
+    const bool interleaved = params_.blocked == 0;
+    const int first = t.n_tile + (interleaved ? 2 : 8) * t.q;  // the thread's first unit
+    const int64_t r = t.row0 + t.m[0];
+    const int64_t at = r * params_.ld_pre + 2 * int64_t{first};
+    DeferredActGradRecord rec;
+    rec.pre = params_.pre + at;
+    rec.dpre = params_.dpre + at;
+    rec.row_dot = params_.row_dot
+                      ? params_.row_dot + (t.n_tile / kTileN) * params_.ld_row_dot + r
+                      : nullptr;
+    rec.ld8 = static_cast<int32_t>(8 * params_.ld_pre);
+    rec.units_left = t.cols - first;
+    rec.rows_ok = static_cast<uint16_t>((t.m[0] < t.rows ? 1 : 0) | (t.m[1] < t.rows ? 2 : 0));
+    rec.interleaved = interleaved ? 1 : 0;
+    rec.unused = 0;
+    DeferredActGradRecord& slot = deferred_records<DeferredActGradRecord>()[thread_idx];
+    slot = rec;
+    if (tiles_.last(params_.tile_count)) {
+      // Nothing runs after it: the same blocks now, from the accumulators. Not the immediate
+      // epilogue, whose row half of pre (64 registers) does not fit beside the mainloop's stash.
+      DeferredActGrad work(slot, t.q);
+      CUTLASS_PRAGMA_UNROLL
+      for (int b = 0; b < kDeferredBlocks; ++b) {
+        work.prefetch(b);
+        uint32_t h[8];
+        CUTLASS_PRAGMA_UNROLL
+        for (int k = 0; k < 8; ++k) {
+          const int i = 2 * (b / 4) + 4 * (8 * (b % 4) + k);
+          h[k] = pack(__floats2bfloat162_rn(accumulators(i), accumulators(i + 1)));
+        }
+        work.block(b, h);
+      }
+    }
+  }
+
+ private:
+  CtaTileCounter tiles_;
+};
+
+using EpilogueActGradDeferred =
+    cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+        EpilogueActivationGradDeferred>;
+
+}  // namespace moe::cuda::grouped_gemm
