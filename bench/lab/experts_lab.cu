@@ -88,6 +88,9 @@ using WgradPingpong = gg::WgradLauncher<gg::WgradKernel<gg::PingpongConfig<128, 
 using WgradAccumulating = gg::WgradLauncher<gg::WgradKernel<gg::CooperativeConfig>>;
 using WgradPingpong64x256 = gg::WgradLauncher<gg::WgradKernel<gg::PingpongConfig<64, 256>>>;
 using ActPingpong = gg::ActLauncher<gg::ActKernel<gg::PingpongConfig<64, 256>>>;
+// The da GEMM's deferred activation backward without the L2 prefetch of each tile's pre.
+using ActGradDeferredNoPrefetch = gg::ActLauncher<
+    gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kDeferred=*/true, /*kPrefetchPre=*/false>>;
 
 // Lab-only tiles for the plain up/down GEMMs (short K: the down projection's K = I is 768-1024).
 template <int kM, int kN, int kClusterM = 2, int kClusterN = 1>
@@ -795,25 +798,30 @@ int run(const Options& o) {
          [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
          [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); });
       {
-        // The library's da GEMM (SwiGLU: the activation backward under the next tile's mainloop)
-        // against the immediate epilogue, without and with the router-weight row dots, checked
-        // equal first.
-        void* gws = workspace(std::max(gg::Bf16Sm90ActGrad::workspace_bytes(E, sms),
-                                       gg::Bf16Sm90ActGradDeferred::workspace_bytes(E, sms)));
+        // The library's da GEMM (SwiGLU: the activation backward under the next tile's mainloop,
+        // each tile's pre prefetched into L2) and the same without the prefetch, each against the
+        // immediate epilogue, without and with the router-weight row dots, checked equal first.
+        void* gws = workspace(std::max({gg::Bf16Sm90ActGrad::workspace_bytes(E, sms),
+                                        gg::Bf16Sm90ActGradDeferred::workspace_bytes(E, sms),
+                                        ActGradDeferredNoPrefetch::workspace_bytes(E, sms)}));
         const int64_t parts = row_dot_parts(I);
         bf16* dpre_b = nullptr;
         float *dots_a = nullptr, *dots_b = nullptr;
         MOE_CUDA_CHECK(cudaMalloc(&dpre_b, M * A * sizeof(bf16)));
         MOE_CUDA_CHECK(cudaMalloc(&dots_a, parts * M * sizeof(float)));
         MOE_CUDA_CHECK(cudaMalloc(&dots_b, parts * M * sizeof(float)));
-        for (bool with_dot : {false, true}) {
+        for (int form = 0; form < 4; ++form) {
+          const bool with_dot = form & 1, no_prefetch = form & 2;
           GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, dpre, true};
           if (with_dot) a.row_dot = dots_a, a.ld_row_dot = M;
           GroupedGemmActGradArgs b = a;
           b.dpre = dpre_b;
           if (with_dot) b.row_dot = dots_b;
           auto run_a = [&] { gg::Bf16Sm90ActGrad::run(a, o.activation, E, gws, sms, s); };
-          auto run_b = [&] { g_grad.run(b, s); };
+          auto run_b = [&] {
+            if (no_prefetch) ActGradDeferredNoPrefetch::run(b, o.activation, E, gws, sms, s);
+            else g_grad.run(b, s);
+          };
           MOE_CUDA_CHECK(cudaMemsetAsync(dpre_b, 0xff, M * A * sizeof(bf16), s));
           MOE_CUDA_CHECK(cudaMemsetAsync(dots_b, 0xff, parts * M * sizeof(float), s));
           run_a();
@@ -827,7 +835,9 @@ int run(const Options& o) {
             std::printf("AB verify %-37s relative error %.2e\n", "deferred row dots", e);
             ok = ok && e == 0;
           }
-          if (ok) ab((what + ": immediate (A) vs library (B)").c_str(), f_down, run_a, run_b);
+          const std::string vs = no_prefetch ? ": immediate (A) vs no L2 prefetch (B)"
+                                             : ": immediate (A) vs library (B)";
+          if (ok) ab((what + vs).c_str(), f_down, run_a, run_b);
         }
         MOE_CUDA_CHECK(cudaFree(dots_b));
         MOE_CUDA_CHECK(cudaFree(dots_a));

@@ -162,17 +162,20 @@ using DownGradMainloop = cute::conditional_t<
     DeferredMainloop<Mainloop<Config, WeightLayout::nk, deferred_record_bytes<DeferredActGrad>>,
                      DeferredActGrad>,
     Mainloop<Config, WeightLayout::nk, 0>>;
-template <bool kDeferred>
-using ActGradEpilogue = cute::conditional_t<kDeferred, EpilogueActGradDeferred, EpilogueActGrad>;
+// kPrefetchPre: the deferred epilogue asks for each tile's pre in L2 (the lab compares without).
+template <bool kDeferred, bool kPrefetchPre>
+using ActGradEpilogue =
+    cute::conditional_t<kDeferred, EpilogueActGradDeferred<kPrefetchPre>, EpilogueActGrad>;
 
-template <class Config, bool kDeferred = false>
-struct ActGradKernel
-    : ActKernelBase<DownGradMainloop<Config, kDeferred>, ActGradEpilogue<kDeferred>> {
+template <class Config, bool kDeferred = false, bool kPrefetchPre = true>
+struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred>,
+                                     ActGradEpilogue<kDeferred, kPrefetchPre>> {
   static_assert(cute::size<1>(typename Config::TileShape{}) == kActGradTileN,
                 "GroupedGemmActGradArgs::row_dot has a part per kActGradTileN columns");
   static_assert(!kDeferred || cute::size(typename Config::ClusterShape{}) == 1,
                 "the deferred epilogue counts the grouped scheduler's tiles for a 1x1 cluster");
-  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred>, ActGradEpilogue<kDeferred>>;
+  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred>,
+                             ActGradEpilogue<kDeferred, kPrefetchPre>>;
   using typename Base::Carve;
   using typename Base::Epilogue;
   using typename Base::Gemm;
