@@ -155,27 +155,28 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA, kDeferred>,
 };
 
 // da = dyp · w_down[e]^T with the activation backward in the epilogue: dpre, never da.
-// kDeferred: each tile's but a CTA's last under the next tile's mainloop (SwiGLU).
-template <class Config, bool kDeferred>
+// kDeferred: each tile's but a CTA's last under the next tile's mainloop (SwiGLU), in kBlocks
+// blocks, one per k-slice.
+template <class Config, bool kDeferred, int kBlocks>
 using DownGradMainloop = cute::conditional_t<
     kDeferred,
-    DeferredMainloop<Mainloop<Config, WeightLayout::nk, deferred_record_bytes<DeferredActGrad>>,
-                     DeferredActGrad>,
+    DeferredMainloop<
+        Mainloop<Config, WeightLayout::nk, deferred_record_bytes<DeferredActGrad<kBlocks>>>,
+        DeferredActGrad<kBlocks>>,
     Mainloop<Config, WeightLayout::nk, 0>>;
-// kPrefetchPre: the deferred epilogue asks for each tile's pre in L2 (the lab compares without).
-template <bool kDeferred, bool kPrefetchPre>
+template <bool kDeferred, int kBlocks>
 using ActGradEpilogue =
-    cute::conditional_t<kDeferred, EpilogueActGradDeferred<kPrefetchPre>, EpilogueActGrad>;
+    cute::conditional_t<kDeferred, EpilogueActGradDeferred<kBlocks>, EpilogueActGrad>;
 
-template <class Config, bool kDeferred = false, bool kPrefetchPre = true>
-struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred>,
-                                     ActGradEpilogue<kDeferred, kPrefetchPre>> {
+template <class Config, bool kDeferred = false, int kBlocks = 16>
+struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks>,
+                                     ActGradEpilogue<kDeferred, kBlocks>> {
   static_assert(cute::size<1>(typename Config::TileShape{}) == kActGradTileN,
                 "GroupedGemmActGradArgs::row_dot has a part per kActGradTileN columns");
   static_assert(!kDeferred || cute::size(typename Config::ClusterShape{}) == 1,
                 "the deferred epilogue counts the grouped scheduler's tiles for a 1x1 cluster");
-  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred>,
-                             ActGradEpilogue<kDeferred, kPrefetchPre>>;
+  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks>,
+                             ActGradEpilogue<kDeferred, kBlocks>>;
   using typename Base::Carve;
   using typename Base::Epilogue;
   using typename Base::Gemm;

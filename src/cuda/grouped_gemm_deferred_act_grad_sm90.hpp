@@ -39,38 +39,44 @@ struct DeferredActGradRecord {
   int32_t unused;
 };
 
-// The deferred work: one block of dpre (8 groups of a row half) per k-slice.
+// The deferred work: one block of dpre (kPairs = 64 / kBlocks groups of a row half) per k-slice.
+template <int kBlocks_>
 struct DeferredActGrad {
   using Record = DeferredActGradRecord;
+  static constexpr int kBlocks = kBlocks_;
+  static constexpr int kPairs = kStashPairs / kBlocks;  // 8-unit groups per block
+  static constexpr int kPerRow = kBlocks / 2;           // blocks per row half
+  static_assert(kPairs == 4 || kPairs == 8, "one or two blocked 32-unit runs per block");
   // Read field by field where used: 10 registers fewer beside the accumulators, the stash and
   // pre (ptxas spilled with the record held in registers).
   const volatile Record& rec;
   int q;
-  uint32_t pre[16];  // block b's stored (gate, up) pairs, loaded by prefetch(b)
-  float dot = 0.f;   // the row half's da * act so far
+  uint32_t pre[2 * kPairs];  // block b's stored (gate, up) pairs, loaded by prefetch(b)
+  float dot = 0.f;           // the row half's da * act so far
 
   CUTLASS_DEVICE DeferredActGrad(const Record& r, int lane_in_quad) : rec(r), q(lane_in_quad) {}
 
-  // Interleaved: group k's two units are the 8 bytes at element 128 c + 16 k of the row half.
-  // Blocked: 4-group block 2c + hh's 8 pairs are the 32 bytes at element 128 c + 64 hh. Words
-  // outside the output read as zeros, as the immediate epilogue's (they then add 0 to the dot).
+  // Block b is row half b / kPerRow's groups g0 = kPairs (b % kPerRow) .. + kPairs - 1.
+  // Interleaved: group j's two units are the 8 bytes at element 16 j of the row half. Blocked:
+  // 4-group block j / 4's 8 pairs are the 32 bytes at element 16 j. Words outside the output read
+  // as zeros, as the immediate epilogue's (they then add 0 to the dot).
   CUTLASS_DEVICE void prefetch(int b) {
-    const int v1 = b / 4, c = b % 4;
+    const int v1 = b / kPerRow, g0 = kPairs * (b % kPerRow);
     const bool row_ok = (rec.rows_ok >> v1) & 1u;
-    const __nv_bfloat16* src = rec.pre + v1 * rec.ld8 + 128 * c;
+    const __nv_bfloat16* src = rec.pre + v1 * rec.ld8 + 16 * g0;
     if (rec.interleaved) {
       CUTLASS_PRAGMA_UNROLL
-      for (int k = 0; k < 8; ++k) {
+      for (int k = 0; k < kPairs; ++k) {
         uint2 w = make_uint2(0, 0);
-        if (row_ok && 64 * c + 8 * k < rec.units_left)
+        if (row_ok && 8 * (g0 + k) < rec.units_left)
           w = *reinterpret_cast<const uint2*>(src + 16 * k);
         pre[2 * k] = w.x, pre[2 * k + 1] = w.y;
       }
     } else {
       CUTLASS_PRAGMA_UNROLL
-      for (int hh = 0; hh < 2; ++hh) {
+      for (int hh = 0; hh < kPairs / 4; ++hh) {
         uint4 w0 = make_uint4(0, 0, 0, 0), w1 = w0;
-        if (row_ok && 64 * c + 32 * hh < rec.units_left) {
+        if (row_ok && 8 * (g0 + 4 * hh) < rec.units_left) {
           const uint4* p = reinterpret_cast<const uint4*>(src + 64 * hh);
           w0 = p[0], w1 = p[1];
         }
@@ -81,41 +87,42 @@ struct DeferredActGrad {
     }
   }
 
-  // h[k]: da of group 8c + k, columns 2q (low half) and 2q + 1 (high half).
+  // h[k]: da of group g0 + k, columns 2q (low half) and 2q + 1 (high half).
   CUTLASS_DEVICE void block(int b, const uint32_t* h) {
-    const int v1 = b / 4, c = b % 4;
+    const int v1 = b / kPerRow, g0 = kPairs * (b % kPerRow);
     const bool row_ok = (rec.rows_ok >> v1) & 1u;
     auto da = [&](int k, int v0) {
       uint32_t u = h[k];
       const __nv_bfloat162 x = *reinterpret_cast<__nv_bfloat162*>(&u);
       return v0 ? __high2float(x) : __low2float(x);
     };
-    __nv_bfloat16* dst = rec.dpre + v1 * rec.ld8 + 128 * c;
+    __nv_bfloat16* dst = rec.dpre + v1 * rec.ld8 + 16 * g0;
     if (rec.interleaved) {
       CUTLASS_PRAGMA_UNROLL
-      for (int k = 0; k < 8; ++k) {
+      for (int k = 0; k < kPairs; ++k) {
         const uint32_t lo = swiglu_grad_pair(da(k, 0), pre[2 * k], dot);
         const uint32_t hi = swiglu_grad_pair(da(k, 1), pre[2 * k + 1], dot);
-        if (row_ok && 64 * c + 8 * k < rec.units_left)
+        if (row_ok && 8 * (g0 + k) < rec.units_left)
           *reinterpret_cast<uint2*>(dst + 16 * k) = make_uint2(lo, hi);
       }
     } else {
-      // Lane q's pair 8q + s of 4-group block 2c + hh is group 4 hh + s % 4's column 2q + s / 4.
+      // Lane q's pair 8q + s of 4-group block g0 / 4 + hh is group 4 hh + s % 4's column
+      // 2q + s / 4.
       CUTLASS_PRAGMA_UNROLL
-      for (int hh = 0; hh < 2; ++hh) {
+      for (int hh = 0; hh < kPairs / 4; ++hh) {
         uint32_t o[8];
         CUTLASS_PRAGMA_UNROLL
         for (int s = 0; s < 8; ++s)
           o[s] = swiglu_grad_pair(da(4 * hh + s % 4, s / 4), pre[8 * hh + s], dot);
-        if (row_ok && 64 * c + 32 * hh < rec.units_left) {
+        if (row_ok && 8 * (g0 + 4 * hh) < rec.units_left) {
           uint4* p = reinterpret_cast<uint4*>(dst + 64 * hh);
           p[0] = make_uint4(o[0], o[1], o[2], o[3]);
           p[1] = make_uint4(o[4], o[5], o[6], o[7]);
         }
       }
     }
-    if (c == 3) {  // the row half is done: the quad's sum, as the immediate epilogue's
-      if (rec.row_dot != nullptr) {  // uniform
+    if (b % kPerRow == kPerRow - 1) {  // the row half is done: the quad's sum, as the immediate
+      if (rec.row_dot != nullptr) {    // uniform
         dot += __shfl_xor_sync(0xffffffffu, dot, 1);
         dot += __shfl_xor_sync(0xffffffffu, dot, 2);
         if (row_ok && q == 0) rec.row_dot[8 * v1] = dot;
@@ -126,12 +133,8 @@ struct DeferredActGrad {
 };
 
 // EpilogueActivationGrad for SwiGLU that leaves every tile but the CTA's last to the next
-// mainloop (DeferredMainloop<Base, DeferredActGrad>): it records where pre and dpre lie, and
-// (kPrefetchPre) asks for the tile's pre rows in L2 at once, one bulk prefetch per row (1 KB at
-// 256 units), so the next mainloop's block loads find them there. Without it each block's loads
-// went to HBM while the mainloop's TMA traffic was in flight, and the consumers stalled on them
-// with one slice of wgmmas queued (experts_lab run 20: 1.25x the immediate epilogue's time).
-template <bool kPrefetchPre = true>
+// mainloop (DeferredMainloop<Base, DeferredActGrad<kBlocks>>): it records where pre and dpre lie.
+template <int kBlocks>
 class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
  public:
   template <class ProblemShape>
@@ -151,7 +154,8 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
                                  cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
                                  TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
     constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
-    static_assert(2 * kGroups / 8 == kDeferredBlocks, "a 256-column tile");
+    static_assert(2 * kGroups == kStashPairs, "a 256-column tile");
+    using Work = DeferredActGrad<kBlocks>;
     constexpr int kTileN = cute::size<1>(BlockShapeMNK{});
     const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
                                 tiled_mma, thread_idx);
@@ -172,34 +176,17 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
     rec.unused = 0;
     DeferredActGradRecord& slot = deferred_records<DeferredActGradRecord>()[thread_idx];
     slot = rec;
-    const bool last = tiles_.last(params_.tile_count);
-    if (kPrefetchPre && !last && t.q == 0) {
-      // The tile's units [n_tile, n_tile + units) are the same pre bytes in either pair order:
-      // 4 bytes a unit, a multiple of 32 bytes from a 32-byte aligned start (N % 8 == 0).
-      const int units = cute::min(kTileN, t.cols - t.n_tile);
-      const uint32_t bytes = static_cast<uint32_t>(4 * units);
-      CUTLASS_PRAGMA_UNROLL
-      for (int v1 = 0; v1 < 2; ++v1) {
-        if (t.m[v1] >= t.rows) continue;
-        const __nv_bfloat16* row =
-            params_.pre + (t.row0 + t.m[v1]) * params_.ld_pre + 2 * int64_t{t.n_tile};
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(row), "r"(bytes)
-                     : "memory");
-      }
-    }
-    if (last) {
+    if (tiles_.last(params_.tile_count)) {
       // Nothing runs after it: the same blocks now, from the accumulators. Not the immediate
       // epilogue, whose row half of pre (64 registers) does not fit beside the mainloop's stash.
-      DeferredActGrad work(slot, t.q);
+      Work work(slot, t.q);
       CUTLASS_PRAGMA_UNROLL
-      for (int b = 0; b < kDeferredBlocks; ++b) {
+      for (int b = 0; b < kBlocks; ++b) {
         work.prefetch(b);
-        uint32_t h[8];
+        uint32_t h[Work::kPairs];
         CUTLASS_PRAGMA_UNROLL
-        for (int k = 0; k < 8; ++k) {
-          const int i = 2 * (b / 4) + 4 * (8 * (b % 4) + k);
-          h[k] = pack(__floats2bfloat162_rn(accumulators(i), accumulators(i + 1)));
-        }
+        for (int k = 0; k < Work::kPairs; ++k)
+          h[k] = stash_pair(accumulators, Work::kPairs * b + k);
         work.block(b, h);
       }
     }
@@ -209,9 +196,9 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
   CtaTileCounter tiles_;
 };
 
-template <bool kPrefetchPre = true>
+template <int kBlocks>
 using EpilogueActGradDeferred =
     cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-        EpilogueActivationGradDeferred<kPrefetchPre>>;
+        EpilogueActivationGradDeferred<kBlocks>>;
 
 }  // namespace moe::cuda::grouped_gemm

@@ -62,6 +62,7 @@ CUTLASS_DEVICE uint4 deferred_act_block(const uint32_t* h, bool interleaved, int
 // The deferred work: one block of act (and pre) stores per k-slice.
 struct DeferredAct {
   using Record = DeferredActRecord;
+  static constexpr int kBlocks = 8;  // 8 pairs each: row half b / 4, groups 8 (b % 4) .. + 7
   Record rec;
   int q;
 
@@ -109,7 +110,7 @@ class EpilogueActivationDeferred : public EpilogueActivation {
                                  char* smem) {
     using namespace cute;
     constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
-    static_assert(2 * kGroups / 8 == kDeferredBlocks, "a 256-column tile");
+    static_assert(2 * kGroups == kStashPairs, "a 256-column tile");
     if (tiles_.last(params_.tile_count)) {  // nothing runs after it
       EpilogueActivation::operator()(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl,
                                      accumulators, tiled_mma, residue, thread_idx, smem);
@@ -129,7 +130,7 @@ class EpilogueActivationDeferred : public EpilogueActivation {
     rec.interleaved = params_.blocked ? 0 : 1;
     rec.unused = 0;
     CUTLASS_PRAGMA_UNROLL
-    for (int b = 0; b < kDeferredBlocks; ++b) {
+    for (int b = 0; b < DeferredAct::kBlocks; ++b) {
       const bool row_ok = t.m[b / 4] < t.rows;
       if (row_ok && 2 * (col0 + 32 * (b % 4)) < t.cols) rec.act_mask |= 1u << b;
       CUTLASS_PRAGMA_UNROLL

@@ -1,5 +1,5 @@
-// defines: moe::cuda::grouped_gemm::{kDeferredThreads, kDeferredBlocks, deferred_records,
-//          deferred_record_bytes, CtaTileCounter, DeferredMainloop}
+// defines: moe::cuda::grouped_gemm::{kDeferredThreads, kStashPairs, deferred_records,
+//          deferred_record_bytes, stash_pair, CtaTileCounter, DeferredMainloop}
 // A register epilogue run under the next tile's mainloop instead of after its own: the machinery
 // the deferred SwiGLU epilogues share, forward (grouped_gemm_deferred_act_sm90.hpp) and backward
 // (grouped_gemm_deferred_act_grad_sm90.hpp).
@@ -14,17 +14,18 @@
 // bf16 pairs the epilogue would round them to (64 registers: the "stash"). The epilogue then only
 // writes what the deferred work needs to know about the tile (a Work::Record in shared memory, the
 // thread's own slot: no other thread reads it). The next tile's mainloop, after issuing each of
-// its first 8 k-slices' wgmmas and before waiting for them, does one of the 8 blocks of the
-// deferred work (8 pairs each: row half b / 4, column groups 8 (b % 4) .. + 7); work that loads
-// (the backward reads pre) starts block b + 1's loads right after block b, so their latency runs
-// under the next slice's wait. The accumulators stay with the tensor cores.
+// its first Work::kBlocks k-slices' wgmmas and before waiting for them, does one block of the
+// deferred work (64 / kBlocks pairs each, in order: row half 0's column groups, then row half
+// 1's); work that loads (the backward reads pre) starts block b + 1's loads right after block b,
+// so their latency runs under the next slice's wait. The accumulators stay with the tensor cores.
 //
 // Work, the deferred epilogue's arithmetic:
 //   Work::Record                             what the epilogue records per thread
+//   Work::kBlocks                            blocks a tile's deferred work is cut into
 //   Work(Record const&, int q)               the thread's record in shared memory (read only
 //                                            while a stash is pending), q = its lane in its quad
 //   void prefetch(int b)                     start block b's loads (or nothing)
-//   void block(int b, const uint32_t* pairs) block b from its 8 stashed bf16 pairs
+//   void block(int b, const uint32_t* pairs) block b from its 64 / kBlocks stashed bf16 pairs
 // Every lane of a warp calls both with the same b (quad exchanges, row-dot shuffles).
 //
 // A CTA's last tile has no next mainloop: its epilogue runs at once from the accumulators. The
@@ -41,7 +42,7 @@
 namespace moe::cuda::grouped_gemm {
 
 inline constexpr int kDeferredThreads = 256;  // the two consumer warpgroups
-inline constexpr int kDeferredBlocks = 8;     // 2 row halves x 4 blocks of 8 column groups
+inline constexpr int kStashPairs = 64;        // bf16 pairs a consumer thread keeps of a tile
 
 // One array per CTA and record type: every caller in the kernel sees the same one.
 template <class Record>
@@ -54,6 +55,15 @@ CUTLASS_DEVICE Record* deferred_records() {
 template <class Work>
 inline constexpr int deferred_record_bytes =
     kDeferredThreads * static_cast<int>(sizeof(typename Work::Record));
+
+// Pair p of a tile's stash (row half p / 32, column group p % 32) from the accumulators, rounded
+// to bf16 as the immediate epilogues round them (value 2 v1 + 4 j (+1), RegisterEpilogue).
+template <class Accumulators>
+CUTLASS_DEVICE uint32_t stash_pair(Accumulators const& accum, int p) {
+  const int i = 2 * (p / 32) + 4 * (p % 32);
+  __nv_bfloat162 h = __floats2bfloat162_rn(accum(i), accum(i + 1));
+  return *reinterpret_cast<uint32_t*>(&h);
+}
 
 // Which of a CTA's tiles is its last. CUTLASS's grouped scheduler hands CTA c (linear index
 // blockIdx.x * gridDim.y + blockIdx.y along M, 1x1 cluster, no swizzle) tiles c, c + G, c + 2G,
@@ -92,8 +102,14 @@ struct DeferredMainloop : Base {
   static_assert(Base::K_PIPE_MMAS == 1, "mma_tail releases exactly one stage");
   static constexpr bool kGatheredA = requires { typename Base::GatherArgs; };
 
-  uint32_t stash_[8 * kDeferredBlocks];  // the last tile's pairs, block b = 4 v1 + c
-  bool pending_ = false;                 // a stash waits for its deferred epilogue
+  static constexpr int kBlocks = Work::kBlocks;
+  static constexpr int kPairs = kStashPairs / kBlocks;  // per block
+  static_assert(kPairs * kBlocks == kStashPairs && kPairs % 4 == 0, "whole quads of pairs");
+
+  // The last tile's pairs: row half v1's column group j (8 columns, this thread's 2) is pair
+  // 32 v1 + j, so block b is pairs kPairs * b .. + kPairs - 1.
+  uint32_t stash_[kStashPairs];
+  bool pending_ = false;  // a stash waits for its deferred epilogue
 
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read,
@@ -144,18 +160,18 @@ struct DeferredMainloop : Base {
       ++smem_pipe_release;
     };
     auto deferred = [&](int b) {
-      work.block(b, stash_ + 8 * b);
-      if (b + 1 < kDeferredBlocks) work.prefetch(b + 1);
+      work.block(b, stash_ + kPairs * b);
+      if (b + 1 < kBlocks) work.prefetch(b + 1);
     };
 
     if (pending) work.prefetch(0);
     int k_left = k_tile_count;
     if (k_left > 0) issue(true), --k_left;
-    // The first kDeferredBlocks slices each carry one block of the previous tile's epilogue, done
+    // The first kBlocks slices each carry one block of the previous tile's epilogue, done
     // while this slice's and the previous slice's wgmmas run. Unrolled, so that the stash is
     // indexed by constants and stays in registers.
     CUTLASS_PRAGMA_UNROLL
-    for (int b = 0; b < kDeferredBlocks; ++b) {
+    for (int b = 0; b < kBlocks; ++b) {
       if (k_left > 0) {
         issue(false);
         if (pending) deferred(b);
@@ -172,18 +188,11 @@ struct DeferredMainloop : Base {
     }
 
     // This tile's pairs, as the immediate epilogues round them: value 2 v1 + 4 j (+1) is row
-    // half v1's column pair of group j = 8 c + k.
+    // half v1's column pair of group j.
     warpgroup_wait<0>();
     warpgroup_fence_operand(accum);
     CUTLASS_PRAGMA_UNROLL
-    for (int b = 0; b < kDeferredBlocks; ++b) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int k = 0; k < 8; ++k) {
-        const int i = 2 * (b / 4) + 4 * (8 * (b % 4) + k);
-        __nv_bfloat162 h = __floats2bfloat162_rn(accum(i), accum(i + 1));
-        stash_[8 * b + k] = *reinterpret_cast<uint32_t*>(&h);
-      }
-    }
+    for (int p = 0; p < kStashPairs; ++p) stash_[p] = stash_pair(accum, p);
     pending_ = true;  // unless this was the CTA's last tile; then no mma follows
   }
 };
