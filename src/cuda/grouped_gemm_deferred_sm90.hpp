@@ -159,12 +159,14 @@ struct DeferredMainloop : Base {
       pipeline.consumer_release(smem_pipe_release);
       ++smem_pipe_release;
     };
+    // A block's loads are issued after its slice's wgmmas, not before the next slice's: the
+    // wgmma fence (warpgroup_arrive) waits for every register write in flight, loads included,
+    // so loads issued a slice ahead held up the next slice's wgmmas by their whole latency.
     auto deferred = [&](int b) {
+      work.prefetch(b);
       work.block(b, stash_ + kPairs * b);
-      if (b + 1 < kBlocks) work.prefetch(b + 1);
     };
 
-    if (pending) work.prefetch(0);
     int k_left = k_tile_count;
     if (k_left > 0) issue(true), --k_left;
     // The first kBlocks slices each carry one block of the previous tile's epilogue, done
