@@ -88,9 +88,12 @@ using WgradPingpong = gg::WgradLauncher<gg::WgradKernel<gg::PingpongConfig<128, 
 using WgradAccumulating = gg::WgradLauncher<gg::WgradKernel<gg::CooperativeConfig>>;
 using WgradPingpong64x256 = gg::WgradLauncher<gg::WgradKernel<gg::PingpongConfig<64, 256>>>;
 using ActPingpong = gg::ActLauncher<gg::ActKernel<gg::PingpongConfig<64, 256>>>;
-// The da GEMM's deferred activation backward in 8 blocks of 8 groups (the library's: 16 of 4).
+// The da GEMM's activation backward under the next tile's mainloop, in 8 blocks of 8 groups or
+// 16 of 4 (the library's runs after each tile's mainloop).
 using ActGradDeferred8 = gg::ActLauncher<
     gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kDeferred=*/true, /*kBlocks=*/8>>;
+using ActGradDeferred16 = gg::ActLauncher<
+    gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kDeferred=*/true, /*kBlocks=*/16>>;
 
 // Lab-only tiles for the plain up/down GEMMs (short K: the down projection's K = I is 768-1024).
 template <int kM, int kN, int kClusterM = 2, int kClusterN = 1>
@@ -167,7 +170,8 @@ struct Options {
         "            [--layout dropless|padded] [--capacity-factor F] [--reps N] [--no-backward]\n"
         "            [--ab]   only the library kernels against lab variants in alternating rounds\n"
         "            [--ab-act-grad]  only the activation backward's rounds of --ab, with the\n"
-        "                             da epilogue after each tile against under the next\n"
+        "                             da epilogue after each tile (the library's) against\n"
+        "                             under the next tile's mainloop\n"
         "            [--ab-wgrad]     only the weight gradients' rounds (pingpong 64x256, 128x16\n"
         "                             epilogue tile, bf16 dW)\n"
         "            [--ab-epilogue]  only the plain GEMMs (down, dxp) against epilogues with no\n"
@@ -798,12 +802,11 @@ int run(const Options& o) {
          [&] { g_nk.run({offsets, I, H, dyp, w_down, act2}, s); },
          [&] { g_grad.run({offsets, I, H, dyp, w_down, pre3, dpre, true}, s); });
       {
-        // The library's da GEMM (SwiGLU: the activation backward under the next tile's mainloop,
-        // 16 blocks of 4 groups) and the same in 8 blocks of 8 groups, each against the immediate
-        // epilogue, without and with the router-weight row dots, checked equal first.
-        void* gws = workspace(std::max({gg::Bf16Sm90ActGrad::workspace_bytes(E, sms),
-                                        gg::Bf16Sm90ActGradDeferred::workspace_bytes(E, sms),
-                                        ActGradDeferred8::workspace_bytes(E, sms)}));
+        // The library's da GEMM (the activation backward after each tile's mainloop) against the
+        // same under the next tile's mainloop in 8 blocks and in 16, without and with the
+        // router-weight row dots, checked equal first.
+        void* gws = workspace(std::max(ActGradDeferred8::workspace_bytes(E, sms),
+                                       ActGradDeferred16::workspace_bytes(E, sms)));
         const int64_t parts = row_dot_parts(I);
         bf16* dpre_b = nullptr;
         float *dots_a = nullptr, *dots_b = nullptr;
@@ -817,10 +820,10 @@ int run(const Options& o) {
           GroupedGemmActGradArgs b = a;
           b.dpre = dpre_b;
           if (with_dot) b.row_dot = dots_b;
-          auto run_a = [&] { gg::Bf16Sm90ActGrad::run(a, o.activation, E, gws, sms, s); };
+          auto run_a = [&] { g_grad.run(a, s); };
           auto run_b = [&] {
             if (eight) ActGradDeferred8::run(b, o.activation, E, gws, sms, s);
-            else g_grad.run(b, s);
+            else ActGradDeferred16::run(b, o.activation, E, gws, sms, s);
           };
           MOE_CUDA_CHECK(cudaMemsetAsync(dpre_b, 0xff, M * A * sizeof(bf16), s));
           MOE_CUDA_CHECK(cudaMemsetAsync(dots_b, 0xff, parts * M * sizeof(float), s));
@@ -835,8 +838,8 @@ int run(const Options& o) {
             std::printf("AB verify %-37s relative error %.2e\n", "deferred row dots", e);
             ok = ok && e == 0;
           }
-          const std::string vs =
-              eight ? ": immediate (A) vs 8 blocks (B)" : ": immediate (A) vs library (B)";
+          const std::string vs = eight ? ": library (A) vs deferred, 8 blocks (B)"
+                                       : ": library (A) vs deferred, 16 blocks (B)";
           if (ok) ab((what + vs).c_str(), f_down, run_a, run_b);
         }
         MOE_CUDA_CHECK(cudaFree(dots_b));

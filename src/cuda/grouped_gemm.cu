@@ -18,7 +18,6 @@ using grouped_gemm::Bf16Sm90ActGather;
 using grouped_gemm::Bf16Sm90ActDeferred;
 using grouped_gemm::Bf16Sm90ActGatherDeferred;
 using grouped_gemm::Bf16Sm90ActGrad;
-using grouped_gemm::Bf16Sm90ActGradDeferred;
 using grouped_gemm::Bf16Sm90Gather;
 using grouped_gemm::Bf16Sm90Wgrad;
 using grouped_gemm::Bf16Sm90WgradBf16;
@@ -180,14 +179,10 @@ void GroupedGemmAct::run(const GroupedGemmActArgs& args, cudaStream_t stream) co
 
 GroupedGemmActGrad::GroupedGemmActGrad(int64_t experts, Activation activation)
     : GroupedGemmBase(experts), activation_(activation) {
-  allocate(std::max(Bf16Sm90ActGrad::workspace_bytes(experts, sm_count_),
-                    Bf16Sm90ActGradDeferred::workspace_bytes(experts, sm_count_)));
+  allocate(Bf16Sm90ActGrad::workspace_bytes(experts, sm_count_));
 }
 
-const char* GroupedGemmActGrad::name() const {
-  return activation_ == Activation::swiglu ? Bf16Sm90ActGradDeferred::name()
-                                           : Bf16Sm90ActGrad::name();
-}
+const char* GroupedGemmActGrad::name() const { return Bf16Sm90ActGrad::name(); }
 
 void GroupedGemmActGrad::run(const GroupedGemmActGradArgs& args, cudaStream_t stream) const {
   check_ready();
@@ -201,12 +196,9 @@ void GroupedGemmActGrad::run(const GroupedGemmActGradArgs& args, cudaStream_t st
   MOE_CHECK(!args.row_dot || args.ld_row_dot > 0,
             "grouped GEMM + activation backward: row_dot needs ld_row_dot >= max_rows, got ",
             args.ld_row_dot);
-  // SwiGLU: each tile's activation backward runs under the next tile's mainloop
-  // (grouped_gemm_deferred_act_grad_sm90.hpp).
-  if (grouped_gemm::deferrable(activation_, 2 * args.n))
-    Bf16Sm90ActGradDeferred::run(args, activation_, experts_, workspace_, sm_count_, stream);
-  else
-    Bf16Sm90ActGrad::run(args, activation_, experts_, workspace_, sm_count_, stream);
+  // The epilogue runs after each tile's mainloop: deferred under the next one it measured
+  // 1.15-1.29x slower (grouped_gemm_deferred_act_grad_sm90.hpp, experts_lab run 20).
+  Bf16Sm90ActGrad::run(args, activation_, experts_, workspace_, sm_count_, stream);
 }
 
 }  // namespace moe::cuda

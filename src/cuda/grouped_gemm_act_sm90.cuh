@@ -168,7 +168,7 @@ template <bool kDeferred, int kBlocks>
 using ActGradEpilogue =
     cute::conditional_t<kDeferred, EpilogueActGradDeferred<kBlocks>, EpilogueActGrad>;
 
-template <class Config, bool kDeferred = false, int kBlocks = 16>
+template <class Config, bool kDeferred = false, int kBlocks = 8>
 struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks>,
                                      ActGradEpilogue<kDeferred, kBlocks>> {
   static_assert(cute::size<1>(typename Config::TileShape{}) == kActGradTileN,

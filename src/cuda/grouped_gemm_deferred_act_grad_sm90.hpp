@@ -1,18 +1,26 @@
 // defines: moe::cuda::grouped_gemm::{DeferredActGradRecord, DeferredActGrad,
 //          EpilogueActivationGradDeferred, EpilogueActGradDeferred}
-// The da GEMM's SwiGLU backward epilogue run under the next tile's mainloop instead of after its
-// own (the machinery, and why: grouped_gemm_deferred_sm90.hpp).
+// The da GEMM's SwiGLU backward run under the next tile's mainloop instead of after its own, as
+// the up-projection's forward is (the machinery: grouped_gemm_deferred_sm90.hpp). Measured
+// slower than the immediate epilogue, so the library does not use it; the lab compares them
+// (experts_lab --ab-act-grad, ActGradKernel<Config, true, kBlocks>).
 //
 // The stash holds da rounded to bf16, as EpilogueActivationGrad rounds it (column pair 2q, 2q + 1
 // of each 8-unit group). The epilogue records where this thread's pre and dpre lie; block b of
-// the next mainloop (row half b / 4, groups 8 (b % 4) .. + 7) reads the 8 groups' stored pre
-// (64 bytes: 8-byte words for interleaved pairs, two 32-byte runs for blocked ones), writes dpre
-// back to the same places and adds da * act to the row's dot, in the immediate epilogue's order
-// with its arithmetic (swiglu_grad_pair): dpre and the row dots are the same bits. Block b + 1's
-// loads are issued as soon as block b is done, so they run under the next slice's wait; the
-// immediate epilogue instead issues a row half's 32 loads at once, after the mainloop.
+// the next mainloop (64 / kBlocks groups of a row half) loads those groups' stored pre, writes
+// dpre back to the same places and adds da * act to the row's dot, in the immediate epilogue's
+// order with its arithmetic (swiglu_grad_pair): dpre and the row dots are the same bits (checked
+// before every lab round).
 //
-// SwiGLU only (either pair order): GELU keeps the immediate epilogue.
+// What was measured (H100, experts_lab run 20, B/A against the immediate epilogue at OLMoE and
+// Qwen3): 8 blocks of 8 groups 1.15-1.29x, 16 of 4 1.59-1.71x; loading each block's pre a slice
+// ahead, in the block, or after an L2 prefetch of the tile's pre rows all cost about the same or
+// more. Each block costs about 2 us whatever its size, against the forward's deferred blocks
+// (stores only) that hide under the mainloop: the consumers' global loads are what does not
+// overlap. Where the stall comes from was not settled (the SASS keeps one wgmma batch in flight
+// through the blocks).
+//
+// SwiGLU only (either pair order).
 #pragma once
 #include <cuda_bf16.h>
 
@@ -48,10 +56,11 @@ struct DeferredActGrad {
   static constexpr int kPerRow = kBlocks / 2;           // blocks per row half
   static_assert(kPairs == 4 || kPairs == 8, "one or two blocked 32-unit runs per block");
   // Read field by field where used: 10 registers fewer beside the accumulators, the stash and
-  // pre (ptxas spilled with the record held in registers).
+  // pre (ptxas spilled with the record held in registers). The pointers come from shared memory,
+  // so the accesses name the global space themselves (else they compile to generic LD / ST).
   const volatile Record& rec;
   int q;
-  uint32_t pre[2 * kPairs];  // block b's stored (gate, up) pairs, loaded by prefetch(b)
+  uint32_t pre[2 * kPairs];  // block b's stored (gate, up) pairs
   float dot = 0.f;           // the row half's da * act so far
 
   CUTLASS_DEVICE DeferredActGrad(const Record& r, int lane_in_quad) : rec(r), q(lane_in_quad) {}
@@ -60,7 +69,7 @@ struct DeferredActGrad {
   // Interleaved: group j's two units are the 8 bytes at element 16 j of the row half. Blocked:
   // 4-group block j / 4's 8 pairs are the 32 bytes at element 16 j. Words outside the output read
   // as zeros, as the immediate epilogue's (they then add 0 to the dot).
-  CUTLASS_DEVICE void prefetch(int b) {
+  CUTLASS_DEVICE void load(int b) {
     const int v1 = b / kPerRow, g0 = kPairs * (b % kPerRow);
     const bool row_ok = (rec.rows_ok >> v1) & 1u;
     const __nv_bfloat16* src = rec.pre + v1 * rec.ld8 + 16 * g0;
@@ -69,7 +78,7 @@ struct DeferredActGrad {
       for (int k = 0; k < kPairs; ++k) {
         uint2 w = make_uint2(0, 0);
         if (row_ok && 8 * (g0 + k) < rec.units_left)
-          w = *reinterpret_cast<const uint2*>(src + 16 * k);
+          w = __ldcg(reinterpret_cast<const uint2*>(src + 16 * k));
         pre[2 * k] = w.x, pre[2 * k + 1] = w.y;
       }
     } else {
@@ -78,7 +87,7 @@ struct DeferredActGrad {
         uint4 w0 = make_uint4(0, 0, 0, 0), w1 = w0;
         if (row_ok && 8 * (g0 + 4 * hh) < rec.units_left) {
           const uint4* p = reinterpret_cast<const uint4*>(src + 64 * hh);
-          w0 = p[0], w1 = p[1];
+          w0 = __ldcg(p), w1 = __ldcg(p + 1);
         }
         pre[8 * hh + 0] = w0.x, pre[8 * hh + 1] = w0.y, pre[8 * hh + 2] = w0.z;
         pre[8 * hh + 3] = w0.w, pre[8 * hh + 4] = w1.x, pre[8 * hh + 5] = w1.y;
@@ -89,6 +98,7 @@ struct DeferredActGrad {
 
   // h[k]: da of group g0 + k, columns 2q (low half) and 2q + 1 (high half).
   CUTLASS_DEVICE void block(int b, const uint32_t* h) {
+    load(b);
     const int v1 = b / kPerRow, g0 = kPairs * (b % kPerRow);
     const bool row_ok = (rec.rows_ok >> v1) & 1u;
     auto da = [&](int k, int v0) {
@@ -103,7 +113,7 @@ struct DeferredActGrad {
         const uint32_t lo = swiglu_grad_pair(da(k, 0), pre[2 * k], dot);
         const uint32_t hi = swiglu_grad_pair(da(k, 1), pre[2 * k + 1], dot);
         if (row_ok && 8 * (g0 + k) < rec.units_left)
-          *reinterpret_cast<uint2*>(dst + 16 * k) = make_uint2(lo, hi);
+          __stcg(reinterpret_cast<uint2*>(dst + 16 * k), make_uint2(lo, hi));
       }
     } else {
       // Lane q's pair 8q + s of 4-group block g0 / 4 + hh is group 4 hh + s % 4's column
@@ -116,8 +126,8 @@ struct DeferredActGrad {
           o[s] = swiglu_grad_pair(da(4 * hh + s % 4, s / 4), pre[8 * hh + s], dot);
         if (row_ok && 8 * (g0 + 4 * hh) < rec.units_left) {
           uint4* p = reinterpret_cast<uint4*>(dst + 64 * hh);
-          p[0] = make_uint4(o[0], o[1], o[2], o[3]);
-          p[1] = make_uint4(o[4], o[5], o[6], o[7]);
+          __stcg(p, make_uint4(o[0], o[1], o[2], o[3]));
+          __stcg(p + 1, make_uint4(o[4], o[5], o[6], o[7]));
         }
       }
     }
@@ -125,7 +135,7 @@ struct DeferredActGrad {
       if (rec.row_dot != nullptr) {    // uniform
         dot += __shfl_xor_sync(0xffffffffu, dot, 1);
         dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-        if (row_ok && q == 0) rec.row_dot[8 * v1] = dot;
+        if (row_ok && q == 0) __stcg(rec.row_dot + 8 * v1, dot);
       }
       dot = 0.f;
     }
@@ -182,7 +192,6 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
       Work work(slot, t.q);
       CUTLASS_PRAGMA_UNROLL
       for (int b = 0; b < kBlocks; ++b) {
-        work.prefetch(b);
         uint32_t h[Work::kPairs];
         CUTLASS_PRAGMA_UNROLL
         for (int k = 0; k < Work::kPairs; ++k)

@@ -68,8 +68,6 @@ struct DeferredAct {
 
   CUTLASS_DEVICE DeferredAct(const Record& r, int lane_in_quad) : rec(r), q(lane_in_quad) {}
 
-  CUTLASS_DEVICE void prefetch(int) {}
-
   CUTLASS_DEVICE void block(int b, const uint32_t* h) {
     if (rec.pre != nullptr) {  // uniform: every lane takes part in the exchanges
       CUTLASS_PRAGMA_UNROLL

@@ -16,17 +16,15 @@
 // thread's own slot: no other thread reads it). The next tile's mainloop, after issuing each of
 // its first Work::kBlocks k-slices' wgmmas and before waiting for them, does one block of the
 // deferred work (64 / kBlocks pairs each, in order: row half 0's column groups, then row half
-// 1's); work that loads (the backward reads pre) starts block b + 1's loads right after block b,
-// so their latency runs under the next slice's wait. The accumulators stay with the tensor cores.
+// 1's). The accumulators stay with the tensor cores.
 //
 // Work, the deferred epilogue's arithmetic:
 //   Work::Record                             what the epilogue records per thread
 //   Work::kBlocks                            blocks a tile's deferred work is cut into
 //   Work(Record const&, int q)               the thread's record in shared memory (read only
 //                                            while a stash is pending), q = its lane in its quad
-//   void prefetch(int b)                     start block b's loads (or nothing)
 //   void block(int b, const uint32_t* pairs) block b from its 64 / kBlocks stashed bf16 pairs
-// Every lane of a warp calls both with the same b (quad exchanges, row-dot shuffles).
+// Every lane of a warp calls it with the same b (quad exchanges, row-dot shuffles).
 //
 // A CTA's last tile has no next mainloop: its epilogue runs at once from the accumulators. The
 // epilogue knows which tile is last by counting (CtaTileCounter).
@@ -159,13 +157,7 @@ struct DeferredMainloop : Base {
       pipeline.consumer_release(smem_pipe_release);
       ++smem_pipe_release;
     };
-    // A block's loads are issued after its slice's wgmmas, not before the next slice's: the
-    // wgmma fence (warpgroup_arrive) waits for every register write in flight, loads included,
-    // so loads issued a slice ahead held up the next slice's wgmmas by their whole latency.
-    auto deferred = [&](int b) {
-      work.prefetch(b);
-      work.block(b, stash_ + kPairs * b);
-    };
+    auto deferred = [&](int b) { work.block(b, stash_ + kPairs * b); };
 
     int k_left = k_tile_count;
     if (k_left > 0) issue(true), --k_left;

@@ -16,8 +16,6 @@
 //                                              -> grouped_gemm_bf16_act_deferred.cu
 //   Bf16Sm90ActGatherDeferred (both)           -> grouped_gemm_bf16_act_gather_deferred.cu
 //   Bf16Sm90ActGrad (da GEMM + act backward)   -> grouped_gemm_bf16_act_grad.cu
-//   Bf16Sm90ActGradDeferred (act backward under the next tile's mainloop)
-//                                              -> grouped_gemm_bf16_act_grad_deferred.cu
 // Each has workspace_bytes(groups, sm_count) (the per-expert arrays the prepare kernel writes, then
 // CUTLASS's own workspace), run(args, groups, workspace, sm_count, stream) (prepare kernel +
 // grouped GEMM on `stream`) and name().
@@ -97,9 +95,8 @@ struct Bf16Sm90ActGather {
 };
 
 // Bf16Sm90Act and Bf16Sm90ActGather with each tile's activation run under the next tile's mainloop
-// (grouped_gemm_deferred_act_sm90.hpp), and Bf16Sm90ActGrad likewise
-// (grouped_gemm_deferred_act_grad_sm90.hpp): SwiGLU with pre's rows under 2^27 elements apart
-// (the records keep 8 rows' stride in 32 bits), deferrable(activation, ld_pre).
+// (grouped_gemm_deferred_act_sm90.hpp): SwiGLU with pre's rows under 2^27 elements apart (the
+// records keep 8 rows' stride in 32 bits), deferrable(activation, ld_pre).
 bool deferrable(Activation activation, int64_t ld_pre);
 
 struct Bf16Sm90ActDeferred {
@@ -125,11 +122,5 @@ struct Bf16Sm90ActGrad {
   static const char* name();
 };
 
-struct Bf16Sm90ActGradDeferred {
-  static size_t workspace_bytes(int64_t groups, int sm_count);
-  static void run(const GroupedGemmActGradArgs& args, Activation activation, int64_t groups,
-                  void* workspace, int sm_count, cudaStream_t stream);
-  static const char* name();
-};
 
 }  // namespace moe::cuda::grouped_gemm

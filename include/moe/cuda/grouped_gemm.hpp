@@ -23,7 +23,7 @@
 //                   pre, da rounded to bf16 first (as GroupedGemm stores it) and never written, so
 //                   dpre is bit for bit the unfused pair's (GroupedGemm, then the elementwise
 //                   backward).
-// With SwiGLU both activation GEMMs run each tile's epilogue under the next tile's mainloop
+// With SwiGLU the up-projection runs each tile's epilogue under the next tile's mainloop
 // (grouped_gemm_deferred_sm90.hpp): the same bits, the tensor cores no longer idle through it.
 //
 // The one decision to know: nothing about the segments reaches the host. A prepare kernel
