@@ -13,12 +13,12 @@
 // before every lab round).
 //
 // What was measured (H100, experts_lab run 20, B/A against the immediate epilogue at OLMoE and
-// Qwen3): 8 blocks of 8 groups 1.15-1.29x, 16 of 4 1.59-1.71x; loading each block's pre a slice
+// Qwen3): 8 blocks of 8 groups 1.14-1.29x, 16 of 4 1.57-1.71x; loading each block's pre a slice
 // ahead, in the block, or after an L2 prefetch of the tile's pre rows all cost about the same or
 // more. Each block costs about 2 us whatever its size, against the forward's deferred blocks
 // (stores only) that hide under the mainloop: the consumers' global loads are what does not
 // overlap. Where the stall comes from was not settled (the SASS keeps one wgmma batch in flight
-// through the blocks).
+// through the blocks; global-space accesses instead of generic ones gave 1.14-1.17x).
 //
 // SwiGLU only (either pair order).
 #pragma once
