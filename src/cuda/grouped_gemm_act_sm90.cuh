@@ -216,8 +216,8 @@ struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks
 // A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
 // instantiates ActKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act.cu, the gathered
 // ActKernel<CooperativeNoClusterConfig, true> in grouped_gemm_bf16_act_gather.cu and
-// ActGradKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act_grad.cu (deferred:
-// grouped_gemm_bf16_act_grad_deferred.cu).
+// ActGradKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act_grad.cu; the deferred
+// ActGradKernel<Config, true, kBlocks> is the lab's only (measured slower, experts_lab run 20).
 template <class K>
 struct ActLauncher {
   static size_t workspace_bytes(int64_t groups, int sm_count) {
