@@ -125,8 +125,8 @@ using ActCluster2x1 = gg::ActLauncher<gg::ActKernel<CooperativeTile<128, 256, 2,
 // The gathered fused up-projection without a cluster (the library's runs on 2x1).
 using ActGatherCluster1x1 =
     gg::ActLauncher<gg::ActKernel<gg::CooperativeNoClusterConfig, /*kGatherA=*/true>>;
-// The library's plain GEMMs with an epilogue that has no C and 4 (same smem) or 8 (a whole tile,
-// 3 mainloop stages) D buffers.
+// The plain GEMMs with a TMA store epilogue that has no C and 4 (the library's before run 21, the
+// same smem as the builder's) or 8 (a whole tile, 3 mainloop stages) D buffers.
 template <WeightLayout L, int kStagesD>
 using GemmStaged = gg::Launcher<gg::Kernel<
     gg::CooperativeNoClusterConfig, L, false,
@@ -162,6 +162,7 @@ struct Options {
   bool ab_wgrad_epilogue = false;  // only the weight gradients' epilogue A/B rounds
   bool ab_gather = false;    // only the gathered fused up-projection on 2x1 against 1x1
   bool ab_deferred = false;  // only the fused up-projection, immediate against deferred act
+  bool ab_deferred_store = false;  // only the plain GEMMs, TMA store against deferred store
 
   static void print_usage() {
     std::printf(
@@ -183,6 +184,9 @@ struct Options {
         "            [--ab-deferred]  only the fused up-projection (blocked w_up, with and without\n"
         "                             pre, permuted and gathered): the activation after each\n"
         "                             tile's mainloop against under the next one's\n"
+        "            [--ab-deferred-store]  only the plain GEMMs (down, dxp): the TMA store after\n"
+        "                             each tile's mainloop against the library's under the\n"
+        "                             next one's\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -212,6 +216,7 @@ struct Options {
       else if (a == "--ab-wgrad-epilogue") ab = ab_wgrad_epilogue = true;
       else if (a == "--ab-gather") ab = ab_gather = true;
       else if (a == "--ab-deferred") ab = ab_deferred = true;
+      else if (a == "--ab-deferred-store") ab = ab_deferred_store = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -649,6 +654,41 @@ int run(const Options& o) {
       MOE_CUDA_CHECK(cudaFree(dw16));
       MOE_CUDA_CHECK(cudaFree(dw16b));
       MOE_CUDA_CHECK(cudaFree(wws));
+      MOE_CUDA_CHECK(cudaFree(ws));
+      return 0;
+    }
+    if (o.ab_deferred_store) {
+      // The down-projection (B (K, N)) and dxp (B (N, K)): the TMA store after each tile (no C,
+      // 4 D buffers: the library's before run 21) against the library's store under the next
+      // tile's mainloop, outputs checked equal first (the library's D poisoned before its run).
+      GroupedGemm g_nk(E, WeightLayout::nk);
+      void* ews = workspace(std::max(GemmStaged<WeightLayout::kn, 4>::workspace_bytes(E, sms),
+                                     GemmStaged<WeightLayout::nk, 4>::workspace_bytes(E, sms)));
+      const GroupedGemmArgs down_a{offsets, H, I, act, w_down, yp};
+      const GroupedGemmArgs down_b{offsets, H, I, act, w_down, yp2};
+      auto staged_down = [&] {
+        GemmStaged<WeightLayout::kn, 4>::run(down_a, false, E, ews, sms, s);
+      };
+      staged_down();
+      MOE_CUDA_CHECK(cudaMemsetAsync(yp2, 0xff, M * H * sizeof(bf16), s));
+      g_down.run(down_b, s);
+      if (same("down, deferred store", yp, yp2, M * H))
+        ab("down: TMA store (A) vs library, deferred store (B)", f_down, staged_down,
+           [&] { g_down.run(down_b, s); });
+      if (o.backward) {
+        const GroupedGemmArgs dxp_a{offsets, H, A, pre, w_up, dxp2};
+        const GroupedGemmArgs dxp_b{offsets, H, A, pre, w_up, dxp3};
+        auto staged_dxp = [&] {
+          GemmStaged<WeightLayout::nk, 4>::run(dxp_a, true, E, ews, sms, s);
+        };
+        staged_dxp();
+        MOE_CUDA_CHECK(cudaMemsetAsync(dxp3, 0xff, M * H * sizeof(bf16), s));
+        g_nk.run(dxp_b, s);
+        if (same("dxp, deferred store", dxp2, dxp3, M * H))
+          ab("dxp: TMA store (A) vs library, deferred store (B)", f_up, staged_dxp,
+             [&] { g_nk.run(dxp_b, s); });
+      }
+      MOE_CUDA_CHECK(cudaFree(ews));
       MOE_CUDA_CHECK(cudaFree(ws));
       return 0;
     }

@@ -1,15 +1,16 @@
-// defines: moe::cuda::grouped_gemm::{ActKernel, ActGradKernel, ActLauncher}
-// The grouped GEMMs with the activation fused into their epilogue:
+// defines: moe::cuda::grouped_gemm::{ActKernel, ActGradKernel, DeferredStoreKernel, ActLauncher}
+// The grouped GEMMs whose epilogue writes from registers, the activation fused into it or not:
 //   ActKernel      the up-projection: pre = xp · w_up[e] (B (K, N) row-major), epilogue EpilogueAct
 //                  writing pre (optional) and act;
 //   ActGradKernel  the backward's da = dyp · w_down[e]^T (B (N, K) row-major), epilogue
-//                  EpilogueActGrad writing dpre from da and the stored pre.
+//                  EpilogueActGrad writing dpre from da and the stored pre;
+//   DeferredStoreKernel  a plain D = A · B_e (yp, dxp) stored under the next tile's mainloop.
 // Mainloops from grouped_gemm_mainloop_sm90.hpp, problems from prepare_kernel
 // (grouped_gemm_prepare.cuh), epilogues from grouped_gemm_epilogue_act_sm90.hpp. The epilogues use
 // no shared memory, so the mainloop gets all of it for stages; the deferred ones (SwiGLU: each
 // tile's epilogue under the next tile's mainloop, grouped_gemm_deferred_sm90.hpp) take 40 bytes a
 // consumer thread for their records.
-// Include it only from its one .cu (it costs about a minute of nvcc).
+// Include it only from the .cu files that instantiate it (each costs about a minute of nvcc).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -24,6 +25,7 @@
 #include "grouped_gemm_common_sm90.cuh"
 #include "grouped_gemm_deferred_act_grad_sm90.hpp"
 #include "grouped_gemm_deferred_act_sm90.hpp"
+#include "grouped_gemm_deferred_store_sm90.hpp"
 #include "grouped_gemm_epilogue_act_sm90.hpp"
 #include "grouped_gemm_gather_sm90.hpp"
 #include "grouped_gemm_mainloop_sm90.hpp"
@@ -209,12 +211,55 @@ struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks
   }
 };
 
+// A plain GEMM (D = acc in bf16, rows in expert order: yp, dxp) whose store runs under the next
+// tile's mainloop (grouped_gemm_deferred_store_sm90.hpp), on ActLauncher (the activation argument
+// is ignored): the register-epilogue assembly above without an activation.
+template <class Config, WeightLayout L>
+struct DeferredStoreKernel
+    : ActKernelBase<
+          DeferredMainloop<Mainloop<Config, L, deferred_record_bytes<DeferredStore>>,
+                           DeferredStore>,
+          EpilogueStoreDeferredOp> {
+  static_assert(cute::size(typename Config::ClusterShape{}) == 1,
+                "the deferred epilogue counts the grouped scheduler's tiles for a 1x1 cluster");
+  using Base = ActKernelBase<
+      DeferredMainloop<Mainloop<Config, L, deferred_record_bytes<DeferredStore>>, DeferredStore>,
+      EpilogueStoreDeferredOp>;
+  using typename Base::Carve;
+  using typename Base::Epilogue;
+  using typename Base::Gemm;
+  using Args = GroupedGemmArgs;
+  static constexpr bool kGather = false;
+  static constexpr bool kBNk = L == WeightLayout::nk;
+  static constexpr bool kCountTiles = true;
+
+  static typename Gemm::Arguments arguments(const Carve& c, const Args& a, bool /*swiglu*/,
+                                            int64_t groups, int sm_count) {
+    typename Epilogue::Arguments epilogue;
+    epilogue.offsets = a.offsets;
+    epilogue.d = a.d;
+    epilogue.ld = a.n;
+    epilogue.tile_count = c.tile_count;
+    return Base::gemm_arguments(c, {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, epilogue, groups,
+                                sm_count);
+  }
+
+  static size_t cutlass_bytes(int64_t groups, int sm_count) {
+    const Carve none = Base::carve(nullptr, groups, 0);
+    Args a;
+    a.n = 8;
+    return Gemm::get_workspace_size(arguments(none, a, false, groups, sm_count));
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // launcher
 // ------------------------------------------------------------------------------------------------
 
 // A template so that the lab can instantiate other configs (bench/lab/experts_lab.cu); the library
-// instantiates ActKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act.cu, the gathered
+// instantiates DeferredStoreKernel<CooperativeNoClusterConfig, L> in grouped_gemm_bf16_{kn,nk}.cu
+// (Bf16Sm90<L>, through grouped_gemm_sm90.cuh), ActKernel<CooperativeNoClusterConfig> in
+// grouped_gemm_bf16_act.cu, the gathered
 // ActKernel<CooperativeNoClusterConfig, true> in grouped_gemm_bf16_act_gather.cu and
 // ActGradKernel<CooperativeNoClusterConfig> in grouped_gemm_bf16_act_grad.cu; the deferred
 // ActGradKernel<Config, true, kBlocks> is the lab's only (measured slower, experts_lab run 20).
@@ -222,6 +267,12 @@ template <class K>
 struct ActLauncher {
   static size_t workspace_bytes(int64_t groups, int sm_count) {
     return K::carve(nullptr, groups, K::cutlass_bytes(groups, sm_count)).bytes;
+  }
+
+  // A kernel without an activation (DeferredStoreKernel).
+  static void run(const typename K::Args& args, int64_t groups, void* workspace, int sm_count,
+                  cudaStream_t stream) {
+    run(args, Activation::swiglu, groups, workspace, sm_count, stream);
   }
 
   static void run(const typename K::Args& args, Activation activation, int64_t groups,

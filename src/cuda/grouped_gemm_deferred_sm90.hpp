@@ -1,14 +1,16 @@
 // defines: moe::cuda::grouped_gemm::{kDeferredThreads, kStashPairs, deferred_records,
 //          deferred_record_bytes, stash_pair, CtaTileCounter, DeferredMainloop}
 // A register epilogue run under the next tile's mainloop instead of after its own: the machinery
-// the deferred SwiGLU epilogues share, forward (grouped_gemm_deferred_act_sm90.hpp, the library's)
-// and backward (grouped_gemm_deferred_act_grad_sm90.hpp, measured slower: the lab's only).
+// the deferred epilogues share: the plain GEMMs' bf16 store (grouped_gemm_deferred_store_sm90.hpp)
+// and the SwiGLU forward (grouped_gemm_deferred_act_sm90.hpp), the library's; the SwiGLU backward
+// (grouped_gemm_deferred_act_grad_sm90.hpp), measured slower: the lab's only.
 //
 // Why: in the cooperative kernel both consumer warpgroups run the epilogue after each tile's
 // mainloop while the tensor cores wait. The activation epilogues are instruction-bound (the
 // forward's about 3 us per 128x256 tile at OLMoE's shape against a 17-18 us mainloop, experts_lab
-// run 5), and no other tile or schedule hides them: pingpong and 64-row tiles lose more in the
-// mainloop than they save (runs 3, 4).
+// run 5), the plain stores wait for shared-memory buffers and TMA stores (run 21), and no other
+// tile or schedule hides them: pingpong and 64-row tiles lose more in the mainloop than they save
+// (runs 3, 4).
 //
 // How: at the end of a tile's mainloop each consumer thread rounds its 128 accumulators to the 64
 // bf16 pairs the epilogue would round them to (64 registers: the "stash"). The epilogue then only

@@ -1,8 +1,11 @@
-// defines: moe::cuda::grouped_gemm::{Kernel, Bf16Sm90<L> member definitions}
+// defines: moe::cuda::grouped_gemm::{Kernel, Launcher, Bf16Sm90<L> member definitions}
 // Assembles the expert grouped GEMM from its pieces -- mainloop (grouped_gemm_mainloop_sm90.hpp),
 // epilogue (grouped_gemm_epilogue_sm90.hpp), problems prepared on the device
 // (grouped_gemm_prepare.cuh) and CUTLASS's persistent grouped tile scheduler -- and defines the
-// launcher. Include it only from the one .cu per instantiation (it costs about a minute of nvcc).
+// launcher. The library's plain GEMMs (Bf16Sm90<L>) store D under the next tile's mainloop
+// instead (DeferredStoreKernel, grouped_gemm_act_sm90.cuh); Kernel with its TMA store epilogue
+// serves the gathered GEMM and the lab. Include it only from the one .cu per instantiation (it
+// costs about a minute of nvcc).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -14,6 +17,7 @@
 #include <cutlass/gemm/group_array_problem_shape.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
+#include "grouped_gemm_act_sm90.cuh"
 #include "grouped_gemm_common_sm90.cuh"
 #include "grouped_gemm_epilogue_sm90.hpp"
 #include "grouped_gemm_gather_sm90.hpp"
@@ -158,32 +162,31 @@ struct Launcher {
   }
 };
 
-// The library's plain GEMMs: no C in the epilogue and 4 D buffers (the same smem as the builder's
-// C ring + 2 D buffers). In alternating rounds on an H100 (experts_lab --ab-epilogue, run16) the
-// down-projection takes 0.954x / 0.975x the time of the builder's epilogue at Qwen3 / OLMoE and
-// dxp 0.982x / 0.983x, same bits; 8 D buffers (a whole tile, 3 mainloop stages) gain less.
+// The library's plain GEMMs: D stored from registers under the next tile's mainloop. In
+// alternating rounds on an H100 (experts_lab --ab-deferred-store, run 21) against the TMA store
+// after each tile (no C, 4 D buffers: EpilogueStoreStaged, the library's before) the
+// down-projection takes 0.84x / 0.83x the time at OLMoE / Qwen3 and dxp 0.91x / 0.90x, same bits.
 template <WeightLayout L>
-using DefaultKernel = Kernel<CooperativeNoClusterConfig, L, false,
-                             typename EpilogueStoreStaged<CooperativeNoClusterConfig, 4>::Op>;
+using DefaultKernel = DeferredStoreKernel<CooperativeNoClusterConfig, L>;
 
 template <WeightLayout L>
 size_t Bf16Sm90<L>::workspace_bytes(int64_t groups, int sm_count) {
-  return Launcher<DefaultKernel<L>>::workspace_bytes(groups, sm_count);
+  return ActLauncher<DefaultKernel<L>>::workspace_bytes(groups, sm_count);
 }
 
 template <WeightLayout L>
 const char* Bf16Sm90<L>::name() {
   static const std::string s =
       std::string(L == WeightLayout::kn ? "bf16 B(K,N), " : "bf16 B(N,K), ") +
-      CooperativeNoClusterConfig::kName + ", epilogue without C, 4 D buffers";
+      CooperativeNoClusterConfig::kName + ", store under the next tile's mainloop";
   return s.c_str();
 }
 
 template <WeightLayout L>
 void Bf16Sm90<L>::run(const GroupedGemmArgs& args, int64_t groups, void* workspace, int sm_count,
                       cudaStream_t stream) {
-  Launcher<DefaultKernel<L>>::run(args, L == WeightLayout::nk, groups, workspace, sm_count,
-                                  stream);
+  MOE_CHECK(args.n < (int64_t{1} << 28), "grouped GEMM: N must be below 2^28, got ", args.n);
+  ActLauncher<DefaultKernel<L>>::run(args, groups, workspace, sm_count, stream);
 }
 
 }  // namespace moe::cuda::grouped_gemm

@@ -432,6 +432,74 @@ TEST(GroupedGemm, EachSegmentIsItsExpertsProductInBothWeightLayouts) {
   }
 }
 
+// The plain GEMMs store each tile under the next tile's mainloop (DeferredStoreKernel, a CTA's
+// last tile at once): with enough tiles that every CTA has several (3 column tiles, the last
+// partial: 3 x 87 = 261 tiles of 128x256 over the segments below, 2 per SM on a 132-SM card),
+// segments of 1, 127, 128 and 129 rows and empty ones, K of one partial slice (40) and of many
+// (600, partial last slice), in both weight layouts. Every row of M is written and matches the
+// double reference (per element, sampled rows: every 7th and each segment's first and last
+// two), rows past M stay untouched, and in the (K, N) layout D is bit for bit the TMA store
+// epilogue's (the gathered GEMM with the identity as its gather).
+TEST(GroupedGemm, DeferredStoreWritesEveryTileWithManyTilesPerCta) {
+  MOE_REQUIRE_GPU();
+  const std::vector<int64_t> sizes = {1, 0, 3000, 129, 2500, 0, 700, 4000, 127, 128};
+  const int64_t E = static_cast<int64_t>(sizes.size()), N = 520;
+  const std::vector<int64_t> o = offsets_of(sizes);
+  const int64_t M = o[E], R = M + 5;
+  std::vector<int64_t> sample;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = o[e]; r < o[e + 1]; ++r)
+      if (r % 7 == 0 || r - o[e] < 2 || o[e + 1] - r <= 2) sample.push_back(r);
+  std::vector<int32_t> identity(R);
+  for (int64_t r = 0; r < R; ++r) identity[r] = static_cast<int32_t>(r);
+  DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end())), dgather(identity);
+  for (int64_t K : {40, 600}) {
+    const std::vector<float> a = round_to<bf16>(random_vector<float>(R * K, 61 + K));
+    const std::vector<float> b = round_to<bf16>(random_vector<float>(E * K * N, 62 + K));
+    DeviceArray<bf16> da(to_device_type<bf16>(a)), db(to_device_type<bf16>(b)), dd(R * N),
+        tma(R * N);
+    for (auto layout : {cuda::WeightLayout::kn, cuda::WeightLayout::nk}) {
+      const bool nk = layout == cuda::WeightLayout::nk;
+      SCOPED_TRACE("K = " + std::to_string(K) + (nk ? ", B (N, K)" : ", B (K, N)"));
+      dd.poison();
+      cuda::GroupedGemm gemm(E, layout);
+      gemm.run({offsets.get(), N, K, da.get(), db.get(), dd.get()}, nullptr);
+      const std::vector<float> got = from_device_type(dd.download());
+      EXPECT_TRUE(std::none_of(got.begin(), got.begin() + M * N,
+                               [](float v) { return std::isnan(v); }))
+          << "rows of M left unwritten";
+      EXPECT_TRUE(std::all_of(got.begin() + M * N, got.end(),
+                              [](float v) { return std::isnan(v); }))
+          << "rows past M were written";
+      int64_t bad = 0, first_bad = -1;
+      size_t e = 0;
+      for (const int64_t r : sample) {
+        while (o[e + 1] <= r) ++e;
+        for (int64_t n = 0; n < N; ++n) {
+          double want = 0;
+          for (int64_t k = 0; k < K; ++k)
+            want += double(a[r * K + k]) * b[e * K * N + (nk ? n * K + k : k * N + n)];
+          // bf16 rounding (half an ulp: 2^-9 relative) plus fp32 accumulation.
+          if (!(std::abs(got[r * N + n] - want) <= std::abs(want) / 256 + 1e-3)) {
+            if (bad++ == 0) first_bad = r * N + n;
+          }
+        }
+      }
+      EXPECT_EQ(bad, 0) << "values off the reference, the first at row " << first_bad / N
+                        << ", column " << first_bad % N;
+      if (!nk) {
+        tma.poison();
+        cuda::GroupedGemmArgs g{offsets.get(), N, K, da.get(), db.get(), tma.get()};
+        g.gather = dgather.get();
+        g.gather_rows = R;
+        gemm.run(g, nullptr);
+        EXPECT_TRUE(same_bytes(from_device_type(tma.download()), got))
+            << "the deferred store differs from the TMA store epilogue";
+      }
+    }
+  }
+}
+
 // Rows gathered by index for the gathered GEMM tests: segments {3, 0, 257, 1, 0, 64, 130, 700}
 // (M rows, R = M + 3), x (T = 97, K = 200: a partial last K tile) with repeated and unused
 // rows, one padding index (T), two stray ones (-1, T + 7), and xp the permuted copy (zero rows
