@@ -137,6 +137,12 @@ template <class Element, class SubTile>
 using WgradStaged = gg::WgradLauncher<gg::WgradKernel<
     gg::CooperativeConfig, cutlass::epilogue::collective::EpilogueTileAuto, Element, false,
     typename gg::EpilogueStoreStaged<gg::CooperativeConfig, 4, Element, SubTile>::Op>>;
+// Fresh dW through the TMA store after each tile on a 2x1 cluster (the library's before run 22:
+// fp32 with no C, bf16 the builder's store with a C never read).
+using WgradFreshTma = gg::WgradLauncher<gg::WgradKernel<
+    gg::CooperativeConfig, cutlass::epilogue::collective::EpilogueTileAuto, float, true>>;
+using WgradBf16Tma = gg::WgradLauncher<
+    gg::WgradKernel<gg::CooperativeConfig, cutlass::epilogue::collective::EpilogueTileAuto, gg::Bf16>>;
 using Sub128x16 = cute::Shape<cute::_128, cute::_16>;
 using Sub128x32 = cute::Shape<cute::_128, cute::_32>;
 // cuBLAS's dense kernels for these shapes use 192-wide tiles (run 6).
@@ -163,6 +169,7 @@ struct Options {
   bool ab_gather = false;    // only the gathered fused up-projection on 2x1 against 1x1
   bool ab_deferred = false;  // only the fused up-projection, immediate against deferred act
   bool ab_deferred_store = false;  // only the plain GEMMs, TMA store against deferred store
+  bool ab_wgrad_store = false;  // only fresh dW, TMA store against register stores
 
   static void print_usage() {
     std::printf(
@@ -187,6 +194,8 @@ struct Options {
         "            [--ab-deferred-store]  only the plain GEMMs (down, dxp): the TMA store after\n"
         "                             each tile's mainloop against the library's under the\n"
         "                             next one's\n"
+        "            [--ab-wgrad-store]  only fresh dW (fp32, bf16): the TMA store after each\n"
+        "                             tile against the library's register stores\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -217,6 +226,7 @@ struct Options {
       else if (a == "--ab-gather") ab = ab_gather = true;
       else if (a == "--ab-deferred") ab = ab_deferred = true;
       else if (a == "--ab-deferred-store") ab = ab_deferred_store = true;
+      else if (a == "--ab-wgrad-store") ab = ab_wgrad_store = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -650,6 +660,50 @@ int run(const Options& o) {
           ab((what + " (fresh bf16): library (A) vs no C, 4 x 128x32 (B)").c_str(),
              pass ? f_up : f_down, [&] { g_wgrad.run(a16, s); },
              [&] { WgradStaged<gg::Bf16, Sub128x32>::run(b16, E, wws, sms, s); });
+      }
+      MOE_CUDA_CHECK(cudaFree(dw16));
+      MOE_CUDA_CHECK(cudaFree(dw16b));
+      MOE_CUDA_CHECK(cudaFree(wws));
+      MOE_CUDA_CHECK(cudaFree(ws));
+      return 0;
+    }
+    if (o.ab_wgrad_store && o.backward) {
+      // Fresh dW, fp32 and bf16: the TMA store after each tile (A) against the library's register
+      // stores (B: fp32 at once, bf16 under the next tile's mainloop), each checked bit-equal
+      // first (the library's dW poisoned before its run).
+      void* wws = workspace(std::max(WgradFreshTma::workspace_bytes(E, sms),
+                                     WgradBf16Tma::workspace_bytes(E, sms)));
+      bf16 *dw16 = nullptr, *dw16b = nullptr;
+      MOE_CUDA_CHECK(cudaMalloc(&dw16, E * H * A * sizeof(bf16)));
+      MOE_CUDA_CHECK(cudaMalloc(&dw16b, E * H * A * sizeof(bf16)));
+      for (int pass = 0; pass < 2; ++pass) {  // dw_down = act^T dyp, then dw_up = xp^T pre
+        const int64_t p = pass ? H : I, q = pass ? A : H, n = E * p * q;
+        float *tma = pass ? dw_up : dw_down, *lib = pass ? dw_up2 : dw_down2;
+        const bf16 *x = pass ? xp : act, *y = pass ? pre : dyp;
+        const std::string what = pass ? "dw_up" : "dw_down";
+        const GroupedWgradArgs a32{offsets, p, q, x, y, tma, false};
+        const GroupedWgradArgs b32{offsets, p, q, x, y, lib, false};
+        WgradFreshTma::run(a32, E, wws, sms, s);
+        MOE_CUDA_CHECK(cudaMemsetAsync(lib, 0xff, n * sizeof(float), s));
+        g_wgrad.run(b32, s);
+        const std::vector<float> want = download(tma, n), got = download(lib, n);
+        const bool same_bits = std::memcmp(want.data(), got.data(), n * sizeof(float)) == 0;
+        std::printf("AB verify %-37s %s\n", (what + " fp32 registers").c_str(),
+                    same_bits ? "same bits" : "DIFFERENT");
+        if (same_bits)
+          ab((what + " (fresh fp32): TMA store 2x1 (A) vs library, registers 1x1 (B)").c_str(),
+             pass ? f_up : f_down, [&] { WgradFreshTma::run(a32, E, wws, sms, s); },
+             [&] { g_wgrad.run(b32, s); });
+        GroupedWgradArgs a16{offsets, p, q, x, y, nullptr, false}, b16 = a16;
+        a16.dw_bf16 = dw16;
+        b16.dw_bf16 = dw16b;
+        WgradBf16Tma::run(a16, E, wws, sms, s);
+        MOE_CUDA_CHECK(cudaMemsetAsync(dw16b, 0xff, n * sizeof(bf16), s));
+        g_wgrad.run(b16, s);
+        if (same((what + " bf16 deferred store").c_str(), dw16, dw16b, n))
+          ab((what + " (fresh bf16): TMA store 2x1 (A) vs library, deferred 1x1 (B)").c_str(),
+             pass ? f_up : f_down, [&] { WgradBf16Tma::run(a16, E, wws, sms, s); },
+             [&] { g_wgrad.run(b16, s); });
       }
       MOE_CUDA_CHECK(cudaFree(dw16));
       MOE_CUDA_CHECK(cudaFree(dw16b));

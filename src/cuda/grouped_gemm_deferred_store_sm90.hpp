@@ -1,8 +1,10 @@
 // defines: moe::cuda::grouped_gemm::{DeferredStoreRecord, DeferredStore, StoreEpilogueArguments,
-//          EpilogueStoreDeferred, EpilogueStoreDeferredOp}
-// A plain grouped GEMM's bf16 store (D = acc, rows in expert order) run under the next tile's
-// mainloop instead of after its own (the machinery: grouped_gemm_deferred_sm90.hpp): the
-// down-projection's yp, the backward's dxp.
+//          EpilogueStoreDeferred, EpilogueStoreDeferredOp, StoreF32EpilogueArguments,
+//          EpilogueStoreF32, EpilogueStoreF32Op}
+// A plain grouped GEMM's bf16 store (D = acc) run under the next tile's mainloop instead of after
+// its own (the machinery: grouped_gemm_deferred_sm90.hpp): the down-projection's yp and the
+// backward's dxp (rows in expert order), the bf16 weight gradients (dW_e stacked); and the fp32
+// weight gradients' store from registers, at once (below).
 //
 // Why: the plain GEMMs' TMA store epilogue (EpilogueStoreStaged, 4 D buffers) runs after each
 // tile's mainloop while the tensor cores wait: the consumers stage eight 128x32 subtiles through
@@ -56,7 +58,8 @@ struct DeferredStore {
 };
 
 struct StoreEpilogueArguments {
-  const int32_t* offsets = nullptr;     // (E+1) segment starts: group l's rows begin at offsets[l]
+  const int32_t* offsets = nullptr;     // (E+1) segment starts: group l's rows begin at offsets[l];
+                                        // null: group l's (M, N) block at row l * M (dW_e)
   __nv_bfloat16* d = nullptr;           // (max_rows, ld)
   int64_t ld = 0;                       // N
   const int32_t* tile_count = nullptr;  // tiles over all groups (prepare_kernel counts them)
@@ -68,8 +71,8 @@ class EpilogueStoreDeferred : public RegisterEpilogue<StoreEpilogueArguments> {
  public:
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
-    return args.offsets != nullptr && args.d != nullptr && args.tile_count != nullptr &&
-           args.ld % 8 == 0 && args.ld < (int64_t{1} << 28);  // DeferredStoreRecord::ld8
+    return args.d != nullptr && args.tile_count != nullptr && args.ld % 8 == 0 &&
+           args.ld < (int64_t{1} << 28);  // DeferredStoreRecord::ld8
   }
 
   CUTLASS_HOST_DEVICE explicit EpilogueStoreDeferred(Params const& params)
@@ -118,5 +121,83 @@ class EpilogueStoreDeferred : public RegisterEpilogue<StoreEpilogueArguments> {
 
 using EpilogueStoreDeferredOp =
     cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<EpilogueStoreDeferred>;
+
+// ------------------------------------------------------------------------------------------------
+// fp32 D (the weight gradients written fresh): from registers, at once
+// ------------------------------------------------------------------------------------------------
+// A thread's 128 fp32 accumulators leave no room for a stash of the same size (232 registers),
+// so the fp32 tile is stored at once, but from registers instead of through shared memory and TMA
+// stores (experts_lab run 22: 0.93-0.98x the TMA store's time, same bits). Stores are 16 bytes:
+// lanes q and q ^ 1 swap one group's pair, after which the even lane holds columns 8 j + 2q .. + 3
+// of group j and the odd one those of group j + 1 (64 contiguous bytes per row per warp
+// instruction). Keeping row half 1 for the next mainloop (64 registers) measured slower (1.06-1.11x
+// the TMA store): ptxas waits for the next tile's wgmmas before the deferred stores (C7517).
+
+// Group pair (j0, j0 + 1) of one row half: w = (j0's two values, j1's two values) of this lane.
+// Stores this lane's 16 bytes at d + 8 j0 (d: the lane's row and first column, see below).
+CUTLASS_DEVICE void store_f32_group_pair(float* d, int j0, uint32_t w0, uint32_t w1, uint32_t w2,
+                                         uint32_t w3, bool odd, bool ok) {
+  // Even lanes keep j0's pair and send j1's; odd lanes keep j1's and send j0's.
+  const uint32_t s0 = __shfl_xor_sync(0xffffffffu, odd ? w0 : w2, 1);
+  const uint32_t s1 = __shfl_xor_sync(0xffffffffu, odd ? w1 : w3, 1);
+  const uint4 v = odd ? make_uint4(s0, s1, w2, w3) : make_uint4(w0, w1, s0, s1);
+  if (ok) *reinterpret_cast<uint4*>(d + 8 * j0) = v;
+}
+
+// Where a lane's 16 bytes of group pair (j0, j0 + 1) start, relative to column 8 j0 of the tile:
+// the even lane q at 2q (columns of j0), the odd one at 8 + 2 (q - 1) (columns of j1).
+CUTLASS_DEVICE int f32_lane_column(int q) { return q & 1 ? 2 * q + 6 : 2 * q; }
+
+struct StoreF32EpilogueArguments {
+  float* d = nullptr;                   // (groups * M, ld): group l's (M, N) block at row l * M
+  int64_t ld = 0;                       // N
+  const int32_t* offsets = nullptr;     // null: the blocks are stacked (RegisterEpilogue::locate)
+};
+
+// D = acc in fp32 from registers, the whole tile at once (no shared memory, no TMA).
+class EpilogueStoreF32 : public RegisterEpilogue<StoreF32EpilogueArguments> {
+ public:
+  using ElementC = float;
+  using ElementD = float;
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.d != nullptr && args.ld % 8 == 0;
+  }
+
+  CUTLASS_HOST_DEVICE explicit EpilogueStoreF32(Params const& params)
+      : RegisterEpilogue(params) {}
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
+            class FrgLayout, class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
+                                 BlockCoordMNKL blk_coord_mnkl,
+                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    using namespace cute;
+    constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
+    const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
+                                tiled_mma, thread_idx);
+    const bool odd = t.q & 1;
+    const int col0 = t.n_tile + f32_lane_column(t.q);
+    CUTLASS_PRAGMA_UNROLL
+    for (int v1 = 0; v1 < 2; ++v1) {  // row half v1's values: 2 v1 + 4 j + v0
+      float* d = params_.d + (t.row0 + t.m[v1]) * params_.ld + col0;
+      const bool row_ok = t.m[v1] < t.rows;
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kGroups / 2; ++g) {
+        const int i = 2 * v1 + 8 * g;  // group 2g's first value; group 2g + 1's is i + 4
+        store_f32_group_pair(d, 2 * g, __float_as_uint(accumulators(i)),
+                             __float_as_uint(accumulators(i + 1)),
+                             __float_as_uint(accumulators(i + 4)),
+                             __float_as_uint(accumulators(i + 5)), odd,
+                             row_ok && col0 + 16 * g < t.cols);
+      }
+    }
+  }
+};
+
+using EpilogueStoreF32Op =
+    cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<EpilogueStoreF32>;
 
 }  // namespace moe::cuda::grouped_gemm

@@ -141,7 +141,7 @@ class RegisterEpilogue {
 
   // Where a thread's accumulators lie in group l's (m_e, N) output: its rows m[v1] (row half v1),
   // its quad lane q, the tile's first column, and the group's first row in the expert-ordered
-  // buffers.
+  // buffers (or, without offsets, in a stack of (M, N) blocks).
   struct ThreadTile {
     int rows, cols;  // m_e, N
     int64_t row0;    // offsets[l]
@@ -159,7 +159,9 @@ class RegisterEpilogue {
     t.rows = get<0>(problem_shape_mnkl);
     t.cols = get<1>(problem_shape_mnkl);
     auto [m_coord, n_coord, k_coord, l_coord] = blk_coord_mnkl;
-    t.row0 = params_.offsets[l_coord];
+    // Null offsets: group l's output is the l-th (M, N) block (the weight gradients' dW_e).
+    t.row0 = params_.offsets != nullptr ? int64_t{params_.offsets[l_coord]}
+                                        : int64_t{l_coord} * t.rows;
     Tensor cD = make_identity_tensor(make_shape(t.rows, t.cols));                  // (M,N)
     Tensor gcD = local_tile(cD, take<0, 2>(blk_shape_mnk), make_coord(m_coord, n_coord));
                                                                                    // (BLK_M,BLK_N)

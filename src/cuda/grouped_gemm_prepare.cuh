@@ -119,12 +119,20 @@ struct WgradPrepareParams {
   StrideA* stride_a;           // (E)
   StrideB* stride_b;           // (E)
   StrideD* stride_d;           // (E) also C's
+  // Or null: the number of (tile_m, tile_n) tiles over all problems (as PrepareParams's).
+  int32_t* tile_count = nullptr;
+  int32_t tile_m = 0, tile_n = 0;
 };
 
 template <class Element, class Problem, class StrideA, class StrideB, class StrideD,
           class ElementDW>
 __global__ void wgrad_prepare_kernel(
     WgradPrepareParams<Element, Problem, StrideA, StrideB, StrideD, ElementDW> p) {
+  __shared__ int32_t tiles;
+  if (p.tile_count != nullptr) {
+    if (threadIdx.x == 0) tiles = 0;
+    __syncthreads();
+  }
   for (int e = threadIdx.x; e < p.groups; e += blockDim.x) {
     const int32_t r0 = p.offsets[e], r1 = p.offsets[e + 1];
     MOE_DEVICE_ASSERT(r0 >= 0 && r1 >= r0);
@@ -141,6 +149,12 @@ __global__ void wgrad_prepare_kernel(
     p.stride_a[e] = packed_stride<StrideA>(p.p);                // A (P, m) column-major
     p.stride_b[e] = packed_stride<StrideB>(p.q);                // B (m, Q) row-major, seen (N, K)
     p.stride_d[e] = packed_stride<StrideD>(p.q);                // D (P, Q) row-major
+    if (p.tile_count != nullptr && r1 > r0)
+      atomicAdd(&tiles, (p.p + p.tile_m - 1) / p.tile_m * ((p.q + p.tile_n - 1) / p.tile_n));
+  }
+  if (p.tile_count != nullptr) {
+    __syncthreads();
+    if (threadIdx.x == 0) *p.tile_count = tiles;
   }
 }
 

@@ -736,6 +736,53 @@ TEST(GroupedWgrad, GatheredRowsGiveThePermutedGradientBitForBit) {
   }
 }
 
+// Fresh dW stored from registers (fp32 at once; bf16 under the next tile's mainloop, a CTA's last
+// tile at once): with every CTA holding several tiles (11 x 3 tiles of 128x256 per expert, the
+// last row and column tiles partial, 8 non-empty experts: 264 tiles, 2 per SM on a 132-SM card),
+// segments of 1 to 900 rows and two empty ones. fp32: every element written, sampled rows of each
+// dW_e (every 7th, the first and last two) match the double reference per element, empty experts
+// are 0; bf16: every element is the fp32 result rounded once.
+TEST(GroupedWgrad, RegisterStoresWriteEveryTileWithManyTilesPerCta) {
+  MOE_REQUIRE_GPU();
+  const std::vector<int64_t> sizes = {1, 0, 300, 129, 500, 0, 70, 900, 127, 128};
+  const int64_t E = static_cast<int64_t>(sizes.size()), P = 1288, Q = 520;
+  const std::vector<int64_t> o = offsets_of(sizes);
+  const int64_t R = o[E] + 3;
+  const std::vector<float> x = round_to<bf16>(random_vector<float>(R * P, 71));
+  const std::vector<float> y = round_to<bf16>(random_vector<float>(R * Q, 72));
+  DeviceArray<int32_t> offsets(std::vector<int32_t>(o.begin(), o.end()));
+  DeviceArray<bf16> dx(to_device_type<bf16>(x)), dy(to_device_type<bf16>(y)), dw16(E * P * Q);
+  DeviceArray<float> dw(E * P * Q);
+  cuda::GroupedWgrad wgrad(E);
+  dw.poison();
+  wgrad.run({offsets.get(), P, Q, dx.get(), dy.get(), dw.get(), /*accumulate=*/false}, nullptr);
+  const std::vector<float> got = dw.download();
+  EXPECT_TRUE(std::none_of(got.begin(), got.end(), [](float v) { return std::isnan(v); }))
+      << "dW elements left unwritten";
+  int64_t bad = 0, first_bad = -1;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t i = 0; i < P; ++i) {
+      if (i % 7 != 0 && i >= 2 && i < P - 2) continue;
+      for (int64_t j = 0; j < Q; ++j) {
+        double want = 0;
+        for (int64_t r = o[e]; r < o[e + 1]; ++r) want += double(x[r * P + i]) * y[r * Q + j];
+        const float v = got[(e * P + i) * Q + j];
+        // fp32 sums of up to 900 products; a misplaced value is off by O(1).
+        if (!(std::abs(v - want) <= std::abs(want) * 1e-3 + 1e-2) && bad++ == 0)
+          first_bad = (e * P + i) * Q + j;
+      }
+    }
+  EXPECT_EQ(bad, 0) << "fp32 dW off the reference, the first at expert " << first_bad / (P * Q)
+                    << ", row " << first_bad / Q % P << ", column " << first_bad % Q;
+
+  dw16.poison();
+  cuda::GroupedWgradArgs a16{offsets.get(), P, Q, dx.get(), dy.get(), nullptr, false};
+  a16.dw_bf16 = dw16.get();
+  wgrad.run(a16, nullptr);
+  EXPECT_EQ(not_rounded_once(got, from_device_type(dw16.download())), 0)
+      << "bf16 dW differs from the fp32 dW rounded once";
+}
+
 TEST(GroupedWgrad, EachSliceGainsItsSegmentsProductAndEmptyExpertsKeepTheirBits) {
   MOE_REQUIRE_GPU();
   const std::vector<int64_t> sizes = {3, 0, 257, 1, 0, 64, 130, 5};
