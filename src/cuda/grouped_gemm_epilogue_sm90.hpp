@@ -3,11 +3,13 @@
 // The TMA epilogues of the expert grouped GEMMs (the ptr-array collective swaps its TMA descriptors
 // per expert), stored row-major through smem:
 //   EpilogueStore          D = acc, fp32 -> bf16, with a C never read: the unfused gathered
-//                          up-projection's pre and bf16 weight gradients (the builder's form)
-//   EpilogueStoreStaged    the same with no C and a chosen number of D buffers: the plain GEMMs
-//                          (pre / yp / da / dxp) with 4
+//                          up-projection's pre and the gathered bf16 weight gradients (the
+//                          builder's form)
+//   EpilogueStoreStaged    the same with no C and a chosen number of D buffers (the lab's; the
+//                          library's plain GEMMs store from registers since experts_lab run 21)
 //   EpilogueAccumulateF32  D = acc + C with C = D, fp32: the weight gradients, accumulated in place
-//   EpilogueWriteF32       D = acc, fp32, no C: the weight gradients written fresh
+//   EpilogueWriteF32       D = acc, fp32, no C: the gathered weight gradients written fresh (the
+//                          TMA-fed ones store from registers since experts_lab run 22)
 // The fused activation epilogue of the up-projection is grouped_gemm_epilogue_act_sm90.hpp; a
 // fused variant replaces this piece only.
 #pragma once
@@ -35,8 +37,8 @@ using EpilogueStore = typename cutlass::epilogue::collective::CollectiveBuilder<
 // subtiles (128x32 each) before waiting for a TMA store to have read its buffer. The builder's
 // form keeps 2 such buffers and a C ring it never reads (beta = 0); with 4 the smem is the same
 // (32 KiB), with 8 a whole tile's D is staged and the mainloop keeps 3 stages instead of 4.
-// Element: bf16 (yp, dxp, bf16 dW) or float (fp32 dW written fresh); EpilogueTileType: the
-// subtile (Auto: 128x32), e.g. 128x16 for fp32 to keep 4 buffers in 32 KiB.
+// Element (the lab's variants): bf16 (yp, dxp, bf16 dW) or float (fp32 dW written fresh);
+// EpilogueTileType: the subtile (Auto: 128x32), e.g. 128x16 for fp32 to keep 4 buffers in 32 KiB.
 template <class Config, int kStagesD, class Element = Bf16,
           class EpilogueTileType = cutlass::epilogue::collective::EpilogueTileAuto>
 struct EpilogueStoreStaged {

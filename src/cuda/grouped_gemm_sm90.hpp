@@ -52,7 +52,7 @@ struct Bf16Sm90Wgrad {
   static const char* name();
 };
 
-// fp32 dW written fresh only, through an epilogue with no C: grouped_gemm_bf16_wgrad_fresh.cu.
+// fp32 dW written fresh only, stored from registers: grouped_gemm_bf16_wgrad_fresh.cu.
 struct Bf16Sm90WgradFresh {
   static size_t workspace_bytes(int64_t groups, int sm_count);
   static void run(const GroupedWgradArgs& args, int64_t groups, void* workspace, int sm_count,
