@@ -1,7 +1,7 @@
 // The CUTLASS instantiation of the fp32 weight gradient written fresh (accumulate = false): no C,
 // so the smem of the C staging ring the accumulating kernel keeps (even with beta = 0) goes to
 // the mainloop (experts_lab run 14: 0.92-1.00x the accumulating kernel's time), and dW stored
-// from registers instead of through shared memory and TMA, on a 1x1 cluster (run 22: 0.93-0.98x
+// from registers instead of through shared memory and TMA, on a 1x1 cluster (run 22: 0.92-0.98x
 // the TMA store's time on 2x1 at OLMoE and Qwen3), bit for bit the same dW. One instantiation per
 // file so builds run in parallel.
 // CUTLASS's device-side assert()s put __assertfail calls inside the mainloop, and a call there

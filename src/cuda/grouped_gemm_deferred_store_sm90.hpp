@@ -127,11 +127,12 @@ using EpilogueStoreDeferredOp =
 // ------------------------------------------------------------------------------------------------
 // A thread's 128 fp32 accumulators leave no room for a stash of the same size (232 registers),
 // so the fp32 tile is stored at once, but from registers instead of through shared memory and TMA
-// stores (experts_lab run 22: 0.93-0.98x the TMA store's time, same bits). Stores are 16 bytes:
+// stores (experts_lab run 22: 0.92-0.98x the TMA store's time, same bits). Stores are 16 bytes:
 // lanes q and q ^ 1 swap one group's pair, after which the even lane holds columns 8 j + 2q .. + 3
 // of group j and the odd one those of group j + 1 (64 contiguous bytes per row per warp
-// instruction). Keeping row half 1 for the next mainloop (64 registers) measured slower (1.06-1.11x
-// the TMA store): ptxas waits for the next tile's wgmmas before the deferred stores (C7517).
+// instruction). Keeping row half 1 for the next mainloop (64 registers) measured slower
+// (1.06-1.11x the TMA store): ptxas inserts a wgmma wait into that kernel (C7517;
+// bench/lab/experts_lab.md, Version 13).
 
 // Group pair (j0, j0 + 1) of one row half: w = (j0's two values, j1's two values) of this lane.
 // Stores this lane's 16 bytes at d + 8 j0 (d: the lane's row and first column, see below).

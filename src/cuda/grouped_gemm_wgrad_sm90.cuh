@@ -147,7 +147,7 @@ struct WgradKernel {
 // tiles for one). Store, what the epilogue does:
 //   WgradStoreF32           fp32, the whole tile at once (EpilogueStoreF32);
 //   WgradStoreBf16Deferred  bf16, the tile under the next tile's mainloop (DeferredStore).
-// experts_lab run 22 against the TMA store on 2x1 (the library's before): fp32 0.93-0.98x, bf16
+// experts_lab run 22 against the TMA store on 2x1 (the library's before): fp32 0.92-0.98x, bf16
 // 0.84-0.93x the time at OLMoE and Qwen3, same bits.
 struct WgradStoreF32 {
   using Element = float;
