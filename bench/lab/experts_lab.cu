@@ -94,6 +94,13 @@ using ActGradDeferred8 = gg::ActLauncher<
     gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kDeferred=*/true, /*kBlocks=*/8>>;
 using ActGradDeferred16 = gg::ActLauncher<
     gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kDeferred=*/true, /*kBlocks=*/16>>;
+// The same with each block's pre loaded a block ahead and pre / dpre streamed through L2, one
+// block per 1, 2 or 3 k-slices; and the immediate epilogue with pre / dpre streamed.
+template <int kStride>
+using ActGradAhead = gg::ActLauncher<
+    gg::ActGradKernel<gg::CooperativeNoClusterConfig, true, 8, kStride, /*kAhead=*/true>>;
+using ActGradStreaming = gg::ActLauncher<
+    gg::ActGradKernel<gg::CooperativeNoClusterConfig, false, 8, 1, false, /*kStreaming=*/true>>;
 
 // Lab-only tiles for the plain up/down GEMMs (short K: the down projection's K = I is 768-1024).
 template <int kM, int kN, int kClusterM = 2, int kClusterN = 1>
@@ -170,6 +177,9 @@ struct Options {
   bool ab_deferred = false;  // only the fused up-projection, immediate against deferred act
   bool ab_deferred_store = false;  // only the plain GEMMs, TMA store against deferred store
   bool ab_wgrad_store = false;  // only fresh dW, TMA store against register stores
+  bool ab_act_grad_ahead = false;  // only the da GEMM: library against loads-ahead variants
+  bool ab_concurrent = false;  // only the backward's independent GEMM pairs, one after the
+                               // other against side by side on two streams
 
   static void print_usage() {
     std::printf(
@@ -196,6 +206,12 @@ struct Options {
         "                             next one's\n"
         "            [--ab-wgrad-store]  only fresh dW (fp32, bf16): the TMA store after each\n"
         "                             tile against the library's register stores\n"
+        "            [--ab-act-grad-ahead]  only the da GEMM with the activation backward: the\n"
+        "                             library's against streamed pre / dpre, immediate and\n"
+        "                             deferred with loads a block ahead, a block per 1-3 slices\n"
+        "            [--ab-concurrent]  only the backward's independent GEMM pairs (dw_down and\n"
+        "                             da, dxp and dw_up): one after the other on every SM\n"
+        "                             against side by side on two streams, SMs split\n"
         "  e.g. experts_lab                       (OLMoE: 16384 2048 1024 64 8)\n"
         "       experts_lab --inter 768 --experts 128 --skew zipf   (Qwen3-30B-A3B)\n"
         "       experts_lab --layout padded       (adds cublasGemmStridedBatchedEx)\n");
@@ -227,6 +243,8 @@ struct Options {
       else if (a == "--ab-deferred") ab = ab_deferred = true;
       else if (a == "--ab-deferred-store") ab = ab_deferred_store = true;
       else if (a == "--ab-wgrad-store") ab = ab_wgrad_store = true;
+      else if (a == "--ab-concurrent") ab = ab_concurrent = true;
+      else if (a == "--ab-act-grad-ahead") ab = ab_act_grad_ahead = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -665,6 +683,188 @@ int run(const Options& o) {
       MOE_CUDA_CHECK(cudaFree(dw16b));
       MOE_CUDA_CHECK(cudaFree(wws));
       MOE_CUDA_CHECK(cudaFree(ws));
+      return 0;
+    }
+    if (o.ab_act_grad_ahead && o.backward && blocked) {
+      // The da GEMM with the activation backward and the row dots (the layer's form), the
+      // library's immediate epilogue (A) against: the same with pre / dpre streamed through L2,
+      // and the deferred epilogue with each block's pre loaded a block ahead, streamed, one block
+      // per 1, 2 or 3 k-slices (B). dpre and the dots checked bit-equal first.
+      ExpertsWorkspace fused_bw(es_blocked, ExpertsBackend::grouped_fused, true);
+      ExpertsForwardArgs f = fc;
+      f.w_up = w_up_bl;
+      experts_forward(fused_bw, f, s);  // pre3 in the blocked order
+      GroupedGemmActGrad g_grad(E, o.activation);
+      void* gws = workspace(std::max({ActGradStreaming::workspace_bytes(E, sms),
+                                      ActGradAhead<1>::workspace_bytes(E, sms),
+                                      ActGradAhead<2>::workspace_bytes(E, sms),
+                                      ActGradAhead<3>::workspace_bytes(E, sms)}));
+      const int64_t parts = row_dot_parts(I);
+      bf16* dpre_b = nullptr;
+      float *dots_a = nullptr, *dots_b = nullptr;
+      MOE_CUDA_CHECK(cudaMalloc(&dpre_b, M * A * sizeof(bf16)));
+      MOE_CUDA_CHECK(cudaMalloc(&dots_a, parts * M * sizeof(float)));
+      MOE_CUDA_CHECK(cudaMalloc(&dots_b, parts * M * sizeof(float)));
+      GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, pre2, true};
+      a.row_dot = dots_a, a.ld_row_dot = M;
+      GroupedGemmActGradArgs b = a;
+      b.dpre = dpre_b, b.row_dot = dots_b;
+      auto run_a = [&] { g_grad.run(a, s); };
+      run_a();
+      auto variant = [&](const char* label, const std::function<void()>& run_b) {
+        MOE_CUDA_CHECK(cudaMemsetAsync(dpre_b, 0xff, M * A * sizeof(bf16), s));
+        MOE_CUDA_CHECK(cudaMemsetAsync(dots_b, 0xff, parts * M * sizeof(float), s));
+        run_b();
+        const double e = rel_error(download(dots_a, parts * M), download(dots_b, parts * M),
+                                   parts * M);
+        const bool ok = same((std::string(label) + " dpre").c_str(), pre2, dpre_b, M * A) && e == 0;
+        std::printf("AB verify %-37s %s\n", label, ok ? "equal" : "DIFFERENT");
+        if (ok) ab((std::string("da + act backward: library (A) vs ") + label + " (B)").c_str(),
+                   f_down, run_a, run_b);
+      };
+      variant("immediate, streamed",
+              [&] { ActGradStreaming::run(b, o.activation, E, gws, sms, s); });
+      variant("deferred ahead, 1 slice a block",
+              [&] { ActGradAhead<1>::run(b, o.activation, E, gws, sms, s); });
+      variant("deferred ahead, 2 slices a block",
+              [&] { ActGradAhead<2>::run(b, o.activation, E, gws, sms, s); });
+      variant("deferred ahead, 3 slices a block",
+              [&] { ActGradAhead<3>::run(b, o.activation, E, gws, sms, s); });
+      for (void* p : {(void*)dpre_b, (void*)dots_a, (void*)dots_b, gws, ws})
+        MOE_CUDA_CHECK(cudaFree(p));
+      return 0;
+    }
+    if (o.ab_concurrent && o.backward && blocked) {
+      // The backward's two pairs of independent GEMMs, dw_down with da (both read dyp) and dxp
+      // with dw_up (both read dpre), one after the other on every SM (A, the library's order)
+      // against side by side on two streams with the SMs split (B): each persistent grid takes
+      // its share, so one kernel's epilogue bursts fall in the other's mainloops. Fresh dW, fp32
+      // and bf16; outputs checked bit-equal first (a tile is one CTA's whatever the grid).
+      ExpertsWorkspace fused_bw(es_blocked, ExpertsBackend::grouped_fused, true);
+      ExpertsForwardArgs f = fc;
+      f.w_up = w_up_bl;
+      experts_forward(fused_bw, f, s);  // pre3, act3 in the blocked order
+      cudaStream_t s2 = nullptr;
+      MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
+      cudaEvent_t fork, join;
+      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+      // first on `s` with n1 SMs, second on s2 with sms - n1; n1 = sms: both on s, in order.
+      auto pair = [&](int n1, const std::function<void(int, cudaStream_t)>& first,
+                      const std::function<void(int, cudaStream_t)>& second) {
+        if (n1 >= sms) {
+          first(sms, s);
+          second(sms, s);
+          return;
+        }
+        MOE_CUDA_CHECK(cudaEventRecord(fork, s));
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(s2, fork));
+        first(n1, s);
+        second(sms - n1, s2);
+        MOE_CUDA_CHECK(cudaEventRecord(join, s2));
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(s, join));
+      };
+      void* ws_a = workspace(std::max({gg::Bf16Sm90ActGrad::workspace_bytes(E, sms),
+                                       gg::Bf16Sm90<WeightLayout::nk>::workspace_bytes(E, sms)}));
+      void* ws_b = workspace(std::max(gg::Bf16Sm90WgradFresh::workspace_bytes(E, sms),
+                                      gg::Bf16Sm90WgradBf16::workspace_bytes(E, sms)));
+      const int64_t parts = row_dot_parts(I);
+      bf16 *dpre_b = nullptr, *dw16 = nullptr, *dw16b = nullptr;
+      float *dots_a = nullptr, *dots_b = nullptr;
+      MOE_CUDA_CHECK(cudaMalloc(&dpre_b, M * A * sizeof(bf16)));
+      MOE_CUDA_CHECK(cudaMalloc(&dots_a, parts * M * sizeof(float)));
+      MOE_CUDA_CHECK(cudaMalloc(&dots_b, parts * M * sizeof(float)));
+      MOE_CUDA_CHECK(cudaMalloc(&dw16, E * H * A * sizeof(bf16)));
+      MOE_CUDA_CHECK(cudaMalloc(&dw16b, E * H * A * sizeof(bf16)));
+      bf16* const dpre = pre2;  // scratch: pre3 stays the forward's
+      for (bool bf16_dw : {false, true}) {
+        const char* dw_kind = bf16_dw ? "bf16 dW" : "fp32 dW";
+        // pair 1: da (with the row dots) on `s`, dw_down on s2
+        auto da_into = [&](bf16* out, float* dots) {
+          return [=](int n, cudaStream_t st) {
+            GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, out, true};
+            a.row_dot = dots, a.ld_row_dot = M;
+            gg::Bf16Sm90ActGrad::run(a, o.activation, E, ws_a, n, st);
+          };
+        };
+        auto wgrad_into = [&](const bf16* x, const bf16* y, int64_t p, int64_t q, float* f32,
+                              bf16* b16) {
+          return [=](int n, cudaStream_t st) {
+            GroupedWgradArgs w{offsets, p, q, x, y, bf16_dw ? nullptr : f32, false};
+            if (bf16_dw) {
+              w.dw_bf16 = b16;
+              gg::Bf16Sm90WgradBf16::run(w, E, ws_b, n, st);
+            } else {
+              gg::Bf16Sm90WgradFresh::run(w, E, ws_b, n, st);
+            }
+          };
+        };
+        const auto da_a = da_into(dpre, dots_a);
+        const auto da_b = da_into(dpre_b, dots_b);
+        const auto dwd_a = wgrad_into(act3, dyp, I, H, dw_down, dw16);
+        const auto dwd_b = wgrad_into(act3, dyp, I, H, dw_down2, dw16b);
+        for (bf16* p : {dpre, dpre_b}) MOE_CUDA_CHECK(cudaMemsetAsync(p, 0xff, M * A * 2, s));
+        MOE_CUDA_CHECK(cudaMemsetAsync(dw_down2, 0xff, E * I * H * 4, s));
+        MOE_CUDA_CHECK(cudaMemsetAsync(dw16b, 0xff, E * I * H * 2, s));
+        pair(sms, da_a, dwd_a);
+        pair(sms / 2, da_b, dwd_b);
+        MOE_CUDA_CHECK(cudaStreamSynchronize(s));
+        bool ok = same("concurrent dpre", dpre, dpre_b, M * A) &&
+                  rel_error(download(dots_a, parts * M), download(dots_b, parts * M),
+                            parts * M) == 0;
+        ok = ok && (bf16_dw ? same("concurrent dw_down bf16", dw16, dw16b, E * I * H)
+                            : rel_error(download(dw_down, E * I * H),
+                                        download(dw_down2, E * I * H), E * I * H) == 0);
+        std::printf("AB verify %-37s %s\n", "concurrent pair 1", ok ? "equal" : "DIFFERENT");
+        if (ok) {
+          for (int n1 : {sms / 2, sms * 9 / 16, sms * 5 / 8}) {
+            const std::string label = std::string("da | dw_down, ") + dw_kind +
+                                      ": in order (A) vs " +
+                                      std::to_string(n1) + " | " + std::to_string(sms - n1) +
+                                      " SMs (B)";
+            ab(label.c_str(), 2 * f_down, [&] { pair(sms, da_a, dwd_a); },
+               [&] { pair(n1, da_b, dwd_b); });
+          }
+        }
+        // pair 2: dxp on `s`, dw_up on s2 (both from the dpre just written)
+        auto dxp_into = [&](bf16* out) {
+          return [=](int n, cudaStream_t st) {
+            gg::Bf16Sm90<WeightLayout::nk>::run({offsets, H, A, dpre, w_up_bl, out}, E, ws_a, n,
+                                                st);
+          };
+        };
+        const auto dxp_a = dxp_into(dxp2);
+        const auto dxp_b = dxp_into(dxp3);
+        const auto dwu_a = wgrad_into(xp, dpre, H, A, dw_up, dw16);
+        const auto dwu_b = wgrad_into(xp, dpre, H, A, dw_up2, dw16b);
+        MOE_CUDA_CHECK(cudaMemsetAsync(dxp3, 0xff, M * H * 2, s));
+        MOE_CUDA_CHECK(cudaMemsetAsync(dw_up2, 0xff, E * H * A * 4, s));
+        MOE_CUDA_CHECK(cudaMemsetAsync(dw16b, 0xff, E * H * A * 2, s));
+        pair(sms, dxp_a, dwu_a);
+        pair(sms / 2, dxp_b, dwu_b);
+        MOE_CUDA_CHECK(cudaStreamSynchronize(s));
+        ok = same("concurrent dxp", dxp2, dxp3, M * H);
+        ok = ok && (bf16_dw ? same("concurrent dw_up bf16", dw16, dw16b, E * H * A)
+                            : rel_error(download(dw_up, E * H * A), download(dw_up2, E * H * A),
+                                        E * H * A) == 0);
+        std::printf("AB verify %-37s %s\n", "concurrent pair 2", ok ? "equal" : "DIFFERENT");
+        if (ok) {
+          for (int n1 : {sms * 7 / 16, sms / 2, sms * 9 / 16}) {
+            const std::string label = std::string("dxp | dw_up, ") + dw_kind +
+                                      ": in order (A) vs " +
+                                      std::to_string(n1) + " | " + std::to_string(sms - n1) +
+                                      " SMs (B)";
+            ab(label.c_str(), 2 * f_up, [&] { pair(sms, dxp_a, dwu_a); },
+               [&] { pair(n1, dxp_b, dwu_b); });
+          }
+        }
+      }
+      for (void* p : {(void*)dpre_b, (void*)dots_a, (void*)dots_b, (void*)dw16, (void*)dw16b,
+                      ws_a, ws_b, ws})
+        MOE_CUDA_CHECK(cudaFree(p));
+      MOE_CUDA_CHECK(cudaEventDestroy(fork));
+      MOE_CUDA_CHECK(cudaEventDestroy(join));
+      MOE_CUDA_CHECK(cudaStreamDestroy(s2));
       return 0;
     }
     if (o.ab_wgrad_store && o.backward) {

@@ -50,11 +50,15 @@ struct DeferredActGradRecord {
   int32_t unused;
 };
 
-// The deferred work: one block of dpre (kPairs = 64 / kBlocks groups of a row half) per k-slice.
-template <int kBlocks_>
+// The deferred work: one block of dpre (kPairs = 64 / kBlocks groups of a row half) per kStride
+// k-slices. kAhead: block b + 1's pre is loaded right after block b's arithmetic (block 0's before
+// the tile's first slice), kStride slices before it is used, and pre and dpre go through L2 as
+// streaming data (evict first: ld.global.cs / st.global.cs), not as the operands' equals.
+template <int kBlocks_, int kStride_ = 1, bool kAhead = false>
 struct DeferredActGrad {
   using Record = DeferredActGradRecord;
   static constexpr int kBlocks = kBlocks_;
+  static constexpr int kStride = kStride_;
   static constexpr int kPairs = kStashPairs / kBlocks;  // 8-unit groups per block
   static constexpr int kPerRow = kBlocks / 2;           // blocks per row half
   static_assert(kPairs == 4 || kPairs == 8, "one or two blocked 32-unit runs per block");
@@ -81,7 +85,7 @@ struct DeferredActGrad {
       for (int k = 0; k < kPairs; ++k) {
         uint2 w = make_uint2(0, 0);
         if (row_ok && 8 * (g0 + k) < rec.units_left)
-          w = __ldcg(reinterpret_cast<const uint2*>(src + 16 * k));
+          w = ld(reinterpret_cast<const uint2*>(src + 16 * k));
         pre[2 * k] = w.x, pre[2 * k + 1] = w.y;
       }
     } else {
@@ -90,7 +94,7 @@ struct DeferredActGrad {
         uint4 w0 = make_uint4(0, 0, 0, 0), w1 = w0;
         if (row_ok && 8 * (g0 + 4 * hh) < rec.units_left) {
           const uint4* p = reinterpret_cast<const uint4*>(src + 64 * hh);
-          w0 = __ldcg(p), w1 = __ldcg(p + 1);
+          w0 = ld(p), w1 = ld(p + 1);
         }
         pre[8 * hh + 0] = w0.x, pre[8 * hh + 1] = w0.y, pre[8 * hh + 2] = w0.z;
         pre[8 * hh + 3] = w0.w, pre[8 * hh + 4] = w1.x, pre[8 * hh + 5] = w1.y;
@@ -99,9 +103,25 @@ struct DeferredActGrad {
     }
   }
 
+  template <class T>
+  static CUTLASS_DEVICE T ld(const T* p) {
+    if constexpr (kAhead) return __ldcs(p);
+    else return __ldcg(p);
+  }
+  template <class T>
+  static CUTLASS_DEVICE void st(T* p, T v) {
+    if constexpr (kAhead) __stcs(p, v);
+    else __stcg(p, v);
+  }
+
+  // Before block 0 (kAhead): its pre.
+  CUTLASS_DEVICE void begin() {
+    if constexpr (kAhead) load(0);
+  }
+
   // h[k]: da of group g0 + k, columns 2q (low half) and 2q + 1 (high half).
   CUTLASS_DEVICE void block(int b, const uint32_t* h) {
-    load(b);
+    if constexpr (!kAhead) load(b);
     const int v1 = b / kPerRow, g0 = kPairs * (b % kPerRow);
     const bool row_ok = (rec.rows_ok >> v1) & 1u;
     auto da = [&](int k, int v0) {
@@ -116,7 +136,7 @@ struct DeferredActGrad {
         const uint32_t lo = swiglu_grad_pair(da(k, 0), pre[2 * k], dot);
         const uint32_t hi = swiglu_grad_pair(da(k, 1), pre[2 * k + 1], dot);
         if (row_ok && 8 * (g0 + k) < rec.units_left)
-          __stcg(reinterpret_cast<uint2*>(dst + 16 * k), make_uint2(lo, hi));
+          st(reinterpret_cast<uint2*>(dst + 16 * k), make_uint2(lo, hi));
       }
     } else {
       // Lane q's pair 8q + s of 4-group block g0 / 4 + hh is group 4 hh + s % 4's column
@@ -129,8 +149,8 @@ struct DeferredActGrad {
           o[s] = swiglu_grad_pair(da(4 * hh + s % 4, s / 4), pre[8 * hh + s], dot);
         if (row_ok && 8 * (g0 + 4 * hh) < rec.units_left) {
           uint4* p = reinterpret_cast<uint4*>(dst + 64 * hh);
-          __stcg(p, make_uint4(o[0], o[1], o[2], o[3]));
-          __stcg(p + 1, make_uint4(o[4], o[5], o[6], o[7]));
+          st(p, make_uint4(o[0], o[1], o[2], o[3]));
+          st(p + 1, make_uint4(o[4], o[5], o[6], o[7]));
         }
       }
     }
@@ -142,12 +162,15 @@ struct DeferredActGrad {
       }
       dot = 0.f;
     }
+    if constexpr (kAhead) {
+      if (b + 1 < kBlocks) load(b + 1);
+    }
   }
 };
 
 // EpilogueActivationGrad for SwiGLU that leaves every tile but the CTA's last to the next
 // mainloop (DeferredMainloop<Base, DeferredActGrad<kBlocks>>): it records where pre and dpre lie.
-template <int kBlocks>
+template <int kBlocks, int kStride = 1, bool kAhead = false>
 class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
  public:
   template <class ProblemShape>
@@ -168,7 +191,7 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
                                  TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
     constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
     static_assert(2 * kGroups == kStashPairs, "a 256-column tile");
-    using Work = DeferredActGrad<kBlocks>;
+    using Work = DeferredActGrad<kBlocks, kStride, kAhead>;
     constexpr int kTileN = cute::size<1>(BlockShapeMNK{});
     const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
                                 tiled_mma, thread_idx);
@@ -193,6 +216,7 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
       // Nothing runs after it: the same blocks now, from the accumulators. Not the immediate
       // epilogue, whose row half of pre (64 registers) does not fit beside the mainloop's stash.
       Work work(slot, t.q);
+      work.begin();
       CUTLASS_PRAGMA_UNROLL
       for (int b = 0; b < kBlocks; ++b) {
         uint32_t h[Work::kPairs];
@@ -208,9 +232,9 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
   CtaTileCounter tiles_;
 };
 
-template <int kBlocks>
+template <int kBlocks, int kStride = 1, bool kAhead = false>
 using EpilogueActGradDeferred =
     cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-        EpilogueActivationGradDeferred<kBlocks>>;
+        EpilogueActivationGradDeferred<kBlocks, kStride, kAhead>>;
 
 }  // namespace moe::cuda::grouped_gemm
