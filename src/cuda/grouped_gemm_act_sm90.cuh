@@ -158,33 +158,27 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA, kDeferred>,
 
 // da = dyp · w_down[e]^T with the activation backward in the epilogue: dpre, never da.
 // kDeferred: each tile's but a CTA's last under the next tile's mainloop (SwiGLU), in kBlocks
-// blocks, one per kStride k-slices, kAhead: each block's pre loaded a block ahead, pre and dpre
-// streamed through L2 (DeferredActGrad). kStreaming: the immediate epilogue's pre and dpre
-// streamed through L2. The last three are the lab's.
-template <class Config, bool kDeferred, int kBlocks, int kStride = 1, bool kAhead = false>
+// blocks, one per k-slice.
+template <class Config, bool kDeferred, int kBlocks>
 using DownGradMainloop = cute::conditional_t<
     kDeferred,
-    DeferredMainloop<Mainloop<Config, WeightLayout::nk,
-                              deferred_record_bytes<DeferredActGrad<kBlocks, kStride, kAhead>>>,
-                     DeferredActGrad<kBlocks, kStride, kAhead>>,
+    DeferredMainloop<
+        Mainloop<Config, WeightLayout::nk, deferred_record_bytes<DeferredActGrad<kBlocks>>>,
+        DeferredActGrad<kBlocks>>,
     Mainloop<Config, WeightLayout::nk, 0>>;
-template <bool kDeferred, int kBlocks, int kStride = 1, bool kAhead = false,
-          bool kStreaming = false>
+template <bool kDeferred, int kBlocks>
 using ActGradEpilogue =
-    cute::conditional_t<kDeferred, EpilogueActGradDeferred<kBlocks, kStride, kAhead>,
-                        EpilogueActGradT<kStreaming>>;
+    cute::conditional_t<kDeferred, EpilogueActGradDeferred<kBlocks>, EpilogueActGrad>;
 
-template <class Config, bool kDeferred = false, int kBlocks = 8, int kStride = 1,
-          bool kAhead = false, bool kStreaming = false>
-struct ActGradKernel
-    : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks, kStride, kAhead>,
-                    ActGradEpilogue<kDeferred, kBlocks, kStride, kAhead, kStreaming>> {
+template <class Config, bool kDeferred = false, int kBlocks = 8>
+struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks>,
+                                     ActGradEpilogue<kDeferred, kBlocks>> {
   static_assert(cute::size<1>(typename Config::TileShape{}) == kActGradTileN,
                 "GroupedGemmActGradArgs::row_dot has a part per kActGradTileN columns");
   static_assert(!kDeferred || cute::size(typename Config::ClusterShape{}) == 1,
                 "the deferred epilogue counts the grouped scheduler's tiles for a 1x1 cluster");
-  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks, kStride, kAhead>,
-                             ActGradEpilogue<kDeferred, kBlocks, kStride, kAhead, kStreaming>>;
+  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks>,
+                             ActGradEpilogue<kDeferred, kBlocks>>;
   using typename Base::Carve;
   using typename Base::Epilogue;
   using typename Base::Gemm;

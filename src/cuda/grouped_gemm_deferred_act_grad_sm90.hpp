@@ -50,15 +50,11 @@ struct DeferredActGradRecord {
   int32_t unused;
 };
 
-// The deferred work: one block of dpre (kPairs = 64 / kBlocks groups of a row half) per kStride
-// k-slices. kAhead: block b + 1's pre is loaded right after block b's arithmetic (block 0's before
-// the tile's first slice), kStride slices before it is used, and pre and dpre go through L2 as
-// streaming data (evict first: ld.global.cs / st.global.cs), not as the operands' equals.
-template <int kBlocks_, int kStride_ = 1, bool kAhead = false>
+// The deferred work: one block of dpre (kPairs = 64 / kBlocks groups of a row half) per k-slice.
+template <int kBlocks_>
 struct DeferredActGrad {
   using Record = DeferredActGradRecord;
   static constexpr int kBlocks = kBlocks_;
-  static constexpr int kStride = kStride_;
   static constexpr int kPairs = kStashPairs / kBlocks;  // 8-unit groups per block
   static constexpr int kPerRow = kBlocks / 2;           // blocks per row half
   static_assert(kPairs == 4 || kPairs == 8, "one or two blocked 32-unit runs per block");
@@ -85,7 +81,7 @@ struct DeferredActGrad {
       for (int k = 0; k < kPairs; ++k) {
         uint2 w = make_uint2(0, 0);
         if (row_ok && 8 * (g0 + k) < rec.units_left)
-          w = ld(reinterpret_cast<const uint2*>(src + 16 * k));
+          w = __ldcg(reinterpret_cast<const uint2*>(src + 16 * k));
         pre[2 * k] = w.x, pre[2 * k + 1] = w.y;
       }
     } else {
@@ -94,7 +90,7 @@ struct DeferredActGrad {
         uint4 w0 = make_uint4(0, 0, 0, 0), w1 = w0;
         if (row_ok && 8 * (g0 + 4 * hh) < rec.units_left) {
           const uint4* p = reinterpret_cast<const uint4*>(src + 64 * hh);
-          w0 = ld(p), w1 = ld(p + 1);
+          w0 = __ldcg(p), w1 = __ldcg(p + 1);
         }
         pre[8 * hh + 0] = w0.x, pre[8 * hh + 1] = w0.y, pre[8 * hh + 2] = w0.z;
         pre[8 * hh + 3] = w0.w, pre[8 * hh + 4] = w1.x, pre[8 * hh + 5] = w1.y;
@@ -103,25 +99,9 @@ struct DeferredActGrad {
     }
   }
 
-  template <class T>
-  static CUTLASS_DEVICE T ld(const T* p) {
-    if constexpr (kAhead) return __ldcs(p);
-    else return __ldcg(p);
-  }
-  template <class T>
-  static CUTLASS_DEVICE void st(T* p, T v) {
-    if constexpr (kAhead) __stcs(p, v);
-    else __stcg(p, v);
-  }
-
-  // Before block 0 (kAhead): its pre.
-  CUTLASS_DEVICE void begin() {
-    if constexpr (kAhead) load(0);
-  }
-
   // h[k]: da of group g0 + k, columns 2q (low half) and 2q + 1 (high half).
   CUTLASS_DEVICE void block(int b, const uint32_t* h) {
-    if constexpr (!kAhead) load(b);
+    load(b);
     const int v1 = b / kPerRow, g0 = kPairs * (b % kPerRow);
     const bool row_ok = (rec.rows_ok >> v1) & 1u;
     auto da = [&](int k, int v0) {
@@ -136,7 +116,7 @@ struct DeferredActGrad {
         const uint32_t lo = swiglu_grad_pair(da(k, 0), pre[2 * k], dot);
         const uint32_t hi = swiglu_grad_pair(da(k, 1), pre[2 * k + 1], dot);
         if (row_ok && 8 * (g0 + k) < rec.units_left)
-          st(reinterpret_cast<uint2*>(dst + 16 * k), make_uint2(lo, hi));
+          __stcg(reinterpret_cast<uint2*>(dst + 16 * k), make_uint2(lo, hi));
       }
     } else {
       // Lane q's pair 8q + s of 4-group block g0 / 4 + hh is group 4 hh + s % 4's column
@@ -149,8 +129,8 @@ struct DeferredActGrad {
           o[s] = swiglu_grad_pair(da(4 * hh + s % 4, s / 4), pre[8 * hh + s], dot);
         if (row_ok && 8 * (g0 + 4 * hh) < rec.units_left) {
           uint4* p = reinterpret_cast<uint4*>(dst + 64 * hh);
-          st(p, make_uint4(o[0], o[1], o[2], o[3]));
-          st(p + 1, make_uint4(o[4], o[5], o[6], o[7]));
+          __stcg(p, make_uint4(o[0], o[1], o[2], o[3]));
+          __stcg(p + 1, make_uint4(o[4], o[5], o[6], o[7]));
         }
       }
     }
@@ -162,15 +142,12 @@ struct DeferredActGrad {
       }
       dot = 0.f;
     }
-    if constexpr (kAhead) {
-      if (b + 1 < kBlocks) load(b + 1);
-    }
   }
 };
 
 // EpilogueActivationGrad for SwiGLU that leaves every tile but the CTA's last to the next
 // mainloop (DeferredMainloop<Base, DeferredActGrad<kBlocks>>): it records where pre and dpre lie.
-template <int kBlocks, int kStride = 1, bool kAhead = false>
+template <int kBlocks>
 class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
  public:
   template <class ProblemShape>
@@ -191,7 +168,7 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
                                  TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
     constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
     static_assert(2 * kGroups == kStashPairs, "a 256-column tile");
-    using Work = DeferredActGrad<kBlocks, kStride, kAhead>;
+    using Work = DeferredActGrad<kBlocks>;
     constexpr int kTileN = cute::size<1>(BlockShapeMNK{});
     const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
                                 tiled_mma, thread_idx);
@@ -216,7 +193,6 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
       // Nothing runs after it: the same blocks now, from the accumulators. Not the immediate
       // epilogue, whose row half of pre (64 registers) does not fit beside the mainloop's stash.
       Work work(slot, t.q);
-      work.begin();
       CUTLASS_PRAGMA_UNROLL
       for (int b = 0; b < kBlocks; ++b) {
         uint32_t h[Work::kPairs];
@@ -232,9 +208,9 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
   CtaTileCounter tiles_;
 };
 
-template <int kBlocks, int kStride = 1, bool kAhead = false>
+template <int kBlocks>
 using EpilogueActGradDeferred =
     cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-        EpilogueActivationGradDeferred<kBlocks, kStride, kAhead>>;
+        EpilogueActivationGradDeferred<kBlocks>>;
 
 }  // namespace moe::cuda::grouped_gemm

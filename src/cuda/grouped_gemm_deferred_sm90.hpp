@@ -104,13 +104,6 @@ struct DeferredMainloop : Base {
 
   static constexpr int kBlocks = Work::kBlocks;
   static constexpr int kPairs = kStashPairs / kBlocks;  // per block
-  // k-slices per block: the blocks of a Work with kStride > 1 spread over kStride times as many
-  // slices (less of the deferred traffic at once); Work::begin(), where given, runs before the
-  // tile's first slice is issued (a block's loads issued ahead of its arithmetic).
-  static constexpr int kStride = [] {
-    if constexpr (requires { Work::kStride; }) return Work::kStride;
-    else return 1;
-  }();
   static_assert(kPairs * kBlocks == kStashPairs && kPairs % 4 == 0, "whole quads of pairs");
 
   // The last tile's pairs: row half v1's column group j (8 columns, this thread's 2) is pair
@@ -168,9 +161,6 @@ struct DeferredMainloop : Base {
     };
     auto deferred = [&](int b) { work.block(b, stash_ + kPairs * b); };
 
-    if constexpr (requires { work.begin(); }) {
-      if (pending) work.begin();
-    }
     int k_left = k_tile_count;
     if (k_left > 0) issue(true), --k_left;
     // The first kBlocks slices each carry one block of the previous tile's epilogue, done
@@ -185,13 +175,6 @@ struct DeferredMainloop : Base {
         --k_left;
       } else if (pending) {
         deferred(b);
-      }
-      if constexpr (kStride > 1) {
-        CUTLASS_PRAGMA_NO_UNROLL
-        for (int s = 1; s < kStride && k_left > 0; ++s, --k_left) {
-          issue(false);
-          retire();
-        }
       }
     }
     CUTLASS_PRAGMA_NO_UNROLL

@@ -350,9 +350,7 @@ CUTLASS_DEVICE uint32_t swiglu_grad_pair(float da, uint32_t gate_up, float& dot)
 // roundoff, 2^-8, of its exact value, as yp's rounding is in <dy, yp>). A first version recomputed
 // act, rounded to bf16, and multiplied the fp32 da: the da step grew from 1.23x to 1.32x the
 // dw_down step at OLMoE and from 1.06x to 1.13x at Qwen3 (layer calls bb76680, d260f4a).
-// kStreaming (lab): the blocked SwiGLU path's pre and dpre as streaming data in L2 (evict first).
-template <bool kStreaming = false>
-class EpilogueActivationGradT : public RegisterEpilogue<ActGradEpilogueArguments> {
+class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments> {
  public:
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
@@ -360,7 +358,7 @@ class EpilogueActivationGradT : public RegisterEpilogue<ActGradEpilogueArguments
            args.ld_pre % 8 == 0 && (args.row_dot == nullptr || args.ld_row_dot > 0);
   }
 
-  CUTLASS_HOST_DEVICE explicit EpilogueActivationGradT(Params const& params)
+  CUTLASS_HOST_DEVICE explicit EpilogueActivationGrad(Params const& params)
       : RegisterEpilogue(params) {}
 
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
@@ -413,10 +411,7 @@ class EpilogueActivationGradT : public RegisterEpilogue<ActGradEpilogueArguments
         for (int c = 0; c < kGroups / 4; ++c) {
           const int pair = t.n_tile + 32 * c + 8 * t.q;
           const uint4* src = reinterpret_cast<const uint4*>(pre + r * ld + 2 * int64_t{pair});
-          if (row_ok && pair < t.cols) {
-            if constexpr (kStreaming) h[2 * c] = __ldcs(src), h[2 * c + 1] = __ldcs(src + 1);
-            else h[2 * c] = src[0], h[2 * c + 1] = src[1];
-          }
+          if (row_ok && pair < t.cols) h[2 * c] = src[0], h[2 * c + 1] = src[1];
         }
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < kGroups / 4; ++c) {
@@ -429,13 +424,8 @@ class EpilogueActivationGradT : public RegisterEpilogue<ActGradEpilogueArguments
             o[s] = swiglu_grad_pair(da(4 * c + s % 4, s / 4), w[s], dot);
           uint4* dst = reinterpret_cast<uint4*>(dpre + r * ld + 2 * int64_t{pair});
           if (row_ok && pair < t.cols) {
-            if constexpr (kStreaming) {
-              __stcs(dst, make_uint4(o[0], o[1], o[2], o[3]));
-              __stcs(dst + 1, make_uint4(o[4], o[5], o[6], o[7]));
-            } else {
-              dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
-              dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
-            }
+            dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+            dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
           }
         }
       } else {
@@ -466,12 +456,8 @@ class EpilogueActivationGradT : public RegisterEpilogue<ActGradEpilogueArguments
   }
 };
 
-using EpilogueActivationGrad = EpilogueActivationGradT<>;
-
 // What the da GEMM with the activation backward is assembled with.
-template <bool kStreaming = false>
-using EpilogueActGradT = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-    EpilogueActivationGradT<kStreaming>>;
-using EpilogueActGrad = EpilogueActGradT<>;
+using EpilogueActGrad = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+    EpilogueActivationGrad>;
 
 }  // namespace moe::cuda::grouped_gemm
