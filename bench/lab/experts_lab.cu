@@ -94,6 +94,9 @@ using ActGradDeferred8 = gg::ActLauncher<
     gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kDeferred=*/true, /*kBlocks=*/8>>;
 using ActGradDeferred16 = gg::ActLauncher<
     gg::ActGradKernel<gg::CooperativeNoClusterConfig, /*kDeferred=*/true, /*kBlocks=*/16>>;
+// The da GEMM on pingpong 64x256 (2x1): one consumer warpgroup's activation backward under the
+// other's mainloop.
+using ActGradPingpong = gg::ActLauncher<gg::ActGradKernel<gg::PingpongConfig<64, 256>>>;
 
 // Lab-only tiles for the plain up/down GEMMs (short K: the down projection's K = I is 768-1024).
 template <int kM, int kN, int kClusterM = 2, int kClusterN = 1>
@@ -170,6 +173,7 @@ struct Options {
   bool ab_deferred = false;  // only the fused up-projection, immediate against deferred act
   bool ab_deferred_store = false;  // only the plain GEMMs, TMA store against deferred store
   bool ab_wgrad_store = false;  // only fresh dW, TMA store against register stores
+  bool ab_act_grad_pingpong = false;  // only the da GEMM: cooperative against pingpong
   bool ab_concurrent = false;  // only the backward's independent GEMM pairs, one after the
                                // other against side by side on two streams
 
@@ -198,6 +202,8 @@ struct Options {
         "                             next one's\n"
         "            [--ab-wgrad-store]  only fresh dW (fp32, bf16): the TMA store after each\n"
         "                             tile against the library's register stores\n"
+        "            [--ab-act-grad-pingpong]  only the da GEMM with the activation backward\n"
+        "                             and row dots: the library's against pingpong 64x256\n"
         "            [--ab-concurrent]  only the backward's independent GEMM pairs (dw_down and\n"
         "                             da, dxp and dw_up): one after the other on every SM\n"
         "                             against side by side on two streams, SMs split\n"
@@ -233,6 +239,7 @@ struct Options {
       else if (a == "--ab-deferred-store") ab = ab_deferred_store = true;
       else if (a == "--ab-wgrad-store") ab = ab_wgrad_store = true;
       else if (a == "--ab-concurrent") ab = ab_concurrent = true;
+      else if (a == "--ab-act-grad-pingpong") ab = ab_act_grad_pingpong = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -671,6 +678,41 @@ int run(const Options& o) {
       MOE_CUDA_CHECK(cudaFree(dw16b));
       MOE_CUDA_CHECK(cudaFree(wws));
       MOE_CUDA_CHECK(cudaFree(ws));
+      return 0;
+    }
+    if (o.ab_act_grad_pingpong && o.backward && blocked) {
+      // The da GEMM with the activation backward and the row dots (the layer's form): the
+      // library's cooperative 128x256 (A) against pingpong 64x256 (B), where one warpgroup's
+      // epilogue runs while the other's mainloop does. dpre and the dots checked bit-equal first.
+      ExpertsWorkspace fused_bw(es_blocked, ExpertsBackend::grouped_fused, true);
+      ExpertsForwardArgs f = fc;
+      f.w_up = w_up_bl;
+      experts_forward(fused_bw, f, s);  // pre3 in the blocked order
+      GroupedGemmActGrad g_grad(E, o.activation);
+      void* gws = workspace(ActGradPingpong::workspace_bytes(E, sms));
+      const int64_t parts = row_dot_parts(I);
+      bf16* dpre_b = nullptr;
+      float *dots_a = nullptr, *dots_b = nullptr;
+      MOE_CUDA_CHECK(cudaMalloc(&dpre_b, M * A * sizeof(bf16)));
+      MOE_CUDA_CHECK(cudaMalloc(&dots_a, parts * M * sizeof(float)));
+      MOE_CUDA_CHECK(cudaMalloc(&dots_b, parts * M * sizeof(float)));
+      GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, pre2, true};
+      a.row_dot = dots_a, a.ld_row_dot = M;
+      GroupedGemmActGradArgs b = a;
+      b.dpre = dpre_b, b.row_dot = dots_b;
+      auto run_a = [&] { g_grad.run(a, s); };
+      auto run_b = [&] { ActGradPingpong::run(b, o.activation, E, gws, sms, s); };
+      run_a();
+      MOE_CUDA_CHECK(cudaMemsetAsync(dpre_b, 0xff, M * A * sizeof(bf16), s));
+      MOE_CUDA_CHECK(cudaMemsetAsync(dots_b, 0xff, parts * M * sizeof(float), s));
+      run_b();
+      const double e = rel_error(download(dots_a, parts * M), download(dots_b, parts * M),
+                                 parts * M);
+      const bool ok = same("da pingpong dpre", pre2, dpre_b, M * A) && e == 0;
+      std::printf("AB verify %-37s %s\n", "da pingpong row dots", e == 0 ? "equal" : "DIFFERENT");
+      if (ok) ab("da + act backward: library (A) vs pingpong 64x256 (B)", f_down, run_a, run_b);
+      for (void* p : {(void*)dpre_b, (void*)dots_a, (void*)dots_b, gws, ws})
+        MOE_CUDA_CHECK(cudaFree(p));
       return 0;
     }
     if (o.ab_concurrent && o.backward && blocked) {
