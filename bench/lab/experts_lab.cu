@@ -357,6 +357,28 @@ double rel_error(const std::vector<T>& a, const std::vector<T>& b, int64_t n) {
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
+// The da-GEMM rounds' scratch: a second dpre and two sets of row dots (A's, B's).
+struct ActGradScratch {
+  bf16* dpre = nullptr;
+  float *dots_a = nullptr, *dots_b = nullptr;
+  int64_t dots = 0;  // parts * M
+  ActGradScratch(int64_t rows, int64_t width, int64_t parts) : dots(parts * rows) {
+    MOE_CUDA_CHECK(cudaMalloc(&dpre, rows * width * sizeof(bf16)));
+    MOE_CUDA_CHECK(cudaMalloc(&dots_a, dots * sizeof(float)));
+    MOE_CUDA_CHECK(cudaMalloc(&dots_b, dots * sizeof(float)));
+  }
+  ~ActGradScratch() {
+    cudaFree(dots_b);
+    cudaFree(dots_a);
+    cudaFree(dpre);
+  }
+  ActGradScratch(const ActGradScratch&) = delete;
+  ActGradScratch& operator=(const ActGradScratch&) = delete;
+  bool same_dots() const {
+    return rel_error(download(dots_a, dots), download(dots_b, dots), dots) == 0;
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // main
 // ------------------------------------------------------------------------------------------------
@@ -575,6 +597,15 @@ int run(const Options& o) {
       MOE_CUDA_CHECK(cudaMalloc(&p, bytes));
       return p;
     };
+    // The fused training forward on blocked w_up (pre3, act3 in the blocked order), where the
+    // backward's rounds start.
+    auto blocked_forward = [&] {
+      auto w = std::make_unique<ExpertsWorkspace>(es_blocked, ExpertsBackend::grouped_fused, true);
+      ExpertsForwardArgs f = fc;
+      f.w_up = w_up_bl;
+      experts_forward(*w, f, s);
+      return w;
+    };
     void* ws = workspace(std::max({GemmCoop128x256Cluster2x1::workspace_bytes(E, sms),
                                    GemmCoop128x192::workspace_bytes(E, sms),
                                    ActCluster2x1::workspace_bytes(E, sms),
@@ -684,35 +715,26 @@ int run(const Options& o) {
       // The da GEMM with the activation backward and the row dots (the layer's form): the
       // library's cooperative 128x256 (A) against pingpong 64x256 (B), where one warpgroup's
       // epilogue runs while the other's mainloop does. dpre and the dots checked bit-equal first.
-      ExpertsWorkspace fused_bw(es_blocked, ExpertsBackend::grouped_fused, true);
-      ExpertsForwardArgs f = fc;
-      f.w_up = w_up_bl;
-      experts_forward(fused_bw, f, s);  // pre3 in the blocked order
+      const auto fused_bw = blocked_forward();
       GroupedGemmActGrad g_grad(E, o.activation);
       void* gws = workspace(ActGradPingpong::workspace_bytes(E, sms));
-      const int64_t parts = row_dot_parts(I);
-      bf16* dpre_b = nullptr;
-      float *dots_a = nullptr, *dots_b = nullptr;
-      MOE_CUDA_CHECK(cudaMalloc(&dpre_b, M * A * sizeof(bf16)));
-      MOE_CUDA_CHECK(cudaMalloc(&dots_a, parts * M * sizeof(float)));
-      MOE_CUDA_CHECK(cudaMalloc(&dots_b, parts * M * sizeof(float)));
+      ActGradScratch x(M, A, row_dot_parts(I));
       GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, pre2, true};
-      a.row_dot = dots_a, a.ld_row_dot = M;
+      a.row_dot = x.dots_a, a.ld_row_dot = M;
       GroupedGemmActGradArgs b = a;
-      b.dpre = dpre_b, b.row_dot = dots_b;
+      b.dpre = x.dpre, b.row_dot = x.dots_b;
       auto run_a = [&] { g_grad.run(a, s); };
       auto run_b = [&] { ActGradPingpong::run(b, o.activation, E, gws, sms, s); };
       run_a();
-      MOE_CUDA_CHECK(cudaMemsetAsync(dpre_b, 0xff, M * A * sizeof(bf16), s));
-      MOE_CUDA_CHECK(cudaMemsetAsync(dots_b, 0xff, parts * M * sizeof(float), s));
+      MOE_CUDA_CHECK(cudaMemsetAsync(x.dpre, 0xff, M * A * sizeof(bf16), s));
+      MOE_CUDA_CHECK(cudaMemsetAsync(x.dots_b, 0xff, x.dots * sizeof(float), s));
       run_b();
-      const double e = rel_error(download(dots_a, parts * M), download(dots_b, parts * M),
-                                 parts * M);
-      const bool ok = same("da pingpong dpre", pre2, dpre_b, M * A) && e == 0;
-      std::printf("AB verify %-37s %s\n", "da pingpong row dots", e == 0 ? "equal" : "DIFFERENT");
+      const bool dots_ok = x.same_dots();
+      const bool ok = same("da pingpong dpre", pre2, x.dpre, M * A) && dots_ok;
+      std::printf("AB verify %-37s %s\n", "da pingpong row dots", dots_ok ? "equal" : "DIFFERENT");
       if (ok) ab("da + act backward: library (A) vs pingpong 64x256 (B)", f_down, run_a, run_b);
-      for (void* p : {(void*)dpre_b, (void*)dots_a, (void*)dots_b, gws, ws})
-        MOE_CUDA_CHECK(cudaFree(p));
+      MOE_CUDA_CHECK(cudaFree(gws));
+      MOE_CUDA_CHECK(cudaFree(ws));
       return 0;
     }
     if (o.ab_concurrent && o.backward && blocked) {
@@ -721,10 +743,7 @@ int run(const Options& o) {
       // against side by side on two streams with the SMs split (B): each persistent grid takes
       // its share, so one kernel's epilogue bursts fall in the other's mainloops. Fresh dW, fp32
       // and bf16; outputs checked bit-equal first (a tile is one CTA's whatever the grid).
-      ExpertsWorkspace fused_bw(es_blocked, ExpertsBackend::grouped_fused, true);
-      ExpertsForwardArgs f = fc;
-      f.w_up = w_up_bl;
-      experts_forward(fused_bw, f, s);  // pre3, act3 in the blocked order
+      const auto fused_bw = blocked_forward();
       cudaStream_t s2 = nullptr;
       MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
       cudaEvent_t fork, join;
@@ -749,12 +768,8 @@ int run(const Options& o) {
                                        gg::Bf16Sm90<WeightLayout::nk>::workspace_bytes(E, sms)}));
       void* ws_b = workspace(std::max(gg::Bf16Sm90WgradFresh::workspace_bytes(E, sms),
                                       gg::Bf16Sm90WgradBf16::workspace_bytes(E, sms)));
-      const int64_t parts = row_dot_parts(I);
-      bf16 *dpre_b = nullptr, *dw16 = nullptr, *dw16b = nullptr;
-      float *dots_a = nullptr, *dots_b = nullptr;
-      MOE_CUDA_CHECK(cudaMalloc(&dpre_b, M * A * sizeof(bf16)));
-      MOE_CUDA_CHECK(cudaMalloc(&dots_a, parts * M * sizeof(float)));
-      MOE_CUDA_CHECK(cudaMalloc(&dots_b, parts * M * sizeof(float)));
+      ActGradScratch x(M, A, row_dot_parts(I));
+      bf16 *dw16 = nullptr, *dw16b = nullptr;
       MOE_CUDA_CHECK(cudaMalloc(&dw16, E * H * A * sizeof(bf16)));
       MOE_CUDA_CHECK(cudaMalloc(&dw16b, E * H * A * sizeof(bf16)));
       bf16* const dpre = pre2;  // scratch: pre3 stays the forward's
@@ -780,19 +795,17 @@ int run(const Options& o) {
             }
           };
         };
-        const auto da_a = da_into(dpre, dots_a);
-        const auto da_b = da_into(dpre_b, dots_b);
+        const auto da_a = da_into(dpre, x.dots_a);
+        const auto da_b = da_into(x.dpre, x.dots_b);
         const auto dwd_a = wgrad_into(act3, dyp, I, H, dw_down, dw16);
         const auto dwd_b = wgrad_into(act3, dyp, I, H, dw_down2, dw16b);
-        for (bf16* p : {dpre, dpre_b}) MOE_CUDA_CHECK(cudaMemsetAsync(p, 0xff, M * A * 2, s));
+        for (bf16* p : {dpre, x.dpre}) MOE_CUDA_CHECK(cudaMemsetAsync(p, 0xff, M * A * 2, s));
         MOE_CUDA_CHECK(cudaMemsetAsync(dw_down2, 0xff, E * I * H * 4, s));
         MOE_CUDA_CHECK(cudaMemsetAsync(dw16b, 0xff, E * I * H * 2, s));
         pair(sms, da_a, dwd_a);
         pair(sms / 2, da_b, dwd_b);
         MOE_CUDA_CHECK(cudaStreamSynchronize(s));
-        bool ok = same("concurrent dpre", dpre, dpre_b, M * A) &&
-                  rel_error(download(dots_a, parts * M), download(dots_b, parts * M),
-                            parts * M) == 0;
+        bool ok = same("concurrent dpre", dpre, x.dpre, M * A) && x.same_dots();
         ok = ok && (bf16_dw ? same("concurrent dw_down bf16", dw16, dw16b, E * I * H)
                             : rel_error(download(dw_down, E * I * H),
                                         download(dw_down2, E * I * H), E * I * H) == 0);
@@ -840,8 +853,7 @@ int run(const Options& o) {
           }
         }
       }
-      for (void* p : {(void*)dpre_b, (void*)dots_a, (void*)dots_b, (void*)dw16, (void*)dw16b,
-                      ws_a, ws_b, ws})
+      for (void* p : {(void*)dw16, (void*)dw16b, ws_a, ws_b, ws})
         MOE_CUDA_CHECK(cudaFree(p));
       MOE_CUDA_CHECK(cudaEventDestroy(fork));
       MOE_CUDA_CHECK(cudaEventDestroy(join));
