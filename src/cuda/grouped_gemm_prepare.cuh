@@ -1,5 +1,5 @@
 // defines: moe::cuda::grouped_gemm::{PrepareParams, prepare_kernel, WgradPrepareParams,
-//          wgrad_prepare_kernel, packed_stride}
+//          wgrad_prepare_kernel, packed_stride, TileSum}
 // Segments -> grouped-GEMM problems, on the device. The plan leaves offsets[E+1] in device memory;
 // this kernel writes, for every expert e, its problem {m_e, N, K}, the A/B/D pointers of its
 // segment and the strides CUTLASS's ptr-array collectives read. CUTLASS's grouped tile scheduler
@@ -62,13 +62,38 @@ struct PrepareParams {
   int32_t tile_m = 0, tile_n = 0;
 };
 
-template <class Element, class Problem, class StrideA, class StrideB, class StrideD>
-__global__ void prepare_kernel(PrepareParams<Element, Problem, StrideA, StrideB, StrideD> p) {
-  __shared__ int32_t tiles;
-  if (p.tile_count != nullptr) {
-    if (threadIdx.x == 0) tiles = 0;
+// The prepare kernels' optional count of output tiles over all problems (the deferred epilogues
+// find each CTA's last tile by it): each thread adds its problems' tiles in shared memory, thread 0
+// writes the sum. Null `out`: nothing. Every thread of the one block constructs and finishes it.
+class TileSum {
+ public:
+  __device__ explicit TileSum(int32_t* out) : out_(out) {
+    if (out_ == nullptr) return;
+    if (threadIdx.x == 0) sum() = 0;
     __syncthreads();
   }
+  __device__ void add(int64_t rows, int64_t cols, int32_t tile_m, int32_t tile_n) {
+    if (out_ != nullptr)
+      atomicAdd(&sum(), static_cast<int32_t>((rows + tile_m - 1) / tile_m *
+                                             ((cols + tile_n - 1) / tile_n)));
+  }
+  __device__ void finish() {
+    if (out_ == nullptr) return;
+    __syncthreads();
+    if (threadIdx.x == 0) *out_ = sum();
+  }
+
+ private:
+  static __device__ int32_t& sum() {
+    __shared__ int32_t tiles;
+    return tiles;
+  }
+  int32_t* out_;
+};
+
+template <class Element, class Problem, class StrideA, class StrideB, class StrideD>
+__global__ void prepare_kernel(PrepareParams<Element, Problem, StrideA, StrideB, StrideD> p) {
+  TileSum tiles(p.tile_count);
   for (int e = threadIdx.x; e < p.groups; e += blockDim.x) {
     const int32_t r0 = p.offsets[e], r1 = p.offsets[e + 1];
     MOE_DEVICE_ASSERT(r0 >= 0 && r1 >= r0);
@@ -88,13 +113,9 @@ __global__ void prepare_kernel(PrepareParams<Element, Problem, StrideA, StrideB,
       p.ptr_d[e] = d;
       p.stride_d[e] = packed_stride<StrideD>(p.n);              // D (m, N) row-major
     }
-    if (p.tile_count != nullptr)
-      atomicAdd(&tiles, (r1 - r0 + p.tile_m - 1) / p.tile_m * ((p.n + p.tile_n - 1) / p.tile_n));
+    tiles.add(r1 - r0, p.n, p.tile_m, p.tile_n);
   }
-  if (p.tile_count != nullptr) {
-    __syncthreads();
-    if (threadIdx.x == 0) *p.tile_count = tiles;
-  }
+  tiles.finish();
 }
 
 // The weight gradients: problem e is dW_e (P, Q) += X_e^T (P, m_e) · Y_e (m_e, Q), so M = P, N = Q
@@ -128,11 +149,7 @@ template <class Element, class Problem, class StrideA, class StrideB, class Stri
           class ElementDW>
 __global__ void wgrad_prepare_kernel(
     WgradPrepareParams<Element, Problem, StrideA, StrideB, StrideD, ElementDW> p) {
-  __shared__ int32_t tiles;
-  if (p.tile_count != nullptr) {
-    if (threadIdx.x == 0) tiles = 0;
-    __syncthreads();
-  }
+  TileSum tiles(p.tile_count);
   for (int e = threadIdx.x; e < p.groups; e += blockDim.x) {
     const int32_t r0 = p.offsets[e], r1 = p.offsets[e + 1];
     MOE_DEVICE_ASSERT(r0 >= 0 && r1 >= r0);
@@ -149,13 +166,9 @@ __global__ void wgrad_prepare_kernel(
     p.stride_a[e] = packed_stride<StrideA>(p.p);                // A (P, m) column-major
     p.stride_b[e] = packed_stride<StrideB>(p.q);                // B (m, Q) row-major, seen (N, K)
     p.stride_d[e] = packed_stride<StrideD>(p.q);                // D (P, Q) row-major
-    if (p.tile_count != nullptr && r1 > r0)
-      atomicAdd(&tiles, (p.p + p.tile_m - 1) / p.tile_m * ((p.q + p.tile_n - 1) / p.tile_n));
+    if (r1 > r0) tiles.add(p.p, p.q, p.tile_m, p.tile_n);  // an empty expert has no tiles
   }
-  if (p.tile_count != nullptr) {
-    __syncthreads();
-    if (threadIdx.x == 0) *p.tile_count = tiles;
-  }
+  tiles.finish();
 }
 
 // Overwriting weight gradients (beta = 0): experts with an empty segment get no tiles from the
