@@ -1,5 +1,5 @@
-// defines: MOE_CUTLASS_CHECK, moe::cuda::grouped_gemm::{WorkspaceCarver, hardware_info,
-//          set_uniform_alpha_beta, prepare_threads}
+// defines: MOE_CUTLASS_CHECK, moe::cuda::grouped_gemm::{WorkspaceCarver, PtrArrayCarve,
+//          hardware_info, set_uniform_alpha_beta, prepare_threads}
 // What the three grouped-GEMM assemblies (grouped_gemm{,_wgrad,_act}_sm90.cuh) share: the CUTLASS
 // status check, carving one workspace into per-expert arrays, and the argument details every
 // ptr-array kernel needs. Included only from those .cuh files.
@@ -52,6 +52,42 @@ class WorkspaceCarver {
  private:
   char* base_;
   size_t at_ = 0;
+};
+
+// The workspace of a ptr-array kernel with D arrays (Kernel, WgradKernel, WgradRegisterKernel),
+// carved in this order: the per-expert problems, pointers and strides the prepare kernel writes,
+// the tile count (the deferred epilogues'; unused otherwise), then CUTLASS's own. ptr_d and
+// stride_d are read only by the TMA epilogues.
+template <class ElementAB, class ElementD, class Problem, class StrideA, class StrideB,
+          class StrideD>
+struct PtrArrayCarve {
+  Problem* problems;         // (E)
+  const ElementAB** ptr_a;   // (E)
+  const ElementAB** ptr_b;   // (E)
+  ElementD** ptr_d;          // (E)
+  StrideA* stride_a;         // (E)
+  StrideB* stride_b;         // (E)
+  StrideD* stride_d;         // (E)
+  int32_t* tile_count;       // (1)
+  void* cutlass;             // Gemm::get_workspace_size
+  size_t bytes;              // total
+
+  static PtrArrayCarve make(void* base, int64_t groups, size_t cutlass_bytes) {
+    WorkspaceCarver w(base);
+    const size_t g = static_cast<size_t>(groups);
+    PtrArrayCarve c{};
+    c.problems = w.take<Problem>(g);
+    c.ptr_a = w.take<const ElementAB*>(g);
+    c.ptr_b = w.take<const ElementAB*>(g);
+    c.ptr_d = w.take<ElementD*>(g);
+    c.stride_a = w.take<StrideA>(g);
+    c.stride_b = w.take<StrideB>(g);
+    c.stride_d = w.take<StrideD>(g);
+    c.tile_count = w.take<int32_t>(1);
+    c.cutlass = w.take_bytes(cutlass_bytes);
+    c.bytes = w.bytes();
+    return c;
+  }
 };
 
 inline cutlass::KernelHardwareInfo hardware_info(int sm_count) {

@@ -56,32 +56,9 @@ struct Kernel {
   static_assert(sizeof(StrideA) == 8 && sizeof(StrideB) == 8 && sizeof(StrideD) == 8,
                 "one dynamic 64-bit stride per operand");
 
-  // One workspace, carved in this order (WorkspaceCarver: 256-byte aligned pieces).
-  struct Carve {
-    Problem* problems;       // (E)
-    const Bf16** ptr_a;      // (E)
-    const Bf16** ptr_b;      // (E)
-    Bf16** ptr_d;            // (E)
-    StrideA* stride_a;       // (E)
-    StrideB* stride_b;       // (E)
-    StrideD* stride_d;       // (E)
-    void* cutlass;           // Gemm::get_workspace_size
-    size_t bytes;            // total
-  };
+  using Carve = PtrArrayCarve<Bf16, Bf16, Problem, StrideA, StrideB, StrideD>;
   static Carve carve(void* base, int64_t groups, size_t cutlass_bytes) {
-    WorkspaceCarver w(base);
-    const size_t g = static_cast<size_t>(groups);
-    Carve c{};
-    c.problems = w.take<Problem>(g);
-    c.ptr_a = w.take<const Bf16*>(g);
-    c.ptr_b = w.take<const Bf16*>(g);
-    c.ptr_d = w.take<Bf16*>(g);
-    c.stride_a = w.take<StrideA>(g);
-    c.stride_b = w.take<StrideB>(g);
-    c.stride_d = w.take<StrideD>(g);
-    c.cutlass = w.take_bytes(cutlass_bytes);
-    c.bytes = w.bytes();
-    return c;
+    return Carve::make(base, groups, cutlass_bytes);
   }
 
   static typename Collective::Arguments mainloop_arguments(const Carve& c,

@@ -36,41 +36,6 @@ namespace moe::cuda::grouped_gemm {
 // kernel type
 // ------------------------------------------------------------------------------------------------
 
-// The weight-gradient kernels' workspace, carved in this order (WorkspaceCarver: 256-byte aligned
-// pieces): per-expert problems, pointers and strides from wgrad_prepare_kernel, the tile count
-// (the deferred bf16 store's; unused otherwise), then CUTLASS's own. ptr_d and stride_d are
-// written by the prepare kernel and read only by the TMA epilogues.
-template <class Problem, class StrideA, class StrideB, class StrideD, class ElementDW>
-struct WgradCarve {
-  Problem* problems;       // (E)
-  const Bf16** ptr_a;      // (E)
-  const Bf16** ptr_b;      // (E)
-  ElementDW** ptr_d;       // (E)
-  StrideA* stride_a;       // (E)
-  StrideB* stride_b;       // (E)
-  StrideD* stride_d;       // (E)
-  int32_t* tile_count;     // (1)
-  void* cutlass;           // Gemm::get_workspace_size
-  size_t bytes;            // total
-
-  static WgradCarve make(void* base, int64_t groups, size_t cutlass_bytes) {
-    WorkspaceCarver w(base);
-    const size_t g = static_cast<size_t>(groups);
-    WgradCarve c{};
-    c.problems = w.take<Problem>(g);
-    c.ptr_a = w.take<const Bf16*>(g);
-    c.ptr_b = w.take<const Bf16*>(g);
-    c.ptr_d = w.take<ElementDW*>(g);
-    c.stride_a = w.take<StrideA>(g);
-    c.stride_b = w.take<StrideB>(g);
-    c.stride_d = w.take<StrideD>(g);
-    c.tile_count = w.take<int32_t>(1);
-    c.cutlass = w.take_bytes(cutlass_bytes);
-    c.bytes = w.bytes();
-    return c;
-  }
-};
-
 // Same tile as the forward: dW tiles are (128 of P) x (256 of Q); at OLMoE's shape dW_down has
 // 8 x 8 and dW_up 16 x 8 tiles per expert, 4096 and 8192 in all, so the 132 SMs stay busy even
 // when one expert holds most of the rows (its tiles are long, not few).
@@ -116,7 +81,7 @@ struct WgradKernel {
                     cute::is_same_v<typename GemmKernel::ElementD, ElementDW>,
                 "C and D are the weight gradient's type");
 
-  using Carve = WgradCarve<Problem, StrideA, StrideB, StrideD, ElementDW>;
+  using Carve = PtrArrayCarve<Bf16, ElementDW, Problem, StrideA, StrideB, StrideD>;
   static Carve carve(void* base, int64_t groups, size_t cutlass_bytes) {
     return Carve::make(base, groups, cutlass_bytes);
   }
@@ -199,7 +164,7 @@ struct WgradRegisterKernel {
   using StrideB = typename GemmKernel::InternalStrideB;
   using StrideD = typename GemmKernel::InternalStrideD;
 
-  using Carve = WgradCarve<Problem, StrideA, StrideB, StrideD, ElementDWType>;
+  using Carve = PtrArrayCarve<Bf16, ElementDWType, Problem, StrideA, StrideB, StrideD>;
   static Carve carve(void* base, int64_t groups, size_t cutlass_bytes) {
     return Carve::make(base, groups, cutlass_bytes);
   }
