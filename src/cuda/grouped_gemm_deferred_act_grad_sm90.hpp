@@ -21,7 +21,9 @@
 // Nsight Compute shows the consumers waiting longer on global loads (long-scoreboard stalls 3.13
 // -> 4.17 cycles per issued instruction) and the L2 hit rate falling 74 -> 65 %: pre's traffic
 // spread over the mainloop competes with the operands' reuse in L2. Global-space accesses
-// instead of generic ones gave 1.14-1.17x.
+// instead of generic ones gave 1.14-1.17x. Run 23 then ruled out the two obvious causes: each
+// block's loads issued one to three slices early, and pre / dpre as evict-first L2 traffic, were
+// slower still (1.15-1.36x, more so the wider the blocks spread).
 //
 // SwiGLU only (either pair order).
 #pragma once
