@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Reads `ncu --page source --csv --print-source sass` on stdin; prints the SASS lines with the most
-warp stall samples and the samples summed per opcode. Usage: ... | stall_lines.py [N]"""
+warp stall samples and the samples summed per opcode; with C > 0, the C lines before each of the
+top 10 too (what a waiting instruction waits for). Usage: ... | stall_lines.py [N [C]]"""
 import csv
 import sys
 from collections import Counter
@@ -15,6 +16,7 @@ def number(text):
 
 def main():
     top = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+    context = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     rows = list(csv.reader(sys.stdin))
     head = next((i for i, r in enumerate(rows) if any("Warp Stall Sampling" in c for c in r)), None)
     if head is None:
@@ -41,10 +43,20 @@ def main():
     for op, n in by_op.most_common(15):
         print(f"  {op:12s} {100 * n / total:5.1f}%")
     print(f"top {top} lines:")
-    for r in sorted(body, key=lambda r: -number(r[c_all]))[:top]:
+    def line(r):
         ex = r[c_exec] if c_exec is not None else ""
-        print(f"  {100 * number(r[c_all]) / total:5.1f}%  {r[c_addr] if c_addr is not None else ''}"
-              f"  exec {ex:>10s}  {r[c_src][:90]}")
+        return (f"  {100 * number(r[c_all]) / total:5.1f}%  {r[c_addr] if c_addr is not None else ''}"
+                f"  exec {ex:>10s}  {r[c_src][:90]}")
+
+    ranked = sorted(range(len(body)), key=lambda i: -number(body[i][c_all]))
+    for i in ranked[:top]:
+        print(line(body[i]))
+    if context > 0:
+        print(f"the {context} lines before each of the top 10:")
+        for i in ranked[:10]:
+            print("  ---")
+            for j in range(max(0, i - context), i + 1):
+                print(line(body[j]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One GPU visit (issue 4): the GPU tests after a change to the prepare kernels' tile count, then
+# where the da GEMM's activation backward waits, immediate (the library's) and under the next
+# tile's mainloop (the lab's 8 blocks, slower: experts_lab runs 20 and 23), per SASS line. From
+# the repository root on the GPU machine with RUN staged by scripts/gpu/stage_run.sh plus the lab:
+#   OUT=/some/dir bash scripts/gpu/act_grad_stalls.sh RUN
+# 1. every GPU test (gpu_tests.log); 2. compute-sanitizer memcheck and racecheck on the tests of
+# the kernels that count tiles (sanitizer.log); 3. ncu --set full on the first launch of each da
+# kernel in one `experts_lab --ab-act-grad` run at the OLMoE shape: the details and the SASS lines
+# with the most warp stall samples (ncu_immediate.txt, ncu_deferred8.txt). Prints a table last.
+set -uo pipefail
+RUN=${1:?run folder}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+source scripts/gpu/unpack_run.sh "$RUN"
+export PATH="/usr/local/cuda/bin:$PATH"
+status=0
+step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+
+step "GPU tests (all)"
+timeout 300 "$RUN/moe_cuda_tests" >"$OUT/gpu_tests.log" 2>&1 || status=1
+grep -E "^\[  (PASSED|FAILED) |^\[  FAILED|tests ran" "$OUT/gpu_tests.log" | head -20
+
+filter='*DeferredStore*:*RegisterStores*:*DeferredActivation*'
+step "compute-sanitizer on $filter"
+for tool in memcheck racecheck; do
+  MOE_TEST_SMALL=1 timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 \
+    "$RUN/moe_cuda_tests" --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
+  echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
+  grep -E "ERROR SUMMARY|tests ran" "$OUT/sanitizer.log" | tail -n 2
+done
+
+# name, kernel regex (demangled), on the lab's --ab-act-grad run (OLMoE: its default shape).
+profile() {
+  local name=$1 regex=$2
+  step "ncu $name ($regex)"
+  timeout 200 ncu --clock-control none --set full --import-source no \
+    --kernel-name-base demangled -k "regex:$regex" -c 1 -f -o "$OUT/ncu_$name" \
+    "$RUN/experts_lab" --ab-act-grad --reps 1 >"$OUT/ncu_${name}_run.log" 2>&1 ||
+    { status=1; tail -n 5 "$OUT/ncu_${name}_run.log"; return; }
+  {
+    ncu -i "$OUT/ncu_$name.ncu-rep" --page details 2>&1
+    echo
+    echo "--- SASS lines with the most warp stall samples"
+    ncu -i "$OUT/ncu_$name.ncu-rep" --page source --csv --print-source sass 2>&1 |
+      python3 scripts/gpu/stall_lines.py 40 6
+  } >"$OUT/ncu_$name.txt"
+  rm -f "$OUT/ncu_$name.ncu-rep" "$OUT/ncu_${name}_run.log"
+}
+profile immediate 'EpilogueActivationGrad>'
+profile deferred8 'EpilogueActivationGradDeferred<8>'
+
+step "summary"
+grep -E "^\[  (PASSED|FAILED) " "$OUT/gpu_tests.log" | tail -n 2
+grep -E "exit" "$OUT/sanitizer.log"
+for n in immediate deferred8; do
+  f="$OUT/ncu_$n.txt"
+  [[ -f $f ]] || continue
+  printf '%-10s %s | %s\n' "$n" "$(grep -m1 -E '^ +Duration' "$f" | tr -s ' ')" \
+    "$(grep -m1 -E 'Warp Cycles Per Issued Instruction' "$f" | tr -s ' ')"
+done
+exit $status
