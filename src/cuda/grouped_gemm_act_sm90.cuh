@@ -38,9 +38,9 @@ namespace moe::cuda::grouped_gemm {
 // kernel type
 // ------------------------------------------------------------------------------------------------
 
-// What both kernels share: the kernel type from a mainloop and an epilogue, and the workspace of
-// per-expert problems, A/B pointers and strides (the epilogues find their rows from the offsets
-// themselves: no D arrays).
+// What the register-epilogue kernels share: the kernel type from a mainloop and an epilogue, and
+// the workspace of per-expert problems, A/B pointers and strides (the epilogues find their rows
+// from the offsets themselves: the carve's D arrays stay unused).
 template <class Collective_, class Epilogue_>
 struct ActKernelBase {
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int32_t, int32_t, int32_t>>;
@@ -54,29 +54,9 @@ struct ActKernelBase {
   using StrideB = typename GemmKernel::InternalStrideB;
   using StrideD = typename GemmKernel::InternalStrideD;
 
-  struct Carve {
-    Problem* problems;       // (E)
-    const Bf16** ptr_a;      // (E)
-    const Bf16** ptr_b;      // (E)
-    StrideA* stride_a;       // (E)
-    StrideB* stride_b;       // (E)
-    int32_t* tile_count;     // (1) tiles over all groups, for the deferred epilogue
-    void* cutlass;           // Gemm::get_workspace_size
-    size_t bytes;            // total
-  };
+  using Carve = PtrArrayCarve<Bf16, Bf16, Problem, StrideA, StrideB, StrideD>;
   static Carve carve(void* base, int64_t groups, size_t cutlass_bytes) {
-    WorkspaceCarver w(base);
-    const size_t g = static_cast<size_t>(groups);
-    Carve c{};
-    c.problems = w.take<Problem>(g);
-    c.ptr_a = w.take<const Bf16*>(g);
-    c.ptr_b = w.take<const Bf16*>(g);
-    c.stride_a = w.take<StrideA>(g);
-    c.stride_b = w.take<StrideB>(g);
-    c.tile_count = w.take<int32_t>(1);
-    c.cutlass = w.take_bytes(cutlass_bytes);
-    c.bytes = w.bytes();
-    return c;
+    return Carve::make(base, groups, cutlass_bytes);
   }
 
   static typename Gemm::Arguments gemm_arguments(const Carve& c,

@@ -54,10 +54,10 @@ class WorkspaceCarver {
   size_t at_ = 0;
 };
 
-// The workspace of a ptr-array kernel with D arrays (Kernel, WgradKernel, WgradRegisterKernel),
-// carved in this order: the per-expert problems, pointers and strides the prepare kernel writes,
-// the tile count (the deferred epilogues'; unused otherwise), then CUTLASS's own. ptr_d and
-// stride_d are read only by the TMA epilogues.
+// The workspace of every ptr-array kernel here, carved in this order: the per-expert problems,
+// pointers and strides the prepare kernel writes, the tile count (the deferred epilogues';
+// unused otherwise), then CUTLASS's own. Only the TMA epilogues (Kernel, WgradKernel) read ptr_d
+// and stride_d; the register epilogues find their rows themselves.
 template <class ElementAB, class ElementD, class Problem, class StrideA, class StrideB,
           class StrideD>
 struct PtrArrayCarve {
