@@ -97,12 +97,6 @@ using ActGradDeferred16 = gg::ActLauncher<
 // The da GEMM on pingpong 64x256 (2x1): one consumer warpgroup's activation backward under the
 // other's mainloop.
 using ActGradPingpong = gg::ActLauncher<gg::ActGradKernel<gg::PingpongConfig<64, 256>>>;
-// The da GEMM's activation backward deferred, with each tile's pre brought into the next tile's
-// first 8 stages by the producer's TMA (3 stages instead of 4).
-using ActGradStaged = gg::ActLauncher<gg::ActGradStagedKernel<gg::CooperativeNoClusterConfig>>;
-// The library's immediate da GEMM on the staged kernel's 3 stages: what the lost stage costs.
-using ActGradStages3 = gg::ActLauncher<gg::ActGradKernel<gg::CooperativeNoClusterConfig, false, 8,
-                                                         3 * 16384 + 10240>>;
 
 // Lab-only tiles for the plain up/down GEMMs (short K: the down projection's K = I is 768-1024).
 template <int kM, int kN, int kClusterM = 2, int kClusterN = 1>
@@ -180,7 +174,6 @@ struct Options {
   bool ab_deferred_store = false;  // only the plain GEMMs, TMA store against deferred store
   bool ab_wgrad_store = false;  // only fresh dW, TMA store against register stores
   bool ab_act_grad_pingpong = false;  // only the da GEMM: cooperative against pingpong
-  bool ab_act_grad_staged = false;    // only the da GEMM: immediate against pre by TMA, deferred
   bool ab_concurrent = false;  // only the backward's independent GEMM pairs, one after the
                                // other against side by side on two streams
 
@@ -209,9 +202,6 @@ struct Options {
         "                             next one's\n"
         "            [--ab-wgrad-store]  only fresh dW (fp32, bf16): the TMA store after each\n"
         "                             tile against the library's register stores\n"
-        "            [--ab-act-grad-staged]  only the da GEMM with the activation backward\n"
-        "                             and row dots: the library's against the deferred one\n"
-        "                             with pre brought into the stages by TMA\n"
         "            [--ab-act-grad-pingpong]  only the da GEMM with the activation backward\n"
         "                             and row dots: the library's against pingpong 64x256\n"
         "            [--ab-concurrent]  only the backward's independent GEMM pairs (dw_down and\n"
@@ -250,7 +240,6 @@ struct Options {
       else if (a == "--ab-wgrad-store") ab = ab_wgrad_store = true;
       else if (a == "--ab-concurrent") ab = ab_concurrent = true;
       else if (a == "--ab-act-grad-pingpong") ab = ab_act_grad_pingpong = true;
-      else if (a == "--ab-act-grad-staged") ab = ab_act_grad_staged = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -744,42 +733,6 @@ int run(const Options& o) {
       const bool ok = same("da pingpong dpre", pre2, x.dpre, M * A) && dots_ok;
       std::printf("AB verify %-37s %s\n", "da pingpong row dots", dots_ok ? "equal" : "DIFFERENT");
       if (ok) ab("da + act backward: library (A) vs pingpong 64x256 (B)", f_down, run_a, run_b);
-      MOE_CUDA_CHECK(cudaFree(gws));
-      MOE_CUDA_CHECK(cudaFree(ws));
-      return 0;
-    }
-    if (o.ab_act_grad_staged && o.backward && blocked) {
-      // The da GEMM with the activation backward and the row dots (the layer's form): the
-      // library's immediate epilogue (A) against the deferred one whose pre the producer brings
-      // into the stages by TMA (B). dpre and the dots checked bit-equal first.
-      const auto fused_bw = blocked_forward();
-      GroupedGemmActGrad g_grad(E, o.activation);
-      void* gws = workspace(ActGradStaged::workspace_bytes(E, sms));
-      ActGradScratch x(M, A, row_dot_parts(I));
-      GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, pre2, true};
-      a.row_dot = x.dots_a, a.ld_row_dot = M;
-      gg::StagedActGradArgs b;
-      static_cast<GroupedGemmActGradArgs&>(b) = a;
-      b.dpre = x.dpre, b.row_dot = x.dots_b, b.rows = M;
-      auto run_a = [&] { g_grad.run(a, s); };
-      auto run_b = [&] { ActGradStaged::run(b, o.activation, E, gws, sms, s); };
-      run_a();
-      MOE_CUDA_CHECK(cudaMemsetAsync(x.dpre, 0xff, M * A * sizeof(bf16), s));
-      MOE_CUDA_CHECK(cudaMemsetAsync(x.dots_b, 0xff, x.dots * sizeof(float), s));
-      run_b();
-      const bool dots_ok = x.same_dots();
-      const bool ok = same("da staged dpre", pre2, x.dpre, M * A) && dots_ok;
-      std::printf("AB verify %-37s %s\n", "da staged row dots", dots_ok ? "equal" : "DIFFERENT");
-      if (ok)
-        ab("da + act backward: library (A) vs staged pre, deferred (B)", f_down, run_a, run_b);
-      void* ws3 = workspace(ActGradStages3::workspace_bytes(E, sms));
-      auto run_c = [&] { ActGradStages3::run(b, o.activation, E, ws3, sms, s); };
-      MOE_CUDA_CHECK(cudaMemsetAsync(x.dpre, 0xff, M * A * sizeof(bf16), s));
-      MOE_CUDA_CHECK(cudaMemsetAsync(x.dots_b, 0xff, x.dots * sizeof(float), s));
-      run_c();
-      if (same("da 3 stages dpre", pre2, x.dpre, M * A) && x.same_dots())
-        ab("da + act backward: library (A) vs its 3 stages (B)", f_down, run_a, run_c);
-      MOE_CUDA_CHECK(cudaFree(ws3));
       MOE_CUDA_CHECK(cudaFree(gws));
       MOE_CUDA_CHECK(cudaFree(ws));
       return 0;

@@ -6,10 +6,9 @@
 #   OUT=/some/dir bash scripts/gpu/act_grad_stalls.sh RUN
 # 1. every GPU test (gpu_tests.log); 2. compute-sanitizer memcheck and racecheck on the tests of
 # the kernels that count tiles (sanitizer.log); 3. ncu --set full on the first launch of each da
-# kernel in one `experts_lab --ab-act-grad` run (the staged one's: `--ab-act-grad-staged`) at the
-# OLMoE shape: the details and the SASS lines with the most warp stall samples (ncu_NAME.txt).
-# Prints a table last. SKIP_TESTS=1 skips steps 1 and 2; PROFILES (default "immediate
-# deferred8"; also "staged": pre brought into the stages by TMA) picks step 3's.
+# kernel in one `experts_lab --ab-act-grad` run at the OLMoE shape: the details and the SASS lines
+# with the most warp stall samples (ncu_immediate.txt, ncu_deferred8.txt). Prints a table last.
+# SKIP_TESTS=1 skips steps 1 and 2; PROFILES (default "immediate deferred8") picks step 3's.
 set -uo pipefail
 RUN=${1:?run folder}
 OUT=${OUT:-out}
@@ -37,14 +36,13 @@ for tool in memcheck racecheck; do
 done
 fi
 
-# name, kernel regex (demangled), lab mode (default --ab-act-grad; OLMoE: the lab's default
-# shape).
+# name, kernel regex (demangled), on the lab's --ab-act-grad run (OLMoE: its default shape).
 profile() {
-  local name=$1 regex=$2 mode=${3:---ab-act-grad}
+  local name=$1 regex=$2
   step "ncu $name ($regex)"
   timeout 200 ncu --clock-control none --set full --import-source no \
     --kernel-name-base demangled -k "regex:$regex" -c 1 -f -o "$OUT/ncu_$name" \
-    "$RUN/experts_lab" "$mode" --reps 1 >"$OUT/ncu_${name}_run.log" 2>&1 ||
+    "$RUN/experts_lab" --ab-act-grad --reps 1 >"$OUT/ncu_${name}_run.log" 2>&1 ||
     { status=1; tail -n 5 "$OUT/ncu_${name}_run.log"; return; }
   [[ -f $OUT/ncu_$name.ncu-rep ]] ||
     { status=1; echo "no kernel matched $regex"; tail -n 3 "$OUT/ncu_${name}_run.log"; return; }
@@ -60,15 +58,14 @@ profile() {
 for p in ${PROFILES:-immediate deferred8}; do
   case $p in
     immediate) profile immediate 'EpilogueActivationGrad>' ;;
-    deferred8) profile deferred8 'DeferredActGrad<\(int\)8>' ;;
-    staged) profile staged 'StagedActGrad' --ab-act-grad-staged ;;
+    deferred8) profile deferred8 'EpilogueActivationGradDeferred<\(int\)8>' ;;
   esac
 done
 
 step "summary"
 [[ -f $OUT/gpu_tests.log ]] && grep -E "^\[  (PASSED|FAILED) " "$OUT/gpu_tests.log" | tail -n 2
 [[ -f $OUT/sanitizer.log ]] && grep -E "exit" "$OUT/sanitizer.log"
-for n in immediate deferred8 staged; do
+for n in immediate deferred8; do
   f="$OUT/ncu_$n.txt"
   [[ -f $f ]] || continue
   printf '%-10s %s | %s\n' "$n" "$(grep -m1 -E '^ +Duration' "$f" | tr -s ' ')" \

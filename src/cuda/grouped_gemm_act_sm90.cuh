@@ -1,5 +1,4 @@
-// defines: moe::cuda::grouped_gemm::{ActKernel, ActGradKernel, StagedActGradArgs,
-//          ActGradStagedKernel, DeferredStoreKernel, ActLauncher}
+// defines: moe::cuda::grouped_gemm::{ActKernel, ActGradKernel, DeferredStoreKernel, ActLauncher}
 // The grouped GEMMs whose epilogue writes from registers, the activation fused into it or not:
 //   ActKernel      the up-projection: pre = xp · w_up[e] (B (K, N) row-major), epilogue EpilogueAct
 //                  writing pre (optional) and act;
@@ -32,7 +31,6 @@
 #include "grouped_gemm_mainloop_sm90.hpp"
 #include "grouped_gemm_prepare.cuh"
 #include "grouped_gemm_sm90.hpp"
-#include "grouped_gemm_staged_pre_sm90.hpp"
 
 namespace moe::cuda::grouped_gemm {
 
@@ -141,27 +139,25 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA, kDeferred>,
 // da = dyp · w_down[e]^T with the activation backward in the epilogue: dpre, never da.
 // kDeferred: each tile's but a CTA's last under the next tile's mainloop (SwiGLU), in kBlocks
 // blocks, one per k-slice.
-// kCarveout: shared memory kept from the stages (the lab's: fewer stages).
-template <class Config, bool kDeferred, int kBlocks, int kCarveout = 0>
+template <class Config, bool kDeferred, int kBlocks>
 using DownGradMainloop = cute::conditional_t<
     kDeferred,
-    DeferredMainloop<Mainloop<Config, WeightLayout::nk,
-                              kCarveout + deferred_record_bytes<DeferredActGrad<kBlocks>>>,
-                     DeferredActGrad<kBlocks>>,
-    Mainloop<Config, WeightLayout::nk, kCarveout>>;
+    DeferredMainloop<
+        Mainloop<Config, WeightLayout::nk, deferred_record_bytes<DeferredActGrad<kBlocks>>>,
+        DeferredActGrad<kBlocks>>,
+    Mainloop<Config, WeightLayout::nk, 0>>;
 template <bool kDeferred, int kBlocks>
 using ActGradEpilogue =
-    cute::conditional_t<kDeferred, EpilogueActGradDeferred<DeferredActGrad<kBlocks>>,
-                        EpilogueActGrad>;
+    cute::conditional_t<kDeferred, EpilogueActGradDeferred<kBlocks>, EpilogueActGrad>;
 
-template <class Config, bool kDeferred = false, int kBlocks = 8, int kCarveout = 0>
-struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks, kCarveout>,
+template <class Config, bool kDeferred = false, int kBlocks = 8>
+struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks>,
                                      ActGradEpilogue<kDeferred, kBlocks>> {
   static_assert(cute::size<1>(typename Config::TileShape{}) == kActGradTileN,
                 "GroupedGemmActGradArgs::row_dot has a part per kActGradTileN columns");
   static_assert(!kDeferred || cute::size(typename Config::ClusterShape{}) == 1,
                 "the deferred epilogue counts the grouped scheduler's tiles for a 1x1 cluster");
-  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks, kCarveout>,
+  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks>,
                              ActGradEpilogue<kDeferred, kBlocks>>;
   using typename Base::Carve;
   using typename Base::Epilogue;
@@ -185,63 +181,6 @@ struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks
     if constexpr (kDeferred) epilogue.tile_count = c.tile_count;
     return Base::gemm_arguments(c, {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, epilogue, groups,
                                 sm_count);
-  }
-
-  static size_t cutlass_bytes(int64_t groups, int sm_count) {
-    const Carve none = Base::carve(nullptr, groups, 0);
-    Args a;
-    a.n = 8;
-    return Gemm::get_workspace_size(arguments(none, a, true, groups, sm_count));
-  }
-};
-
-// The da GEMM with the activation backward deferred (StagedActGrad) and its pre brought into the
-// stages by the producer (StagedPreMainloop): 3 stages of 48 KiB operands + a 16 KiB box.
-// SwiGLU, blocked pairs, 1x1 cluster.
-struct StagedActGradArgs : GroupedGemmActGradArgs {
-  int64_t rows = 0;  // max_rows: pre's rows, for its tensor map
-};
-
-template <class Config>
-using StagedDownGradMainloop = DeferredMainloop<
-    StagedPreMainloop<Mainloop<Config, WeightLayout::nk,
-                               3 * 128 * 64 * 2 + deferred_record_bytes<StagedActGrad>>>,
-    StagedActGrad>;
-
-template <class Config>
-struct ActGradStagedKernel
-    : ActKernelBase<StagedDownGradMainloop<Config>, EpilogueActGradDeferred<StagedActGrad>> {
-  static_assert(cute::size<1>(typename Config::TileShape{}) == kActGradTileN,
-                "GroupedGemmActGradArgs::row_dot has a part per kActGradTileN columns");
-  using Base =
-      ActKernelBase<StagedDownGradMainloop<Config>, EpilogueActGradDeferred<StagedActGrad>>;
-  using typename Base::Carve;
-  using typename Base::Collective;
-  using typename Base::Epilogue;
-  using typename Base::Gemm;
-  static_assert(Base::GemmKernel::SharedStorageSize + deferred_record_bytes<StagedActGrad> <=
-                    232448,
-                "the stages, their boxes and the records fit an sm90 CTA's shared memory");
-  using Args = StagedActGradArgs;
-  static constexpr bool kGather = false;
-  static constexpr bool kBNk = true;
-  static constexpr bool kCountTiles = true;
-
-  static typename Gemm::Arguments arguments(const Carve& c, const Args& a, bool swiglu,
-                                            int64_t groups, int sm_count) {
-    typename Epilogue::Arguments epilogue;
-    epilogue.offsets = a.offsets;
-    epilogue.pre = a.pre;
-    epilogue.dpre = a.dpre;
-    epilogue.ld_pre = swiglu ? 2 * a.n : a.n;
-    epilogue.swiglu = swiglu ? 1 : 0;
-    epilogue.blocked = a.blocked ? 1 : 0;
-    epilogue.row_dot = a.row_dot;
-    epilogue.ld_row_dot = a.ld_row_dot;
-    epilogue.tile_count = c.tile_count;
-    typename Collective::Arguments m{{c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, {}};
-    m.s = {a.offsets, a.pre, epilogue.ld_pre, a.rows};
-    return Base::gemm_arguments(c, m, epilogue, groups, sm_count);
   }
 
   static size_t cutlass_bytes(int64_t groups, int sm_count) {

@@ -1,4 +1,4 @@
-// defines: moe::cuda::grouped_gemm::{DeferredActGradRecord, DeferredActGrad, StagedActGrad,
+// defines: moe::cuda::grouped_gemm::{DeferredActGradRecord, DeferredActGrad,
 //          EpilogueActivationGradDeferred, EpilogueActGradDeferred}
 // The da GEMM's SwiGLU backward run under the next tile's mainloop instead of after its own, as
 // the up-projection's forward is (the machinery: grouped_gemm_deferred_sm90.hpp). Measured
@@ -49,7 +49,7 @@ struct DeferredActGradRecord {
   int32_t units_left;        // N - n_tile - 2q (interleaved) or - 8q (blocked)
   uint16_t rows_ok;          // bit v1: row half v1 lies inside the segment
   uint16_t interleaved;      // pairs interleaved (1) or blocked (0)
-  int32_t tile_row;          // row half 0's row in the tile (StagedActGrad reads pre by it)
+  int32_t unused;
 };
 
 // The deferred work: one block of dpre (kPairs = 64 / kBlocks groups of a row half) per k-slice.
@@ -60,7 +60,6 @@ struct DeferredActGrad {
   static constexpr int kPairs = kStashPairs / kBlocks;  // 8-unit groups per block
   static constexpr int kPerRow = kBlocks / 2;           // blocks per row half
   static_assert(kPairs == 4 || kPairs == 8, "one or two blocked 32-unit runs per block");
-  static constexpr bool kBlockedOnly = false;
   // Read field by field where used: 10 registers fewer beside the accumulators, the stash and
   // pre (ptxas spilled with the record held in registers). The pointers come from shared memory,
   // so the accesses name the global space themselves (else they compile to generic LD / ST).
@@ -148,99 +147,16 @@ struct DeferredActGrad {
   }
 };
 
-// The same work with pre brought by the producer (StagedPreMainloop): block b is the tile's
-// 32-unit run b of all 128 rows, a 64-column x 128-row box of pre that TMA wrote, 128B-swizzled,
-// into the shared memory of the stage of the next tile's k-slice b. Each thread reads its two rows'
-// 32 bytes there instead of from global memory; dpre and the dots are written as before, in the
-// same order per row half (runs ascending), so the same bits. Blocked pairs only (the box is a
-// run). A block without a stage (the CTA's last tile, or a next tile of fewer than 8 slices)
-// loads its pre from global memory.
-struct StagedActGrad {
-  using Record = DeferredActGradRecord;
-  static constexpr int kBlocks = 8;
-  static constexpr int kPairs = kStashPairs / kBlocks;  // 4 groups of each row half
-  static constexpr bool kStagedPre = true;
-  static constexpr bool kBlockedOnly = true;
-  static constexpr int kRowBytes = 128;  // a run of one row in the box
-
-  // Slot 8 b + 4 v1 + i holds row half v1's group 4 b + i (pair 32 v1 + 4 b + i).
-  CUTLASS_DEVICE static constexpr int stash_source(int s) {
-    return 32 * ((s / 4) % 2) + 4 * (s / 8) + s % 4;
-  }
-
-  const volatile Record& rec;
-  int q;
-  float dot[2] = {0.f, 0.f};  // each row half's da * act so far
-
-  CUTLASS_DEVICE StagedActGrad(const Record& r, int lane_in_quad) : rec(r), q(lane_in_quad) {}
-
-  // h[4 v1 + i]: da of row half v1's group 4 b + i, columns 2q (low) and 2q + 1 (high).
-  // pre: the box's shared-memory address, or 0 (global memory).
-  CUTLASS_DEVICE void block(int b, const uint32_t* h, uint32_t pre) {
-    // Row half by row half, its 32 bytes loaded before its arithmetic. Loading chunk by chunk
-    // between the arithmetic measured 1.25x the immediate epilogue, both rows' chunks first and
-    // then the arithmetic chunk by chunk 1.27-1.31x, against 1.07-1.13x for this (experts_lab
-    // run 25).
-    CUTLASS_PRAGMA_UNROLL
-    for (int v1 = 0; v1 < 2; ++v1) {
-      const bool ok = ((rec.rows_ok >> v1) & 1u) && 32 * b < rec.units_left;
-      uint4 w0 = make_uint4(0, 0, 0, 0), w1 = w0;
-      if (pre != 0) {
-        // 16-byte chunk c of box row r lies at chunk c ^ (r % 8) (the 128B swizzle).
-        const int r = rec.tile_row + 8 * v1;
-        const uint32_t row = pre + r * kRowBytes;
-        const uint32_t x = r % 8;
-        uint4 s0, s1;
-        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(s0.x), "=r"(s0.y), "=r"(s0.z), "=r"(s0.w)
-                     : "r"(row + (((2 * q) ^ x) << 4)));
-        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(s1.x), "=r"(s1.y), "=r"(s1.z), "=r"(s1.w)
-                     : "r"(row + (((2 * q + 1) ^ x) << 4)));
-        if (ok) w0 = s0, w1 = s1;
-      } else if (ok) {
-        const uint4* p = reinterpret_cast<const uint4*>(rec.pre + v1 * rec.ld8 + 64 * b);
-        w0 = __ldcg(p), w1 = __ldcg(p + 1);
-      }
-      const uint32_t w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-      // Lane q's pair 8q + s of the run is group 4 b + s % 4's column 2q + s / 4.
-      uint32_t o[8];
-      CUTLASS_PRAGMA_UNROLL
-      for (int s = 0; s < 8; ++s) {
-        uint32_t u = h[4 * v1 + s % 4];
-        const __nv_bfloat162 d = *reinterpret_cast<__nv_bfloat162*>(&u);
-        o[s] = swiglu_grad_pair(s / 4 ? __high2float(d) : __low2float(d), w[s], dot[v1]);
-      }
-      if (ok) {
-        uint4* p = reinterpret_cast<uint4*>(rec.dpre + v1 * rec.ld8 + 64 * b);
-        __stcg(p, make_uint4(o[0], o[1], o[2], o[3]));
-        __stcg(p + 1, make_uint4(o[4], o[5], o[6], o[7]));
-      }
-    }
-    if (b == kBlocks - 1 && rec.row_dot != nullptr) {  // the rows are done: the quads' sums
-      CUTLASS_PRAGMA_UNROLL
-      for (int v1 = 0; v1 < 2; ++v1) {
-        float d = dot[v1];
-        d += __shfl_xor_sync(0xffffffffu, d, 1);
-        d += __shfl_xor_sync(0xffffffffu, d, 2);
-        if (((rec.rows_ok >> v1) & 1u) && q == 0) __stcg(rec.row_dot + 8 * v1, d);
-      }
-    }
-  }
-};
-
 // EpilogueActivationGrad for SwiGLU that leaves every tile but the CTA's last to the next
-// mainloop (DeferredMainloop<Base, Work>, Work DeferredActGrad<kBlocks> or StagedActGrad): it
-// records where pre and dpre lie.
-template <class Work>
+// mainloop (DeferredMainloop<Base, DeferredActGrad<kBlocks>>): it records where pre and dpre lie.
+template <int kBlocks>
 class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
  public:
   template <class ProblemShape>
   static bool can_implement(ProblemShape const& shape, Arguments const& args) {
     return EpilogueActivationGrad::can_implement(shape, args) && args.swiglu != 0 &&
            args.tile_count != nullptr &&
-           args.ld_pre < (int64_t{1} << 27) &&  // DeferredActGradRecord::ld8 (as deferrable())
-           (!Work::kBlockedOnly || args.blocked != 0);
+           args.ld_pre < (int64_t{1} << 27);  // DeferredActGradRecord::ld8 (as deferrable())
   }
 
   CUTLASS_HOST_DEVICE explicit EpilogueActivationGradDeferred(Params const& params)
@@ -254,7 +170,7 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
                                  TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
     constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
     static_assert(2 * kGroups == kStashPairs, "a 256-column tile");
-    constexpr int kBlocks = Work::kBlocks;
+    using Work = DeferredActGrad<kBlocks>;
     constexpr int kTileN = cute::size<1>(BlockShapeMNK{});
     const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
                                 tiled_mma, thread_idx);
@@ -272,7 +188,7 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
     rec.units_left = t.cols - first;
     rec.rows_ok = static_cast<uint16_t>((t.m[0] < t.rows ? 1 : 0) | (t.m[1] < t.rows ? 2 : 0));
     rec.interleaved = interleaved ? 1 : 0;
-    rec.tile_row = t.m[0] % cute::size<0>(BlockShapeMNK{});
+    rec.unused = 0;
     DeferredActGradRecord& slot = deferred_records<DeferredActGradRecord>()[thread_idx];
     slot = rec;
     if (tiles_.last(params_.tile_count)) {
@@ -284,11 +200,8 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
         uint32_t h[Work::kPairs];
         CUTLASS_PRAGMA_UNROLL
         for (int k = 0; k < Work::kPairs; ++k)
-          h[k] = stash_pair(accumulators, stash_source<Work>(Work::kPairs * b + k));
-        if constexpr (requires { Work::kStagedPre; })
-          work.block(b, h, 0u);  // pre from global memory
-        else
-          work.block(b, h);
+          h[k] = stash_pair(accumulators, Work::kPairs * b + k);
+        work.block(b, h);
       }
     }
   }
@@ -297,9 +210,9 @@ class EpilogueActivationGradDeferred : public EpilogueActivationGrad {
   CtaTileCounter tiles_;
 };
 
-template <class Work>
+template <int kBlocks>
 using EpilogueActGradDeferred =
     cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-        EpilogueActivationGradDeferred<Work>>;
+        EpilogueActivationGradDeferred<kBlocks>>;
 
 }  // namespace moe::cuda::grouped_gemm

@@ -26,12 +26,6 @@
 //   Work(Record const&, int q)               the thread's record in shared memory (read only
 //                                            while a stash is pending), q = its lane in its quad
 //   void block(int b, const uint32_t* pairs) block b from its 64 / kBlocks stashed bf16 pairs
-//   static int stash_source(int s)           optional: the pair stash slot s holds (block b's are
-//                                            slots 64 / kBlocks * b ..); default: pair s
-//   kStagedPre, block(b, pairs, pre)         optional: the producer brought block b's input into
-//                                            the shared memory of the stage of k-slice b
-//                                            (StagedPreMainloop); pre is its address there, or
-//                                            0 where the tile had no slice b
 // Every lane of a warp calls it with the same b (quad exchanges, row-dot shuffles).
 //
 // A CTA's last tile has no next mainloop: its epilogue runs at once from the accumulators. The
@@ -61,16 +55,6 @@ CUTLASS_DEVICE Record* deferred_records() {
 template <class Work>
 inline constexpr int deferred_record_bytes =
     kDeferredThreads * static_cast<int>(sizeof(typename Work::Record));
-
-// Which pair of the tile stash slot s holds: Work::stash_source(s) where the Work orders its
-// blocks otherwise (StagedActGrad: by 32-unit run), else pair s.
-template <class Work>
-CUTLASS_DEVICE constexpr int stash_source(int s) {
-  if constexpr (requires { Work::stash_source(0); })
-    return Work::stash_source(s);
-  else
-    return s;
-}
 
 // Pair p of a tile's stash (row half p / 32, column group p % 32) from the accumulators, rounded
 // to bf16 as the immediate epilogues round them (value 2 v1 + 4 j (+1), RegisterEpilogue).
@@ -117,7 +101,6 @@ struct DeferredMainloop : Base {
   using Record = typename Work::Record;
   static_assert(Base::K_PIPE_MMAS == 1, "mma_tail releases exactly one stage");
   static constexpr bool kGatheredA = requires { typename Base::GatherArgs; };
-  static constexpr bool kStagedPre = requires { Work::kStagedPre; };
 
   static constexpr int kBlocks = Work::kBlocks;
   static constexpr int kPairs = kStashPairs / kBlocks;  // per block
@@ -176,14 +159,7 @@ struct DeferredMainloop : Base {
       pipeline.consumer_release(smem_pipe_release);
       ++smem_pipe_release;
     };
-    // Block b's input rides in the stage of this tile's k-slice b, which is released after it.
-    auto deferred = [&](int b, bool in_stage) {
-      if constexpr (kStagedPre)
-        work.block(b, stash_ + kPairs * b,
-                   in_stage ? Base::pre_slot(shared_tensors, smem_pipe_release.index()) : 0u);
-      else
-        work.block(b, stash_ + kPairs * b);
-    };
+    auto deferred = [&](int b) { work.block(b, stash_ + kPairs * b); };
 
     int k_left = k_tile_count;
     if (k_left > 0) issue(true), --k_left;
@@ -194,11 +170,11 @@ struct DeferredMainloop : Base {
     for (int b = 0; b < kBlocks; ++b) {
       if (k_left > 0) {
         issue(false);
-        if (pending) deferred(b, true);
+        if (pending) deferred(b);
         retire();
         --k_left;
       } else if (pending) {
-        deferred(b, b < k_tile_count);  // slice b, if any, is the last: not released yet
+        deferred(b);
       }
     }
     CUTLASS_PRAGMA_NO_UNROLL
@@ -212,7 +188,7 @@ struct DeferredMainloop : Base {
     warpgroup_wait<0>();
     warpgroup_fence_operand(accum);
     CUTLASS_PRAGMA_UNROLL
-    for (int p = 0; p < kStashPairs; ++p) stash_[p] = stash_pair(accum, stash_source<Work>(p));
+    for (int p = 0; p < kStashPairs; ++p) stash_[p] = stash_pair(accum, p);
     pending_ = true;  // unless this was the CTA's last tile; then no mma follows
   }
 };
