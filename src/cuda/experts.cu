@@ -465,10 +465,6 @@ void to_gate_up_layout(const bf16* split, bf16* dst, GateUpLayout to, int64_t ro
                        cudaStream_t stream) {
   reorder_gate_up(split, dst, to, true, rows, inter, stream);
 }
-void to_gate_up_layout(const float* split, float* dst, GateUpLayout to, int64_t rows,
-                       int64_t inter, cudaStream_t stream) {
-  reorder_gate_up(split, dst, to, true, rows, inter, stream);
-}
 void from_gate_up_layout(const bf16* src, GateUpLayout from, bf16* split, int64_t rows,
                          int64_t inter, cudaStream_t stream) {
   reorder_gate_up(src, split, from, false, rows, inter, stream);

@@ -218,13 +218,10 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& args, cud
                       cudaEvent_t* events = nullptr);
 
 // Reorder the 2I columns of a (rows, 2I) row-major matrix between GateUpLayouts: w_up seen as
-// (E*H, 2I) at load time, and back for checkpoints or comparisons (dw_up in fp32; the LM's fp32
-// parameters and AdamW moments). In place is not allowed (dst != src). interleave_gate_up /
-// split_gate_up are the interleaved cases.
+// (E*H, 2I) at load time, and back for checkpoints or comparisons (dw_up in fp32). In place is
+// not allowed (dst != src). interleave_gate_up / split_gate_up are the interleaved cases.
 void to_gate_up_layout(const bf16* split, bf16* dst, GateUpLayout to, int64_t rows, int64_t inter,
                        cudaStream_t stream);
-void to_gate_up_layout(const float* split, float* dst, GateUpLayout to, int64_t rows,
-                       int64_t inter, cudaStream_t stream);
 void from_gate_up_layout(const bf16* src, GateUpLayout from, bf16* split, int64_t rows,
                          int64_t inter, cudaStream_t stream);
 void from_gate_up_layout(const float* src, GateUpLayout from, float* split, int64_t rows,

@@ -46,7 +46,6 @@ struct TensorSlot {
   std::string name;
   int64_t offset = 0, size = 0;
   bool decay = false, trainable = false;
-  bool gate_up = false;  // a routed SwiGLU w_up, held on the device in GpuModel::gate_up_ order
 };
 
 // The MoE FFN of one block: a Layer (token choice, expert choice), a ChainLayer
@@ -146,14 +145,6 @@ class GpuModel final : public model::LanguageModel {
   // ChainLayer (LayerGrads::accumulate_experts = false) and the dense GEMMs; SoftMoeLayer only
   // accumulates, so soft_moe keeps them zeroed.
   bool fresh_expert_grads_ = false;
-  // The routed experts run grouped_fused, which takes SwiGLU's w_up with its gate and up columns
-  // in pairs: on the device w_up (its gradient, its AdamW moments) is in this order, blocked
-  // where I is a multiple of 32, else interleaved; AdamW does not care. The host mirror
-  // (checkpoints, the CPU model) keeps the split order: upload_state, weights() and optimizer()
-  // convert through gate_up_scratch_. split: nothing to convert (GELU, dense, soft_moe).
-  GateUpLayout gate_up_ = GateUpLayout::split;
-  int64_t gate_up_inter_ = 0;
-  float* gate_up_scratch_ = nullptr;
   float *params_ = nullptr, *grads_ = nullptr, *m_ = nullptr, *v_ = nullptr;
   bf16* params_bf16_ = nullptr;
   // AdamW in one launch: the trainable tensors as chunks with their weight decay, uploaded when
@@ -227,8 +218,6 @@ class GpuModel final : public model::LanguageModel {
   LayerWeights ffn_weights(int64_t l);
   SoftMoeWeights soft_weights(int64_t l);
   void upload_state();
-  void put(const TensorSlot& s, float* dst, const float* host);
-  void get(const TensorSlot& s, const float* src, float* host);
   void record(cudaEvent_t e) { MOE_CUDA_CHECK(cudaEventRecord(e, stream_)); }
 };
 
@@ -250,29 +239,9 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
     model::Transformer init(cfg_, seed);
     host_ = init.weights();
   }
-  {
-    const LayerConfig lc = cfg_.layer_config(cfg_.seq);
-    const bool routed =
-        cfg_.ffn_kind == model::FfnKind::moe && cfg_.ffn.router != Router::soft_moe;
-    if (routed && lc.activation == Activation::swiglu) {
-      gate_up_ = lc.inter % 32 == 0 ? GateUpLayout::blocked : GateUpLayout::interleaved;
-      gate_up_inter_ = lc.inter;
-    }
-  }
-  auto ends_with = [](const std::string& name, const std::string& tail) {
-    return name.size() >= tail.size() &&
-           name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
-  };
-  int64_t gate_up_largest = 0;
   std::vector<TensorRef> list = model::tensor_list(host_);
   for (const TensorRef& t : list) {
     TensorSlot s{t.name, total_, int64_t(t.value->size()), t.decay, t.trainable};
-    s.gate_up = gate_up_ != GateUpLayout::split && ends_with(t.name, ".ffn.experts.w_up");
-    if (s.gate_up) {
-      MOE_CHECK(s.size % (2 * gate_up_inter_) == 0, "GPU model: ", t.name, " has ", s.size,
-                " values, not rows of 2I = ", 2 * gate_up_inter_);
-      gate_up_largest = std::max(gate_up_largest, s.size);
-    }
     slot_of_[t.name] = int64_t(slots_.size());
     slots_.push_back(s);
     total_ += (s.size + kTensorAlign - 1) / kTensorAlign * kTensorAlign;
@@ -282,8 +251,11 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
       cfg_.ffn_kind != model::FfnKind::moe || cfg_.ffn.router != Router::soft_moe;
   {
     auto fresh = [&](const std::string& name) {
-      return fresh_expert_grads_ && (ends_with(name, ".ffn.experts.w_up") ||
-                                     ends_with(name, ".ffn.experts.w_down"));
+      auto ends = [&](const std::string& tail) {
+        return name.size() >= tail.size() &&
+               name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+      };
+      return fresh_expert_grads_ && (ends(".ffn.experts.w_up") || ends(".ffn.experts.w_down"));
     };
     int64_t begin = 0;  // start of the range being gathered
     for (const TensorSlot& s : slots_) {
@@ -303,7 +275,6 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
       {"adam_m", P * f, reinterpret_cast<void**>(&m_)},
       {"adam_v", P * f, reinterpret_cast<void**>(&v_)},
       {"params_bf16", P * b, reinterpret_cast<void**>(&params_bf16_)},
-      {"gate_up_scratch", size_t(gate_up_largest) * f, reinterpret_cast<void**>(&gate_up_scratch_)},
       {"adam_chunks", adam_chunks_.size() * sizeof(AdamWChunk),
        reinterpret_cast<void**>(&adam_chunks_dev_)},
   });
@@ -411,39 +382,19 @@ const TensorSlot& GpuModel::slot(const std::string& name) const {
   return slots_[it->second];
 }
 
-// One tensor between the host mirror (split gate/up order) and the device (gate_up_ order for
-// the slots that have it). The scratch is reused in stream order; pageable copies return once
-// the host side is done with.
-void GpuModel::put(const TensorSlot& s, float* dst, const float* host) {
-  const size_t bytes = size_t(s.size) * sizeof(float);
-  if (!s.gate_up) {
-    MOE_CUDA_CHECK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream_));
-    return;
-  }
-  MOE_CUDA_CHECK(cudaMemcpyAsync(gate_up_scratch_, host, bytes, cudaMemcpyHostToDevice, stream_));
-  to_gate_up_layout(gate_up_scratch_, dst, gate_up_, s.size / (2 * gate_up_inter_),
-                    gate_up_inter_, stream_);
-}
-
-void GpuModel::get(const TensorSlot& s, const float* src, float* host) {
-  const size_t bytes = size_t(s.size) * sizeof(float);
-  if (s.gate_up) {
-    from_gate_up_layout(src, gate_up_, gate_up_scratch_, s.size / (2 * gate_up_inter_),
-                        gate_up_inter_, stream_);
-    src = gate_up_scratch_;
-  }
-  MOE_CUDA_CHECK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, stream_));
-}
-
 void GpuModel::upload_state() {
   std::vector<TensorRef> list = model::tensor_list(host_);
   size_t moment = 0;
   for (size_t i = 0; i < list.size(); ++i) {
     const TensorSlot& s = slots_[i];
-    put(s, params_ + s.offset, list[i].value->data());
+    const size_t bytes = size_t(s.size) * sizeof(float);
+    MOE_CUDA_CHECK(cudaMemcpyAsync(params_ + s.offset, list[i].value->data(), bytes,
+                                   cudaMemcpyHostToDevice, stream_));
     if (!s.trainable) continue;
-    put(s, m_ + s.offset, host_opt_.m[moment].data());
-    put(s, v_ + s.offset, host_opt_.v[moment].data());
+    MOE_CUDA_CHECK(cudaMemcpyAsync(m_ + s.offset, host_opt_.m[moment].data(), bytes,
+                                   cudaMemcpyHostToDevice, stream_));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(v_ + s.offset, host_opt_.v[moment].data(), bytes,
+                                   cudaMemcpyHostToDevice, stream_));
     ++moment;
   }
   adam_t_ = host_opt_.t;
@@ -454,7 +405,9 @@ void GpuModel::upload_state() {
 model::Weights& GpuModel::weights() {
   std::vector<TensorRef> list = model::tensor_list(host_);
   for (size_t i = 0; i < list.size(); ++i)
-    get(slots_[i], params_ + slots_[i].offset, list[i].value->data());
+    MOE_CUDA_CHECK(cudaMemcpyAsync(list[i].value->data(), params_ + slots_[i].offset,
+                                   size_t(slots_[i].size) * sizeof(float), cudaMemcpyDeviceToHost,
+                                   stream_));
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   return host_;
 }
@@ -463,8 +416,11 @@ model::AdamW& GpuModel::optimizer() {
   size_t moment = 0;
   for (const TensorSlot& s : slots_) {
     if (!s.trainable) continue;
-    get(s, m_ + s.offset, host_opt_.m[moment].data());
-    get(s, v_ + s.offset, host_opt_.v[moment].data());
+    const size_t bytes = size_t(s.size) * sizeof(float);
+    MOE_CUDA_CHECK(cudaMemcpyAsync(host_opt_.m[moment].data(), m_ + s.offset, bytes,
+                                   cudaMemcpyDeviceToHost, stream_));
+    MOE_CUDA_CHECK(cudaMemcpyAsync(host_opt_.v[moment].data(), v_ + s.offset, bytes,
+                                   cudaMemcpyDeviceToHost, stream_));
     ++moment;
   }
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -507,10 +463,10 @@ std::vector<BlockFfn>& GpuModel::ffn_layers(int64_t tokens, bool training) {
                                                 GateUpLayout::split, /*backward=*/training,
                                                 cublas_);
       else if (chain)  // the model's cuBLAS handle: 64 MiB saved per layer (see Layer)
-        f.chain = std::make_unique<ChainLayer>(c, ExpertsBackend::grouped_fused, gate_up_,
+        f.chain = std::make_unique<ChainLayer>(c, ExpertsBackend::grouped, GateUpLayout::split,
                                                /*backward=*/training, cublas_);
       else
-        f.layer = std::make_unique<Layer>(c, ExpertsBackend::grouped_fused, gate_up_,
+        f.layer = std::make_unique<Layer>(c, ExpertsBackend::grouped, GateUpLayout::split,
                                           /*backward=*/training, groups, cublas_);
       layers.push_back(std::move(f));
     }
