@@ -146,6 +146,10 @@ using WgradFreshTma = gg::WgradLauncher<gg::WgradKernel<
     gg::CooperativeConfig, cutlass::epilogue::collective::EpilogueTileAuto, float, true>>;
 using WgradBf16Tma = gg::WgradLauncher<
     gg::WgradKernel<gg::CooperativeConfig, cutlass::epilogue::collective::EpilogueTileAuto, gg::Bf16>>;
+// Fresh fp32 dW, the whole tile stored from registers at once (the library's before run 26,
+// which keeps row half 1 for the next tile's mainloop).
+using WgradF32AtOnce = gg::WgradLauncher<
+    gg::WgradRegisterKernel<gg::CooperativeNoClusterConfig, gg::WgradStoreF32>>;
 using Sub128x16 = cute::Shape<cute::_128, cute::_16>;
 using Sub128x32 = cute::Shape<cute::_128, cute::_32>;
 // cuBLAS's dense kernels for these shapes use 192-wide tiles (run 6).
@@ -201,7 +205,9 @@ struct Options {
         "                             each tile's mainloop against the library's under the\n"
         "                             next one's\n"
         "            [--ab-wgrad-store]  only fresh dW (fp32, bf16): the TMA store after each\n"
-        "                             tile against the library's register stores\n"
+        "                             tile against the library's register stores; fp32 also\n"
+        "                             the whole tile at once against the library's row half 1\n"
+        "                             under the next mainloop\n"
         "            [--ab-act-grad-pingpong]  only the da GEMM with the activation backward\n"
         "                             and row dots: the library's against pingpong 64x256\n"
         "            [--ab-concurrent]  only the backward's independent GEMM pairs (dw_down and\n"
@@ -864,8 +870,9 @@ int run(const Options& o) {
       // Fresh dW, fp32 and bf16: the TMA store after each tile (A) against the library's register
       // stores (B: fp32 at once, bf16 under the next tile's mainloop), each checked bit-equal
       // first (the library's dW poisoned before its run).
-      void* wws = workspace(std::max(WgradFreshTma::workspace_bytes(E, sms),
-                                     WgradBf16Tma::workspace_bytes(E, sms)));
+      void* wws = workspace(std::max({WgradFreshTma::workspace_bytes(E, sms),
+                                      WgradBf16Tma::workspace_bytes(E, sms),
+                                      WgradF32AtOnce::workspace_bytes(E, sms)}));
       bf16 *dw16 = nullptr, *dw16b = nullptr;
       MOE_CUDA_CHECK(cudaMalloc(&dw16, E * H * A * sizeof(bf16)));
       MOE_CUDA_CHECK(cudaMalloc(&dw16b, E * H * A * sizeof(bf16)));
@@ -886,6 +893,19 @@ int run(const Options& o) {
         if (same_bits)
           ab((what + " (fresh fp32): TMA store 2x1 (A) vs library, registers 1x1 (B)").c_str(),
              pass ? f_up : f_down, [&] { WgradFreshTma::run(a32, E, wws, sms, s); },
+             [&] { g_wgrad.run(b32, s); });
+        // The whole tile at once from registers, against the library's row half 1 under the next
+        // tile's mainloop (its dW in got).
+        const GroupedWgradArgs h32{offsets, p, q, x, y, tma, false};
+        MOE_CUDA_CHECK(cudaMemsetAsync(tma, 0xff, n * sizeof(float), s));
+        WgradF32AtOnce::run(h32, E, wws, sms, s);
+        const std::vector<float> once = download(tma, n);
+        const bool once_same = std::memcmp(once.data(), got.data(), n * sizeof(float)) == 0;
+        std::printf("AB verify %-37s %s\n", (what + " fp32 at once").c_str(),
+                    once_same ? "same bits" : "DIFFERENT");
+        if (once_same)
+          ab((what + " (fresh fp32): at once (A) vs library, row half 1 deferred (B)").c_str(),
+             pass ? f_up : f_down, [&] { WgradF32AtOnce::run(h32, E, wws, sms, s); },
              [&] { g_wgrad.run(b32, s); });
         GroupedWgradArgs a16{offsets, p, q, x, y, nullptr, false}, b16 = a16;
         a16.dw_bf16 = dw16;

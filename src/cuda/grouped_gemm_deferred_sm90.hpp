@@ -26,6 +26,8 @@
 //   Work(Record const&, int q)               the thread's record in shared memory (read only
 //                                            while a stash is pending), q = its lane in its quad
 //   void block(int b, const uint32_t* pairs) block b from its 64 / kBlocks stashed bf16 pairs
+//   static uint32_t stash(accum, int p)      optional: stash word p, where it is not bf16 pair p
+//                                            (DeferredStoreF32Half: row half 1's fp32 values)
 // Every lane of a warp calls it with the same b (quad exchanges, row-dot shuffles).
 //
 // A CTA's last tile has no next mainloop: its epilogue runs at once from the accumulators. The
@@ -188,7 +190,12 @@ struct DeferredMainloop : Base {
     warpgroup_wait<0>();
     warpgroup_fence_operand(accum);
     CUTLASS_PRAGMA_UNROLL
-    for (int p = 0; p < kStashPairs; ++p) stash_[p] = stash_pair(accum, p);
+    for (int p = 0; p < kStashPairs; ++p) {
+      if constexpr (requires { Work::stash(accum, 0); })
+        stash_[p] = Work::stash(accum, p);
+      else
+        stash_[p] = stash_pair(accum, p);
+    }
     pending_ = true;  // unless this was the CTA's last tile; then no mma follows
   }
 };

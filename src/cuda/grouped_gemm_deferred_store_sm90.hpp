@@ -1,10 +1,12 @@
 // defines: moe::cuda::grouped_gemm::{DeferredStoreRecord, DeferredStore, StoreEpilogueArguments,
 //          EpilogueStoreDeferred, EpilogueStoreDeferredOp, StoreF32EpilogueArguments,
-//          EpilogueStoreF32, EpilogueStoreF32Op}
+//          EpilogueStoreF32, EpilogueStoreF32Op, DeferredStoreF32Record, DeferredStoreF32Half,
+//          StoreF32DeferredEpilogueArguments, EpilogueStoreF32HalfDeferred,
+//          EpilogueStoreF32HalfDeferredOp}
 // A plain grouped GEMM's bf16 store (D = acc) run under the next tile's mainloop instead of after
 // its own (the machinery: grouped_gemm_deferred_sm90.hpp): the down-projection's yp and the
 // backward's dxp (rows in expert order), the bf16 weight gradients (dW_e stacked); and the fp32
-// weight gradients' store from registers, at once (below).
+// weight gradients' store from registers, row half 0 at once and row half 1 deferred (below).
 //
 // Why: the plain GEMMs' TMA store epilogue (EpilogueStoreStaged, 4 D buffers) runs after each
 // tile's mainloop while the tensor cores wait: the consumers stage eight 128x32 subtiles through
@@ -130,9 +132,8 @@ using EpilogueStoreDeferredOp =
 // stores (experts_lab run 22: 0.92-0.98x the TMA store's time, same bits). Stores are 16 bytes:
 // lanes q and q ^ 1 swap one group's pair, after which the even lane holds columns 8 j + 2q .. + 3
 // of group j and the odd one those of group j + 1 (64 contiguous bytes per row per warp
-// instruction). Keeping row half 1 for the next mainloop (64 registers) measured slower
-// (1.06-1.11x the TMA store): ptxas inserts a wgmma wait into that kernel (C7517;
-// bench/lab/experts_lab.md, Version 13).
+// instruction). The library keeps row half 1 for the next mainloop instead (below); this whole
+// tile at once is the lab's comparison.
 
 // Group pair (j0, j0 + 1) of one row half: w = (j0's two values, j1's two values) of this lane.
 // Stores this lane's 16 bytes at d + 8 j0 (d: the lane's row and first column, see below).
@@ -200,5 +201,124 @@ class EpilogueStoreF32 : public RegisterEpilogue<StoreF32EpilogueArguments> {
 
 using EpilogueStoreF32Op =
     cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<EpilogueStoreF32>;
+
+// ------------------------------------------------------------------------------------------------
+// fp32 D, row half 0 at once and row half 1 under the next tile's mainloop (the fresh fp32 dW)
+// ------------------------------------------------------------------------------------------------
+// Row half 1's 64 values (64 registers, as the bf16 stash) kept for the next mainloop. The stash
+// words are taken from the accumulators by a volatile asm mov with a float operand. Version 13's
+// plain copy (__float_as_uint) let the optimiser turn the mainloop's loop-carried accumulators
+// of row half 1 into integers: each wgmma's outputs were then bitcast right after its issue, where
+// ptxas must wait for them (C7517) and serialises the wgmmas (C7511). The PTX of this form has
+// neither.
+
+// Where one consumer thread's row half 1 goes (16 bytes).
+struct DeferredStoreF32Record {
+  float* d;       // row half 1's row, the lane's first column (f32_lane_column)
+  uint32_t mask;  // bit g: group pair (2g, 2g + 1) lies inside the output
+  uint32_t odd;   // lane q is odd
+};
+
+struct DeferredStoreF32Half {
+  using Record = DeferredStoreF32Record;
+  static constexpr int kBlocks = 8;  // 8 words each: row half 1's groups 4b .. 4b + 3
+  Record rec;
+
+  CUTLASS_DEVICE DeferredStoreF32Half(const Record& r, int) : rec(r) {}
+
+  // Word p: row half 1's group p / 2, column 2q + p % 2 (value 2 + 4 (p / 2) + p % 2).
+  // A float operand into a volatile asm (see above): no integer view of the accumulators in the
+  // IR, and the copy stays where the source puts it, after the tile's last wgmma wait.
+  template <class Accumulators>
+  CUTLASS_DEVICE static uint32_t stash(Accumulators const& accum, int p) {
+    uint32_t w;
+    asm volatile("mov.b32 %0, %1;" : "=r"(w) : "f"(accum(2 + 4 * (p / 2) + p % 2)));
+    return w;
+  }
+
+  CUTLASS_DEVICE void block(int b, const uint32_t* h) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int k = 0; k < 2; ++k) {  // group pair 2b + k: groups 4b + 2k, + 1
+      const int g = 2 * b + k;
+      store_f32_group_pair(rec.d, 2 * g, h[4 * k], h[4 * k + 1], h[4 * k + 2], h[4 * k + 3],
+                           rec.odd != 0, (rec.mask >> g) & 1u);
+    }
+  }
+};
+
+struct StoreF32DeferredEpilogueArguments : StoreF32EpilogueArguments {
+  const int32_t* tile_count = nullptr;  // tiles over all groups (prepare_kernel counts them)
+};
+
+// EpilogueStoreF32's row half 0, and row half 1 recorded for DeferredMainloop<Base,
+// DeferredStoreF32Half> (a CTA's last tile: stored at once).
+class EpilogueStoreF32HalfDeferred : public RegisterEpilogue<StoreF32DeferredEpilogueArguments> {
+ public:
+  using ElementC = float;
+  using ElementD = float;
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.d != nullptr && args.ld % 8 == 0 && args.tile_count != nullptr;
+  }
+
+  CUTLASS_HOST_DEVICE explicit EpilogueStoreF32HalfDeferred(Params const& params)
+      : RegisterEpilogue(params) {}
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
+            class FrgLayout, class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
+                                 BlockCoordMNKL blk_coord_mnkl,
+                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    using namespace cute;
+    constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
+    static_assert(2 * kGroups == kStashPairs, "a 256-column tile");
+    const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
+                                tiled_mma, thread_idx);
+    const bool odd = t.q & 1;
+    const int col0 = t.n_tile + f32_lane_column(t.q);
+    auto row = [&](int v1) { return params_.d + (t.row0 + t.m[v1]) * params_.ld + col0; };
+    {
+      float* d = row(0);
+      const bool row_ok = t.m[0] < t.rows;
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kGroups / 2; ++g) {
+        const int i = 8 * g;
+        store_f32_group_pair(d, 2 * g, __float_as_uint(accumulators(i)),
+                             __float_as_uint(accumulators(i + 1)),
+                             __float_as_uint(accumulators(i + 4)),
+                             __float_as_uint(accumulators(i + 5)), odd,
+                             row_ok && col0 + 16 * g < t.cols);
+      }
+    }
+    DeferredStoreF32Record rec;
+    rec.d = row(1);
+    rec.odd = odd ? 1u : 0u;
+    rec.mask = 0;
+    CUTLASS_PRAGMA_UNROLL
+    for (int g = 0; g < kGroups / 2; ++g)
+      if (t.m[1] < t.rows && col0 + 16 * g < t.cols) rec.mask |= 1u << g;
+    if (tiles_.last(params_.tile_count)) {  // nothing runs after it: store now
+      DeferredStoreF32Half work(rec, t.q);
+      CUTLASS_PRAGMA_UNROLL
+      for (int b = 0; b < DeferredStoreF32Half::kBlocks; ++b) {
+        uint32_t h[8];
+        CUTLASS_PRAGMA_UNROLL
+        for (int k = 0; k < 8; ++k) h[k] = DeferredStoreF32Half::stash(accumulators, 8 * b + k);
+        work.block(b, h);
+      }
+      return;
+    }
+    deferred_records<DeferredStoreF32Record>()[thread_idx] = rec;
+  }
+
+ private:
+  CtaTileCounter tiles_;
+};
+
+using EpilogueStoreF32HalfDeferredOp =
+    cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+        EpilogueStoreF32HalfDeferred>;
 
 }  // namespace moe::cuda::grouped_gemm

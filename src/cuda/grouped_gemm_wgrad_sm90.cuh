@@ -1,5 +1,5 @@
-// defines: moe::cuda::grouped_gemm::{WgradKernel, WgradStoreF32, WgradStoreBf16Deferred,
-//          WgradRegisterKernel, WgradLauncher}
+// defines: moe::cuda::grouped_gemm::{WgradKernel, WgradStoreF32, WgradStoreF32HalfDeferred,
+//          WgradStoreBf16Deferred, WgradRegisterKernel, WgradLauncher}
 // The weight-gradient grouped GEMM: dW_e (P, Q) fp32 += X_e^T · Y_e over each expert's segment, the
 // reduction dimension K being the segment length m_e (different for every expert, known only on
 // the device). Pieces: the ptr-array mainloop with A = X^T column-major and B = Y row-major
@@ -123,10 +123,14 @@ struct WgradKernel {
 // Fresh dW stored from registers (grouped_gemm_deferred_store_sm90.hpp) instead of through
 // shared memory and TMA, on a 1x1 cluster (the deferred epilogue counts the grouped scheduler's
 // tiles for one). Store, what the epilogue does:
-//   WgradStoreF32           fp32, the whole tile at once (EpilogueStoreF32);
-//   WgradStoreBf16Deferred  bf16, the tile under the next tile's mainloop (DeferredStore).
-// experts_lab run 22 against the TMA store on 2x1 (the library's before): fp32 0.92-0.98x, bf16
-// 0.84-0.93x the time at OLMoE and Qwen3, same bits.
+//   WgradStoreF32              fp32, the whole tile at once (EpilogueStoreF32; the lab's since
+//                              run 26);
+//   WgradStoreF32HalfDeferred  fp32, row half 0 at once, row half 1 under the next tile's
+//                              mainloop (DeferredStoreF32Half): the library's;
+//   WgradStoreBf16Deferred     bf16, the tile under the next tile's mainloop (DeferredStore).
+// experts_lab run 22 against the TMA store on 2x1 (the library's before): fp32 at once 0.92-0.98x,
+// bf16 0.84-0.93x the time at OLMoE and Qwen3, same bits; run 26: fp32 half deferred 0.92-0.97x
+// fp32 at once (OLMoE, Qwen3, the small shape), same bits.
 struct WgradStoreF32 {
   using Element = float;
   using Epilogue = EpilogueStoreF32Op;
@@ -140,6 +144,14 @@ struct WgradStoreBf16Deferred {
   static constexpr int kRecordBytes = deferred_record_bytes<DeferredStore>;
   template <class Base>
   using Mainloop = DeferredMainloop<Base, DeferredStore>;
+};
+
+struct WgradStoreF32HalfDeferred {
+  using Element = float;
+  using Epilogue = EpilogueStoreF32HalfDeferredOp;
+  static constexpr int kRecordBytes = deferred_record_bytes<DeferredStoreF32Half>;
+  template <class Base>
+  using Mainloop = DeferredMainloop<Base, DeferredStoreF32Half>;
 };
 
 template <class Config, class Store>

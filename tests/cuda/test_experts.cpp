@@ -736,12 +736,14 @@ TEST(GroupedWgrad, GatheredRowsGiveThePermutedGradientBitForBit) {
   }
 }
 
-// Fresh dW stored from registers (fp32 at once; bf16 under the next tile's mainloop, a CTA's last
-// tile at once): with every CTA holding several tiles (11 x 3 tiles of 128x256 per expert, the
-// last row and column tiles partial, 8 non-empty experts: 264 tiles, 2 per SM on a 132-SM card),
-// segments of 1 to 900 rows and two empty ones. fp32: every element written, sampled rows of each
-// dW_e (every 7th, the first and last two) match the double reference per element, empty experts
-// are 0; bf16: every element is the fp32 result rounded once.
+// Fresh dW stored from registers (fp32: row half 0 at once, row half 1 under the next tile's
+// mainloop; bf16: the tile under the next tile's mainloop; a CTA's last tile at once): with every
+// CTA holding several tiles (11 x 3 tiles of 128x256 per expert, the last row and column tiles
+// partial, 8 non-empty experts: 264 tiles, 2 per SM on a 132-SM card), segments of 1 to 900 rows
+// and two empty ones. fp32: every element written and equal to the accumulating kernel's (TMA
+// epilogue) from zeros, sampled rows of each dW_e (every 7th, the first and last two) match the
+// double reference per element, empty experts are 0; bf16: every element is the fp32 result
+// rounded once.
 TEST(GroupedWgrad, RegisterStoresWriteEveryTileWithManyTilesPerCta) {
   MOE_REQUIRE_GPU();
   const std::vector<int64_t> sizes = {1, 0, 300, 129, 500, 0, 70, 900, 127, 128};
@@ -774,6 +776,13 @@ TEST(GroupedWgrad, RegisterStoresWriteEveryTileWithManyTilesPerCta) {
     }
   EXPECT_EQ(bad, 0) << "fp32 dW off the reference, the first at expert " << first_bad / (P * Q)
                     << ", row " << first_bad / Q % P << ", column " << first_bad % Q;
+  // The same accumulators through the TMA epilogue (0 + acc: equal values, -0 read as +0).
+  DeviceArray<float> dw_acc(std::vector<float>(E * P * Q, 0.f));
+  wgrad.run({offsets.get(), P, Q, dx.get(), dy.get(), dw_acc.get(), /*accumulate=*/true}, nullptr);
+  const std::vector<float> acc = dw_acc.download();
+  int64_t differ = 0;
+  for (int64_t i = 0; i < E * P * Q; ++i) differ += got[i] == acc[i] ? 0 : 1;
+  EXPECT_EQ(differ, 0) << "fresh fp32 dW differs from the accumulating kernel's from zeros";
 
   dw16.poison();
   cuda::GroupedWgradArgs a16{offsets.get(), P, Q, dx.get(), dy.get(), nullptr, false};
