@@ -150,6 +150,21 @@ CUTLASS_DEVICE void store_f32_group_pair(float* d, int j0, uint32_t w0, uint32_t
 // the even lane q at 2q (columns of j0), the odd one at 8 + 2 (q - 1) (columns of j1).
 CUTLASS_DEVICE int f32_lane_column(int q) { return q & 1 ? 2 * q + 6 : 2 * q; }
 
+// Row half v1 of a tile from its accumulators (value 2 v1 + 4 j + v0 is group j's column
+// 2q + v0), at d (the row, the lane's first column col0 of the tile).
+template <int kGroups, class Accumulators>
+CUTLASS_DEVICE void store_f32_row_half(float* d, Accumulators const& accumulators, int v1,
+                                       int col0, int cols, bool row_ok, bool odd) {
+  CUTLASS_PRAGMA_UNROLL
+  for (int g = 0; g < kGroups / 2; ++g) {
+    const int i = 2 * v1 + 8 * g;  // group 2g's first value; group 2g + 1's is i + 4
+    store_f32_group_pair(d, 2 * g, __float_as_uint(accumulators(i)),
+                         __float_as_uint(accumulators(i + 1)),
+                         __float_as_uint(accumulators(i + 4)),
+                         __float_as_uint(accumulators(i + 5)), odd, row_ok && col0 + 16 * g < cols);
+  }
+}
+
 struct StoreF32EpilogueArguments {
   float* d = nullptr;                   // (groups * M, ld): group l's (M, N) block at row l * M
   int64_t ld = 0;                       // N
@@ -183,19 +198,9 @@ class EpilogueStoreF32 : public RegisterEpilogue<StoreF32EpilogueArguments> {
     const bool odd = t.q & 1;
     const int col0 = t.n_tile + f32_lane_column(t.q);
     CUTLASS_PRAGMA_UNROLL
-    for (int v1 = 0; v1 < 2; ++v1) {  // row half v1's values: 2 v1 + 4 j + v0
-      float* d = params_.d + (t.row0 + t.m[v1]) * params_.ld + col0;
-      const bool row_ok = t.m[v1] < t.rows;
-      CUTLASS_PRAGMA_UNROLL
-      for (int g = 0; g < kGroups / 2; ++g) {
-        const int i = 2 * v1 + 8 * g;  // group 2g's first value; group 2g + 1's is i + 4
-        store_f32_group_pair(d, 2 * g, __float_as_uint(accumulators(i)),
-                             __float_as_uint(accumulators(i + 1)),
-                             __float_as_uint(accumulators(i + 4)),
-                             __float_as_uint(accumulators(i + 5)), odd,
-                             row_ok && col0 + 16 * g < t.cols);
-      }
-    }
+    for (int v1 = 0; v1 < 2; ++v1)
+      store_f32_row_half<kGroups>(params_.d + (t.row0 + t.m[v1]) * params_.ld + col0,
+                                  accumulators, v1, col0, t.cols, t.m[v1] < t.rows, odd);
   }
 };
 
@@ -279,19 +284,7 @@ class EpilogueStoreF32HalfDeferred : public RegisterEpilogue<StoreF32DeferredEpi
     const bool odd = t.q & 1;
     const int col0 = t.n_tile + f32_lane_column(t.q);
     auto row = [&](int v1) { return params_.d + (t.row0 + t.m[v1]) * params_.ld + col0; };
-    {
-      float* d = row(0);
-      const bool row_ok = t.m[0] < t.rows;
-      CUTLASS_PRAGMA_UNROLL
-      for (int g = 0; g < kGroups / 2; ++g) {
-        const int i = 8 * g;
-        store_f32_group_pair(d, 2 * g, __float_as_uint(accumulators(i)),
-                             __float_as_uint(accumulators(i + 1)),
-                             __float_as_uint(accumulators(i + 4)),
-                             __float_as_uint(accumulators(i + 5)), odd,
-                             row_ok && col0 + 16 * g < t.cols);
-      }
-    }
+    store_f32_row_half<kGroups>(row(0), accumulators, 0, col0, t.cols, t.m[0] < t.rows, odd);
     DeferredStoreF32Record rec;
     rec.d = row(1);
     rec.odd = odd ? 1u : 0u;
