@@ -125,15 +125,15 @@ using EpilogueStoreDeferredOp =
     cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<EpilogueStoreDeferred>;
 
 // ------------------------------------------------------------------------------------------------
-// fp32 D (the weight gradients written fresh): from registers, at once
+// fp32 D (the weight gradients written fresh): from registers, the whole tile at once
 // ------------------------------------------------------------------------------------------------
 // A thread's 128 fp32 accumulators leave no room for a stash of the same size (232 registers),
-// so the fp32 tile is stored at once, but from registers instead of through shared memory and TMA
-// stores (experts_lab run 22: 0.92-0.98x the TMA store's time, same bits). Stores are 16 bytes:
-// lanes q and q ^ 1 swap one group's pair, after which the even lane holds columns 8 j + 2q .. + 3
-// of group j and the odd one those of group j + 1 (64 contiguous bytes per row per warp
-// instruction). The library keeps row half 1 for the next mainloop instead (below); this whole
-// tile at once is the lab's comparison.
+// so at most half the tile can wait for the next mainloop (the library's, below); this stores it
+// all at once, from registers instead of through shared memory and TMA stores (experts_lab run
+// 22: 0.92-0.98x the TMA store's time, same bits), and is the lab's comparison since run 26.
+// Stores are 16 bytes: lanes q and q ^ 1 swap one group's pair, after which the even lane holds
+// columns 8 j + 2q .. + 3 of group j and the odd one those of group j + 1 (64 contiguous bytes per
+// row per warp instruction).
 
 // Group pair (j0, j0 + 1) of one row half: w = (j0's two values, j1's two values) of this lane.
 // Stores this lane's 16 bytes at d + 8 j0 (d: the lane's row and first column, see below).
