@@ -689,6 +689,147 @@ TEST(LayerBf16ExpertGradients, AreTheFreshFp32GradientsRoundedOnce) {
   EXPECT_THROW(layer.backward(f16.x.get(), w, f16.dy.get(), g16, nullptr), ConfigError);
 }
 
+// The permute backward under dw_up (Layer::set_dx_overlap): dw_up on the layer's own stream on
+// all SMs but four, the permute, route and gate backwards meanwhile on the caller's. The same
+// kernels on the same inputs, so every output must be the one-stream backward's bit for bit, for
+// each kind of weight gradient, with noisy_topk's second gate, with gathered rows, and replayed
+// from a CUDA graph (a fork and a join in the capture). The outputs are read back by copies on
+// the caller's stream alone, so a backward that returned before dw_up had finished would show as
+// different (poisoned or stale) dW_up.
+TEST(LayerDxOverlap, GivesTheOneStreamBitsForEveryKindOfGradient) {
+  MOE_REQUIRE_GPU();
+  struct Variant {
+    const char* name;
+    Router router;
+    cuda::ExpertsBackend backend;
+    cuda::GateUpLayout gate_up;
+    cuda::RowSource rows;
+    bool accumulate, bf16_dw;
+  };
+  const auto fused = cuda::ExpertsBackend::grouped_fused, grouped = cuda::ExpertsBackend::grouped;
+  const auto blocked = cuda::GateUpLayout::blocked, split = cuda::GateUpLayout::split;
+  const auto permuted = cuda::RowSource::permuted, gathered = cuda::RowSource::gathered;
+  for (const Variant& v : {
+           Variant{"fused, fresh fp32 dW", Router::softmax_topk, fused, blocked, permuted, false,
+                   false},
+           Variant{"fused, bf16 dW", Router::softmax_topk, fused, blocked, permuted, false, true},
+           Variant{"fused, accumulated dW", Router::softmax_topk, fused, blocked, permuted, true,
+                   false},
+           Variant{"fused, gathered rows", Router::softmax_topk, fused, blocked, gathered, false,
+                   false},
+           Variant{"grouped, accumulated dW", Router::softmax_topk, grouped, split, permuted, true,
+                   false},
+           Variant{"noisy_topk, fused", Router::noisy_topk, fused, blocked, permuted, false,
+                   false}}) {
+    SCOPED_TRACE(v.name);
+    LayerCase c{"overlap", 4096, 256, 128, 16, 4, true};
+    c.router = v.router;
+    c.seed = 5;
+    const LayerConfig cfg = config_of(c);
+    const LayerInputs in = make_inputs(c, cfg);
+    cuda::Layer layer(cfg, v.backend, v.gate_up, true, 1, nullptr, v.rows);
+    EXPECT_FALSE(layer.dx_overlap());
+    layer.set_seed(c.seed);
+    DeviceLayerData d(in, c.E);
+    const cuda::LayerWeights w = d.weights(c.router);
+    DeviceArray<bf16> up16(in.p.w_up.size()), down16(in.p.w_down.size());
+    const std::vector<float> start_up = random_vector<float>(in.p.w_up.size(), 51);
+    const std::vector<float> start_down = random_vector<float>(in.p.w_down.size(), 52);
+    cudaStream_t stream = nullptr;
+    MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cuda::LayerGrads g = d.grads();
+    g.accumulate_experts = v.accumulate;
+    if (v.bf16_dw) {
+      g.dw_up = g.dw_down = nullptr;
+      g.dw_up_bf16 = up16.get();
+      g.dw_down_bf16 = down16.get();
+    }
+    struct Out {
+      std::vector<bf16> y, dx, up16, down16;
+      std::vector<float> dw_gate, dw_noise, dw_up, dw_down;
+    };
+    auto get = [&]<class T>(const DeviceArray<T>& a) {  // ordered after `stream`'s work only
+      std::vector<T> h(a.size());
+      MOE_CUDA_CHECK(cudaMemcpyAsync(h.data(), a.get(), a.size() * sizeof(T),
+                                     cudaMemcpyDeviceToHost, stream));
+      return h;
+    };
+    auto run = [&](bool graph) {
+      // poisoned outputs; the same starting gradients for the accumulating kernels
+      for (DeviceArray<float>* a : {&d.dw_gate, &d.dw_noise})
+        MOE_CUDA_CHECK(cudaMemsetAsync(a->get(), 0, a->size() * sizeof(float), stream));
+      MOE_CUDA_CHECK(cudaMemcpyAsync(d.dw_up.get(), start_up.data(), start_up.size() * 4,
+                                     cudaMemcpyHostToDevice, stream));
+      MOE_CUDA_CHECK(cudaMemcpyAsync(d.dw_down.get(), start_down.data(), start_down.size() * 4,
+                                     cudaMemcpyHostToDevice, stream));
+      if (!v.accumulate && !v.bf16_dw) {
+        MOE_CUDA_CHECK(cudaMemsetAsync(d.dw_up.get(), 0xff, d.dw_up.size() * 4, stream));
+        MOE_CUDA_CHECK(cudaMemsetAsync(d.dw_down.get(), 0xff, d.dw_down.size() * 4, stream));
+      }
+      for (DeviceArray<bf16>* a : {&d.y, &d.dx, &up16, &down16})
+        MOE_CUDA_CHECK(cudaMemsetAsync(a->get(), 0xff, a->size() * sizeof(bf16), stream));
+      auto step = [&] {
+        layer.forward(d.x.get(), w, d.y.get(), stream);
+        layer.backward(d.x.get(), w, d.dy.get(), g, stream);
+      };
+      if (graph) {
+        cudaGraph_t gr = nullptr;
+        cudaGraphExec_t exec = nullptr;
+        MOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        step();
+        MOE_CUDA_CHECK(cudaStreamEndCapture(stream, &gr));
+        MOE_CUDA_CHECK(cudaGraphInstantiate(&exec, gr, 0));
+        MOE_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+        MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        MOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+        MOE_CUDA_CHECK(cudaGraphDestroy(gr));
+      } else {
+        step();
+      }
+      Out o{get(d.y), get(d.dx), get(up16), get(down16),
+            get(d.dw_gate), get(d.dw_noise), get(d.dw_up), get(d.dw_down)};
+      MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      return o;
+    };
+    const Out one = run(false);
+    layer.set_dx_overlap(true);
+    EXPECT_TRUE(layer.dx_overlap());
+    for (bool graph : {false, true}) {
+      const Out two = run(graph);
+      const char* how = graph ? "graph" : "eager";
+      EXPECT_TRUE(same_bytes(one.y, two.y)) << how << ": y";
+      EXPECT_TRUE(same_bytes(one.dx, two.dx)) << how << ": dx";
+      EXPECT_TRUE(same_bytes(one.dw_gate, two.dw_gate)) << how << ": dW_gate";
+      EXPECT_TRUE(same_bytes(one.dw_noise, two.dw_noise)) << how << ": dW_noise";
+      if (v.bf16_dw) {
+        EXPECT_TRUE(same_bytes(one.up16, two.up16)) << how << ": bf16 dW_up";
+        EXPECT_TRUE(same_bytes(one.down16, two.down16)) << how << ": bf16 dW_down";
+      } else {
+        EXPECT_TRUE(same_bytes(one.dw_up, two.dw_up)) << how << ": dW_up";
+        EXPECT_TRUE(same_bytes(one.dw_down, two.dw_down)) << how << ": dW_down";
+      }
+    }
+    // Stage events time the stages one after another: with them the backward runs on one stream.
+    const int nb = int(cuda::LayerBackwardStage::count);
+    std::vector<cudaEvent_t> bev(nb + 1);
+    for (auto& e : bev) MOE_CUDA_CHECK(cudaEventCreate(&e));
+    layer.forward(d.x.get(), w, d.y.get(), stream);
+    layer.backward(d.x.get(), w, d.dy.get(), g, stream, bev.data());
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (auto& e : bev) MOE_CUDA_CHECK(cudaEventDestroy(e));
+    MOE_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+  // Only where the experts stage is grouped and there is a backward.
+  const LayerCase c{"overlap_refused", 256, 64, 32, 8, 2, true};
+  const LayerConfig cfg = config_of(c);
+  cuda::Layer loop(cfg, cuda::ExpertsBackend::cublas_loop_host_offsets);
+  EXPECT_THROW(loop.set_dx_overlap(true), ConfigError);
+  cuda::Layer inference(cfg, cuda::ExpertsBackend::grouped_fused, cuda::GateUpLayout::blocked,
+                        /*backward=*/false);
+  EXPECT_THROW(inference.set_dx_overlap(true), ConfigError);
+  EXPECT_NO_THROW(loop.set_dx_overlap(false));
+}
+
 // A layer of `moe-bench bench --layer`'s kind: softmax_topk, dropless, SwiGLU.
 LayerConfig bench_config(int64_t T, int64_t H, int64_t I, int64_t E, int64_t K) {
   LayerConfig cfg;
