@@ -11,10 +11,9 @@
 // expert weight gradients accumulated (fwd_bwd_ms) and written fresh (fwd_bwd_fresh_ms, what a
 // training step with zeroed gradients needs), and written fresh in bf16 (fwd_bwd_bf16_grads_ms:
 // the work of the peer, whose autograd writes bf16 gradients for bf16 parameters); the two fresh
-// ones, the fresh fp32 step of a training layer with gathered rows (fwd_bwd_fresh_gathered_ms:
-// no permute and no xp) and the two fresh steps with the permute backward under dw_up set the
-// other way (*_other_overlap_ms, Layer::set_dx_overlap) rotate in 10 rounds and report their
-// medians (rounds_fwd_bwd_*). No input rotation:
+// ones and the fresh fp32 step of a training layer with gathered rows (fwd_bwd_fresh_gathered_ms:
+// no permute and no xp) rotate in 6 rounds and report their medians (rounds_fwd_bwd_*). No input
+// rotation:
 // the layer's working set (weights and activations) is many times the L2 cache.
 // FLOPs: forward 6*T*K*H*I (SwiGLU: the up projection 2*T*K*H*2I, the down projection
 // 2*T*K*I*H); backward twice that; the gate (2*T*H*E) is not counted.
@@ -301,10 +300,6 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   double fwd_ms = 0, step_ms = 0, fresh_ms = 0, bf16_ms = 0;
   std::vector<double> fresh_rounds, bf16_rounds, gathered_rounds;
-  // The same two fresh steps with the layer's permute backward under dw_up set the other way
-  // (Layer::set_dx_overlap), rotated with them.
-  std::vector<double> fresh_other_rounds, bf16_other_rounds;
-  bool dx_overlap = false;
   size_t gathered_bytes = 0;
   std::vector<double> backward_stage_ms, experts_step_ms;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
@@ -316,7 +311,6 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
                            cublas);
     layer_bytes = layer.bytes();
     layer_report = layer.report();
-    dx_overlap = layer.dx_overlap();
     const moe::cuda::LayerWeights w{wg, wu_blocked, wd, nullptr};
     const moe::cuda::LayerGrads g{dx, gwg, gwu, gwd};
     layer.forward(x, w, y, stream);
@@ -356,24 +350,14 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
         l.backward(x, w, dy, grads, stream);
       });
     };
-    auto time_other_overlap = [&](const moe::cuda::LayerGrads& grads) {
-      layer.set_dx_overlap(!dx_overlap);
-      const double ms = time_step(layer, grads);
-      layer.set_dx_overlap(dx_overlap);
-      return ms;
-    };
-    constexpr int kFreshRounds = 10;  // each loop in each position twice
-    constexpr int kLoops = 5;
-    std::vector<double>* rounds_of[kLoops] = {&fresh_rounds, &bf16_rounds, &gathered_rounds,
-                                              &fresh_other_rounds, &bf16_other_rounds};
+    constexpr int kFreshRounds = 6;  // each loop in each position twice
+    std::vector<double>* rounds_of[3] = {&fresh_rounds, &bf16_rounds, &gathered_rounds};
     for (int r = 0; r < kFreshRounds; ++r)
-      for (int i = 0; i < kLoops; ++i) {
-        const int v = (i + r) % kLoops;
+      for (int i = 0; i < 3; ++i) {
+        const int v = (i + r) % 3;
         rounds_of[v]->push_back(v == 0   ? time_step(layer, fresh)
                                 : v == 1 ? time_step(layer, fresh16)
-                                : v == 2 ? time_step(gathered, fresh)
-                                : v == 3 ? time_other_overlap(fresh)
-                                         : time_other_overlap(fresh16));
+                                         : time_step(gathered, fresh));
       }
     fresh_ms = median(fresh_rounds);
     bf16_ms = median(bf16_rounds);
@@ -543,20 +527,6 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["rounds_gathered_over_fresh"] = gathered_ratio;
   j["gathered_over_fresh_rounds_median"] = median(gathered_ratio);
   j["gathered_layer_bytes"] = gathered_bytes;
-  std::vector<double> fresh_other_ratio, bf16_other_ratio;
-  for (size_t r = 0; r < fresh_rounds.size(); ++r) {
-    fresh_other_ratio.push_back(fresh_other_rounds[r] / fresh_rounds[r]);
-    bf16_other_ratio.push_back(bf16_other_rounds[r] / bf16_rounds[r]);
-  }
-  j["dx_overlap"] = dx_overlap;
-  j["fwd_bwd_fresh_other_overlap_ms"] = median(fresh_other_rounds);
-  j["fwd_bwd_bf16_grads_other_overlap_ms"] = median(bf16_other_rounds);
-  j["rounds_fwd_bwd_fresh_other_overlap_ms"] = fresh_other_rounds;
-  j["rounds_fwd_bwd_bf16_grads_other_overlap_ms"] = bf16_other_rounds;
-  j["rounds_other_overlap_over_fresh"] = fresh_other_ratio;
-  j["rounds_other_overlap_over_bf16_grads"] = bf16_other_ratio;
-  j["other_overlap_over_fresh_rounds_median"] = median(fresh_other_ratio);
-  j["other_overlap_over_bf16_grads_rounds_median"] = median(bf16_other_ratio);
   std::vector<double> round_ratio;
   for (size_t r = 0; r < round_fwd.size(); ++r) round_ratio.push_back(round_dense[r] / round_fwd[r]);
   std::vector<double> other_ratio;
@@ -588,10 +558,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "no xp) or permuted), timed first; then inference_other_rows_ms (the same with the other "
       "row source) and inference_permuted_ms (the unfused grouped path on split w_up); "
       "fwd_bwd_fresh_gathered_ms: a training layer with gathered rows (no permute, no xp; dw_up "
-      "gathers too), fresh fp32 dW, rotated with fwd_bwd_fresh_ms and fwd_bwd_bf16_grads_ms; "
-      "*_other_overlap_ms: those two steps with the permute backward under dw_up set the other "
-      "way from dx_overlap (the layer's setting, which the other fwd_bwd_* use), in the same "
-      "rotation";
+      "gathers too), fresh fp32 dW, rotated with fwd_bwd_fresh_ms and fwd_bwd_bf16_grads_ms";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
@@ -640,10 +607,6 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   fmt::print(stderr, "  training with rows gathered: fresh dW {:.3f} ms, {:.3f}x the permuted "
              "layer's (rounds median), layer {:.2f} GiB\n", median(gathered_rounds),
              median(gathered_ratio), gathered_bytes / double(1 << 30));
-  fmt::print(stderr, "  permute backward under dw_up {}: fresh dW {:.3f} ms ({:.3f}x), bf16 dW "
-             "{:.3f} ms ({:.3f}x) (rounds medians, against overlap {})\n",
-             dx_overlap ? "off" : "on", median(fresh_other_rounds), median(fresh_other_ratio),
-             median(bf16_other_rounds), median(bf16_other_ratio), dx_overlap ? "on" : "off");
 }
 
 }  // namespace

@@ -786,17 +786,7 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     GroupedWgradArgs up{a.offsets, H, A, gathered ? a.x : a.xp, dpre, a.dw_up, a.accumulate,
                         a.dw_up_bf16};
     if (gathered) up.gather = a.row_token, up.gather_rows = a.tokens;
-    cudaStream_t up_stream = stream;
-    if (a.dw_up_stream) {
-      MOE_CHECK(a.dw_up_fork && !events,
-                "experts_backward: dw_up on its own stream needs dw_up_fork and no step events");
-      MOE_CUDA_CHECK(cudaEventRecord(a.dw_up_fork, stream));
-      MOE_CUDA_CHECK(cudaStreamWaitEvent(a.dw_up_stream, a.dw_up_fork, 0));
-      up_stream = a.dw_up_stream;
-      up.sms = a.dw_up_sms;
-      up.gemm_ready = a.dw_up_gemm;
-    }
-    ws.wgrad_up_.run(up, up_stream);                                      // dw_up (+)= xp^T dpre
+    ws.wgrad_up_.run(up, stream);                                         // dw_up (+)= xp^T dpre
     mark(ExpertsBackwardStep::count);
     return;
   }

@@ -114,25 +114,20 @@ void GroupedWgrad::run(const GroupedWgradArgs& args, cudaStream_t stream) const 
   if (args.dw_bf16 != nullptr)
     MOE_CHECK(!args.accumulate,
               "grouped weight gradient: bf16 dW is written fresh only (accumulate = false)");
-  MOE_CHECK(args.sms == 0 || (args.sms >= 2 && args.sms % 2 == 0 && args.sms <= sm_count_),
-            "grouped weight gradient: sms must be 0 or even in [2, ", sm_count_, "], got ",
-            args.sms);
-  // The workspace was sized for every SM; a smaller grid needs less of it.
-  const int sms = args.sms > 0 ? args.sms : sm_count_;
   if (args.gather != nullptr) {
-    Bf16Sm90WgradGather::run(args, experts_, workspace_, sms, stream);
+    Bf16Sm90WgradGather::run(args, experts_, workspace_, sm_count_, stream);
     return;
   }
   if (args.dw_bf16 != nullptr) {
-    Bf16Sm90WgradBf16::run(args, experts_, workspace_, sms, stream);
+    Bf16Sm90WgradBf16::run(args, experts_, workspace_, sm_count_, stream);
     return;
   }
   // Written fresh: the kernel whose epilogue has no C (its smem goes to the mainloop).
   if (!args.accumulate) {
-    Bf16Sm90WgradFresh::run(args, experts_, workspace_, sms, stream);
+    Bf16Sm90WgradFresh::run(args, experts_, workspace_, sm_count_, stream);
     return;
   }
-  Bf16Sm90Wgrad::run(args, experts_, workspace_, sms, stream);
+  Bf16Sm90Wgrad::run(args, experts_, workspace_, sm_count_, stream);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -268,7 +268,6 @@ struct WgradLauncher {
     const auto arguments = K::arguments(c, groups, sm_count, args.accumulate, &args);
     MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
     MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
-    if (args.gemm_ready) MOE_CUDA_CHECK(cudaEventRecord(args.gemm_ready, stream));
     MOE_CUTLASS_CHECK(gemm.run(stream));
     MOE_CUDA_LAUNCH_CHECK();
   }

@@ -203,36 +203,10 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   });
   if (alias_) dyp_ = yp_;
   stats_ = StatsBuffers(T, E, groups_);
-  const bool grouped = backend == ExpertsBackend::grouped || backend == ExpertsBackend::grouped_fused;
-  int device = 0, sms = 0;
-  MOE_CUDA_CHECK(cudaGetDevice(&device));
-  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (backward_ && grouped && sms >= 2 * kDxSms) {
-    // dw_up's stream outranks the caller's, so that when both have work the block scheduler
-    // gives dw_up's CTAs their SMs first and the permute backward the rest.
-    int least = 0, greatest = 0;
-    MOE_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    MOE_CUDA_CHECK(cudaStreamCreateWithPriority(&dw_up_stream_, cudaStreamNonBlocking, greatest));
-    MOE_CUDA_CHECK(cudaEventCreateWithFlags(&dw_up_fork_, cudaEventDisableTiming));
-    MOE_CUDA_CHECK(cudaEventCreateWithFlags(&dw_up_gemm_, cudaEventDisableTiming));
-    MOE_CUDA_CHECK(cudaEventCreateWithFlags(&dw_up_done_, cudaEventDisableTiming));
-    dw_up_sms_ = (sms - kDxSms) / 2 * 2;  // even: the weight gradients' 2x1 cluster
-  }
 }
 
 Layer::~Layer() {
-  if (dw_up_done_) cudaEventDestroy(dw_up_done_);
-  if (dw_up_gemm_) cudaEventDestroy(dw_up_gemm_);
-  if (dw_up_fork_) cudaEventDestroy(dw_up_fork_);
-  if (dw_up_stream_) cudaStreamDestroy(dw_up_stream_);
   if (own_cublas_ && cublas_) cublasDestroy(cublas_);
-}
-
-void Layer::set_dx_overlap(bool on) {
-  MOE_CHECK(!on || dw_up_stream_,
-            "cuda::Layer::set_dx_overlap: needs a grouped backend with backward (and >= ",
-            2 * kDxSms, " SMs)");
-  dx_overlap_ = on;
 }
 
 size_t Layer::bytes() const {
@@ -359,19 +333,8 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
     eb.dpre = pre_;
   }
   eb.row_dot = row_dot_;
-  const bool overlap = dx_overlap_ && !events && !expert_events;
-  if (overlap) {
-    eb.dw_up_stream = dw_up_stream_;
-    eb.dw_up_fork = dw_up_fork_;
-    eb.dw_up_gemm = dw_up_gemm_;
-    eb.dw_up_sms = dw_up_sms_;
-  }
   mark(LayerBackwardStage::experts);
   experts_backward(*experts_, eb, stream, expert_events);
-  // Launched before dw_up's GEMM is ready, the permute backward's blocks would fill every SM and
-  // the GEMM's CTAs (which need a whole SM's shared memory) would wait for most of them: it starts
-  // with the GEMM instead, whose higher-priority CTAs then take their SMs first.
-  if (overlap) MOE_CUDA_CHECK(cudaStreamWaitEvent(stream, dw_up_gemm_, 0));
   // permute: dx = sum of the token's dxp rows (written, not added to: dx starts here)
   mark(LayerBackwardStage::permute);
   permute_backward<bf16>(plan_.view(), dxp, H, g.dx, stream, /*accumulate=*/false);
@@ -400,10 +363,6 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
   // noisy_topk: dW_noise += x^T dr, dx += dr W_noise^T (dz_bf16 is free again: stream order)
   if (noisy_)
     gate_backward<bf16>(cublas_, x, w.w_noise, dr_, T, H, E, g.dw_noise, g.dx, dz_bf16_, stream);
-  if (overlap) {
-    MOE_CUDA_CHECK(cudaEventRecord(dw_up_done_, dw_up_stream_));
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(stream, dw_up_done_, 0));
-  }
   mark(LayerBackwardStage::count);
 }
 

@@ -151,15 +151,6 @@ struct ExpertsBackwardArgs {
   // row_dot), (row_dot_parts(I), max_rows) fp32. With dyp = w * dy their sum over the parts is
   // w * <dy, yp> for each row: the router-weight gradient without reading yp.
   float* row_dot = nullptr;
-  // Grouped backends, or null: dw_up runs on this stream instead, on dw_up_sms SMs (0: all; see
-  // GroupedWgradArgs::sms), after dw_up_fork has been recorded on `stream` following dxp, and
-  // dw_up_gemm is recorded there right before its GEMM (GroupedWgradArgs::gemm_ready). The call
-  // returns with dw_up enqueued there: the caller orders its next use of dw_up (and of xp and
-  // dpre, which it reads) after that stream. The Layer runs its permute backward meanwhile,
-  // started with the GEMM.
-  cudaStream_t dw_up_stream = nullptr;
-  cudaEvent_t dw_up_fork = nullptr, dw_up_gemm = nullptr;
-  int dw_up_sms = 0;
 };
 
 struct ExpertsCublasArrays;  // experts.cu: host-side argument arrays of the grouped-batched calls

@@ -93,14 +93,6 @@ struct GroupedWgradArgs {
   // rows (padding). The same bits as X = the permuted copy.
   const int32_t* gather = nullptr;   // (max_rows)
   int64_t gather_rows = 0;           // T
-  // The persistent grid's CTAs, or 0: one per SM. Fewer leave SMs to kernels on another stream
-  // (the Layer's permute backward under dw_up); even (the kernels' 2x1 cluster), at most the
-  // SM count. The tiles and their bits are the same on any grid.
-  int sms = 0;
-  // Or null: recorded on the stream after the small kernels that set the GEMM up, right before
-  // the GEMM. A kernel on another stream that waits for it becomes ready with the GEMM, and where
-  // this stream has the higher priority the GEMM's CTAs take their SMs first.
-  cudaEvent_t gemm_ready = nullptr;
 };
 
 struct GroupedGemmActGradArgs {

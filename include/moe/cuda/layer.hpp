@@ -174,16 +174,6 @@ class Layer {
   // no-op for other routers and in evaluation. Order it after forward (same stream, or an event).
   void update_expert_bias(float* expert_bias, cudaStream_t stream) const;
 
-  // The permute backward under dw_up (grouped backends with backward): dw_up, the last GEMM of the
-  // experts backward, runs on an internal high-priority stream on all SMs but kDxSms (4), and the
-  // permute, route and gate backwards run meanwhile on the caller's stream, mostly on those SMs;
-  // the backward returns with both joined on the caller's stream (CUDA-graph safe: a fork and a
-  // join). The same kernels on the same inputs: the same bits either way. Not with stage events
-  // (those time the stages one after another). Off unless set.
-  void set_dx_overlap(bool on);
-  bool dx_overlap() const { return dx_overlap_; }
-  static constexpr int kDxSms = 4;
-
   const LayerConfig& config() const { return cfg_; }
   int64_t groups() const { return groups_; }
   const PlanShape& plan_shape() const { return plan_.shape(); }
@@ -242,10 +232,6 @@ class Layer {
   bool dots_in_da_ = false;    // grouped_fused with backward: dweight from the da GEMM's row dots
   bool gather_ = false;        // the up-projection gathers x's rows: no permute, no xp
   bool keep_pre_ = true;       // pre is written (false: grouped_fused without backward)
-  bool dx_overlap_ = false;    // set_dx_overlap
-  int dw_up_sms_ = 0;          // dw_up's grid under the overlap (SM count - kDxSms), 0: none
-  cudaStream_t dw_up_stream_ = nullptr;  // grouped backends with backward: dw_up's stream
-  cudaEvent_t dw_up_fork_ = nullptr, dw_up_gemm_ = nullptr, dw_up_done_ = nullptr;
   DeviceArena arena_;
   mutable StatsBuffers stats_;  // stats() scratch (no host-visible state)
 };
