@@ -261,6 +261,7 @@ void SoftMoeLayer::backward(const bf16* x, const SoftMoeWeights& w, const bf16* 
   a.dxp = d_slots_in_;
   a.dw_up = g.dw_up;
   a.dw_down = g.dw_down;
+  a.accumulate = g.accumulate_experts;
   experts_backward(*experts_, a, stream);
   // The dispatch and route backwards add into dx.
   MOE_CUDA_CHECK(cudaMemsetAsync(g.dx, 0, size_t(route_.tokens * route_.hidden) * sizeof(bf16),

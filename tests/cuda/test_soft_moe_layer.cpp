@@ -211,8 +211,9 @@ struct GradStarts {
   std::vector<float> dphi, dscale, dw_up, dw_down;  // dw_up in the split layout
 };
 
+// accumulate_experts false: dw_up and dw_down start as NaN and must come out written fresh.
 DeviceRun run_device(const SoftCase& c, const LayerConfig& cfg, const Inputs& in,
-                     const GradStarts& st) {
+                     const GradStarts& st, bool accumulate_experts = true) {
   const int64_t G = c.G, B = c.B, H = c.H, E = c.E, I = c.I, T = G * B;
   const bool inter = c.gate_up == GateUpLayout::interleaved && c.activation == Activation::swiglu;
   cuda::SoftMoeLayer layer(cfg, G, c.backend, c.gate_up);
@@ -228,6 +229,10 @@ DeviceRun run_device(const SoftCase& c, const LayerConfig& cfg, const Inputs& in
       dwu(inter ? interleave(st.dw_up, E * H, I) : st.dw_up), dwd(st.dw_down);
   y.poison();
   dx.poison();
+  if (!accumulate_experts) {
+    dwu.poison();
+    dwd.poison();
+  }
 
   cuda::SoftMoeWeights w;
   w.phi = phi.get();
@@ -240,6 +245,7 @@ DeviceRun run_device(const SoftCase& c, const LayerConfig& cfg, const Inputs& in
   g.dscale = dscale.get();
   g.dw_up = dwu.get();
   g.dw_down = dwd.get();
+  g.accumulate_experts = accumulate_experts;
   layer.forward(x.get(), w, y.get(), nullptr);
   layer.backward(x.get(), w, dy.get(), g, nullptr);
   MOE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -327,6 +333,31 @@ TEST_P(SoftMoeLayerParity, MatchesTheCpuLayerRunGroupByGroup) {
   EXPECT_TRUE(same_bytes(r.dscale, again.dscale)) << "dscale " << why;
   EXPECT_TRUE(same_bytes(r.dw_up, again.dw_up)) << "dw_up " << why;
   EXPECT_TRUE(same_bytes(r.dw_down, again.dw_down)) << "dw_down " << why;
+}
+
+// The expert weight gradients written fresh (what the language model's step uses) are the ones
+// accumulated onto zeros: beta 0 or 1 on zeros, equal to within fp32 roundoff (cuBLAS may pick
+// another algorithm for beta 0; the fresh run starts from NaN, which never passes); every other
+// output is unchanged bit for bit.
+TEST_P(SoftMoeLayerParity, FreshExpertGradientsAreTheAccumulatedOnesFromZero) {
+  MOE_REQUIRE_GPU();
+  const SoftCase& c = GetParam();
+  const LayerConfig cfg = config_of(c);
+  const Inputs in = make_inputs(c, cfg);
+  GradStarts st;
+  st.dphi = random_vector<float>(in.p.w_gate.size(), c.seed + 3, 0.1);
+  st.dscale = random_vector<float>(1, c.seed + 4, 0.1);
+  st.dw_up.assign(in.p.w_up.size(), 0.f);
+  st.dw_down.assign(in.p.w_down.size(), 0.f);
+  const DeviceRun accumulated = run_device(c, cfg, in, st);
+  const DeviceRun fresh = run_device(c, cfg, in, st, /*accumulate_experts=*/false);
+  auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  EXPECT_TRUE(close("dw_up", fresh.dw_up, as_double(accumulated.dw_up), 1e-9, 1e-6));
+  EXPECT_TRUE(close("dw_down", fresh.dw_down, as_double(accumulated.dw_down), 1e-9, 1e-6));
+  EXPECT_TRUE(same_bytes(fresh.y, accumulated.y));
+  EXPECT_TRUE(same_bytes(fresh.dx, accumulated.dx));
+  EXPECT_TRUE(same_bytes(fresh.dphi, accumulated.dphi));
+  EXPECT_TRUE(same_bytes(fresh.dscale, accumulated.dscale));
 }
 
 INSTANTIATE_TEST_SUITE_P(

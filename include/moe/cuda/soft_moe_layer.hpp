@@ -29,10 +29,10 @@
 //                                               [gate 0..I-1 | up 0..I-1], as uploaded
 //   w_down  experts.w_down    (E, I, H)  bf16
 // Gradients (fp32 ones accumulated, like the CPU's parameter gradients summed over the groups: the
-// caller zeroes them once per step):
+// caller zeroes them once per step; the expert weights' may be written fresh instead):
 //   dx      (G*B, H) bf16 overwritten, group-major like x
 //   dphi    (H, n)   fp32 +=           dscale (1) fp32 +=
-//   dw_up   (E, H, A) fp32 +=  (same GateUpLayout as w_up)   dw_down (E, I, H) fp32 +=
+//   dw_up   (E, H, A) fp32 += or =  (same GateUpLayout as w_up)   dw_down (E, I, H) fp32 += or =
 // x, y and dy are (G*B, H) bf16, group-major: rows [g B, (g+1) B) are group g. The language
 // model's (batch, position) rows (b G + s) become group s, row b: row s B + b
 // (transpose_row_blocks below does both directions: x and dy with (P, Q) = (B, G), y and dx with
@@ -67,6 +67,10 @@ struct SoftMoeGrads {
   float* dscale = nullptr;   // (1) accumulated
   float* dw_up = nullptr;    // (E, H, A) accumulated
   float* dw_down = nullptr;  // (E, I, H) accumulated
+  // false: dw_up and dw_down are written instead of added to (never read), for a step whose only
+  // contribution this is (the experts stage's ExpertsBackwardArgs::accumulate); the router's
+  // gradients are always accumulated.
+  bool accumulate_experts = true;
 };
 
 class SoftMoeLayer {

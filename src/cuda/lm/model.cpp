@@ -139,12 +139,10 @@ class GpuModel final : public model::LanguageModel {
   int64_t total_ = 0;
   int64_t adam_t_ = 0;
   // The gradient ranges (offset, count) zeroed before each backward: everything but the expert
-  // weight gradients the backward writes fresh (see fresh_expert_grads_).
+  // weight gradients, which the FFN backward writes instead of adding to (Layer and ChainLayer:
+  // LayerGrads::accumulate_experts = false; SoftMoeLayer: SoftMoeGrads::accumulate_experts =
+  // false; the dense GEMMs: accumulate_dweight = false).
   std::vector<std::pair<int64_t, int64_t>> zeroed_;
-  // The FFN backward writes experts.w_up / w_down gradients instead of adding to them: Layer and
-  // ChainLayer (LayerGrads::accumulate_experts = false) and the dense GEMMs; SoftMoeLayer only
-  // accumulates, so soft_moe keeps them zeroed.
-  bool fresh_expert_grads_ = false;
   float *params_ = nullptr, *grads_ = nullptr, *m_ = nullptr, *v_ = nullptr;
   bf16* params_bf16_ = nullptr;
   // AdamW in one launch: the trainable tensors as chunks with their weight decay, uploaded when
@@ -247,15 +245,13 @@ GpuModel::GpuModel(const ModelConfig& cfg, uint64_t seed, int64_t max_batch)
     total_ += (s.size + kTensorAlign - 1) / kTensorAlign * kTensorAlign;
   }
   host_opt_.init(list);
-  fresh_expert_grads_ =
-      cfg_.ffn_kind != model::FfnKind::moe || cfg_.ffn.router != Router::soft_moe;
   {
     auto fresh = [&](const std::string& name) {
       auto ends = [&](const std::string& tail) {
         return name.size() >= tail.size() &&
                name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
       };
-      return fresh_expert_grads_ && (ends(".ffn.experts.w_up") || ends(".ffn.experts.w_down"));
+      return ends(".ffn.experts.w_up") || ends(".ffn.experts.w_down");
     };
     int64_t begin = 0;  // start of the range being gathered
     for (const TensorSlot& s : slots_) {
@@ -620,11 +616,11 @@ void GpuModel::backward() {
       const bf16* act = dense_act_ + size_t(l) * N * inter_;
       matmul_backward<bf16>(cublas_, dense_dact_, grad(p + "ffn.experts.w_down"), nullptr, dy_,
                             act, param_bf16(p + "ffn.experts.w_down"), N, inter_, D, scratch_,
-                            stream_, /*accumulate_dweight=*/!fresh_expert_grads_);
+                            stream_, /*accumulate_dweight=*/false);
       ffn_activation_backward(dense_dpre_, dense_dact_, pre, N, inter_, swiglu_, stream_);
       matmul_backward<bf16>(cublas_, dln2_, grad(p + "ffn.experts.w_up"), nullptr, dense_dpre_,
                             ln2_ + l * nd, param_bf16(p + "ffn.experts.w_up"), N, D, up_width_,
-                            scratch_, stream_, /*accumulate_dweight=*/!fresh_expert_grads_);
+                            scratch_, stream_, /*accumulate_dweight=*/false);
     } else if (soft_) {
       // dy_ is free once regrouped, so the layer's dx goes there before its way back.
       transpose_row_blocks(ln2_ + l * nd, soft_x_, B, S, D, stream_);
@@ -635,6 +631,7 @@ void GpuModel::backward() {
       g.dscale = grad(p + "ffn.router.slot_scale");
       g.dw_up = grad(p + "ffn.experts.w_up");
       g.dw_down = grad(p + "ffn.experts.w_down");
+      g.accumulate_experts = false;
       (*last_ffn_)[l].soft->backward(soft_x_, soft_weights(l), soft_y_, g, stream_);
       transpose_row_blocks(dy_, dln2_, S, B, D, stream_);
     } else {
@@ -644,7 +641,7 @@ void GpuModel::backward() {
       g.dw_up = grad(p + "ffn.experts.w_up");
       g.dw_down = grad(p + "ffn.experts.w_down");
       if (has(p + "ffn.router.w_noise")) g.dw_noise = grad(p + "ffn.router.w_noise");
-      g.accumulate_experts = !fresh_expert_grads_;
+      g.accumulate_experts = false;
       (*last_ffn_)[l].backward(ln2_ + l * nd, ffn_weights(l), dy_, g, stream_);
     }
     record(ffn_events_[L + l].end);

@@ -7,8 +7,7 @@
 // sigmoid_bias update; only the arithmetic differs:
 //   * master weights, gradients and AdamW moments fp32; every matrix also kept as a bf16 copy that
 //     the GEMMs read (refreshed by the AdamW kernel); the expert (or dense FFN) weight gradients
-//     are written by the FFN backward each step, every other gradient zeroed and accumulated
-//     (soft_moe's expert gradients too: SoftMoeLayer only accumulates);
+//     are written by the FFN backward each step, every other gradient zeroed and accumulated;
 //   * residual stream fp32; LayerNorm outputs, qkv, attention and the FFN's activations bf16;
 //     cuBLAS GEMMs accumulate in fp32; softmax, LayerNorm and the loss computed in fp32;
 //   * the FFN is moe::cuda::Layer (gate -> route -> plan -> permute -> grouped experts -> combine
