@@ -64,6 +64,16 @@ if grep -qE '^  check .*\((built without CUDA|not part of this build)\)' "$work/
 fi
 if grep -qE '^  bench .*\((built without CUDA|not part of this build)\)' "$work/help"; then
   expect bench-unavailable 2 bench --anything
+else  # the layer bench's own shapes are checked before it looks for a GPU
+  expect bench-shape-not-five 2 bench --layer --shape 1,2,3
+  expect bench-shape-not-a-number 2 bench --layer --shape 64,2048,x,8,2
+  expect bench-shape-empty-field 2 bench --layer --shape 64,,768,8,2
+  expect bench-shape-zero 2 bench --layer --shape 0,2048,768,128,8
+  expect bench-shape-hidden 2 bench --layer --shape 64,2044,768,128,8
+  expect bench-shape-inter 2 bench --layer --shape 64,2048,40,8,2
+  expect bench-shape-top-k 2 bench --layer --shape 64,2048,64,8,9
+  expect bench-shape-without-layer 2 bench --shape 64,2048,768,128,8
+  expect bench-unknown-config 2 bench --layer --config nope
 fi
 
 # ---- layer --json prints exactly one JSON object

@@ -79,6 +79,7 @@ struct BenchOptions {
   std::string command;     // the command line, for the records
   bool layer = false;      // --layer: the whole layer (bench_layer.cpp) instead of the stages
   std::vector<std::string> layer_configs;  // --config with --layer
+  std::vector<std::string> layer_shapes;   // --shape with --layer: T,H,I,E,K
 };
 
 struct Shape {
@@ -777,15 +778,19 @@ void add_bench_command(CLI::App& app) {
                 "(reps >= 20) next to a dense-equivalent cuBLAS GEMM pair");
   sub->add_option("--config", o->layer_configs,
                   "with --layer: olmoe, qwen3, qwen3_32k, mixtral, brief_small, decode, lm_gpu (one "
-                  "FFN of the GPU language model) (default: all)")
-      ->check(CLI::IsMember(
-          {"olmoe", "qwen3", "qwen3_32k", "mixtral", "brief_small", "decode", "lm_gpu"}));
+                  "FFN of the GPU language model) (default: all, unless --shape is given)")
+      ->check(CLI::IsMember(layer_config_names()));
+  sub->add_option("--shape", o->layer_shapes,
+                  "with --layer: a shape of your own, T,H,I,E,K (tokens, hidden, intermediate, "
+                  "experts, top-k; H a multiple of 8, I of 32), run after the --config ones; "
+                  "several allowed");
   sub->footer(
       "Examples:\n"
       "  moe-bench bench                                   # headline shape, bf16\n"
       "  moe-bench bench --grid headline brief1 brief2 --out results.jsonl\n"
       "  moe-bench bench --grid soft_moe --dtype bf16 fp32    # soft MoE stages, 8 shapes\n"
-      "  moe-bench bench --layer --reps 20 --out layer.jsonl  # whole layer, 7 model configs");
+      "  moe-bench bench --layer --reps 20 --out layer.jsonl  # whole layer, 7 model configs\n"
+      "  moe-bench bench --layer --shape 16384,2048,1408,64,6  # whole layer at a shape of yours");
   sub->callback([o, sub] {
     std::string cmd = "moe-bench bench";
     for (const std::string& g : o->grids) cmd += (&g == &o->grids[0] ? " --grid " : " ") + g;
@@ -794,15 +799,20 @@ void add_bench_command(CLI::App& app) {
     cmd += fmt::format(" --reps {} --warmup {}", o->reps, o->warmup);
     if (o->no_backward) cmd += " --no-backward";
     (void)sub;
+    MOE_CHECK(o->layer || (o->layer_configs.empty() && o->layer_shapes.empty()),
+              "bench: --config and --shape go with --layer");
     if (o->layer) {  // a separate path: the stages' options do not apply
       LayerBenchOptions lo;
       lo.reps = o->reps;
       lo.warmup = o->warmup;
       lo.configs = o->layer_configs;
+      for (const std::string& s : o->layer_shapes) lo.shapes.push_back(parse_layer_shape(s));
       lo.out = o->out;
       lo.command = fmt::format("moe-bench bench --layer --reps {} --warmup {}", o->reps, o->warmup);
       for (const std::string& c : o->layer_configs)
         lo.command += (&c == &o->layer_configs[0] ? " --config " : " ") + c;
+      for (const std::string& s : o->layer_shapes)
+        lo.command += (&s == &o->layer_shapes[0] ? " --shape " : " ") + s;
       run_layer_bench(lo);
       return;
     }

@@ -1,7 +1,8 @@
-// defines: run_layer_bench — `moe-bench bench --layer`: the whole MoE layer on the GPU
-// (cuda::Layer: gate, route, plan, permute, experts, combine, bf16, softmax_topk, dropless) at
-// the model configurations of issue 4, next to a dense-equivalent cuBLAS bf16 GEMM pair with the
-// same FLOPs, measured in the same run on the same card.
+// defines: layer_config_names, parse_layer_shape, run_layer_bench — `moe-bench bench --layer`:
+// the whole MoE layer on the GPU (cuda::Layer: gate, route, plan, permute, experts, combine, bf16,
+// softmax_topk, dropless) at the model configurations of issue 4 or at shapes of the user's own
+// (--shape), next to a dense-equivalent cuBLAS bf16 GEMM pair with the same FLOPs, measured in
+// the same run on the same card.
 //
 // Method: seeded random inputs and weights (N(0,1) x, weights N(0, 1/fan_in)), CUDA events,
 // warm-up first, median of --reps runs (>= 20). Per-stage forward times come from events recorded
@@ -54,6 +55,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -72,11 +74,6 @@ namespace {
 
 using json = nlohmann::ordered_json;
 using moe::cuda::bf16;
-
-struct LayerShape {
-  std::string name;
-  int64_t T, H, I, E, K;
-};
 
 std::vector<LayerShape> layer_shapes() {
   return {{"olmoe", 16384, 2048, 1024, 64, 8},
@@ -193,19 +190,51 @@ double copy_bandwidth(const LayerBenchOptions& o, cudaStream_t stream) {
 constexpr moe::cuda::ExpertsBackend kLayerBackend = moe::cuda::ExpertsBackend::grouped_fused;
 constexpr moe::cuda::GateUpLayout kLayerGateUp = moe::cuda::GateUpLayout::blocked;
 
-void bench_one(const LayerBenchOptions& o, const std::string& device, const LayerShape& s,
-               double copy_gbs, cudaStream_t stream) {
-  const int64_t T = s.T, H = s.H, I = s.I, E = s.E, K = s.K, A = 2 * I;
+moe::LayerConfig layer_config(const LayerShape& s) {
   moe::LayerConfig cfg;
-  cfg.tokens = T;
-  cfg.hidden = H;
-  cfg.inter = I;
-  cfg.experts = E;
-  cfg.top_k = K;
+  cfg.tokens = s.T;
+  cfg.hidden = s.H;
+  cfg.inter = s.I;
+  cfg.experts = s.E;
+  cfg.top_k = s.K;
   cfg.router = moe::Router::softmax_topk;
   cfg.layout = moe::Layout::dropless;
   cfg.activation = moe::Activation::swiglu;
   cfg.validate();
+  return cfg;
+}
+
+// What bench_one holds at its peak, from the shapes alone: inputs, weights (w_up twice: as drawn
+// and blocked), the fp32 and bf16 weight gradients, then either the two training layers (rows
+// permuted and gathered) or the dense pair's buffers beside two inference layers; 1 GiB more for
+// cuBLAS, the workspaces and the allocator. A shape that does not fit is refused in one line
+// before anything runs.
+void check_fits(const LayerShape& s) {
+  const moe::LayerConfig cfg = layer_config(s);
+  const double T = double(s.T), H = double(s.H), I = double(s.I), E = double(s.E),
+               A = 2 * I, M = T * double(s.K);
+  const double base = 2 * (4 * T * H + H * E + 3 * E * H * A + 2 * E * I * H) +
+                      4 * (H * E + E * H * A + E * I * H);
+  const auto fused = kLayerBackend;
+  const double training =
+      double(moe::cuda::Layer::arena_bytes(cfg, fused, true, 1, moe::cuda::RowSource::permuted)) +
+      double(moe::cuda::Layer::arena_bytes(cfg, fused, true, 1, moe::cuda::RowSource::gathered));
+  const double dense =
+      2 * (M * std::max(H, I) + M * A + M * H) +
+      double(moe::cuda::Layer::arena_bytes(cfg, fused, false, 1, moe::cuda::RowSource::permuted)) +
+      double(moe::cuda::Layer::arena_bytes(cfg, fused, false, 1, moe::cuda::RowSource::gathered));
+  const double need = base + std::max(training, dense) + double(1 << 30);
+  size_t free = 0, total = 0;
+  MOE_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  MOE_CHECK(need <= double(free), "bench --layer ", s.name, ": needs about ",
+            fmt::format("{:.1f}", need / double(1 << 30)), " GiB of device memory, ",
+            fmt::format("{:.1f}", double(free) / double(1 << 30)), " GiB free");
+}
+
+void bench_one(const LayerBenchOptions& o, const std::string& device, const LayerShape& s,
+               double copy_gbs, cudaStream_t stream) {
+  const int64_t T = s.T, H = s.H, I = s.I, E = s.E, K = s.K, A = 2 * I;
+  const moe::LayerConfig cfg = layer_config(s);
 
   bf16* x = dev_alloc<bf16>(T * H);
   bf16* dy = dev_alloc<bf16>(T * H);
@@ -611,6 +640,40 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 
 }  // namespace
 
+std::vector<std::string> layer_config_names() {
+  std::vector<std::string> names;
+  for (const LayerShape& s : layer_shapes()) names.push_back(s.name);
+  return names;
+}
+
+LayerShape parse_layer_shape(const std::string& text) {
+  std::vector<int64_t> v;
+  size_t at = 0;
+  while (true) {
+    const size_t comma = text.find(',', at);
+    const std::string field = text.substr(at, comma == std::string::npos ? comma : comma - at);
+    int64_t n = 0;
+    const auto [end, ec] = std::from_chars(field.data(), field.data() + field.size(), n);
+    MOE_CHECK(!field.empty() && ec == std::errc() && end == field.data() + field.size() && n >= 1,
+              "--shape ", text, ": '", field, "' is not a positive integer (T,H,I,E,K)");
+    v.push_back(n);
+    if (comma == std::string::npos) break;
+    at = comma + 1;
+  }
+  MOE_CHECK(v.size() == 5, "--shape ", text, ": expected 5 numbers T,H,I,E,K, got ", v.size());
+  const LayerShape s{fmt::format("T{}_H{}_I{}_E{}_K{}", v[0], v[1], v[2], v[3], v[4]), v[0], v[1],
+                     v[2], v[3], v[4]};
+  MOE_CHECK(s.T < (int64_t{1} << 30), "--shape ", text, ": T must be below 2^30");
+  MOE_CHECK(s.H % 8 == 0 && s.H <= 65536, "--shape ", text,
+            ": H must be a multiple of 8 (16-byte rows for TMA) up to 65536, got ", s.H);
+  MOE_CHECK(s.I % 32 == 0 && s.I <= 65536, "--shape ", text,
+            ": I must be a multiple of 32 (the fused experts' blocked gate/up order) up to 65536, "
+            "got ", s.I);
+  MOE_CHECK(s.E <= 4096, "--shape ", text, ": E must be at most 4096, got ", s.E);
+  MOE_CHECK(s.K <= s.E, "--shape ", text, ": K must be at most E, got ", s.K);
+  return s;
+}
+
 void run_layer_bench(const LayerBenchOptions& o) {
   MOE_CHECK(moe::cuda::has_device(), "bench --layer: no CUDA device");
   MOE_CHECK(o.reps >= 20, "reps must be >= 20 for --layer, got ", o.reps);
@@ -621,13 +684,15 @@ void run_layer_bench(const LayerBenchOptions& o) {
   MOE_CUDA_CHECK(cudaGetDeviceProperties(&p, dev));
   cudaStream_t stream = nullptr;
   MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::vector<LayerShape> run;
+  for (const LayerShape& s : layer_shapes())
+    if ((o.configs.empty() && o.shapes.empty()) ||
+        std::find(o.configs.begin(), o.configs.end(), s.name) != o.configs.end())
+      run.push_back(s);
+  run.insert(run.end(), o.shapes.begin(), o.shapes.end());
+  for (const LayerShape& s : run) check_fits(s);  // before anything is measured
   const double copy_gbs = copy_bandwidth(o, stream);
-  for (const LayerShape& s : layer_shapes()) {
-    if (!o.configs.empty() &&
-        std::find(o.configs.begin(), o.configs.end(), s.name) == o.configs.end())
-      continue;
-    bench_one(o, p.name, s, copy_gbs, stream);
-  }
+  for (const LayerShape& s : run) bench_one(o, p.name, s, copy_gbs, stream);
   MOE_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 

@@ -17,6 +17,7 @@ torch.cuda.memory_allocated() before it (inputs, weights and their .grad buffers
 Method: CUDA events around each run, warm-up first, median of --reps runs. One JSON object per line.
 
   python3 bench/peers/torch_moe_layer.py --build build/gg --out peer_layer.jsonl
+  python3 bench/peers/torch_moe_layer.py --shape 16384,2048,1408,64,6   # as moe-bench's --shape
 """
 import argparse
 import datetime
@@ -38,6 +39,18 @@ CONFIGS = {
     "decode": (64, 2048, 768, 128, 8),
     "lm_gpu": (8192, 512, 1024, 16, 2),
 }
+
+
+def parse_shape(text):
+    """T,H,I,E,K -> (name, shape), the name moe-bench bench --layer --shape gives it."""
+    try:
+        v = [int(f) for f in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: not five integers T,H,I,E,K")
+    if len(v) != 5 or min(v) < 1 or v[4] > v[3]:
+        raise argparse.ArgumentTypeError(f"{text}: expected T,H,I,E,K, positive, K <= E")
+    T, H, I, E, K = v
+    return f"T{T}_H{H}_I{I}_E{E}_K{K}", tuple(v)
 
 
 def git_revision(build_dir):
@@ -85,7 +98,10 @@ def time_runs(fn, warmup, reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--config", nargs="*", default=None, choices=list(CONFIGS),
+                    help="named configurations (default: all, unless --shape is given)")
+    ap.add_argument("--shape", nargs="*", default=[], type=parse_shape,
+                    help="shapes of your own, T,H,I,E,K, after the --config ones")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--build", default="build/gg", help="build folder (for the git revision)")
@@ -95,17 +111,19 @@ def main():
     out = open(args.out, "a") if args.out else sys.stdout
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    for name in args.config:
+    configs = args.config if args.config is not None else ([] if args.shape else list(CONFIGS))
+    shapes = [(name, CONFIGS[name]) for name in configs] + args.shape
+    for name, shape in shapes:
         try:
-            run_config(name, args, command, out, dev, gen)
+            run_config(name, shape, args, command, out, dev, gen)
         except Exception as e:  # one failing configuration does not stop the others
             print(f"peer {name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         torch.cuda.empty_cache()
 
 
-def run_config(name, args, command, out, dev, gen):
+def run_config(name, shape, args, command, out, dev, gen):
     if True:
-        T, H, I, E, K = CONFIGS[name]
+        T, H, I, E, K = shape
         bf = torch.bfloat16
         x = torch.randn(T, H, device=dev, dtype=bf, generator=gen)
         dy = torch.randn(T, H, device=dev, dtype=bf, generator=gen)

@@ -12,7 +12,7 @@
 set -uo pipefail
 RUN=${1:?run folder}
 OUT=${OUT:-out}
-CONFIGS=${CONFIGS:-"olmoe qwen3 mixtral brief_small"}
+CONFIGS=${CONFIGS:-"olmoe qwen3 mixtral brief_small"}  # names, or T,H,I,E,K shapes
 ROUNDS=${ROUNDS:-2}
 TEST_FILTER=${TEST_FILTER:-'*'}  # every GPU test by default
 mkdir -p "$OUT"
@@ -39,10 +39,12 @@ grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$OUT/tests.log" | head -20
 for round in $(seq "$ROUNDS"); do
   for c in $CONFIGS; do
     step "round $round: $c"
-    timeout 60 "$RUN/moe-bench" bench --layer --reps 20 --warmup 3 --config "$c" \
+    which=--config
+    [[ $c == *,* ]] && which=--shape  # T,H,I,E,K: a shape of one's own
+    timeout 60 "$RUN/moe-bench" bench --layer --reps 20 --warmup 3 "$which" "$c" \
       --out "$OUT/layer.jsonl" >>"$OUT/layer_bench.log" 2>&1 || status=1
     timeout 90 python3 bench/peers/torch_moe_layer.py --build "$RUN" --reps 20 --warmup 3 \
-      --config "$c" --out "$OUT/peer_layer.jsonl" >>"$OUT/peer_layer.log" 2>&1 || status=1
+      "$which" "$c" --out "$OUT/peer_layer.jsonl" >>"$OUT/peer_layer.log" 2>&1 || status=1
   done
 done
 
