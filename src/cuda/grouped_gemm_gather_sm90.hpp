@@ -58,6 +58,7 @@ struct GatherMainloop : Base {
 
   static constexpr int kBlockM = cute::size<0>(TileShape{});
   static constexpr int kBlockK = cute::size<2>(TileShape{});
+  static constexpr int kRowsPerLane = kBlockM / 32;  // two producer warps, 16 rows per pass
   static_assert(sizeof(ElementA) == 2 && kBlockK == 64 && kBlockM % 32 == 0,
                 "the gathered loader is written for 16-bit A in 64-wide K slices");
   static_assert(kAlongK || cute::is_same_v<typename Base::SmemLayoutAtomA,
@@ -181,50 +182,47 @@ struct GatherMainloop : Base {
   }
 
  private:
-  // One producer warp's share of A: a warp instruction copies 4 whole rows of the K slice (128
-  // bytes each, so 4 L1 lines, not 16 partial ones), lane l chunk l % 8 of row l / 8; warp w takes
-  // rows 8 i + 4 w + l / 8, i < kBlockM / 8. The 64 source indices of a warp's rows stay in two
-  // registers a lane (row 4 i' + q of the warp's list in lane (4 i' + q) % 32) and reach the lane
-  // that copies the row by a shuffle, so the indices cost no shared memory and no spill at the
-  // producer warps' 40 registers.
+  // One producer warp's share of A: lane l copies 16-byte chunks (l % 2) + 2c, c < 4, of rows
+  // l / 2 + 16 (2 j + kWarp), j < kRowsPerLane: a lane pair reads whole 32-byte sectors, a warp
+  // instruction 16 rows. A lane keeps its rows' indices in registers for the tile (producer warps
+  // run with 40 registers).
   template <int kWarp, class MCoord, class KTileIterator, class IssueB>
   CUTLASS_DEVICE void produce(Params const& params, MainloopPipeline& pipeline,
                               PipelineState smem_pipe_write, int32_t expert, MCoord m_coord,
                               KTileIterator k_tile_iter, int k_tile_count,
                               TensorStorage& storage, IssueB&& issue_b) {
     using namespace cute;
-    static_assert(kBlockM == 128, "two warps of 16 four-row copies cover 128 rows");
-    constexpr int kSteps = kBlockM / 8;  // copy instructions per warp and K slice
     const int lane = cutlass::canonical_lane_idx();
     Tensor sA = make_tensor(make_smem_ptr(storage.smem_A.data()), SmemLayoutA{});  // (M,K,PIPE)
 
-    // The warp's row list: entry j = 4 i + q is tile row 8 i + 4 kWarp + q. Lane l holds entries
-    // l and l + 32 (-1: a zero row).
+    // This lane's source rows for the tile; -1: a zero row.
     const int32_t r0 = params.g.offsets[expert];
     const int32_t m_e = params.g.offsets[expert + 1] - r0;
-    const int32_t m_tile = static_cast<int32_t>(m_coord) * kBlockM;
-    int32_t own[2];
+    const int row0 = lane / 2 + 16 * kWarp;
+    const int32_t m0 = static_cast<int32_t>(m_coord) * kBlockM + row0;
+    int32_t src[kRowsPerLane];
     CUTLASS_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      const int j = lane + 32 * h;
-      const int32_t m = m_tile + 8 * (j / 4) + 4 * kWarp + j % 4;
+    for (int j = 0; j < kRowsPerLane; ++j) {
+      const int32_t m = m0 + 32 * j;
       const int32_t t = m < m_e ? params.g.gather[r0 + m] : -1;
-      own[h] = t >= 0 && t < params.g.row_count ? t : -1;
+      src[j] = t >= 0 && t < params.g.row_count ? t : -1;
     }
 
-    // Shared-memory byte offset of this lane's chunk in step 0 (tile row 4 kWarp + lane / 8, chunk
-    // lane % 8, placed by the 128B swizzle); rows 8 apart are one 1024-byte swizzle atom apart with
-    // the same permutation, so step i adds 1024 i.
-    const int q = lane / 8, c = lane % 8;
+    // Shared-memory byte offsets from the layout itself: row0's 16-byte chunk q sits at
+    // chunk_off[c] of the stage (the 128B swizzle permutes a row's chunks), and rows 32 apart are
+    // four 1024-byte swizzle atoms apart with the same permutation, so row0 + 32 j adds 4096 j.
     const uint32_t stage0 = cute::cast_smem_ptr_to_uint(&sA(0, 0, 0));
     const uint32_t stage_bytes = cute::cast_smem_ptr_to_uint(&sA(0, 0, 1)) - stage0;
-    const uint32_t chunk_off =
-        cute::cast_smem_ptr_to_uint(&sA(4 * kWarp + q, 8 * c, 0)) - stage0;
+    uint32_t chunk_off[4];
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < 4; ++c)
+      chunk_off[c] = cute::cast_smem_ptr_to_uint(&sA(row0, 8 * (lane % 2 + 2 * c), 0)) - stage0;
 
     // Byte arithmetic in 32 bits where it fits: K < 2^30 (checked on the host).
     const int32_t k_total = static_cast<int32_t>(params.g.ld);
     const int64_t row_bytes = int64_t{k_total} * static_cast<int64_t>(sizeof(ElementA));
     const char* rows = reinterpret_cast<const char*>(params.g.rows);
+    const int32_t lane_col = 8 * (lane % 2);  // this lane's first column in the K slice
 
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
@@ -235,18 +233,22 @@ struct GatherMainloop : Base {
       const int k_tile = *k_tile_iter;
       issue_b(barrier, k_tile, stage);
 
-      // This lane's 8 columns; K is a multiple of 8, so they are wholly in or out (only a last,
-      // partial K slice has chunks out).
-      const int32_t col = k_tile * kBlockK + 8 * c;
-      const bool col_ok = col < k_total;
-      const uint32_t s_lane = stage0 + stage * stage_bytes + chunk_off;
+      const int32_t col = k_tile * kBlockK + lane_col;
+      const uint32_t s_stage = stage0 + stage * stage_bytes;
+      // Chunk c covers columns col + 16 c .. + 7; K is a multiple of 8, so a chunk is wholly in
+      // or out. Only a last, partial K slice has chunks out.
+      const bool full_slice = (k_tile + 1) * kBlockK <= k_total;
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kSteps; ++i) {
-        const int32_t src = __shfl_sync(0xffffffffu, own[i / 8], (4 * i + q) % 32);
-        const bool ok = src >= 0 && col_ok;
-        const char* g = rows + (ok ? src * row_bytes + col * int32_t{sizeof(ElementA)} : 0);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s_lane + 1024u * i),
-                     "l"(g), "r"(ok ? 16 : 0));
+      for (int j = 0; j < kRowsPerLane; ++j) {
+        const bool row_ok = src[j] >= 0;
+        const char* g = rows + (row_ok ? src[j] * row_bytes : 0) + col * int32_t{sizeof(ElementA)};
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < 4; ++c) {
+          const bool ok = row_ok && (full_slice || col + 16 * c < k_total);
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                           s_stage + chunk_off[c] + 4096u * j),
+                       "l"(g + 32 * c), "r"(ok ? 16 : 0));
+        }
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(reinterpret_cast<uint64_t const*>(barrier));
       ++k_tile_iter;
