@@ -48,7 +48,8 @@ def main():
             bwd_rate = 2 * flops / (d["backward_stage_ms"]["experts"] * 1e9)
             print(f"{config:<12} {need:9.2f} {floor_dense:12.2f} {flops / dense_ms / 1e9:5.0f} "
                   f"{floor_ours:11.2f} {flops / fwd_gemm_ms / 1e9:5.0f} "
-                  f"{d['fwd_bwd_bf16_grads_ms']:10.2f} {d['fwd_bwd_fresh_ms']:10.2f} {bwd_rate:10.0f}")
+                  f"{d['fwd_bwd_bf16_grads_ms']:10.2f} {d['fwd_bwd_fresh_ms']:10.2f} "
+                  f"{bwd_rate:10.0f}")
 
 
 if __name__ == "__main__":
