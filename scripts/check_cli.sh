@@ -74,6 +74,8 @@ else  # the layer bench's own shapes are checked before it looks for a GPU
   expect bench-shape-top-k 2 bench --layer --shape 64,2048,64,8,9
   expect bench-shape-without-layer 2 bench --shape 64,2048,768,128,8
   expect bench-unknown-config 2 bench --layer --config nope
+  expect bench-router-not-token-choice 2 bench --layer --router chain_of_experts
+  expect bench-router-without-layer 2 bench --router noisy_topk
 fi
 
 # ---- layer --json prints exactly one JSON object

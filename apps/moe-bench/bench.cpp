@@ -80,6 +80,7 @@ struct BenchOptions {
   bool layer = false;      // --layer: the whole layer (bench_layer.cpp) instead of the stages
   std::vector<std::string> layer_configs;  // --config with --layer
   std::vector<std::string> layer_shapes;   // --shape with --layer: T,H,I,E,K
+  std::string layer_router = "softmax_topk";  // --router with --layer
 };
 
 struct Shape {
@@ -784,6 +785,11 @@ void add_bench_command(CLI::App& app) {
                   "with --layer: a shape of your own, T,H,I,E,K (tokens, hidden, intermediate, "
                   "experts, top-k; H a multiple of 8, I of 32), run after the --config ones; "
                   "several allowed");
+  sub->add_option("--router", o->layer_router,
+                  "with --layer: the router (the token-choice ones; switch_top1 runs with K = 1; "
+                  "the PyTorch peer is softmax_topk's)")
+      ->check(CLI::IsMember(layer_router_names()))
+      ->capture_default_str();
   sub->footer(
       "Examples:\n"
       "  moe-bench bench                                   # headline shape, bf16\n"
@@ -799,20 +805,23 @@ void add_bench_command(CLI::App& app) {
     cmd += fmt::format(" --reps {} --warmup {}", o->reps, o->warmup);
     if (o->no_backward) cmd += " --no-backward";
     (void)sub;
-    MOE_CHECK(o->layer || (o->layer_configs.empty() && o->layer_shapes.empty()),
-              "bench: --config and --shape go with --layer");
+    MOE_CHECK(o->layer || (o->layer_configs.empty() && o->layer_shapes.empty() &&
+                           o->layer_router == "softmax_topk"),
+              "bench: --config, --shape and --router go with --layer");
     if (o->layer) {  // a separate path: the stages' options do not apply
       LayerBenchOptions lo;
       lo.reps = o->reps;
       lo.warmup = o->warmup;
       lo.configs = o->layer_configs;
       for (const std::string& s : o->layer_shapes) lo.shapes.push_back(parse_layer_shape(s));
+      lo.router = moe::parse_router(o->layer_router);
       lo.out = o->out;
       lo.command = fmt::format("moe-bench bench --layer --reps {} --warmup {}", o->reps, o->warmup);
       for (const std::string& c : o->layer_configs)
         lo.command += (&c == &o->layer_configs[0] ? " --config " : " ") + c;
       for (const std::string& s : o->layer_shapes)
         lo.command += (&s == &o->layer_shapes[0] ? " --shape " : " ") + s;
+      if (lo.router != moe::Router::softmax_topk) lo.command += " --router " + o->layer_router;
       run_layer_bench(lo);
       return;
     }

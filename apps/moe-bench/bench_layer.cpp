@@ -1,8 +1,9 @@
-// defines: layer_config_names, parse_layer_shape, run_layer_bench — `moe-bench bench --layer`:
-// the whole MoE layer on the GPU (cuda::Layer: gate, route, plan, permute, experts, combine, bf16,
-// softmax_topk, dropless) at the model configurations of issue 4 or at shapes of the user's own
-// (--shape), next to a dense-equivalent cuBLAS bf16 GEMM pair with the same FLOPs, measured in
-// the same run on the same card.
+// defines: layer_config_names, layer_router_names, parse_layer_shape, run_layer_bench —
+// `moe-bench bench --layer`: the whole MoE layer on the GPU (cuda::Layer: gate, route, plan,
+// permute, experts, combine, bf16, dropless; softmax_topk or another token-choice router,
+// --router) at the model configurations of issue 4 or at shapes of the user's own (--shape), next
+// to a dense-equivalent cuBLAS bf16 GEMM pair with the same FLOPs, measured in the same run on the
+// same card.
 //
 // Method: seeded random inputs and weights (N(0,1) x, weights N(0, 1/fan_in)), CUDA events,
 // warm-up first, median of --reps runs (>= 20). Per-stage forward times come from events recorded
@@ -190,14 +191,14 @@ double copy_bandwidth(const LayerBenchOptions& o, cudaStream_t stream) {
 constexpr moe::cuda::ExpertsBackend kLayerBackend = moe::cuda::ExpertsBackend::grouped_fused;
 constexpr moe::cuda::GateUpLayout kLayerGateUp = moe::cuda::GateUpLayout::blocked;
 
-moe::LayerConfig layer_config(const LayerShape& s) {
+moe::LayerConfig layer_config(const LayerShape& s, moe::Router router) {
   moe::LayerConfig cfg;
   cfg.tokens = s.T;
   cfg.hidden = s.H;
   cfg.inter = s.I;
   cfg.experts = s.E;
-  cfg.top_k = s.K;
-  cfg.router = moe::Router::softmax_topk;
+  cfg.top_k = router == moe::Router::switch_top1 ? 1 : s.K;
+  cfg.router = router;
   cfg.layout = moe::Layout::dropless;
   cfg.activation = moe::Activation::swiglu;
   cfg.validate();
@@ -209,10 +210,10 @@ moe::LayerConfig layer_config(const LayerShape& s) {
 // permuted and gathered) or the dense pair's buffers beside two inference layers; 1 GiB more for
 // cuBLAS, the workspaces and the allocator. A shape that does not fit is refused in one line
 // before anything runs.
-void check_fits(const LayerShape& s) {
-  const moe::LayerConfig cfg = layer_config(s);
+void check_fits(const LayerShape& s, moe::Router router) {
+  const moe::LayerConfig cfg = layer_config(s, router);
   const double T = double(s.T), H = double(s.H), I = double(s.I), E = double(s.E),
-               A = 2 * I, M = T * double(s.K);
+               A = 2 * I, M = T * double(cfg.top_k);
   const double base = 2 * (4 * T * H + H * E + 3 * E * H * A + 2 * E * I * H) +
                       4 * (H * E + E * H * A + E * I * H);
   const auto fused = kLayerBackend;
@@ -233,8 +234,8 @@ void check_fits(const LayerShape& s) {
 
 void bench_one(const LayerBenchOptions& o, const std::string& device, const LayerShape& s,
                double copy_gbs, cudaStream_t stream) {
-  const int64_t T = s.T, H = s.H, I = s.I, E = s.E, K = s.K, A = 2 * I;
-  const moe::LayerConfig cfg = layer_config(s);
+  const moe::LayerConfig cfg = layer_config(s, o.router);
+  const int64_t T = s.T, H = s.H, I = s.I, E = s.E, K = cfg.top_k, A = 2 * I;
 
   bf16* x = dev_alloc<bf16>(T * H);
   bf16* dy = dev_alloc<bf16>(T * H);
@@ -248,7 +249,12 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   float* gwd = dev_alloc<float>(E * I * H);
   bf16* gwu16 = dev_alloc<bf16>(E * H * A);
   bf16* gwd16 = dev_alloc<bf16>(E * I * H);
+  // noisy_topk's noise projection and its gradient (the other routers do not read them)
+  bf16* wn = dev_alloc<bf16>(H * E);
+  float* gwn = dev_alloc<float>(H * E);
   moe::cuda::fill_normal(x, T * H, 1, 1.f, stream);
+  moe::cuda::fill_normal(wn, H * E, 7, float(1 / std::sqrt(double(H))), stream);
+  MOE_CUDA_CHECK(cudaMemsetAsync(gwn, 0, H * E * sizeof(float), stream));
   moe::cuda::fill_normal(dy, T * H, 2, 1.f, stream);
   moe::cuda::fill_normal(wg, H * E, 3, float(1 / std::sqrt(double(H))), stream);
   moe::cuda::fill_normal(wu, E * H * A, 4, float(1 / std::sqrt(double(H))), stream);
@@ -277,9 +283,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
     moe::cuda::Layer warm(cfg, kLayerBackend, kLayerGateUp, /*backward=*/true, /*groups=*/1,
                           cublas);
-    const moe::cuda::LayerWeights w{wg, wu_blocked, wd, nullptr};
+    const moe::cuda::LayerWeights w{wg, wu_blocked, wd, nullptr, wn};
     warm.forward(x, w, y, stream);
-    warm.backward(x, w, dy, moe::cuda::LayerGrads{dx, gwg, gwu, gwd}, stream);
+    warm.backward(x, w, dy, moe::cuda::LayerGrads{dx, gwg, gwu, gwd, gwn}, stream);
     MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
     MOE_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
     first_delta = double(free0) - double(free1);
@@ -317,7 +323,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     moe::cuda::Layer infer(cfg, inf.backend, inf.gate_up, /*backward=*/false, /*groups=*/1,
                            cublas, inf.rows);
     const moe::cuda::LayerWeights w{
-        wg, inf.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr};
+        wg, inf.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr, wn};
     inf.bytes = infer.bytes();
     if (total) inf.ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
     if (stages) inf.stage_ms = forward_stage_times(infer, x, w, y, o, stream);
@@ -340,8 +346,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
                            cublas);
     layer_bytes = layer.bytes();
     layer_report = layer.report();
-    const moe::cuda::LayerWeights w{wg, wu_blocked, wd, nullptr};
-    const moe::cuda::LayerGrads g{dx, gwg, gwu, gwd};
+    const moe::cuda::LayerWeights w{wg, wu_blocked, wd, nullptr, wn};
+    const moe::cuda::LayerGrads g{dx, gwg, gwu, gwd, gwn};
     layer.forward(x, w, y, stream);
     std::vector<int32_t> counts(E);
     MOE_CUDA_CHECK(cudaMemcpyAsync(counts.data(), layer.plan().counts, E * sizeof(int32_t),
@@ -448,9 +454,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     moe::cuda::Layer infer_other(cfg, oth.backend, oth.gate_up, /*backward=*/false,
                                  /*groups=*/1, cublas, oth.rows);
     const moe::cuda::LayerWeights w{
-        wg, inf.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr};
+        wg, inf.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr, wn};
     const moe::cuda::LayerWeights woth{
-        wg, oth.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr};
+        wg, oth.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr, wn};
     for (int r = 0; r < kRounds; ++r) {
       double t[3] = {0, 0, 0};
       for (int i = 0; i < 3; ++i) {
@@ -473,7 +479,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     MOE_CUDA_CHECK(cudaFree(out));
   }
   for (void* p : {(void*)x, (void*)dy, (void*)y, (void*)dx, (void*)wg, (void*)wu, (void*)wu_blocked,
-                  (void*)wd, (void*)gwg, (void*)gwu, (void*)gwd, (void*)gwu16, (void*)gwd16})
+                  (void*)wd, (void*)gwg, (void*)gwu, (void*)gwd, (void*)gwu16, (void*)gwd16,
+                  (void*)wn, (void*)gwn})
     MOE_CUDA_CHECK(cudaFree(p));
   MOE_CUBLAS_CHECK(cublasDestroy(cublas));
 
@@ -496,7 +503,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["I"] = I;
   j["E"] = E;
   j["K"] = K;
-  j["router"] = "softmax_topk";
+  j["router"] = std::string(moe::name(o.router));
   j["layout"] = "dropless";
   j["dtype"] = "bf16";
   j["experts_backend"] = std::string(moe::cuda::name(kLayerBackend)) + ", gate_up " +
@@ -595,12 +602,13 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   else moe::io::append_jsonl(o.out, j);
 
   fmt::print(stderr,
-             "layer {:<12} T={} H={} I={} E={} K={}: fwd {:.3f} ms ({:.0f} TF/s, {:.0f}% of dense "
-             "{:.0f}) | fwd+bwd {:.3f} ms ({:.0f} TF/s), fresh dW {:.3f} ms, bf16 dW {:.3f} ms | layer "
-             "{:.2f} GiB, memGetInfo delta "
+             "layer {:<12} T={} H={} I={} E={} K={}{}: fwd {:.3f} ms ({:.0f} TF/s, {:.0f}% of "
+             "dense {:.0f}) | fwd+bwd {:.3f} ms ({:.0f} TF/s), fresh dW {:.3f} ms, bf16 dW {:.3f} ms "
+             "| layer {:.2f} GiB, memGetInfo delta "
              "{:.2f} GiB\n  weight floor {:.3f} ms ({} experts touched, {:.0f} GB/s copy): fwd "
              "{:.2f}x the floor\n  stages:",
-             s.name, T, H, I, E, K, fwd_ms, fwd_tf, 100 * fwd_tf / dense_tf, dense_tf, step_ms,
+             s.name, T, H, I, E, K,
+             o.router == moe::Router::softmax_topk ? "" : fmt::format(" {}", moe::name(o.router)), fwd_ms, fwd_tf, 100 * fwd_tf / dense_tf, dense_tf, step_ms,
              step_tf, fresh_ms, bf16_ms, layer_bytes / double(1 << 30), mem_delta / double(1 << 30),
              floor_ms,
              touched, copy_gbs, fwd_ms / floor_ms);
@@ -639,6 +647,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 }
 
 }  // namespace
+
+std::vector<std::string> layer_router_names() {
+  return {"softmax_topk", "noisy_topk", "switch_top1", "sigmoid_bias"};
+}
 
 std::vector<std::string> layer_config_names() {
   std::vector<std::string> names;
@@ -690,7 +702,10 @@ void run_layer_bench(const LayerBenchOptions& o) {
         std::find(o.configs.begin(), o.configs.end(), s.name) != o.configs.end())
       run.push_back(s);
   run.insert(run.end(), o.shapes.begin(), o.shapes.end());
-  for (const LayerShape& s : run) check_fits(s);  // before anything is measured
+  for (const LayerShape& s : run) check_fits(s, o.router);  // before anything is measured
+  if (o.router != moe::Router::softmax_topk)
+    fmt::print(stderr, "bench --layer: router {} (the PyTorch peer and the headline tables are "
+               "softmax_topk's)\n", moe::name(o.router));
   const double copy_gbs = copy_bandwidth(o, stream);
   for (const LayerShape& s : run) bench_one(o, p.name, s, copy_gbs, stream);
   MOE_CUDA_CHECK(cudaStreamDestroy(stream));

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "moe/config.hpp"
+
 namespace moe_bench {
 
 struct LayerShape {
@@ -16,6 +18,9 @@ struct LayerShape {
 
 // The named configurations of --config, in the order they run.
 std::vector<std::string> layer_config_names();
+// The routers --layer takes: the token-choice ones, which cuda::Layer runs with dropless rows at
+// any shape (switch_top1 with K = 1, whatever the shape says).
+std::vector<std::string> layer_router_names();
 
 // "T,H,I,E,K" (tokens, hidden, intermediate, experts, top-k) -> a shape named
 // T<T>_H<H>_I<I>_E<E>_K<K>; throws ConfigError naming what the measured layer cannot take
@@ -27,6 +32,7 @@ struct LayerBenchOptions {
   int warmup = 3;
   std::vector<std::string> configs;  // named configurations; empty (and no shapes) = all
   std::vector<LayerShape> shapes;    // the user's own, after the named ones
+  moe::Router router = moe::Router::softmax_topk;
   std::string out;                   // JSONL file (appended); stdout when empty
   std::string command;               // the command line, for the records
 };
