@@ -786,7 +786,7 @@ void add_bench_command(CLI::App& app) {
                   "experts, top-k; H a multiple of 8, I of 32), run after the --config ones; "
                   "several allowed");
   sub->add_option("--router", o->layer_router,
-                  "with --layer: the router (the token-choice ones; switch_top1 runs with K = 1; "
+                  "with --layer: the router (the token-choice ones; switch runs with K = 1; "
                   "the PyTorch peer is softmax_topk's)")
       ->check(CLI::IsMember(layer_router_names()))
       ->capture_default_str();

@@ -649,7 +649,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
 }  // namespace
 
 std::vector<std::string> layer_router_names() {
-  return {"softmax_topk", "noisy_topk", "switch_top1", "sigmoid_bias"};
+  std::vector<std::string> names;
+  for (moe::Router r : {moe::Router::softmax_topk, moe::Router::noisy_topk,
+                        moe::Router::switch_top1, moe::Router::sigmoid_bias})
+    names.emplace_back(moe::name(r));
+  return names;
 }
 
 std::vector<std::string> layer_config_names() {

@@ -19,7 +19,7 @@ struct LayerShape {
 // The named configurations of --config, in the order they run.
 std::vector<std::string> layer_config_names();
 // The routers --layer takes: the token-choice ones, which cuda::Layer runs with dropless rows at
-// any shape (switch_top1 with K = 1, whatever the shape says).
+// any shape (switch with K = 1, whatever the shape says), by their command-line names.
 std::vector<std::string> layer_router_names();
 
 // "T,H,I,E,K" (tokens, hidden, intermediate, experts, top-k) -> a shape named
