@@ -7,6 +7,11 @@ up-projection (E, 2I, H weights, passed transposed) -> SwiGLU silu(gate) * up ->
 down-projection -> index_add combine of the weighted rows into y. bf16 storage, dropless.
 No auxiliary loss (ours adds the softmax_topk balance and z-loss terms; the peer does less work).
 
+The per-expert loop (*_loop_*): the same routing, then a Python loop over the experts, each
+taking its rows with index_select, two F.linear and SwiGLU, and adding its weighted rows into y
+with index_add_ -- the way many MoE codebases write the layer; the row counts come to the host
+once per call (a synchronisation the grouped form does not have).
+
 fwd: the forward under torch.no_grad(). fwd_bwd: forward with autograd, then y.backward(dy) into
 x.grad and the three weights' .grad (allocated by a warm-up step before measuring), so autograd
 adds into them; fwd_bwd_fresh: the same with every .grad set to None first (zero_grad's default),
@@ -79,6 +84,31 @@ def moe_layer(x, wg, wu, wd, K):
     yp = torch._grouped_mm(act, wd.transpose(-2, -1), offs=offs)
     w = topw.reshape(-1).index_select(0, order).to(yp.dtype)
     y = torch.zeros_like(x).index_add_(0, tok, yp * w[:, None])
+    return y
+
+
+def moe_layer_loop(x, wg, wu, wd, K):
+    T, H = x.shape
+    E = wg.shape[1]
+    logits = (x @ wg).float()
+    probs = torch.softmax(logits, dim=-1)
+    topw, topi = probs.topk(K, dim=-1)
+    topw = topw / topw.sum(dim=-1, keepdim=True)
+    flat = topi.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tok = order // K
+    w = topw.reshape(-1).index_select(0, order)
+    counts = torch.bincount(flat, minlength=E).tolist()
+    y = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = tok[start:start + n]
+        g, u = F.linear(x.index_select(0, rows), wu[e]).chunk(2, dim=-1)
+        ye = F.linear(F.silu(g) * u, wd[e])
+        y.index_add_(0, rows, ye * w[start:start + n, None].to(ye.dtype))
+        start += n
     return y
 
 
@@ -155,6 +185,25 @@ def run_config(name, shape, args, command, out, dev, gen):
             step()
 
         fresh_ms = time_runs(fresh_step, args.warmup, args.reps)
+
+        # the per-expert loop: forward, and forward+backward with fresh gradients
+        with torch.no_grad():
+            loop_fwd_ms = time_runs(lambda: moe_layer_loop(x, wg, wu, wd, K), args.warmup,
+                                    args.reps)
+
+        def loop_fresh_step():
+            for t in (xs, wgs, wus, wds):
+                t.grad = None
+            moe_layer_loop(xs, wgs, wus, wds, K).backward(dy)
+
+        loop_fresh_step()
+        torch.cuda.synchronize()
+        loop_base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loop_fresh_step()
+        torch.cuda.synchronize()
+        loop_peak_extra = torch.cuda.max_memory_allocated() - loop_base
+        loop_fresh_ms = time_runs(loop_fresh_step, args.warmup, args.reps)
         flops = 6.0 * T * K * H * I
         rec = {"command": command, "git": git_revision(args.build),
                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -166,12 +215,19 @@ def run_config(name, shape, args, command, out, dev, gen):
                "fwd_bwd_ms": step_ms, "fwd_bwd_tflops": 3 * flops / (step_ms * 1e9),
                "fwd_bwd_fresh_ms": fresh_ms,
                "fwd_bwd_fresh_tflops": 3 * flops / (fresh_ms * 1e9),
-               "peak_extra_bytes": peak_extra}
+               "peak_extra_bytes": peak_extra,
+               "forward_loop_ms": loop_fwd_ms, "forward_loop_tflops": flops / (loop_fwd_ms * 1e9),
+               "fwd_bwd_fresh_loop_ms": loop_fresh_ms,
+               "fwd_bwd_fresh_loop_tflops": 3 * flops / (loop_fresh_ms * 1e9),
+               "peak_extra_loop_bytes": loop_peak_extra}
         print(json.dumps(rec), file=out, flush=True)
         print(f"peer {name:<12} fwd {fwd_ms:.3f} ms ({rec['forward_tflops']:.0f} TF/s) | "
               f"fwd+bwd {step_ms:.3f} ms ({rec['fwd_bwd_tflops']:.0f} TF/s), "
               f"fresh grads {fresh_ms:.3f} ms | "
-              f"peak extra {peak_extra / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+              f"peak extra {peak_extra / 2**30:.2f} GiB | "
+              f"per-expert loop: fwd {loop_fwd_ms:.3f} ms, "
+              f"fresh fwd+bwd {loop_fresh_ms:.3f} ms, peak extra {loop_peak_extra / 2**30:.2f} GiB",
+              file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

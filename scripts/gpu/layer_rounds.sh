@@ -87,6 +87,21 @@ for c in ours:
           f"{o[0].get('inference_rows', 'permuted')[:1]}:"
           f"{ms([d.get('other_rows_over_inference_rounds_median', float('nan')) for d in o]):>20}")
 print()
+print(f"{'config':<12} {'loop fwd ms':>17} {'fwd x loop':>11} {'loop fresh fwd+bwd ms':>22} "
+      f"{'fwd+bwd x loop':>15} {'mem/loop':>8}  (the peer's per-expert loop)")
+for c in ours:
+    o, p = ours[c], [d for d in peer[c] if "forward_loop_ms" in d]
+    n = min(len(o), len(p))
+    if n == 0:
+        continue
+    ms = lambda v, f="%.3f": "/".join(f % x for x in v)
+    fx = [p[i]["forward_loop_ms"] / o[i]["inference_ms"] for i in range(n)]
+    bx = [p[i]["fwd_bwd_fresh_loop_ms"] / o[i]["fwd_bwd_fresh_ms"] for i in range(n)]
+    mem = o[0]["mem_delta_bytes"] / p[0]["peak_extra_loop_bytes"]
+    print(f"{c:<12} {ms([d['forward_loop_ms'] for d in p]):>17} {ms(fx, '%.2f'):>11} "
+          f"{ms([d['fwd_bwd_fresh_loop_ms'] for d in p]):>22} {ms(bx, '%.2f'):>15} "
+          f"{100 * mem:7.0f}%")
+print()
 for c in ours:
     d = ours[c][0]
     print(f"{c:<12} backward " + " ".join(f"{k} {v:.3f}" for k, v in d["backward_stage_ms"].items())
