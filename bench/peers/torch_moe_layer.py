@@ -9,8 +9,10 @@ No auxiliary loss (ours adds the softmax_topk balance and z-loss terms; the peer
 
 The per-expert loop (*_loop_*): the same routing, then a Python loop over the experts, each
 taking its rows with index_select, two F.linear and SwiGLU, and adding its weighted rows into y
-with index_add_ -- the way many MoE codebases write the layer; the row counts come to the host
-once per call (a synchronisation the grouped form does not have).
+with index_add_ -- the way many MoE codebases write the layer (an expert module per expert, so
+each expert's weights are their own tensors: indexing one stacked parameter instead would make
+autograd add a full-size gradient per expert); the row counts come to the host once per call (a
+synchronisation the grouped form does not have).
 
 fwd: the forward under torch.no_grad(). fwd_bwd: forward with autograd, then y.backward(dy) into
 x.grad and the three weights' .grad (allocated by a warm-up step before measuring), so autograd
@@ -88,6 +90,7 @@ def moe_layer(x, wg, wu, wd, K):
 
 
 def moe_layer_loop(x, wg, wu, wd, K):
+    """wu, wd: sequences of E per-expert weights, (2I, H) and (H, I)."""
     T, H = x.shape
     E = wg.shape[1]
     logits = (x @ wg).float()
@@ -187,14 +190,16 @@ def run_config(name, shape, args, command, out, dev, gen):
         fresh_ms = time_runs(fresh_step, args.warmup, args.reps)
 
         # the per-expert loop: forward, and forward+backward with fresh gradients
+        wul = [w.detach().clone().requires_grad_() for w in wu.unbind(0)]
+        wdl = [w.detach().clone().requires_grad_() for w in wd.unbind(0)]
         with torch.no_grad():
-            loop_fwd_ms = time_runs(lambda: moe_layer_loop(x, wg, wu, wd, K), args.warmup,
+            loop_fwd_ms = time_runs(lambda: moe_layer_loop(x, wg, wul, wdl, K), args.warmup,
                                     args.reps)
 
         def loop_fresh_step():
-            for t in (xs, wgs, wus, wds):
+            for t in [xs, wgs] + wul + wdl:
                 t.grad = None
-            moe_layer_loop(xs, wgs, wus, wds, K).backward(dy)
+            moe_layer_loop(xs, wgs, wul, wdl, K).backward(dy)
 
         loop_fresh_step()
         torch.cuda.synchronize()
