@@ -196,16 +196,20 @@ def run_config(name, shape, args, command, out, dev, gen):
             loop_fwd_ms = time_runs(lambda: moe_layer_loop(x, wg, wul, wdl, K), args.warmup,
                                     args.reps)
 
+        def loop_step():
+            moe_layer_loop(xs, wgs, wul, wdl, K).backward(dy)
+
         def loop_fresh_step():
             for t in [xs, wgs] + wul + wdl:
                 t.grad = None
-            moe_layer_loop(xs, wgs, wul, wdl, K).backward(dy)
+            loop_step()
 
-        loop_fresh_step()
+        # peak as for the grouped form: over a step that keeps its .grad buffers
+        loop_step()
         torch.cuda.synchronize()
         loop_base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        loop_fresh_step()
+        loop_step()
         torch.cuda.synchronize()
         loop_peak_extra = torch.cuda.max_memory_allocated() - loop_base
         loop_fresh_ms = time_runs(loop_fresh_step, args.warmup, args.reps)
