@@ -12,8 +12,8 @@
                      the experts stage split into its five steps, with the peer's marked beside
                      (its fresh forward+backward minus its forward); records that have them
   layer_tflops.png   TFLOP/s per configuration: ours and the peer's forward and forward+backward
-                     (fresh gradients where recorded), and the dense-equivalent cuBLAS GEMM pair
-                     with the same FLOPs
+                     (fresh gradients where recorded), the peer's per-expert loop where recorded,
+                     and the dense-equivalent cuBLAS GEMM pair with the same FLOPs
 With several records per configuration (rounds), the last one of each is drawn.
 
   .venv/bin/python scripts/plot_layer.py LAYER.jsonl PEER.jsonl OUT_DIR
@@ -120,14 +120,20 @@ def main():
         ("ours fwd+bwd", lambda c: ours[c].get("fwd_bwd_fresh_tflops", ours[c]["fwd_bwd_tflops"])),
         ("peer fwd+bwd",
          lambda c: peer[c].get("fwd_bwd_fresh_tflops", peer[c]["fwd_bwd_tflops"]) if c in peer else 0),
-        ("dense-equivalent", lambda c: ours[c]["dense_equiv_tflops"]),
     ]
-    w = 0.16
+    if any("forward_loop_tflops" in peer[c] for c in configs if c in peer):
+        series += [
+            ("peer loop fwd", lambda c: peer[c].get("forward_loop_tflops", 0) if c in peer else 0),
+            ("peer loop fwd+bwd",
+             lambda c: peer[c].get("fwd_bwd_fresh_loop_tflops", 0) if c in peer else 0),
+        ]
+    series.append(("dense-equivalent", lambda c: ours[c]["dense_equiv_tflops"]))
+    w = 0.8 / len(series)
     top = 0
     for k, (name, get) in enumerate(series):
         h = [get(c) for c in configs]
         top = max(top, max(h))
-        ax.bar([i + (k - 2) * w for i in x], h, w, label=name)
+        ax.bar([i + (k - (len(series) - 1) / 2) * w for i in x], h, w, label=name)
     ax.set_ylim(0, top * 1.25)  # room for the legend above the bars
     ax.set_xticks(list(x), configs)
     ax.set_ylabel("TFLOP/s (6*T*K*H*I forward, 3x for fwd+bwd)")
