@@ -68,40 +68,34 @@ def git_revision(build_dir):
         return "unknown"
 
 
-def moe_layer(x, wg, wu, wd, K):
-    T, H = x.shape
+def route(x, wg, K):
+    """Softmax top-k, weights renormalised over the kept k, choices sorted by expert (stable):
+    each sorted choice's token, its weight, and the number of choices per expert."""
     E = wg.shape[1]
-    logits = (x @ wg).float()
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax((x @ wg).float(), dim=-1)
     topw, topi = probs.topk(K, dim=-1)
     topw = topw / topw.sum(dim=-1, keepdim=True)
     flat = topi.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    tok = order // K
+    return order // K, topw.reshape(-1).index_select(0, order), torch.bincount(flat, minlength=E)
+
+
+def moe_layer(x, wg, wu, wd, K):
+    tok, w, counts = route(x, wg, K)
     xp = x.index_select(0, tok)
-    offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+    offs = counts.cumsum(0).to(torch.int32)
     pre = torch._grouped_mm(xp, wu.transpose(-2, -1), offs=offs)
     g, u = pre.chunk(2, dim=-1)
     act = F.silu(g) * u
     yp = torch._grouped_mm(act, wd.transpose(-2, -1), offs=offs)
-    w = topw.reshape(-1).index_select(0, order).to(yp.dtype)
-    y = torch.zeros_like(x).index_add_(0, tok, yp * w[:, None])
+    y = torch.zeros_like(x).index_add_(0, tok, yp * w.to(yp.dtype)[:, None])
     return y
 
 
 def moe_layer_loop(x, wg, wu, wd, K):
     """wu, wd: sequences of E per-expert weights, (2I, H) and (H, I)."""
-    T, H = x.shape
-    E = wg.shape[1]
-    logits = (x @ wg).float()
-    probs = torch.softmax(logits, dim=-1)
-    topw, topi = probs.topk(K, dim=-1)
-    topw = topw / topw.sum(dim=-1, keepdim=True)
-    flat = topi.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    tok = order // K
-    w = topw.reshape(-1).index_select(0, order)
-    counts = torch.bincount(flat, minlength=E).tolist()
+    tok, w, counts = route(x, wg, K)
+    counts = counts.tolist()
     y = torch.zeros_like(x)
     start = 0
     for e, n in enumerate(counts):
