@@ -109,6 +109,18 @@ def moe_layer_loop(x, wg, wu, wd, K):
     return y
 
 
+def peak_extra_bytes(step):
+    """Peak device memory of one call of step above what is allocated before it, after a first
+    call has allocated the .grad buffers (which step keeps, so they count as allocated before)."""
+    step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def time_runs(fn, warmup, reps):
     for _ in range(warmup):
         fn()
@@ -165,13 +177,7 @@ def run_config(name, shape, args, command, out, dev, gen):
             y = moe_layer(xs, wgs, wus, wds, K)
             y.backward(dy)
 
-        step()  # allocates the .grad buffers
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak_extra = torch.cuda.max_memory_allocated() - base
+        peak_extra = peak_extra_bytes(step)
         step_ms = time_runs(step, args.warmup, args.reps)
 
         def fresh_step():
@@ -198,14 +204,7 @@ def run_config(name, shape, args, command, out, dev, gen):
                 t.grad = None
             loop_step()
 
-        # peak as for the grouped form: over a step that keeps its .grad buffers
-        loop_step()
-        torch.cuda.synchronize()
-        loop_base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        loop_step()
-        torch.cuda.synchronize()
-        loop_peak_extra = torch.cuda.max_memory_allocated() - loop_base
+        loop_peak_extra = peak_extra_bytes(loop_step)
         loop_fresh_ms = time_runs(loop_fresh_step, args.warmup, args.reps)
         flops = 6.0 * T * K * H * I
         rec = {"command": command, "git": git_revision(args.build),
