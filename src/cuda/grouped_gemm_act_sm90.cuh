@@ -15,8 +15,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <string>
 
 #include <cutlass/cutlass.h>
@@ -180,10 +178,6 @@ struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks
     epilogue.blocked = a.blocked ? 1 : 0;
     epilogue.row_dot = a.row_dot;
     epilogue.ld_row_dot = a.ld_row_dot;
-    if (const char* e = std::getenv("MOE_DA_STAGGER")) {
-      std::sscanf(e, "%d,%d", &epilogue.stagger_ns, &epilogue.stagger_groups);
-      if (epilogue.stagger_groups < 1) epilogue.stagger_groups = 1;
-    }
     if constexpr (kDeferred) epilogue.tile_count = c.tile_count;
     return Base::gemm_arguments(c, {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, epilogue, groups,
                                 sm_count);

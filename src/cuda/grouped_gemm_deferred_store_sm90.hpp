@@ -253,8 +253,6 @@ struct DeferredStoreF32Half {
 
 struct StoreF32DeferredEpilogueArguments : StoreF32EpilogueArguments {
   const int32_t* tile_count = nullptr;  // tiles over all groups (prepare_kernel counts them)
-  int stagger_ns = 0;  // experiment: CTA c waits (c % stagger_groups) * stagger_ns once
-  int stagger_groups = 1;
 };
 
 // EpilogueStoreF32's row half 0, and row half 1 recorded for DeferredMainloop<Base,
@@ -281,12 +279,6 @@ class EpilogueStoreF32HalfDeferred : public RegisterEpilogue<StoreF32DeferredEpi
     using namespace cute;
     constexpr int kGroups = groups_per_row<TiledMma, FrgLayout, BlockShapeMNK>();
     static_assert(2 * kGroups == kStashPairs, "a 256-column tile");
-    if (!staggered_) {
-      staggered_ = true;
-      const int wait =
-          ((blockIdx.x + blockIdx.y * gridDim.x) % params_.stagger_groups) * params_.stagger_ns;
-      for (int left = wait; left > 0; left -= 100000) __nanosleep(left < 100000 ? left : 100000);
-    }
     const ThreadTile t = locate(problem_shape_mnkl, blk_shape_mnk, blk_coord_mnkl, accumulators,
                                 tiled_mma, thread_idx);
     const bool odd = t.q & 1;
@@ -316,7 +308,6 @@ class EpilogueStoreF32HalfDeferred : public RegisterEpilogue<StoreF32DeferredEpi
 
  private:
   CtaTileCounter tiles_;
-  bool staggered_ = false;
 };
 
 using EpilogueStoreF32HalfDeferredOp =

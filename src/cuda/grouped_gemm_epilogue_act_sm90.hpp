@@ -315,8 +315,6 @@ struct ActGradEpilogueArguments {
   float* row_dot = nullptr;
   int64_t ld_row_dot = 0;
   const int32_t* tile_count = nullptr;  // tiles over all groups (EpilogueActivationGradDeferred)
-  int stagger_ns = 0;      // experiment: CTA c waits (c % stagger_groups) * stagger_ns once
-  int stagger_groups = 1;
 };
 
 // (d gate, d up) of one unit from its da and its stored (gate, up) pair, rounded as the
@@ -377,11 +375,6 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
     const __nv_bfloat16* const pre = params_.pre;
     __nv_bfloat16* const dpre = params_.dpre;
     const bool with_dot = params_.row_dot != nullptr;
-    if (!staggered_) {
-      staggered_ = true;
-      const int wait = ((blockIdx.x + blockIdx.y * gridDim.x) % params_.stagger_groups) * params_.stagger_ns;
-      for (int left = wait; left > 0; left -= 100000) __nanosleep(left < 100000 ? left : 100000);
-    }
 
     CUTLASS_PRAGMA_UNROLL
     for (int v1 = 0; v1 < 2; ++v1) {
@@ -461,9 +454,6 @@ class EpilogueActivationGrad : public RegisterEpilogue<ActGradEpilogueArguments>
       }
     }
   }
-
- private:
-  bool staggered_ = false;
 };
 
 // What the da GEMM with the activation backward is assembled with.

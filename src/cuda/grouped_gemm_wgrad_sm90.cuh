@@ -15,8 +15,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <string>
 
 #include <cutlass/cutlass.h>
@@ -194,12 +192,6 @@ struct WgradRegisterKernel {
     epilogue.ld = a ? a->q : 8;
     epilogue.offsets = nullptr;  // dW_e is the e-th (P, Q) block
     if constexpr (kDeferred) epilogue.tile_count = c.tile_count;
-    if constexpr (kF32 && kDeferred) {
-      if (const char* e = std::getenv("MOE_DW_STAGGER")) {
-        std::sscanf(e, "%d,%d", &epilogue.stagger_ns, &epilogue.stagger_groups);
-        if (epilogue.stagger_groups < 1) epilogue.stagger_groups = 1;
-      }
-    }
     return typename Gemm::Arguments{
         cutlass::gemm::GemmUniversalMode::kGrouped,
         {static_cast<int32_t>(groups), c.problems, nullptr},  // no host shapes: device only
