@@ -285,7 +285,7 @@ struct ActLauncher {
     // Step 2: the persistent grouped GEMM with the activation (or its gradient) in the epilogue.
     typename K::Gemm gemm;
     const auto arguments =
-        with_raster_from_env(K::arguments(c, args, activation == Activation::swiglu, groups, sm_count));
+        K::arguments(c, args, activation == Activation::swiglu, groups, sm_count);
     MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
     MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
     MOE_CUTLASS_CHECK(gemm.run(stream));

@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
@@ -96,15 +95,6 @@ inline cutlass::KernelHardwareInfo hardware_info(int sm_count) {
   MOE_CUDA_CHECK(cudaGetDevice(&hw.device_id));
   hw.sm_count = sm_count;
   return hw;
-}
-
-// Experiment: the tile order from MOE_RASTER (M, N or H for CUTLASS's heuristic).
-template <class Arguments>
-Arguments with_raster_from_env(Arguments a) {
-  using R = decltype(a.scheduler.raster_order);
-  if (const char* e = std::getenv("MOE_RASTER"))
-    a.scheduler.raster_order = e[0] == 'N' ? R::AlongN : e[0] == 'H' ? R::Heuristic : R::AlongM;
-  return a;
 }
 
 // One alpha and one beta for every expert (no per-group scalars or pointers).

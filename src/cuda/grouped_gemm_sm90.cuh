@@ -131,7 +131,7 @@ struct Launcher {
 
     // Step 2: the persistent grouped GEMM (grid = SMs; each CTA walks tiles over all experts).
     typename K::Gemm gemm;
-    const auto arguments = with_raster_from_env(K::arguments(c, groups, sm_count, &args));
+    const auto arguments = K::arguments(c, groups, sm_count, &args);
     MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
     MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
     MOE_CUTLASS_CHECK(gemm.run(stream));

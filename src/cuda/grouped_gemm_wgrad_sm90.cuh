@@ -265,7 +265,7 @@ struct WgradLauncher {
 
     // Step 3: the persistent grouped GEMM.
     typename K::Gemm gemm;
-    const auto arguments = with_raster_from_env(K::arguments(c, groups, sm_count, args.accumulate, &args));
+    const auto arguments = K::arguments(c, groups, sm_count, args.accumulate, &args);
     MOE_CUTLASS_CHECK(gemm.can_implement(arguments));
     MOE_CUTLASS_CHECK(gemm.initialize(arguments, c.cutlass, stream));
     MOE_CUTLASS_CHECK(gemm.run(stream));
