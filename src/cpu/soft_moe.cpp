@@ -5,6 +5,7 @@
 // All T tokens form one group: as published this mixes every token, so it is not causal.
 #include <chrono>
 #include <cmath>
+#include <vector>
 
 #include "blas.hpp"
 #include "stages.hpp"
@@ -151,6 +152,36 @@ void soft_moe_backward(const LayerConfig& cfg, const Params<Real>& p, const Real
       g.w_gate[h * n + j] +=
           inv * dphi_hat[h * n + j] - inv * inv * inv * p.w_gate[h * n + j] * dot;
   }
+}
+
+double soft_moe_scale_grad_magnitude_sq(int64_t tokens, int64_t slots, const double* dispatch,
+                                        const double* d_dispatch, const double* combine,
+                                        const double* d_combine, const double* logits,
+                                        double scale) {
+  const int64_t n = slots;
+  std::vector<double> m(tokens * n, 0.0);
+  // One softmax's part: for each line o (a column of D, a row of C), its entries at
+  // o * step_line + i * step_entry.
+  auto add = [&](const double* P, const double* dP, int64_t lines, int64_t entries,
+                 int64_t step_line, int64_t step_entry) {
+    for (int64_t o = 0; o < lines; ++o) {
+      double dot = 0, mag = 0;
+      for (int64_t i = 0; i < entries; ++i) {
+        const int64_t at = o * step_line + i * step_entry;
+        dot += P[at] * dP[at];
+        mag += std::abs(P[at] * dP[at]);
+      }
+      for (int64_t i = 0; i < entries; ++i) {
+        const int64_t at = o * step_line + i * step_entry;
+        m[at] += P[at] * (std::abs(dP[at]) + std::abs(dot) + mag);
+      }
+    }
+  };
+  add(dispatch, d_dispatch, n, tokens, 1, n);  // column dots a_j
+  add(combine, d_combine, tokens, n, n, 1);    // row dots b_t
+  double m2 = 0;
+  for (int64_t i = 0; i < tokens * n; ++i) m2 += std::pow(m[i] * logits[i] / scale, 2);
+  return m2;
 }
 
 #define MOE_INSTANTIATE(Real)                                                                  \

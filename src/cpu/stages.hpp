@@ -1,7 +1,8 @@
 // defines: the CPU stage functions the layer is built from (internal to libmoe)
 //   route_forward / route_backward   gate GEMM + router (token choice and expert choice)
 //   permute_forward / permute_backward, experts_forward / experts_backward,
-//   combine_forward / combine_backward, soft_moe_forward / soft_moe_backward
+//   combine_forward / combine_backward, soft_moe_forward / soft_moe_backward,
+//   soft_moe_scale_grad_magnitude_sq (the parity tolerance of the slot scale's gradient)
 // Activation-gradient outputs are written (=), parameter gradients are accumulated (+=), so
 // chain_of_experts iterations and shared experts can add into the same buffers.
 #pragma once
@@ -53,5 +54,18 @@ void soft_moe_forward(const LayerConfig& cfg, const Params<Real>& p, const Real*
 template <class Real>
 void soft_moe_backward(const LayerConfig& cfg, const Params<Real>& p, const Real* x,
                        const SoftStep<Real>& s, const Real* dy, Real* dx, Params<Real>& g);
+
+// What the slot scale's gradient sums, for a tolerance on it (parity checks and tests): with
+// u = logits / scale, d scale = sum_i dL_i u_i and dL = D (dD - a_j) + C (dC - b_t), where the
+// column dots are a_j = <D[:, j], dD[:, j]> and the row dots b_t = <C[t, :], dC[t, :]>. Both
+// softmax backwards cancel, so the sum's error is bounded by the size of what goes into it, not
+// by the sum: m_i = |u_i| (D_i (|dD_i| + |a_j| + sum_t |D dD|) + C_i (|dC_i| + |b_t| +
+// sum_j |C dC|)). Returns sum_i m_i^2 over the (tokens, slots) entries; a tolerance is a multiple
+// of its square root (bf16: one rounding of D and C, 2^-9 relative, lands near 4e-3 ||m|| at worst
+// in 60 seeds of a NumPy model of this path).
+double soft_moe_scale_grad_magnitude_sq(int64_t tokens, int64_t slots, const double* dispatch,
+                                        const double* d_dispatch, const double* combine,
+                                        const double* d_combine, const double* logits,
+                                        double scale);
 
 }  // namespace moe::cpu

@@ -912,34 +912,11 @@ void check_soft_moe_typed(const RouteCase& rc, uint64_t seed, cublasHandle_t han
                         s.pre.data(), s.act.data(), dso_ref.data(), dsi.data(), dwu.data(),
                         dwd.data());
   cpu::gemm(false, true, Tn, n, H, 1.0, xd.data(), H, dsi.data(), H, 0.0, dD.data(), n);
-  // d scale = sum_i dL_i u_i (u = x_hat phi_hat), dL = D (dD - a_j) + C (dC - b_t) with the
-  // column dots a_j = <D[:, j], dD[:, j]> and row dots b_t = <C[t, :], dC[t, :]>. Both softmax
-  // backwards cancel, so the sum's error is bounded by the size of what goes into it, not by the
-  // sum: m_i = |u_i| (D_i (|dD_i| + |a_j| + sum_t |D dD|) + C_i (|dC_i| + |b_t| + sum_j |C dC|)),
-  // and the tolerance is a multiple of ||m||_2 (bf16: one rounding of D and C, 2^-9 relative,
-  // lands near 4e-3 ||m|| at worst in 60 seeds of a NumPy model of this path; 1e-2 is used).
+  // The slot scale's gradient sums terms that cancel: its tolerance scales with what goes in
+  // (cpu::soft_moe_scale_grad_magnitude_sq; 1e-2 of its norm for bf16).
   const double scale = p.slot_scale[0];
-  std::vector<double> m(Tn * n, 0.0);
-  for (int64_t j = 0; j < n; ++j) {
-    double dot = 0, mag = 0;
-    for (int64_t t = 0; t < Tn; ++t) {
-      dot += s.dispatch[t * n + j] * dD[t * n + j];
-      mag += std::abs(s.dispatch[t * n + j] * dD[t * n + j]);
-    }
-    for (int64_t t = 0; t < Tn; ++t)
-      m[t * n + j] += s.dispatch[t * n + j] * (std::abs(dD[t * n + j]) + std::abs(dot) + mag);
-  }
-  for (int64_t t = 0; t < Tn; ++t) {
-    double dot = 0, mag = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      dot += s.combine[t * n + j] * dC[t * n + j];
-      mag += std::abs(s.combine[t * n + j] * dC[t * n + j]);
-    }
-    for (int64_t j = 0; j < n; ++j)
-      m[t * n + j] += s.combine[t * n + j] * (std::abs(dC[t * n + j]) + std::abs(dot) + mag);
-  }
-  double m2 = 0;
-  for (int64_t i = 0; i < Tn * n; ++i) m2 += std::pow(m[i] * s.logits[i] / scale, 2);
+  const double m2 = cpu::soft_moe_scale_grad_magnitude_sq(
+      Tn, n, s.dispatch.data(), dD.data(), s.combine.data(), dC.data(), s.logits.data(), scale);
 
   // ---- device, twice (fresh buffers each time: the second run checks determinism)
   const std::vector<float> slots_out = round_to<Elem>(

@@ -172,27 +172,9 @@ Reference reference(const SoftCase& c, const LayerConfig& cfg, const Inputs& in)
                           s.slots_in.data(), s.pre.data(), s.act.data(), dso.data(), dsi.data(),
                           dwu.data(), dwd.data());
     cpu::gemm(false, true, B, n, H, 1.0, xg, H, dsi.data(), H, 0.0, dD.data(), n);
-    std::vector<double> m(B * n, 0.0);
-    for (int64_t j = 0; j < n; ++j) {
-      double dot = 0, mag = 0;
-      for (int64_t t = 0; t < B; ++t) {
-        dot += s.dispatch[t * n + j] * dD[t * n + j];
-        mag += std::abs(s.dispatch[t * n + j] * dD[t * n + j]);
-      }
-      for (int64_t t = 0; t < B; ++t)
-        m[t * n + j] += s.dispatch[t * n + j] * (std::abs(dD[t * n + j]) + std::abs(dot) + mag);
-    }
-    for (int64_t t = 0; t < B; ++t) {
-      double dot = 0, mag = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        dot += s.combine[t * n + j] * dC[t * n + j];
-        mag += std::abs(s.combine[t * n + j] * dC[t * n + j]);
-      }
-      for (int64_t j = 0; j < n; ++j)
-        m[t * n + j] += s.combine[t * n + j] * (std::abs(dC[t * n + j]) + std::abs(dot) + mag);
-    }
-    const double scale = in.p.slot_scale[0];
-    for (int64_t i = 0; i < B * n; ++i) m2 += std::pow(m[i] * s.logits[i] / scale, 2);
+    m2 += cpu::soft_moe_scale_grad_magnitude_sq(B, n, s.dispatch.data(), dD.data(),
+                                                s.combine.data(), dC.data(), s.logits.data(),
+                                                in.p.slot_scale[0]);
   }
   fill_balance(r.stats);
   r.scale_bound = std::sqrt(m2);
