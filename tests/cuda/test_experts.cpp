@@ -295,8 +295,9 @@ Outputs download(const Device& d) {
 }
 
 // accumulate false: the weight gradients start as NaN (poisoned) and must be overwritten.
+// events: the backward's step events (every step in order on one stream), or null.
 Outputs run_stage(const Inputs& in, ExpertsBackend backend, GateUpLayout gate_up,
-                  bool accumulate = true) {
+                  bool accumulate = true, cudaEvent_t* events = nullptr) {
   Device d(in, gate_up);
   d.poison();
   if (!accumulate) d.dw_up.poison(), d.dw_down.poison();
@@ -304,7 +305,7 @@ Outputs run_stage(const Inputs& in, ExpertsBackend backend, GateUpLayout gate_up
   cuda::experts_forward(ws, d.forward_args(), nullptr);
   cuda::ExpertsBackwardArgs b = d.backward_args();
   b.accumulate = accumulate;
-  cuda::experts_backward(ws, b, nullptr);
+  cuda::experts_backward(ws, b, nullptr, events);
   MOE_CUDA_CHECK(cudaDeviceSynchronize());
   return download(d);
 }
@@ -1127,6 +1128,38 @@ TEST_P(ExpertsDeterminism, TwoRunsAreBitwiseIdentical) {
     for (const auto& [name, x, y] : pairs)
       EXPECT_TRUE(same_bytes(*x, *y)) << c.name << ": " << name << " differs between two runs";
   }
+}
+
+// grouped_fused runs dw_down on a second stream beside the da GEMM unless step events are asked
+// for; both forms must give the same bits (outputs poisoned; dW accumulated and fresh).
+TEST(ExpertsSideStream, DwDownBesideTheDaGemmGivesTheInOrderBits) {
+  MOE_REQUIRE_GPU();
+  std::vector<cudaEvent_t> events(int(cuda::ExpertsBackwardStep::count) + 1);
+  for (auto& e : events) MOE_CUDA_CHECK(cudaEventCreate(&e));
+  int checked = 0;
+  for (const ExpertsCase& c : experts_cases()) {
+    if (c.name != "e64_small_segments" && c.name != "e11_zipf" && c.name != "e7_skewed_gelu")
+      continue;
+    const Inputs in = make_inputs(c, 91);
+    for (bool accumulate : {true, false}) {
+      const Outputs side = run_stage(in, ExpertsBackend::grouped_fused,
+                                     GateUpLayout::interleaved, accumulate);
+      const Outputs in_order = run_stage(in, ExpertsBackend::grouped_fused,
+                                         GateUpLayout::interleaved, accumulate, events.data());
+      for (const auto& [name, x, y] :
+           std::vector<std::tuple<const char*, const std::vector<float>*,
+                                  const std::vector<float>*>>{
+               {"dxp", &side.dxp, &in_order.dxp},
+               {"dw_up", &side.dw_up, &in_order.dw_up},
+               {"dw_down", &side.dw_down, &in_order.dw_down}}) {
+        EXPECT_TRUE(same_bytes(*x, *y))
+            << c.name << " accumulate " << accumulate << ": " << name << " differs";
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, 18);  // three cases, accumulated and fresh dW, three outputs
+  for (auto& e : events) MOE_CUDA_CHECK(cudaEventDestroy(e));
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, ExpertsDeterminism,

@@ -132,6 +132,8 @@ struct ExpertsBackwardArgs {
   // reads each element of pre before writing the same element of dpre), dxp onto dyp (da was its
   // last reader). The other backends take da / dpre too, without aliasing. grouped_fused never
   // stores da (its activation backward runs in the da GEMM's epilogue): da may be null there.
+  // grouped_fused runs dw_down beside the da GEMM (experts_backward): dpre must not alias act or
+  // dyp there.
   bf16* da = nullptr;                // (max_rows, I)
   bf16* dpre = nullptr;              // (max_rows, A)
   // false: the weight gradients are written, not added to (beta = 0: dW is never read, and an
@@ -160,7 +162,8 @@ struct ExpertsCublasArrays;  // experts.cu: host-side argument arrays of the gro
 // (unless own_scratch is false: then every backward call passes them in ExpertsBackwardArgs),
 // a cuBLAS handle (the cuBLAS baselines only; `cublas` shares one, not owned, instead of making
 // one: a handle holds 64 MiB of device memory on an H100), pinned host copies of offsets and of
-// the grouped-batched pointer arrays.
+// the grouped-batched pointer arrays, and (grouped_fused with backward) a second stream with the
+// two events that fork dw_down onto it and join it back.
 class ExpertsWorkspace {
  public:
   ExpertsWorkspace(const ExpertsShape& shape, ExpertsBackend backend, bool backward = true,
@@ -204,6 +207,8 @@ class ExpertsWorkspace {
   bf16* da_ = nullptr;                 // (max_rows, I); none for grouped_fused
   bf16* dpre_ = nullptr;               // (max_rows, A)
   DeviceArena arena_;
+  cudaStream_t side_ = nullptr;        // grouped_fused backward: dw_down beside the da GEMM
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
 };
 
 void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& args, cudaStream_t stream);
@@ -213,7 +218,11 @@ enum class ExpertsBackwardStep { dw_down, da, activation, dxp, dw_up, count };
 const char* name(ExpertsBackwardStep s);
 
 // events: null, or int(ExpertsBackwardStep::count) + 1 events recorded on `stream` at the step
-// boundaries (grouped backends only: the others' steps run in another order).
+// boundaries (grouped backends only: the others' steps run in another order). Without events,
+// grouped_fused runs dw_down on the workspace's second stream beside the da GEMM and joins it
+// before dxp (same results, bit for bit); with events every step runs on `stream` in order, so
+// that each can be timed alone. Either way the call is stream-ordered on `stream` and may be
+// captured into a CUDA graph.
 void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& args, cudaStream_t stream,
                       cudaEvent_t* events = nullptr);
 
