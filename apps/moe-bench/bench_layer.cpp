@@ -8,8 +8,9 @@
 // Method: seeded random inputs and weights (N(0,1) x, weights N(0, 1/fan_in)), CUDA events,
 // warm-up first, median of --reps runs (>= 20). Per-stage forward times come from events recorded
 // between the stages of one forward (median per stage over the reps), per-stage backward times
-// (and the experts stage's five steps) likewise from fresh-gradient backwards, with every step in
-// order on one stream (the totals run dw_down beside the da GEMM); the forward total and the
+// (and the experts stage's five steps) likewise from fresh-gradient backwards, with every stage in
+// order on one stream (the totals run the router's auxiliary losses and dw_down on second streams,
+// beside the stages after them); the forward total and the
 // forward+backward total are timed separately, as whole launches; forward+backward twice, with the
 // expert weight gradients accumulated (fwd_bwd_ms) and written fresh (fwd_bwd_fresh_ms, what a
 // training step with zeroed gradients needs), and written fresh in bf16 (fwd_bwd_bf16_grads_ms:
@@ -596,8 +597,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "row source) and inference_permuted_ms (the unfused grouped path on split w_up); "
       "fwd_bwd_fresh_gathered_ms: a training layer with gathered rows (no permute, no xp; dw_up "
       "gathers too), fresh fp32 dW, rotated with fwd_bwd_fresh_ms and fwd_bwd_bf16_grads_ms; "
-      "backward_stage_ms / experts_backward_step_ms: every step in order on one stream (step "
-      "events), where the fwd_bwd_* totals run dw_down beside the da GEMM on a second stream";
+      "*_stage_ms / experts_backward_step_ms: every stage and step in order on one stream (stage "
+      "events), where the totals run the router's auxiliary losses beside plan, permute and the "
+      "experts, and dw_down beside the da GEMM, on second streams";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";

@@ -203,9 +203,15 @@ Layer::Layer(const LayerConfig& cfg, ExpertsBackend backend, GateUpLayout gate_u
   });
   if (alias_) dyp_ = yp_;
   stats_ = StatsBuffers(T, E, groups_);
+  MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+  MOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+  MOE_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
 }
 
 Layer::~Layer() {
+  if (join_) cudaEventDestroy(join_);
+  if (fork_) cudaEventDestroy(fork_);
+  if (side_) cudaStreamDestroy(side_);
   if (own_cublas_ && cublas_) cublasDestroy(cublas_);
 }
 
@@ -260,7 +266,18 @@ void Layer::forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t 
   }
   if (noisy_) gate_forward<bf16>(cublas_, x, w.w_noise, T, H, E, noise_raw_, stream);
   mark(LayerStage::route);
-  route_forward(cfg_, 0, logits_, noise_raw_, w.expert_bias, route_, stream);
+  if (events) {
+    route_forward(cfg_, 0, logits_, noise_raw_, w.expert_bias, route_, stream);
+  } else {
+    // Nothing in this forward reads the auxiliary losses: their per-chunk sums (a grid of
+    // T / 256 blocks and a one-block finalize, latency-bound) run beside plan, permute and the
+    // experts, which leave the SMs room, instead of before them. Joined at the end.
+    route_choices(cfg_, 0, logits_, noise_raw_, w.expert_bias, route_, stream);
+    MOE_CUDA_CHECK(cudaEventRecord(fork_, stream));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(side_, fork_));
+    route_aux_losses(cfg_, 0, logits_, noise_raw_, w.expert_bias, route_, side_);
+    MOE_CUDA_CHECK(cudaEventRecord(join_, side_));
+  }
   mark(LayerStage::plan);
   const RoutingView rv = route_.routing.view();
   plan_forward(rv, plan_.view(), stream);
@@ -284,6 +301,7 @@ void Layer::forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t 
   experts_forward(*experts_, ea, stream);
   mark(LayerStage::combine);
   combine_forward<bf16>(plan_.view(), rv, yp_, H, y, stream);
+  if (!events) MOE_CUDA_CHECK(cudaStreamWaitEvent(stream, join_));
   mark(LayerStage::count);
 }
 

@@ -854,15 +854,19 @@ unsigned token_blocks(int64_t T) {
 void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
                    const float* noise_raw, const float* expert_bias, RouteBuffers& out,
                    cudaStream_t stream) {
+  route_choices(cfg, step, logits, noise_raw, expert_bias, out, stream);
+  route_aux_losses(cfg, step, logits, noise_raw, expert_bias, out, stream);
+}
+
+void route_choices(const LayerConfig& cfg, int64_t step, const float* logits,
+                   const float* noise_raw, const float* expert_bias, RouteBuffers& out,
+                   cudaStream_t stream) {
   MOE_CHECK(out.tokens == cfg.tokens && out.experts == cfg.experts,
             "route_forward: buffers were sized for another shape");
   const Family f = family_of(cfg.router);
   MOE_CHECK(f != kNoisy || noise_raw, "route_forward: noisy_topk needs noise_raw");
   const RouteArgs a = make_args(cfg, step, logits, noise_raw, expert_bias, out);
-  if (a.T == 0) {  // otherwise route_finalize writes it
-    MOE_CUDA_CHECK(cudaMemsetAsync(out.aux_loss, 0, sizeof(double), stream));
-    return;
-  }
+  if (a.T == 0) return;
   const unsigned blocks = token_blocks(a.T), threads = kWarp * kWarpsPerBlock;
   // WarpTopK's registers per lane: the smallest of 1, 2, 4, 8 that holds E; past 256, none.
   auto topk = [&](auto family) {
@@ -897,6 +901,17 @@ void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
     }
   }
 
+}
+
+void route_aux_losses(const LayerConfig& cfg, int64_t step, const float* logits,
+                      const float* noise_raw, const float* expert_bias, RouteBuffers& out,
+                      cudaStream_t stream) {
+  const Family f = family_of(cfg.router);
+  const RouteArgs a = make_args(cfg, step, logits, noise_raw, expert_bias, out);
+  if (a.T == 0) {  // otherwise route_finalize writes it
+    MOE_CUDA_CHECK(cudaMemsetAsync(out.aux_loss, 0, sizeof(double), stream));
+    return;
+  }
   // auxiliary losses: per-chunk partial sums, then one block
   const float* mass = f == kSoftmax ? out.probs : out.term;
   const bool need_mass = (f == kSoftmax && a.K > 0 && a.aux_coef > 0) ||

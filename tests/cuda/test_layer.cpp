@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -605,26 +606,20 @@ TEST(LayerParityExpertBias, UpdateMatchesCpuAndIsANoOpInEvaluation) {
   }
 }
 
-// Events at the backward's stage and step boundaries (benchmarks): every interval is measured
-// (finite, >= 0) and recording them changes no bit of the gradients.
+// Events at the forward's and backward's stage and step boundaries (benchmarks): every interval
+// is measured (finite, >= 0) and recording them changes no bit of the outputs. With events every
+// stage runs in order on one stream; without, the router's auxiliary losses run on the layer's
+// second stream and (grouped_fused) dw_down beside the da GEMM on the experts' second stream.
 TEST(LayerBackwardEvents, StageTimesAreRecordedAndChangeNothing) {
   MOE_REQUIRE_GPU();
   const LayerCase c{"t256_e8_k2_events", 256, 64, 32, 8, 2, true};
   const LayerConfig cfg = config_of(c);
   const LayerInputs in = make_inputs(c, cfg);
-  cuda::Layer layer(cfg);
-  DeviceLayerData plain(in, c.E), timed(in, c.E);
-  const cuda::LayerWeights w = plain.weights(c.router);
-  layer.forward(plain.x.get(), w, plain.y.get(), nullptr);
-  layer.backward(plain.x.get(), w, plain.dy.get(), plain.grads(), nullptr);
-
-  const int nb = int(cuda::LayerBackwardStage::count), nx = int(cuda::ExpertsBackwardStep::count);
-  std::vector<cudaEvent_t> bev(nb + 1), xev(nx + 1);
-  for (auto& e : bev) MOE_CUDA_CHECK(cudaEventCreate(&e));
-  for (auto& e : xev) MOE_CUDA_CHECK(cudaEventCreate(&e));
-  layer.forward(timed.x.get(), w, timed.y.get(), nullptr);
-  layer.backward(timed.x.get(), w, timed.dy.get(), timed.grads(), nullptr, bev.data(), xev.data());
-  MOE_CUDA_CHECK(cudaDeviceSynchronize());
+  const int nf = int(cuda::LayerStage::count), nb = int(cuda::LayerBackwardStage::count),
+            nx = int(cuda::ExpertsBackwardStep::count);
+  std::vector<cudaEvent_t> fev(nf + 1), bev(nb + 1), xev(nx + 1);
+  for (auto* v : {&fev, &bev, &xev})
+    for (auto& e : *v) MOE_CUDA_CHECK(cudaEventCreate(&e));
   auto check = [](const std::vector<cudaEvent_t>& ev, const char* what) {
     for (size_t i = 0; i + 1 < ev.size(); ++i) {
       float ms = -1;
@@ -632,21 +627,53 @@ TEST(LayerBackwardEvents, StageTimesAreRecordedAndChangeNothing) {
       EXPECT_TRUE(std::isfinite(ms) && ms >= 0) << what << " " << i << ": " << ms;
     }
   };
-  check(bev, "backward stage");
-  check(xev, "experts step");
-  for (auto& e : bev) MOE_CUDA_CHECK(cudaEventDestroy(e));
-  for (auto& e : xev) MOE_CUDA_CHECK(cudaEventDestroy(e));
-  EXPECT_TRUE(same_bytes(plain.dx.download(), timed.dx.download()));
-  EXPECT_TRUE(same_bytes(plain.dw_up.download(), timed.dw_up.download()));
-  EXPECT_TRUE(same_bytes(plain.dw_down.download(), timed.dw_down.download()));
-  EXPECT_TRUE(same_bytes(plain.dw_gate.download(), timed.dw_gate.download()));
+  for (const bool fused : {false, true}) {
+    SCOPED_TRACE(fused ? "grouped_fused, w_up blocked" : "grouped");
+    cuda::Layer layer(cfg,
+                      fused ? cuda::ExpertsBackend::grouped_fused : cuda::ExpertsBackend::grouped,
+                      fused ? cuda::GateUpLayout::blocked : cuda::GateUpLayout::split);
+    DeviceLayerData plain(in, c.E), timed(in, c.E);
+    if (fused) {
+      for (DeviceLayerData* d : {&plain, &timed}) {
+        DeviceArray<bf16> blocked(in.p.w_up.size());
+        cuda::to_gate_up_layout(d->w_up.get(), blocked.get(), cuda::GateUpLayout::blocked,
+                                c.E * c.H, c.I, nullptr);
+        d->w_up = std::move(blocked);
+      }
+    }
+    const cuda::LayerWeights wp = plain.weights(c.router), wt = timed.weights(c.router);
+    double aux_plain = 0, aux_timed = 0;
+    layer.forward(plain.x.get(), wp, plain.y.get(), nullptr);
+    MOE_CUDA_CHECK(cudaMemcpy(&aux_plain, layer.aux_loss(), sizeof(double), cudaMemcpyDefault));
+    layer.backward(plain.x.get(), wp, plain.dy.get(), plain.grads(), nullptr);
+    layer.forward(timed.x.get(), wt, timed.y.get(), nullptr, fev.data());
+    MOE_CUDA_CHECK(cudaMemcpy(&aux_timed, layer.aux_loss(), sizeof(double), cudaMemcpyDefault));
+    layer.backward(timed.x.get(), wt, timed.dy.get(), timed.grads(), nullptr, bev.data(),
+                   xev.data());
+    MOE_CUDA_CHECK(cudaDeviceSynchronize());
+    check(fev, "forward stage");
+    check(bev, "backward stage");
+    check(xev, "experts step");
+    EXPECT_EQ(std::memcmp(&aux_plain, &aux_timed, sizeof(double)), 0) << "aux loss";
+    EXPECT_TRUE(same_bytes(plain.y.download(), timed.y.download()));
+    EXPECT_TRUE(same_bytes(plain.dx.download(), timed.dx.download()));
+    EXPECT_TRUE(same_bytes(plain.dw_up.download(), timed.dw_up.download()));
+    EXPECT_TRUE(same_bytes(plain.dw_down.download(), timed.dw_down.download()));
+    EXPECT_TRUE(same_bytes(plain.dw_gate.download(), timed.dw_gate.download()));
+  }
+  for (auto* v : {&fev, &bev, &xev})
+    for (auto& e : *v) MOE_CUDA_CHECK(cudaEventDestroy(e));
 
   // The host-offset baselines run their steps in another order: no step events there.
+  DeviceLayerData d(in, c.E);
+  const cuda::LayerWeights w = d.weights(c.router);
+  std::vector<cudaEvent_t> steps(nx + 1);
+  for (auto& e : steps) MOE_CUDA_CHECK(cudaEventCreate(&e));
   cuda::Layer loop(cfg, cuda::ExpertsBackend::cublas_loop_host_offsets);
-  loop.forward(timed.x.get(), w, timed.y.get(), nullptr);
-  EXPECT_THROW(loop.backward(timed.x.get(), w, timed.dy.get(), timed.grads(), nullptr, nullptr,
-                             xev.data()),
+  loop.forward(d.x.get(), w, d.y.get(), nullptr);
+  EXPECT_THROW(loop.backward(d.x.get(), w, d.dy.get(), d.grads(), nullptr, nullptr, steps.data()),
                ConfigError);
+  for (auto& e : steps) MOE_CUDA_CHECK(cudaEventDestroy(e));
 }
 
 // bf16 expert weight gradients (PyTorch's for bf16 parameters): each element is the fresh fp32

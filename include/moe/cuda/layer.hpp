@@ -149,7 +149,9 @@ class Layer {
   Layer& operator=(const Layer&) = delete;
 
   // y (T, H) overwritten. events: null, or int(LayerStage::count) + 1 events recorded on `stream`
-  // at the stage boundaries (benchmarks).
+  // at the stage boundaries (benchmarks). Without events the router's auxiliary losses run on the
+  // layer's second stream beside plan, permute and the experts, joined before forward returns
+  // (stream-ordered on `stream`, graph-capturable); with events every stage runs on `stream`.
   void forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t stream,
                cudaEvent_t* events = nullptr);
   // After forward() with the same x and w; dy (T, H). Once per forward: with the grouped backends
@@ -234,6 +236,8 @@ class Layer {
   bool keep_pre_ = true;       // pre is written (false: grouped_fused without backward)
   DeviceArena arena_;
   mutable StatsBuffers stats_;  // stats() scratch (no host-visible state)
+  cudaStream_t side_ = nullptr;  // forward: the router's auxiliary losses beside the rest
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
 };
 
 }  // namespace moe::cuda

@@ -107,6 +107,16 @@ int64_t ec_group_capacity(const LayerConfig& cfg, int64_t groups);
 void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
                    const float* noise_raw, const float* expert_bias, RouteBuffers& out,
                    cudaStream_t stream);
+// route_forward's two halves, for a caller that runs the second beside other work: the choices
+// (routing, probs, lse and the other per-token outputs), then the auxiliary losses (the per-chunk
+// sums, aux_loss and the sums the backward and stats read), which read the first's outputs and
+// write nothing the choices' readers read.
+void route_choices(const LayerConfig& cfg, int64_t step, const float* logits,
+                   const float* noise_raw, const float* expert_bias, RouteBuffers& out,
+                   cudaStream_t stream);
+void route_aux_losses(const LayerConfig& cfg, int64_t step, const float* logits,
+                      const float* noise_raw, const float* expert_bias, RouteBuffers& out,
+                      cudaStream_t stream);
 
 // d_weight (N) -> dz (T, E) overwritten; dr (T, E) overwritten for noisy_topk (else unused).
 // Matches cpu::route_backward before its gate GEMMs.
