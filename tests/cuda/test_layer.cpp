@@ -465,17 +465,35 @@ TEST(LayerParitySeed, NoisyTopkSameSeedSameBitsOtherSeedOtherRouting) {
 
 // The whole layer has no host synchronisation, so forward + backward can be captured in a CUDA
 // graph once and replayed: each replay must give the eager run's bits, also after x changes (the
-// routing, plan and segment sizes are recomputed on the device at every replay).
+// routing, plan and segment sizes are recomputed on the device at every replay). Both the grouped
+// and the fused backend (its backward forks work onto second streams, which the capture follows).
 class LayerGraph : public ::testing::TestWithParam<LayerCase> {};
+void replay_matches_eager(const LayerCase& c, bool fused);
 
 TEST_P(LayerGraph, ReplayOfForwardAndBackwardGivesTheEagerBits) {
   MOE_REQUIRE_GPU();
   const LayerCase& c = GetParam();
+  for (const bool fused : {false, true}) {
+    SCOPED_TRACE(fused ? "grouped_fused, w_up interleaved" : "grouped");
+    replay_matches_eager(c, fused);
+  }
+}
+
+void replay_matches_eager(const LayerCase& c, bool fused) {
   const LayerConfig cfg = config_of(c);
   const LayerInputs in = make_inputs(c, cfg);
-  cuda::Layer layer(cfg, cuda::ExpertsBackend::grouped, cuda::GateUpLayout::split, true, c.groups);
+  cuda::Layer layer(cfg,
+                    fused ? cuda::ExpertsBackend::grouped_fused : cuda::ExpertsBackend::grouped,
+                    fused ? cuda::GateUpLayout::interleaved : cuda::GateUpLayout::split, true,
+                    c.groups);
   layer.set_seed(c.seed);
   DeviceLayerData d(in, c.E);
+  if (fused) {
+    DeviceArray<bf16> pairs(in.p.w_up.size());
+    cuda::to_gate_up_layout(d.w_up.get(), pairs.get(), cuda::GateUpLayout::interleaved,
+                            c.E * c.H, c.I, nullptr);
+    d.w_up = std::move(pairs);
+  }
   const cuda::LayerWeights w = d.weights(c.router);
   cudaStream_t stream = nullptr;
   MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
