@@ -9,8 +9,8 @@
 // warm-up first, median of --reps runs (>= 20). Per-stage forward times come from events recorded
 // between the stages of one forward (median per stage over the reps), per-stage backward times
 // (and the experts stage's five steps) likewise from fresh-gradient backwards, with every stage in
-// order on one stream (the totals run the router's auxiliary losses, dw_down, and the router's
-// backward with dW_gate on second streams, beside the stages after them); the forward total and the
+// order on one stream (the totals run the router's auxiliary losses and dw_down on second streams,
+// beside the stages after them); the forward total and the
 // forward+backward total are timed separately, as whole launches; forward+backward twice, with the
 // expert weight gradients accumulated (fwd_bwd_ms) and written fresh (fwd_bwd_fresh_ms, what a
 // training step with zeroed gradients needs), and written fresh in bf16 (fwd_bwd_bf16_grads_ms:
@@ -599,8 +599,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "gathers too), fresh fp32 dW, rotated with fwd_bwd_fresh_ms and fwd_bwd_bf16_grads_ms; "
       "*_stage_ms / experts_backward_step_ms: every stage and step in order on one stream (stage "
       "events), where the totals run the router's auxiliary losses beside plan, permute and the "
-      "experts, dw_down beside the da GEMM, and the router's backward and dW_gate beside the "
-      "weight gradients, on second streams";
+      "experts, and dw_down beside the da GEMM, on second streams";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";

@@ -762,16 +762,11 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
             "experts_backward: row_dot comes from the fused da GEMM (grouped_fused) only");
   MOE_CHECK(!gathered || (grouped && a.tokens >= 1),
             "experts_backward: gathered rows (row_token) need a grouped backend and tokens >= 1");
-  MOE_CHECK(a.da_done == nullptr || grouped, "experts_backward: da_done needs a grouped backend");
-  auto da_done = [&] {
-    if (a.da_done) MOE_CUDA_CHECK(cudaEventRecord(a.da_done, stream));
-  };
   auto mark = [&](ExpertsBackwardStep step) {
     if (events) MOE_CUDA_CHECK(cudaEventRecord(events[int(step)], stream));
   };
   if (s.max_rows == 0) {
     for (int i = 0; i <= int(ExpertsBackwardStep::count); ++i) mark(ExpertsBackwardStep(i));
-    da_done();
     return;
   }
 
@@ -791,7 +786,6 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     MOE_CUDA_CHECK(cudaEventRecord(ws.fork_, stream));
     MOE_CUDA_CHECK(cudaStreamWaitEvent(ws.side_, ws.fork_));
     ws.dact_act_.run(dact, stream);                                             // dpre, row dots
-    da_done();
     ws.wgrad_down_.run(down, ws.side_);                                         // dw_down
     MOE_CUDA_CHECK(cudaEventRecord(ws.join_, ws.side_));
     MOE_CUDA_CHECK(cudaStreamWaitEvent(stream, ws.join_));
@@ -816,7 +810,6 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
       mark(ExpertsBackwardStep::activation);
       activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);          // dpre
     }
-    da_done();
     mark(ExpertsBackwardStep::dxp);
     ws.dxp_.run({a.offsets, H, A, dpre, a.w_up, a.dxp}, stream);                // dxp = dpre · w_up^T
     mark(ExpertsBackwardStep::dw_up);

@@ -351,27 +351,8 @@ void Layer::backward(const bf16* x, const LayerWeights& w, const bf16* dy, const
     eb.dpre = pre_;
   }
   eb.row_dot = row_dot_;
-  // Without events (and for the plain gate): the router's backward and dW_gate need only the da
-  // GEMM's row dots, so they run on the layer's second stream from there, in the SMs that the
-  // weight gradients' last waves leave idle, instead of after the permute backward. The gate's
-  // dx term stays on `stream` after the permute backward, which writes dx: the same sums in the
-  // same order.
-  const bool beside = !events && !expert_events && dots_in_da_ && !jitter_ && !noisy_;
-  if (beside) eb.da_done = fork_;
   mark(LayerBackwardStage::experts);
   experts_backward(*experts_, eb, stream, expert_events);
-  if (beside) {
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(side_, fork_));
-    combine_dweight_from_row_dots(plan_.view(), rv, row_dot_, row_dot_parts(cfg_.inter),
-                                  plan_.shape().max_rows(), dweight_, side_);
-    route_backward(c, 0, route_, logits_, noise_raw_, dweight_, dz_, dr_, side_);
-    gate_backward<bf16>(cublas_, x, w.w_gate, dz_, T, H, E, g.dw_gate, nullptr, dz_bf16_, side_);
-    MOE_CUDA_CHECK(cudaEventRecord(join_, side_));
-    permute_backward<bf16>(plan_.view(), dxp, H, g.dx, stream, /*accumulate=*/false);
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(stream, join_));
-    gate_backward<bf16>(cublas_, x, w.w_gate, dz_, T, H, E, nullptr, g.dx, dz_bf16_, stream);
-    return;
-  }
   // permute: dx = sum of the token's dxp rows (written, not added to: dx starts here)
   mark(LayerBackwardStage::permute);
   permute_backward<bf16>(plan_.view(), dxp, H, g.dx, stream, /*accumulate=*/false);

@@ -466,7 +466,7 @@ TEST(LayerParitySeed, NoisyTopkSameSeedSameBitsOtherSeedOtherRouting) {
 // The whole layer has no host synchronisation, so forward + backward can be captured in a CUDA
 // graph once and replayed: each replay must give the eager run's bits, also after x changes (the
 // routing, plan and segment sizes are recomputed on the device at every replay). Both the grouped
-// and the fused backend (its backward forks work onto second streams, which the capture follows).
+// and the fused backend (forward and backward fork work onto second streams; the capture follows).
 class LayerGraph : public ::testing::TestWithParam<LayerCase> {};
 void replay_matches_eager(const LayerCase& c, bool fused);
 

@@ -153,10 +153,6 @@ struct ExpertsBackwardArgs {
   // row_dot), (row_dot_parts(I), max_rows) fp32. With dyp = w * dy their sum over the parts is
   // w * <dy, yp> for each row: the router-weight gradient without reading yp.
   float* row_dot = nullptr;
-  // Grouped backends, or null: recorded on the call's stream once the da GEMM (and, unfused, the
-  // activation backward) is enqueued, so a caller can start what needs only dpre or the row dots
-  // on another stream while the weight gradients and dxp run.
-  cudaEvent_t da_done = nullptr;
 };
 
 struct ExpertsCublasArrays;  // experts.cu: host-side argument arrays of the grouped-batched calls

@@ -158,9 +158,6 @@ class Layer {
   // the backward overwrites the forward's pre, act and yp (see Memory above).
   // events: null, or int(LayerBackwardStage::count) + 1 events at the stage boundaries;
   // expert_events: null, or the experts stage's step events (experts_backward; grouped backends).
-  // Without either (grouped_fused, a gate without jitter or noise) the router's backward and
-  // dW_gate run on the layer's second stream beside the weight gradients, joined before the gate's
-  // dx term; with them every stage runs in order on `stream`. The same bits either way.
   void backward(const bf16* x, const LayerWeights& w, const bf16* dy, const LayerGrads& g,
                 cudaStream_t stream, cudaEvent_t* events = nullptr,
                 cudaEvent_t* expert_events = nullptr);
