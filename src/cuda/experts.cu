@@ -770,48 +770,43 @@ void experts_backward(ExpertsWorkspace& ws, const ExpertsBackwardArgs& a, cudaSt
     return;
   }
 
-  const GroupedWgradArgs down{a.offsets, I, H, a.act, a.dyp, a.dw_down, a.accumulate,
-                              a.dw_down_bf16};
-  const GroupedGemmActGradArgs dact{a.offsets, I, H, a.dyp, a.w_down, a.pre, dpre,
-                                    s.activation == Activation::swiglu &&
-                                        s.gate_up == GateUpLayout::blocked,
-                                    a.row_dot, s.max_rows};
-  if (fused && !events) {
-    // The da GEMM on `stream`, dw_down on the side stream launched right after it: both are
-    // persistent grids of one CTA per SM, so dw_down's CTAs take the SMs that the da GEMM's last,
-    // partly filled wave leaves idle instead of waiting for all of it (experts lab run 29: the
-    // pair in 0.97-0.99x the time at OLMoE, Qwen3 and the small shape; splitting the SMs between
-    // them took 1.01-1.24x). Each output is one CTA's work whatever the grid: the same bits.
-    // Joined before dxp, which may overwrite dyp.
-    MOE_CUDA_CHECK(cudaEventRecord(ws.fork_, stream));
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(ws.side_, ws.fork_));
-    ws.dact_act_.run(dact, stream);                                             // dpre, row dots
-    ws.wgrad_down_.run(down, ws.side_);                                         // dw_down
-    MOE_CUDA_CHECK(cudaEventRecord(ws.join_, ws.side_));
-    MOE_CUDA_CHECK(cudaStreamWaitEvent(stream, ws.join_));
-    ws.dxp_.run({a.offsets, H, A, dpre, a.w_up, a.dxp}, stream);                // dxp = dpre · w_up^T
-    GroupedWgradArgs up{a.offsets, H, A, gathered ? a.x : a.xp, dpre, a.dw_up, a.accumulate,
-                        a.dw_up_bf16};
-    if (gathered) up.gather = a.row_token, up.gather_rows = a.tokens;
-    ws.wgrad_up_.run(up, stream);                                               // dw_up
-    return;
-  }
   if (grouped) {
     // Everything on the device: sizes from the offsets, no host round trip. This order lets da,
     // dpre and dxp alias act, pre and dyp (ExpertsBackwardArgs).
-    mark(ExpertsBackwardStep::dw_down);
-    ws.wgrad_down_.run(down, stream);                                           // dw_down (+)= act^T dyp
-    mark(ExpertsBackwardStep::da);
-    if (fused) {                                    // dpre from da = dyp · w_down^T in registers
-      ws.dact_act_.run(dact, stream);
-      mark(ExpertsBackwardStep::activation);
+    const GroupedWgradArgs down{a.offsets, I, H, a.act, a.dyp, a.dw_down, a.accumulate,
+                                a.dw_down_bf16};
+    const GroupedGemmActGradArgs dact{a.offsets, I, H, a.dyp, a.w_down, a.pre, dpre,
+                                      s.activation == Activation::swiglu &&
+                                          s.gate_up == GateUpLayout::blocked,
+                                      a.row_dot, s.max_rows};
+    if (fused && !events) {
+      // The da GEMM on `stream`, dw_down on the side stream launched right after it: both are
+      // persistent grids of one CTA per SM, so dw_down's CTAs take the SMs that the da GEMM's
+      // last, partly filled wave leaves idle instead of waiting for all of it (experts lab run
+      // 29: the pair in 0.97-0.99x the time at OLMoE, Qwen3 and the small shape; splitting the
+      // SMs between them took 1.01-1.24x). Each output is one CTA's work whatever the grid: the
+      // same bits. Joined before dxp, which may overwrite dyp.
+      MOE_CUDA_CHECK(cudaEventRecord(ws.fork_, stream));
+      MOE_CUDA_CHECK(cudaStreamWaitEvent(ws.side_, ws.fork_));
+      ws.dact_act_.run(dact, stream);                                           // dpre, row dots
+      ws.wgrad_down_.run(down, ws.side_);                                       // dw_down
+      MOE_CUDA_CHECK(cudaEventRecord(ws.join_, ws.side_));
+      MOE_CUDA_CHECK(cudaStreamWaitEvent(stream, ws.join_));
     } else {
-      ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, da}, stream);             // da = dyp · w_down^T
-      mark(ExpertsBackwardStep::activation);
-      activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);          // dpre
+      mark(ExpertsBackwardStep::dw_down);
+      ws.wgrad_down_.run(down, stream);                                 // dw_down (+)= act^T dyp
+      mark(ExpertsBackwardStep::da);
+      if (fused) {                                  // dpre from da = dyp · w_down^T in registers
+        ws.dact_act_.run(dact, stream);
+        mark(ExpertsBackwardStep::activation);
+      } else {
+        ws.dact_.run({a.offsets, I, H, a.dyp, a.w_down, da}, stream);  // da = dyp · w_down^T
+        mark(ExpertsBackwardStep::activation);
+        activation_backward(s, sms, a.offsets, da, a.pre, dpre, stream);        // dpre
+      }
     }
     mark(ExpertsBackwardStep::dxp);
-    ws.dxp_.run({a.offsets, H, A, dpre, a.w_up, a.dxp}, stream);                // dxp = dpre · w_up^T
+    ws.dxp_.run({a.offsets, H, A, dpre, a.w_up, a.dxp}, stream);          // dxp = dpre · w_up^T
     mark(ExpertsBackwardStep::dw_up);
     GroupedWgradArgs up{a.offsets, H, A, gathered ? a.x : a.xp, dpre, a.dw_up, a.accumulate,
                         a.dw_up_bf16};
