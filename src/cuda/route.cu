@@ -900,7 +900,6 @@ void route_choices(const LayerConfig& cfg, int64_t step, const float* logits,
       MOE_CUDA_LAUNCH_CHECK();
     }
   }
-
 }
 
 void route_aux_losses(const LayerConfig& cfg, int64_t step, const float* logits,

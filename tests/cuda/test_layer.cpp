@@ -183,6 +183,13 @@ struct DeviceLayerData {
   cuda::LayerGrads grads() const {
     return {dx.get(), dw_gate.get(), dw_up.get(), dw_down.get(), dw_noise.get()};
   }
+  // w_up's (gate, up) columns from the split order into `layout` (the fused backend's), for E
+  // experts of H rows and I units.
+  void reorder_w_up(cuda::GateUpLayout layout, int64_t E, int64_t H, int64_t I) {
+    DeviceArray<bf16> pairs(w_up.size());
+    cuda::to_gate_up_layout(w_up.get(), pairs.get(), layout, E * H, I, nullptr);
+    w_up = std::move(pairs);
+  }
 };
 
 // What a parity test reads back besides d's arrays after one forward + backward of the layer on
@@ -307,10 +314,7 @@ TEST_P(LayerParity, ForwardAndBackwardMatchCpu) {
     cuda::Layer fused(built, cuda::ExpertsBackend::grouped_fused, cuda::GateUpLayout::blocked);
     fused.set_seed(c.seed);
     DeviceLayerData f(in, c.E);
-    DeviceArray<bf16> w_up_blocked(in.p.w_up.size());
-    cuda::to_gate_up_layout(f.w_up.get(), w_up_blocked.get(), cuda::GateUpLayout::blocked,
-                            c.E * c.H, c.I, nullptr);
-    f.w_up = std::move(w_up_blocked);
+    f.reorder_w_up(cuda::GateUpLayout::blocked, c.E, c.H, c.I);
     run_once(fused, f, c.router);
     {  // and with x's rows gathered: the fused permuted layer's bits
       cuda::Layer fused_gathered(built, cuda::ExpertsBackend::grouped_fused,
@@ -488,12 +492,7 @@ void replay_matches_eager(const LayerCase& c, bool fused) {
                     c.groups);
   layer.set_seed(c.seed);
   DeviceLayerData d(in, c.E);
-  if (fused) {
-    DeviceArray<bf16> pairs(in.p.w_up.size());
-    cuda::to_gate_up_layout(d.w_up.get(), pairs.get(), cuda::GateUpLayout::interleaved,
-                            c.E * c.H, c.I, nullptr);
-    d.w_up = std::move(pairs);
-  }
+  if (fused) d.reorder_w_up(cuda::GateUpLayout::interleaved, c.E, c.H, c.I);
   const cuda::LayerWeights w = d.weights(c.router);
   cudaStream_t stream = nullptr;
   MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -651,14 +650,9 @@ TEST(LayerBackwardEvents, StageTimesAreRecordedAndChangeNothing) {
                       fused ? cuda::ExpertsBackend::grouped_fused : cuda::ExpertsBackend::grouped,
                       fused ? cuda::GateUpLayout::blocked : cuda::GateUpLayout::split);
     DeviceLayerData plain(in, c.E), timed(in, c.E);
-    if (fused) {
-      for (DeviceLayerData* d : {&plain, &timed}) {
-        DeviceArray<bf16> blocked(in.p.w_up.size());
-        cuda::to_gate_up_layout(d->w_up.get(), blocked.get(), cuda::GateUpLayout::blocked,
-                                c.E * c.H, c.I, nullptr);
-        d->w_up = std::move(blocked);
-      }
-    }
+    if (fused)
+      for (DeviceLayerData* d : {&plain, &timed})
+        d->reorder_w_up(cuda::GateUpLayout::blocked, c.E, c.H, c.I);
     const cuda::LayerWeights wp = plain.weights(c.router), wt = timed.weights(c.router);
     double aux_plain = 0, aux_timed = 0;
     layer.forward(plain.x.get(), wp, plain.y.get(), nullptr);
@@ -1303,10 +1297,7 @@ TEST_P(ExpertChoiceGroupsParity, ForwardAndBackwardMatchTheCpuGroupCalls) {
     cuda::Layer fused(cfg, cuda::ExpertsBackend::grouped_fused, cuda::GateUpLayout::blocked, true,
                       G);
     DeviceLayerData f(in, E);
-    DeviceArray<bf16> w_up_blocked(in.p.w_up.size());
-    cuda::to_gate_up_layout(f.w_up.get(), w_up_blocked.get(), cuda::GateUpLayout::blocked,
-                            E * H, c.I, nullptr);
-    f.w_up = std::move(w_up_blocked);
+    f.reorder_w_up(cuda::GateUpLayout::blocked, E, H, c.I);
     run_once(fused, f, c.router);
     DeviceArray<float> dw_up_split(in.p.w_up.size());
     cuda::from_gate_up_layout(f.dw_up.get(), cuda::GateUpLayout::blocked, dw_up_split.get(),
