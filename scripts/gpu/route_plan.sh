@@ -11,6 +11,8 @@
 # rounds: scripts/gpu/layer_rounds.sh (ours and the PyTorch peer alternating per configuration)
 #         without its tests; CONFIGS as there, default the issue's six.
 # Each mode packs its logs into logs_<mode>.tar.gz (a visit brings back at most 8 files).
+# check's settings: KERNELS (the kernel-name regexes profiled with --set full), NCU_CONFIG (their
+# layer, default qwen3), PROFILE_CONFIGS (the kernel tables', default qwen3).
 set -uo pipefail
 RUN=${1:?run folder}
 MODE=${2:?check or rounds}
@@ -39,10 +41,11 @@ if [[ $MODE == check ]]; then
 
   # The router's and the plan's kernels one launch each, --set full: where their time goes
   # (speed of light, warp states, the SASS lines with the most stall samples).
-  for k in route_topk_kernel route_partial_kernel plan_scan_kernel plan_scatter_kernel; do
+  for k in ${KERNELS:-route_topk_kernel route_partial_kernel plan_scan_kernel plan_scatter_kernel}; do
     step "ncu --set full: $k"
     timeout 120 ncu --clock-control none --set full --import-source no -k "regex:$k" -s 5 -c 1 \
-      -f -o "$OUT/ncu_$k" "$RUN/moe-bench" bench --layer --config qwen3 --reps 20 --warmup 3 \
+      -f -o "$OUT/ncu_$k" "$RUN/moe-bench" bench --layer --config "${NCU_CONFIG:-qwen3}" \
+      --reps 20 --warmup 3 \
       >"$OUT/ncu_${k}_run.log" 2>&1 || { status=1; tail -n 3 "$OUT/ncu_${k}_run.log"; continue; }
     {
       ncu -i "$OUT/ncu_$k.ncu-rep" --page details 2>&1

@@ -3,6 +3,8 @@
 //
 //   route_topk_kernel<Family>   a warp per token: scores, top-k (K steps of WarpTopK in the order
 //                               (score desc, expert asc)), weights, per-token loss terms
+//   route_softmax_topk_group_kernel<kS>  softmax top-k with K <= 8, E <= 256: kS lanes per token,
+//                               the warp kernel's bits
 //   route_partial_kernel        a block per chunk of tokens: counts (integer smem atomics), mass,
 //                               importance, sum of lse^2 -- in double, each sum in token order;
 //                               then the last block to finish (a ticket counter) runs
@@ -307,7 +309,9 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(Route
         sel[k] = bi;
         if (k < kWarp) my_e = bi;
       }
-      psum += __expf(bv - m) * inv_s;  // prob(bi): bv is z[bi]
+      // prob(bi) (bv is z[bi]) added in one rounding, as the compiler contracted it before this
+      // was spelled out; the lane-group kernel does the same
+      psum = fmaf(__expf(bv - m), inv_s, psum);
     }
     if (K > kWarp) __syncwarp();
     const bool renorm = a.router == int(Router::softmax_topk) && a.renormalize;
@@ -426,6 +430,145 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(Route
       }
     }
     (void)vK;
+  }
+}
+
+// ---- forward, softmax top-k: a group of lanes per token
+
+// The warp-per-token kernel above repeats each token's bookkeeping on all 32 lanes and takes a
+// warp-wide reduction pair per selection step: about 1000 issued instructions a token at Qwen3's
+// E = 128, and it is issue-bound there (ncu, results/h100-80gb-hbm3/layer/kernels_7b3bd02). Here
+// kS lanes share a token (the smallest power of two >= E / kGroupSlots), each holding the experts
+// e = s + kS j of its lane s, so a warp routes 32 / kS tokens at once. It writes the warp kernel's
+// bits (test RouteTopK.LaneGroupsWriteTheWarpKernelsBits):
+// - the max and the sum of exponentials keep the warp kernel's association. Its lane l folded
+//   experts l, l + 32, ... in order, then a butterfly over l with distances 16, 8, .., 1. Lane s
+//   here stands for the kVirtual = 32 / kS lanes l = s + kS v: it folds their experts from its
+//   registers, runs the butterfly's distances >= kS among them, and the rest across the group;
+// - the top-k is the same order, (logit desc, expert asc): each step takes the group's largest
+//   (order key, ~expert) pair, 64 bits, by xor shuffles.
+constexpr int kGroupSlots = 8;   // experts per lane; also the largest K this kernel takes
+constexpr int kGroupMaxE = 32 * kGroupSlots;
+constexpr int kGroupThreads = 128;
+
+template <int kS>
+__global__ void __launch_bounds__(kGroupThreads) route_softmax_topk_group_kernel(RouteArgs a) {
+  constexpr int kVirtual = kWarp / kS;
+  const int lane = threadIdx.x % kWarp, s = lane % kS;
+  const int64_t t = (blockIdx.x * int64_t{kGroupThreads} + threadIdx.x) / kS;
+  if (t >= a.T) return;  // a token's lanes leave together
+  const unsigned group = kS == kWarp ? 0xffffffffu : ((1u << kS) - 1u) << (lane - s);
+  const int E = static_cast<int>(a.E), K = static_cast<int>(a.K);
+  const float* z = a.logits + t * a.E;
+
+  float v[kGroupSlots];
+  uint32_t key[kGroupSlots];
+#pragma unroll
+  for (int j = 0; j < kGroupSlots; ++j) {
+    const int e = s + kS * j;
+    v[j] = e < E ? z[e] : 0.f;
+    key[j] = e < E ? order_key(v[j]) : 0u;
+  }
+  auto valid = [&](int j) { return j < kGroupSlots && s + kS * j < E; };
+
+  // max, then the sum of exponentials: lane l = s + kS u of the warp kernel folded slots
+  // u, u + kVirtual, ... (its experts l, l + 32, ...)
+  float part[kVirtual];
+#pragma unroll
+  for (int u = 0; u < kVirtual; ++u) {
+    part[u] = -INFINITY;
+#pragma unroll
+    for (int j = u; j < kGroupSlots; j += kVirtual)
+      if (valid(j)) part[u] = fmaxf(part[u], v[j]);
+  }
+#pragma unroll
+  for (int h = kVirtual / 2; h > 0; h /= 2)
+#pragma unroll
+    for (int u = 0; u < h; ++u) part[u] = fmaxf(part[u], part[u + h]);
+  float m = part[0];
+#pragma unroll
+  for (int d = kS / 2; d > 0; d /= 2) m = fmaxf(m, __shfl_xor_sync(group, m, d, kS));
+#pragma unroll
+  for (int u = 0; u < kVirtual; ++u) {
+    part[u] = 0.f;
+#pragma unroll
+    for (int j = u; j < kGroupSlots; j += kVirtual)
+      if (valid(j)) part[u] += expf(v[j] - m);
+  }
+#pragma unroll
+  for (int h = kVirtual / 2; h > 0; h /= 2)
+#pragma unroll
+    for (int u = 0; u < h; ++u) part[u] += part[u + h];
+  float sum = part[0];
+#pragma unroll
+  for (int d = kS / 2; d > 0; d /= 2) sum += __shfl_xor_sync(group, sum, d, kS);
+  if (s == 0) a.lse[t] = m + logf(sum);
+
+  const float inv_s = 1.f / sum;
+  float* probs = a.probs + t * a.E;
+#pragma unroll
+  for (int j = 0; j < kGroupSlots; ++j)
+    if (valid(j)) probs[s + kS * j] = __expf(v[j] - m) * inv_s;
+
+  // top-k: the group's largest (key, ~expert); key 0 (NaN, taken, past E) is "none"
+  int chosen[kGroupSlots];
+  float chosen_p[kGroupSlots];
+  float psum = 0.f;
+#pragma unroll
+  for (int k = 0; k < kGroupSlots; ++k) {
+    if (k >= K) break;
+    uint64_t best = 0;
+#pragma unroll
+    for (int j = 0; j < kGroupSlots; ++j)
+      if (key[j] != 0u)
+        best = max(best, uint64_t{key[j]} << 32 | uint32_t(~uint32_t(s + kS * j)));
+#pragma unroll
+    for (int d = kS / 2; d > 0; d /= 2) best = max(best, __shfl_xor_sync(group, best, d, kS));
+    float bv = -INFINITY;
+    int bi = E;
+    if (best != 0) {
+      bi = static_cast<int>(~static_cast<uint32_t>(best));
+      const int ws = bi % kS, wj = bi / kS;
+      float mine = 0.f;
+#pragma unroll
+      for (int j = 0; j < kGroupSlots; ++j)
+        if (j == wj) {
+          mine = v[j];
+          if (s == ws) key[j] = 0u;
+        }
+      bv = __shfl_sync(group, mine, ws, kS);
+    }
+    chosen[k] = bi;
+    chosen_p[k] = __expf(bv - m) * inv_s;  // prob(bi): bv is z[bi]
+    psum = fmaf(__expf(bv - m), inv_s, psum);  // one rounding, as in the warp kernel
+  }
+
+  const bool renorm = a.router == int(Router::softmax_topk) && a.renormalize;
+  const bool policy = a.router == int(Router::softmax_topk) && K == 2 &&
+                      a.second_policy != int(SecondPolicy::all);
+#pragma unroll
+  for (int k = 0; k < kGroupSlots; ++k) {
+    if (k >= K) break;
+    if (k % kS != s) continue;
+    const int64_t c = t * a.K + k;
+    const float w = renorm ? chosen_p[k] / psum : chosen_p[k];
+    int e = chosen[k];
+    if (policy && k == 1) {  // the second choice's weight against the policy
+      bool keep = false;
+      if (a.second_policy == int(SecondPolicy::random))
+        keep = a.training ? counter_uniform(a.seed, RngStream::second_choice, uint64_t(t)) <
+                                double(w) / a.second_threshold
+                          : true;
+      else if (a.second_policy == int(SecondPolicy::threshold))
+        keep = w > a.second_threshold;
+      a.selected[c] = e;
+      if (!keep) e = kNoExpert;
+    } else {
+      a.selected[c] = e;
+    }
+    a.choice_token[c] = static_cast<int32_t>(t);
+    a.choice_expert[c] = e;
+    a.choice_weight[c] = w;
   }
 }
 
@@ -687,11 +830,21 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_backward_kernel(B
     if (K > 0) {
       const bool renorm = a.router == int(Router::softmax_topk) && a.renormalize;
       float sum = 0.f, dot = 0.f;
-      if (renorm)
+      if (renorm && K <= kWarp) {
+        // lane k loads choice k's terms (all loads at once, not K dependent pairs in a row), then
+        // every lane adds them in k order, like the CPU
+        const float pk = lane < K ? p[sel[lane]] : 0.f, dwk = lane < K ? dw[lane] : 0.f;
+        for (int k = 0; k < K; ++k) {
+          const float pj = __shfl_sync(0xffffffffu, pk, k);
+          sum += pj;
+          dot += __shfl_sync(0xffffffffu, dwk, k) * pj;
+        }
+      } else if (renorm) {
         for (int k = 0; k < K; ++k) {  // in k order, like the CPU
           sum += p[sel[k]];
           dot += dw[k] * p[sel[k]];
         }
+      }
       for (int k = lane; k < K; k += kWarp)
         d[sel[k]] = renorm ? (dw[k] - dot / sum) / sum : dw[k];
       __syncwarp();
@@ -854,13 +1007,13 @@ unsigned token_blocks(int64_t T) {
 void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
                    const float* noise_raw, const float* expert_bias, RouteBuffers& out,
                    cudaStream_t stream) {
-  route_choices(cfg, step, logits, noise_raw, expert_bias, out, stream);
+  route_choices(cfg, step, logits, noise_raw, expert_bias, out, stream, TopKKernel::automatic);
   route_aux_losses(cfg, step, logits, noise_raw, expert_bias, out, stream);
 }
 
 void route_choices(const LayerConfig& cfg, int64_t step, const float* logits,
                    const float* noise_raw, const float* expert_bias, RouteBuffers& out,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, TopKKernel kernel) {
   MOE_CHECK(out.tokens == cfg.tokens && out.experts == cfg.experts,
             "route_forward: buffers were sized for another shape");
   const Family f = family_of(cfg.router);
@@ -877,7 +1030,24 @@ void route_choices(const LayerConfig& cfg, int64_t step, const float* logits,
     else if (a.E <= 256) route_topk_kernel<F, 8><<<blocks, threads, 0, stream>>>(a);
     else route_topk_kernel<F, 0><<<blocks, threads, 0, stream>>>(a);
   };
-  switch (f) {
+  // softmax top-k with K <= 8 and E <= 256 (every preset): a group of lanes per token
+  auto group = [&](auto lanes) {
+    constexpr int kS = decltype(lanes)::value;
+    const int64_t threads_total = a.T * kS;
+    route_softmax_topk_group_kernel<kS>
+        <<<unsigned((threads_total + kGroupThreads - 1) / kGroupThreads), kGroupThreads, 0,
+           stream>>>(a);
+  };
+  const bool grouped = f == kSoftmax && kernel == TopKKernel::automatic && a.K >= 1 &&
+                       a.K <= kGroupSlots && a.E <= kGroupMaxE;
+  if (grouped) {
+    if (a.E <= 8) group(std::integral_constant<int, 1>{});
+    else if (a.E <= 16) group(std::integral_constant<int, 2>{});
+    else if (a.E <= 32) group(std::integral_constant<int, 4>{});
+    else if (a.E <= 64) group(std::integral_constant<int, 8>{});
+    else if (a.E <= 128) group(std::integral_constant<int, 16>{});
+    else group(std::integral_constant<int, 32>{});
+  } else switch (f) {
     case kSoftmax: topk(std::integral_constant<int, kSoftmax>{}); break;
     case kSigmoid: topk(std::integral_constant<int, kSigmoid>{}); break;
     case kNoisy: topk(std::integral_constant<int, kNoisy>{}); break;

@@ -267,6 +267,85 @@ TEST(RouteTopK, PicksTheCpuRoutersExpertsOnExactTies) {
       }
 }
 
+// The softmax top-k's lane-group kernel against the warp-per-token one: every output bit for bit
+// (lse, probabilities, selection, choices and their weights), at every lane-group width (E up to
+// 8, 16, 32, 64, 128, 256), K up to 8, with and without renormalisation and the second-choice
+// policy, on random logits and on logits drawn from a few values (exact ties, -0 next to +0).
+// Outputs poisoned first; the token count leaves the last block partly empty.
+TEST(RouteTopK, LaneGroupsWriteTheWarpKernelsBits) {
+  MOE_REQUIRE_GPU();
+  const float kValues[] = {-2.f, -1.f, -0.f, 0.f, 0.5f, 1.f, 3.f};
+  struct Variant { Router router; bool renormalize; SecondPolicy policy; };
+  const Variant variants[] = {{Router::softmax_topk, true, SecondPolicy::all},
+                              {Router::softmax_topk, false, SecondPolicy::all},
+                              {Router::softmax_topk, true, SecondPolicy::threshold},
+                              {Router::softmax_topk, false, SecondPolicy::random},
+                              {Router::softmax_topk, true, SecondPolicy::none},
+                              {Router::switch_top1, false, SecondPolicy::all}};
+  int64_t compared = 0;
+  for (const Variant& var : variants)
+    for (int64_t E : {1, 3, 8, 9, 16, 17, 32, 40, 64, 100, 128, 129, 200, 256})
+      for (int64_t K : {1, 2, 3, 8})
+        for (bool few_values : {false, true}) {
+          if (K > E || (var.router == Router::switch_top1 && K != 1)) continue;
+          if (var.policy != SecondPolicy::all && K != 2) continue;
+          LayerConfig cfg;
+          cfg.router = var.router;
+          cfg.tokens = 333;
+          cfg.hidden = E;
+          cfg.experts = E;
+          cfg.top_k = K;
+          cfg.renormalize = var.renormalize;
+          cfg.second_policy = var.policy;
+          cfg.second_threshold = 0.2;
+          cfg.training = true;
+          cfg.validate();
+          const int64_t T = cfg.tokens;
+          std::vector<float> logits =
+              random_vector<float>(static_cast<size_t>(T * E), uint64_t(E * 10 + K), 2.0);
+          if (few_values) {
+            uint64_t state = 0x9e3779b97f4a7c15ull ^ uint64_t(E * 131 + K);
+            for (float& v : logits) {
+              state = state * 6364136223846793005ull + 1442695040888963407ull;
+              v = kValues[(state >> 33) % 7];
+            }
+          }
+          DeviceArray<float> d_logits(logits);
+          cuda::RouteBuffers group(cfg), warp(cfg);
+          for (cuda::RouteBuffers* b : {&group, &warp})
+            MOE_CUDA_CHECK(cudaMemset(b->arena.data(), 0xff, b->arena.bytes()));
+          MOE_CUDA_CHECK(cudaMemset(group.routing.arena.data(), 0x7b, group.routing.arena.bytes()));
+          MOE_CUDA_CHECK(cudaMemset(warp.routing.arena.data(), 0x5c, warp.routing.arena.bytes()));
+          cuda::route_choices(cfg, 0, d_logits.get(), nullptr, nullptr, group, nullptr);
+          cuda::route_choices(cfg, 0, d_logits.get(), nullptr, nullptr, warp, nullptr,
+                              cuda::TopKKernel::warp_per_token);
+          auto get = [](const auto* p, int64_t n) {
+            std::vector<std::remove_const_t<std::remove_pointer_t<decltype(p)>>> h(
+                static_cast<size_t>(n));
+            MOE_CUDA_CHECK(cudaMemcpy(h.data(), p, h.size() * sizeof(h[0]),
+                                      cudaMemcpyDeviceToHost));
+            return h;
+          };
+          const std::string what = std::string(name(var.router)) + " E=" + std::to_string(E) +
+                                   " K=" + std::to_string(K) +
+                                   " renormalize=" + std::to_string(var.renormalize) +
+                                   " policy=" + std::to_string(int(var.policy)) +
+                                   (few_values ? " few values" : " random");
+          EXPECT_TRUE(same_bytes(get(group.lse, T), get(warp.lse, T))) << what << ": lse";
+          EXPECT_TRUE(same_bytes(get(group.probs, T * E), get(warp.probs, T * E)))
+              << what << ": probs";
+          EXPECT_TRUE(same_bytes(get(group.selected, T * K), get(warp.selected, T * K)))
+              << what << ": selected";
+          const Routing<float> rg = cuda::download_routing(group.routing.view(), nullptr);
+          const Routing<float> rw = cuda::download_routing(warp.routing.view(), nullptr);
+          EXPECT_TRUE(equal("choice_token", rg.choice_token, rw.choice_token)) << what;
+          EXPECT_TRUE(equal("choice_expert", rg.choice_expert, rw.choice_expert)) << what;
+          EXPECT_TRUE(same_bytes(rg.choice_weight, rw.choice_weight)) << what << ": weights";
+          ++compared;
+        }
+  EXPECT_GT(compared, 100);
+}
+
 // Group capacity: the config's capacity for B = T / G tokens (no GPU needed).
 TEST(RouteExpertChoiceGroupsConfig, CapacityIsThatOfOneGroupAndGroupsMustDivideTokens) {
   LayerConfig cfg;

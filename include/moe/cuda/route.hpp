@@ -5,8 +5,9 @@
 // sigmoid_bias on sigmoid + bias; expert choice takes each expert's top-C tokens by
 // (prob desc, token asc).
 //
-// Kernels: one fused kernel per router family (a warp per token: softmax or sigmoid, noise or
-// bias, top-k, weight normalisation, the per-token terms of the auxiliary losses), then the
+// Kernels: one fused kernel per router family (a warp per token, or for softmax top-k with K <= 8
+// and E <= 256 a group of E/8 lanes per token: softmax or sigmoid, noise or bias, top-k, weight
+// normalisation, the per-token terms of the auxiliary losses), then the
 // auxiliary losses as deterministic reductions (per-chunk partial sums over tokens, then one block
 // that adds the chunks in a fixed order, in double). Expert choice: the softmax kernel, then a
 // stable segmented sort of each expert's column (CUB), then the first C of each segment.
@@ -111,9 +112,12 @@ void route_forward(const LayerConfig& cfg, int64_t step, const float* logits,
 // (routing, probs, lse and the other per-token outputs), then the auxiliary losses (the per-chunk
 // sums, aux_loss and the sums the backward and stats read), which read the first's outputs and
 // write nothing the choices' readers read.
+// `kernel`: the softmax routers' top-k runs a group of lanes per token where K <= 8 and E <= 256,
+// a warp per token otherwise; warp_per_token forces the second (the tests compare the two).
+enum class TopKKernel { automatic, warp_per_token };
 void route_choices(const LayerConfig& cfg, int64_t step, const float* logits,
                    const float* noise_raw, const float* expert_bias, RouteBuffers& out,
-                   cudaStream_t stream);
+                   cudaStream_t stream, TopKKernel kernel = TopKKernel::automatic);
 void route_aux_losses(const LayerConfig& cfg, int64_t step, const float* logits,
                       const float* noise_raw, const float* expert_bias, RouteBuffers& out,
                       cudaStream_t stream);
