@@ -259,6 +259,17 @@ __device__ __forceinline__ float normal_pdf(float a) {
   return expf(-0.5f * a * a) / 2.5066282746310002f;
 }
 
+// softmax_topk with K = 2 and a second-choice policy: whether token t keeps its second choice,
+// whose weight (as written) is w
+__device__ __forceinline__ bool keeps_second_choice(const RouteArgs& a, int64_t t, float w) {
+  if (a.second_policy == int(SecondPolicy::random))
+    return a.training ? counter_uniform(a.seed, RngStream::second_choice, uint64_t(t)) <
+                            double(w) / a.second_threshold
+                      : true;
+  if (a.second_policy == int(SecondPolicy::threshold)) return w > a.second_threshold;
+  return false;  // none
+}
+
 // ---- forward: one warp per token
 
 // kPer: WarpTopK's registers per lane (0: any E).
@@ -328,15 +339,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock) route_topk_kernel(Route
     const int e2 = __shfl_sync(0xffffffffu, my_e, 1);  // warp-uniform branch: all lanes here
     if (policy && lane == 0) {
       const float p2 = prob(e2);  // the second choice's weight, as written above
-      const float g2 = renorm ? p2 / psum : p2;
-      bool keep = false;
-      if (a.second_policy == int(SecondPolicy::random))
-        keep = a.training ? counter_uniform(a.seed, RngStream::second_choice, uint64_t(t)) <
-                                double(g2) / a.second_threshold
-                          : true;
-      else if (a.second_policy == int(SecondPolicy::threshold))
-        keep = g2 > a.second_threshold;
-      if (!keep) a.choice_expert[t * 2 + 1] = kNoExpert;
+      if (!keeps_second_choice(a, t, renorm ? p2 / psum : p2))
+        a.choice_expert[t * 2 + 1] = kNoExpert;
     }
   } else if constexpr (kFamily == kSigmoid) {
     float ssum = 0.f;
@@ -553,19 +557,8 @@ __global__ void __launch_bounds__(kGroupThreads) route_softmax_topk_group_kernel
     const int64_t c = t * a.K + k;
     const float w = renorm ? chosen_p[k] / psum : chosen_p[k];
     int e = chosen[k];
-    if (policy && k == 1) {  // the second choice's weight against the policy
-      bool keep = false;
-      if (a.second_policy == int(SecondPolicy::random))
-        keep = a.training ? counter_uniform(a.seed, RngStream::second_choice, uint64_t(t)) <
-                                double(w) / a.second_threshold
-                          : true;
-      else if (a.second_policy == int(SecondPolicy::threshold))
-        keep = w > a.second_threshold;
-      a.selected[c] = e;
-      if (!keep) e = kNoExpert;
-    } else {
-      a.selected[c] = e;
-    }
+    a.selected[c] = e;
+    if (policy && k == 1 && !keeps_second_choice(a, t, w)) e = kNoExpert;
     a.choice_token[c] = static_cast<int32_t>(t);
     a.choice_expert[c] = e;
     a.choice_weight[c] = w;
