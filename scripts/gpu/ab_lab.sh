@@ -11,13 +11,12 @@ RUN=${1:?run folder}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 step device
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 step "GPU tests"
-timeout 200 "$RUN/moe_cuda_tests" >"$OUT/tests.log" 2>&1 || status=1
-grep -E "^\[  (PASSED|FAILED) " "$OUT/tests.log" | tail -n 5
+gpu_tests "$RUN" "$OUT/tests.log" 200 || status=1
 for shape in "qwen3 768 128" "olmoe 1024 64"; do
   read -r name inter experts <<<"$shape"
   step "experts_lab --ab $name"

@@ -16,24 +16,18 @@ mkdir -p "$OUT"
 source scripts/gpu/unpack_run.sh "$RUN"
 export PATH="/usr/local/cuda/bin:$PATH"
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if [[ -z ${SKIP_TESTS:-} ]]; then
 step "GPU tests (all)"
-timeout 300 "$RUN/moe_cuda_tests" >"$OUT/gpu_tests.log" 2>&1 || status=1
-grep -E "^\[  (PASSED|FAILED) |^\[  FAILED|tests ran" "$OUT/gpu_tests.log" | head -20
+gpu_tests "$RUN" "$OUT/gpu_tests.log" || status=1
 
 filter='*DeferredStore*:*RegisterStores*:*DeferredActivation*'
 step "compute-sanitizer on $filter"
-for tool in memcheck racecheck; do
-  MOE_TEST_SMALL=1 timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 \
-    "$RUN/moe_cuda_tests" --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
-  echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
-  grep -E "ERROR SUMMARY|tests ran" "$OUT/sanitizer.log" | tail -n 2
-done
+sanitize_tests "$RUN" "$filter" "$OUT/sanitizer.log" || status=1
 fi
 
 # name, kernel regex (demangled), on the lab's --ab-act-grad run (OLMoE: its default shape).

@@ -14,7 +14,7 @@ RUN=${1:?run folder}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 step device
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader

@@ -15,21 +15,14 @@ RUN=${1:?run folder}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 step "GPU tests (all)"
-timeout 240 "$RUN/moe_cuda_tests" >"$OUT/gpu_tests.log" 2>&1 || status=1
-grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$OUT/gpu_tests.log" | head -20
-grep -B3 -A15 "Failure" "$OUT/gpu_tests.log" | head -60
+gpu_tests "$RUN" "$OUT/gpu_tests.log" 240 || status=1
 
 filter=${SANITIZE_FILTER:-'*DeferredActivation*:*FusedUpProjection*Equals*'}
 step "compute-sanitizer on $filter"
-for tool in memcheck racecheck; do
-  MOE_TEST_SMALL=1 timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 \
-    "$RUN/moe_cuda_tests" --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
-  echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
-  grep -E "ERROR SUMMARY|tests ran|^\[  (PASSED|FAILED)" "$OUT/sanitizer.log" | tail -n 3
-done
+sanitize_tests "$RUN" "$filter" "$OUT/sanitizer.log" || status=1
 
 for shape in "olmoe 1024 64" "qwen3 768 128"; do
   read -r name inter experts <<<"$shape"

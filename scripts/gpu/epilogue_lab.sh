@@ -12,6 +12,7 @@
 #   --ab-gather          the gathered fused up-projection: the library's 2x1 cluster against 1x1
 # TESTS=1 runs every GPU test first (tests.log).
 set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 RUN=${1:?run folder}
 OUT=${OUT:-out}
 MODES=${MODES:---ab-epilogue}
@@ -19,14 +20,13 @@ mkdir -p "$OUT"
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 if [[ ${TESTS:-0} == 1 ]]; then
-  printf '\n=== GPU tests (all) (%s)\n' "$(date -u +%H:%M:%S)"
-  timeout 280 "$RUN/moe_cuda_tests" >"$OUT/tests.log" 2>&1 || status=1
-  grep -E "^\[  (PASSED|FAILED) |^\[  FAILED" "$OUT/tests.log" | head -20
+  step "GPU tests (all)"
+  gpu_tests "$RUN" "$OUT/tests.log" 280 || status=1
 fi
 for mode in $MODES; do
   for shape in "qwen3 768 128" "olmoe 1024 64"; do
     read -r name inter experts <<<"$shape"
-    printf '\n=== experts_lab %s %s (%s)\n' "$mode" "$name" "$(date -u +%H:%M:%S)"
+    step "experts_lab $mode $name"
     timeout 200 "$RUN/experts_lab" "$mode" --reps 20 --tokens 16384 --hidden 2048 \
       --inter "$inter" --experts "$experts" --top-k 8 >"$OUT/lab_${mode#--ab-}_$name.txt" 2>&1 ||
       status=1

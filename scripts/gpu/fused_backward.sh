@@ -18,7 +18,7 @@ RUN=${1:?run folder}
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 for shape in "qwen3 768 128" "olmoe 1024 64"; do
   read -r name inter experts <<<"$shape"
@@ -33,12 +33,7 @@ done
 step "compute-sanitizer on the fused tests"
 filter='*FusedUpProjection*:GroupedGemmActGrad.*:GroupedGemmAct.*'
 filter+=':*ForwardAndBackward*e6_two_n_tiles_grouped_fused*:*ForwardAndBackward*e5_empty*fused*'
-for tool in memcheck racecheck; do
-  timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 "$RUN/moe_cuda_tests" \
-    --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
-  echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
-  grep -E "ERROR SUMMARY|tests ran|^\[  (PASSED|FAILED)" "$OUT/sanitizer.log" | tail -n 4
-done
+sanitize_tests "$RUN" "$filter" "$OUT/sanitizer.log" 200 0 || status=1
 
 step "layer rounds"
 OUT=$OUT bash scripts/gpu/layer_rounds.sh "$RUN" || status=1

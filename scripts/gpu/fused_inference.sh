@@ -19,7 +19,7 @@ OUT=${OUT:-out}
 LAB=${LAB:-1}
 mkdir -p "$OUT"
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 lab() {  # name, then experts_lab options
   local name=$1; shift
@@ -36,12 +36,7 @@ fi
 step "compute-sanitizer on the fused up-projection and the blocked layout"
 filter='*FusedUpProjection*:GateUpLayout.*:*ForwardAndBackward*e6_two_n_tiles_grouped*blocked'
 filter+=':*ForwardAndBackward*e64_small_segments_grouped*blocked:GroupedGemmAct.*'
-for tool in memcheck racecheck; do
-  timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 "$RUN/moe_cuda_tests" \
-    --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
-  echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
-  grep -E "ERROR SUMMARY|tests ran|^\[  (PASSED|FAILED)" "$OUT/sanitizer.log" | tail -n 4
-done
+sanitize_tests "$RUN" "$filter" "$OUT/sanitizer.log" 200 0 || status=1
 
 step "layer rounds"
 OUT=$OUT bash scripts/gpu/layer_rounds.sh "$RUN" || status=1

@@ -16,22 +16,17 @@ CONFIGS=${CONFIGS:-"olmoe qwen3 mixtral brief_small decode qwen3_32k"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 step device
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
   --format=csv | tee "$OUT/gpu.txt"
 
 step "GPU tests"
-timeout 300 "$RUN/moe_cuda_tests" >"$OUT/tests.log" 2>&1 || status=1
-grep -E "^\[  (PASSED|FAILED) |^\[  FAILED|tests ran" "$OUT/tests.log" | head -20
+gpu_tests "$RUN" "$OUT/tests.log" || status=1
 
 step "compute-sanitizer on the gathered GEMM"
-for tool in memcheck racecheck; do
-  timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 "$RUN/moe_cuda_tests" \
-    --gtest_filter='GroupedGemm.Gathered*' >>"$OUT/sanitizer.log" 2>&1
-  echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
-done
+sanitize_tests "$RUN" 'GroupedGemm.Gathered*' "$OUT/sanitizer.log" 120 0 || status=1
 
 step "moe-bench bench --layer"
 for c in $CONFIGS; do

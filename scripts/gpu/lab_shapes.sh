@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 source scripts/gpu/unpack_run.sh "$RUN"
 export PATH="/usr/local/cuda/bin:$PATH"
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"

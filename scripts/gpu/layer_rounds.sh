@@ -18,7 +18,7 @@ TEST_FILTER=${TEST_FILTER:-'*'}  # every GPU test by default
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 step device
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \

@@ -17,7 +17,7 @@ source scripts/gpu/unpack_run.sh "$RUN"
 ROUTERS=${ROUTERS:-dense_params softmax_topk}
 STEPS=${STEPS:-150}
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/tests.log"

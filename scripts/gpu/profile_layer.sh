@@ -18,7 +18,7 @@ LAUNCHES=${LAUNCHES:-2500}
 mkdir -p "$OUT"
 export PATH="/usr/local/cuda/bin:$PATH"
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv |

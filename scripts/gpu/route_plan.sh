@@ -20,24 +20,17 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PATH="/usr/local/cuda/bin:$PATH"
 status=0
-step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+source "$(dirname "${BASH_SOURCE[0]}")/visit.sh"  # step, gpu_tests, sanitize_tests
 
 if [[ $MODE == check ]]; then
   step "GPU tests (all)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-  timeout 280 "$RUN/moe_cuda_tests" >"$OUT/tests.log" 2>&1 || status=1
-  grep -E "^\[  (PASSED|FAILED) |^\[  FAILED|tests ran" "$OUT/tests.log" | head -20
-  grep -B3 -A15 "Failure" "$OUT/tests.log" | head -60
+  gpu_tests "$RUN" "$OUT/tests.log" 280 || status=1
 
   step "compute-sanitizer on route, plan and layer parity (small cases)"
   filter='*RouteTopK*:*RouteParity*:*RouteDeterminism*:*PlanParity*:*PlanExpertChoice*'
   filter+=':*LayerParity*e6*'
-  for tool in memcheck racecheck; do
-    MOE_TEST_SMALL=1 timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 \
-      "$RUN/moe_cuda_tests" --gtest_filter="$filter" >>"$OUT/sanitizer.log" 2>&1
-    echo "$tool exit $?" | tee -a "$OUT/sanitizer.log"
-    grep -E "ERROR SUMMARY|tests ran|^\[  (PASSED|FAILED)" "$OUT/sanitizer.log" | tail -n 3
-  done
+  sanitize_tests "$RUN" "$filter" "$OUT/sanitizer.log" 150 || status=1
 
   # The router's and the plan's kernels one launch each, --set full: where their time goes
   # (speed of light, warp states, the SASS lines with the most stall samples).
