@@ -40,7 +40,8 @@
 // no_grad forward; no pre is written): inference_* with the layers' experts stage and
 // RowSource::automatic (inference_rows: gathered or permuted, by the shape), and two for
 // comparison, the same with the other row source (inference_other_rows_*) and the unfused
-// grouped path on split w_up (inference_permuted_*, the first headline).
+// grouped path on split w_up (inference_permuted_*, the first headline); the headline forward
+// also replayed from a CUDA graph (inference_graph_ms: no launch gaps, what decode pays there).
 // Order: the headline numbers first, in the peer's order (inference forward, training forward,
 // forward+backward accumulating, then fresh), then the diagnostics (stage and step times), then
 // the dense pair: the card is power-limited under long GEMM-heavy stretches
@@ -306,6 +307,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     moe::cuda::GateUpLayout gate_up;
     moe::cuda::RowSource rows;
     double ms = 0;
+    double graph_ms = 0;  // the same forward replayed from a CUDA graph (headline variant only)
     size_t bytes = 0;
     std::vector<double> stage_ms;
   };
@@ -316,10 +318,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
                                               ? moe::cuda::RowSource::permuted
                                               : moe::cuda::RowSource::gathered;
   Inference variants[3] = {
-      {"fused", kLayerBackend, kLayerGateUp, rows, 0, 0, {}},
-      {"fused, other rows", kLayerBackend, kLayerGateUp, other_rows, 0, 0, {}},
+      {"fused", kLayerBackend, kLayerGateUp, rows, 0, 0, 0, {}},
+      {"fused, other rows", kLayerBackend, kLayerGateUp, other_rows, 0, 0, 0, {}},
       {"unfused", moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
-       moe::cuda::RowSource::permuted, 0, 0, {}}};
+       moe::cuda::RowSource::permuted, 0, 0, 0, {}}};
   auto time_inference = [&](int v, bool total, bool stages) {
     Inference& inf = variants[v];
     moe::cuda::Layer infer(cfg, inf.backend, inf.gate_up, /*backward=*/false, /*groups=*/1,
@@ -328,6 +330,20 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
         wg, inf.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr, wn};
     inf.bytes = infer.bytes();
     if (total) inf.ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
+    if (total && v == kInference) {
+      // One graph launch instead of a launch per kernel: what a server replaying its decode step
+      // pays; the eager time above is the headline (the peer launches eagerly too).
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      MOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      infer.forward(x, w, y, stream);
+      MOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+      MOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      inf.graph_ms = time_median(o.warmup, o.reps, stream,
+                                 [&] { MOE_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
+      MOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+      MOE_CUDA_CHECK(cudaGraphDestroy(graph));
+    }
     if (stages) inf.stage_ms = forward_stage_times(infer, x, w, y, o, stream);
   };
   time_inference(kInference, /*total=*/true, /*stages=*/false);
@@ -527,6 +543,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["inference_tflops"] = flops_fwd / (infer_ms * 1e9);
   j["inference_fraction_of_dense"] = dense_ms / infer_ms;
   j["inference_over_weight_floor"] = infer_ms / floor_ms;
+  j["inference_graph_ms"] = variants[kInference].graph_ms;
+  j["inference_graph_over_weight_floor"] = variants[kInference].graph_ms / floor_ms;
   j["inference_layer_bytes"] = infer_bytes;
   j["inference_rows"] = moe::cuda::name(rows);
   j["inference_other_rows"] = moe::cuda::name(other_rows);
@@ -595,6 +613,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "stage, no pre written, rows as inference_rows: gathered by the up-projection (no permute, "
       "no xp) or permuted), timed first; then inference_other_rows_ms (the same with the other "
       "row source) and inference_permuted_ms (the unfused grouped path on split w_up); "
+      "inference_graph_ms: the headline inference forward captured once in a CUDA graph and "
+      "replayed (one launch; every other time launches each kernel); "
       "fwd_bwd_fresh_gathered_ms: a training layer with gathered rows (no permute, no xp; dw_up "
       "gathers too), fresh fp32 dW, rotated with fwd_bwd_fresh_ms and fwd_bwd_bf16_grads_ms; "
       "*_stage_ms / experts_backward_step_ms: every stage and step in order on one stream (stage "
@@ -621,10 +641,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);
   fmt::print(stderr, "\n  inference (fused, blocked w_up, rows {}): {:.3f} ms ({:.0f}% of dense, "
              "{:.2f}x the floor), layer {:.2f} GiB; rows {} {:.3f} ms ({:.2f} GiB), unfused {:.3f} "
-             "ms\n  stages:",
+             "ms\n  inference from a CUDA graph: {:.3f} ms ({:.2f}x the floor)\n  stages:",
              moe::cuda::name(rows), infer_ms, 100 * dense_ms / infer_ms, infer_ms / floor_ms,
              infer_bytes / double(1 << 30), moe::cuda::name(other_rows), variants[kOther].ms,
-             variants[kOther].bytes / double(1 << 30), variants[kUnfused].ms);
+             variants[kOther].bytes / double(1 << 30), variants[kUnfused].ms,
+             variants[kInference].graph_ms, variants[kInference].graph_ms / floor_ms);
   for (int i = 0; i < int(infer_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), infer_stage_ms[i]);
   for (int v : {kOther, kUnfused}) {
