@@ -308,6 +308,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     moe::cuda::RowSource rows;
     double ms = 0;
     double graph_ms = 0;  // the same forward replayed from a CUDA graph (headline variant only)
+    double graph_over_eager = 0;  // median over rounds that alternate the two
     size_t bytes = 0;
     std::vector<double> stage_ms;
   };
@@ -318,10 +319,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
                                               ? moe::cuda::RowSource::permuted
                                               : moe::cuda::RowSource::gathered;
   Inference variants[3] = {
-      {"fused", kLayerBackend, kLayerGateUp, rows, 0, 0, 0, {}},
-      {"fused, other rows", kLayerBackend, kLayerGateUp, other_rows, 0, 0, 0, {}},
+      {"fused", kLayerBackend, kLayerGateUp, rows, 0, 0, 0, 0, {}},
+      {"fused, other rows", kLayerBackend, kLayerGateUp, other_rows, 0, 0, 0, 0, {}},
       {"unfused", moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
-       moe::cuda::RowSource::permuted, 0, 0, 0, {}}};
+       moe::cuda::RowSource::permuted, 0, 0, 0, 0, {}}};
   auto time_inference = [&](int v, bool total, bool stages) {
     Inference& inf = variants[v];
     moe::cuda::Layer infer(cfg, inf.backend, inf.gate_up, /*backward=*/false, /*groups=*/1,
@@ -332,15 +333,31 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     if (total) inf.ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
     if (total && v == kInference) {
       // One graph launch instead of a launch per kernel: what a server replaying its decode step
-      // pays; the eager time above is the headline (the peer launches eagerly too).
+      // pays; the eager time above is the headline (the peer launches eagerly too). Timed in
+      // rounds that alternate eager and graph (either first), since the clock drifts under load.
       cudaGraph_t graph = nullptr;
       cudaGraphExec_t exec = nullptr;
       MOE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
       infer.forward(x, w, y, stream);
       MOE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
       MOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-      inf.graph_ms = time_median(o.warmup, o.reps, stream,
-                                 [&] { MOE_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
+      auto eager = [&] { infer.forward(x, w, y, stream); };
+      auto replay = [&] { MOE_CUDA_CHECK(cudaGraphLaunch(exec, stream)); };
+      std::vector<double> graph_ms, ratio;
+      for (int r = 0; r < 6; ++r) {
+        double e = 0, g = 0;
+        if (r % 2 == 0) {
+          e = time_median(o.warmup, o.reps, stream, eager);
+          g = time_median(o.warmup, o.reps, stream, replay);
+        } else {
+          g = time_median(o.warmup, o.reps, stream, replay);
+          e = time_median(o.warmup, o.reps, stream, eager);
+        }
+        graph_ms.push_back(g);
+        ratio.push_back(g / e);
+      }
+      inf.graph_ms = median(graph_ms);
+      inf.graph_over_eager = median(ratio);
       MOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
       MOE_CUDA_CHECK(cudaGraphDestroy(graph));
     }
@@ -545,6 +562,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["inference_over_weight_floor"] = infer_ms / floor_ms;
   j["inference_graph_ms"] = variants[kInference].graph_ms;
   j["inference_graph_over_weight_floor"] = variants[kInference].graph_ms / floor_ms;
+  j["inference_graph_over_eager_rounds_median"] = variants[kInference].graph_over_eager;
   j["inference_layer_bytes"] = infer_bytes;
   j["inference_rows"] = moe::cuda::name(rows);
   j["inference_other_rows"] = moe::cuda::name(other_rows);
@@ -614,7 +632,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "no xp) or permuted), timed first; then inference_other_rows_ms (the same with the other "
       "row source) and inference_permuted_ms (the unfused grouped path on split w_up); "
       "inference_graph_ms: the headline inference forward captured once in a CUDA graph and "
-      "replayed (one launch; every other time launches each kernel); "
+      "replayed (one launch; every other time launches each kernel), the median of 6 rounds "
+      "alternating with the eager forward (inference_graph_over_eager_rounds_median); "
       "fwd_bwd_fresh_gathered_ms: a training layer with gathered rows (no permute, no xp; dw_up "
       "gathers too), fresh fp32 dW, rotated with fwd_bwd_fresh_ms and fwd_bwd_bf16_grads_ms; "
       "*_stage_ms / experts_backward_step_ms: every stage and step in order on one stream (stage "
@@ -641,11 +660,13 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), stage_ms[i]);
   fmt::print(stderr, "\n  inference (fused, blocked w_up, rows {}): {:.3f} ms ({:.0f}% of dense, "
              "{:.2f}x the floor), layer {:.2f} GiB; rows {} {:.3f} ms ({:.2f} GiB), unfused {:.3f} "
-             "ms\n  inference from a CUDA graph: {:.3f} ms ({:.2f}x the floor)\n  stages:",
+             "ms\n  inference from a CUDA graph: {:.3f} ms ({:.2f}x the floor, {:.3f}x eager in "
+             "alternating rounds)\n  stages:",
              moe::cuda::name(rows), infer_ms, 100 * dense_ms / infer_ms, infer_ms / floor_ms,
              infer_bytes / double(1 << 30), moe::cuda::name(other_rows), variants[kOther].ms,
              variants[kOther].bytes / double(1 << 30), variants[kUnfused].ms,
-             variants[kInference].graph_ms, variants[kInference].graph_ms / floor_ms);
+             variants[kInference].graph_ms, variants[kInference].graph_ms / floor_ms,
+             variants[kInference].graph_over_eager);
   for (int i = 0; i < int(infer_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)), infer_stage_ms[i]);
   for (int v : {kOther, kUnfused}) {

@@ -102,14 +102,16 @@ for c in ours:
           f"{ms([d['fwd_bwd_fresh_loop_ms'] for d in p]):>22} {ms(bx, '%.2f'):>15} "
           f"{100 * mem:7.0f}%")
 print()
-print(f"{'config':<12} {'fwd x floor':>17} {'graph fwd ms':>17} {'graph x floor':>17}"
-      "  (the weight-read floor; the forward replayed from a CUDA graph)")
+print(f"{'config':<12} {'fwd x floor':>17} {'graph fwd ms':>17} {'graph x floor':>17} "
+      f"{'graph / eager':>17}  (the weight-read floor; the forward replayed from a CUDA graph)")
+nan = float("nan")
 for c in ours:
     o = ours[c]
     ms = lambda v, f="%.3f": "/".join(f % x for x in v)
     print(f"{c:<12} {ms([d['inference_over_weight_floor'] for d in o], '%.2f'):>17} "
-          f"{ms([d.get('inference_graph_ms', float('nan')) for d in o]):>17} "
-          f"{ms([d.get('inference_graph_over_weight_floor', float('nan')) for d in o], '%.2f'):>17}")
+          f"{ms([d.get('inference_graph_ms', nan) for d in o]):>17} "
+          f"{ms([d.get('inference_graph_over_weight_floor', nan) for d in o], '%.2f'):>17} "
+          f"{ms([d.get('inference_graph_over_eager_rounds_median', nan) for d in o]):>17}")
 print()
 for c in ours:
     d = ours[c][0]
