@@ -98,6 +98,59 @@ using ActGradDeferred16 = gg::ActLauncher<
 // other's mainloop.
 using ActGradPingpong = gg::ActLauncher<gg::ActGradKernel<gg::PingpongConfig<64, 256>>>;
 
+// --ab-split-act: the SwiGLU backward (blocked gate/up pairs) from a stored da, one 1024-thread
+// block per SM it runs on. Its shared-memory claim (kSplitActClaim, never touched) keeps a second
+// block and any GEMM CTA (about 200 KB each) off that SM, so a grid of S blocks holds exactly S
+// SMs beside a persistent GEMM grid on the others, whichever starts first. Each thread loads two
+// items (8 units of a row: 16 bytes of da, 8 pairs of pre 4 apart) before storing either. The
+// arithmetic is the fused epilogue's (act::silu_mul_grad on da as bf16), so dpre is the same bits;
+// the row dots that epilogue also forms are left out.
+constexpr int kSplitActThreads = 1024;
+constexpr int kSplitActClaim = 120 * 1024;
+
+__device__ __forceinline__ int64_t split_blocked_pair(int64_t u) {  // experts.cu's blocked_pair
+  return 32 * (u >> 5) + 4 * (u & 7) + ((u >> 3) & 3);
+}
+
+__global__ void __launch_bounds__(kSplitActThreads)
+    split_act_grad_kernel(const int32_t* __restrict__ num_rows, const bf16* __restrict__ da,
+                          const bf16* pre, bf16* dpre, int64_t inter) {
+  extern __shared__ char claim[];
+  (void)claim;
+  const int64_t per_row = inter / 8, total = int64_t{*num_rows} * per_row;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t v = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; v < total; v += 2 * stride) {
+    uint4 d[2];
+    float g[2][8], u[2][8];
+    int64_t row[2], col[2];
+    for (int i = 0; i < 2; ++i) {
+      const int64_t w = v + i * stride;
+      if (w >= total) break;
+      row[i] = w / per_row, col[i] = (w - row[i] * per_row) * 8;
+      d[i] = *reinterpret_cast<const uint4*>(da + row[i] * inter + col[i]);
+      const bf16* h = pre + row[i] * 2 * inter;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const __nv_bfloat162 p =
+            *reinterpret_cast<const __nv_bfloat162*>(h + 2 * split_blocked_pair(col[i] + k));
+        g[i][k] = __low2float(p), u[i][k] = __high2float(p);
+      }
+    }
+    for (int i = 0; i < 2; ++i) {
+      if (v + i * stride >= total) break;
+      const bf16* dv = reinterpret_cast<const bf16*>(&d[i]);
+      bf16* dh = dpre + row[i] * 2 * inter;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        float dg, du;
+        act::silu_mul_grad(__bfloat162float(dv[k]), g[i][k], u[i][k], dg, du);
+        *reinterpret_cast<__nv_bfloat162*>(dh + 2 * split_blocked_pair(col[i] + k)) =
+            __floats2bfloat162_rn(dg, du);
+      }
+    }
+  }
+}
+
 // Lab-only tiles for the plain up/down GEMMs (short K: the down projection's K = I is 768-1024).
 template <int kM, int kN, int kClusterM = 2, int kClusterN = 1>
 struct CooperativeTile {
@@ -180,6 +233,8 @@ struct Options {
   bool ab_act_grad_pingpong = false;  // only the da GEMM: cooperative against pingpong
   bool ab_concurrent = false;  // only the backward's independent GEMM pairs, one after the
                                // other against side by side on two streams
+  bool ab_split_act = false;   // only da with dw_down: the library's pair against the plain da
+                               // GEMM, then dw_down beside the activation backward on its own SMs
 
   static void print_usage() {
     std::printf(
@@ -210,6 +265,9 @@ struct Options {
         "                             under the next mainloop\n"
         "            [--ab-act-grad-pingpong]  only the da GEMM with the activation backward\n"
         "                             and row dots: the library's against pingpong 64x256\n"
+        "            [--ab-split-act]  only da with dw_down: the library's pair against the\n"
+        "                             plain da GEMM, then dw_down beside the activation\n"
+        "                             backward on S = 8..32 SMs of its own\n"
         "            [--ab-concurrent]  only the backward's independent GEMM pairs (dw_down and\n"
         "                             da, dxp and dw_up): one after the other on every SM\n"
         "                             against side by side on two streams, SMs split\n"
@@ -245,6 +303,7 @@ struct Options {
       else if (a == "--ab-deferred-store") ab = ab_deferred_store = true;
       else if (a == "--ab-wgrad-store") ab = ab_wgrad_store = true;
       else if (a == "--ab-concurrent") ab = ab_concurrent = true;
+      else if (a == "--ab-split-act") ab = ab_split_act = true;
       else if (a == "--ab-act-grad-pingpong") ab = ab_act_grad_pingpong = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
@@ -741,6 +800,91 @@ int run(const Options& o) {
       if (ok) ab("da + act backward: library (A) vs pingpong 64x256 (B)", f_down, run_a, run_b);
       MOE_CUDA_CHECK(cudaFree(gws));
       MOE_CUDA_CHECK(cudaFree(ws));
+      return 0;
+    }
+    if (o.ab_split_act && o.backward && blocked && o.activation == Activation::swiglu) {
+      // The library's pair (A): the da GEMM with the activation backward and row dots in its
+      // epilogue on `s`, dw_down (fresh fp32) beside it on s2 as whole grids. Against (B, S): the
+      // plain da GEMM (da stored, deferred store) on every SM, then dw_down on sms - S SMs and the
+      // activation backward on the other S (split_act_grad_kernel). B leaves out the row dots.
+      const auto fused_bw = blocked_forward();
+      cudaStream_t s2 = nullptr;
+      MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
+      cudaEvent_t fork, join;
+      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+      MOE_CUDA_CHECK(cudaFuncSetAttribute(split_act_grad_kernel,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kSplitActClaim));
+      void* ws_a = workspace(std::max({gg::Bf16Sm90ActGrad::workspace_bytes(E, sms),
+                                       gg::Bf16Sm90<WeightLayout::nk>::workspace_bytes(E, sms)}));
+      void* ws_b = workspace(gg::Bf16Sm90WgradFresh::workspace_bytes(E, sms));
+      ActGradScratch x(M, A, row_dot_parts(I));
+      bf16* da = nullptr;
+      MOE_CUDA_CHECK(cudaMalloc(&da, M * I * sizeof(bf16)));
+      bf16* const dpre_a = pre2;  // scratch: pre3 stays the forward's
+      auto dw_down_into = [&](float* out, int n, cudaStream_t st) {
+        GroupedWgradArgs w{offsets, I, H, act3, dyp, out, false};
+        gg::Bf16Sm90WgradFresh::run(w, E, ws_b, n, st);
+      };
+      auto run_a = [&] {
+        GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, dpre_a, true};
+        a.row_dot = x.dots_a, a.ld_row_dot = M;
+        MOE_CUDA_CHECK(cudaEventRecord(fork, s));
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(s2, fork));
+        gg::Bf16Sm90ActGrad::run(a, o.activation, E, ws_a, sms, s);
+        dw_down_into(dw_down, sms, s2);
+        MOE_CUDA_CHECK(cudaEventRecord(join, s2));
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(s, join));
+      };
+      auto run_b = [&](int S) {
+        gg::Bf16Sm90<WeightLayout::nk>::run({offsets, I, H, dyp, w_down, da}, E, ws_a, sms, s);
+        MOE_CUDA_CHECK(cudaEventRecord(fork, s));
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(s2, fork));
+        dw_down_into(dw_down2, sms - S, s2);
+        split_act_grad_kernel<<<S, kSplitActThreads, kSplitActClaim, s>>>(offsets + E, da, pre3,
+                                                                          x.dpre, I);
+        MOE_CUDA_LAUNCH_CHECK();
+        MOE_CUDA_CHECK(cudaEventRecord(join, s2));
+        MOE_CUDA_CHECK(cudaStreamWaitEvent(s, join));
+      };
+      for (int S : {8, 16, 24, 32}) {
+        for (bf16* p : {dpre_a, x.dpre}) MOE_CUDA_CHECK(cudaMemsetAsync(p, 0xff, M * A * 2, s));
+        MOE_CUDA_CHECK(cudaMemsetAsync(dw_down2, 0xff, E * I * H * 4, s));
+        run_a();
+        run_b(S);
+        MOE_CUDA_CHECK(cudaStreamSynchronize(s));
+        const bool ok = same("split act: dpre", dpre_a, x.dpre, M * A) &&
+                        rel_error(download(dw_down, E * I * H), download(dw_down2, E * I * H),
+                                  E * I * H) == 0;
+        std::printf("AB verify %-37s %s\n", "split act: dw_down", ok ? "equal" : "DIFFERENT");
+        if (!ok) continue;
+        const std::string label = "da + dw_down, fp32 dW: library pair (A) vs plain da, then "
+                                  "dw_down | act backward on " + std::to_string(S) + " SMs (B)";
+        ab(label.c_str(), 2 * f_down, run_a, [&] { run_b(S); });
+      }
+      // The parts of B alone, for the arithmetic: the plain da GEMM, and the activation backward
+      // on S SMs with nothing beside it.
+      ab("plain da GEMM (A) vs act backward on 16 SMs alone (B)", f_down,
+         [&] { gg::Bf16Sm90<WeightLayout::nk>::run({offsets, I, H, dyp, w_down, da}, E, ws_a,
+                                                   sms, s); },
+         [&] {
+           split_act_grad_kernel<<<16, kSplitActThreads, kSplitActClaim, s>>>(offsets + E, da,
+                                                                             pre3, x.dpre, I);
+         });
+      ab("act backward on 32 SMs alone (A) vs on every SM (B)", f_down,
+         [&] {
+           split_act_grad_kernel<<<32, kSplitActThreads, kSplitActClaim, s>>>(offsets + E, da,
+                                                                             pre3, x.dpre, I);
+         },
+         [&] {
+           split_act_grad_kernel<<<sms, kSplitActThreads, kSplitActClaim, s>>>(offsets + E, da,
+                                                                              pre3, x.dpre, I);
+         });
+      for (void* p : {(void*)da, ws_a, ws_b, ws}) MOE_CUDA_CHECK(cudaFree(p));
+      MOE_CUDA_CHECK(cudaEventDestroy(fork));
+      MOE_CUDA_CHECK(cudaEventDestroy(join));
+      MOE_CUDA_CHECK(cudaStreamDestroy(s2));
       return 0;
     }
     if (o.ab_concurrent && o.backward && blocked) {
