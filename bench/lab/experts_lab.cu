@@ -98,6 +98,32 @@ using ActGradDeferred16 = gg::ActLauncher<
 // other's mainloop.
 using ActGradPingpong = gg::ActLauncher<gg::ActGradKernel<gg::PingpongConfig<64, 256>>>;
 
+// A second stream and the events that fork work onto it from a stream and join it back.
+struct SideStream {
+  cudaStream_t s2 = nullptr;
+  cudaEvent_t fork_ev = nullptr, join_ev = nullptr;
+  SideStream() {
+    MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
+    MOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork_ev, cudaEventDisableTiming));
+    MOE_CUDA_CHECK(cudaEventCreateWithFlags(&join_ev, cudaEventDisableTiming));
+  }
+  ~SideStream() {
+    cudaEventDestroy(fork_ev);
+    cudaEventDestroy(join_ev);
+    cudaStreamDestroy(s2);
+  }
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  void fork(cudaStream_t origin) {  // s2 waits for what `origin` has queued
+    MOE_CUDA_CHECK(cudaEventRecord(fork_ev, origin));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(s2, fork_ev));
+  }
+  void join(cudaStream_t origin) {  // `origin` waits for what s2 has queued
+    MOE_CUDA_CHECK(cudaEventRecord(join_ev, s2));
+    MOE_CUDA_CHECK(cudaStreamWaitEvent(origin, join_ev));
+  }
+};
+
 // --ab-split-act: the SwiGLU backward (blocked gate/up pairs) from a stored da, one 1024-thread
 // block per SM it runs on. Its shared-memory claim (kSplitActClaim, never touched) keeps a second
 // block and any GEMM CTA (about 200 KB each) off that SM, so a grid of S blocks holds exactly S
@@ -808,11 +834,7 @@ int run(const Options& o) {
       // plain da GEMM (da stored, deferred store) on every SM, then dw_down on sms - S SMs and the
       // activation backward on the other S (split_act_grad_kernel). B leaves out the row dots.
       const auto fused_bw = blocked_forward();
-      cudaStream_t s2 = nullptr;
-      MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
-      cudaEvent_t fork, join;
-      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
-      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+      SideStream side;
       MOE_CUDA_CHECK(cudaFuncSetAttribute(split_act_grad_kernel,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           kSplitActClaim));
@@ -830,23 +852,19 @@ int run(const Options& o) {
       auto run_a = [&] {
         GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, dpre_a, true};
         a.row_dot = x.dots_a, a.ld_row_dot = M;
-        MOE_CUDA_CHECK(cudaEventRecord(fork, s));
-        MOE_CUDA_CHECK(cudaStreamWaitEvent(s2, fork));
+        side.fork(s);
         gg::Bf16Sm90ActGrad::run(a, o.activation, E, ws_a, sms, s);
-        dw_down_into(dw_down, sms, s2);
-        MOE_CUDA_CHECK(cudaEventRecord(join, s2));
-        MOE_CUDA_CHECK(cudaStreamWaitEvent(s, join));
+        dw_down_into(dw_down, sms, side.s2);
+        side.join(s);
       };
       auto run_b = [&](int S) {
         gg::Bf16Sm90<WeightLayout::nk>::run({offsets, I, H, dyp, w_down, da}, E, ws_a, sms, s);
-        MOE_CUDA_CHECK(cudaEventRecord(fork, s));
-        MOE_CUDA_CHECK(cudaStreamWaitEvent(s2, fork));
-        dw_down_into(dw_down2, sms - S, s2);
+        side.fork(s);
+        dw_down_into(dw_down2, sms - S, side.s2);
         split_act_grad_kernel<<<S, kSplitActThreads, kSplitActClaim, s>>>(offsets + E, da, pre3,
                                                                           x.dpre, I);
         MOE_CUDA_LAUNCH_CHECK();
-        MOE_CUDA_CHECK(cudaEventRecord(join, s2));
-        MOE_CUDA_CHECK(cudaStreamWaitEvent(s, join));
+        side.join(s);
       };
       for (int S : {8, 16, 24, 32}) {
         for (bf16* p : {dpre_a, x.dpre}) MOE_CUDA_CHECK(cudaMemsetAsync(p, 0xff, M * A * 2, s));
@@ -882,9 +900,6 @@ int run(const Options& o) {
                                                                               pre3, x.dpre, I);
          });
       for (void* p : {(void*)da, ws_a, ws_b, ws}) MOE_CUDA_CHECK(cudaFree(p));
-      MOE_CUDA_CHECK(cudaEventDestroy(fork));
-      MOE_CUDA_CHECK(cudaEventDestroy(join));
-      MOE_CUDA_CHECK(cudaStreamDestroy(s2));
       return 0;
     }
     if (o.ab_concurrent && o.backward && blocked) {
@@ -894,11 +909,8 @@ int run(const Options& o) {
       // its share, so one kernel's epilogue bursts fall in the other's mainloops. Fresh dW, fp32
       // and bf16; outputs checked bit-equal first (a tile is one CTA's whatever the grid).
       const auto fused_bw = blocked_forward();
-      cudaStream_t s2 = nullptr;
-      MOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
-      cudaEvent_t fork, join;
-      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
-      MOE_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+      SideStream side;
+      cudaStream_t s2 = side.s2;
       // first on `s` with n1 SMs, second on s2 with sms - n1; n1 = sms: both on s, in order;
       // n1 = 0: both grids whole, on the two streams (the second's CTAs take the SMs the first's
       // leave in its last wave).
@@ -909,12 +921,10 @@ int run(const Options& o) {
           second(sms, s);
           return;
         }
-        MOE_CUDA_CHECK(cudaEventRecord(fork, s));
-        MOE_CUDA_CHECK(cudaStreamWaitEvent(s2, fork));
+        side.fork(s);
         first(n1 > 0 ? n1 : sms, s);
         second(n1 > 0 ? sms - n1 : sms, s2);
-        MOE_CUDA_CHECK(cudaEventRecord(join, s2));
-        MOE_CUDA_CHECK(cudaStreamWaitEvent(s, join));
+        side.join(s);
       };
       void* ws_a = workspace(std::max({gg::Bf16Sm90ActGrad::workspace_bytes(E, sms),
                                        gg::Bf16Sm90<WeightLayout::nk>::workspace_bytes(E, sms)}));
@@ -1007,9 +1017,6 @@ int run(const Options& o) {
       }
       for (void* p : {(void*)dw16, (void*)dw16b, ws_a, ws_b, ws})
         MOE_CUDA_CHECK(cudaFree(p));
-      MOE_CUDA_CHECK(cudaEventDestroy(fork));
-      MOE_CUDA_CHECK(cudaEventDestroy(join));
-      MOE_CUDA_CHECK(cudaStreamDestroy(s2));
       return 0;
     }
     if (o.ab_wgrad_store && o.backward) {
