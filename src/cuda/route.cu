@@ -186,6 +186,21 @@ __device__ __forceinline__ uint32_t order_key(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Slot j of a lane's registers, read by constant indices (a runtime index would put the arrays in
+// local memory); the lane that owns the winner also drops its key.
+template <int N>
+__device__ __forceinline__ float take_slot(const float (&value)[N], uint32_t (&key)[N], int j,
+                                           bool owner) {
+  float v = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (i == j) {
+      v = value[i];
+      if (owner) key[i] = 0u;
+    }
+  return v;
+}
+
 // Top-k of a warp's E scores in before()'s order, one element per next(): the same sequence as
 // calling warp_next with the previous winner each time.
 // kPer > 0 (E <= 32 kPer): every score is evaluated once; lane l keeps the keys of experts
@@ -224,14 +239,7 @@ struct WarpTopK {
     }
     bi = static_cast<int>(winner);
     const int wj = bi / kWarp, wl = bi % kWarp;
-    float v = 0.f;
-#pragma unroll
-    for (int j = 0; j < kPer; ++j)
-      if (j == wj) {
-        v = value[j];
-        if (lane == wl) key[j] = 0u;
-      }
-    bv = __shfl_sync(0xffffffffu, v, wl);
+    bv = __shfl_sync(0xffffffffu, take_slot(value, key, wj, lane == wl), wl);
   }
 };
 
@@ -533,14 +541,7 @@ __global__ void __launch_bounds__(kGroupThreads) route_softmax_topk_group_kernel
     if (best != 0) {
       bi = static_cast<int>(~static_cast<uint32_t>(best));
       const int ws = bi % kS, wj = bi / kS;
-      float mine = 0.f;
-#pragma unroll
-      for (int j = 0; j < kGroupSlots; ++j)
-        if (j == wj) {
-          mine = v[j];
-          if (s == ws) key[j] = 0u;
-        }
-      bv = __shfl_sync(group, mine, ws, kS);
+      bv = __shfl_sync(group, take_slot(v, key, wj, s == ws), ws, kS);
     }
     chosen[k] = bi;
     chosen_p[k] = __expf(bv - m) * inv_s;  // prob(bi): bv is z[bi]
