@@ -22,7 +22,9 @@
 // FLOPs: forward 6*T*K*H*I (SwiGLU: the up projection 2*T*K*H*2I, the down projection
 // 2*T*K*I*H); backward twice that; the gate (2*T*H*E) is not counted.
 // Dense equivalent: cublasGemmEx (bf16 in and out, fp32 compute) (T*K, H) x (H, 2I) then
-// (T*K, I) x (I, H): exactly the forward's expert FLOPs as two dense GEMMs.
+// (T*K, I) x (I, H): exactly the forward's expert FLOPs as two dense GEMMs; for forward+backward
+// the same pair and the backward's four GEMMs of one dense FFN over T*K rows (DenseStep), timed in
+// rounds alternating with the bf16-gradient step (dense_equiv_fwd_bwd_*).
 // Decode (T = 64 at the Qwen3 shape) is bound by reading weights, not by FLOPs: its floor is the
 // bytes of the expert weights the routing actually touches (experts with at least one row, each
 // H*2I + I*H bf16 values, counted from the plan of the timed input) plus x, y and the gate over
@@ -154,14 +156,38 @@ std::vector<double> forward_stage_times(moe::cuda::Layer& layer, const bf16* x,
   return ev.medians();
 }
 
-// Row-major D (m, n) = A (m, k) B (k, n), bf16 in/out, fp32 compute.
+// Row-major D (m, n) = op(A) op(B), bf16 in/out, fp32 compute; op(A) is (m, k), stored (m, k),
+// or (k, m) with ta; op(B) is (k, n), stored (k, n), or (n, k) with tb. cuBLAS is column-major:
+// it computes D^T = op(B)^T op(A)^T, whose operands are the row-major buffers as they lie.
 void gemm_rm(cublasHandle_t h, int64_t m, int64_t n, int64_t k, const bf16* a, const bf16* b,
-             bf16* d) {
+             bf16* d, bool ta = false, bool tb = false) {
   const float one = 1.f, zero = 0.f;
-  MOE_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(m), int(k), &one, b,
-                                CUDA_R_16BF, int(n), a, CUDA_R_16BF, int(k), &zero, d, CUDA_R_16BF,
-                                int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  MOE_CUBLAS_CHECK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                int(n), int(m), int(k), &one, b, CUDA_R_16BF, int(tb ? k : n), a,
+                                CUDA_R_16BF, int(ta ? m : k), &zero, d, CUDA_R_16BF, int(n),
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
+
+// One dense SwiGLU FFN's training step over M = T*K rows, as cuBLAS bf16 GEMMs (bf16 out, the
+// weight gradients too): the FLOPs of the layer's forward+backward without the routing. Forward
+// pre = xp w_up (M, 2I), yp = act w_down (M, H); backward da = dyp w_down^T (M, I), dW_down =
+// act^T dyp (I, H), dxp = dpre w_up^T (M, H), dW_up = xp^T dpre (H, 2I). Each operand is a
+// buffer of random values (xp and act share one, dyp is yp, dpre is pre), so the values, which
+// move the card's power draw, stay those of a real step and never grow from step to step.
+struct DenseStep {
+  int64_t M, H, I;
+  bf16 *rows, *pre, *yp, *da, *dxp, *dw_up, *dw_down;
+  const bf16 *w_up, *w_down;
+  void run(cublasHandle_t h) const {
+    const int64_t A = 2 * I;
+    gemm_rm(h, M, A, H, rows, w_up, pre);
+    gemm_rm(h, M, H, I, rows, w_down, yp);
+    gemm_rm(h, M, I, H, yp, w_down, da, false, true);
+    gemm_rm(h, I, H, M, rows, yp, dw_down, true, false);
+    gemm_rm(h, M, H, A, pre, w_up, dxp, false, true);
+    gemm_rm(h, H, A, M, rows, pre, dw_up, true, false);
+  }
+};
 
 template <class T>
 T* dev_alloc(size_t n) {
@@ -210,7 +236,8 @@ moe::LayerConfig layer_config(const LayerShape& s, moe::Router router) {
 
 // What bench_one holds at its peak, from the shapes alone: inputs, weights (w_up twice: as drawn
 // and blocked), the fp32 and bf16 weight gradients, then either the two training layers (rows
-// permuted and gathered) or the dense pair's buffers beside two inference layers; 1 GiB more for
+// permuted and gathered) with the dense step's buffers, or the dense pair's buffers beside two
+// inference layers; 1 GiB more for
 // cuBLAS, the workspaces and the allocator. A shape that does not fit is refused in one line
 // before anything runs.
 void check_fits(const LayerShape& s, moe::Router router) {
@@ -220,9 +247,11 @@ void check_fits(const LayerShape& s, moe::Router router) {
   const double base = 2 * (4 * T * H + H * E + 3 * E * H * A + 2 * E * I * H) +
                       4 * (H * E + E * H * A + E * I * H);
   const auto fused = kLayerBackend;
+  const double dense_step = 2 * (M * std::max(H, I) + M * A + 2 * M * H + M * I + 2 * H * A);
   const double training =
       double(moe::cuda::Layer::arena_bytes(cfg, fused, true, 1, moe::cuda::RowSource::permuted)) +
-      double(moe::cuda::Layer::arena_bytes(cfg, fused, true, 1, moe::cuda::RowSource::gathered));
+      double(moe::cuda::Layer::arena_bytes(cfg, fused, true, 1, moe::cuda::RowSource::gathered)) +
+      dense_step;
   const double dense =
       2 * (M * std::max(H, I) + M * A + M * H) +
       double(moe::cuda::Layer::arena_bytes(cfg, fused, false, 1, moe::cuda::RowSource::permuted)) +
@@ -371,6 +400,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   double fwd_ms = 0, step_ms = 0, fresh_ms = 0, bf16_ms = 0;
   std::vector<double> fresh_rounds, bf16_rounds, gathered_rounds;
+  std::vector<double> dense_step_rounds, beside_dense_rounds;  // DenseStep, and the bf16 step
   size_t gathered_bytes = 0;
   std::vector<double> backward_stage_ms, experts_step_ms;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
@@ -432,6 +462,32 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       }
     fresh_ms = median(fresh_rounds);
     bf16_ms = median(bf16_rounds);
+    // The dense FFN's training step with the same FLOPs (DenseStep), alternating with the bf16
+    // step in kFreshRounds rounds, either first: both as long and as hot, so each round's ratio
+    // sees one clock (the forward's dense pair is timed in short forward-only loops, at a higher
+    // clock than any forward+backward loop gets under the power limit).
+    {
+      const int64_t M = T * K;
+      DenseStep d{M, H, I, dev_alloc<bf16>(M * std::max(H, I)), dev_alloc<bf16>(M * A),
+                  dev_alloc<bf16>(M * H), dev_alloc<bf16>(M * I), dev_alloc<bf16>(M * H),
+                  dev_alloc<bf16>(H * A), dev_alloc<bf16>(I * H), wu, wd};
+      moe::cuda::fill_normal(d.rows, M * std::max(H, I), 8, 1.f, stream);
+      cublasHandle_t h = nullptr;
+      MOE_CUBLAS_CHECK(cublasCreate(&h));
+      MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
+      for (int r = 0; r < kFreshRounds; ++r) {
+        double ours = 0, dense = 0;
+        for (int i = 0; i < 2; ++i) {
+          if ((i + r) % 2 == 0) ours = time_step(layer, fresh16);
+          else dense = time_median(o.warmup, o.reps, stream, [&] { d.run(h); });
+        }
+        dense_step_rounds.push_back(dense);
+        beside_dense_rounds.push_back(ours);
+      }
+      MOE_CUBLAS_CHECK(cublasDestroy(h));
+      for (bf16* p : {d.rows, d.pre, d.yp, d.da, d.dxp, d.dw_up, d.dw_down})
+        MOE_CUDA_CHECK(cudaFree(p));
+    }
     // Diagnostics: per-stage forward times, per-stage backward times (fresh weight gradients) and
     // the experts stage's steps.
     stage_ms = forward_stage_times(layer, x, w, y, o, stream);
@@ -606,6 +662,15 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["rounds_gathered_over_fresh"] = gathered_ratio;
   j["gathered_over_fresh_rounds_median"] = median(gathered_ratio);
   j["gathered_layer_bytes"] = gathered_bytes;
+  std::vector<double> dense_step_ratio;
+  for (size_t r = 0; r < dense_step_rounds.size(); ++r)
+    dense_step_ratio.push_back(dense_step_rounds[r] / beside_dense_rounds[r]);
+  j["dense_equiv_fwd_bwd_ms"] = median(dense_step_rounds);
+  j["dense_equiv_fwd_bwd_tflops"] = 3 * flops_fwd / (median(dense_step_rounds) * 1e9);
+  j["rounds_dense_equiv_fwd_bwd_ms"] = dense_step_rounds;
+  j["rounds_fwd_bwd_bf16_grads_beside_dense_ms"] = beside_dense_rounds;
+  j["rounds_fwd_bwd_bf16_grads_fraction_of_dense"] = dense_step_ratio;
+  j["fwd_bwd_bf16_grads_fraction_of_dense_rounds_median"] = median(dense_step_ratio);
   std::vector<double> round_ratio;
   for (size_t r = 0; r < round_fwd.size(); ++r) round_ratio.push_back(round_dense[r] / round_fwd[r]);
   std::vector<double> other_ratio;
@@ -647,7 +712,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "experts, and dw_down beside the da GEMM, on second streams";
   j["flops_accounting"] =
       "forward 6*T*K*H*I (SwiGLU up 2*T*K*H*2I + down 2*T*K*I*H), fwd+bwd 3x that; gate not "
-      "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H)";
+      "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H); "
+      "dense_equiv_fwd_bwd = that pair and the backward's four (da (T*K,H)x(H,I), dW_down "
+      "(I,T*K)x(T*K,H), dxp (T*K,2I)x(2I,H), dW_up (H,T*K)x(T*K,2I)), bf16 out, in 6 rounds "
+      "alternating with fwd_bwd_bf16_grads (rounds_fwd_bwd_bf16_grads_beside_dense_ms)";
   if (o.out.empty()) fmt::print("{}\n", j.dump());
   else moe::io::append_jsonl(o.out, j);
 
@@ -698,6 +766,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   fmt::print(stderr, "  training with rows gathered: fresh dW {:.3f} ms, {:.3f}x the permuted "
              "layer's (rounds median), layer {:.2f} GiB\n", median(gathered_rounds),
              median(gathered_ratio), gathered_bytes / double(1 << 30));
+  fmt::print(stderr, "  rounds (fwd+bwd bf16 dW / the dense FFN's step, ms):");
+  for (size_t r = 0; r < dense_step_rounds.size(); ++r)
+    fmt::print(stderr, " {:.3f}/{:.3f}", beside_dense_rounds[r], dense_step_rounds[r]);
+  fmt::print(stderr, " -> median share of dense {:.1f}% (dense step {:.0f} TF/s)\n",
+             100 * median(dense_step_ratio), 3 * flops_fwd / (median(dense_step_rounds) * 1e9));
 }
 
 }  // namespace

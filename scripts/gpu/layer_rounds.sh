@@ -41,7 +41,7 @@ for round in $(seq "$ROUNDS"); do
     step "round $round: $c"
     which=--config
     [[ $c == *,* ]] && which=--shape  # T,H,I,E,K: a shape of one's own
-    timeout 60 "$RUN/moe-bench" bench --layer --reps 20 --warmup 3 "$which" "$c" \
+    timeout 120 "$RUN/moe-bench" bench --layer --reps 20 --warmup 3 "$which" "$c" \
       --out "$OUT/layer.jsonl" >>"$OUT/layer_bench.log" 2>&1 || status=1
     timeout 90 python3 bench/peers/torch_moe_layer.py --build "$RUN" --reps 20 --warmup 3 \
       "$which" "$c" --out "$OUT/peer_layer.jsonl" >>"$OUT/peer_layer.log" 2>&1 || status=1
@@ -86,6 +86,18 @@ for c in ours:
           f"{ms(bx, '%.2f'):>21} {ms(b16, '%.2f'):>15} {100 * mem:7.0f}% "
           f"{o[0].get('inference_rows', 'permuted')[:1]}:"
           f"{ms([d.get('other_rows_over_inference_rounds_median', float('nan')) for d in o]):>20}")
+print()
+print(f"{'config':<12} {'bf16 dW ms':>17} {'dense step ms':>17} {'%dense (rounds)':>17} "
+      f"{'2x needs ms':>17}  (fwd+bwd against one dense FFN's step, same FLOPs, alternating)")
+for c in ours:
+    o, p = [d for d in ours[c] if "dense_equiv_fwd_bwd_ms" in d], peer[c]
+    if not o:
+        continue
+    ms = lambda v, f="%.3f": "/".join(f % x for x in v)
+    beside = [statistics.median(d["rounds_fwd_bwd_bf16_grads_beside_dense_ms"]) for d in o]
+    share = [100 * d["fwd_bwd_bf16_grads_fraction_of_dense_rounds_median"] for d in o]
+    print(f"{c:<12} {ms(beside):>17} {ms([d['dense_equiv_fwd_bwd_ms'] for d in o]):>17} "
+          f"{ms(share, '%.1f'):>17} {ms([d['fwd_bwd_fresh_ms'] / 2 for d in p]):>17}")
 print()
 print(f"{'config':<12} {'loop fwd ms':>17} {'fwd x loop':>11} {'loop fresh fwd+bwd ms':>22} "
       f"{'fwd+bwd x loop':>15} {'mem/loop':>8}  (the peer's per-expert loop)")
