@@ -11,7 +11,9 @@ measured forward and backward. Everything else (pre, dpre, the weight gradients)
 hidden under the GEMMs. Two rates: the dense-equivalent cuBLAS pair's (median of the rounds) and
 our own forward GEMMs' (the inference forward less its two row passes and small stages). Where
 the call has it, a third: the dense FFN's training step timed beside ours in forward+backward loops
-(dense_equiv_fwd_bwd_ms: the same six GEMMs' FLOPs, at the clock such loops run at).
+(dense_equiv_fwd_bwd_ms: the same six GEMMs' FLOPs, at the clock such loops run at), and the
+layer evenly routed as cuBLAS strided-batched GEMMs in the same rotation (even_batched_fwd_bwd_ms:
+E experts' own weights and weight gradients, no routing skew).
 Decode is listed too, but its floor is the weights' bytes (bench --layer's weight floor), not this.
 """
 import json
@@ -31,7 +33,8 @@ def main():
         d = json.loads(line)
         peer[d["config"]].append(d)
     print(f"{'config':<12} {'2x needs':>9} {'floor dense':>12} {'TF/s':>5} {'floor ours':>11} "
-          f"{'TF/s':>5} {'floor step':>11} {'TF/s':>5} {'ours bf16':>10} {'ours fp32':>10} "
+          f"{'TF/s':>5} {'floor step':>11} {'TF/s':>5} {'floor even':>11} {'TF/s':>5} "
+          f"{'ours bf16':>10} {'ours fp32':>10} "
           f"{'bwd GEMMs':>10}  (ms, TF/s)")
     for config, rows in ours.items():
         for d, p in zip(rows, peer.get(config, [])):
@@ -50,9 +53,11 @@ def main():
             floor_ours = 3 * fwd_gemm_ms + 4 * pass_ms + small
             bwd_rate = 2 * flops / (d["backward_stage_ms"]["experts"] * 1e9)
             step_ms = d.get("dense_equiv_fwd_bwd_ms", float("nan"))
+            even_ms = d.get("even_batched_fwd_bwd_ms", float("nan"))
             print(f"{config:<12} {need:9.2f} {floor_dense:12.2f} {flops / dense_ms / 1e9:5.0f} "
                   f"{floor_ours:11.2f} {flops / fwd_gemm_ms / 1e9:5.0f} "
                   f"{step_ms + 4 * pass_ms + small:11.2f} {3 * flops / step_ms / 1e9:5.0f} "
+                  f"{even_ms + 4 * pass_ms + small:11.2f} {3 * flops / even_ms / 1e9:5.0f} "
                   f"{d['fwd_bwd_bf16_grads_ms']:10.2f} {d['fwd_bwd_fresh_ms']:10.2f} "
                   f"{bwd_rate:10.0f}")
 

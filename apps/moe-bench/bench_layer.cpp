@@ -23,8 +23,10 @@
 // 2*T*K*I*H); backward twice that; the gate (2*T*H*E) is not counted.
 // Dense equivalent: cublasGemmEx (bf16 in and out, fp32 compute) (T*K, H) x (H, 2I) then
 // (T*K, I) x (I, H): exactly the forward's expert FLOPs as two dense GEMMs; for forward+backward
-// the same pair and the backward's four GEMMs of one dense FFN over T*K rows (DenseStep), timed in
-// rounds alternating with the bf16-gradient step (dense_equiv_fwd_bwd_*).
+// the same pair and the backward's four GEMMs of one dense FFN over T*K rows (FfnStep), and the
+// same as strided-batched GEMMs over E experts of T*K/E rows (even routing, each expert's own
+// weights), timed in rounds rotating with the bf16-gradient step (dense_equiv_fwd_bwd_*,
+// even_batched_fwd_bwd_*).
 // Decode (T = 64 at the Qwen3 shape) is bound by reading weights, not by FLOPs: its floor is the
 // bytes of the expert weights the routing actually touches (experts with at least one row, each
 // H*2I + I*H bf16 values, counted from the plan of the timed input) plus x, y and the gate over
@@ -168,24 +170,39 @@ void gemm_rm(cublasHandle_t h, int64_t m, int64_t n, int64_t k, const bf16* a, c
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-// One dense SwiGLU FFN's training step over M = T*K rows, as cuBLAS bf16 GEMMs (bf16 out, the
-// weight gradients too): the FLOPs of the layer's forward+backward without the routing. Forward
-// pre = xp w_up (M, 2I), yp = act w_down (M, H); backward da = dyp w_down^T (M, I), dW_down =
-// act^T dyp (I, H), dxp = dpre w_up^T (M, H), dW_up = xp^T dpre (H, 2I). Each operand is a
-// buffer of random values (xp and act share one, dyp is yp, dpre is pre), so the values, which
+// Row-major op(A) op(B) for `batches` problems at strides sa, sb, sd (elements) apart.
+void gemm_rm_batched(cublasHandle_t h, int64_t m, int64_t n, int64_t k, const bf16* a,
+                     int64_t sa, const bf16* b, int64_t sb, bf16* d, int64_t sd, int64_t batches,
+                     bool ta = false, bool tb = false) {
+  if (batches == 1) return gemm_rm(h, m, n, k, a, b, d, ta, tb);
+  const float one = 1.f, zero = 0.f;
+  MOE_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m), int(k),
+      &one, b, CUDA_R_16BF, int(tb ? k : n), sb, a, CUDA_R_16BF, int(ta ? m : k), sa, &zero, d,
+      CUDA_R_16BF, int(n), sd, int(batches), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// A SwiGLU FFN's training step as cuBLAS bf16 GEMMs (bf16 out, the weight gradients too), over
+// `batches` experts of `rows` rows each: the layer's forward+backward FLOPs without the routing.
+// batches = 1, rows = T*K: one dense FFN (the dense equivalent); batches = E, rows = T*K/E: the
+// layer with perfectly even routing, each expert's weights and weight gradients its own
+// (strided-batched GEMMs: E times the weight bytes of the dense step). Per expert, forward pre =
+// xp w_up (rows, 2I), yp = act w_down (rows, H); backward da = dyp w_down^T (rows, I), dW_down =
+// act^T dyp (I, H), dxp = dpre w_up^T (rows, H), dW_up = xp^T dpre (H, 2I). The operands are
+// buffers of random values (xp and act share one, dyp is yp, dpre is pre), so the values, which
 // move the card's power draw, stay those of a real step and never grow from step to step.
-struct DenseStep {
-  int64_t M, H, I;
-  bf16 *rows, *pre, *yp, *da, *dxp, *dw_up, *dw_down;
+struct FfnStep {
+  int64_t batches, rows, H, I;
+  bf16 *x, *pre, *yp, *da, *dxp, *dw_up, *dw_down;
   const bf16 *w_up, *w_down;
   void run(cublasHandle_t h) const {
-    const int64_t A = 2 * I;
-    gemm_rm(h, M, A, H, rows, w_up, pre);
-    gemm_rm(h, M, H, I, rows, w_down, yp);
-    gemm_rm(h, M, I, H, yp, w_down, da, false, true);
-    gemm_rm(h, I, H, M, rows, yp, dw_down, true, false);
-    gemm_rm(h, M, H, A, pre, w_up, dxp, false, true);
-    gemm_rm(h, H, A, M, rows, pre, dw_up, true, false);
+    const int64_t A = 2 * I, M = rows, B = batches;
+    gemm_rm_batched(h, M, A, H, x, M * H, w_up, H * A, pre, M * A, B);
+    gemm_rm_batched(h, M, H, I, x, M * I, w_down, I * H, yp, M * H, B);
+    gemm_rm_batched(h, M, I, H, yp, M * H, w_down, I * H, da, M * I, B, false, true);
+    gemm_rm_batched(h, I, H, M, x, M * I, yp, M * H, dw_down, I * H, B, true, false);
+    gemm_rm_batched(h, M, H, A, pre, M * A, w_up, H * A, dxp, M * H, B, false, true);
+    gemm_rm_batched(h, H, A, M, x, M * H, pre, M * A, dw_up, H * A, B, true, false);
   }
 };
 
@@ -247,7 +264,8 @@ void check_fits(const LayerShape& s, moe::Router router) {
   const double base = 2 * (4 * T * H + H * E + 3 * E * H * A + 2 * E * I * H) +
                       4 * (H * E + E * H * A + E * I * H);
   const auto fused = kLayerBackend;
-  const double dense_step = 2 * (M * std::max(H, I) + M * A + 2 * M * H + M * I + 2 * H * A);
+  const double rows = E * std::ceil(M / E);  // the even step's
+  const double dense_step = 2 * (rows * (std::max(H, I) + A + 2 * H + I) + 2 * H * A);
   const double training =
       double(moe::cuda::Layer::arena_bytes(cfg, fused, true, 1, moe::cuda::RowSource::permuted)) +
       double(moe::cuda::Layer::arena_bytes(cfg, fused, true, 1, moe::cuda::RowSource::gathered)) +
@@ -400,7 +418,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   MOE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
   double fwd_ms = 0, step_ms = 0, fresh_ms = 0, bf16_ms = 0;
   std::vector<double> fresh_rounds, bf16_rounds, gathered_rounds;
-  std::vector<double> dense_step_rounds, beside_dense_rounds;  // DenseStep, and the bf16 step
+  // FfnStep dense and evenly batched, and the bf16 step beside them
+  std::vector<double> dense_step_rounds, even_step_rounds, beside_dense_rounds;
+  int64_t even_rows = 0;  // rows per expert of the even step
   size_t gathered_bytes = 0;
   std::vector<double> backward_stage_ms, experts_step_ms;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
@@ -462,30 +482,44 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       }
     fresh_ms = median(fresh_rounds);
     bf16_ms = median(bf16_rounds);
-    // The dense FFN's training step with the same FLOPs (DenseStep), alternating with the bf16
-    // step in kFreshRounds rounds, either first: both as long and as hot, so each round's ratio
-    // sees one clock (the forward's dense pair is timed in short forward-only loops, at a higher
-    // clock than any forward+backward loop gets under the power limit).
+    // The same FLOPs as cuBLAS steps (FfnStep): one dense FFN, and the layer with even routing
+    // as strided-batched GEMMs (E experts of ceil(T*K/E) rows, the weight gradients into the
+    // bf16 ones' buffers), rotating with the bf16 step in kFreshRounds rounds: all as long and
+    // as hot, so each round's ratios see one clock (the forward's dense pair is timed in short
+    // forward-only loops, at a higher clock than forward+backward loops get under the power
+    // limit).
     {
-      const int64_t M = T * K;
-      DenseStep d{M, H, I, dev_alloc<bf16>(M * std::max(H, I)), dev_alloc<bf16>(M * A),
-                  dev_alloc<bf16>(M * H), dev_alloc<bf16>(M * I), dev_alloc<bf16>(M * H),
-                  dev_alloc<bf16>(H * A), dev_alloc<bf16>(I * H), wu, wd};
-      moe::cuda::fill_normal(d.rows, M * std::max(H, I), 8, 1.f, stream);
+      const int64_t M = T * K, Mb = (M + E - 1) / E, rows = E * Mb;
+      const int64_t R = std::max(H, I);
+      bf16* xr = dev_alloc<bf16>(rows * R);
+      FfnStep dense{1, M, H, I, xr, dev_alloc<bf16>(rows * A), dev_alloc<bf16>(rows * H),
+                    dev_alloc<bf16>(rows * I), dev_alloc<bf16>(rows * H), dev_alloc<bf16>(H * A),
+                    dev_alloc<bf16>(I * H), wu, wd};
+      FfnStep even = dense;
+      even.batches = E;
+      even.rows = Mb;
+      even.dw_up = gwu16;
+      even.dw_down = gwd16;
+      moe::cuda::fill_normal(xr, rows * R, 8, 1.f, stream);
       cublasHandle_t h = nullptr;
       MOE_CUBLAS_CHECK(cublasCreate(&h));
       MOE_CUBLAS_CHECK(cublasSetStream(h, stream));
       for (int r = 0; r < kFreshRounds; ++r) {
-        double ours = 0, dense = 0;
-        for (int i = 0; i < 2; ++i) {
-          if ((i + r) % 2 == 0) ours = time_step(layer, fresh16);
-          else dense = time_median(o.warmup, o.reps, stream, [&] { d.run(h); });
+        double t[3] = {0, 0, 0};
+        for (int i = 0; i < 3; ++i) {
+          const int v = (i + r) % 3;
+          t[v] = v == 0   ? time_step(layer, fresh16)
+                 : v == 1 ? time_median(o.warmup, o.reps, stream, [&] { dense.run(h); })
+                          : time_median(o.warmup, o.reps, stream, [&] { even.run(h); });
         }
-        dense_step_rounds.push_back(dense);
-        beside_dense_rounds.push_back(ours);
+        beside_dense_rounds.push_back(t[0]);
+        dense_step_rounds.push_back(t[1]);
+        even_step_rounds.push_back(t[2]);
       }
+      even_rows = Mb;
       MOE_CUBLAS_CHECK(cublasDestroy(h));
-      for (bf16* p : {d.rows, d.pre, d.yp, d.da, d.dxp, d.dw_up, d.dw_down})
+      for (bf16* p : {dense.x, dense.pre, dense.yp, dense.da, dense.dxp, dense.dw_up,
+                      dense.dw_down})
         MOE_CUDA_CHECK(cudaFree(p));
     }
     // Diagnostics: per-stage forward times, per-stage backward times (fresh weight gradients) and
@@ -671,6 +705,16 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["rounds_fwd_bwd_bf16_grads_beside_dense_ms"] = beside_dense_rounds;
   j["rounds_fwd_bwd_bf16_grads_fraction_of_dense"] = dense_step_ratio;
   j["fwd_bwd_bf16_grads_fraction_of_dense_rounds_median"] = median(dense_step_ratio);
+  std::vector<double> even_step_ratio;
+  for (size_t r = 0; r < even_step_rounds.size(); ++r)
+    even_step_ratio.push_back(even_step_rounds[r] / beside_dense_rounds[r]);
+  const double even_flops = 18.0 * double(E * even_rows) * H * I;
+  j["even_batched_rows_per_expert"] = even_rows;
+  j["even_batched_fwd_bwd_ms"] = median(even_step_rounds);
+  j["even_batched_fwd_bwd_tflops"] = even_flops / (median(even_step_rounds) * 1e9);
+  j["rounds_even_batched_fwd_bwd_ms"] = even_step_rounds;
+  j["rounds_fwd_bwd_bf16_grads_fraction_of_even_batched"] = even_step_ratio;
+  j["fwd_bwd_bf16_grads_fraction_of_even_batched_rounds_median"] = median(even_step_ratio);
   std::vector<double> round_ratio;
   for (size_t r = 0; r < round_fwd.size(); ++r) round_ratio.push_back(round_dense[r] / round_fwd[r]);
   std::vector<double> other_ratio;
@@ -715,7 +759,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "counted; dense_equiv = cublasGemmEx bf16 (T*K,H)x(H,2I) + (T*K,I)x(I,H); "
       "dense_equiv_fwd_bwd = that pair and the backward's four (da (T*K,H)x(H,I), dW_down "
       "(I,T*K)x(T*K,H), dxp (T*K,2I)x(2I,H), dW_up (H,T*K)x(T*K,2I)), bf16 out, in 6 rounds "
-      "alternating with fwd_bwd_bf16_grads (rounds_fwd_bwd_bf16_grads_beside_dense_ms)";
+      "rotating with fwd_bwd_bf16_grads (rounds_fwd_bwd_bf16_grads_beside_dense_ms); "
+      "even_batched_fwd_bwd = the same six per expert as cublasGemmStridedBatchedEx over E "
+      "experts of even_batched_rows_per_expert = ceil(T*K/E) rows, in the same rotation";
   if (o.out.empty()) fmt::print("{}\n", j.dump());
   else moe::io::append_jsonl(o.out, j);
 
@@ -766,11 +812,14 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   fmt::print(stderr, "  training with rows gathered: fresh dW {:.3f} ms, {:.3f}x the permuted "
              "layer's (rounds median), layer {:.2f} GiB\n", median(gathered_rounds),
              median(gathered_ratio), gathered_bytes / double(1 << 30));
-  fmt::print(stderr, "  rounds (fwd+bwd bf16 dW / the dense FFN's step, ms):");
+  fmt::print(stderr, "  rounds (fwd+bwd bf16 dW / the dense FFN's step / evenly batched, ms):");
   for (size_t r = 0; r < dense_step_rounds.size(); ++r)
-    fmt::print(stderr, " {:.3f}/{:.3f}", beside_dense_rounds[r], dense_step_rounds[r]);
-  fmt::print(stderr, " -> median share of dense {:.1f}% (dense step {:.0f} TF/s)\n",
-             100 * median(dense_step_ratio), 3 * flops_fwd / (median(dense_step_rounds) * 1e9));
+    fmt::print(stderr, " {:.3f}/{:.3f}/{:.3f}", beside_dense_rounds[r], dense_step_rounds[r],
+               even_step_rounds[r]);
+  fmt::print(stderr, " -> median share of dense {:.1f}% (dense step {:.0f} TF/s), of evenly "
+             "batched {:.1f}% ({:.0f} TF/s)\n", 100 * median(dense_step_ratio),
+             3 * flops_fwd / (median(dense_step_rounds) * 1e9), 100 * median(even_step_ratio),
+             even_flops / (median(even_step_rounds) * 1e9));
 }
 
 }  // namespace

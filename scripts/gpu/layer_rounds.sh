@@ -86,9 +86,11 @@ for c in ours:
           f"{ms(bx, '%.2f'):>21} {ms(b16, '%.2f'):>15} {100 * mem:7.0f}% "
           f"{o[0].get('inference_rows', 'permuted')[:1]}:"
           f"{ms([d.get('other_rows_over_inference_rounds_median', float('nan')) for d in o]):>20}")
+nan = float("nan")
 print()
-print(f"{'config':<12} {'bf16 dW ms':>17} {'dense step ms':>17} {'%dense (rounds)':>17} "
-      f"{'2x needs ms':>17}  (fwd+bwd against one dense FFN's step, same FLOPs, alternating)")
+print(f"{'config':<12} {'bf16 dW ms':>11} {'dense step ms':>14} {'%dense':>7} "
+      f"{'even step ms':>13} {'%even':>7} {'2x needs ms':>12}  (fwd+bwd against cuBLAS steps "
+      f"of the same FLOPs, rotating: one dense FFN; E experts evenly routed, batched)")
 for c in ours:
     o, p = [d for d in ours[c] if "dense_equiv_fwd_bwd_ms" in d], peer[c]
     if not o:
@@ -96,8 +98,11 @@ for c in ours:
     ms = lambda v, f="%.3f": "/".join(f % x for x in v)
     beside = [statistics.median(d["rounds_fwd_bwd_bf16_grads_beside_dense_ms"]) for d in o]
     share = [100 * d["fwd_bwd_bf16_grads_fraction_of_dense_rounds_median"] for d in o]
-    print(f"{c:<12} {ms(beside):>17} {ms([d['dense_equiv_fwd_bwd_ms'] for d in o]):>17} "
-          f"{ms(share, '%.1f'):>17} {ms([d['fwd_bwd_fresh_ms'] / 2 for d in p]):>17}")
+    even = [100 * d.get("fwd_bwd_bf16_grads_fraction_of_even_batched_rounds_median", nan)
+            for d in o]
+    print(f"{c:<12} {ms(beside):>11} {ms([d['dense_equiv_fwd_bwd_ms'] for d in o]):>14} "
+          f"{ms(share, '%.1f'):>7} {ms([d.get('even_batched_fwd_bwd_ms', nan) for d in o]):>13} "
+          f"{ms(even, '%.1f'):>7} {ms([d['fwd_bwd_fresh_ms'] / 2 for d in p]):>12}")
 print()
 print(f"{'config':<12} {'loop fwd ms':>17} {'fwd x loop':>11} {'loop fresh fwd+bwd ms':>22} "
       f"{'fwd+bwd x loop':>15} {'mem/loop':>8}  (the peer's per-expert loop)")
