@@ -195,14 +195,27 @@ struct FfnStep {
   int64_t batches, rows, H, I;
   bf16 *x, *pre, *yp, *da, *dxp, *dw_up, *dw_down;
   const bf16 *w_up, *w_down;
-  void run(cublasHandle_t h) const {
+  static constexpr int kGemms = 6;
+  static constexpr const char* kNames[kGemms] = {"up", "down", "da", "dw_down", "dxp", "dw_up"};
+  // events: null, or kGemms + 1 events recorded on `stream` (the handle's) around each GEMM
+  void run(cublasHandle_t h, cudaStream_t stream, cudaEvent_t* events = nullptr) const {
     const int64_t A = 2 * I, M = rows, B = batches;
+    auto mark = [&](int i) {
+      if (events) MOE_CUDA_CHECK(cudaEventRecord(events[i], stream));
+    };
+    mark(0);
     gemm_rm_batched(h, M, A, H, x, M * H, w_up, H * A, pre, M * A, B);
+    mark(1);
     gemm_rm_batched(h, M, H, I, x, M * I, w_down, I * H, yp, M * H, B);
+    mark(2);
     gemm_rm_batched(h, M, I, H, yp, M * H, w_down, I * H, da, M * I, B, false, true);
+    mark(3);
     gemm_rm_batched(h, I, H, M, x, M * I, yp, M * H, dw_down, I * H, B, true, false);
+    mark(4);
     gemm_rm_batched(h, M, H, A, pre, M * A, w_up, H * A, dxp, M * H, B, false, true);
+    mark(5);
     gemm_rm_batched(h, H, A, M, x, M * H, pre, M * A, dw_up, H * A, B, true, false);
+    mark(6);
   }
 };
 
@@ -421,6 +434,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   // FfnStep dense and evenly batched, and the bf16 step beside them
   std::vector<double> dense_step_rounds, even_step_rounds, beside_dense_rounds;
   int64_t even_rows = 0;  // rows per expert of the even step
+  std::vector<double> dense_gemm_ms, even_gemm_ms;  // the two steps' GEMMs (FfnStep::kNames)
   size_t gathered_bytes = 0;
   std::vector<double> backward_stage_ms, experts_step_ms;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
@@ -509,14 +523,23 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
         for (int i = 0; i < 3; ++i) {
           const int v = (i + r) % 3;
           t[v] = v == 0   ? time_step(layer, fresh16)
-                 : v == 1 ? time_median(o.warmup, o.reps, stream, [&] { dense.run(h); })
-                          : time_median(o.warmup, o.reps, stream, [&] { even.run(h); });
+                 : v == 1 ? time_median(o.warmup, o.reps, stream, [&] { dense.run(h, stream); })
+                          : time_median(o.warmup, o.reps, stream, [&] { even.run(h, stream); });
         }
         beside_dense_rounds.push_back(t[0]);
         dense_step_rounds.push_back(t[1]);
         even_step_rounds.push_back(t[2]);
       }
       even_rows = Mb;
+      // Each GEMM's time (events between them), after the rounds as the layer's step times are
+      for (int v = 0; v < 2; ++v) {
+        const FfnStep& st = v == 0 ? dense : even;
+        StageEvents ev(FfnStep::kGemms, o.reps);
+        for (int i = 0; i < o.warmup; ++i) st.run(h, stream);
+        for (int r = 0; r < o.reps; ++r) st.run(h, stream, ev.of(r));
+        MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        (v == 0 ? dense_gemm_ms : even_gemm_ms) = ev.medians();
+      }
       MOE_CUBLAS_CHECK(cublasDestroy(h));
       for (bf16* p : {dense.x, dense.pre, dense.yp, dense.da, dense.dxp, dense.dw_up,
                       dense.dw_down})
@@ -715,6 +738,12 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["rounds_even_batched_fwd_bwd_ms"] = even_step_rounds;
   j["rounds_fwd_bwd_bf16_grads_fraction_of_even_batched"] = even_step_ratio;
   j["fwd_bwd_bf16_grads_fraction_of_even_batched_rounds_median"] = median(even_step_ratio);
+  for (int v = 0; v < 2; ++v) {
+    json g = json::object();
+    for (int i = 0; i < FfnStep::kGemms; ++i)
+      g[FfnStep::kNames[i]] = (v == 0 ? dense_gemm_ms : even_gemm_ms)[i];
+    j[v == 0 ? "dense_equiv_fwd_bwd_gemm_ms" : "even_batched_fwd_bwd_gemm_ms"] = g;
+  }
   std::vector<double> round_ratio;
   for (size_t r = 0; r < round_fwd.size(); ++r) round_ratio.push_back(round_dense[r] / round_fwd[r]);
   std::vector<double> other_ratio;
@@ -761,7 +790,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "(I,T*K)x(T*K,H), dxp (T*K,2I)x(2I,H), dW_up (H,T*K)x(T*K,2I)), bf16 out, in 6 rounds "
       "rotating with fwd_bwd_bf16_grads (rounds_fwd_bwd_bf16_grads_beside_dense_ms); "
       "even_batched_fwd_bwd = the same six per expert as cublasGemmStridedBatchedEx over E "
-      "experts of even_batched_rows_per_expert = ceil(T*K/E) rows, in the same rotation";
+      "experts of even_batched_rows_per_expert = ceil(T*K/E) rows, in the same rotation; "
+      "*_fwd_bwd_gemm_ms: each of their GEMMs (events between them) in a loop after the "
+      "rotation, before the layer's stage and step events";
   if (o.out.empty()) fmt::print("{}\n", j.dump());
   else moe::io::append_jsonl(o.out, j);
 
@@ -820,6 +851,13 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
              "batched {:.1f}% ({:.0f} TF/s)\n", 100 * median(dense_step_ratio),
              3 * flops_fwd / (median(dense_step_rounds) * 1e9), 100 * median(even_step_ratio),
              even_flops / (median(even_step_rounds) * 1e9));
+  for (int v = 0; v < 2; ++v) {
+    fmt::print(stderr, "  {} step's GEMMs:", v == 0 ? "dense" : "evenly batched");
+    for (int i = 0; i < FfnStep::kGemms; ++i)
+      fmt::print(stderr, " {} {:.3f}", FfnStep::kNames[i],
+                 (v == 0 ? dense_gemm_ms : even_gemm_ms)[i]);
+    fmt::print(stderr, "\n");
+  }
 }
 
 }  // namespace
