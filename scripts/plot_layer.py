@@ -15,7 +15,10 @@
                      forward+backward minus its forward); records that have them
   layer_tflops.png   TFLOP/s per configuration: ours and the peer's forward and forward+backward
                      (fresh gradients where recorded), the peer's per-expert loop where recorded,
-                     and the dense-equivalent cuBLAS GEMM pair with the same FLOPs
+                     the dense-equivalent cuBLAS GEMM pair with the same FLOPs, and where recorded
+                     the cuBLAS training steps with the same FLOPs (one dense FFN; the layer
+                     evenly routed, strided-batched); layer_backward.png then also marks the
+                     even-batched step's four backward GEMMs beside the experts steps
 With several records per configuration (rounds), the last one of each is drawn.
 
   .venv/bin/python scripts/plot_layer.py LAYER.jsonl PEER.jsonl OUT_DIR
@@ -99,6 +102,8 @@ def main():
             h = [get(c) for c in with_bwd]
             ax.bar(xb, h, 0.5, bottom=bottom, label=name)
             bottom = [b + v for b, v in zip(bottom, h)]
+            if name == "combine":
+                bottom_experts = list(bottom)
         tops = list(bottom)
         for i, c in enumerate(with_bwd):
             # The whole backward as the totals run it (newer records run dw_down beside the da
@@ -108,6 +113,14 @@ def main():
                 ob = ours[c]["fwd_bwd_fresh_ms"] - ours[c]["forward_ms"]
                 ax.plot([i], [ob], "k_", markersize=22, mew=2,
                         label="ours, whole backward (fwd+bwd - fwd)" if i == 0 else None)
+            even = ours[c].get("even_batched_fwd_bwd_gemm_ms")
+            if even:
+                # cuBLAS's four backward GEMMs with the same FLOPs, evenly routed: against the
+                # experts steps (the bars from combine's top to permute's bottom)
+                eb = bottom_experts[i] + sum(even[k] for k in ("da", "dw_down", "dxp", "dw_up"))
+                ax.plot([i - 0.3], [eb], "r_", markersize=14, mew=2,
+                        label="combine + cuBLAS even-batched bwd GEMMs (bf16 dW)" if i == 0
+                        else None)
             if c in peer and "fwd_bwd_fresh_ms" in peer[c]:
                 pb = peer[c]["fwd_bwd_fresh_ms"] - peer[c]["forward_ms"]
                 tops.append(pb)
@@ -136,7 +149,13 @@ def main():
             ("peer loop fwd+bwd",
              lambda c: peer[c].get("fwd_bwd_fresh_loop_tflops", 0) if c in peer else 0),
         ]
-    series.append(("dense-equivalent", lambda c: ours[c]["dense_equiv_tflops"]))
+    series.append(("dense pair fwd", lambda c: ours[c]["dense_equiv_tflops"]))
+    if any("dense_equiv_fwd_bwd_tflops" in ours[c] for c in configs):
+        series += [
+            ("dense FFN step fwd+bwd", lambda c: ours[c].get("dense_equiv_fwd_bwd_tflops", 0)),
+            ("even-batched step fwd+bwd",
+             lambda c: ours[c].get("even_batched_fwd_bwd_tflops", 0)),
+        ]
     w = 0.8 / len(series)
     top = 0
     for k, (name, get) in enumerate(series):

@@ -436,7 +436,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   int64_t even_rows = 0;  // rows per expert of the even step
   std::vector<double> dense_gemm_ms, even_gemm_ms;  // the two steps' GEMMs (FfnStep::kNames)
   size_t gathered_bytes = 0;
-  std::vector<double> backward_stage_ms, experts_step_ms;
+  std::vector<double> backward_stage_ms, experts_step_ms, experts_step_bf16_ms;
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
   size_t layer_bytes = 0;
   int64_t touched = 0;  // experts with at least one routed row
@@ -562,6 +562,19 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
       backward_stage_ms = bev.medians();
       experts_step_ms = xev.medians();
+      // The steps again with bf16 weight gradients: the cuBLAS steps' GEMMs write bf16
+      StageEvents bev16(int(moe::cuda::LayerBackwardStage::count), o.reps);
+      StageEvents xev16(int(moe::cuda::ExpertsBackwardStep::count), o.reps);
+      for (int i = 0; i < o.warmup; ++i) {
+        layer.forward(x, w, y, stream);
+        layer.backward(x, w, dy, fresh16, stream);
+      }
+      for (int r = 0; r < o.reps; ++r) {
+        layer.forward(x, w, y, stream);
+        layer.backward(x, w, dy, fresh16, stream, bev16.of(r), xev16.of(r));
+      }
+      MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      experts_step_bf16_ms = xev16.medians();
     }
   }
 
@@ -703,6 +716,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   for (int i = 0; i < int(experts_step_ms.size()); ++i)
     xst[moe::cuda::name(moe::cuda::ExpertsBackwardStep(i))] = experts_step_ms[i];
   j["experts_backward_step_ms"] = xst;
+  json xst16 = json::object();
+  for (int i = 0; i < int(experts_step_bf16_ms.size()); ++i)
+    xst16[moe::cuda::name(moe::cuda::ExpertsBackwardStep(i))] = experts_step_bf16_ms[i];
+  j["experts_backward_step_bf16_grads_ms"] = xst16;
   j["fwd_bwd_ms"] = step_ms;
   j["fwd_bwd_tflops"] = step_tf;
   j["fwd_bwd_fresh_ms"] = fresh_ms;
@@ -780,7 +797,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "(inference_graph_rounds_ms), and inference_graph_ms = inference_ms x that ratio; "
       "fwd_bwd_fresh_gathered_ms: a training layer with gathered rows (no permute, no xp; dw_up "
       "gathers too), fresh fp32 dW, rotated with fwd_bwd_fresh_ms and fwd_bwd_bf16_grads_ms; "
-      "*_stage_ms / experts_backward_step_ms: every stage and step in order on one stream (stage "
+      "*_stage_ms / experts_backward_step_ms (fresh fp32 dW; experts_backward_step_bf16_grads_ms "
+      "with bf16 dW): every stage and step in order on one stream (stage "
       "events), where the totals run the router's auxiliary losses beside plan, permute and the "
       "experts, and dw_down beside the da GEMM, on second streams";
   j["flops_accounting"] =
@@ -835,6 +853,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   for (int i = 0; i < int(experts_step_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::ExpertsBackwardStep(i)),
                experts_step_ms[i]);
+  fmt::print(stderr, "\n  the same with bf16 weight gradients:");
+  for (int i = 0; i < int(experts_step_bf16_ms.size()); ++i)
+    fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::ExpertsBackwardStep(i)),
+               experts_step_bf16_ms[i]);
   fmt::print(stderr, "\n  rounds (inference fwd / other rows / dense pair, ms):");
   for (size_t r = 0; r < round_fwd.size(); ++r)
     fmt::print(stderr, " {:.3f}/{:.3f}/{:.3f}", round_fwd[r], round_other[r], round_dense[r]);

@@ -134,7 +134,8 @@ for c in ours:
     d = ours[c][0]
     print(f"{c:<12} backward " + " ".join(f"{k} {v:.3f}" for k, v in d["backward_stage_ms"].items())
           + " | experts " + " ".join(f"{k} {v:.3f}" for k, v in d["experts_backward_step_ms"].items()))
-    for key, what in (("dense_equiv_fwd_bwd_gemm_ms", "dense step"),
+    for key, what in (("experts_backward_step_bf16_grads_ms", "bf16 dW"),
+                      ("dense_equiv_fwd_bwd_gemm_ms", "dense step"),
                       ("even_batched_fwd_bwd_gemm_ms", "even step")):
         if key in d:
             print(f"{'':<12} {what:<10} " + " ".join(f"{k} {v:.3f}" for k, v in d[key].items()))
