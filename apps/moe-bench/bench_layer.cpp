@@ -147,14 +147,19 @@ struct StageEvents {
   }
 };
 
-// Median ms of each forward stage over o.reps forwards, from events recorded between the stages.
+// Median ms of each forward stage over o.reps forwards, from events recorded between the stages,
+// and of the experts stage's steps (up, down) into *steps where asked (grouped backends).
 std::vector<double> forward_stage_times(moe::cuda::Layer& layer, const bf16* x,
                                         const moe::cuda::LayerWeights& w, bf16* y,
-                                        const LayerBenchOptions& o, cudaStream_t stream) {
+                                        const LayerBenchOptions& o, cudaStream_t stream,
+                                        std::vector<double>* steps = nullptr) {
   StageEvents ev(int(moe::cuda::LayerStage::count), o.reps);
+  StageEvents xev(int(moe::cuda::ExpertsForwardStep::count), o.reps);
   for (int i = 0; i < o.warmup; ++i) layer.forward(x, w, y, stream);
-  for (int r = 0; r < o.reps; ++r) layer.forward(x, w, y, stream, ev.of(r));
+  for (int r = 0; r < o.reps; ++r)
+    layer.forward(x, w, y, stream, ev.of(r), steps ? xev.of(r) : nullptr);
   MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (steps) *steps = xev.medians();
   return ev.medians();
 }
 
@@ -372,6 +377,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     double graph_over_eager = 0;  // median over rounds that alternate the two
     size_t bytes = 0;
     std::vector<double> stage_ms;
+    std::vector<double> step_ms;  // the experts stage's up and down
   };
   enum { kInference, kOther, kUnfused };
   const moe::cuda::RowSource rows = moe::cuda::resolve_rows(
@@ -380,10 +386,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
                                               ? moe::cuda::RowSource::permuted
                                               : moe::cuda::RowSource::gathered;
   Inference variants[3] = {
-      {"fused", kLayerBackend, kLayerGateUp, rows, 0, 0, 0, 0, {}},
-      {"fused, other rows", kLayerBackend, kLayerGateUp, other_rows, 0, 0, 0, 0, {}},
+      {"fused", kLayerBackend, kLayerGateUp, rows, 0, 0, 0, 0, {}, {}},
+      {"fused, other rows", kLayerBackend, kLayerGateUp, other_rows, 0, 0, 0, 0, {}, {}},
       {"unfused", moe::cuda::ExpertsBackend::grouped, moe::cuda::GateUpLayout::split,
-       moe::cuda::RowSource::permuted, 0, 0, 0, 0, {}}};
+       moe::cuda::RowSource::permuted, 0, 0, 0, 0, {}, {}}};
   auto time_inference = [&](int v, bool total, bool stages) {
     Inference& inf = variants[v];
     moe::cuda::Layer infer(cfg, inf.backend, inf.gate_up, /*backward=*/false, /*groups=*/1,
@@ -422,7 +428,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       MOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
       MOE_CUDA_CHECK(cudaGraphDestroy(graph));
     }
-    if (stages) inf.stage_ms = forward_stage_times(infer, x, w, y, o, stream);
+    if (stages) inf.stage_ms = forward_stage_times(infer, x, w, y, o, stream, &inf.step_ms);
   };
   time_inference(kInference, /*total=*/true, /*stages=*/false);
   time_inference(kOther, /*total=*/true, /*stages=*/false);
@@ -437,6 +443,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   std::vector<double> dense_gemm_ms, even_gemm_ms;  // the two steps' GEMMs (FfnStep::kNames)
   size_t gathered_bytes = 0;
   std::vector<double> backward_stage_ms, experts_step_ms, experts_step_bf16_ms;
+  std::vector<double> experts_fwd_step_ms;  // the training forward's up and down
   std::vector<double> stage_ms(int(moe::cuda::LayerStage::count));
   size_t layer_bytes = 0;
   int64_t touched = 0;  // experts with at least one routed row
@@ -547,7 +554,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     }
     // Diagnostics: per-stage forward times, per-stage backward times (fresh weight gradients) and
     // the experts stage's steps.
-    stage_ms = forward_stage_times(layer, x, w, y, o, stream);
+    stage_ms = forward_stage_times(layer, x, w, y, o, stream, &experts_fwd_step_ms);
     {
       StageEvents bev(int(moe::cuda::LayerBackwardStage::count), o.reps);
       StageEvents xev(int(moe::cuda::ExpertsBackwardStep::count), o.reps);
@@ -683,6 +690,14 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["forward_ms"] = fwd_ms;
   j["forward_tflops"] = fwd_tf;
   j["inference_stage_ms"] = ist;
+  auto steps_json = [](const std::vector<double>& v) {
+    json t = json::object();
+    for (int i = 0; i < int(v.size()); ++i)
+      t[moe::cuda::name(moe::cuda::ExpertsForwardStep(i))] = v[i];
+    return t;
+  };
+  j["experts_forward_step_ms"] = steps_json(experts_fwd_step_ms);
+  j["inference_experts_step_ms"] = steps_json(inf.step_ms);
   j["inference_ms"] = infer_ms;
   j["inference_tflops"] = flops_fwd / (infer_ms * 1e9);
   j["inference_fraction_of_dense"] = dense_ms / infer_ms;
@@ -797,8 +812,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       "(inference_graph_rounds_ms), and inference_graph_ms = inference_ms x that ratio; "
       "fwd_bwd_fresh_gathered_ms: a training layer with gathered rows (no permute, no xp; dw_up "
       "gathers too), fresh fp32 dW, rotated with fwd_bwd_fresh_ms and fwd_bwd_bf16_grads_ms; "
-      "*_stage_ms / experts_backward_step_ms (fresh fp32 dW; experts_backward_step_bf16_grads_ms "
-      "with bf16 dW): every stage and step in order on one stream (stage "
+      "*_stage_ms / experts_forward_step_ms (the training forward's up and down), "
+      "inference_experts_step_ms (the inference layer's) / experts_backward_step_ms (fresh fp32 "
+      "dW; experts_backward_step_bf16_grads_ms with bf16 dW): every stage and step in order on "
+      "one stream (stage "
       "events), where the totals run the router's auxiliary losses beside plan, permute and the "
       "experts, and dw_down beside the da GEMM, on second streams";
   j["flops_accounting"] =
@@ -845,6 +862,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerStage(i)),
                  variants[v].stage_ms[i]);
   }
+  fmt::print(stderr, "\n  experts forward steps, training / inference:");
+  for (int i = 0; i < int(experts_fwd_step_ms.size()); ++i)
+    fmt::print(stderr, " {} {:.3f} / {:.3f}", moe::cuda::name(moe::cuda::ExpertsForwardStep(i)),
+               experts_fwd_step_ms[i], i < int(inf.step_ms.size()) ? inf.step_ms[i] : 0.0);
   fmt::print(stderr, "\n  backward stages (fresh dW):");
   for (int i = 0; i < int(backward_stage_ms.size()); ++i)
     fmt::print(stderr, " {} {:.3f}", moe::cuda::name(moe::cuda::LayerBackwardStage(i)),

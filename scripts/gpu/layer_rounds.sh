@@ -134,6 +134,10 @@ for c in ours:
     d = ours[c][0]
     print(f"{c:<12} backward " + " ".join(f"{k} {v:.3f}" for k, v in d["backward_stage_ms"].items())
           + " | experts " + " ".join(f"{k} {v:.3f}" for k, v in d["experts_backward_step_ms"].items()))
+    if "experts_forward_step_ms" in d:
+        f, i = d["experts_forward_step_ms"], d.get("inference_experts_step_ms", {})
+        print(f"{'':<12} forward    " + " ".join(f"{k} {v:.3f} / {i.get(k, nan):.3f}"
+                                                 for k, v in f.items()) + " (training / inference)")
     for key, what in (("experts_backward_step_bf16_grads_ms", "bf16 dW"),
                       ("dense_equiv_fwd_bwd_gemm_ms", "dense step"),
                       ("even_batched_fwd_bwd_gemm_ms", "even step")):

@@ -646,7 +646,8 @@ const int32_t* ExpertsWorkspace::host_offsets(const int32_t* offsets, cudaStream
 // stage
 // ------------------------------------------------------------------------------------------------
 
-void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStream_t stream) {
+void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStream_t stream,
+                     cudaEvent_t* events) {
   const ExpertsShape& s = ws.shape_;
   const int64_t E = s.experts, H = s.hidden, I = s.inter, A = s.up_width();
   const int sms = ws.sm_count_;
@@ -660,9 +661,19 @@ void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStre
             name(ws.backend_));
   MOE_CHECK(!gathered || a.tokens >= 1, "experts_forward: gathering needs tokens >= 1, got ",
             a.tokens);
-  if (s.max_rows == 0) return;
+  MOE_CHECK(events == nullptr || ws.backend_ == ExpertsBackend::grouped ||
+                ws.backend_ == ExpertsBackend::grouped_fused,
+            "experts_forward: step events need a grouped backend, not ", name(ws.backend_));
+  auto mark = [&](ExpertsForwardStep step) {
+    if (events) MOE_CUDA_CHECK(cudaEventRecord(events[int(step)], stream));
+  };
+  if (s.max_rows == 0) {
+    for (int i = 0; i <= int(ExpertsForwardStep::count); ++i) mark(ExpertsForwardStep(i));
+    return;
+  }
   switch (ws.backend_) {
     case ExpertsBackend::grouped:
+      mark(ExpertsForwardStep::up);
       if (gathered) {                                                     // pre = x[row_token] · w_up
         GroupedGemmArgs up{a.offsets, A, H, a.x, a.w_up, a.pre};
         up.gather = a.row_token;
@@ -672,15 +683,20 @@ void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStre
         ws.up_.run({a.offsets, A, H, a.xp, a.w_up, a.pre}, stream);           // pre = xp · w_up
       }
       activation_forward(s, sms, a.offsets, a.pre, a.act, stream);
+      mark(ExpertsForwardStep::down);
       ws.down_.run({a.offsets, H, I, a.act, a.w_down, a.yp}, stream);         // yp = act · w_down
+      mark(ExpertsForwardStep::count);
       return;
     case ExpertsBackend::grouped_fused: {
       GroupedGemmActArgs up{a.offsets, A, H, gathered ? a.x : a.xp, a.w_up, a.pre, a.act,
                             s.activation == Activation::swiglu &&
                                 s.gate_up == GateUpLayout::blocked};
       if (gathered) up.gather = a.row_token, up.gather_rows = a.tokens;
+      mark(ExpertsForwardStep::up);
       ws.up_act_.run(up, stream);                                              // pre, act
+      mark(ExpertsForwardStep::down);
       ws.down_.run({a.offsets, H, I, a.act, a.w_down, a.yp}, stream);
+      mark(ExpertsForwardStep::count);
       return;
     }
     case ExpertsBackend::cublas_strided_padded: {
@@ -720,6 +736,14 @@ void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& a, cudaStre
       }
       return;
     }
+  }
+}
+
+const char* name(ExpertsForwardStep s) {
+  switch (s) {
+    case ExpertsForwardStep::up: return "up";
+    case ExpertsForwardStep::down: return "down";
+    default: return "?";
   }
 }
 

@@ -247,7 +247,7 @@ std::string Layer::report() const {
 }
 
 void Layer::forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t stream,
-                    cudaEvent_t* events) {
+                    cudaEvent_t* events, cudaEvent_t* expert_events) {
   const int64_t T = cfg_.tokens, H = cfg_.hidden, E = cfg_.experts;
   auto mark = [&](LayerStage s) {
     if (events) MOE_CUDA_CHECK(cudaEventRecord(events[int(s)], stream));
@@ -298,7 +298,7 @@ void Layer::forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t 
   ea.pre = keep_pre_ ? pre_ : nullptr;
   ea.act = act_;
   ea.yp = yp_;
-  experts_forward(*experts_, ea, stream);
+  experts_forward(*experts_, ea, stream, expert_events);
   mark(LayerStage::combine);
   combine_forward<bf16>(plan_.view(), rv, yp_, H, y, stream);
   if (!events) MOE_CUDA_CHECK(cudaStreamWaitEvent(stream, join_));

@@ -297,12 +297,13 @@ Outputs download(const Device& d) {
 // accumulate false: the weight gradients start as NaN (poisoned) and must be overwritten.
 // events: the backward's step events (every step in order on one stream), or null.
 Outputs run_stage(const Inputs& in, ExpertsBackend backend, GateUpLayout gate_up,
-                  bool accumulate = true, cudaEvent_t* events = nullptr) {
+                  bool accumulate = true, cudaEvent_t* events = nullptr,
+                  cudaEvent_t* forward_events = nullptr) {
   Device d(in, gate_up);
   d.poison();
   if (!accumulate) d.dw_up.poison(), d.dw_down.poison();
   cuda::ExpertsWorkspace ws(d.shape, backend);
-  cuda::experts_forward(ws, d.forward_args(), nullptr);
+  cuda::experts_forward(ws, d.forward_args(), nullptr, forward_events);
   cuda::ExpertsBackwardArgs b = d.backward_args();
   b.accumulate = accumulate;
   cuda::experts_backward(ws, b, nullptr, events);
@@ -1162,6 +1163,49 @@ TEST(ExpertsSideStream, DwDownBesideTheDaGemmGivesTheInOrderBits) {
     }
   }
   EXPECT_EQ(checked, 18);  // three cases, accumulated and fresh dW, three outputs
+  for (auto& e : events) MOE_CUDA_CHECK(cudaEventDestroy(e));
+}
+
+// The forward's step events (benchmarks time up and down with them): every boundary recorded,
+// the steps' times add up to the whole, and the outputs keep the bits of a run without events;
+// a backend that is not grouped refuses them.
+TEST(ExpertsStepEvents, ForwardStepsAreRecordedAndKeepTheBits) {
+  MOE_REQUIRE_GPU();
+  constexpr int kEvents = int(cuda::ExpertsForwardStep::count) + 1;
+  std::vector<cudaEvent_t> events(kEvents);
+  for (auto& e : events) MOE_CUDA_CHECK(cudaEventCreate(&e));
+  int checked = 0;
+  for (const ExpertsCase& c : experts_cases()) {
+    if (!determinism_case(c)) continue;
+    const Inputs in = make_inputs(c, 93);
+    for (ExpertsBackend backend : {ExpertsBackend::grouped, ExpertsBackend::grouped_fused}) {
+      const GateUpLayout gate_up = backend == ExpertsBackend::grouped_fused
+                                       ? GateUpLayout::interleaved
+                                       : GateUpLayout::split;
+      const Outputs plain = run_stage(in, backend, gate_up);
+      const Outputs timed = run_stage(in, backend, gate_up, true, nullptr, events.data());
+      for (const auto& [name, x, y] :
+           std::vector<std::tuple<const char*, const std::vector<float>*,
+                                  const std::vector<float>*>>{
+               {"pre", &plain.pre, &timed.pre}, {"act", &plain.act, &timed.act},
+               {"yp", &plain.yp, &timed.yp}})
+        EXPECT_TRUE(same_bytes(*x, *y)) << c.name << " " << cuda::name(backend) << ": " << name;
+      float step[kEvents - 1] = {}, whole = 0;
+      for (int i = 0; i + 1 < kEvents; ++i) {
+        ASSERT_EQ(cudaEventElapsedTime(&step[i], events[i], events[i + 1]), cudaSuccess)
+            << c.name << ": step " << i << " not recorded";
+        EXPECT_GE(step[i], 0.f);
+      }
+      ASSERT_EQ(cudaEventElapsedTime(&whole, events[0], events[kEvents - 1]), cudaSuccess);
+      EXPECT_GT(whole, 0.f) << c.name << " " << cuda::name(backend);
+      EXPECT_NEAR(step[0] + step[1], whole, 1e-3f + 1e-3f * whole);
+      ++checked;
+    }
+    Device d(in, GateUpLayout::split);
+    cuda::ExpertsWorkspace ws(d.shape, ExpertsBackend::cublas_grouped_host_offsets);
+    EXPECT_THROW(cuda::experts_forward(ws, d.forward_args(), nullptr, events.data()), ConfigError);
+  }
+  EXPECT_EQ(checked, 6);  // three cases, two backends
   for (auto& e : events) MOE_CUDA_CHECK(cudaEventDestroy(e));
 }
 

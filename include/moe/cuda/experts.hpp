@@ -184,7 +184,8 @@ class ExpertsWorkspace {
   enum Slot { kUp, kDown, kDact, kDxp, kSlots };
 
  private:
-  friend void experts_forward(ExpertsWorkspace&, const ExpertsForwardArgs&, cudaStream_t);
+  friend void experts_forward(ExpertsWorkspace&, const ExpertsForwardArgs&, cudaStream_t,
+                              cudaEvent_t*);
   friend void experts_backward(ExpertsWorkspace&, const ExpertsBackwardArgs&, cudaStream_t,
                                cudaEvent_t*);
   friend struct ExpertsCublas;
@@ -211,7 +212,16 @@ class ExpertsWorkspace {
   cudaEvent_t fork_ = nullptr, join_ = nullptr;
 };
 
-void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& args, cudaStream_t stream);
+// The grouped backends' forward steps, in order (benchmarks time them: experts_forward's events).
+// up: the up-projection with the activation (fused in its epilogue on grouped_fused, a pass after
+// it on grouped); down: the down-projection.
+enum class ExpertsForwardStep { up, down, count };
+const char* name(ExpertsForwardStep s);
+
+// events: null, or int(ExpertsForwardStep::count) + 1 events recorded on `stream` at the step
+// boundaries (grouped backends only).
+void experts_forward(ExpertsWorkspace& ws, const ExpertsForwardArgs& args, cudaStream_t stream,
+                     cudaEvent_t* events = nullptr);
 // The grouped backends' backward steps, in order (benchmarks time them: experts_backward's events).
 // On grouped_fused the activation backward runs inside the da step; its own step is empty.
 enum class ExpertsBackwardStep { dw_down, da, activation, dxp, dw_up, count };

@@ -152,8 +152,9 @@ class Layer {
   // at the stage boundaries (benchmarks). Without events the router's auxiliary losses run on the
   // layer's second stream beside plan, permute and the experts, joined before forward returns
   // (stream-ordered on `stream`, graph-capturable); with events every stage runs on `stream`.
+  // expert_events: null, or the experts stage's step events (experts_forward; grouped backends).
   void forward(const bf16* x, const LayerWeights& w, bf16* y, cudaStream_t stream,
-               cudaEvent_t* events = nullptr);
+               cudaEvent_t* events = nullptr, cudaEvent_t* expert_events = nullptr);
   // After forward() with the same x and w; dy (T, H). Once per forward: with the grouped backends
   // the backward overwrites the forward's pre, act and yp (see Memory above).
   // events: null, or int(LayerBackwardStage::count) + 1 events at the stage boundaries;
