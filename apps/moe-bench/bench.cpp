@@ -776,7 +776,8 @@ void add_bench_command(CLI::App& app) {
   sub->add_option("--out", o->out, "append JSON lines here (default: stdout)");
   sub->add_flag("--layer", o->layer,
                 "the whole layer forward and forward+backward at the model configurations "
-                "(reps >= 20) next to a dense-equivalent cuBLAS GEMM pair");
+                "(reps >= 20) next to a dense-equivalent cuBLAS GEMM pair and cuBLAS training "
+                "steps with the same FLOPs (one dense FFN; the layer evenly routed, batched)");
   sub->add_option("--config", o->layer_configs,
                   "with --layer: olmoe, qwen3, qwen3_32k, mixtral, brief_small, decode, lm_gpu (one "
                   "FFN of the GPU language model) (default: all, unless --shape is given)")
