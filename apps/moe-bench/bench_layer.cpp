@@ -163,6 +163,28 @@ std::vector<double> forward_stage_times(moe::cuda::Layer& layer, const bf16* x,
   return ev.medians();
 }
 
+// Median ms of each backward stage over o.reps forward+backward steps with gradients g, from
+// events between the stages, and of the experts stage's steps into *steps.
+std::vector<double> backward_stage_times(moe::cuda::Layer& layer, const bf16* x,
+                                         const moe::cuda::LayerWeights& w, bf16* y,
+                                         const bf16* dy, const moe::cuda::LayerGrads& g,
+                                         const LayerBenchOptions& o, cudaStream_t stream,
+                                         std::vector<double>* steps) {
+  StageEvents bev(int(moe::cuda::LayerBackwardStage::count), o.reps);
+  StageEvents xev(int(moe::cuda::ExpertsBackwardStep::count), o.reps);
+  for (int i = 0; i < o.warmup; ++i) {
+    layer.forward(x, w, y, stream);
+    layer.backward(x, w, dy, g, stream);
+  }
+  for (int r = 0; r < o.reps; ++r) {
+    layer.forward(x, w, y, stream);
+    layer.backward(x, w, dy, g, stream, bev.of(r), xev.of(r));
+  }
+  MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  *steps = xev.medians();
+  return bev.medians();
+}
+
 // Row-major D (m, n) = op(A) op(B), bf16 in/out, fp32 compute; op(A) is (m, k), stored (m, k),
 // or (k, m) with ta; op(B) is (k, n), stored (k, n), or (n, k) with tb. cuBLAS is column-major:
 // it computes D^T = op(B)^T op(A)^T, whose operands are the row-major buffers as they lie.
@@ -552,37 +574,13 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
                       dense.dw_down})
         MOE_CUDA_CHECK(cudaFree(p));
     }
-    // Diagnostics: per-stage forward times, per-stage backward times (fresh weight gradients) and
-    // the experts stage's steps.
+    // Diagnostics: per-stage forward times, per-stage backward times (fresh fp32 weight
+    // gradients) and the experts stage's steps, the steps again with bf16 weight gradients (what
+    // the cuBLAS steps' GEMMs write).
     stage_ms = forward_stage_times(layer, x, w, y, o, stream, &experts_fwd_step_ms);
-    {
-      StageEvents bev(int(moe::cuda::LayerBackwardStage::count), o.reps);
-      StageEvents xev(int(moe::cuda::ExpertsBackwardStep::count), o.reps);
-      for (int i = 0; i < o.warmup; ++i) {
-        layer.forward(x, w, y, stream);
-        layer.backward(x, w, dy, fresh, stream);
-      }
-      for (int r = 0; r < o.reps; ++r) {
-        layer.forward(x, w, y, stream);
-        layer.backward(x, w, dy, fresh, stream, bev.of(r), xev.of(r));
-      }
-      MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-      backward_stage_ms = bev.medians();
-      experts_step_ms = xev.medians();
-      // The steps again with bf16 weight gradients: the cuBLAS steps' GEMMs write bf16
-      StageEvents bev16(int(moe::cuda::LayerBackwardStage::count), o.reps);
-      StageEvents xev16(int(moe::cuda::ExpertsBackwardStep::count), o.reps);
-      for (int i = 0; i < o.warmup; ++i) {
-        layer.forward(x, w, y, stream);
-        layer.backward(x, w, dy, fresh16, stream);
-      }
-      for (int r = 0; r < o.reps; ++r) {
-        layer.forward(x, w, y, stream);
-        layer.backward(x, w, dy, fresh16, stream, bev16.of(r), xev16.of(r));
-      }
-      MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-      experts_step_bf16_ms = xev16.medians();
-    }
+    backward_stage_ms = backward_stage_times(layer, x, w, y, dy, fresh, o, stream,
+                                             &experts_step_ms);
+    backward_stage_times(layer, x, w, y, dy, fresh16, o, stream, &experts_step_bf16_ms);
   }
 
 
