@@ -3,7 +3,7 @@
 (bench/peers/torch_moe_layer.py), both from the same run on the same card:
 
   layer_stages.png   forward time per configuration, stacked by stage (gate, route, plan, permute,
-                     experts, combine), with the peer's forward time and the dense-equivalent
+                     experts, combine; the experts split into up and down where recorded), with the peer's forward time and the dense-equivalent
                      GEMM pair's time marked beside each bar (the inference layer's stages where
                      the records have them: the peer's forward runs under no_grad). Newer records
                      time the stages after the headline totals, on a card nearer its power limit,
@@ -64,10 +64,18 @@ def main():
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x = range(len(configs))
     bottom = [0.0] * len(configs)
+    # The experts stage split into its two steps where the records have them (the same forwards'
+    # events, so up + down is the stage's time).
+    split = all("inference_experts_step_ms" in ours[c] for c in configs)
     for s in STAGES:
-        h = [fwd_stages(c)[s] for c in configs]
-        ax.bar(x, h, 0.5, bottom=bottom, label=s)
-        bottom = [b + v for b, v in zip(bottom, h)]
+        parts = [(s, lambda c, s=s: fwd_stages(c)[s])]
+        if s == "experts" and split:
+            parts = [(f"experts: {k}", lambda c, k=k: ours[c]["inference_experts_step_ms"][k])
+                     for k in ("up", "down")]
+        for name, get in parts:
+            h = [get(c) for c in configs]
+            ax.bar(x, h, 0.5, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, h)]
     for i, c in enumerate(configs):
         if c in peer:
             ax.plot([i + 0.3], [peer[c]["forward_ms"]], "kv", label="PyTorch peer" if i == 0 else None)
