@@ -3,8 +3,9 @@
 (bench/peers/torch_moe_layer.py), both from the same run on the same card:
 
   layer_stages.png   forward time per configuration, stacked by stage (gate, route, plan, permute,
-                     experts, combine; the experts split into up and down where recorded), with the peer's forward time and the dense-equivalent
-                     GEMM pair's time marked beside each bar (the inference layer's stages where
+                     experts, combine; the experts split into up and down where recorded),
+                     with the peer's forward time and the dense-equivalent GEMM pair's time
+                     marked beside each bar (the inference layer's stages where
                      the records have them: the peer's forward runs under no_grad). Newer records
                      time the stages after the headline totals, on a card nearer its power limit,
                      so the whole forward timed first is marked on each bar as well
