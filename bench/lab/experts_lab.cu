@@ -97,12 +97,6 @@ using ActGradDeferred16 = gg::ActLauncher<
 // The da GEMM on pingpong 64x256 (2x1): one consumer warpgroup's activation backward under the
 // other's mainloop.
 using ActGradPingpong = gg::ActLauncher<gg::ActGradKernel<gg::PingpongConfig<64, 256>>>;
-// The library's da kernel with its tile's pre prefetched into L2 by the auxiliary load warp,
-// kLead k-slices before the epilogue: 128-byte lines over the lanes, or one bulk prefetch a row.
-// The controls: the warp walking the tiles only, or waiting without prefetching.
-template <int kLead, gg::PrefetchHow kHow = gg::PrefetchHow::lines, bool kSleep = false>
-using ActGradPrefetch = gg::ActLauncher<
-    gg::ActGradKernel<gg::CooperativeNoClusterConfig, false, 8, kLead, kHow, kSleep>>;
 
 // A second stream and the events that fork work onto it from a stream and join it back.
 struct SideStream {
@@ -263,7 +257,6 @@ struct Options {
   bool ab_deferred_store = false;  // only the plain GEMMs, TMA store against deferred store
   bool ab_wgrad_store = false;  // only fresh dW, TMA store against register stores
   bool ab_act_grad_pingpong = false;  // only the da GEMM: cooperative against pingpong
-  bool ab_act_grad_prefetch = false;  // only the da GEMM: without and with pre prefetched
   bool ab_concurrent = false;  // only the backward's independent GEMM pairs, one after the
                                // other against side by side on two streams
   bool ab_split_act = false;   // only da with dw_down: the library's pair against the plain da
@@ -298,10 +291,6 @@ struct Options {
         "                             under the next mainloop\n"
         "            [--ab-act-grad-pingpong]  only the da GEMM with the activation backward\n"
         "                             and row dots: the library's against pingpong 64x256\n"
-        "            [--ab-act-grad-prefetch]  only the da GEMM with the activation\n"
-        "                             backward and row dots: the library's against the same\n"
-        "                             kernel with each tile's pre prefetched into L2 by its\n"
-        "                             auxiliary load warp, 4..32 k-slices ahead\n"
         "            [--ab-split-act]  only da with dw_down: the library's pair against the\n"
         "                             plain da GEMM, then dw_down beside the activation\n"
         "                             backward on S = 8..32 SMs of its own\n"
@@ -342,7 +331,6 @@ struct Options {
       else if (a == "--ab-concurrent") ab = ab_concurrent = true;
       else if (a == "--ab-split-act") ab = ab_split_act = true;
       else if (a == "--ab-act-grad-pingpong") ab = ab_act_grad_pingpong = true;
-      else if (a == "--ab-act-grad-prefetch") ab = ab_act_grad_prefetch = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -836,46 +824,6 @@ int run(const Options& o) {
       const bool ok = same("da pingpong dpre", pre2, x.dpre, M * A) && dots_ok;
       std::printf("AB verify %-37s %s\n", "da pingpong row dots", dots_ok ? "equal" : "DIFFERENT");
       if (ok) ab("da + act backward: library (A) vs pingpong 64x256 (B)", f_down, run_a, run_b);
-      MOE_CUDA_CHECK(cudaFree(gws));
-      MOE_CUDA_CHECK(cudaFree(ws));
-      return 0;
-    }
-    if (o.ab_act_grad_prefetch && o.backward && blocked) {
-      // The da GEMM with the activation backward and the row dots (the layer's form): the
-      // library's kernel (A) against itself with each tile's pre prefetched into L2 (B) at
-      // several leads, lines or bulk. dpre and the dots checked bit-equal first.
-      const auto fused_bw = blocked_forward();
-      GroupedGemmActGrad g_grad(E, o.activation);
-      void* gws = workspace(ActGradPrefetch<16>::workspace_bytes(E, sms));
-      ActGradScratch x(M, A, row_dot_parts(I));
-      GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, pre2, true};
-      a.row_dot = x.dots_a, a.ld_row_dot = M;
-      GroupedGemmActGradArgs b = a;
-      b.dpre = x.dpre, b.row_dot = x.dots_b;
-      auto run_a = [&] { g_grad.run(a, s); };
-      auto variant = [&](const char* name, auto launcher) {
-        auto run_b = [&] { decltype(launcher)::run(b, o.activation, E, gws, sms, s); };
-        run_a();
-        MOE_CUDA_CHECK(cudaMemsetAsync(x.dpre, 0xff, M * A * sizeof(bf16), s));
-        MOE_CUDA_CHECK(cudaMemsetAsync(x.dots_b, 0xff, x.dots * sizeof(float), s));
-        run_b();
-        const bool dots_ok = x.same_dots();
-        const std::string what = std::string("da prefetch ") + name;
-        const bool ok = same((what + " dpre").c_str(), pre2, x.dpre, M * A) && dots_ok;
-        std::printf("AB verify %-37s %s\n", (what + " dots").c_str(),
-                    dots_ok ? "equal" : "DIFFERENT");
-        if (ok)
-          ab(("da + act backward: library (A) vs prefetch " + std::string(name) + " (B)").c_str(),
-             f_down, run_a, run_b);
-      };
-      using How = gg::PrefetchHow;
-      variant("nothing", ActGradPrefetch<16, How::nothing>{});
-      variant("wait only", ActGradPrefetch<16, How::wait_only>{});
-      variant("wait only, sleep", ActGradPrefetch<16, How::wait_only, true>{});
-      variant("lines 16, sleep", ActGradPrefetch<16, How::lines, true>{});
-      variant("lines 8, sleep", ActGradPrefetch<8, How::lines, true>{});
-      variant("lines 16", ActGradPrefetch<16>{});
-      variant("rows 16, sleep", ActGradPrefetch<16, How::rows, true>{});
       MOE_CUDA_CHECK(cudaFree(gws));
       MOE_CUDA_CHECK(cudaFree(ws));
       return 0;

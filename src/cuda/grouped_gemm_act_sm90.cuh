@@ -29,7 +29,6 @@
 #include "grouped_gemm_epilogue_act_sm90.hpp"
 #include "grouped_gemm_gather_sm90.hpp"
 #include "grouped_gemm_mainloop_sm90.hpp"
-#include "grouped_gemm_prefetch_sm90.hpp"
 #include "grouped_gemm_prepare.cuh"
 #include "grouped_gemm_sm90.hpp"
 
@@ -139,36 +138,28 @@ struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA, kDeferred>,
 
 // da = dyp · w_down[e]^T with the activation backward in the epilogue: dpre, never da.
 // kDeferred: each tile's but a CTA's last under the next tile's mainloop (SwiGLU), in kBlocks
-// blocks, one per k-slice. kLead > 0: the tile's pre prefetched into L2 by the auxiliary load
-// warp kLead k-slices before the epilogue (PrefetchMainloop, the lab's only: measured slower).
-template <class Config, bool kDeferred, int kBlocks, int kLead, PrefetchHow kHow, bool kSleep>
+// blocks, one per k-slice.
+template <class Config, bool kDeferred, int kBlocks>
 using DownGradMainloop = cute::conditional_t<
     kDeferred,
     DeferredMainloop<
         Mainloop<Config, WeightLayout::nk, deferred_record_bytes<DeferredActGrad<kBlocks>>>,
         DeferredActGrad<kBlocks>>,
-    cute::conditional_t<(kLead > 0),
-                        PrefetchMainloop<Mainloop<Config, WeightLayout::nk, 0>,
-                                         (kLead > 0 ? kLead : 1), kHow, kSleep>,
-                        Mainloop<Config, WeightLayout::nk, 0>>>;
+    Mainloop<Config, WeightLayout::nk, 0>>;
 template <bool kDeferred, int kBlocks>
 using ActGradEpilogue =
     cute::conditional_t<kDeferred, EpilogueActGradDeferred<kBlocks>, EpilogueActGrad>;
 
-template <class Config, bool kDeferred = false, int kBlocks = 8, int kLead = 0,
-          PrefetchHow kHow = PrefetchHow::lines, bool kSleep = false>
-struct ActGradKernel
-    : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks, kLead, kHow, kSleep>,
+template <class Config, bool kDeferred = false, int kBlocks = 8>
+struct ActGradKernel : ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks>,
                                      ActGradEpilogue<kDeferred, kBlocks>> {
   static_assert(cute::size<1>(typename Config::TileShape{}) == kActGradTileN,
                 "GroupedGemmActGradArgs::row_dot has a part per kActGradTileN columns");
   static_assert(!kDeferred || cute::size(typename Config::ClusterShape{}) == 1,
                 "the deferred epilogue counts the grouped scheduler's tiles for a 1x1 cluster");
-  static_assert(!(kDeferred && kLead > 0), "the deferred epilogue has no prefetch form");
-  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks, kLead, kHow, kSleep>,
+  using Base = ActKernelBase<DownGradMainloop<Config, kDeferred, kBlocks>,
                              ActGradEpilogue<kDeferred, kBlocks>>;
   using typename Base::Carve;
-  using typename Base::Collective;
   using typename Base::Epilogue;
   using typename Base::Gemm;
   using Args = GroupedGemmActGradArgs;
@@ -188,14 +179,8 @@ struct ActGradKernel
     epilogue.row_dot = a.row_dot;
     epilogue.ld_row_dot = a.ld_row_dot;
     if constexpr (kDeferred) epilogue.tile_count = c.tile_count;
-    if constexpr (kLead > 0) {
-      const typename Collective::Arguments m{{c.ptr_a, c.stride_a, c.ptr_b, c.stride_b},
-                                             {a.offsets, a.pre, epilogue.ld_pre, swiglu ? 2 : 1}};
-      return Base::gemm_arguments(c, m, epilogue, groups, sm_count);
-    } else {
-      return Base::gemm_arguments(c, {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, epilogue, groups,
-                                  sm_count);
-    }
+    return Base::gemm_arguments(c, {c.ptr_a, c.stride_a, c.ptr_b, c.stride_b}, epilogue, groups,
+                                sm_count);
   }
 
   static size_t cutlass_bytes(int64_t groups, int sm_count) {
