@@ -64,7 +64,6 @@
 #include <vector>
 
 #include "cuda/grouped_gemm_act_sm90.cuh"
-#include "cuda/grouped_gemm_act_grad_split_sm90.hpp"
 #include "cuda/grouped_gemm_sm90.cuh"
 #include "cuda/grouped_gemm_wgrad_sm90.cuh"
 #include "moe/cuda/check.cuh"
@@ -98,10 +97,6 @@ using ActGradDeferred16 = gg::ActLauncher<
 // The da GEMM on pingpong 64x256 (2x1): one consumer warpgroup's activation backward under the
 // other's mainloop.
 using ActGradPingpong = gg::ActLauncher<gg::ActGradKernel<gg::PingpongConfig<64, 256>>>;
-// The da GEMM whose activation backward runs on a warpgroup of its own, under the next tile's
-// mainloop (grouped_gemm_act_grad_split_sm90.hpp).
-using ActGradSplitLauncher =
-    gg::ActLauncher<gg::ActGradSplit<gg::CooperativeNoClusterConfig>>;
 
 // A second stream and the events that fork work onto it from a stream and join it back.
 struct SideStream {
@@ -262,7 +257,6 @@ struct Options {
   bool ab_deferred_store = false;  // only the plain GEMMs, TMA store against deferred store
   bool ab_wgrad_store = false;  // only fresh dW, TMA store against register stores
   bool ab_act_grad_pingpong = false;  // only the da GEMM: cooperative against pingpong
-  bool ab_act_grad_split = false;  // only the da GEMM: against its epilogue on a warpgroup of its own
   bool ab_concurrent = false;  // only the backward's independent GEMM pairs, one after the
                                // other against side by side on two streams
   bool ab_split_act = false;   // only da with dw_down: the library's pair against the plain da
@@ -297,9 +291,6 @@ struct Options {
         "                             under the next mainloop\n"
         "            [--ab-act-grad-pingpong]  only the da GEMM with the activation backward\n"
         "                             and row dots: the library's against pingpong 64x256\n"
-        "            [--ab-act-grad-split]  only the da GEMM with the activation backward\n"
-        "                             and row dots: the library's against the activation\n"
-        "                             backward on a fourth warpgroup, under the next mainloop\n"
         "            [--ab-split-act]  only da with dw_down: the library's pair against the\n"
         "                             plain da GEMM, then dw_down beside the activation\n"
         "                             backward on S = 8..32 SMs of its own\n"
@@ -340,7 +331,6 @@ struct Options {
       else if (a == "--ab-concurrent") ab = ab_concurrent = true;
       else if (a == "--ab-split-act") ab = ab_split_act = true;
       else if (a == "--ab-act-grad-pingpong") ab = ab_act_grad_pingpong = true;
-      else if (a == "--ab-act-grad-split") ab = ab_act_grad_split = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -837,33 +827,6 @@ int run(const Options& o) {
       MOE_CUDA_CHECK(cudaFree(gws));
       MOE_CUDA_CHECK(cudaFree(ws));
       return 0;
-    }
-    if (o.ab_act_grad_split && o.backward && blocked && o.activation == Activation::swiglu) {
-      // The library's da kernel (A) against the same GEMM with its activation backward on a
-      // warpgroup of its own (B). dpre must be bit-equal; B sums each row dot in another order.
-      const auto fused_bw = blocked_forward();
-      GroupedGemmActGrad g_grad(E, o.activation);
-      void* gws = workspace(ActGradSplitLauncher::workspace_bytes(E, sms));
-      ActGradScratch x(M, A, row_dot_parts(I));
-      GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, pre2, true};
-      a.row_dot = x.dots_a, a.ld_row_dot = M;
-      GroupedGemmActGradArgs b = a;
-      b.dpre = x.dpre, b.row_dot = x.dots_b;
-      auto run_a = [&] { g_grad.run(a, s); };
-      auto run_b = [&] { ActGradSplitLauncher::run(b, o.activation, E, gws, sms, s); };
-      run_a();
-      MOE_CUDA_CHECK(cudaMemsetAsync(x.dpre, 0xff, M * A * sizeof(bf16), s));
-      MOE_CUDA_CHECK(cudaMemsetAsync(x.dots_b, 0xff, x.dots * sizeof(float), s));
-      run_b();
-      MOE_CUDA_CHECK(cudaStreamSynchronize(s));
-      const double dots_err =
-          rel_error(download(x.dots_a, x.dots), download(x.dots_b, x.dots), x.dots);
-      std::printf("AB verify %-37s relative error %.2e\n", "da split row dots", dots_err);
-      const bool ok = same("da split dpre", pre2, x.dpre, M * A) && dots_err < 1e-5;
-      if (ok) ab("da + act backward: library (A) vs own epilogue warpgroup (B)", f_down, run_a, run_b);
-      MOE_CUDA_CHECK(cudaFree(gws));
-      MOE_CUDA_CHECK(cudaFree(ws));
-      return ok ? 0 : 1;
     }
     if (o.ab_split_act && o.backward && blocked && o.activation == Activation::swiglu) {
       // The library's pair (A): the da GEMM with the activation backward and row dots in its
