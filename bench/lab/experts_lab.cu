@@ -64,7 +64,6 @@
 #include <vector>
 
 #include "cuda/grouped_gemm_act_sm90.cuh"
-#include "cuda/grouped_gemm_act_grad_split128_sm90.hpp"
 #include "cuda/grouped_gemm_sm90.cuh"
 #include "cuda/grouped_gemm_wgrad_sm90.cuh"
 #include "moe/cuda/check.cuh"
@@ -98,11 +97,6 @@ using ActGradDeferred16 = gg::ActLauncher<
 // The da GEMM on pingpong 64x256 (2x1): one consumer warpgroup's activation backward under the
 // other's mainloop.
 using ActGradPingpong = gg::ActLauncher<gg::ActGradKernel<gg::PingpongConfig<64, 256>>>;
-// The da GEMM on 128x128 tiles whose activation backward runs on a warpgroup of its own, under
-// the next tile's mainloop (grouped_gemm_act_grad_split128_sm90.hpp).
-template <int kStaged>
-using ActGradSplit128Launcher =
-    gg::ActLauncher<gg::ActGradSplit128<gg::Cooperative128x128Config, kStaged>>;
 
 // A second stream and the events that fork work onto it from a stream and join it back.
 struct SideStream {
@@ -263,7 +257,6 @@ struct Options {
   bool ab_deferred_store = false;  // only the plain GEMMs, TMA store against deferred store
   bool ab_wgrad_store = false;  // only fresh dW, TMA store against register stores
   bool ab_act_grad_pingpong = false;  // only the da GEMM: cooperative against pingpong
-  bool ab_act_grad_split = false;  // only the da GEMM: against 128x128 with its own epilogue warps
   bool ab_concurrent = false;  // only the backward's independent GEMM pairs, one after the
                                // other against side by side on two streams
   bool ab_split_act = false;   // only da with dw_down: the library's pair against the plain da
@@ -298,9 +291,6 @@ struct Options {
         "                             under the next mainloop\n"
         "            [--ab-act-grad-pingpong]  only the da GEMM with the activation backward\n"
         "                             and row dots: the library's against pingpong 64x256\n"
-        "            [--ab-act-grad-split]  only the da GEMM with the activation backward\n"
-        "                             and row dots: the library's against 128x128 tiles with\n"
-        "                             the activation backward on a warpgroup of its own\n"
         "            [--ab-split-act]  only da with dw_down: the library's pair against the\n"
         "                             plain da GEMM, then dw_down beside the activation\n"
         "                             backward on S = 8..32 SMs of its own\n"
@@ -341,7 +331,6 @@ struct Options {
       else if (a == "--ab-concurrent") ab = ab_concurrent = true;
       else if (a == "--ab-split-act") ab = ab_split_act = true;
       else if (a == "--ab-act-grad-pingpong") ab = ab_act_grad_pingpong = true;
-      else if (a == "--ab-act-grad-split") ab = ab_act_grad_split = true;
       else if (a == "--help" || a == "-h") return false;
       else throw ConfigError("unknown option " + a);
     }
@@ -838,53 +827,6 @@ int run(const Options& o) {
       MOE_CUDA_CHECK(cudaFree(gws));
       MOE_CUDA_CHECK(cudaFree(ws));
       return 0;
-    }
-    if (o.ab_act_grad_split && o.backward && blocked && o.activation == Activation::swiglu) {
-      // The library's da kernel (A) against 128x128 tiles whose activation backward runs on a
-      // warpgroup of its own (B). dpre must be bit-equal; B's row dots come in parts of 128
-      // columns, added in pairs here to compare with A's parts of 256.
-      const auto fused_bw = blocked_forward();
-      GroupedGemmActGrad g_grad(E, o.activation);
-      void* gws = workspace(ActGradSplit128Launcher<8>::workspace_bytes(E, sms));
-      ActGradScratch x(M, A, row_dot_parts(I));
-      const int64_t parts128 = (I + 127) / 128;
-      float* dots128 = nullptr;
-      MOE_CUDA_CHECK(cudaMalloc(&dots128, parts128 * M * sizeof(float)));
-      GroupedGemmActGradArgs a{offsets, I, H, dyp, w_down, pre3, pre2, true};
-      a.row_dot = x.dots_a, a.ld_row_dot = M;
-      GroupedGemmActGradArgs b = a;
-      b.dpre = x.dpre, b.row_dot = dots128;
-      auto run_a = [&] { g_grad.run(a, s); };
-      bool all_ok = true;
-      auto variant = [&](const char* name, auto launcher) {
-        auto run_b = [&] { decltype(launcher)::run(b, o.activation, E, gws, sms, s); };
-        run_a();
-        MOE_CUDA_CHECK(cudaMemsetAsync(x.dpre, 0xff, M * A * sizeof(bf16), s));
-        MOE_CUDA_CHECK(cudaMemsetAsync(dots128, 0xff, parts128 * M * sizeof(float), s));
-        run_b();
-        MOE_CUDA_CHECK(cudaStreamSynchronize(s));
-        const auto da = download(x.dots_a, x.dots);
-        const auto d128 = download(dots128, parts128 * M);
-        std::vector<float> db(x.dots);
-        for (int64_t p = 0; p < x.dots / M; ++p)
-          for (int64_t r = 0; r < M; ++r)
-            db[p * M + r] =
-                d128[2 * p * M + r] + (2 * p + 1 < parts128 ? d128[(2 * p + 1) * M + r] : 0.f);
-        const double dots_err = rel_error(da, db, x.dots);
-        const std::string what = std::string("da split ") + name;
-        std::printf("AB verify %-37s relative error %.2e\n", (what + " row dots").c_str(), dots_err);
-        const bool ok = same((what + " dpre").c_str(), pre2, x.dpre, M * A) && dots_err < 1e-5;
-        all_ok = all_ok && ok;
-        if (ok)
-          ab(("da + act backward: library (A) vs 128x128, own epilogue warps, " + std::string(name) +
-              " (B)").c_str(), f_down, run_a, run_b);
-      };
-      variant("ring 8", ActGradSplit128Launcher<8>{});
-      variant("ring 16", ActGradSplit128Launcher<16>{});
-      MOE_CUDA_CHECK(cudaFree(dots128));
-      MOE_CUDA_CHECK(cudaFree(gws));
-      MOE_CUDA_CHECK(cudaFree(ws));
-      return all_ok ? 0 : 1;
     }
     if (o.ab_split_act && o.backward && blocked && o.activation == Activation::swiglu) {
       // The library's pair (A): the da GEMM with the activation backward and row dots in its
