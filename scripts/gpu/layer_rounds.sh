@@ -24,10 +24,15 @@ step device
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
   --format=csv | tee "$OUT/gpu.txt"
 
-# SM clock, power and temperature every 200 ms while the benchmarks run (clocks.csv): the card
-# slows under its power limit after long forward+backward loops, which moves every timing.
-nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu \
-  --format=csv,noheader,nounits -lms 200 >"$OUT/clocks.csv" 2>/dev/null &
+# SM clock, power, temperature and whether the driver holds the clock down for the power cap
+# or for heat, every 200 ms while the benchmarks run (clocks.csv): the card slows under its power
+# limit in long forward+backward loops, which moves every timing.
+query=timestamp,clocks.sm,power.draw,temperature.gpu
+reasons=clocks_event_reasons.sw_power_cap,clocks_event_reasons.sw_thermal_slowdown
+reasons+=,clocks_event_reasons.hw_slowdown
+nvidia-smi --query-gpu="$reasons" --format=csv >/dev/null 2>&1 && query+=,$reasons
+nvidia-smi --query-gpu="$query" --format=csv,noheader,nounits -lms 200 >"$OUT/clocks.csv" \
+  2>/dev/null &
 sampler=$!
 trap 'kill $sampler 2>/dev/null' EXIT
 
@@ -52,11 +57,20 @@ kill $sampler 2>/dev/null
 step "clocks while measuring (SM MHz, W, C: min / median / max)"
 python3 - "$OUT/clocks.csv" <<'PY'
 import statistics, sys
-rows = [l.split(",") for l in open(sys.argv[1]) if l.count(",") == 3]
+rows = [[f.strip() for f in l.split(",")] for l in open(sys.argv[1]) if l.count(",") >= 3]
 for i, name in ((1, "SM MHz"), (2, "power W"), (3, "temp C")):
-    v = sorted(float(r[i]) for r in rows if r[i].strip() not in ("", "[N/A]"))
+    v = sorted(float(r[i]) for r in rows if r[i] not in ("", "[N/A]"))
     if v:
         print(f"{name:<8} {v[0]:8.0f} {statistics.median(v):8.0f} {v[-1]:8.0f}  ({len(v)} samples)")
+# Where the driver reports why it slows the clock (older clocks.csv files have 4 columns only):
+# the share of samples at 600 W or more (the timed forward+backward loops) with each reason on.
+busy = [r for r in rows if len(r) >= 7 and r[2] not in ("", "[N/A]") and float(r[2]) >= 600]
+for i, name in ((4, "power cap"), (5, "thermal"), (6, "hw slowdown")):
+    if busy:
+        on = [r for r in busy if r[i] == "Active"]
+        mhz = statistics.median(float(r[1]) for r in on) if on else float("nan")
+        print(f"{name:<12} on in {len(on)} of {len(busy)} samples at >= 600 W "
+              f"(median SM MHz while on: {mhz:.0f})")
 PY
 
 step "table"
