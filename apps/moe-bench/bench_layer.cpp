@@ -50,6 +50,9 @@
 // forward+backward accumulating, then fresh), then the diagnostics (stage and step times), then
 // the dense pair: the card is power-limited under long GEMM-heavy stretches
 // (its SM clock drops from 1980 to 1250-1750 MHz at 700 W), so whatever runs later reads slower.
+// Clocks: where NVML can be loaded (ClockSampler), the median SM clock and the share of samples
+// in which the driver names its power cap, under the headline inference forward, the fresh fp32
+// and bf16 steps and the two cuBLAS steps (sm_clock_mhz, power_capped_share, clock_samples).
 // The dense pair is timed once after the layers (dense_equiv_*), and then in 6 rounds with the
 // inference forward and its other-row-source variant, the three in a rotating order (rounds_*):
 // each round's ratios see the same clocks on all sides, and their medians
@@ -73,6 +76,7 @@
 #include "moe-bench/bench_layer.hpp"
 #include "moe/check.hpp"
 #include "moe/cuda/check.cuh"
+#include "moe/cuda/clock_sampler.hpp"
 #include "moe/cuda/fill.hpp"
 #include "moe/cuda/layer.hpp"
 
@@ -119,6 +123,16 @@ double time_median(int warmup, int reps, cudaStream_t stream, F&& run) {
   }
   for (auto& e : ev) MOE_CUDA_CHECK(cudaEventDestroy(e));
   return median(ms);
+}
+
+// time_median, with the SM clock sampled into `samples` while the loop runs.
+template <class F>
+double time_median_clocked(moe::cuda::ClockSampler& clocks, moe::cuda::ClockSamples& samples,
+                           int warmup, int reps, cudaStream_t stream, F&& run) {
+  clocks.start(&samples);
+  const double ms = time_median(warmup, reps, stream, run);
+  clocks.stop();
+  return ms;
 }
 
 // Events for `reps` runs of n stages (n + 1 boundaries each), and the median of each stage.
@@ -326,6 +340,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
                double copy_gbs, cudaStream_t stream) {
   const moe::LayerConfig cfg = layer_config(s, o.router);
   const int64_t T = s.T, H = s.H, I = s.I, E = s.E, K = cfg.top_k, A = 2 * I;
+  int device_index = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&device_index));
+  // The clock under the headline loops (see Clocks above)
+  moe::cuda::ClockSampler clocks(device_index);
+  moe::cuda::ClockSamples clk_inference, clk_fresh, clk_bf16, clk_dense_step, clk_even_step;
 
   bf16* x = dev_alloc<bf16>(T * H);
   bf16* dy = dev_alloc<bf16>(T * H);
@@ -419,7 +438,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     const moe::cuda::LayerWeights w{
         wg, inf.gate_up == moe::cuda::GateUpLayout::blocked ? wu_blocked : wu, wd, nullptr, wn};
     inf.bytes = infer.bytes();
-    if (total) inf.ms = time_median(o.warmup, o.reps, stream, [&] { infer.forward(x, w, y, stream); });
+    auto forward = [&] { infer.forward(x, w, y, stream); };
+    if (total)
+      inf.ms = v == kInference ? time_median_clocked(clocks, clk_inference, o.warmup, o.reps,
+                                                     stream, forward)
+                               : time_median(o.warmup, o.reps, stream, forward);
     if (total && v == kInference) {
       // One graph launch instead of a launch per kernel: what a server replaying its decode step
       // pays; the eager time above is the headline (the peer launches eagerly too). Timed in
@@ -508,8 +531,10 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     moe::cuda::Layer gathered(cfg, kLayerBackend, kLayerGateUp, /*backward=*/true, /*groups=*/1,
                               cublas, moe::cuda::RowSource::gathered);
     gathered_bytes = gathered.bytes();
-    auto time_step = [&](moe::cuda::Layer& l, const moe::cuda::LayerGrads& grads) {
-      return time_median(o.warmup, o.reps, stream, [&] {
+    moe::cuda::ClockSamples clk_other;  // the gathered rows' step: not reported
+    auto time_step = [&](moe::cuda::Layer& l, const moe::cuda::LayerGrads& grads,
+                         moe::cuda::ClockSamples& into) {
+      return time_median_clocked(clocks, into, o.warmup, o.reps, stream, [&] {
         l.forward(x, w, y, stream);
         l.backward(x, w, dy, grads, stream);
       });
@@ -519,9 +544,9 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
     for (int r = 0; r < kFreshRounds; ++r)
       for (int i = 0; i < 3; ++i) {
         const int v = (i + r) % 3;
-        rounds_of[v]->push_back(v == 0   ? time_step(layer, fresh)
-                                : v == 1 ? time_step(layer, fresh16)
-                                         : time_step(gathered, fresh));
+        rounds_of[v]->push_back(v == 0   ? time_step(layer, fresh, clk_fresh)
+                                : v == 1 ? time_step(layer, fresh16, clk_bf16)
+                                         : time_step(gathered, fresh, clk_other));
       }
     fresh_ms = median(fresh_rounds);
     bf16_ms = median(bf16_rounds);
@@ -551,9 +576,11 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
         double t[3] = {0, 0, 0};
         for (int i = 0; i < 3; ++i) {
           const int v = (i + r) % 3;
-          t[v] = v == 0   ? time_step(layer, fresh16)
-                 : v == 1 ? time_median(o.warmup, o.reps, stream, [&] { dense.run(h, stream); })
-                          : time_median(o.warmup, o.reps, stream, [&] { even.run(h, stream); });
+          t[v] = v == 0   ? time_step(layer, fresh16, clk_bf16)
+                 : v == 1 ? time_median_clocked(clocks, clk_dense_step, o.warmup, o.reps, stream,
+                                                [&] { dense.run(h, stream); })
+                          : time_median_clocked(clocks, clk_even_step, o.warmup, o.reps, stream,
+                                                [&] { even.run(h, stream); });
         }
         beside_dense_rounds.push_back(t[0]);
         dense_step_rounds.push_back(t[1]);
@@ -697,6 +724,22 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["experts_forward_step_ms"] = steps_json(experts_fwd_step_ms);
   j["inference_experts_step_ms"] = steps_json(inf.step_ms);
   j["inference_ms"] = infer_ms;
+  if (clocks.available()) {
+    json mhz = json::object(), capped = json::object(), n = json::object();
+    for (const auto& [key, c] : {std::pair<const char*, const moe::cuda::ClockSamples*>{
+                                     "inference", &clk_inference},
+                                 {"fwd_bwd_fresh", &clk_fresh},
+                                 {"fwd_bwd_bf16", &clk_bf16},
+                                 {"dense_step", &clk_dense_step},
+                                 {"even_step", &clk_even_step}}) {
+      mhz[key] = c->median_mhz();
+      capped[key] = c->power_capped_share();
+      n[key] = c->size();
+    }
+    j["sm_clock_mhz"] = mhz;
+    j["power_capped_share"] = capped;
+    j["clock_samples"] = n;
+  }
   j["inference_tflops"] = flops_fwd / (infer_ms * 1e9);
   j["inference_fraction_of_dense"] = dense_ms / infer_ms;
   j["inference_over_weight_floor"] = infer_ms / floor_ms;

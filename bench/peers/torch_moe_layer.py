@@ -22,17 +22,23 @@ FLOPs: forward 6*T*K*H*I, fwd+bwd 3x that (the gate not counted), as ours.
 Peak memory: torch.cuda.max_memory_allocated() during one forward+backward minus
 torch.cuda.memory_allocated() before it (inputs, weights and their .grad buffers excluded).
 Method: CUDA events around each run, warm-up first, median of --reps runs. One JSON object per line.
+Clocks: where the driver's NVML loads, the median SM clock and the share of samples in which the
+driver names its power cap, under the forward and the fresh forward+backward loops (sm_clock_mhz,
+power_capped_share, clock_samples), read every 2 ms as moe-bench bench --layer reads them.
 
   python3 bench/peers/torch_moe_layer.py --build build/gg --out peer_layer.jsonl
   python3 bench/peers/torch_moe_layer.py --shape 16384,2048,1408,64,6   # as moe-bench's --shape
 """
 import argparse
+import ctypes
 import datetime
 import json
 import os
 import re
 import statistics
 import sys
+import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +127,74 @@ def peak_extra_bytes(step):
     return torch.cuda.max_memory_allocated() - base
 
 
+class ClockSampler:
+    """The SM clock and whether the driver names its power cap (clock-event reason 0x4), read from
+    NVML (the driver's libnvidia-ml.so.1, through ctypes) every 2 ms on a thread while a section
+    runs: the figures of moe-bench's ClockSampler (src/cuda/clock_sampler.cpp)."""
+
+    def __init__(self, device_index):
+        self.nvml = None
+        self.handle = ctypes.c_void_p()
+        self.samples = {}
+        self._stop = threading.Event()
+        self._thread = None
+        try:
+            nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        except OSError:
+            return
+        if nvml.nvmlInit_v2() != 0:
+            return
+        p = torch.cuda.get_device_properties(device_index)
+        try:
+            bus = f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0".encode()
+        except AttributeError:  # a torch without the PCI ids: no clocks rather than wrong ones
+            nvml.nvmlShutdown()
+            return
+        if nvml.nvmlDeviceGetHandleByPciBusId_v2(bus, ctypes.byref(self.handle)) != 0:
+            nvml.nvmlShutdown()
+            return
+        self.nvml = nvml
+
+    def _run(self, mhz, capped):
+        clock, reasons = ctypes.c_uint(), ctypes.c_ulonglong()
+        while not self._stop.is_set():
+            if (self.nvml.nvmlDeviceGetClockInfo(self.handle, 1, ctypes.byref(clock)) == 0 and
+                    self.nvml.nvmlDeviceGetCurrentClocksThrottleReasons(
+                        self.handle, ctypes.byref(reasons)) == 0):
+                mhz.append(clock.value)
+                capped.append(bool(reasons.value & 0x4))
+            time.sleep(0.002)
+
+    def section(self, key):
+        """with sampler.section("forward"): ... -- appends that loop's samples under key."""
+        sampler = self
+
+        class Section:
+            def __enter__(self):
+                if sampler.nvml is not None:
+                    mhz, capped = sampler.samples.setdefault(key, ([], []))
+                    sampler._stop.clear()
+                    sampler._thread = threading.Thread(target=sampler._run, args=(mhz, capped))
+                    sampler._thread.start()
+
+            def __exit__(self, *exc):
+                if sampler._thread is not None:
+                    sampler._stop.set()
+                    sampler._thread.join()
+                    sampler._thread = None
+        return Section()
+
+    def record(self):
+        """The record's fields: median MHz, power-capped share and sample count per section."""
+        if self.nvml is None:
+            return {}
+        return {"sm_clock_mhz": {k: statistics.median(m) if m else None
+                                 for k, (m, c) in self.samples.items()},
+                "power_capped_share": {k: sum(c) / len(c) if c else None
+                                       for k, (m, c) in self.samples.items()},
+                "clock_samples": {k: len(m) for k, (m, c) in self.samples.items()}}
+
+
 def time_runs(fn, warmup, reps):
     for _ in range(warmup):
         fn()
@@ -169,7 +243,8 @@ def run_config(name, shape, args, command, out, dev, gen):
         wg = (torch.randn(H, E, device=dev, generator=gen) / H ** 0.5).to(bf)
         wu = (torch.randn(E, 2 * I, H, device=dev, generator=gen) / H ** 0.5).to(bf)
         wd = (torch.randn(E, H, I, device=dev, generator=gen) / I ** 0.5).to(bf)
-        with torch.no_grad():
+        clocks = ClockSampler(dev.index if dev.index is not None else torch.cuda.current_device())
+        with torch.no_grad(), clocks.section("forward"):
             fwd_ms = time_runs(lambda: moe_layer(x, wg, wu, wd, K), args.warmup, args.reps)
         xs, wgs, wus, wds = (t.detach().clone().requires_grad_() for t in (x, wg, wu, wd))
 
@@ -187,7 +262,8 @@ def run_config(name, shape, args, command, out, dev, gen):
                 t.grad = None
             step()
 
-        fresh_ms = time_runs(fresh_step, args.warmup, args.reps)
+        with clocks.section("fwd_bwd_fresh"):
+            fresh_ms = time_runs(fresh_step, args.warmup, args.reps)
 
         # the per-expert loop: forward, and forward+backward with fresh gradients
         wul = [w.detach().clone().requires_grad_() for w in wu.unbind(0)]
@@ -221,7 +297,7 @@ def run_config(name, shape, args, command, out, dev, gen):
                "forward_loop_ms": loop_fwd_ms, "forward_loop_tflops": flops / (loop_fwd_ms * 1e9),
                "fwd_bwd_fresh_loop_ms": loop_fresh_ms,
                "fwd_bwd_fresh_loop_tflops": 3 * flops / (loop_fresh_ms * 1e9),
-               "peak_extra_loop_bytes": loop_peak_extra}
+               "peak_extra_loop_bytes": loop_peak_extra, **clocks.record()}
         print(json.dumps(rec), file=out, flush=True)
         print(f"peer {name:<12} fwd {fwd_ms:.3f} ms ({rec['forward_tflops']:.0f} TF/s) | "
               f"fwd+bwd {step_ms:.3f} ms ({rec['fwd_bwd_tflops']:.0f} TF/s), "

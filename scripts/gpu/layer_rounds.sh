@@ -144,6 +144,21 @@ for c in ours:
           f"{ms([d.get('inference_graph_over_weight_floor', nan) for d in o], '%.2f'):>17} "
           f"{ms([d.get('inference_graph_over_eager_rounds_median', nan) for d in o]):>17}")
 print()
+# The SM clock under each side's headline loops (median MHz, and the share of samples in which
+# the driver named its power cap), first round; records made before the samplers have none.
+def clock(d, key):
+    mhz = (d.get("sm_clock_mhz") or {}).get(key)
+    cap = (d.get("power_capped_share") or {}).get(key)
+    return "-" if mhz is None else f"{mhz:.0f} ({100 * cap:.0f} %)"
+print(f"{'config':<12} {'ours fwd':>13} {'peer fwd':>13} {'ours fresh':>13} {'ours bf16 dW':>13} "
+      f"{'peer fresh':>13} {'dense step':>13} {'even step':>13}  (SM MHz, power-capped share)")
+for c in ours:
+    d, e = ours[c][0], (peer.get(c) or [{}])[0]
+    print(f"{c:<12} {clock(d, 'inference'):>13} {clock(e, 'forward'):>13} "
+          f"{clock(d, 'fwd_bwd_fresh'):>13} {clock(d, 'fwd_bwd_bf16'):>13} "
+          f"{clock(e, 'fwd_bwd_fresh'):>13} {clock(d, 'dense_step'):>13} "
+          f"{clock(d, 'even_step'):>13}")
+print()
 for c in ours:
     d = ours[c][0]
     print(f"{c:<12} backward " + " ".join(f"{k} {v:.3f}" for k, v in d["backward_stage_ms"].items())

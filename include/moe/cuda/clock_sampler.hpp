@@ -1,0 +1,49 @@
+// defines: moe::cuda::ClockSamples, ClockSampler
+// The SM clock a timed loop ran at, and whether the driver held it down for the power cap.
+// Hopper boards reach their power limit in long GEMM loops and the driver lowers the clock, so
+// two loops timed on one card can run at different clocks; benchmarks record this beside the
+// times. A thread reads NVML (loaded at run time from the driver's libnvidia-ml.so.1, so nothing
+// links against it) every kIntervalUs while a section runs. Without NVML or a device nothing is
+// sampled and the figures are NaN.
+#pragma once
+#include <atomic>
+#include <memory>
+#include <thread>
+#include <vector>
+
+namespace moe::cuda {
+
+// The samples of one or more sections: SM clock in MHz, and whether the driver named the power
+// cap (software power capping, NVML's clock-event reason 0x4) as a reason at that moment.
+struct ClockSamples {
+  std::vector<double> sm_mhz;
+  std::vector<bool> power_capped;
+  size_t size() const { return sm_mhz.size(); }
+  double median_mhz() const;         // NaN without samples
+  double power_capped_share() const; // NaN without samples
+};
+
+class ClockSampler {
+ public:
+  static constexpr int kIntervalUs = 2000;
+  // For the CUDA device `device` (matched to NVML's by PCI bus id).
+  explicit ClockSampler(int device);
+  ~ClockSampler();
+  ClockSampler(const ClockSampler&) = delete;
+  ClockSampler& operator=(const ClockSampler&) = delete;
+
+  bool available() const { return nvml_ != nullptr; }
+  // Samples into `into` (appending) from start() until stop(); one section at a time.
+  void start(ClockSamples* into);
+  void stop();
+
+ private:
+  struct Nvml;
+  void run();
+  std::unique_ptr<Nvml> nvml_;
+  ClockSamples* into_ = nullptr;
+  std::atomic<bool> running_{false};
+  std::thread thread_;
+};
+
+}  // namespace moe::cuda

@@ -1,0 +1,67 @@
+// ClockSampler (the SM clock under bench --layer's timed loops) and the ClockSamples summary.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <thread>
+
+#include "cuda_test_util.hpp"
+#include "moe/cuda/clock_sampler.hpp"
+
+namespace {
+
+using moe::cuda::ClockSampler;
+using moe::cuda::ClockSamples;
+
+TEST(ClockSamples, MedianAndPowerCappedShareOfTheSamples) {
+  ClockSamples c;
+  EXPECT_TRUE(std::isnan(c.median_mhz()));
+  EXPECT_TRUE(std::isnan(c.power_capped_share()));
+  c.sm_mhz = {1980, 1395, 1410};
+  c.power_capped = {false, true, true};
+  EXPECT_EQ(c.median_mhz(), 1410);
+  EXPECT_DOUBLE_EQ(c.power_capped_share(), 2.0 / 3.0);
+  c.sm_mhz.push_back(1500);
+  c.power_capped.push_back(false);
+  EXPECT_EQ(c.median_mhz(), 0.5 * (1410 + 1500));
+  EXPECT_DOUBLE_EQ(c.power_capped_share(), 0.5);
+}
+
+TEST(ClockSampler, WithoutADeviceOrNvmlItSamplesNothing) {
+  ClockSampler sampler(/*device=*/1 << 20);  // no such device
+  EXPECT_FALSE(sampler.available());
+  ClockSamples c;
+  sampler.start(&c);
+  std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  sampler.stop();
+  EXPECT_EQ(c.size(), 0u);
+  // With a device, the failed lookup leaves no error behind for the next CUDA call (without a
+  // driver every call reports that, whatever the sampler does).
+  if (moe::cuda::has_device()) EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+TEST(ClockSampler, SamplesTheClockWhileASectionRunsAndAppends) {
+  MOE_REQUIRE_GPU();
+  ClockSampler sampler(0);
+  if (!sampler.available()) GTEST_SKIP() << "libnvidia-ml.so.1 not loadable";
+  ClockSamples c;
+  sampler.start(&c);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  sampler.stop();
+  const size_t first = c.size();
+  EXPECT_GE(first, 5u);  // one sample every 2 ms, allowing for a slow host
+  EXPECT_EQ(c.power_capped.size(), first);
+  EXPECT_GT(c.median_mhz(), 100);
+  EXPECT_LT(c.median_mhz(), 5000);
+  const double share = c.power_capped_share();
+  EXPECT_GE(share, 0.0);
+  EXPECT_LE(share, 1.0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(c.size(), first);  // stopped: nothing more
+  sampler.start(&c);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  sampler.stop();
+  EXPECT_GT(c.size(), first);  // a second section appends
+}
+
+}  // namespace
