@@ -52,7 +52,9 @@
 // (its SM clock drops from 1980 to 1250-1750 MHz at 700 W), so whatever runs later reads slower.
 // Clocks: where NVML can be loaded (ClockSampler), the median SM clock and the share of samples
 // in which the driver names its power cap, under the headline inference forward, the fresh fp32
-// and bf16 steps and the two cuBLAS steps (sm_clock_mhz, power_capped_share, clock_samples).
+// and bf16 steps and the two cuBLAS steps (sm_clock_mhz, power_capped_share, clock_samples), and
+// the board's energy per run of each loop and its mean power over the loops (energy_per_run_j,
+// mean_power_w; from NVML's energy counter, warm-up runs included, whole board).
 // The dense pair is timed once after the layers (dense_equiv_*), and then in 6 rounds with the
 // inference forward and its other-row-source variant, the three in a rotating order (rounds_*):
 // each round's ratios see the same clocks on all sides, and their medians
@@ -125,13 +127,15 @@ double time_median(int warmup, int reps, cudaStream_t stream, F&& run) {
   return median(ms);
 }
 
-// time_median, with the SM clock sampled into `samples` while the loop runs.
+// time_median, with the SM clock sampled and the board's energy counted into `samples` while
+// the loop runs (warm-up included: its runs are counted too).
 template <class F>
 double time_median_clocked(moe::cuda::ClockSampler& clocks, moe::cuda::ClockSamples& samples,
                            int warmup, int reps, cudaStream_t stream, F&& run) {
   clocks.start(&samples);
   const double ms = time_median(warmup, reps, stream, run);
   clocks.stop();
+  samples.runs += warmup + reps;
   return ms;
 }
 
@@ -726,6 +730,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   j["inference_ms"] = infer_ms;
   if (clocks.available()) {
     json mhz = json::object(), capped = json::object(), n = json::object();
+    json joules = json::object(), watts = json::object();
     for (const auto& [key, c] : {std::pair<const char*, const moe::cuda::ClockSamples*>{
                                      "inference", &clk_inference},
                                  {"fwd_bwd_fresh", &clk_fresh},
@@ -735,10 +740,14 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       mhz[key] = c->median_mhz();
       capped[key] = c->power_capped_share();
       n[key] = c->size();
+      joules[key] = c->energy_per_run_j();
+      watts[key] = c->mean_power_w();
     }
     j["sm_clock_mhz"] = mhz;
     j["power_capped_share"] = capped;
     j["clock_samples"] = n;
+    j["energy_per_run_j"] = joules;
+    j["mean_power_w"] = watts;
   }
   j["inference_tflops"] = flops_fwd / (infer_ms * 1e9);
   j["inference_fraction_of_dense"] = dense_ms / infer_ms;

@@ -24,7 +24,9 @@ torch.cuda.memory_allocated() before it (inputs, weights and their .grad buffers
 Method: CUDA events around each run, warm-up first, median of --reps runs. One JSON object per line.
 Clocks: where the driver's NVML loads, the median SM clock and the share of samples in which the
 driver names its power cap, under the forward and the fresh forward+backward loops (sm_clock_mhz,
-power_capped_share, clock_samples), read every 2 ms as moe-bench bench --layer reads them.
+power_capped_share, clock_samples), read every 2 ms as moe-bench bench --layer reads them, and the
+board's energy per run and mean power over each loop (energy_per_run_j, mean_power_w: NVML's
+energy counter at the loop's start and end, warm-up runs included).
 
   python3 bench/peers/torch_moe_layer.py --build build/gg --out peer_layer.jsonl
   python3 bench/peers/torch_moe_layer.py --shape 16384,2048,1408,64,6   # as moe-bench's --shape
@@ -165,16 +167,26 @@ class ClockSampler:
                 capped.append(bool(reasons.value & 0x4))
             time.sleep(0.002)
 
-    def section(self, key):
-        """with sampler.section("forward"): ... -- appends that loop's samples under key."""
+    def _energy_mj(self):
+        mj = ctypes.c_ulonglong()
+        ok = self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(mj)) == 0
+        return mj.value if ok else None
+
+    def section(self, key, runs):
+        """with sampler.section("forward", runs): ... -- appends that loop's samples under key;
+        runs: how many times the loop runs the step (warm-up included), for the energy per run."""
         sampler = self
 
         class Section:
             def __enter__(self):
                 if sampler.nvml is not None:
-                    mhz, capped = sampler.samples.setdefault(key, ([], []))
+                    s = sampler.samples.setdefault(
+                        key, {"mhz": [], "capped": [], "j": 0.0, "s": 0.0, "runs": 0, "ok": True})
+                    self.s = s
+                    self.mj0, self.t0 = sampler._energy_mj(), time.monotonic()
                     sampler._stop.clear()
-                    sampler._thread = threading.Thread(target=sampler._run, args=(mhz, capped))
+                    sampler._thread = threading.Thread(target=sampler._run,
+                                                       args=(s["mhz"], s["capped"]))
                     sampler._thread.start()
 
             def __exit__(self, *exc):
@@ -182,17 +194,30 @@ class ClockSampler:
                     sampler._stop.set()
                     sampler._thread.join()
                     sampler._thread = None
+                    mj1 = sampler._energy_mj()
+                    if self.mj0 is None or mj1 is None or mj1 < self.mj0:
+                        self.s["ok"] = False
+                    else:
+                        self.s["j"] += (mj1 - self.mj0) * 1e-3
+                        self.s["s"] += time.monotonic() - self.t0
+                    self.s["runs"] += runs
         return Section()
 
     def record(self):
-        """The record's fields: median MHz, power-capped share and sample count per section."""
+        """The record's fields per section: median MHz, power-capped share, sample count, energy
+        per run (J) and mean power (W)."""
         if self.nvml is None:
             return {}
-        return {"sm_clock_mhz": {k: statistics.median(m) if m else None
-                                 for k, (m, c) in self.samples.items()},
-                "power_capped_share": {k: sum(c) / len(c) if c else None
-                                       for k, (m, c) in self.samples.items()},
-                "clock_samples": {k: len(m) for k, (m, c) in self.samples.items()}}
+        v = self.samples.items()
+        known = {k: s["ok"] and s["s"] > 0 for k, s in v}
+        return {"sm_clock_mhz": {k: statistics.median(s["mhz"]) if s["mhz"] else None
+                                 for k, s in v},
+                "power_capped_share": {k: sum(s["capped"]) / len(s["capped"])
+                                       if s["capped"] else None for k, s in v},
+                "clock_samples": {k: len(s["mhz"]) for k, s in v},
+                "energy_per_run_j": {k: s["j"] / s["runs"] if known[k] and s["runs"] else None
+                                     for k, s in v},
+                "mean_power_w": {k: s["j"] / s["s"] if known[k] else None for k, s in v}}
 
 
 def time_runs(fn, warmup, reps):
@@ -244,7 +269,7 @@ def run_config(name, shape, args, command, out, dev, gen):
         wu = (torch.randn(E, 2 * I, H, device=dev, generator=gen) / H ** 0.5).to(bf)
         wd = (torch.randn(E, H, I, device=dev, generator=gen) / I ** 0.5).to(bf)
         clocks = ClockSampler(dev.index if dev.index is not None else torch.cuda.current_device())
-        with torch.no_grad(), clocks.section("forward"):
+        with torch.no_grad(), clocks.section("forward", args.warmup + args.reps):
             fwd_ms = time_runs(lambda: moe_layer(x, wg, wu, wd, K), args.warmup, args.reps)
         xs, wgs, wus, wds = (t.detach().clone().requires_grad_() for t in (x, wg, wu, wd))
 
@@ -262,7 +287,7 @@ def run_config(name, shape, args, command, out, dev, gen):
                 t.grad = None
             step()
 
-        with clocks.section("fwd_bwd_fresh"):
+        with clocks.section("fwd_bwd_fresh", args.warmup + args.reps):
             fresh_ms = time_runs(fresh_step, args.warmup, args.reps)
 
         # the per-expert loop: forward, and forward+backward with fresh gradients

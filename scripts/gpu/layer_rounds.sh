@@ -158,6 +158,19 @@ for c in ours:
           f"{clock(d, 'fwd_bwd_fresh'):>13} {clock(d, 'fwd_bwd_bf16'):>13} "
           f"{clock(e, 'fwd_bwd_fresh'):>13} {clock(d, 'dense_step'):>13} "
           f"{clock(d, 'even_step'):>13}")
+# The board's energy per run of each loop and its mean power (NVML's counter, whole board).
+def energy(d, key):
+    j = (d.get("energy_per_run_j") or {}).get(key)
+    w = (d.get("mean_power_w") or {}).get(key)
+    return "-" if j is None or w is None else f"{j:.3f} ({w:.0f} W)"
+print(f"{'config':<12} {'ours fwd':>13} {'peer fwd':>13} {'ours fresh':>13} {'ours bf16 dW':>13} "
+      f"{'peer fresh':>13} {'dense step':>13} {'even step':>13}  (J per run, mean power)")
+for c in ours:
+    d, e = ours[c][0], (peer.get(c) or [{}])[0]
+    print(f"{c:<12} {energy(d, 'inference'):>13} {energy(e, 'forward'):>13} "
+          f"{energy(d, 'fwd_bwd_fresh'):>13} {energy(d, 'fwd_bwd_bf16'):>13} "
+          f"{energy(e, 'fwd_bwd_fresh'):>13} {energy(d, 'dense_step'):>13} "
+          f"{energy(d, 'even_step'):>13}")
 print()
 for c in ours:
     d = ours[c][0]

@@ -25,6 +25,7 @@ struct ClockSampler::Nvml {
   int (*shutdown)() = nullptr;
   int (*clock_info)(nvmlDevice_t, int, unsigned*) = nullptr;
   int (*reasons)(nvmlDevice_t, unsigned long long*) = nullptr;
+  int (*energy)(nvmlDevice_t, unsigned long long*) = nullptr;  // optional: mJ since driver load
   nvmlDevice_t device = nullptr;
   ~Nvml() {
     if (shutdown) shutdown();
@@ -46,6 +47,20 @@ double ClockSamples::power_capped_share() const {
          double(power_capped.size());
 }
 
+double ClockSamples::energy_per_run_j() const {
+  if (!energy_known || runs <= 0 || seconds <= 0) return std::numeric_limits<double>::quiet_NaN();
+  return energy_j / double(runs);
+}
+
+double ClockSamples::mean_power_w() const {
+  if (!energy_known || seconds <= 0) return std::numeric_limits<double>::quiet_NaN();
+  return energy_j / seconds;
+}
+
+bool ClockSampler::read_energy_mj(unsigned long long* mj) const {
+  return nvml_ && nvml_->energy && nvml_->energy(nvml_->device, mj) == kNvmlSuccess;
+}
+
 ClockSampler::ClockSampler(int device) {
   char bus_id[32] = {};
   if (cudaDeviceGetPCIBusId(bus_id, sizeof bus_id, device) != cudaSuccess) {
@@ -63,6 +78,8 @@ ClockSampler::ClockSampler(int device) {
       sym("nvmlDeviceGetClockInfo"));
   nvml->reasons = reinterpret_cast<int (*)(nvmlDevice_t, unsigned long long*)>(
       sym("nvmlDeviceGetCurrentClocksThrottleReasons"));
+  nvml->energy = reinterpret_cast<int (*)(nvmlDevice_t, unsigned long long*)>(
+      sym("nvmlDeviceGetTotalEnergyConsumption"));
   auto shutdown = reinterpret_cast<int (*)()>(sym("nvmlShutdown"));
   if (!nvml->init || !by_bus || !nvml->clock_info || !nvml->reasons || !shutdown) return;
   if (nvml->init() != kNvmlSuccess) return;
@@ -79,6 +96,8 @@ void ClockSampler::start(ClockSamples* into) {
   stop();
   if (!nvml_ || !into) return;
   into_ = into;
+  start_mj_ok_ = read_energy_mj(&start_mj_);
+  start_time_ = std::chrono::steady_clock::now();
   running_ = true;
   thread_ = std::thread([this] { run(); });
 }
@@ -86,6 +105,16 @@ void ClockSampler::start(ClockSamples* into) {
 void ClockSampler::stop() {
   running_ = false;
   if (thread_.joinable()) thread_.join();
+  if (into_) {
+    unsigned long long mj = 0;
+    if (start_mj_ok_ && read_energy_mj(&mj) && mj >= start_mj_) {
+      into_->energy_j += double(mj - start_mj_) * 1e-3;
+      into_->seconds +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time_).count();
+    } else {
+      into_->energy_known = false;
+    }
+  }
   into_ = nullptr;
 }
 

@@ -25,6 +25,20 @@ TEST(ClockSamples, MedianAndPowerCappedShareOfTheSamples) {
   c.power_capped.push_back(false);
   EXPECT_EQ(c.median_mhz(), 0.5 * (1410 + 1500));
   EXPECT_DOUBLE_EQ(c.power_capped_share(), 0.5);
+  EXPECT_TRUE(std::isnan(c.energy_per_run_j()));  // no time, no runs yet
+  EXPECT_TRUE(std::isnan(c.mean_power_w()));
+  c.energy_j = 6.3;
+  c.seconds = 0.009;
+  c.runs = 1;
+  EXPECT_DOUBLE_EQ(c.energy_per_run_j(), 6.3);
+  EXPECT_DOUBLE_EQ(c.mean_power_w(), 700);
+  c.runs = 0;
+  EXPECT_TRUE(std::isnan(c.energy_per_run_j()));
+  c.runs = 3;
+  EXPECT_DOUBLE_EQ(c.energy_per_run_j(), 2.1);
+  c.energy_known = false;  // one section's counter unreadable: no energy figures at all
+  EXPECT_TRUE(std::isnan(c.energy_per_run_j()));
+  EXPECT_TRUE(std::isnan(c.mean_power_w()));
 }
 
 TEST(ClockSampler, WithoutADeviceOrNvmlItSamplesNothing) {
@@ -37,7 +51,9 @@ TEST(ClockSampler, WithoutADeviceOrNvmlItSamplesNothing) {
   EXPECT_EQ(c.size(), 0u);
   // With a device, the failed lookup leaves no error behind for the next CUDA call (without a
   // driver every call reports that, whatever the sampler does).
-  if (moe::cuda::has_device()) EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  if (moe::cuda::has_device()) {
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  }
 }
 
 TEST(ClockSampler, SamplesTheClockWhileASectionRunsAndAppends) {
@@ -62,6 +78,18 @@ TEST(ClockSampler, SamplesTheClockWhileASectionRunsAndAppends) {
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
   sampler.stop();
   EXPECT_GT(c.size(), first);  // a second section appends
+  // The board's energy counter over a longer section: joules, not millijoules (an idle or busy
+  // H100 draws tens to hundreds of watts), and the section's wall time.
+  ClockSamples e;
+  sampler.start(&e);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  sampler.stop();
+  if (!e.energy_known) GTEST_SKIP() << "no energy counter on this board";
+  EXPECT_GE(e.seconds, 0.3);
+  EXPECT_LT(e.seconds, 2.0);
+  EXPECT_GT(e.energy_j, 0.0);
+  EXPECT_GT(e.mean_power_w(), 10.0);
+  EXPECT_LT(e.mean_power_w(), 1500.0);
 }
 
 }  // namespace

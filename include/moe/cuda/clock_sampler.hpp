@@ -1,12 +1,16 @@
 // defines: moe::cuda::ClockSamples, ClockSampler
-// The SM clock a timed loop ran at, and whether the driver held it down for the power cap.
-// Hopper boards reach their power limit in long GEMM loops and the driver lowers the clock, so
-// two loops timed on one card can run at different clocks; benchmarks record this beside the
-// times. A thread reads NVML (loaded at run time from the driver's libnvidia-ml.so.1, so nothing
-// links against it) every kIntervalUs while a section runs. Without NVML or a device nothing is
-// sampled and the figures are NaN.
+// The SM clock a timed loop ran at, whether the driver held it down for the power cap, and the
+// energy the board used. Hopper boards reach their power limit in long GEMM loops and the driver
+// lowers the clock, so two loops timed on one card can run at different clocks; benchmarks record
+// this beside the times, and the energy per run as a figure the clock does not move the same way.
+// A thread reads NVML (loaded at run time from the driver's libnvidia-ml.so.1, so nothing links
+// against it) every kIntervalUs while a section runs; the board's energy counter (mJ) is read at
+// each section's start and stop. Without NVML or a device nothing is sampled and the figures are
+// NaN.
 #pragma once
 #include <atomic>
+#include <chrono>
+#include <cstdint>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -18,9 +22,16 @@ namespace moe::cuda {
 struct ClockSamples {
   std::vector<double> sm_mhz;
   std::vector<bool> power_capped;
+  // Summed over the sections: the board's energy and the wall time between start and stop, and
+  // the runs of the timed loop in them (the caller counts those, warm-up included).
+  double energy_j = 0, seconds = 0;
+  int64_t runs = 0;
+  bool energy_known = true;  // false once a section's counter could not be read
   size_t size() const { return sm_mhz.size(); }
-  double median_mhz() const;         // NaN without samples
-  double power_capped_share() const; // NaN without samples
+  double median_mhz() const;          // NaN without samples
+  double power_capped_share() const;  // NaN without samples
+  double energy_per_run_j() const;    // NaN without energy or runs
+  double mean_power_w() const;        // NaN without energy or time
 };
 
 class ClockSampler {
@@ -40,8 +51,12 @@ class ClockSampler {
  private:
   struct Nvml;
   void run();
+  bool read_energy_mj(unsigned long long* mj) const;
   std::unique_ptr<Nvml> nvml_;
   ClockSamples* into_ = nullptr;
+  unsigned long long start_mj_ = 0;
+  bool start_mj_ok_ = false;
+  std::chrono::steady_clock::time_point start_time_;
   std::atomic<bool> running_{false};
   std::thread thread_;
 };
