@@ -144,33 +144,26 @@ for c in ours:
           f"{ms([d.get('inference_graph_over_weight_floor', nan) for d in o], '%.2f'):>17} "
           f"{ms([d.get('inference_graph_over_eager_rounds_median', nan) for d in o]):>17}")
 print()
-# The SM clock under each side's headline loops (median MHz, and the share of samples in which
-# the driver named its power cap), first round; records made before the samplers have none.
+# Each side's headline loops, first round (records made before the samplers have none): the SM
+# clock (median MHz, and the share of samples in which the driver named its power cap), then the
+# board's energy per run of the loop and its mean power (NVML's counter, whole board).
 def clock(d, key):
     mhz = (d.get("sm_clock_mhz") or {}).get(key)
     cap = (d.get("power_capped_share") or {}).get(key)
     return "-" if mhz is None else f"{mhz:.0f} ({100 * cap:.0f} %)"
-print(f"{'config':<12} {'ours fwd':>13} {'peer fwd':>13} {'ours fresh':>13} {'ours bf16 dW':>13} "
-      f"{'peer fresh':>13} {'dense step':>13} {'even step':>13}  (SM MHz, power-capped share)")
-for c in ours:
-    d, e = ours[c][0], (peer.get(c) or [{}])[0]
-    print(f"{c:<12} {clock(d, 'inference'):>13} {clock(e, 'forward'):>13} "
-          f"{clock(d, 'fwd_bwd_fresh'):>13} {clock(d, 'fwd_bwd_bf16'):>13} "
-          f"{clock(e, 'fwd_bwd_fresh'):>13} {clock(d, 'dense_step'):>13} "
-          f"{clock(d, 'even_step'):>13}")
-# The board's energy per run of each loop and its mean power (NVML's counter, whole board).
 def energy(d, key):
     j = (d.get("energy_per_run_j") or {}).get(key)
     w = (d.get("mean_power_w") or {}).get(key)
     return "-" if j is None or w is None else f"{j:.3f} ({w:.0f} W)"
-print(f"{'config':<12} {'ours fwd':>13} {'peer fwd':>13} {'ours fresh':>13} {'ours bf16 dW':>13} "
-      f"{'peer fresh':>13} {'dense step':>13} {'even step':>13}  (J per run, mean power)")
-for c in ours:
-    d, e = ours[c][0], (peer.get(c) or [{}])[0]
-    print(f"{c:<12} {energy(d, 'inference'):>13} {energy(e, 'forward'):>13} "
-          f"{energy(d, 'fwd_bwd_fresh'):>13} {energy(d, 'fwd_bwd_bf16'):>13} "
-          f"{energy(e, 'fwd_bwd_fresh'):>13} {energy(d, 'dense_step'):>13} "
-          f"{energy(d, 'even_step'):>13}")
+loops = (("ours fwd", 0, "inference"), ("peer fwd", 1, "forward"),
+         ("ours fresh", 0, "fwd_bwd_fresh"), ("ours bf16 dW", 0, "fwd_bwd_bf16"),
+         ("peer fresh", 1, "fwd_bwd_fresh"), ("dense step", 0, "dense_step"),
+         ("even step", 0, "even_step"))
+for cell, what in ((clock, "SM MHz, power-capped share"), (energy, "J per run, mean power")):
+    print(f"{'config':<12} " + " ".join(f"{name:>13}" for name, _, _ in loops) + f"  ({what})")
+    for c in ours:
+        sides = (ours[c][0], (peer.get(c) or [{}])[0])
+        print(f"{c:<12} " + " ".join(f"{cell(sides[i], key):>13}" for _, i, key in loops))
 print()
 for c in ours:
     d = ours[c][0]
