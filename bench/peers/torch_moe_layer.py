@@ -32,6 +32,7 @@ energy counter at the loop's start and end, warm-up runs included).
   python3 bench/peers/torch_moe_layer.py --shape 16384,2048,1408,64,6   # as moe-bench's --shape
 """
 import argparse
+import contextlib
 import ctypes
 import datetime
 import json
@@ -138,8 +139,6 @@ class ClockSampler:
         self.nvml = None
         self.handle = ctypes.c_void_p()
         self.samples = {}
-        self._stop = threading.Event()
-        self._thread = None
         try:
             nvml = ctypes.CDLL("libnvidia-ml.so.1")
         except OSError:
@@ -157,9 +156,9 @@ class ClockSampler:
             return
         self.nvml = nvml
 
-    def _run(self, mhz, capped):
+    def _run(self, stop, mhz, capped):
         clock, reasons = ctypes.c_uint(), ctypes.c_ulonglong()
-        while not self._stop.is_set():
+        while not stop.is_set():
             if (self.nvml.nvmlDeviceGetClockInfo(self.handle, 1, ctypes.byref(clock)) == 0 and
                     self.nvml.nvmlDeviceGetCurrentClocksThrottleReasons(
                         self.handle, ctypes.byref(reasons)) == 0):
@@ -172,36 +171,31 @@ class ClockSampler:
         ok = self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(mj)) == 0
         return mj.value if ok else None
 
+    @contextlib.contextmanager
     def section(self, key, runs):
         """with sampler.section("forward", runs): ... -- appends that loop's samples under key;
         runs: how many times the loop runs the step (warm-up included), for the energy per run."""
-        sampler = self
-
-        class Section:
-            def __enter__(self):
-                if sampler.nvml is not None:
-                    s = sampler.samples.setdefault(
-                        key, {"mhz": [], "capped": [], "j": 0.0, "s": 0.0, "runs": 0, "ok": True})
-                    self.s = s
-                    self.mj0, self.t0 = sampler._energy_mj(), time.monotonic()
-                    sampler._stop.clear()
-                    sampler._thread = threading.Thread(target=sampler._run,
-                                                       args=(s["mhz"], s["capped"]))
-                    sampler._thread.start()
-
-            def __exit__(self, *exc):
-                if sampler._thread is not None:
-                    sampler._stop.set()
-                    sampler._thread.join()
-                    sampler._thread = None
-                    mj1 = sampler._energy_mj()
-                    if self.mj0 is None or mj1 is None or mj1 < self.mj0:
-                        self.s["ok"] = False
-                    else:
-                        self.s["j"] += (mj1 - self.mj0) * 1e-3
-                        self.s["s"] += time.monotonic() - self.t0
-                    self.s["runs"] += runs
-        return Section()
+        if self.nvml is None:
+            yield
+            return
+        s = self.samples.setdefault(
+            key, {"mhz": [], "capped": [], "j": 0.0, "s": 0.0, "runs": 0, "ok": True})
+        mj0, t0 = self._energy_mj(), time.monotonic()
+        stop = threading.Event()
+        thread = threading.Thread(target=self._run, args=(stop, s["mhz"], s["capped"]))
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            mj1 = self._energy_mj()
+            if mj0 is None or mj1 is None or mj1 < mj0:
+                s["ok"] = False
+            else:
+                s["j"] += (mj1 - mj0) * 1e-3
+                s["s"] += time.monotonic() - t0
+            s["runs"] += runs
 
     def record(self):
         """The record's fields per section: median MHz, power-capped share, sample count, energy
