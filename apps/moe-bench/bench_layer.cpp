@@ -54,7 +54,7 @@
 // in which the driver names its power cap, under the headline inference forward, the fresh fp32
 // and bf16 steps and the two cuBLAS steps (sm_clock_mhz, power_capped_share, clock_samples), and
 // the board's energy per run of each loop and its mean power over the loops (energy_per_run_j,
-// mean_power_w; from NVML's energy counter, warm-up runs included, whole board).
+// mean_power_w; from the board's instantaneous power, warm-up runs included).
 // The dense pair is timed once after the layers (dense_equiv_*), and then in 6 rounds with the
 // inference forward and its other-row-source variant, the three in a rotating order (rounds_*):
 // each round's ratios see the same clocks on all sides, and their medians

@@ -25,8 +25,9 @@ Method: CUDA events around each run, warm-up first, median of --reps runs. One J
 Clocks: where the driver's NVML loads, the median SM clock and the share of samples in which the
 driver names its power cap, under the forward and the fresh forward+backward loops (sm_clock_mhz,
 power_capped_share, clock_samples), read every 2 ms as moe-bench bench --layer reads them, and the
-board's energy per run and mean power over each loop (energy_per_run_j, mean_power_w: NVML's
-energy counter at the loop's start and end, warm-up runs included).
+board's energy per run and mean power over each loop (energy_per_run_j, mean_power_w: the mean of
+the board's instantaneous power, read with the clock, times the loop's wall time, warm-up runs
+included).
 
   python3 bench/peers/torch_moe_layer.py --build build/gg --out peer_layer.jsonl
   python3 bench/peers/torch_moe_layer.py --shape 16384,2048,1408,64,6   # as moe-bench's --shape
@@ -130,10 +131,28 @@ def peak_extra_bytes(step):
     return torch.cuda.max_memory_allocated() - base
 
 
+class _NvmlValue(ctypes.Union):
+    _fields_ = [("d", ctypes.c_double), ("ui", ctypes.c_uint), ("ul", ctypes.c_ulong),
+                ("ull", ctypes.c_ulonglong), ("sll", ctypes.c_longlong), ("si", ctypes.c_int),
+                ("us", ctypes.c_ushort)]
+
+
+class _NvmlFieldValue(ctypes.Structure):  # nvmlFieldValue_t
+    _fields_ = [("field_id", ctypes.c_uint32), ("scope_id", ctypes.c_uint32),
+                ("timestamp_us", ctypes.c_int64), ("latency_us", ctypes.c_int64),
+                ("value_type", ctypes.c_int), ("nvml_return", ctypes.c_int),
+                ("value", _NvmlValue)]
+
+
 class ClockSampler:
-    """The SM clock and whether the driver names its power cap (clock-event reason 0x4), read from
-    NVML (the driver's libnvidia-ml.so.1, through ctypes) every 2 ms on a thread while a section
-    runs: the figures of moe-bench's ClockSampler (src/cuda/clock_sampler.cpp)."""
+    """The SM clock, whether the driver names its power cap (clock-event reason 0x4) and the
+    board's instantaneous power (NVML_FI_DEV_POWER_INSTANT), read from NVML (the driver's
+    libnvidia-ml.so.1, through ctypes) every 2 ms on a thread while a section runs: the figures of
+    moe-bench's ClockSampler (src/cuda/clock_sampler.cpp), which says why NVML's energy counter
+    is not used."""
+
+    POWER_INSTANT = 186
+    VALUE_FIELDS = ("d", "ui", "ul", "ull", "sll", "si", "us")  # by nvmlValueType_t
 
     def __init__(self, device_index):
         self.nvml = None
@@ -156,7 +175,14 @@ class ClockSampler:
             return
         self.nvml = nvml
 
-    def _run(self, stop, mhz, capped):
+    def _power_w(self):
+        f = _NvmlFieldValue(field_id=self.POWER_INSTANT)
+        if (self.nvml.nvmlDeviceGetFieldValues(self.handle, 1, ctypes.byref(f)) != 0 or
+                f.nvml_return != 0 or not 0 <= f.value_type < len(self.VALUE_FIELDS)):
+            return None
+        return getattr(f.value, self.VALUE_FIELDS[f.value_type]) * 1e-3
+
+    def _run(self, stop, mhz, capped, watts):
         clock, reasons = ctypes.c_uint(), ctypes.c_ulonglong()
         while not stop.is_set():
             if (self.nvml.nvmlDeviceGetClockInfo(self.handle, 1, ctypes.byref(clock)) == 0 and
@@ -164,12 +190,10 @@ class ClockSampler:
                         self.handle, ctypes.byref(reasons)) == 0):
                 mhz.append(clock.value)
                 capped.append(bool(reasons.value & 0x4))
+            w = self._power_w()
+            if w is not None:
+                watts.append(w)
             time.sleep(0.002)
-
-    def _energy_mj(self):
-        mj = ctypes.c_ulonglong()
-        ok = self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(mj)) == 0
-        return mj.value if ok else None
 
     @contextlib.contextmanager
     def section(self, key, runs):
@@ -180,21 +204,21 @@ class ClockSampler:
             return
         s = self.samples.setdefault(
             key, {"mhz": [], "capped": [], "j": 0.0, "s": 0.0, "runs": 0, "ok": True})
-        mj0, t0 = self._energy_mj(), time.monotonic()
+        t0, watts = time.monotonic(), []
         stop = threading.Event()
-        thread = threading.Thread(target=self._run, args=(stop, s["mhz"], s["capped"]))
+        thread = threading.Thread(target=self._run, args=(stop, s["mhz"], s["capped"], watts))
         thread.start()
         try:
             yield
         finally:
             stop.set()
             thread.join()
-            mj1 = self._energy_mj()
-            if mj0 is None or mj1 is None or mj1 < mj0:
-                s["ok"] = False
+            if watts:  # evenly spaced samples: their mean is the section's mean power
+                seconds = time.monotonic() - t0
+                s["j"] += statistics.fmean(watts) * seconds
+                s["s"] += seconds
             else:
-                s["j"] += (mj1 - mj0) * 1e-3
-                s["s"] += time.monotonic() - t0
+                s["ok"] = False
             s["runs"] += runs
 
     def record(self):

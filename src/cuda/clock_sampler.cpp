@@ -17,6 +17,27 @@ using nvmlDevice_t = struct nvmlDevice_st*;
 constexpr int kNvmlSuccess = 0;
 constexpr int kNvmlClockSm = 1;
 constexpr unsigned long long kReasonSwPowerCap = 0x4ULL;
+constexpr unsigned kFieldPowerInstant = 186;  // NVML_FI_DEV_POWER_INSTANT, mW
+// nvmlFieldValue_t and the nvmlValueType_t tags its union is read by.
+struct FieldValue {
+  uint32_t field_id;
+  uint32_t scope_id;
+  int64_t timestamp_us;
+  int64_t latency_us;
+  int value_type;
+  int nvml_return;
+  union {
+    double d;
+    unsigned ui;
+    unsigned long ul;
+    unsigned long long ull;
+    long long sll;
+    int si;
+    unsigned short us;
+  } value;
+};
+static_assert(sizeof(FieldValue) == 40, "nvmlFieldValue_t layout");
+enum ValueType { kDouble = 0, kUInt, kULong, kULongLong, kSLongLong, kSInt, kUShort };
 }  // namespace
 
 struct ClockSampler::Nvml {
@@ -25,7 +46,7 @@ struct ClockSampler::Nvml {
   int (*shutdown)() = nullptr;
   int (*clock_info)(nvmlDevice_t, int, unsigned*) = nullptr;
   int (*reasons)(nvmlDevice_t, unsigned long long*) = nullptr;
-  int (*energy)(nvmlDevice_t, unsigned long long*) = nullptr;  // optional: mJ since driver load
+  int (*field_values)(nvmlDevice_t, int, FieldValue*) = nullptr;  // optional: for the power
   nvmlDevice_t device = nullptr;
   ~Nvml() {
     if (shutdown) shutdown();
@@ -57,8 +78,25 @@ double ClockSamples::mean_power_w() const {
   return energy_j / seconds;
 }
 
-bool ClockSampler::read_energy_mj(unsigned long long* mj) const {
-  return nvml_ && nvml_->energy && nvml_->energy(nvml_->device, mj) == kNvmlSuccess;
+bool ClockSampler::read_power_w(double* watts) const {
+  if (!nvml_->field_values) return false;
+  FieldValue f{};
+  f.field_id = kFieldPowerInstant;
+  if (nvml_->field_values(nvml_->device, 1, &f) != kNvmlSuccess || f.nvml_return != kNvmlSuccess)
+    return false;
+  double mw;
+  switch (f.value_type) {
+    case kDouble: mw = f.value.d; break;
+    case kUInt: mw = f.value.ui; break;
+    case kULong: mw = double(f.value.ul); break;
+    case kULongLong: mw = double(f.value.ull); break;
+    case kSLongLong: mw = double(f.value.sll); break;
+    case kSInt: mw = f.value.si; break;
+    case kUShort: mw = f.value.us; break;
+    default: return false;
+  }
+  *watts = mw * 1e-3;
+  return true;
 }
 
 ClockSampler::ClockSampler(int device) {
@@ -78,8 +116,8 @@ ClockSampler::ClockSampler(int device) {
       sym("nvmlDeviceGetClockInfo"));
   nvml->reasons = reinterpret_cast<int (*)(nvmlDevice_t, unsigned long long*)>(
       sym("nvmlDeviceGetCurrentClocksThrottleReasons"));
-  nvml->energy = reinterpret_cast<int (*)(nvmlDevice_t, unsigned long long*)>(
-      sym("nvmlDeviceGetTotalEnergyConsumption"));
+  nvml->field_values = reinterpret_cast<int (*)(nvmlDevice_t, int, FieldValue*)>(
+      sym("nvmlDeviceGetFieldValues"));
   auto shutdown = reinterpret_cast<int (*)()>(sym("nvmlShutdown"));
   if (!nvml->init || !by_bus || !nvml->clock_info || !nvml->reasons || !shutdown) return;
   if (nvml->init() != kNvmlSuccess) return;
@@ -96,7 +134,7 @@ void ClockSampler::start(ClockSamples* into) {
   stop();
   if (!nvml_ || !into) return;
   into_ = into;
-  start_mj_ok_ = read_energy_mj(&start_mj_);
+  section_power_w_.clear();
   start_time_ = std::chrono::steady_clock::now();
   running_ = true;
   thread_ = std::thread([this] { run(); });
@@ -106,13 +144,16 @@ void ClockSampler::stop() {
   running_ = false;
   if (thread_.joinable()) thread_.join();
   if (into_) {
-    unsigned long long mj = 0;
-    if (start_mj_ok_ && read_energy_mj(&mj) && mj >= start_mj_) {
-      into_->energy_j += double(mj - start_mj_) * 1e-3;
-      into_->seconds +=
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time_).count();
-    } else {
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time_).count();
+    if (section_power_w_.empty()) {
       into_->energy_known = false;
+    } else {
+      double sum = 0;
+      for (double w : section_power_w_) sum += w;
+      // The samples are evenly spaced in time, so their mean is the section's mean power.
+      into_->energy_j += sum / double(section_power_w_.size()) * seconds;
+      into_->seconds += seconds;
     }
   }
   into_ = nullptr;
@@ -127,6 +168,8 @@ void ClockSampler::run() {
       into_->sm_mhz.push_back(mhz);
       into_->power_capped.push_back((reasons & kReasonSwPowerCap) != 0);
     }
+    double watts = 0;
+    if (read_power_w(&watts)) section_power_w_.push_back(watts);
     std::this_thread::sleep_for(std::chrono::microseconds(kIntervalUs));
   }
 }

@@ -4,9 +4,12 @@
 // lowers the clock, so two loops timed on one card can run at different clocks; benchmarks record
 // this beside the times, and the energy per run as a figure the clock does not move the same way.
 // A thread reads NVML (loaded at run time from the driver's libnvidia-ml.so.1, so nothing links
-// against it) every kIntervalUs while a section runs; the board's energy counter (mJ) is read at
-// each section's start and stop. Without NVML or a device nothing is sampled and the figures are
-// NaN.
+// against it) every kIntervalUs while a section runs: the SM clock, the clock-event reasons and the
+// board's instantaneous power (field NVML_FI_DEV_POWER_INSTANT, refreshed by the board about every
+// 20 ms). A section's energy is its mean instantaneous power times its wall time. NVML's energy
+// counter is not used: on H100 it moves in steps of about 100 ms and lags the load, so over the
+// 60 ms to 2 s loops timed here it read 0 W for one loop and over 1000 W (above the 700 W cap)
+// for another. Without NVML or a device nothing is sampled and the figures are NaN.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -26,7 +29,7 @@ struct ClockSamples {
   // the runs of the timed loop in them (the caller counts those, warm-up included).
   double energy_j = 0, seconds = 0;
   int64_t runs = 0;
-  bool energy_known = true;  // false once a section's counter could not be read
+  bool energy_known = true;  // false once a section had no power reading
   size_t size() const { return sm_mhz.size(); }
   double median_mhz() const;          // NaN without samples
   double power_capped_share() const;  // NaN without samples
@@ -51,11 +54,10 @@ class ClockSampler {
  private:
   struct Nvml;
   void run();
-  bool read_energy_mj(unsigned long long* mj) const;
+  bool read_power_w(double* watts) const;
   std::unique_ptr<Nvml> nvml_;
   ClockSamples* into_ = nullptr;
-  unsigned long long start_mj_ = 0;
-  bool start_mj_ok_ = false;
+  std::vector<double> section_power_w_;  // the running section's instantaneous power samples
   std::chrono::steady_clock::time_point start_time_;
   std::atomic<bool> running_{false};
   std::thread thread_;
