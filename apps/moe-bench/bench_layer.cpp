@@ -52,9 +52,11 @@
 // (its SM clock drops from 1980 to 1250-1750 MHz at 700 W), so whatever runs later reads slower.
 // Clocks: where NVML can be loaded (ClockSampler), the median SM clock and the share of samples
 // in which the driver names its power cap, under the headline inference forward, the fresh fp32
-// and bf16 steps and the two cuBLAS steps (sm_clock_mhz, power_capped_share, clock_samples), and
-// the board's energy per run of each loop and its mean power over the loops (energy_per_run_j,
-// mean_power_w; from the board's instantaneous power, warm-up runs included).
+// and bf16 steps and the two cuBLAS steps (sm_clock_mhz, power_capped_share, clock_samples).
+// Energy: the board's energy per run of the same five and its mean power (energy_per_run_j,
+// mean_power_w) come from loops of their own (energy_loop), a second of each after all of its
+// timed loops: NVML's power reading is refreshed about every 20 ms and trails the load, so the
+// timed loops (60 ms to half a second) are too short to read energy from.
 // The dense pair is timed once after the layers (dense_equiv_*), and then in 6 rounds with the
 // inference forward and its other-row-source variant, the three in a rotating order (rounds_*):
 // each round's ratios see the same clocks on all sides, and their medians
@@ -69,9 +71,11 @@
 
 #include <algorithm>
 #include <charconv>
+#include <chrono>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "io/jsonl.hpp"
@@ -137,6 +141,33 @@ double time_median_clocked(moe::cuda::ClockSampler& clocks, moe::cuda::ClockSamp
   clocks.stop();
   samples.runs += warmup + reps;
   return ms;
+}
+
+// The board's energy per run of `run` (ClockSampler): kSettleS of the loop unsampled, so that the
+// power reading has caught up with it, then at least kSampledS sampled, whole runs only (the
+// queue is kept a few runs deep and drained before the sampler stops).
+template <class F>
+void energy_loop(moe::cuda::ClockSampler& clocks, moe::cuda::ClockSamples& into,
+                 cudaStream_t stream, F&& run) {
+  if (!clocks.available()) return;
+  constexpr double kSettleS = 0.3, kSampledS = 1.0;
+  constexpr int kQueued = 4;
+  auto loop = [&](double seconds) {
+    const auto t0 = std::chrono::steady_clock::now();
+    int64_t n = 0;
+    while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() <
+           seconds) {
+      run();
+      if (++n % kQueued == 0) MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    }
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return n;
+  };
+  loop(kSettleS);
+  clocks.start(&into);
+  const int64_t runs = loop(kSampledS);
+  clocks.stop();
+  into.runs += runs;
 }
 
 // Events for `reps` runs of n stages (n + 1 boundaries each), and the median of each stage.
@@ -349,6 +380,8 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   // The clock under the headline loops (see Clocks above)
   moe::cuda::ClockSampler clocks(device_index);
   moe::cuda::ClockSamples clk_inference, clk_fresh, clk_bf16, clk_dense_step, clk_even_step;
+  // ... and the energy loops' samples (energy_loop), of the same five
+  moe::cuda::ClockSamples j_inference, j_fresh, j_bf16, j_dense_step, j_even_step;
 
   bf16* x = dev_alloc<bf16>(T * H);
   bf16* dy = dev_alloc<bf16>(T * H);
@@ -600,6 +633,17 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
         MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
         (v == 0 ? dense_gemm_ms : even_gemm_ms) = ev.medians();
       }
+      // The energy loops of the training steps, after all of their timed loops
+      energy_loop(clocks, j_fresh, stream, [&] {
+        layer.forward(x, w, y, stream);
+        layer.backward(x, w, dy, fresh, stream);
+      });
+      energy_loop(clocks, j_bf16, stream, [&] {
+        layer.forward(x, w, y, stream);
+        layer.backward(x, w, dy, fresh16, stream);
+      });
+      energy_loop(clocks, j_dense_step, stream, [&] { dense.run(h, stream); });
+      energy_loop(clocks, j_even_step, stream, [&] { even.run(h, stream); });
       MOE_CUBLAS_CHECK(cublasDestroy(h));
       for (bf16* p : {dense.x, dense.pre, dense.yp, dense.da, dense.dxp, dense.dw_up,
                       dense.dw_down})
@@ -671,6 +715,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       round_other.push_back(t[1]);
       round_dense.push_back(t[2]);
     }
+    energy_loop(clocks, j_inference, stream, [&] { infer.forward(x, w, y, stream); });
     MOE_CUBLAS_CHECK(cublasDestroy(h));
     MOE_CUDA_CHECK(cudaFree(a));
     MOE_CUDA_CHECK(cudaFree(pre));
@@ -731,17 +776,18 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
   if (clocks.available()) {
     json mhz = json::object(), capped = json::object(), n = json::object();
     json joules = json::object(), watts = json::object();
-    for (const auto& [key, c] : {std::pair<const char*, const moe::cuda::ClockSamples*>{
-                                     "inference", &clk_inference},
-                                 {"fwd_bwd_fresh", &clk_fresh},
-                                 {"fwd_bwd_bf16", &clk_bf16},
-                                 {"dense_step", &clk_dense_step},
-                                 {"even_step", &clk_even_step}}) {
+    using Loop = std::tuple<const char*, const moe::cuda::ClockSamples*,
+                            const moe::cuda::ClockSamples*>;
+    for (const auto& [key, c, e] : {Loop{"inference", &clk_inference, &j_inference},
+                                    Loop{"fwd_bwd_fresh", &clk_fresh, &j_fresh},
+                                    Loop{"fwd_bwd_bf16", &clk_bf16, &j_bf16},
+                                    Loop{"dense_step", &clk_dense_step, &j_dense_step},
+                                    Loop{"even_step", &clk_even_step, &j_even_step}}) {
       mhz[key] = c->median_mhz();
       capped[key] = c->power_capped_share();
       n[key] = c->size();
-      joules[key] = c->energy_per_run_j();
-      watts[key] = c->mean_power_w();
+      joules[key] = e->energy_per_run_j();
+      watts[key] = e->mean_power_w();
     }
     j["sm_clock_mhz"] = mhz;
     j["power_capped_share"] = capped;

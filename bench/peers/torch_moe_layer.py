@@ -25,9 +25,8 @@ Method: CUDA events around each run, warm-up first, median of --reps runs. One J
 Clocks: where the driver's NVML loads, the median SM clock and the share of samples in which the
 driver names its power cap, under the forward and the fresh forward+backward loops (sm_clock_mhz,
 power_capped_share, clock_samples), read every 2 ms as moe-bench bench --layer reads them, and the
-board's energy per run and mean power over each loop (energy_per_run_j, mean_power_w: the mean of
-the board's instantaneous power, read with the clock, times the loop's wall time, warm-up runs
-included).
+board's energy per run and mean power of the forward and the fresh step (energy_per_run_j,
+mean_power_w) from a second of each after all timed loops, as moe-bench's energy loops.
 
   python3 bench/peers/torch_moe_layer.py --build build/gg --out peer_layer.jsonl
   python3 bench/peers/torch_moe_layer.py --shape 16384,2048,1408,64,6   # as moe-bench's --shape
@@ -158,6 +157,7 @@ class ClockSampler:
         self.nvml = None
         self.handle = ctypes.c_void_p()
         self.samples = {}
+        self.energy = {}
         try:
             nvml = ctypes.CDLL("libnvidia-ml.so.1")
         except OSError:
@@ -195,47 +195,72 @@ class ClockSampler:
                 watts.append(w)
             time.sleep(0.002)
 
+    def _sample(self, mhz, capped):
+        """Starts sampling into mhz and capped; returns a stop() that joins the thread and
+        gives the section's mean power (W, None without a reading) and wall time (s)."""
+        t0, watts = time.monotonic(), []
+        flag = threading.Event()
+        thread = threading.Thread(target=self._run, args=(flag, mhz, capped, watts))
+        thread.start()
+
+        def stop():
+            flag.set()
+            thread.join()
+            # evenly spaced samples: their mean is the section's mean power
+            return (statistics.fmean(watts) if watts else None), time.monotonic() - t0
+        return stop
+
     @contextlib.contextmanager
-    def section(self, key, runs):
-        """with sampler.section("forward", runs): ... -- appends that loop's samples under key;
-        runs: how many times the loop runs the step (warm-up included), for the energy per run."""
+    def section(self, key):
+        """with sampler.section("forward"): ... -- appends that loop's clock samples under key."""
         if self.nvml is None:
             yield
             return
-        s = self.samples.setdefault(
-            key, {"mhz": [], "capped": [], "j": 0.0, "s": 0.0, "runs": 0, "ok": True})
-        t0, watts = time.monotonic(), []
-        stop = threading.Event()
-        thread = threading.Thread(target=self._run, args=(stop, s["mhz"], s["capped"], watts))
-        thread.start()
+        s = self.samples.setdefault(key, {"mhz": [], "capped": []})
+        stop = self._sample(s["mhz"], s["capped"])
         try:
             yield
         finally:
-            stop.set()
-            thread.join()
-            if watts:  # evenly spaced samples: their mean is the section's mean power
-                seconds = time.monotonic() - t0
-                s["j"] += statistics.fmean(watts) * seconds
-                s["s"] += seconds
-            else:
-                s["ok"] = False
-            s["runs"] += runs
+            stop()
+
+    def energy_loop(self, key, fn):
+        """The board's energy per run of fn under key, as moe-bench's energy_loop: 0.3 s of the
+        loop unsampled, so the power reading (refreshed about every 20 ms, trailing the load) has
+        caught up with it, then at least 1 s sampled, whole runs only (the queue is kept a few
+        runs deep and drained before sampling stops)."""
+        if self.nvml is None:
+            return
+
+        def loop(seconds):
+            t0, n = time.monotonic(), 0
+            while time.monotonic() - t0 < seconds:
+                fn()
+                n += 1
+                if n % 4 == 0:
+                    torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            return n
+
+        loop(0.3)
+        stop = self._sample([], [])
+        runs = loop(1.0)
+        watts, seconds = stop()
+        self.energy[key] = None if watts is None else (watts * seconds / runs, watts)
 
     def record(self):
-        """The record's fields per section: median MHz, power-capped share, sample count, energy
-        per run (J) and mean power (W)."""
+        """The record's fields: per clock section the median MHz, power-capped share and sample
+        count; per energy loop the energy per run (J) and mean power (W)."""
         if self.nvml is None:
             return {}
         v = self.samples.items()
-        known = {k: s["ok"] and s["s"] > 0 for k, s in v}
+        e = self.energy.items()
         return {"sm_clock_mhz": {k: statistics.median(s["mhz"]) if s["mhz"] else None
                                  for k, s in v},
                 "power_capped_share": {k: sum(s["capped"]) / len(s["capped"])
                                        if s["capped"] else None for k, s in v},
                 "clock_samples": {k: len(s["mhz"]) for k, s in v},
-                "energy_per_run_j": {k: s["j"] / s["runs"] if known[k] and s["runs"] else None
-                                     for k, s in v},
-                "mean_power_w": {k: s["j"] / s["s"] if known[k] else None for k, s in v}}
+                "energy_per_run_j": {k: None if r is None else r[0] for k, r in e},
+                "mean_power_w": {k: None if r is None else r[1] for k, r in e}}
 
 
 def time_runs(fn, warmup, reps):
@@ -287,7 +312,7 @@ def run_config(name, shape, args, command, out, dev, gen):
         wu = (torch.randn(E, 2 * I, H, device=dev, generator=gen) / H ** 0.5).to(bf)
         wd = (torch.randn(E, H, I, device=dev, generator=gen) / I ** 0.5).to(bf)
         clocks = ClockSampler(dev.index if dev.index is not None else torch.cuda.current_device())
-        with torch.no_grad(), clocks.section("forward", args.warmup + args.reps):
+        with torch.no_grad(), clocks.section("forward"):
             fwd_ms = time_runs(lambda: moe_layer(x, wg, wu, wd, K), args.warmup, args.reps)
         xs, wgs, wus, wds = (t.detach().clone().requires_grad_() for t in (x, wg, wu, wd))
 
@@ -305,7 +330,7 @@ def run_config(name, shape, args, command, out, dev, gen):
                 t.grad = None
             step()
 
-        with clocks.section("fwd_bwd_fresh", args.warmup + args.reps):
+        with clocks.section("fwd_bwd_fresh"):
             fresh_ms = time_runs(fresh_step, args.warmup, args.reps)
 
         # the per-expert loop: forward, and forward+backward with fresh gradients
@@ -325,6 +350,10 @@ def run_config(name, shape, args, command, out, dev, gen):
 
         loop_peak_extra = peak_extra_bytes(loop_step)
         loop_fresh_ms = time_runs(loop_fresh_step, args.warmup, args.reps)
+        # energy per run, after every timed loop (moe-bench's energy loops come last too)
+        with torch.no_grad():
+            clocks.energy_loop("forward", lambda: moe_layer(x, wg, wu, wd, K))
+        clocks.energy_loop("fwd_bwd_fresh", fresh_step)
         flops = 6.0 * T * K * H * I
         rec = {"command": command, "git": git_revision(args.build),
                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -146,7 +146,7 @@ for c in ours:
 print()
 # Each side's headline loops, first round (records made before the samplers have none): the SM
 # clock (median MHz, and the share of samples in which the driver named its power cap), then the
-# board's energy per run of the loop and its mean power (from its instantaneous power).
+# board's energy per run and mean power, from a second of the loop after all timed loops.
 def clock(d, key):
     mhz = (d.get("sm_clock_mhz") or {}).get(key)
     cap = (d.get("power_capped_share") or {}).get(key)
