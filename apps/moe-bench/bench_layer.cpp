@@ -131,15 +131,14 @@ double time_median(int warmup, int reps, cudaStream_t stream, F&& run) {
   return median(ms);
 }
 
-// time_median, with the SM clock sampled and the board's energy counted into `samples` while
-// the loop runs (warm-up included: its runs are counted too).
+// time_median, with the SM clock sampled into `samples` while the loop runs (warm-up included;
+// the energy of loops this short is not read: see energy_loop).
 template <class F>
 double time_median_clocked(moe::cuda::ClockSampler& clocks, moe::cuda::ClockSamples& samples,
                            int warmup, int reps, cudaStream_t stream, F&& run) {
   clocks.start(&samples);
   const double ms = time_median(warmup, reps, stream, run);
   clocks.stop();
-  samples.runs += warmup + reps;
   return ms;
 }
 

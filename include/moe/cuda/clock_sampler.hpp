@@ -26,7 +26,7 @@ struct ClockSamples {
   std::vector<double> sm_mhz;
   std::vector<bool> power_capped;
   // Summed over the sections: the board's energy and the wall time between start and stop, and
-  // the runs of the timed loop in them (the caller counts those, warm-up included).
+  // the runs of the loop in them (the caller counts those: energy_loop in bench --layer).
   double energy_j = 0, seconds = 0;
   int64_t runs = 0;
   bool energy_known = true;  // false once a section had no power reading
