@@ -54,9 +54,8 @@
 // in which the driver names its power cap, under the headline inference forward, the fresh fp32
 // and bf16 steps and the two cuBLAS steps (sm_clock_mhz, power_capped_share, clock_samples).
 // Energy: the board's energy per run of the same five and its mean power (energy_per_run_j,
-// mean_power_w) come from loops of their own (energy_loop), a second of each after all of its
-// timed loops: NVML's power reading is refreshed about every 20 ms and trails the load, so the
-// timed loops (60 ms to half a second) are too short to read energy from.
+// mean_power_w) come from loops of their own (moe::cuda::energy_loop), a second of each after
+// all of its timed loops, which are too short to read energy from.
 // The dense pair is timed once after the layers (dense_equiv_*), and then in 6 rounds with the
 // inference forward and its other-row-source variant, the three in a rotating order (rounds_*):
 // each round's ratios see the same clocks on all sides, and their medians
@@ -71,7 +70,6 @@
 
 #include <algorithm>
 #include <charconv>
-#include <chrono>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -132,7 +130,7 @@ double time_median(int warmup, int reps, cudaStream_t stream, F&& run) {
 }
 
 // time_median, with the SM clock sampled into `samples` while the loop runs (warm-up included;
-// the energy of loops this short is not read: see energy_loop).
+// the energy of loops this short is not read: see moe::cuda::energy_loop).
 template <class F>
 double time_median_clocked(moe::cuda::ClockSampler& clocks, moe::cuda::ClockSamples& samples,
                            int warmup, int reps, cudaStream_t stream, F&& run) {
@@ -140,33 +138,6 @@ double time_median_clocked(moe::cuda::ClockSampler& clocks, moe::cuda::ClockSamp
   const double ms = time_median(warmup, reps, stream, run);
   clocks.stop();
   return ms;
-}
-
-// The board's energy per run of `run` (ClockSampler): kSettleS of the loop unsampled, so that the
-// power reading has caught up with it, then at least kSampledS sampled, whole runs only (the
-// queue is kept a few runs deep and drained before the sampler stops).
-template <class F>
-void energy_loop(moe::cuda::ClockSampler& clocks, moe::cuda::ClockSamples& into,
-                 cudaStream_t stream, F&& run) {
-  if (!clocks.available()) return;
-  constexpr double kSettleS = 0.3, kSampledS = 1.0;
-  constexpr int kQueued = 4;
-  auto loop = [&](double seconds) {
-    const auto t0 = std::chrono::steady_clock::now();
-    int64_t n = 0;
-    while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() <
-           seconds) {
-      run();
-      if (++n % kQueued == 0) MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-    }
-    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
-    return n;
-  };
-  loop(kSettleS);
-  clocks.start(&into);
-  const int64_t runs = loop(kSampledS);
-  clocks.stop();
-  into.runs += runs;
 }
 
 // Events for `reps` runs of n stages (n + 1 boundaries each), and the median of each stage.
@@ -633,16 +604,16 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
         (v == 0 ? dense_gemm_ms : even_gemm_ms) = ev.medians();
       }
       // The energy loops of the training steps, after all of their timed loops
-      energy_loop(clocks, j_fresh, stream, [&] {
+      moe::cuda::energy_loop(clocks, j_fresh, stream, [&] {
         layer.forward(x, w, y, stream);
         layer.backward(x, w, dy, fresh, stream);
       });
-      energy_loop(clocks, j_bf16, stream, [&] {
+      moe::cuda::energy_loop(clocks, j_bf16, stream, [&] {
         layer.forward(x, w, y, stream);
         layer.backward(x, w, dy, fresh16, stream);
       });
-      energy_loop(clocks, j_dense_step, stream, [&] { dense.run(h, stream); });
-      energy_loop(clocks, j_even_step, stream, [&] { even.run(h, stream); });
+      moe::cuda::energy_loop(clocks, j_dense_step, stream, [&] { dense.run(h, stream); });
+      moe::cuda::energy_loop(clocks, j_even_step, stream, [&] { even.run(h, stream); });
       MOE_CUBLAS_CHECK(cublasDestroy(h));
       for (bf16* p : {dense.x, dense.pre, dense.yp, dense.da, dense.dxp, dense.dw_up,
                       dense.dw_down})
@@ -714,7 +685,7 @@ void bench_one(const LayerBenchOptions& o, const std::string& device, const Laye
       round_other.push_back(t[1]);
       round_dense.push_back(t[2]);
     }
-    energy_loop(clocks, j_inference, stream, [&] { infer.forward(x, w, y, stream); });
+    moe::cuda::energy_loop(clocks, j_inference, stream, [&] { infer.forward(x, w, y, stream); });
     MOE_CUBLAS_CHECK(cublasDestroy(h));
     MOE_CUDA_CHECK(cudaFree(a));
     MOE_CUDA_CHECK(cudaFree(pre));

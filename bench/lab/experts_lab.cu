@@ -67,6 +67,7 @@
 #include "cuda/grouped_gemm_sm90.cuh"
 #include "cuda/grouped_gemm_wgrad_sm90.cuh"
 #include "moe/cuda/check.cuh"
+#include "moe/cuda/clock_sampler.hpp"
 #include "moe/cuda/experts.hpp"
 #include "moe/cuda/fill.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
@@ -259,6 +260,7 @@ struct Options {
   bool ab_act_grad_pingpong = false;  // only the da GEMM: cooperative against pingpong
   bool ab_concurrent = false;  // only the backward's independent GEMM pairs, one after the
                                // other against side by side on two streams
+  bool energy = false;  // --ab rounds also give each side's energy per run (energy_loop)
   bool ab_split_act = false;   // only da with dw_down: the library's pair against the plain da
                                // GEMM, then dw_down beside the activation backward on its own SMs
 
@@ -268,6 +270,9 @@ struct Options {
         "            [--skew uniform|zipf|one_expert] [--activation swiglu|gelu]\n"
         "            [--layout dropless|padded] [--capacity-factor F] [--reps N] [--no-backward]\n"
         "            [--ab]   only the library kernels against lab variants in alternating rounds\n"
+        "            [--energy] with any --ab*: each pair also run for a second each, A B B A\n"
+        "                       (moe::cuda::energy_loop): energy per run, mean power, SM clock\n"
+        "                       and time per run sustained, where the card may reach its cap\n"
         "            [--ab-act-grad]  only the activation backward's rounds of --ab, with the\n"
         "                             da epilogue after each tile (the library's) against\n"
         "                             under the next tile's mainloop\n"
@@ -320,6 +325,7 @@ struct Options {
       else if (a == "--reps") reps = std::atoi(next());
       else if (a == "--no-backward") backward = false;
       else if (a == "--ab") ab = true;
+      else if (a == "--energy") energy = true;
       else if (a == "--ab-act-grad") ab = ab_act_grad = true;
       else if (a == "--ab-wgrad") ab = ab_wgrad = true;
       else if (a == "--ab-epilogue") ab = ab_epilogue = true;
@@ -660,6 +666,9 @@ int run(const Options& o) {
     // lab run moving by 10 % with their place in the sequence alone. Each variant is checked
     // bit for bit against the library's output first.
     const int sms = prop.multiProcessorCount;
+    int device = 0;
+    MOE_CUDA_CHECK(cudaGetDevice(&device));
+    moe::cuda::ClockSampler clocks(device);
     auto ab = [&](const char* label, double flop, const std::function<void()>& a,
                   const std::function<void()>& b) {
       std::vector<double> ta, tb, ratio;
@@ -677,6 +686,26 @@ int run(const Options& o) {
       std::printf("AB %-44s A %8.3f ms (%5.0f TF/s)  B %8.3f ms  B/A median %.3f [%.3f, %.3f]\n",
                   label, med(ta), tf(flop, med(ta)), med(tb), med(ratio), ratio.front(),
                   ratio.back());
+      if (!o.energy) return;
+      // The lab's rounds are short, with host gaps: the card stays under its power cap there. A
+      // layer's training step runs at the cap, where time follows energy: a second of each side,
+      // A B B A, gives what each run costs in joules and how long it takes sustained.
+      if (!clocks.available()) {
+        std::printf("AB energy %-37s no NVML: not measured\n", label);
+        return;
+      }
+      moe::cuda::ClockSamples ea, eb;
+      for (int i = 0; i < 4; ++i) {
+        const bool is_a = i == 0 || i == 3;
+        moe::cuda::energy_loop(clocks, is_a ? ea : eb, s, is_a ? a : b);
+      }
+      std::printf("AB energy %-37s A %7.4f J (%3.0f W, %4.0f MHz, %3.0f %% capped, %8.3f ms)  "
+                  "B %7.4f J (%3.0f W, %4.0f MHz, %3.0f %% capped, %8.3f ms)  B/A %.3f J, %.3f ms\n",
+                  label, ea.energy_per_run_j(), ea.mean_power_w(), ea.median_mhz(),
+                  100 * ea.power_capped_share(), ea.ms_per_run(), eb.energy_per_run_j(),
+                  eb.mean_power_w(), eb.median_mhz(), 100 * eb.power_capped_share(),
+                  eb.ms_per_run(), eb.energy_per_run_j() / ea.energy_per_run_j(),
+                  eb.ms_per_run() / ea.ms_per_run());
     };
     auto same = [&](const char* label, const bf16* x, const bf16* y, int64_t n) {
       const double e = rel_error(download(x, n), download(y, n), n);

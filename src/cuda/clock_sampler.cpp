@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
+#include "moe/cuda/check.cuh"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -76,6 +78,11 @@ double ClockSamples::energy_per_run_j() const {
 double ClockSamples::mean_power_w() const {
   if (!energy_known || seconds <= 0) return std::numeric_limits<double>::quiet_NaN();
   return energy_j / seconds;
+}
+
+double ClockSamples::ms_per_run() const {
+  if (runs <= 0 || seconds <= 0) return std::numeric_limits<double>::quiet_NaN();
+  return seconds * 1e3 / double(runs);
 }
 
 bool ClockSampler::read_power_w(double* watts) const {
@@ -172,6 +179,27 @@ void ClockSampler::run() {
     if (read_power_w(&watts)) section_power_w_.push_back(watts);
     std::this_thread::sleep_for(std::chrono::microseconds(kIntervalUs));
   }
+}
+
+void energy_loop(ClockSampler& sampler, ClockSamples& into, cudaStream_t stream,
+                 const std::function<void()>& run) {
+  if (!sampler.available()) return;
+  auto loop = [&](double seconds) {
+    const auto t0 = std::chrono::steady_clock::now();
+    int64_t n = 0;
+    while (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() <
+           seconds) {
+      run();
+      if (++n % kEnergyQueued == 0) MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    }
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return n;
+  };
+  loop(kEnergySettleS);
+  sampler.start(&into);
+  const int64_t runs = loop(kEnergySampledS);
+  sampler.stop();
+  into.runs += runs;
 }
 
 }  // namespace moe::cuda

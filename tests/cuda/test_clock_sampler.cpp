@@ -36,7 +36,8 @@ TEST(ClockSamples, MedianAndPowerCappedShareOfTheSamples) {
   EXPECT_TRUE(std::isnan(c.energy_per_run_j()));
   c.runs = 3;
   EXPECT_DOUBLE_EQ(c.energy_per_run_j(), 2.1);
-  c.energy_known = false;  // one section's counter unreadable: no energy figures at all
+  EXPECT_DOUBLE_EQ(c.ms_per_run(), 3.0);
+  c.energy_known = false;  // one section without a power reading: no energy figures at all
   EXPECT_TRUE(std::isnan(c.energy_per_run_j()));
   EXPECT_TRUE(std::isnan(c.mean_power_w()));
 }
@@ -49,6 +50,11 @@ TEST(ClockSampler, WithoutADeviceOrNvmlItSamplesNothing) {
   std::this_thread::sleep_for(std::chrono::milliseconds(10));
   sampler.stop();
   EXPECT_EQ(c.size(), 0u);
+  EXPECT_TRUE(std::isnan(c.ms_per_run()));
+  int launched = 0;  // nothing to sample with: the energy loop does not run the step at all
+  moe::cuda::energy_loop(sampler, c, nullptr, [&] { ++launched; });
+  EXPECT_EQ(launched, 0);
+  EXPECT_EQ(c.runs, 0);
   // With a device, the failed lookup leaves no error behind for the next CUDA call (without a
   // driver every call reports that, whatever the sampler does).
   if (moe::cuda::has_device()) {
@@ -110,6 +116,39 @@ TEST(ClockSampler, SamplesTheClockWhileASectionRunsAndAppends) {
   ASSERT_TRUE(busy.energy_known);
   EXPECT_GT(busy.mean_power_w(), idle.mean_power_w() + 20.0);
   EXPECT_LT(busy.mean_power_w(), 1500.0);
+}
+
+TEST(ClockSampler, EnergyLoopCountsWholeRunsOverItsSampledSecond) {
+  MOE_REQUIRE_GPU();
+  ClockSampler sampler(0);
+  if (!sampler.available()) GTEST_SKIP() << "libnvidia-ml.so.1 not loadable";
+  const size_t bytes = size_t(256) << 20;
+  void* buffer = nullptr;
+  ASSERT_EQ(cudaMalloc(&buffer, bytes), cudaSuccess);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  int64_t launched = 0;
+  ClockSamples e;
+  moe::cuda::energy_loop(sampler, e, stream, [&] {
+    ASSERT_EQ(cudaMemsetAsync(buffer, int(launched++ & 0xff), bytes, stream), cudaSuccess);
+  });
+  EXPECT_EQ(cudaStreamQuery(stream), cudaSuccess);  // drained before it returned
+  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+  ASSERT_EQ(cudaFree(buffer), cudaSuccess);
+  if (!e.energy_known) GTEST_SKIP() << "no instantaneous power reading on this board";
+  // The settling runs are launched but not counted; the sampled ones fill at least a second.
+  EXPECT_GT(e.runs, 0);
+  EXPECT_LT(e.runs, launched);
+  EXPECT_GE(e.seconds, moe::cuda::kEnergySampledS);
+  EXPECT_LT(e.seconds, moe::cuda::kEnergySampledS + 0.5);
+  EXPECT_GT(e.size(), 100u);  // clock samples every 2 ms over the second
+  // A 256 MiB memset takes about 0.1-0.2 ms on an H100 (read nothing, write 256 MiB).
+  EXPECT_GT(e.ms_per_run(), 0.02);
+  EXPECT_LT(e.ms_per_run(), 5.0);
+  EXPECT_GT(e.mean_power_w(), 10.0);
+  EXPECT_LT(e.mean_power_w(), 1500.0);
+  EXPECT_NEAR(e.energy_per_run_j(), e.mean_power_w() * e.ms_per_run() * 1e-3,
+              1e-9 * e.energy_per_run_j() + 1e-12);
 }
 
 }  // namespace

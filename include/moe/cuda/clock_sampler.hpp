@@ -11,9 +11,12 @@
 // 60 ms to 2 s loops timed here it read 0 W for one loop and over 1000 W (above the 700 W cap)
 // for another. Without NVML or a device nothing is sampled and the figures are NaN.
 #pragma once
+#include <cuda_runtime.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -35,6 +38,7 @@ struct ClockSamples {
   double power_capped_share() const;  // NaN without samples
   double energy_per_run_j() const;    // NaN without energy or runs
   double mean_power_w() const;        // NaN without energy or time
+  double ms_per_run() const;          // the sections' wall time per run; NaN without runs
 };
 
 class ClockSampler {
@@ -62,5 +66,15 @@ class ClockSampler {
   std::atomic<bool> running_{false};
   std::thread thread_;
 };
+
+// The board's energy per run of `run` (enqueued on `stream`) into `into`: kEnergySettleS of the
+// loop unsampled, so that the power reading (refreshed about every 20 ms, trailing the load) has
+// caught up with it, then at least kEnergySampledS sampled, whole runs only: the queue is kept
+// kEnergyQueued runs deep and drained before the sampler stops. Timed loops of 60 ms to half a
+// second are too short to read energy from. Does nothing where the sampler is not available.
+inline constexpr double kEnergySettleS = 0.3, kEnergySampledS = 1.0;
+inline constexpr int kEnergyQueued = 4;
+void energy_loop(ClockSampler& sampler, ClockSamples& into, cudaStream_t stream,
+                 const std::function<void()>& run);
 
 }  // namespace moe::cuda
