@@ -3,12 +3,12 @@
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
-#include "moe/cuda/check.cuh"
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <limits>
+
+#include "moe/cuda/check.cuh"
 
 namespace moe::cuda {
 
