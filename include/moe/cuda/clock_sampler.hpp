@@ -8,7 +8,7 @@
 // board's instantaneous power (field NVML_FI_DEV_POWER_INSTANT, refreshed by the board about every
 // 20 ms). A section's energy is its mean instantaneous power times its wall time. NVML's energy
 // counter is not used: on H100 it moves in steps of about 100 ms and lags the load, so over the
-// 60 ms to 2 s loops timed here it read 0 W for one loop and over 1000 W (above the 700 W cap)
+// 60 ms to 2 s loops timed here it read 0 J for one loop and over 1000 W (above the 700 W cap)
 // for another. Without NVML or a device nothing is sampled and the figures are NaN.
 #pragma once
 #include <cuda_runtime.h>
@@ -29,7 +29,7 @@ struct ClockSamples {
   std::vector<double> sm_mhz;
   std::vector<bool> power_capped;
   // Summed over the sections: the board's energy and the wall time between start and stop, and
-  // the runs of the loop in them (the caller counts those: energy_loop in bench --layer).
+  // the runs of the loop in them (the caller counts those, as energy_loop below does).
   double energy_j = 0, seconds = 0;
   int64_t runs = 0;
   bool energy_known = true;  // false once a section had no power reading
