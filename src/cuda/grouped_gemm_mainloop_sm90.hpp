@@ -21,6 +21,7 @@
 #include <cutlass/layout/matrix.h>
 #include <cutlass/numeric_types.h>
 
+#include "grouped_gemm_tail_sm90.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
 
 namespace moe::cuda::grouped_gemm {
@@ -74,7 +75,8 @@ template <WeightLayout L>
 using LayoutB = cute::conditional_t<L == WeightLayout::kn, cutlass::layout::RowMajor,
                                     cutlass::layout::ColumnMajor>;
 
-// Stages fill the shared memory the epilogue leaves (StageCountAutoCarveout).
+// Stages fill the shared memory the epilogue leaves (StageCountAutoCarveout), less TailMainloop's
+// ring (grouped_gemm_tail_sm90.hpp).
 template <class Config, class LayoutA, class LayoutB_, int kEpilogueSmemBytes>
 using MainloopAB = typename cutlass::gemm::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
@@ -82,7 +84,7 @@ using MainloopAB = typename cutlass::gemm::collective::CollectiveBuilder<
     Bf16, LayoutB_*, kAlignment,                                 // B: expert weights, or Y
     Accum,
     typename Config::TileShape, typename Config::ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmemBytes>,
+    cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmemBytes + kTailRingBytes>,
     typename Config::KernelSchedule>::CollectiveOp;
 
 // The activation GEMMs: A = rows (K-major), B = expert weights in layout L.
