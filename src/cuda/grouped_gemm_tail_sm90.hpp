@@ -35,8 +35,8 @@
 namespace moe::cuda::grouped_gemm {
 
 // The ring's shared memory, taken from the stages' carveout (MainloopAB): Stages + 1 slots of 4
-// bytes, at most 9 stages of the smallest tiles here.
-inline constexpr int kTailRingBytes = 64;
+// bytes at the end of the mainloop's tensor storage, which rounds its size up to 128 bytes.
+inline constexpr int kTailRingBytes = 128;
 
 template <class Base>
 struct TailMainloop : Base {
@@ -45,7 +45,6 @@ struct TailMainloop : Base {
   using typename Base::PipelineState;
   using typename Base::SmemLayoutA;
   using typename Base::SmemLayoutB;
-  using typename Base::TensorStorage;
   using typename Base::TileShape;
   using typename Base::TiledMma;
   static_assert(Base::K_PIPE_MMAS == 1, "mma_tail releases exactly one stage");
@@ -55,6 +54,13 @@ struct TailMainloop : Base {
   static constexpr int kRowsPerWarpGroup = kBlockM / kWarpGroups;
   static constexpr int kRing = Base::DispatchPolicy::Stages + 1;
   static_assert(kRing * 4 <= kTailRingBytes, "the ring outgrew its carveout");
+
+  // The ring lives in the kernel's shared storage, not in a static __shared__ array: static shared
+  // memory comes before the dynamic block and would move the stages off the 1024-byte alignment
+  // that TMA's 128-byte swizzle needs.
+  struct TensorStorage : Base::TensorStorage {
+    int32_t tail_rows[kRing];
+  };
   // Pingpong's consumers own whole tiles, one warpgroup each, and take turns: nothing to skip
   // (and a thread's count of its own tiles is not the producer's).
   static constexpr bool kSkips = kWarpGroups > 1;
@@ -62,11 +68,6 @@ struct TailMainloop : Base {
 
   int32_t m_ = 0;      // producer: the current group's M
   uint32_t tile_ = 0;  // this thread's tiles so far (producer: loaded; consumer: multiplied)
-
-  static CUTLASS_DEVICE int32_t* ring() {
-    __shared__ int32_t slots[kRing];
-    return slots;
-  }
 
   // Producer side: the group's M on each group change (the kernel calls this before the first
   // tile of a group is loaded), then the tile's slot before Base loads it.
@@ -88,7 +89,8 @@ struct TailMainloop : Base {
     if constexpr (kSkips) {
       if (k_tile_count > 0) {
         if (cute::elect_one_sync())
-          ring()[tile_ % kRing] = m_ - static_cast<int32_t>(cute::get<0>(blk_coord)) * kBlockM;
+          storage.tail_rows[tile_ % kRing] =
+              m_ - static_cast<int32_t>(cute::get<0>(blk_coord)) * kBlockM;
         ++tile_;
         __syncwarp();  // the slot before Base's elected lane arrives on the stage's full barrier
       }
@@ -152,7 +154,7 @@ struct TailMainloop : Base {
     if (k_left > 0) {
       wait();
       if constexpr (kSkips) {
-        multiply = ring()[tile_ % kRing] > wg * kRowsPerWarpGroup;
+        multiply = shared_tensors.tail_rows[tile_ % kRing] > wg * kRowsPerWarpGroup;
         ++tile_;
       }
     }
