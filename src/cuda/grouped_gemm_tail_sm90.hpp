@@ -154,7 +154,9 @@ struct TailMainloop : Base {
     if (k_left > 0) {
       wait();
       if constexpr (kSkips) {
-        multiply = shared_tensors.tail_rows[tile_ % kRing] > wg * kRowsPerWarpGroup;
+        // Broadcast from lane 0, so that the compiler sees a warp-uniform branch (as wg above).
+        const int32_t rows = __shfl_sync(0xffffffff, shared_tensors.tail_rows[tile_ % kRing], 0);
+        multiply = rows > wg * kRowsPerWarpGroup;
         ++tile_;
       }
     }
