@@ -84,7 +84,7 @@ using UpMainloop = cute::conditional_t<
     kDeferred,
     DeferredMainloop<UpMainloopPlain<Config, kGatherA, deferred_record_bytes<DeferredAct>>,
                      DeferredAct>,
-    TailMainloop<UpMainloopPlain<Config, kGatherA>>>;
+    UpMainloopPlain<Config, kGatherA>>;
 
 template <class Config, bool kGatherA = false, bool kDeferred = false>
 struct ActKernel : ActKernelBase<UpMainloop<Config, kGatherA, kDeferred>,
@@ -145,7 +145,7 @@ using DownGradMainloop = cute::conditional_t<
     DeferredMainloop<
         Mainloop<Config, WeightLayout::nk, deferred_record_bytes<DeferredActGrad<kBlocks>>>,
         DeferredActGrad<kBlocks>>,
-    TailMainloop<Mainloop<Config, WeightLayout::nk, 0>>>;
+    Mainloop<Config, WeightLayout::nk, 0>>;
 template <bool kDeferred, int kBlocks>
 using ActGradEpilogue =
     cute::conditional_t<kDeferred, EpilogueActGradDeferred<kBlocks>, EpilogueActGrad>;

@@ -41,8 +41,6 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/cutlass.h>
 
-#include "grouped_gemm_tail_sm90.hpp"
-
 namespace moe::cuda::grouped_gemm {
 
 inline constexpr int kDeferredThreads = 256;  // the two consumer warpgroups
@@ -89,24 +87,26 @@ struct CtaTileCounter {
   }
 };
 
-// The consumer side of the ptr-array mainloop (TailMainloop's: a segment's last tile multiplied
-// only where it has rows; the producer side is Base's: TMA, or the gathered loader) with the
-// previous tile's deferred epilogue interleaved: one block after each of the first kBlocks
-// k-slices' wgmmas are issued.
+// The consumer side of CUTLASS's ptr-array mainloop (the producer side is Base's: TMA, or the
+// gathered loader) with the previous tile's deferred epilogue interleaved. The same pipeline
+// protocol as Base::mma: one k-slice's wgmmas in flight while the next is issued, each stage
+// released once the wgmmas reading it are done, the last stage left to Base::mma_tail.
 template <class Base, class Work>
-struct DeferredMainloop : TailMainloop<Base> {
-  using Tail = TailMainloop<Base>;
-  using typename Tail::MainloopPipeline;
-  using typename Tail::Params;
-  using typename Tail::PipelineState;
-  using typename Tail::TensorStorage;
+struct DeferredMainloop : Base {
+  using typename Base::MainloopPipeline;
+  using typename Base::Params;
+  using typename Base::PipelineState;
+  using typename Base::SmemLayoutA;
+  using typename Base::SmemLayoutB;
+  using typename Base::TensorStorage;
+  using typename Base::TiledMma;
   using Record = typename Work::Record;
+  static_assert(Base::K_PIPE_MMAS == 1, "mma_tail releases exactly one stage");
+  static constexpr bool kGatheredA = requires { typename Base::GatherArgs; };
 
   static constexpr int kBlocks = Work::kBlocks;
   static constexpr int kPairs = kStashPairs / kBlocks;  // per block
   static_assert(kPairs * kBlocks == kStashPairs && kPairs % 4 == 0, "whole quads of pairs");
-  static_assert(Tail::kWarpGroups * cutlass::NumThreadsPerWarpGroup == kDeferredThreads,
-                "two consumer warpgroups");
 
   // The last tile's pairs: row half v1's column group j (8 columns, this thread's 2) is pair
   // 32 v1 + j, so block b is pairs kPairs * b .. + kPairs - 1.
@@ -117,16 +117,78 @@ struct DeferredMainloop : TailMainloop<Base> {
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read,
                           FrgTensorC& accum, int k_tile_count, int thread_idx,
                           TensorStorage& shared_tensors, Params const&) {
-    static_assert(decltype(cute::size(accum))::value == 4 * 32,
+    using namespace cute;
+    static_assert(decltype(size(accum))::value == 4 * 32,
                   "128 accumulators per thread (128x256 tile)");
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
+    constexpr int kWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+    static_assert(kWarpGroups * cutlass::NumThreadsPerWarpGroup == kDeferredThreads,
+                  "two consumer warpgroups");
+    const auto wg_threads =
+        make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+    const int wg = __shfl_sync(0xffffffff, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+    TiledMma tiled_mma;
+    auto thread_mma = tiled_mma.get_slice(wg_threads(wg));
+    Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA,M,K,PIPE)
+    Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));  // (MMA,N,K,PIPE)
+
     const bool pending = pending_;
     Work work(deferred_records<Record>()[thread_idx], thread_idx & 3);
-    Tail::template consume<kBlocks>(pipeline, smem_pipe_read, accum, k_tile_count, thread_idx,
-                                    shared_tensors, [&](int b) {
-                                      if (pending) work.block(b, stash_ + kPairs * b);
-                                    });
+
+    // Issue one k-slice's wgmmas (the first of the tile overwrites the accumulators).
+    auto issue = [&](bool first) {
+      auto token = pipeline.consumer_try_wait(smem_pipe_read);
+      pipeline.consumer_wait(smem_pipe_read, token);
+      // A gathered A arrives by cp.async (generic proxy); wgmma reads through the async proxy.
+      if constexpr (kGatheredA) cutlass::arch::fence_view_async_shared();
+      const int stage = smem_pipe_read.index();
+      warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      if (first) tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTLASS_PRAGMA_UNROLL
+      for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+        cute::gemm(tiled_mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      ++smem_pipe_read;
+    };
+    PipelineState smem_pipe_release = smem_pipe_read;
+    auto retire = [&] {  // the slice before the last issued is done: free its stage
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(accum);
+      pipeline.consumer_release(smem_pipe_release);
+      ++smem_pipe_release;
+    };
+    auto deferred = [&](int b) { work.block(b, stash_ + kPairs * b); };
+
+    int k_left = k_tile_count;
+    if (k_left > 0) issue(true), --k_left;
+    // The first kBlocks slices each carry one block of the previous tile's epilogue, done
+    // while this slice's and the previous slice's wgmmas run. Unrolled, so that the stash is
+    // indexed by constants and stays in registers.
+    CUTLASS_PRAGMA_UNROLL
+    for (int b = 0; b < kBlocks; ++b) {
+      if (k_left > 0) {
+        issue(false);
+        if (pending) deferred(b);
+        retire();
+        --k_left;
+      } else if (pending) {
+        deferred(b);
+      }
+    }
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_left > 0; --k_left) {
+      issue(false);
+      retire();
+    }
+
     // This tile's pairs, as the immediate epilogues round them: value 2 v1 + 4 j (+1) is row
     // half v1's column pair of group j.
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(accum);
     CUTLASS_PRAGMA_UNROLL
     for (int p = 0; p < kStashPairs; ++p) {
       if constexpr (requires { Work::stash(accum, 0); })

@@ -21,7 +21,6 @@
 #include <cutlass/layout/matrix.h>
 #include <cutlass/numeric_types.h>
 
-#include "grouped_gemm_tail_sm90.hpp"
 #include "moe/cuda/grouped_gemm.hpp"
 
 namespace moe::cuda::grouped_gemm {
@@ -75,8 +74,7 @@ template <WeightLayout L>
 using LayoutB = cute::conditional_t<L == WeightLayout::kn, cutlass::layout::RowMajor,
                                     cutlass::layout::ColumnMajor>;
 
-// Stages fill the shared memory the epilogue leaves (StageCountAutoCarveout), less TailMainloop's
-// ring (grouped_gemm_tail_sm90.hpp).
+// Stages fill the shared memory the epilogue leaves (StageCountAutoCarveout).
 template <class Config, class LayoutA, class LayoutB_, int kEpilogueSmemBytes>
 using MainloopAB = typename cutlass::gemm::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
@@ -84,7 +82,7 @@ using MainloopAB = typename cutlass::gemm::collective::CollectiveBuilder<
     Bf16, LayoutB_*, kAlignment,                                 // B: expert weights, or Y
     Accum,
     typename Config::TileShape, typename Config::ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmemBytes + kTailRingBytes>,
+    cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmemBytes>,
     typename Config::KernelSchedule>::CollectiveOp;
 
 // The activation GEMMs: A = rows (K-major), B = expert weights in layout L.

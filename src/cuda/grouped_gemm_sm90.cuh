@@ -40,8 +40,9 @@ struct Kernel {
   using Epilogue = Epilogue_;
   static constexpr bool kNoC = cute::is_void_v<typename Epilogue::ElementC>;
   static constexpr int kEpilogueSmem = static_cast<int>(sizeof(typename Epilogue::SharedStorage));
-  using Collective = TailMainloop<cute::conditional_t<
-      kGatherA, GatherMainloop<Mainloop<Config, L, kEpilogueSmem>>, Mainloop<Config, L, kEpilogueSmem>>>;
+  using Collective = cute::conditional_t<kGatherA,
+                                         GatherMainloop<Mainloop<Config, L, kEpilogueSmem>>,
+                                         Mainloop<Config, L, kEpilogueSmem>>;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Collective, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 

@@ -67,8 +67,8 @@ std::vector<ExpertsCase> experts_cases() {
       {"e64_small_segments", e64, 128, 64, S},
       {"e6_two_n_tiles", {200, 0, 3, 129, 1, 64}, 96, 160, S},            // 2I = 256 + 64
       {"e3_large_segment", {4100, 3, 0}, 256, 136, S},                   // 33 M-tiles, K = 136
-      // Last M tiles of 65, 64, 63, 1 and 0 rows past whole ones: a warpgroup's 64 rows each side
-      // of the segment's end (grouped_gemm_tail_sm90.hpp)
+      // Last 128-row tiles of 65, 64, 1, 63 and 1 rows: each consumer warpgroup owns 64 of a
+      // tile's rows, and the segment ends before, at or one row past the second one's first row
       {"e5_tail_halves", {65, 64, 193, 63, 129}, 128, 64, S},
       {"e4_all_empty", {0, 0, 0, 0}, 64, 32, S},
       {"e2_no_spare_rows", {129, 255}, 64, 24, G, 0},
@@ -408,9 +408,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ExpertsParity, ::testing::ValuesIn(params()),
 // the grouped GEMMs alone
 // ------------------------------------------------------------------------------------------------
 
-// Segments whose last 128-row tile has 3, 1, 64, 2, 65 and 65 rows: the second consumer
-// warpgroup's rows lie past the segment in the first four and it skips them
-// (grouped_gemm_tail_sm90.hpp); one row more and it multiplies its first row.
+// Segments whose last 128-row tile has 3, 1, 64, 2, 65 and 65 rows: each ends before, at or one
+// row past the first of the second consumer warpgroup's 64 rows.
 TEST(GroupedGemm, EachSegmentIsItsExpertsProductInBothWeightLayouts) {
   MOE_REQUIRE_GPU();
   const std::vector<int64_t> sizes = {3, 0, 257, 1, 0, 64, 130, 65, 193};

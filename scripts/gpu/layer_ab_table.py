@@ -1,8 +1,8 @@
-"""The table of scripts/gpu/tail_ab.sh: the new build against the earlier one, per configuration.
+"""The table of scripts/gpu/layer_ab.sh: the new build against the earlier one, per configuration.
 
-    python3 scripts/gpu/tail_table.py OUT
+    python3 scripts/gpu/layer_ab_table.py OUT
 
-Reads OUT/layer_base.jsonl and OUT/layer_tail.jsonl (bench --layer records, A B B A per
+Reads OUT/layer_base.jsonl and OUT/layer_new.jsonl (bench --layer records, A B B A per
 configuration) and OUT/peer_layer.jsonl if there is one. Each figure is the median over the
 build's records of that configuration; "new/earlier" is the ratio of those medians.
 """
@@ -51,10 +51,10 @@ ROWS = [
 def main():
     out = Path(sys.argv[1])
     base = records(out / "layer_base.jsonl")
-    tail = records(out / "layer_tail.jsonl")
+    new = records(out / "layer_new.jsonl")
     peer = records(out / "peer_layer.jsonl")
-    for config in tail:
-        b, t = base.get(config, []), tail[config]
+    for config in new:
+        b, t = base.get(config, []), new[config]
         print(f"\n{config}: {len(b)} earlier and {len(t)} new records "
               f"(git {t[0].get('git')} against {b[0].get('git') if b else '-'})")
         print(f"{'':28s} {'earlier':>9s} {'new':>9s} {'new/earlier':>12s}")
